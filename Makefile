@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (the main job, offline) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# glibc malloc settings that stop PyTorch page-faulting on every activation buffer (../shared/STACK.md).
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 10000000000
+export MALLOC_TOP_PAD_ := 1073741824
+
+.PHONY: venv demo test bench-merge clean
+
+$(BIN)/ratatouille-hub: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(BIN)/ratatouille-hub
+
+demo: venv
+	$(BIN)/ratatouille-hub demo --output demo-output
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench-merge: venv
+	$(BIN)/python benchmarks/merge.py
+
+clean:
+	rm -rf $(VENV) demo-output

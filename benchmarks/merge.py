@@ -1,0 +1,256 @@
+"""Merge benchmark: wall time and peak RSS of averaging N ResNet-50-sized checkpoints, against a read floor.
+
+    python benchmarks/merge.py [--sizes 8 20] [--repeats 3]
+
+Checkpoints (random fp32 ResNet-50 with the 1000-class ImageNet head, 102 MB each) are generated once into
+benchmarks/work/ and reused. Every candidate runs in a fresh child process, so the import of torch and the
+allocator are paid as a user pays them: ours is `python -m ratatouille_hub.cli merge`, floor and naive are
+this script with --child, mergekit is its raw-safetensors entry (installed with --no-deps into
+benchmarks/work/mergekit-pkgs, so the project's torch is untouched). Peak RSS is the child's own ru_maxrss
+as wait4 reports it. The page cache is warmed first, so the numbers measure CPU and memory work, not the
+disk. `make bench-merge` runs it with the project's malloc settings. Results: benchmarks/results/merge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work"
+CHECKPOINTS = WORK / "checkpoints"
+OUTPUTS = WORK / "outputs"
+MERGEKIT_PACKAGES = WORK / "mergekit-pkgs"
+RESULTS = ROOT / "benchmarks" / "results" / "merge.json"
+WEIGHTS = "model.safetensors"
+# mergekit 0.1.5 plus the requirements the project venv lacks; --no-deps keeps the project's torch.
+MERGEKIT_INSTALL = [
+    "mergekit==0.1.5", "immutables==0.21", "peft==0.21.2", "sentencepiece==0.2.3", "protobuf==7.36.2", "scipy==1.17.1",
+]
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+# -- candidates: each runs alone in a child process; ours is the project's CLI, `ratatouille-hub merge`
+
+
+def child_floor(output: Path, inputs: list[Path]) -> None:
+    """Read every tensor's bytes once (safe_open maps lazily, so clone() does the actual read)."""
+    from safetensors import safe_open
+
+    for folder in inputs:
+        with safe_open(folder / WEIGHTS, framework="pt") as handle:
+            for name in handle.keys():
+                handle.get_tensor(name).clone()
+
+
+def child_naive(output: Path, inputs: list[Path]) -> None:
+    """What one writes first: load every state dict, then average."""
+    from safetensors.torch import load_file, save_file
+
+    state_dicts = [load_file(folder / WEIGHTS) for folder in inputs]
+    merged = {}
+    for name, first in state_dicts[0].items():
+        if first.is_floating_point():
+            merged[name] = (sum(sd[name].float() for sd in state_dicts) / len(state_dicts)).to(first.dtype)
+        else:
+            merged[name] = first
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(merged, output / WEIGHTS, metadata={"format": "pt"})
+
+
+CHILDREN = {"floor": child_floor, "naive": child_naive}
+
+
+# -- harness ----------------------------------------------------------------------------------------
+
+
+def generate_checkpoints(count: int) -> None:
+    """Write missing checkpoints; each lands whole (staged folder), so a killed run is never reused."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from ratatouille_hub.io import staged_folder
+
+    for folder in checkpoint_folders(count):
+        if not (folder / WEIGHTS).is_file():
+            print(f"generating {folder.name}", flush=True)
+            torch.manual_seed(int(folder.name.rsplit("-", 1)[1]))
+            model = ResNetForImageClassification(ResNetConfig(num_labels=1000))
+            with staged_folder(folder) as staging:
+                model.save_pretrained(staging)
+
+
+def checkpoint_folders(count: int) -> list[Path]:
+    return [CHECKPOINTS / f"resnet50-{seed:02d}" for seed in range(count)]
+
+
+def print_max_abs_difference(first: Path, second: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(first), load_file(second)
+    diff = float("inf") if a.keys() != b.keys() else max(
+        float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a
+    )
+    print(json.dumps(diff))
+
+
+def warm_page_cache(folders: list[Path]) -> None:
+    buffer = bytearray(16 << 20)
+    for folder in folders:
+        with open(folder / WEIGHTS, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def ensure_mergekit() -> str | None:
+    """Install mergekit beside the project (own folder, --no-deps: torch untouched); the reason if impossible."""
+    if (MERGEKIT_PACKAGES / "mergekit").is_dir():
+        return None
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(MERGEKIT_PACKAGES)]
+    result = subprocess.run(command + MERGEKIT_INSTALL, capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(MERGEKIT_PACKAGES, ignore_errors=True)
+        return f"pip install --no-deps mergekit failed: {result.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def mergekit_command(output: Path, inputs: list[Path]) -> list[str]:
+    """mergekit's raw-safetensors entry (mergekit-pytorch), linear method with equal weights, fp32."""
+    config = OUTPUTS / f"mergekit-{len(inputs)}.yml"
+    models = [{"model": str(folder / WEIGHTS), "parameters": {"weight": 1.0}} for folder in inputs]
+    config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": models}))
+    script = "from mergekit.scripts.merge_raw_pytorch import main; main()"
+    return [sys.executable, "-c", script, str(config), str(output)]
+
+
+def spawn_measured(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
+    """Run argv to completion; (wall s, peak RSS MiB of that child alone, exit code)."""
+    with open(log, "wb") as sink:
+        actions = [(os.POSIX_SPAWN_DUP2, sink.fileno(), 1), (os.POSIX_SPAWN_DUP2, sink.fileno(), 2)]
+        start = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - start
+    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def helper(*args: str) -> str:
+    """Run a step that imports torch in a child: the parent must stay small, because a spawned child's
+    ru_maxrss starts from its parent's peak RSS (Linux carries it across exec)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True).stdout
+
+
+def run_benchmark(sizes: list[int], repeats: int) -> dict:
+    print(f"checkpoints: {CHECKPOINTS.relative_to(ROOT)} (generated once, about 20 s)", flush=True)
+    helper("--generate", str(max(sizes)))
+    folders = checkpoint_folders(max(sizes))
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    mergekit_problem = ensure_mergekit()
+    load_before = os.getloadavg()
+    rows = []
+    for n in sizes:
+        print(f"measuring N={n}", flush=True)
+        rows += measure_size(folders[:n], repeats, mergekit_problem)
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+                    "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        "checkpoint_mb": round((folders[0] / WEIGHTS).stat().st_size / 1e6, 1),
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None) -> list[dict]:
+    """One row per method for N = len(inputs): median and best wall over the repeats, max peak RSS."""
+    n = len(inputs)
+    warm_page_cache(inputs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    cli = [sys.executable, "-m", "ratatouille_hub.cli", "merge"]
+    commands = {"ours": [*cli, *map(str, inputs), "--output", str(OUTPUTS / f"ours-{n}")]}
+    for name in CHILDREN:
+        commands[name] = [sys.executable, __file__, "--child", name, str(OUTPUTS / f"{name}-{n}"), *map(str, inputs)]
+    if mergekit_problem is None:
+        commands["mergekit"] = mergekit_command(OUTPUTS / f"mergekit-{n}", inputs)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    failures = {"mergekit": mergekit_problem} if mergekit_problem else {}
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every method alike
+        for name, argv in commands.items():
+            if name in failures:
+                continue
+            shutil.rmtree(OUTPUTS / f"{name}-{n}", ignore_errors=True)
+            log = OUTPUTS / f"{name}-{n}.log"
+            child_env = {**env, "PYTHONPATH": f"{MERGEKIT_PACKAGES}:{ROOT}"} if name == "mergekit" else env
+            wall, rss, code = spawn_measured(argv, child_env, log)
+            if code != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                failures[name] = f"exit code {code}: {tail[0] if tail else 'no output'}"
+            else:
+                samples[name].append((wall, rss))
+    floor_wall = statistics.median(w for w, _ in samples["floor"])
+    rows = []
+    for name in ("ours", "floor", "naive", "mergekit"):
+        if name in failures:
+            rows.append({"method": name, "n": n, "not_measured": failures[name]})
+            continue
+        walls = [w for w, _ in samples[name]]
+        rows.append({
+            "method": name, "n": n, "wall_s": round(statistics.median(walls), 3), "best_wall_s": round(min(walls), 3),
+            "peak_rss_mib": round(max(r for _, r in samples[name]), 1),
+            "wall_over_floor": round(statistics.median(walls) / floor_wall, 3),
+            "wall_samples_s": [round(w, 3) for w in walls],
+        })
+    if "ours" not in failures and "naive" not in failures:
+        diff = helper("--compare", str(OUTPUTS / f"ours-{n}" / WEIGHTS), str(OUTPUTS / f"naive-{n}" / WEIGHTS))
+        rows.append({"method": "check", "n": n, "max_abs_diff_ours_vs_naive": json.loads(diff)})
+    return rows
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'method':<10}{'N':>4}{'wall s':>9}{'best s':>9}{'peak RSS MiB':>14}{'wall/floor':>12}")
+    for row in results["rows"]:
+        if row["method"] == "check":
+            print(f"{'':<14}max |ours - naive| at N={row['n']}: {row['max_abs_diff_ours_vs_naive']:.3g}")
+        elif "not_measured" in row:
+            print(f"{row['method']:<10}{row['n']:>4}  not measured: {row['not_measured']}")
+        else:
+            print(
+                f"{row['method']:<10}{row['n']:>4}{row['wall_s']:>9.2f}{row['best_wall_s']:>9.2f}"
+                f"{row['peak_rss_mib']:>14.0f}{row['wall_over_floor']:>12.2f}"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 20], help="numbers of checkpoints to merge")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method and size")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)  # --child: OUTPUT INPUT...
+    args = parser.parse_args(argv)
+    if args.child:
+        CHILDREN[args.child](args.paths[0], args.paths[1:])
+    elif args.generate:
+        generate_checkpoints(args.generate)
+    elif args.compare:
+        print_max_abs_difference(*args.paths)
+    else:
+        results = run_benchmark(args.sizes, args.repeats)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        print_table(results)
+        print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The soup's model card, rendered from `model_card_template.md` with huggingface_hub's card tools.
+
+Front matter carries the lineage the Hub indexes (`base_model` list + `base_model_relation: merge`)
+and the held-out-domain accuracy as `model-index`. Text that comes from other people's repos is
+escaped before it reaches the card.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_NAME = "model_card_template.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+
+
+def template_path() -> Path:
+    """The template ships inside the wheel; in a source checkout it sits at the repository root."""
+    packaged = resources.files("ratatouille_hub") / TEMPLATE_NAME
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / TEMPLATE_NAME
+
+
+def is_hub_id(reference: str) -> bool:
+    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
+
+
+def markdown_cell(text: object) -> str:
+    """Text safe inside a markdown table cell: no pipes, newlines, HTML or backticks."""
+    cleaned = re.sub(r"[\r\n\t]+", " ", str(text))
+    return cleaned.replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def build_card(results: dict, *, repo_id: str | None = None, figure: str | None = None) -> ModelCard:
+    """Render the card for a soup described by `results` (the content of results.json)."""
+    recipe = results["recipe"]
+    ingredients = results["ingredients"]
+    hub_ids = [i["source"] for i in ingredients if i["is_hub"]]
+    target = recipe["target"]
+    test_domain = results["test_domain"]
+    soup = results["soup"]
+    model_name = repo_id or "ratatouille-soup"
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        datasets=[target] if is_hub_id(target) else None,
+        tags=["model-ratatouille", "weight-averaging", "merge", "domain-generalization", "ratatouille-hub"],
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=target if is_hub_id(target) else "local",
+                dataset_name=f"{Path(target).name} (held-out domain {test_domain})",
+                dataset_split=test_domain,
+                metric_type="accuracy",
+                metric_name=f"held-out domain accuracy ({test_domain})",
+                metric_value=round(soup["test_accuracy"], 4),
+            )
+        ],
+    )
+    summary_rows = [
+        {"name": markdown_cell(row["name"]), "val": _pct(row["val_accuracy"]), "test": _pct(row["test_accuracy"])}
+        for row in results["summary"]
+    ]
+    runs = [
+        {
+            "index": run["index"],
+            "init": markdown_cell(run["init"]),
+            "lr": run["hparams"]["lr"],
+            "weight_decay": run["hparams"]["weight_decay"],
+            "dropout": run["hparams"]["dropout"],
+            "step": run["best_step"],
+            "val": _pct(run["val_accuracy"]),
+            "test": _pct(run["test_accuracy"]),
+            "selected": "yes" if run["index"] in soup["members"] else "no",
+        }
+        for run in results["runs"]
+    ]
+    strategy = recipe.get("strategy", "ratatouille")
+    strategy_sentence = (
+        "each starting from a different recycled fine-tune of the base (or the base itself)"
+        if strategy == "ratatouille"
+        else "all starting from the base"
+    )
+    return ModelCard.from_template(
+        data,
+        template_path=str(template_path()),
+        model_name=markdown_cell(model_name),
+        repo_id=repo_id or "path/to/soup",
+        base_model=markdown_cell(recipe["base"]),
+        dataset=markdown_cell(target),
+        train_domains=", ".join(markdown_cell(d) for d in results["train_domains"]),
+        test_domain=markdown_cell(test_domain),
+        n_runs=len(results["runs"]),
+        n_selected=len(soup["members"]),
+        method=soup["method"],
+        strategy_sentence=strategy_sentence,
+        summary_rows=summary_rows,
+        runs=runs,
+        lp_steps=recipe["lp_steps"],
+        lp_lr=recipe["lp_lr"],
+        warmup_steps=recipe["warmup_steps"],
+        steps=recipe["steps"],
+        batch_size=recipe["batch_size"],
+        bn_policy=recipe["bn_policy"],
+        figure=figure,
+    )

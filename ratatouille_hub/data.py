@@ -1,0 +1,217 @@
+"""Target data, DomainBed style: leave one domain out, split each training domain 80/20 with a seed.
+
+Images are decoded once into uint8 tensors at the training resolution; augmentation then runs on
+whole batches of tensors, which is far cheaper on a CPU than per-image PIL pipelines and needs no
+torchvision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A target dataset that cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class DomainSplit:
+    """Row indices of one domain: `train` and `val` for a training domain, `test` for the held-out one."""
+
+    domain: str
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TargetSplits:
+    label_names: tuple[str, ...]
+    train_domains: tuple[DomainSplit, ...]
+    test_domain: str
+    test: tuple[int, ...]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+
+def load_target(source: str, revision: str | None = None):
+    """A `datasets.Dataset` from a local folder, a parquet file or a Hub dataset id (all splits joined)."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file() and path.suffix == ".parquet":
+        loaded = datasets.load_dataset("parquet", data_files=str(path))
+    elif path.is_dir() and (path / "dataset_info.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+    else:
+        loaded = datasets.load_dataset(str(source), revision=revision)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
+    return loaded
+
+
+def label_names_of(dataset, label_column: str) -> tuple[str, ...]:
+    feature = dataset.features[label_column]
+    if hasattr(feature, "names"):
+        return tuple(feature.names)
+    values = sorted(set(dataset[label_column]))
+    return tuple(str(v) for v in values)
+
+
+def label_ids_of(dataset, label_column: str, label_names: tuple[str, ...]) -> np.ndarray:
+    feature = dataset.features[label_column]
+    column = dataset[label_column]
+    if hasattr(feature, "names"):
+        return np.asarray(column, dtype=np.int64)
+    index = {name: i for i, name in enumerate(label_names)}
+    return np.asarray([index[str(v)] for v in column], dtype=np.int64)
+
+
+def split_domains(
+    dataset,
+    *,
+    domain_column: str,
+    label_column: str,
+    test_domain: str | None,
+    holdout_fraction: float,
+    seed: int,
+) -> TargetSplits:
+    """Leave-one-domain-out splits. The held-out domain's rows never enter train or validation."""
+    for column in (domain_column, label_column):
+        if column not in dataset.column_names:
+            raise DataError(f"target dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+    domains_of_rows = [str(d) for d in dataset[domain_column]]
+    domains = sorted(set(domains_of_rows))
+    if len(domains) < 2:
+        raise DataError(f"leave-one-domain-out needs at least 2 domains, found {domains}")
+    if test_domain is None:
+        test_domain = domains[0]
+    if test_domain not in domains:
+        raise DataError(f"unknown test domain {test_domain!r}; domains: {', '.join(domains)}")
+    label_names = label_names_of(dataset, label_column)
+    labels = label_ids_of(dataset, label_column, label_names)
+
+    rows_by_domain: dict[str, list[int]] = {d: [] for d in domains}
+    for row, domain in enumerate(domains_of_rows):
+        rows_by_domain[domain].append(row)
+
+    train_domains = []
+    for domain in domains:
+        if domain == test_domain:
+            continue
+        rows = np.asarray(rows_by_domain[domain])
+        if len(rows) < 2:
+            raise DataError(f"domain {domain!r} has {len(rows)} image(s); a train/validation split needs 2 or more")
+        if len(set(labels[rows].tolist())) < 2:
+            raise DataError(f"domain {domain!r} holds a single class; it cannot train a classifier")
+        order = np.random.default_rng(_domain_seed(seed, domain)).permutation(len(rows))
+        n_val = max(1, int(math.floor(len(rows) * holdout_fraction)))
+        val, train = rows[order[:n_val]], rows[order[n_val:]]
+        train_domains.append(DomainSplit(domain, tuple(sorted(train.tolist())), tuple(sorted(val.tolist()))))
+    return TargetSplits(label_names, tuple(train_domains), test_domain, tuple(rows_by_domain[test_domain]))
+
+
+def _domain_seed(seed: int, domain: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"split:{seed}:{domain}".encode()).digest()[:8], "little")
+
+
+@dataclass
+class ImageTensors:
+    """Decoded images (uint8, N x 3 x S x S) and their labels."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def decode_images(dataset, rows, *, image_column: str, label_column: str, label_names, size: int) -> ImageTensors:
+    """Decode `rows` into uint8 tensors resized to size x size (bilinear, as the image processors do)."""
+    from PIL import Image
+
+    subset = dataset.select(list(rows))
+    labels = label_ids_of(subset, label_column, tuple(label_names))
+    pixels = torch.empty((len(subset), 3, size, size), dtype=torch.uint8)
+    for i, image in enumerate(subset[image_column]):
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return ImageTensors(pixels, torch.from_numpy(labels))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise floats in [0, 1]."""
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def from_uint8(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        return self(pixels_uint8.float().div_(255.0))
+
+
+def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DomainBed training augmentation on a uint8 batch; returns floats in [0, 1].
+
+    RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3), horizontal flip, ColorJitter(0.3 brightness,
+    contrast, saturation; hue omitted), RandomGrayscale(0.1).
+    """
+    n, _, height, width = pixels_uint8.shape
+    x = pixels_uint8.float().div_(255.0)
+    out = torch.empty_like(x)
+    u = torch.rand((n, 8), generator=generator)
+    for i in range(n):
+        area = height * width * (0.7 + 0.3 * u[i, 0].item())
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[i, 1].item())
+        crop_w = min(width, max(1, round(math.sqrt(area * ratio))))
+        crop_h = min(height, max(1, round(math.sqrt(area / ratio))))
+        top = int(u[i, 2].item() * (height - crop_h + 1))
+        left = int(u[i, 3].item() * (width - crop_w + 1))
+        crop = x[i : i + 1, :, top : top + crop_h, left : left + crop_w]
+        out[i] = torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
+    flip = u[:, 4] < 0.5
+    out[flip] = out[flip].flip(-1)
+    jitter = 1.0 + (torch.rand((n, 3, 1, 1, 1), generator=generator) * 0.6 - 0.3)
+    out = (out * jitter[:, 0]).clamp_(0, 1)  # brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - mean) * jitter[:, 1] + mean).clamp_(0, 1)  # contrast
+    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+    out = ((out - gray) * jitter[:, 2] + gray).clamp_(0, 1)  # saturation
+    to_gray = u[:, 5] < 0.1
+    if to_gray.any():
+        g = 0.299 * out[to_gray, 0:1] + 0.587 * out[to_gray, 1:2] + 0.114 * out[to_gray, 2:3]
+        out[to_gray] = g.expand(-1, 3, -1, -1)
+    return out
+
+
+def normalization_of(processor) -> Normalization:
+    mean = tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)))
+    std = tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)))
+    return Normalization(mean, std)  # type: ignore[arg-type]
+
+
+def resolution_of(processor, override: int | None) -> int:
+    """Training resolution: the override, else what the base's image processor feeds the model."""
+    if override:
+        return override
+    for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
+        if isinstance(size, int):
+            return size
+        for key in ("height", "shortest_edge"):
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+            if value:
+                return int(value)
+    raise DataError("cannot tell the training resolution from the image processor; pass --image-size")

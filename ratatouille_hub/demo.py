@@ -1,0 +1,216 @@
+"""The embedded default: a tiny world built from scratch, then recycled, with no network.
+
+1. A small ResNet (about 80k parameters) is pretrained for seconds on generated digits: the base.
+2. Three community-style fine-tunes of it on other generated tasks (stripes, dots, polygons), saved
+   like Hub checkpoints, each with a card naming its base and dataset.
+3. A target with a real domain shift: six shapes drawn as photo, sketch, cartoon and painting.
+4. The same budget of target fine-tunes twice: all from the base (model soups), and from the
+   recycled fine-tunes (Model Ratatouille); both averaged and compared with ERM and the ensemble.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import RecipeConfig
+from .data import ImageTensors, decode_images
+from .io import atomic_write_text
+from .train import DomainBatches, make_accelerator, optimize
+
+BASE_ID = "toy-world/resnet-tiny"
+IMAGE_SIZE = 32
+
+
+def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Path]:
+    """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present."""
+    from . import toyworld
+
+    paths = {"base": root / BASE_ID, "target": root / "datasets" / "toy-world" / "shapes"}
+    aux_tasks = toyworld.aux_datasets(size=IMAGE_SIZE, seed=seed)
+    for task in aux_tasks:
+        paths[task] = root / f"community-{task}" / f"resnet-tiny-{task}"
+    accelerator = make_accelerator("no")
+    if not (paths["base"] / "model.safetensors").exists():
+        echo("[world] pretraining the base on generated digits")
+        model = _tiny_resnet(toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), seed)
+        _train_community(model, toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), steps=400, lr=2e-3, seed=seed, accelerator=accelerator)
+        _save_checkpoint(model, paths["base"], base_model=None, dataset="toy-world/glyphs",
+                         description=toyworld.describe()["glyphs"])
+    for offset, (task, dataset) in enumerate(aux_tasks.items(), start=1):
+        if (paths[task] / "model.safetensors").exists():
+            continue
+        echo(f"[world] community fine-tune of the base on '{task}'")
+        model = _reheaded(paths["base"], dataset)
+        _train_community(model, dataset, steps=250, lr=1e-3, seed=seed + offset, accelerator=accelerator)
+        _save_checkpoint(model, paths[task], base_model=BASE_ID, dataset=f"toy-world/{task}",
+                         description=toyworld.describe()[task])
+    if not (paths["target"] / "README.md").exists():
+        echo("[world] drawing the target: six shapes in four styles")
+        _save_dataset(toyworld.target_dataset(size=IMAGE_SIZE, seed=seed), paths["target"], toyworld.describe()["shapes"])
+    return paths
+
+
+def run_demo(output: Path, echo: Callable[[str], None] = print) -> list[dict]:
+    """Build the world, recycle it both ways, print the comparison, check the soup loads like any model."""
+    from .models import quiet_transformers
+    from .recipe import recycle
+
+    quiet_transformers()
+    paths = build_world(output / "world", echo)
+    results = {}
+    for strategy in ("soup", "ratatouille"):
+        echo(f"\n== {strategy}: {'every run from the base' if strategy == 'soup' else 'runs from recycled fine-tunes'}")
+        results[strategy] = recycle(demo_config(paths, output, strategy), echo=echo)
+    rows = comparison_rows(results["soup"], results["ratatouille"])
+    echo("\n" + format_table(rows, results["ratatouille"]["test_domain"]))
+    soup = output / "ratatouille" / "soup"
+    echo(f"\nsoup written to {soup}")
+    echo(check_loads(soup, paths["target"], results["ratatouille"]))
+    return rows
+
+
+def comparison_rows(soups: dict, ratatouille: dict) -> list[dict]:
+    """METHOD.md's table: ERM, model soups, inter-training, Ratatouille, and the ensemble reference."""
+
+    def best_single(results: dict) -> dict:
+        return results["runs"][results["greedy_order"][0]]
+
+    def averaged(results: dict, method: str) -> dict:
+        return results["soup"] if results["soup"]["method"] == method else results[f"soup_{method}"]
+
+    return [
+        {"method": "ERM (LP init, best run by validation)", **_accuracies(best_single(soups))},
+        {"method": "Soups, uniform", **_accuracies(averaged(soups, "uniform"))},
+        {"method": "Soups, greedy", **_accuracies(averaged(soups, "greedy"))},
+        {"method": "Inter-training (best recycled run)", **_accuracies(best_single(ratatouille))},
+        {"method": "Ratatouille, uniform", **_accuracies(averaged(ratatouille, "uniform"))},
+        {"method": "Ratatouille, greedy", **_accuracies(averaged(ratatouille, "greedy"))},
+        {"method": "Ensemble of the Ratatouille runs", **_accuracies(ratatouille["ensemble"])},
+    ]
+
+
+def _accuracies(row: dict) -> dict:
+    return {"val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"]}
+
+
+def format_table(rows: list[dict], test_domain: str) -> str:
+    header = f"{'method':<40} {'train-domain val':>16} {test_domain + ' (test)':>16}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['method']:<40} {100 * row['val_accuracy']:>15.1f}% {100 * row['test_accuracy']:>15.1f}%")
+    return "\n".join(lines)
+
+
+def check_loads(soup: Path, target: Path, results: dict) -> str:
+    """The soup is a plain transformers model: AutoModel and pipeline load it offline."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from .data import load_target
+
+    model = AutoModelForImageClassification.from_pretrained(str(soup))
+    classify = pipeline("image-classification", model=str(soup))
+    dataset = load_target(str(target))
+    row = dataset.filter(lambda d: d == results["test_domain"], input_columns="domain")[0]
+    top = classify(row["image"], top_k=1)[0]
+    truth = model.config.id2label[row["label"]]
+    return (
+        f"AutoModelForImageClassification and pipeline load the soup ({type(model).__name__}); "
+        f"first {results['test_domain']} image: predicted {top['label']} ({top['score']:.2f}), true {truth}"
+    )
+
+
+def demo_config(paths: dict[str, Path], output: Path, strategy: str) -> RecipeConfig:
+    """The demo's recipe: METHOD.md's structure at toy scale (fewer, shorter runs; larger lr)."""
+    return RecipeConfig(
+        base=str(paths["base"]),
+        target=str(paths["target"]),
+        test_domain="sketch",
+        aux=tuple(str(paths[task]) for task in ("stripes", "dots", "polygons")),
+        strategy=strategy,
+        runs=8,
+        steps=300,
+        eval_every=50,
+        lp_steps=400,
+        lp_lr=1e-2,
+        warmup_steps=50,
+        batch_size=32,
+        lr=1e-3,
+        lr_choices=(5e-4, 1e-3, 2e-3),
+        weight_decay_choices=(1e-4, 1e-6),
+        dropout_choices=(0.0, 0.1, 0.5),
+        output=str(output / strategy),
+    )
+
+
+def _tiny_resnet(dataset, seed: int):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    names = dataset.features["label"].names
+    config = ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
+        downsample_in_first_stage=False, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    )
+    return ResNetForImageClassification(config)
+
+
+def _reheaded(base: Path, dataset):
+    from .models import load_classifier
+
+    return load_classifier(base, dict(enumerate(dataset.features["label"].names)))
+
+
+def _normalization():
+    from .data import Normalization
+
+    return Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _train_community(model, dataset, *, steps: int, lr: float, seed: int, accelerator) -> None:
+    """Fine-tune everything, BatchNorm in train mode, last step kept: how community checkpoints are made."""
+    images: ImageTensors = decode_images(
+        dataset, range(len(dataset)), image_column="image", label_column="label",
+        label_names=dataset.features["label"].names, size=IMAGE_SIZE,
+    )
+    torch.manual_seed(seed)
+    optimize(
+        model, DomainBatches([images], 64, seed), parameters=list(model.parameters()), steps=steps, lr=lr,
+        weight_decay=0.0, accelerator=accelerator, normalize=_normalization(), augment_seed=seed,
+        freeze_bn=False, desc="community fine-tune",
+    )
+
+
+def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: str, description: str) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers import ViTImageProcessorPil
+
+    from .io import staged_folder
+
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        ViTImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ).save_pretrained(staging)
+        data = ModelCardData(
+            base_model=base_model, base_model_relation="finetune" if base_model else None,
+            datasets=[dataset], library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+        )
+        body = f"# {folder.name}\n\nA toy-world checkpoint made by `ratatouille-hub demo`: {description}.\n"
+        ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(staging / "README.md")
+
+
+def _save_dataset(dataset, folder: Path, description: str) -> None:
+    """The Hub layout (README card + data/train-*.parquet), so the folder can be pushed as it is."""
+    from .io import staged_folder
+
+    with staged_folder(folder) as staging:
+        (staging / "data").mkdir()
+        dataset.to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
+        atomic_write_text(
+            staging / "README.md",
+            "---\nlicense: apache-2.0\ntask_categories:\n- image-classification\n---\n\n"
+            f"# toy-world/shapes\n\nGenerated by ratatouille-hub: {description}.\n",
+        )

@@ -1,0 +1,54 @@
+"""Evaluation: logits of a model on decoded images, accuracy through `evaluate`, ensembles.
+
+`evaluate` is imported here only (it is slow to import), and its metric module ships with the
+package so nothing is fetched from the Hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from .data import ImageTensors, Normalization
+
+ACCURACY_MODULE = Path(__file__).parent / "metrics" / "accuracy"
+
+
+@functools.cache
+def _accuracy_metric():
+    import evaluate
+
+    return evaluate.load(str(ACCURACY_MODULE))
+
+
+def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
+    """Top-1 accuracy of class ids (or of logits/probabilities, reduced by argmax)."""
+    if predictions.dim() == 2:
+        predictions = predictions.argmax(dim=1)
+    result = _accuracy_metric().compute(predictions=predictions.tolist(), references=references.tolist())
+    return float(result["accuracy"])
+
+
+@torch.no_grad()
+def predict_logits(model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 256, autocast=None) -> torch.Tensor:
+    """Logits (float32, on CPU) of `model` in eval mode over every image."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        pixels = normalize.from_uint8(images.pixels[start : start + batch_size]).to(device)
+        with autocast() if autocast else contextlib.nullcontext():
+            logits = model(pixel_values=pixels).logits
+        outputs.append(logits.float().cpu())
+    if not outputs:
+        return torch.empty((0, 0))
+    return torch.cat(outputs)
+
+
+def ensemble_probabilities(logits_per_model: list[torch.Tensor]) -> torch.Tensor:
+    """Functional ensemble: the mean of the members' softmax probabilities."""
+    return torch.stack([logits.softmax(dim=1) for logits in logits_per_model]).mean(dim=0)
+

@@ -1,0 +1,439 @@
+"""Weight averaging: small pure functions over tensors, with streaming safetensors I/O at the edges.
+
+The file merge copies each tensor's bytes out of the inputs with plain reads into reusable buffers instead
+of memory-mapping them: N mapped files count toward RSS as their pages are touched, so peak memory would
+grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+COPIED_CONFIGS = ("config.json", "preprocessor_config.json")
+CHECKED_CONFIG_KEYS = ("model_type", "id2label")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+MAX_RANK = 64  # more dimensions than torch supports: a corrupt header, not a model
+
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be averaged: corrupt files, models that differ, non-finite weights."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; `offsets` are absolute byte positions [begin, end) in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+# -- pure merge math -------------------------------------------------------------------------------
+
+
+def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Mixing weights that sum to one; None means the uniform soup."""
+    if n < 1:
+        raise ValueError("nothing to merge: need at least one input")
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} inputs")
+    for index, weight in enumerate(weights):
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weights must be finite and non-negative (weight {index} is {weight})")
+    total = sum(weights)
+    if total == 0:
+        raise ValueError("weights sum to zero")
+    return [w / total for w in weights]
+
+
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, Tensor]:
+    """Weighted mean of in-memory state dicts, with the same arithmetic as `merge_safetensors`.
+
+    Floating tensors are accumulated in float32 (float64 ones in float64) and cast back to their dtype;
+    integer and bool tensors (BatchNorm `num_batches_tracked`) are copied from the first input.
+    """
+    weights = normalize_weights(weights, len(state_dicts))
+    signatures = [{name: (t.dtype, tuple(t.shape)) for name, t in sd.items()} for sd in state_dicts]
+    for index, signature in enumerate(signatures[1:], start=1):
+        problem = _first_difference(signatures[0], signature)
+        if problem:
+            raise MergeError(f"state dict {index} does not match state dict 0: {problem}")
+    merged = {}
+    for name, reference in state_dicts[0].items():
+        if reference.is_complex():
+            raise MergeError(f"tensor {name!r}: complex tensors are not supported")
+        if not reference.is_floating_point():
+            merged[name] = reference.clone()
+            continue
+        acc = torch.zeros(reference.shape, dtype=_accumulator_dtype(reference.dtype), device=reference.device)
+        for state_dict, weight in zip(state_dicts, weights):
+            _accumulate(acc, state_dict[name], weight)
+        if not torch.isfinite(acc).all():
+            culprit = next((i for i, sd in enumerate(state_dicts) if not torch.isfinite(sd[name]).all()), None)
+            raise MergeError(_nonfinite_message(name, None if culprit is None else f"state dict {culprit}"))
+        merged[name] = acc.to(reference.dtype)
+    return merged
+
+
+def greedy_select(candidates: Sequence[int], score: Callable[[list[int]], float]) -> list[int]:
+    """Greedy soup: walk the best-first candidates, keep each one whose addition does not lower the score."""
+    if not candidates:
+        raise ValueError("greedy selection needs at least one candidate")
+    selected = [candidates[0]]
+    best = score(selected)
+    for candidate in candidates[1:]:
+        trial = score(selected + [candidate])
+        if trial >= best:
+            selected.append(candidate)
+            best = trial
+    return selected
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _accumulate(acc: Tensor, tensor: Tensor, weight: float) -> None:
+    """acc += weight * tensor in acc's dtype; both merge paths call this so that they agree bit for bit."""
+    acc.add_(tensor, alpha=weight)
+
+
+def _first_difference(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> str | None:
+    """Describe the first tensor whose (dtype, shape) differs, in the expected order; None if all agree."""
+    for name, (dtype, shape) in expected.items():
+        if name not in actual:
+            return f"tensor {name!r} is missing"
+        other_dtype, other_shape = actual[name]
+        if other_shape != shape:
+            return f"tensor {name!r} has shape {list(other_shape)}, expected {list(shape)}"
+        if other_dtype != dtype:
+            return f"tensor {name!r} has dtype {other_dtype}, expected {dtype}"
+    extra = next((name for name in actual if name not in expected), None)
+    return None if extra is None else f"unexpected tensor {extra!r}"
+
+
+def _nonfinite_message(name: str, source: str | None) -> str:
+    if source is None:
+        return f"tensor {name!r}: the weighted sum overflowed to Inf"
+    return f"{source}: tensor {name!r} contains NaN or Inf"
+
+
+# -- safetensors files -----------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header without touching tensor data.
+
+    Any inconsistency (truncation, bad JSON, offsets outside the file or not matching shape x dtype,
+    overlapping or missing bytes) is a MergeError raised before anything is sized from the file's claims.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise MergeError(f"{path}: truncated file ({size} bytes): no safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise MergeError(f"{path}: header length {header_len} is larger than the file ({size} bytes)")
+        if header_len > MAX_HEADER_BYTES:
+            raise MergeError(f"{path}: header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise MergeError(f"{path}: malformed safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: malformed safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors = {
+        name: _parse_entry(path, name, entry, data_start) for name, entry in header.items() if name != "__metadata__"
+    }
+    _check_tiling(path, tensors, data_start, size)
+    return tensors
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    def fail(problem: str) -> MergeError:
+        return MergeError(f"{path}: tensor {name!r}: {problem}")
+
+    if not isinstance(entry, dict):
+        raise fail("header entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise fail(f"unsupported dtype {dtype!r}")
+    if not _is_int_list(shape) or len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise fail(f"invalid shape {shape!r}")
+    if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise fail(f"invalid data_offsets {offsets!r}")
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise fail(f"shape {shape} of {dtype} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}")
+    return TensorInfo(dtype, tuple(shape), (data_start + offsets[0], data_start + offsets[1]))
+
+
+def _is_int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(item) is int for item in value)
+
+
+def _check_tiling(path: Path, tensors: Mapping[str, TensorInfo], data_start: int, size: int) -> None:
+    """Tensor bytes must tile the data section exactly, as the safetensors library requires."""
+    position = data_start
+    for name, info in sorted(tensors.items(), key=lambda item: item[1].offsets):
+        if info.offsets[0] != position:
+            raise MergeError(f"{path}: tensor {name!r}: data_offsets overlap another tensor or leave a gap")
+        position = info.offsets[1]
+    if position > size:
+        raise MergeError(f"{path}: truncated file: tensor data ends at byte {position}, the file has {size}")
+    if position < size:
+        raise MergeError(f"{path}: {size - position} bytes after the last tensor")
+
+
+def _read_matching_headers(paths: Sequence[Path]) -> list[dict[str, TensorInfo]]:
+    """Every input's header, after checking each has the first one's names, shapes and dtypes."""
+    headers = [read_safetensors_header(path) for path in paths]
+    expected = _signature(headers[0])
+    for path, header in zip(paths[1:], headers[1:]):
+        problem = _first_difference(expected, _signature(header))
+        if problem:
+            raise MergeError(f"{path} does not match {paths[0]}: {problem}")
+    return headers
+
+
+def _signature(header: Mapping[str, TensorInfo]) -> dict[str, tuple]:
+    return {name: (info.dtype, info.shape) for name, info in header.items()}
+
+
+class _ScratchBuffer:
+    """One growable byte buffer reused for every tensor: memory is set by the largest tensor, not by N."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        if len(self._data) < nbytes:
+            self._data = bytearray(nbytes)
+        return memoryview(self._data)[:nbytes]
+
+
+def _as_tensor(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    return torch.frombuffer(view, dtype=dtype).view(shape)
+
+
+def _read_into(source: BinaryIO, info: TensorInfo, view: memoryview, path: Path) -> None:
+    source.seek(info.offsets[0])
+    filled = 0
+    while filled < len(view):
+        count = source.readinto(view[filled:])
+        if not count:
+            raise MergeError(f"{path}: file shrank while merging")
+        filled += count
+
+
+def merge_safetensors(
+    inputs: Sequence[str | Path], output_file: str | Path, weights: Sequence[float] | None = None
+) -> None:
+    """Stream the weighted mean of same-layout safetensors files into `output_file`, tensor by tensor.
+
+    All headers are validated before any data is read; the output appears whole (temp file, fsync,
+    rename) or not at all. Integer and bool tensors are copied from the first input.
+    """
+    paths = [Path(p) for p in inputs]
+    weights = normalize_weights(weights, len(paths))
+    _write_merged_file(paths, _read_matching_headers(paths), Path(output_file), weights)
+
+
+def _write_merged_file(
+    paths: Sequence[Path], headers: Sequence[Mapping[str, TensorInfo]], output_file: Path, weights: Sequence[float]
+) -> None:
+    """Inputs already validated; write through a temp file so a crash never leaves half a file."""
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_file.with_name(f".{output_file.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with ExitStack() as stack:
+            sink = stack.enter_context(open(staging, "xb"))
+            sources = [stack.enter_context(open(path, "rb", buffering=0)) for path in paths]
+            _stream_merged_tensors(sink, sources, paths, headers, weights)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(staging, output_file)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _stream_merged_tensors(
+    sink: BinaryIO,
+    sources: Sequence[BinaryIO],
+    paths: Sequence[Path],
+    headers: Sequence[Mapping[str, TensorInfo]],
+    weights: Sequence[float],
+) -> None:
+    """Header first (it depends only on the first input's layout), then each merged tensor in file order."""
+    layout = headers[0]
+    order = sorted(layout, key=lambda name: layout[name].offsets)
+    sink.write(_encode_header(layout, order))
+    read_buffer, acc_buffer, out_buffer = _ScratchBuffer(), _ScratchBuffer(), _ScratchBuffer()
+    for name in order:
+        info = layout[name]
+        if info.nbytes == 0:
+            continue
+        raw = read_buffer.view(info.nbytes)
+        if info.dtype not in _FLOAT_DTYPES:
+            _read_into(sources[0], info, raw, paths[0])
+            sink.write(raw)
+            continue
+        dtype = _FLOAT_DTYPES[info.dtype]
+        acc_dtype = _accumulator_dtype(dtype)
+        acc_bytes = acc_buffer.view(math.prod(info.shape) * acc_dtype.itemsize)
+        acc = _as_tensor(acc_bytes, acc_dtype, info.shape).zero_()
+        for source, path, header, weight in zip(sources, paths, headers, weights):
+            _read_into(source, header[name], raw, path)
+            _accumulate(acc, _as_tensor(raw, dtype, info.shape), weight)
+        if not torch.isfinite(acc).all():
+            raise MergeError(_nonfinite_message(name, _find_nonfinite(name, sources, paths, headers, raw, dtype)))
+        if dtype == acc_dtype:
+            sink.write(acc_bytes)
+        else:
+            out_bytes = out_buffer.view(info.nbytes)
+            _as_tensor(out_bytes, dtype, info.shape).copy_(acc)
+            sink.write(out_bytes)
+
+
+def _find_nonfinite(
+    name: str,
+    sources: Sequence[BinaryIO],
+    paths: Sequence[Path],
+    headers: Sequence[Mapping[str, TensorInfo]],
+    raw: memoryview,
+    dtype: torch.dtype,
+) -> str | None:
+    """The first input whose tensor holds NaN or Inf (None when only the sum overflowed)."""
+    for source, path, header in zip(sources, paths, headers):
+        _read_into(source, header[name], raw, path)
+        if not torch.isfinite(_as_tensor(raw, dtype, header[name].shape)).all():
+            return str(path)
+    return None
+
+
+def _encode_header(layout: Mapping[str, TensorInfo], order: Sequence[str]) -> bytes:
+    """Header of the output file, with the `format: pt` metadata transformers expects, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    position = 0
+    for name in order:
+        info = layout[name]
+        span = [position, position + info.nbytes]
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": span}
+        position += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# -- model folders ---------------------------------------------------------------------------------
+
+
+def merge_model_folders(
+    inputs: Sequence[str | Path], output_dir: str | Path, weights: Sequence[float] | None = None
+) -> None:
+    """Average transformers model folders into `output_dir` (weights, config, image processor config).
+
+    Configs must agree on model type and labels, and every weight file on its tensors, before anything is
+    written. Sharded checkpoints are merged shard by shard when all inputs are sharded the same way.
+    """
+    folders = [Path(p) for p in inputs]
+    output_dir = Path(output_dir)
+    weights = normalize_weights(weights, len(folders))
+    _check_configs(folders)
+    files = _weight_files(folders[0])
+    for folder in folders[1:]:
+        if _weight_files(folder) != files:
+            raise MergeError(f"{folder} stores its weights in other files than {folders[0]}: reshard one of them")
+    headers = {name: _read_matching_headers([folder / name for folder in folders]) for name in files}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        _write_merged_file([folder / name for folder in folders], headers[name], output_dir / name, weights)
+    copied = COPIED_CONFIGS if files == [WEIGHTS_NAME] else (*COPIED_CONFIGS, WEIGHTS_INDEX_NAME)
+    for name in copied:
+        if (folders[0] / name).is_file():
+            shutil.copyfile(folders[0] / name, output_dir / name)
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a model folder, as transformers picks them (single file first)."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        raise MergeError(f"{folder}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} found")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise MergeError(f"{index}: malformed index ({error!r})") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(shard, str) and shard == Path(shard).name for shard in weight_map.values()
+    ):
+        raise MergeError(f"{index}: weight_map must map tensor names to file names in the same folder")
+    return sorted(set(weight_map.values()))
+
+
+def _check_configs(folders: Sequence[Path]) -> None:
+    configs = [_load_config(folder) for folder in folders]
+    for folder, config in zip(folders[1:], configs[1:]):
+        for key in CHECKED_CONFIG_KEYS:
+            expected, actual = configs[0].get(key), config.get(key)
+            if actual != expected:
+                difference = _config_difference(key, expected, actual)
+                raise MergeError(f"{folder}: config.json does not match {folders[0]}: {difference}")
+
+
+def _load_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MergeError(f"{folder}: no config.json (not a transformers model folder)") from None
+    except ValueError as error:
+        raise MergeError(f"{path}: malformed JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    return config
+
+
+def _config_difference(key: str, expected: object, actual: object) -> str:
+    """Name the first differing label rather than printing two maps of possibly thousands of classes."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        label = next(k for k in sorted(expected.keys() | actual.keys()) if expected.get(k) != actual.get(k))
+        return f"{key}[{label}] is {actual.get(label)!r}, expected {expected.get(label)!r}"
+    return f"{key} is {actual!r}, expected {expected!r}"

@@ -1,0 +1,1 @@
+"""Metric modules shipped with the package so `evaluate.load(<path>)` works offline."""

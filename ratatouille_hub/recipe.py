@@ -1,0 +1,365 @@
+"""The Model Ratatouille recipe, stage by stage (METHOD.md): fetch, data, linear probe, runs, merge,
+evaluate, card.
+
+Every expensive artefact lives in a folder named after a hash of what produced it, written whole
+or not at all, with a `done` marker: rerunning an interrupted recipe redoes only what is missing.
+
+    output/
+      recipe.yaml        the config, replayable with --config
+      lp/<hash>/         the shared linear-probe head
+      runs/<hash>/       one target fine-tune: model/, metrics.json, predictions.safetensors, done
+      soup/              the soup as a transformers model folder (+ README.md, recipe.yaml, results.json)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .card import build_card, is_hub_id
+from .config import RecipeConfig, RunHParams, draw_hparams, stable_hash
+from .data import (
+    DataError,
+    ImageTensors,
+    decode_images,
+    load_target,
+    normalization_of,
+    resolution_of,
+    split_domains,
+)
+from .discover import backbone_mismatch, local_signature
+from .evaluation import accuracy, ensemble_probabilities, predict_logits
+from .fetch import Ingredient, resolve_model
+from .io import atomic_write_json, staged_folder
+from .merge import average_state_dicts, greedy_select, merge_model_folders
+from .models import head_linear, head_parameter_names, load_classifier, load_processor, quiet_transformers, set_head
+from .train import DomainBatches, LinearHead, TargetData, linear_probe, make_accelerator, optimize, validation_accuracy
+
+DONE = "done"
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+class RecipeError(ValueError):
+    """The recipe cannot run with these ingredients."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The decoded target task: training domains (train/val) and the held-out test domain."""
+
+    data: TargetData
+    test: ImageTensors
+    train_domains: tuple[str, ...]
+    test_domain: str
+    id2label: dict[int, str]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    index: int
+    init: Ingredient
+    hparams: RunHParams
+    folder: Path
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.folder / "metrics.json").read_text())
+
+    @property
+    def model_folder(self) -> Path:
+        return self.folder / "model"
+
+    def predictions(self) -> dict[str, torch.Tensor]:
+        return load_file(self.folder / "predictions.safetensors")
+
+
+def recycle(config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Run the whole recipe; returns the results written to `<output>/soup/results.json`."""
+    quiet_transformers()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise RecipeError(f"output {output} exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(output / "recipe.yaml")
+
+    echo(f"[fetch] base {config.base}")
+    base = resolve_model(config.base, token=token)
+    aux = [resolve_model(source, token=token) for source in config.aux] if config.strategy == "ratatouille" else []
+    for ingredient in aux:
+        echo(f"[fetch] recycled {ingredient.reference}")
+
+    echo(f"[data] {config.target}")
+    target = prepare_target(config, base)
+    echo(f"[data] train domains {', '.join(target.train_domains)}; held out: {target.test_domain}")
+    check_ingredients(base, aux, target.id2label)
+
+    accelerator = make_accelerator(config.precision)
+    head, head_key = shared_linear_probe(config, base, target, accelerator, output / "lp", echo)
+    inits = [base, *aux]
+    runs = []
+    for index in range(config.runs):
+        init = inits[index % len(inits)]
+        runs.append(fine_tune(config, index, init, base, (head, head_key), target, accelerator, output / "runs", echo))
+
+    echo("[merge] averaging runs")
+    return make_soup(config, base, runs, target, output / "soup", echo)
+
+
+def prepare_target(config: RecipeConfig, base: Ingredient) -> Target:
+    dataset = load_target(config.target)
+    if config.image_column not in dataset.column_names:
+        raise DataError(f"target dataset has no column {config.image_column!r} (columns: {', '.join(dataset.column_names)})")
+    splits = split_domains(
+        dataset,
+        domain_column=config.domain_column,
+        label_column=config.label_column,
+        test_domain=config.test_domain,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.seed,
+    )
+    processor = load_processor(base.path)
+    size = resolution_of(processor, config.image_size)
+
+    def decode(rows) -> ImageTensors:
+        return decode_images(
+            dataset, rows, image_column=config.image_column, label_column=config.label_column,
+            label_names=splits.label_names, size=size,
+        )
+
+    data = TargetData(
+        train=[decode(d.train) for d in splits.train_domains],
+        val=[decode(d.val) for d in splits.train_domains],
+        normalize=normalization_of(processor),
+        augment=config.augment,
+    )
+    fingerprint = stable_hash(
+        {
+            "dataset": getattr(dataset, "_fingerprint", config.target),
+            "splits": [[d.domain, d.train, d.val] for d in splits.train_domains],
+            "test": splits.test_domain,
+            "size": size,
+            "normalize": asdict(data.normalize),
+        }
+    )
+    return Target(
+        data=data,
+        test=decode(splits.test),
+        train_domains=tuple(d.domain for d in splits.train_domains),
+        test_domain=splits.test_domain,
+        id2label=splits.id2label,
+        fingerprint=fingerprint,
+    )
+
+
+def check_ingredients(base: Ingredient, aux: list[Ingredient], id2label: dict[int, str]) -> None:
+    """Every recycled checkpoint must share the base's backbone exactly (names, shapes, dtypes)."""
+    model = load_classifier(base.path, id2label)
+    head_names = head_parameter_names(model)
+    base_signature = local_signature(base.path)
+    for ingredient in aux:
+        problem = backbone_mismatch(base_signature, local_signature(ingredient.path), head_names)
+        if problem:
+            raise RecipeError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
+
+
+def shared_linear_probe(config, base: Ingredient, target: Target, accelerator, root: Path, echo) -> tuple[LinearHead, str]:
+    """The target head trained once on the frozen base; every run starts from it (so heads average)."""
+    key = stable_hash(
+        {"base": base.revision, "data": target.fingerprint, "steps": config.lp_steps, "lr": config.lp_lr,
+         "batch": config.batch_size, "eval_every": config.eval_every, "seed": config.seed}
+    )
+    folder = root / key
+    if not (folder / DONE).exists():
+        echo(f"[train] linear probe on the frozen base ({config.lp_steps} steps)")
+        model = load_classifier(base.path, target.id2label).to(accelerator.device)
+        head = linear_probe(
+            model, target.data, steps=config.lp_steps, lr=config.lp_lr, batch_size=config.batch_size,
+            eval_every=config.eval_every, seed=config.seed, accelerator=accelerator,
+        )
+        with staged_folder(folder) as staging:
+            save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
+            atomic_write_json(staging / "metrics.json", {"step": head.step, "val_accuracy": head.val_accuracy})
+            (staging / DONE).touch()
+    tensors = load_file(folder / "head.safetensors")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    echo(f"[train] linear probe: validation {100 * metrics['val_accuracy']:.1f}% (step {metrics['step']})")
+    return LinearHead(tensors["weight"], tensors["bias"], metrics["step"], metrics["val_accuracy"]), key
+
+
+def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_head: tuple[LinearHead, str], target: Target, accelerator, root: Path, echo) -> RunRecord:
+    """One target fine-tune from (init featurizer, shared head); skipped when already done."""
+    head, head_key = shared_head
+    hparams = draw_hparams(config, index)
+    recycled = init.revision != base.revision
+    warmup = config.warmup_steps if recycled else 0
+    key = stable_hash(
+        {"init": init.revision, "head": head_key,
+         "data": target.fingerprint, "hparams": asdict(hparams), "seed": index, "steps": config.steps,
+         "warmup": warmup, "eval_every": config.eval_every, "batch": config.batch_size, "augment": config.augment,
+         "precision": config.precision}
+    )
+    folder = root / key
+    record = RunRecord(index, init, hparams, folder)
+    label = f"run {index + 1}/{config.runs}"
+    if (folder / DONE).exists():
+        echo(f"[train] {label}: done earlier (from {init.source}), reused")
+        return record
+    echo(f"[train] {label} from {init.source}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}")
+    torch.manual_seed(stable_int(key))
+    model = load_classifier(init.path, target.id2label).to(accelerator.device)
+    set_head(model, head.weight, head.bias)
+    batches = DomainBatches(target.data.train, config.batch_size, seed=stable_int(key + ":batches"))
+    data = target.data
+    augment_seed = stable_int(key + ":augment") if data.augment else None
+    common = dict(
+        steps=0, lr=hparams.lr, weight_decay=hparams.weight_decay, accelerator=accelerator,
+        normalize=data.normalize, augment_seed=augment_seed, dropout=hparams.dropout,
+    )
+    if warmup:
+        head_params = list(head_linear(model).parameters())
+        for param in model.parameters():
+            param.requires_grad_(any(param is p for p in head_params))
+        optimize(model, batches, parameters=head_params, **{**common, "steps": warmup}, desc=f"{label} head warm-up")
+        for param in model.parameters():
+            param.requires_grad_(True)
+    pooled_val = data.pooled_val
+    outcome = optimize(
+        model, batches, parameters=list(model.parameters()), **{**common, "steps": config.steps},
+        validate=lambda m: validation_accuracy(m, pooled_val, data.normalize),
+        eval_every=config.eval_every, desc=label,
+    )
+    model.load_state_dict(outcome.state)
+    predictions = predict_target(model, target)
+    metrics = {
+        "init": init.reference,
+        "hparams": asdict(hparams),
+        "warmup_steps": warmup,
+        "best_step": outcome.step,
+        "val_accuracy": outcome.val_accuracy,
+        "history": outcome.history,
+    }
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging / "model")
+        save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
+        atomic_write_json(staging / "metrics.json", metrics)
+        (staging / DONE).touch()
+    echo(f"[train] {label}: best validation {100 * outcome.val_accuracy:.1f}% at step {outcome.step}")
+    return record
+
+
+def stable_int(text: str) -> int:
+    return int(stable_hash({"k": text}, length=15), 16)
+
+
+def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo) -> dict:
+    """Average the runs (uniform or greedy), evaluate everything, write the soup folder atomically."""
+    labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
+    pooled_labels = torch.cat(list(labels_val.values()))
+    run_rows = []
+    for run in runs:
+        predictions = run.predictions()
+        run_rows.append(_scores(predictions, labels_val, target.test.labels, pooled_labels))
+
+    by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
+    greedy_members = greedy_soup_members(runs, by_val, target)
+    members = greedy_members if config.method == "greedy" else list(range(len(runs)))
+
+    with staged_folder(folder) as staging:
+        merge_model_folders([runs[i].model_folder for i in members], staging)
+        shutil.copyfile(base.path / PROCESSOR_FILE, staging / PROCESSOR_FILE)
+        soup_predictions = predict_target(load_classifier(staging, target.id2label), target)
+        soup_row = _scores(soup_predictions, labels_val, target.test.labels, pooled_labels)
+
+        all_predictions = [run.predictions() for run in runs]
+        ensemble = {k: ensemble_probabilities([p[k] for p in all_predictions]) for k in all_predictions[0]}
+        ensemble_row = _scores(ensemble, labels_val, target.test.labels, pooled_labels)
+        other_method = "uniform" if config.method == "greedy" else "greedy"
+        other_members = list(range(len(runs))) if other_method == "uniform" else greedy_members
+        other_row = _evaluate_average([runs[i] for i in other_members], target, labels_val, pooled_labels)
+        best = by_val[0]
+
+        summary = [
+            {"name": f"best single run (#{best}, by validation)", **_pick(run_rows[best])},
+            {"name": f"soup, {config.method} ({len(members)} runs) <- this model", **_pick(soup_row)},
+            {"name": f"soup, {other_method} ({len(other_members)} runs)", **_pick(other_row)},
+            {"name": f"ensemble of the {len(runs)} runs (reference)", **_pick(ensemble_row)},
+        ]
+        ingredients = [base] + sorted({r.init for r in runs if r.init.revision != base.revision}, key=lambda i: i.source)
+        results = {
+            "recipe": config.to_dict(),
+            "test_domain": target.test_domain,
+            "train_domains": list(target.train_domains),
+            "id2label": {str(k): v for k, v in target.id2label.items()},
+            "ingredients": [
+                {"source": i.source, "revision": i.revision, "is_hub": not i.is_local and is_hub_id(i.source)}
+                for i in ingredients
+            ],
+            "runs": [
+                {"index": run.index, "init": run.init.reference, "hparams": asdict(run.hparams),
+                 "best_step": run.metrics["best_step"], "folder": str(run.folder), **row}
+                for run, row in zip(runs, run_rows)
+            ],
+            "soup": {"method": config.method, "members": members, **soup_row},
+            f"soup_{other_method}": {"members": other_members, **other_row},
+            "greedy_order": by_val,
+            "ensemble": ensemble_row,
+            "summary": summary,
+            "bn_policy": config.bn_policy,
+        }
+        atomic_write_json(staging / "results.json", results)
+        config.save_yaml(staging / "recipe.yaml")
+        build_card(results).save(staging / "README.md")
+    return results
+
+
+def greedy_soup_members(runs: list[RunRecord], order: list[int], target: Target) -> list[int]:
+    """Greedy soup: add runs by decreasing validation accuracy, keep one if pooled validation does not drop.
+
+    Holds the candidate runs' state dicts in memory (in the model's own key space).
+    """
+    model = load_classifier(runs[order[0]].model_folder, target.id2label)
+    states = {i: load_classifier(runs[i].model_folder, target.id2label).state_dict() for i in order}
+    pooled = target.data.pooled_val
+
+    def score(subset: list[int]) -> float:
+        model.load_state_dict(average_state_dicts([states[i] for i in subset]))
+        return validation_accuracy(model, pooled, target.data.normalize)
+
+    return sorted(greedy_select(order, score))
+
+
+def predict_target(model, target: Target) -> dict[str, torch.Tensor]:
+    """Logits on every training domain's validation split (`val/<domain>`) and on the test domain."""
+    predictions = {
+        f"val/{name}": predict_logits(model, images, target.data.normalize)
+        for name, images in zip(target.train_domains, target.data.val)
+    }
+    predictions["test"] = predict_logits(model, target.test, target.data.normalize)
+    return predictions
+
+
+def _evaluate_average(members: list[RunRecord], target: Target, labels_val, pooled_labels) -> dict:
+    model = load_classifier(members[0].model_folder, target.id2label)
+    model.load_state_dict(average_state_dicts([load_classifier(r.model_folder, target.id2label).state_dict() for r in members]))
+    return _scores(predict_target(model, target), labels_val, target.test.labels, pooled_labels)
+
+
+def _scores(predictions: dict[str, torch.Tensor], labels_val, test_labels, pooled_labels) -> dict:
+    per_domain = {name: accuracy(predictions[f"val/{name}"], labels) for name, labels in labels_val.items()}
+    pooled = accuracy(torch.cat([predictions[f"val/{name}"] for name in labels_val]), pooled_labels)
+    return {
+        "val_accuracy": pooled,
+        "val_accuracy_per_domain": per_domain,
+        "test_accuracy": accuracy(predictions["test"], test_labels),
+    }
+
+
+def _pick(row: dict) -> dict:
+    return {"val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"]}

@@ -1,0 +1,196 @@
+"""Training with Accelerate: the shared linear probe and the target fine-tunes.
+
+Batches hold `batch_size` images from every training domain (DomainBed). A fine-tune keeps the
+state of its best step on pooled training-domain validation; BatchNorm running statistics stay
+frozen so every run keeps the statistics of the checkpoint it started from.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageTensors, Normalization, augment
+from .evaluation import accuracy, predict_logits
+from .models import capture_features, feature_dropout, head_linear, train_mode_frozen_bn
+
+
+def make_accelerator(precision: str):
+    """An Accelerator; `auto` uses bf16 autocast only where it speeds training (CUDA with bf16)."""
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+class DomainBatches:
+    """Endless batches of `batch_size` images per domain, reshuffled every epoch, from one seed."""
+
+    def __init__(self, domains: list[ImageTensors], batch_size: int, seed: int):
+        self.domains = domains
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._orders = [torch.empty(0, dtype=torch.long) for _ in domains]
+
+    def _take(self, index: int) -> torch.Tensor:
+        needed, taken = self.batch_size, []
+        while needed > 0:
+            if len(self._orders[index]) == 0:
+                self._orders[index] = torch.randperm(len(self.domains[index]), generator=self.generator)
+            chunk, self._orders[index] = self._orders[index][:needed], self._orders[index][needed:]
+            taken.append(chunk)
+            needed -= len(chunk)
+        return torch.cat(taken)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = [], []
+        for index, domain in enumerate(self.domains):
+            rows = self._take(index)
+            pixels.append(domain.pixels[rows])
+            labels.append(domain.labels[rows])
+        return torch.cat(pixels), torch.cat(labels)
+
+    def __iter__(self):
+        return self
+
+
+@dataclass
+class TargetData:
+    """The decoded target: per training domain train/val images, and how to normalise them."""
+
+    train: list[ImageTensors]
+    val: list[ImageTensors]
+    normalize: Normalization
+    augment: bool
+
+    @property
+    def pooled_val(self) -> ImageTensors:
+        return ImageTensors(torch.cat([v.pixels for v in self.val]), torch.cat([v.labels for v in self.val]))
+
+
+@dataclass
+class TrainOutcome:
+    state: dict[str, torch.Tensor]
+    step: int
+    val_accuracy: float | None
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def validation_accuracy(model, images: ImageTensors, normalize: Normalization, autocast=None) -> float:
+    return accuracy(predict_logits(model, images, normalize, autocast=autocast), images.labels)
+
+
+def optimize(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    parameters: list[nn.Parameter],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    accelerator,
+    normalize: Normalization,
+    augment_seed: int | None,
+    validate: Callable[[nn.Module], float] | None = None,
+    eval_every: int = 100,
+    freeze_bn: bool = True,
+    dropout: float = 0.0,
+    desc: str = "train",
+) -> TrainOutcome:
+    """Adam over `parameters` for `steps` steps, with a fresh optimizer state.
+
+    With `validate`, evaluates every `eval_every` steps and at the last step, and returns the best
+    state (ties keep the earlier step); without it, returns the last state (auxiliary fine-tunes).
+    """
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
+    best: TrainOutcome | None = None
+    history: list[tuple[int, float]] = []
+    loss_fn = nn.CrossEntropyLoss()
+    progress = tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    with feature_dropout(inner, dropout):
+        for step in progress:
+            if freeze_bn:
+                train_mode_frozen_bn(inner)
+            else:
+                inner.train()
+            pixels, labels = next(batches)
+            x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
+            x = normalize(x).to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(pixel_values=x).logits
+                loss = loss_fn(logits.float(), labels.to(accelerator.device))
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if validate is not None and (step % eval_every == 0 or step == steps):
+                score = validate(inner)
+                history.append((step, score))
+                progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
+                if best is None or score > best.val_accuracy:
+                    best = TrainOutcome(_clone_state(inner), step, score)
+    if best is None:
+        return TrainOutcome(_clone_state(inner), steps, None, history)
+    best.history = history
+    return best
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    step: int
+    val_accuracy: float
+
+
+@torch.no_grad()
+def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    with capture_features(model) as captured:
+        for start in range(0, len(images), batch_size):
+            model(pixel_values=normalize.from_uint8(images.pixels[start : start + batch_size]).to(device))
+    return torch.cat(captured).float().cpu()
+
+
+def linear_probe(model, data: TargetData, *, steps: int, lr: float, batch_size: int, eval_every: int, seed: int, accelerator) -> LinearHead:
+    """Train only a new head on frozen base features; the best step on validation is kept.
+
+    Features are computed once on un-augmented images (the featurizer is frozen, so they do not
+    change between steps): thousands of LP steps then cost seconds instead of hours.
+    """
+    torch.manual_seed(seed)
+    train_features = [ImageTensors(_features(model, d, data.normalize), d.labels) for d in data.train]
+    val = data.pooled_val
+    val_features = _features(model, val, data.normalize)
+    template = head_linear(model)
+    head = copy.deepcopy(template).float().to(accelerator.device)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    batches = DomainBatches(train_features, batch_size, seed)
+    best: LinearHead | None = None
+    for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=None):
+        features, labels = next(batches)
+        loss = nn.functional.cross_entropy(head(features.to(accelerator.device)), labels.to(accelerator.device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                score = accuracy(head(val_features.to(accelerator.device)).cpu(), val.labels)
+            if best is None or score > best.val_accuracy:
+                best = LinearHead(head.weight.detach().cpu().clone(), head.bias.detach().cpu().clone(), step, score)
+    assert best is not None
+    return best
