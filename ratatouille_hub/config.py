@@ -60,8 +60,9 @@ class RecipeConfig:
     augment: bool = _opt(True, "DomainBed augmentation on training images")
     bn_policy: str = _opt(
         "average",
-        "BatchNorm running statistics of the soup: average = mean of the runs' (frozen) statistics",
-        choices=("average",),
+        "BatchNorm running statistics of the soup: average = mean of the runs' (frozen) statistics; "
+        "reestimate = recomputed on target training images after averaging",
+        choices=("average", "reestimate"),
     )
     precision: str = _opt("auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16"))
     seed: int = _opt(0, "trial seed: data split and per-run hyperparameters")

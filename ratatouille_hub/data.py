@@ -169,19 +169,21 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
     RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3), horizontal flip, ColorJitter(0.3 brightness,
     contrast, saturation; hue omitted), RandomGrayscale(0.1).
     """
-    n, _, height, width = pixels_uint8.shape
+    n = pixels_uint8.shape[0]
     x = pixels_uint8.float().div_(255.0)
-    out = torch.empty_like(x)
-    u = torch.rand((n, 8), generator=generator)
-    for i in range(n):
-        area = height * width * (0.7 + 0.3 * u[i, 0].item())
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[i, 1].item())
-        crop_w = min(width, max(1, round(math.sqrt(area * ratio))))
-        crop_h = min(height, max(1, round(math.sqrt(area / ratio))))
-        top = int(u[i, 2].item() * (height - crop_h + 1))
-        left = int(u[i, 3].item() * (width - crop_w + 1))
-        crop = x[i : i + 1, :, top : top + crop_h, left : left + crop_w]
-        out[i] = torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
+    u = torch.rand((n, 6), generator=generator)
+    # Crop box as fractions of the image, then one batched affine resample back to full size.
+    area = 0.7 + 0.3 * u[:, 0]
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
+    crop_h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+    center_x = (1 - crop_w) * u[:, 2] + crop_w / 2
+    center_y = (1 - crop_h) * u[:, 3] + crop_h / 2
+    theta = torch.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w, 2 * center_x - 1
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, 2 * center_y - 1
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     flip = u[:, 4] < 0.5
     out[flip] = out[flip].flip(-1)
     jitter = 1.0 + (torch.rand((n, 3, 1, 1, 1), generator=generator) * 0.6 - 0.3)

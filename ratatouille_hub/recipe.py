@@ -39,7 +39,16 @@ from .fetch import Ingredient, resolve_model
 from .io import atomic_write_json, staged_folder
 from .merge import average_state_dicts, greedy_select, merge_model_folders
 from .models import head_linear, head_parameter_names, load_classifier, load_processor, quiet_transformers, set_head
-from .train import DomainBatches, LinearHead, TargetData, linear_probe, make_accelerator, optimize, validation_accuracy
+from .train import (
+    DomainBatches,
+    LinearHead,
+    TargetData,
+    linear_probe,
+    make_accelerator,
+    optimize,
+    reestimate_batchnorm,
+    validation_accuracy,
+)
 
 DONE = "done"
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -268,21 +277,25 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
         run_rows.append(_scores(predictions, labels_val, target.test.labels, pooled_labels))
 
     by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
-    greedy_members = greedy_soup_members(runs, by_val, target)
+    averager = RunAverager(runs, target, config.bn_policy)
+    greedy_members = sorted(greedy_select(by_val, averager.validation_accuracy))
     members = greedy_members if config.method == "greedy" else list(range(len(runs)))
 
     with staged_folder(folder) as staging:
         merge_model_folders([runs[i].model_folder for i in members], staging)
         shutil.copyfile(base.path / PROCESSOR_FILE, staging / PROCESSOR_FILE)
-        soup_predictions = predict_target(load_classifier(staging, target.id2label), target)
-        soup_row = _scores(soup_predictions, labels_val, target.test.labels, pooled_labels)
+        soup_model = load_classifier(staging, target.id2label)
+        if config.bn_policy == "reestimate":
+            averager.reestimate(soup_model)
+            soup_model.save_pretrained(staging)
+        soup_row = _scores(predict_target(soup_model, target), labels_val, target.test.labels, pooled_labels)
 
         all_predictions = [run.predictions() for run in runs]
         ensemble = {k: ensemble_probabilities([p[k] for p in all_predictions]) for k in all_predictions[0]}
         ensemble_row = _scores(ensemble, labels_val, target.test.labels, pooled_labels)
         other_method = "uniform" if config.method == "greedy" else "greedy"
         other_members = list(range(len(runs))) if other_method == "uniform" else greedy_members
-        other_row = _evaluate_average([runs[i] for i in other_members], target, labels_val, pooled_labels)
+        other_row = _scores(predict_target(averager.model(other_members), target), labels_val, target.test.labels, pooled_labels)
         best = by_val[0]
 
         summary = [
@@ -319,20 +332,30 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
     return results
 
 
-def greedy_soup_members(runs: list[RunRecord], order: list[int], target: Target) -> list[int]:
-    """Greedy soup: add runs by decreasing validation accuracy, keep one if pooled validation does not drop.
+class RunAverager:
+    """Weight averages of any subset of the runs, in memory, with the soup's BatchNorm policy applied.
 
-    Holds the candidate runs' state dicts in memory (in the model's own key space).
+    Loads each run once and holds the state dicts (in the model's own key space): greedy search
+    evaluates many subsets.
     """
-    model = load_classifier(runs[order[0]].model_folder, target.id2label)
-    states = {i: load_classifier(runs[i].model_folder, target.id2label).state_dict() for i in order}
-    pooled = target.data.pooled_val
 
-    def score(subset: list[int]) -> float:
-        model.load_state_dict(average_state_dicts([states[i] for i in subset]))
-        return validation_accuracy(model, pooled, target.data.normalize)
+    def __init__(self, runs: list[RunRecord], target: Target, bn_policy: str):
+        self.target = target
+        self.bn_policy = bn_policy
+        self.states = [load_classifier(run.model_folder, target.id2label).state_dict() for run in runs]
+        self._model = load_classifier(runs[0].model_folder, target.id2label)
 
-    return sorted(greedy_select(order, score))
+    def model(self, subset: list[int]):
+        self._model.load_state_dict(average_state_dicts([self.states[i] for i in subset]))
+        if self.bn_policy == "reestimate":
+            self.reestimate(self._model)
+        return self._model
+
+    def reestimate(self, model) -> None:
+        reestimate_batchnorm(model, self.target.data.pooled_train, self.target.data.normalize)
+
+    def validation_accuracy(self, subset: list[int]) -> float:
+        return validation_accuracy(self.model(subset), self.target.data.pooled_val, self.target.data.normalize)
 
 
 def predict_target(model, target: Target) -> dict[str, torch.Tensor]:
@@ -343,12 +366,6 @@ def predict_target(model, target: Target) -> dict[str, torch.Tensor]:
     }
     predictions["test"] = predict_logits(model, target.test, target.data.normalize)
     return predictions
-
-
-def _evaluate_average(members: list[RunRecord], target: Target, labels_val, pooled_labels) -> dict:
-    model = load_classifier(members[0].model_folder, target.id2label)
-    model.load_state_dict(average_state_dicts([load_classifier(r.model_folder, target.id2label).state_dict() for r in members]))
-    return _scores(predict_target(model, target), labels_val, target.test.labels, pooled_labels)
 
 
 def _scores(predictions: dict[str, torch.Tensor], labels_val, test_labels, pooled_labels) -> dict:

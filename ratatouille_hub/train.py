@@ -71,7 +71,15 @@ class TargetData:
 
     @property
     def pooled_val(self) -> ImageTensors:
-        return ImageTensors(torch.cat([v.pixels for v in self.val]), torch.cat([v.labels for v in self.val]))
+        return _pooled(self.val)
+
+    @property
+    def pooled_train(self) -> ImageTensors:
+        return _pooled(self.train)
+
+
+def _pooled(parts: list[ImageTensors]) -> ImageTensors:
+    return ImageTensors(torch.cat([p.pixels for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 @dataclass
@@ -137,10 +145,37 @@ def optimize(
                 progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
                 if best is None or score > best.val_accuracy:
                     best = TrainOutcome(_clone_state(inner), step, score)
+    accelerator.free_memory()  # drop the accelerator's references to this run's model and optimizer
     if best is None:
         return TrainOutcome(_clone_state(inner), steps, None, history)
     best.history = history
     return best
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, images: ImageTensors, normalize: Normalization, *, max_images: int = 2048, batch_size: int = 128) -> None:
+    """Recompute BatchNorm running statistics of an averaged model on target training images.
+
+    Averaged weights no longer match the averaged statistics of their members; a forward pass over
+    (at most `max_images`, evenly spaced, un-augmented) training images gives the soup its own.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+    rows = torch.linspace(0, len(images) - 1, min(len(images), max_images)).long()
+    model.eval()
+    for norm in norms:
+        norm.train()
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        model(pixel_values=normalize.from_uint8(images.pixels[rows[start : start + batch_size]]).to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,6 +212,7 @@ def linear_probe(model, data: TargetData, *, steps: int, lr: float, batch_size: 
     val_features = _features(model, val, data.normalize)
     template = head_linear(model)
     head = copy.deepcopy(template).float().to(accelerator.device)
+    nn.init.zeros_(head.weight)  # the checkpoint's head was drawn from the global RNG at load time
     nn.init.zeros_(head.bias)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     batches = DomainBatches(train_features, batch_size, seed)
