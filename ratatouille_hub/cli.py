@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         "compare ERM, model soups and Model Ratatouille on the held-out domain.",
     )
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="folder for everything (default: demo-output)")
+
+    hub = commands.add_parser(
+        "local-hub", help="serve a local Hub-compatible registry (tests, offline work)",
+        description="A local stand-in for the Hugging Face Hub on 127.0.0.1, backed by a folder. Point the "
+        "clients at it with HF_ENDPOINT=http://127.0.0.1:PORT and HF_HUB_DISABLE_XET=1. Not a production registry.",
+    )
+    hub.add_argument("--root", type=Path, required=True, help="folder that stores the repos")
+    hub.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
+    hub.add_argument("--require-token", metavar="TOKEN", help="refuse writes without this bearer token")
     return parser
 
 
@@ -123,7 +132,13 @@ def run_demo(args) -> None:
     demo(args.output)
 
 
-COMMANDS = {"recycle": run_recycle, "merge": run_merge, "demo": run_demo}
+def run_local_hub(args) -> None:
+    from .hub_server import serve
+
+    serve(args.root, args.port, token=args.require_token)
+
+
+COMMANDS = {"recycle": run_recycle, "merge": run_merge, "demo": run_demo, "local-hub": run_local_hub}
 
 
 def main(argv: list[str] | None = None) -> int:
