@@ -3,14 +3,49 @@
 A candidate must carry the base's backbone tensors with identical names, shapes and dtypes; only
 the classification head may differ (auxiliary heads are dropped anyway). Checking headers first
 means nothing incompatible is downloaded or trained.
+
+On the Hub, fine-tunes of a base are found through the lineage tag `base_model:finetune:<base>` and
+vetted at one pinned commit each, cheapest checks first: lineage, leakage of the target dataset,
+weight formats, config.json (a few kB), then the safetensors headers (ranged reads of a few kB).
+Weights are never downloaded here, no pickle is ever loaded and no code from the Hub is ever run.
+
+Which tensors form the head is read from the base's architecture, not guessed from names: the base
+model is built from its config.json on the meta device (no weights, no memory, no remote code) and
+`models.head_parameter_names` names the final linear layer's weight and bias, as the recipe does.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 TensorSignature = tuple[str, tuple[int, ...]]  # (dtype, shape)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NOT_FINETUNE_RELATIONS = {
+    "merge": "a merge of other models, not a fine-tune",
+    "adapter": "an adapter, not full weights",
+    "quantized": "quantized weights, not averageable",
+}
+ACCEPTED = "backbone matches the base"
+
+
+class DiscoverError(ValueError):
+    """The base itself cannot be vetted: missing, not safetensors, or an unknown architecture."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fine-tune of the base as discovery judged it, at the commit it was judged on."""
+
+    repo_id: str
+    revision: str  # commit sha: fetch exactly this, so what was vetted is what is trained
+    downloads: int
+    accepted: bool
+    reason: str
 
 
 def local_signature(folder: Path) -> dict[str, TensorSignature]:
@@ -42,3 +77,169 @@ def backbone_mismatch(
         if base_dtype != dtype:
             return f"tensor {name} has dtype {dtype}, base has {base_dtype}"
     return None
+
+
+def hub_signature(api, repo_id: str, revision: str) -> dict[str, TensorSignature]:
+    """Tensor names -> (dtype, shape) of a Hub repo at `revision`, from ranged reads of its headers."""
+    metadata = api.get_safetensors_metadata(repo_id, revision=revision)
+    return {
+        name: (info.dtype, tuple(info.shape))
+        for file in metadata.files_metadata.values()
+        for name, info in file.tensors.items()
+    }
+
+
+def head_names_of(config_file: Path) -> set[str]:
+    """The head's tensor names for the architecture in `config_file`, from a weightless meta model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from .models import head_parameter_names
+
+    config = AutoConfig.from_pretrained(str(Path(config_file).parent), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config, trust_remote_code=False)
+    return head_parameter_names(model)
+
+
+@dataclass(frozen=True)
+class _Base:
+    repo_id: str
+    model_type: str | None
+    signature: dict[str, TensorSignature]
+    head_names: set[str]
+
+
+def discover_finetunes(base: str, *, target: str | None = None, limit: int = 20, token=None) -> list[Candidate]:
+    """The `limit` most-downloaded fine-tunes of the Hub model `base`, each accepted or refused with a reason.
+
+    `target` (a Hub id, an alias or a local path of the target dataset) refuses fine-tunes whose card
+    lists it: their featurizer has seen the held-out domain (leakage). Pickle-only repos are always
+    refused: the recipe loads safetensors only, and unpickling a stranger's file can run code.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    vetted = _vet_base(api, base)
+    listed = api.list_models(filter=f"base_model:finetune:{base}", sort="downloads", limit=limit)
+    return [_vet(api, vetted, model, target) for model in listed]
+
+
+def format_candidates(candidates: list[Candidate]) -> str:
+    """A plain-text table of the verdicts, most downloaded first, for the terminal."""
+    header = ("id", "revision", "downloads", "verdict", "reason")
+    rows = [
+        (c.repo_id, c.revision[:8], str(c.downloads), "accepted" if c.accepted else "refused", c.reason)
+        for c in candidates
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.rjust(w) if i == 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines)
+
+
+def _vet_base(api, base: str) -> _Base:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
+
+    from .models import ArchitectureError
+
+    try:
+        sha = api.model_info(base).sha
+        config_file = Path(hf_hub_download(base, "config.json", revision=sha, token=api.token))
+        signature = hub_signature(api, base, sha)
+        head_names = head_names_of(config_file)
+    except HfHubHTTPError as error:
+        raise DiscoverError(f"base {base}: {_first_line(error)}") from None
+    except NotASafetensorsRepoError:
+        raise DiscoverError(f"base {base} has no safetensors weights (model.safetensors or an index)") from None
+    except (ArchitectureError, ValueError) as error:  # transformers: unknown model_type; models: no linear head
+        raise DiscoverError(f"base {base}: {_first_line(error)}") from None
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    return _Base(base, model_type, signature, head_names)
+
+
+def _vet(api, base: _Base, listed, target: str | None) -> Candidate:
+    """One candidate's verdict; a repo that cannot be read (gated, private, broken) is refused, not fatal."""
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
+
+    tags = list(listed.tags or [])
+    downloads = listed.downloads or 0
+    try:
+        info = api.model_info(listed.id, files_metadata=True)
+        reason = _refusal(api, base, info, [*tags, *(info.tags or [])], target)
+    except HfHubHTTPError as error:
+        return Candidate(listed.id, getattr(listed, "sha", None) or "", downloads, False, f"unreadable: {_first_line(error)}")
+    except NotASafetensorsRepoError:
+        reason = "safetensors files but no model.safetensors or model.safetensors.index.json"
+    except SafetensorsParsingError as error:
+        reason = f"corrupt safetensors header: {_first_line(error)}"
+    return Candidate(listed.id, info.sha, downloads, reason is None, reason or ACCEPTED)
+
+
+def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str | None:
+    """Why this fine-tune cannot be recycled (None when it can), cheapest evidence first."""
+    from huggingface_hub import hf_hub_download
+
+    for relation, reason in NOT_FINETUNE_RELATIONS.items():
+        if any(tag.startswith(f"base_model:{relation}:") for tag in tags):
+            return reason
+    remote_code = "needs remote code (auto_map in config.json), which is never run"
+    if "custom_code" in tags:
+        return remote_code
+    if target:
+        leaked = _lists_dataset(info, tags, target)
+        if leaked:
+            return f"trained on the target dataset (card lists {leaked}): leakage"
+    files = {sibling.rfilename for sibling in info.siblings or []}
+    if "adapter_config.json" in files:
+        return NOT_FINETUNE_RELATIONS["adapter"]
+    if not any(name.endswith(".safetensors") for name in files):
+        pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            return f"pickle weights only ({', '.join(pickles)}): never unpickled; needs safetensors"
+        return "no model weights"
+    if "config.json" not in files:
+        return "no config.json"
+    config_file = hf_hub_download(info.id, "config.json", revision=info.sha, token=api.token)
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except ValueError:
+        return "config.json is not valid JSON"
+    if "auto_map" in config:
+        return remote_code
+    if config.get("model_type") != base.model_type:
+        return f"architecture {config.get('model_type')}, base is {base.model_type}"
+    return backbone_mismatch(base.signature, hub_signature(api, info.id, info.sha), base.head_names)
+
+
+def _lists_dataset(info, tags: list[str], target: str) -> str | None:
+    """The dataset the card lists that is the target (by name: any copy of it leaks), or None."""
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    listed = card.get("datasets") or []
+    listed = [listed] if isinstance(listed, str) else list(listed)
+    listed += [tag.removeprefix("dataset:") for tag in tags if tag.startswith("dataset:")]
+    wanted = _dataset_key(_target_repo(target))
+    return next((str(name) for name in listed if _dataset_key(str(name)) == wanted), None)
+
+
+def _target_repo(target: str) -> str:
+    """An alias (PACS, OfficeHome) stands for its Hub copy; anything else is compared as it is."""
+    from .fetch import FetchError, resolve_dataset
+
+    try:
+        return resolve_dataset(target)[0]
+    except FetchError:  # a benchmark with no known Hub copy still names the dataset
+        return target
+
+
+def _dataset_key(name: str) -> str:
+    """`flwrlabs/office-home`, `Office_Home` and `officehome` all name one dataset."""
+    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

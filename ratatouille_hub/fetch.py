@@ -1,4 +1,5 @@
-"""Fetch: turn a model reference (Hub id or local folder) into a pinned, local ingredient.
+"""Fetch: turn a model reference (Hub id or local folder) into a pinned, local ingredient, and a
+dataset name (or a DomainBed alias) into the Hub dataset and its columns.
 
 Only weights in safetensors, configs and processor files are downloaded, at the exact revision
 sha seen when the ingredient was resolved, so a recipe replays on the same bytes.
@@ -7,6 +8,7 @@ sha seen when the ingredient was resolved, so a recipe replays on the same bytes
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +46,10 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
     from huggingface_hub import HfApi, snapshot_download
 
     info = HfApi(token=token).model_info(source, revision=revision)
-    path = snapshot_download(source, revision=info.sha, allow_patterns=list(WEIGHT_PATTERNS), token=token)
-    return Ingredient(source, info.sha, Path(path))
+    path = Path(snapshot_download(source, revision=info.sha, allow_patterns=list(WEIGHT_PATTERNS), token=token))
+    if not any(path.glob("*.safetensors")):
+        raise FetchError(f"{source}@{info.sha}: no safetensors weights (pickle checkpoints are never loaded)")
+    return Ingredient(source, info.sha, path)
 
 
 def weights_digest(folder: Path) -> str:
@@ -59,3 +63,32 @@ def weights_digest(folder: Path) -> str:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+# DomainBed datasets by alias -> (Hub dataset, domain column, label column); METHOD.md lists them.
+KNOWN_DATASETS = {
+    "pacs": ("flwrlabs/pacs", "domain", "label"),
+    "officehome": ("flwrlabs/office-home", "domain", "label"),
+}
+# Benchmarks METHOD.md leaves to "look up": no Hub copy with a domain column has been checked.
+UNMAPPED_DATASETS = {"vlcs": "VLCS", "terraincognita": "TerraIncognita", "domainnet": "DomainNet"}
+
+
+def resolve_dataset(
+    name_or_alias: str, domain_column: str = "domain", label_column: str = "label"
+) -> tuple[str, str, str]:
+    """(dataset, domain column, label column): an alias maps to its known Hub copy; a local path or
+    any other Hub id passes through with the columns given."""
+    if "/" in name_or_alias or Path(name_or_alias).exists():  # a Hub id or a path, never an alias
+        return name_or_alias, domain_column, label_column
+    key = re.sub(r"[^a-z0-9]", "", name_or_alias.lower())
+    if key in KNOWN_DATASETS:
+        return KNOWN_DATASETS[key]
+    if key in UNMAPPED_DATASETS:
+        raise FetchError(
+            f"{UNMAPPED_DATASETS[key]}: no Hub copy with a domain column is known to ratatouille-hub (none was "
+            "checked, and this tool does not search for one); pass --target org/name of a Hub dataset with "
+            "image, domain and label columns (--domain-column/--label-column if they are named otherwise), "
+            "or a local folder"
+        )
+    return name_or_alias, domain_column, label_column

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def staged_folder(final: str | Path):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir()  # unlike mkdtemp, honours the umask: the result is as readable as any folder
     try:
         yield staging
         if final.exists():
@@ -55,3 +58,26 @@ def staged_folder(final: str | Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+class FolderBusyError(OSError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, busy_message: str):
+    """Hold an advisory lock on `path` for the block; a second holder fails at once with `busy_message`.
+
+    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(busy_message) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

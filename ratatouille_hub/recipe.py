@@ -36,7 +36,7 @@ from .data import (
 from .discover import backbone_mismatch, local_signature
 from .evaluation import accuracy, ensemble_probabilities, predict_logits
 from .fetch import Ingredient, resolve_model
-from .io import atomic_write_json, staged_folder
+from .io import atomic_write_json, exclusive_lock, staged_folder
 from .merge import average_state_dicts, greedy_select, merge_model_folders
 from .models import head_linear, head_parameter_names, load_classifier, load_processor, quiet_transformers, set_head
 from .train import (
@@ -96,8 +96,30 @@ def recycle(config: RecipeConfig, *, token: str | bool | None = None, echo: Call
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(output / "recipe.yaml")
+    with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
+        check_same_recipe(output / "recipe.yaml", config)
+        config.save_yaml(output / "recipe.yaml")
+        return _run_stages(config, output, token, echo)
 
+
+# A changed value of these keeps every finished run valid; any other change is another recipe.
+REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output"})
+
+
+def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
+    """Refuse an output folder that holds another recipe's runs (mixing them would mislead)."""
+    if not saved.exists():
+        return
+    previous = RecipeConfig.load_yaml(saved).to_dict()
+    changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v and k not in REUSABLE_CHANGES)
+    if changed:
+        raise RecipeError(
+            f"{saved.parent} holds the runs of another recipe (differs in: {', '.join(changed)}); "
+            "use another --output, or replay it with --config " + str(saved)
+        )
+
+
+def _run_stages(config: RecipeConfig, output: Path, token, echo) -> dict:
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
     aux = [resolve_model(source, token=token) for source in config.aux] if config.strategy == "ratatouille" else []
