@@ -45,6 +45,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, help=help_text, **kwargs)
 
 
+def _add_push_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("publishing")
+    group.add_argument("--push-to-hub", metavar="ID", help="push the result to this Hub repo (namespace/name) in one commit")
+    group.add_argument("--private", action="store_true", help="create the repo private")
+    group.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
+    _add_token_flag(group)
+
+
+def _add_token_flag(parser) -> None:
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login); never written anywhere")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ratatouille-hub",
@@ -62,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recycle.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
     _add_config_flags(recycle)
+    _add_push_flags(recycle)
 
     merge = commands.add_parser(
         "merge", help="average compatible checkpoints without training",
@@ -73,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", choices=("uniform", "weighted"), default="uniform",
                        help="uniform mean, or weighted by --weights (normalised to sum to 1)")
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per model, with --method weighted")
+    _add_push_flags(merge)
+
+    discover = commands.add_parser(
+        "discover", help="list fine-tunes of a base on the Hub and whether they can be recycled",
+        description="Find fine-tunes of --base on the Hub (tag base_model:finetune:<base>, most downloaded first) "
+        "and vet each from its metadata and safetensors headers alone, before any weight is downloaded: "
+        "same backbone tensors (names, shapes, dtypes), safetensors weights, no remote code, and no "
+        "training on the target dataset (leakage).",
+    )
+    discover.add_argument("--base", required=True, help="base model Hub id")
+    discover.add_argument("--target", help="target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused")
+    discover.add_argument("--limit", type=int, default=20, help="how many fine-tunes to examine (default: 20)")
+    _add_token_flag(discover)
+
+    push = commands.add_parser(
+        "push", help="push a soup folder to the Hub in one commit",
+        description="Push a soup folder (weights, config, processor, card, recipe.yaml, results.json) in one "
+        "commit. The card is validated first; rerunning a finished push makes no new commit.",
+    )
+    push.add_argument("folder", type=Path, help="the soup folder (e.g. out/soup)")
+    push.add_argument("repo_id", metavar="ID", help="namespace/name of the Hub repo")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing; default main)")
+    _add_token_flag(push)
 
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on a built-in toy world (offline, about 2 minutes)",
@@ -103,11 +140,27 @@ def run_recycle(args) -> None:
     from .recipe import recycle
 
     config = config_from_args(args)
-    results = recycle(config)
+    results = recycle(config, token=args.token)
     print()
     for row in results["summary"]:
         print(f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%")
     print(f"\nsoup: {Path(config.output) / 'soup'}")
+    _push_if_asked(args, Path(config.output) / "soup")
+
+
+def _push_if_asked(args, folder: Path) -> None:
+    if args.push_to_hub:
+        _push(folder, args.push_to_hub, args)
+
+
+def _push(folder: Path, repo_id: str, args) -> None:
+    from .publish import push_folder
+
+    result = push_folder(folder, repo_id, private=args.private, revision=args.revision, token=args.token)
+    if result.changed:
+        print(f"pushed {folder} to {result.url}")
+    else:
+        print(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
 
 
 def run_merge(args) -> None:
@@ -124,12 +177,34 @@ def run_merge(args) -> None:
     with staged_folder(args.output) as staging:
         merge_model_folders(args.models, staging, weights=weights)
     print(f"merged {len(args.models)} models into {args.output}")
+    _push_if_asked(args, args.output)
 
 
 def run_demo(args) -> None:
-    from .demo import run_demo as demo
+    import os
 
-    demo(args.output)
+    from .hub_server import LocalHub, hub_environment
+
+    with LocalHub(args.output / "hub") as hub:
+        print(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
+        # Before any HF library is imported: they read these once, at import time.
+        os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
+        os.environ.pop("HF_TOKEN", None)
+        from .demo import run_demo as demo
+
+        demo(args.output, hub)
+
+
+def run_discover(args) -> None:
+    from .discover import discover_finetunes, format_candidates
+    from .fetch import resolve_dataset
+
+    target = resolve_dataset(args.target)[0] if args.target else None
+    print(format_candidates(discover_finetunes(args.base, target=target, limit=args.limit, token=args.token)))
+
+
+def run_push(args) -> None:
+    _push(args.folder, args.repo_id, args)
 
 
 def run_local_hub(args) -> None:
@@ -138,7 +213,14 @@ def run_local_hub(args) -> None:
     serve(args.root, args.port, token=args.require_token)
 
 
-COMMANDS = {"recycle": run_recycle, "merge": run_merge, "demo": run_demo, "local-hub": run_local_hub}
+COMMANDS = {
+    "recycle": run_recycle,
+    "merge": run_merge,
+    "discover": run_discover,
+    "push": run_push,
+    "demo": run_demo,
+    "local-hub": run_local_hub,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,12 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as error:  # our errors subclass ValueError; I/O errors name the file
-        if args.debug:
+    except Exception as error:
+        if args.debug or not _is_user_facing(error):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_first_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_user_facing(error: Exception) -> bool:
+    """Our errors (ValueError subclasses), I/O errors that name their file, and network failures."""
+    if isinstance(error, (ValueError, OSError)):
+        return True
+    return type(error).__module__.split(".")[0] in ("httpx2", "httpx", "huggingface_hub")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ class RecipeConfig:
     base: str = _opt("", "base model: a Hub id or a local transformers model folder", required=True)
     target: str = _opt("", "target dataset: a Hub id, a local datasets folder or a parquet file", required=True)
     test_domain: str | None = _opt(None, "held-out domain (default: the first domain in sorted order)")
-    aux: tuple[str, ...] = _opt((), "auxiliary fine-tunes of the base to recycle (Hub ids or folders)")
+    aux: tuple[str, ...] = _opt(
+        (), "auxiliary fine-tunes to recycle (Hub ids, id@sha, or folders); default: discovered on the Hub"
+    )
+    aux_limit: int = _opt(16, "with no --aux: how many discovered fine-tunes of the base to consider")
     domain_column: str = _opt("domain", "dataset column holding the domain name")
     label_column: str = _opt("label", "dataset column holding the class label")
     image_column: str = _opt("image", "dataset column holding the image")
@@ -74,7 +77,7 @@ class RecipeConfig:
             problems.append("base is required")
         if not self.target:
             problems.append("target is required")
-        for name in ("runs", "steps", "eval_every", "lp_steps", "batch_size"):
+        for name in ("runs", "steps", "eval_every", "lp_steps", "batch_size", "aux_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.warmup_steps < 0:

@@ -21,6 +21,9 @@ from .io import atomic_write_text
 from .train import DomainBatches, make_accelerator, optimize
 
 BASE_ID = "toy-world/resnet-tiny"
+TARGET_ID = "toy-world/shapes"
+SOUP_ID = "demo/ratatouille-soup"
+AUX_TASKS = ("stripes", "dots", "polygons")
 IMAGE_SIZE = 32
 
 
@@ -28,10 +31,10 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
     """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present."""
     from . import toyworld
 
-    paths = {"base": root / BASE_ID, "target": root / "datasets" / "toy-world" / "shapes"}
+    paths = {"base": root / BASE_ID, "target": root / "datasets" / TARGET_ID}
     aux_tasks = toyworld.aux_datasets(size=IMAGE_SIZE, seed=seed)
     for task in aux_tasks:
-        paths[task] = root / f"community-{task}" / f"resnet-tiny-{task}"
+        paths[task] = root / aux_id(task)
     accelerator = make_accelerator("no")
     if not (paths["base"] / "model.safetensors").exists():
         echo("[world] pretraining the base on generated digits")
@@ -53,23 +56,43 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
     return paths
 
 
-def run_demo(output: Path, echo: Callable[[str], None] = print) -> list[dict]:
-    """Build the world, recycle it both ways, print the comparison, check the soup loads like any model."""
+def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dict]:
+    """Build the world, publish it on the local Hub, recycle it both ways through the Hub clients,
+    print the comparison, push the soup and load it back from the Hub like any model.
+
+    The HF clients must already point at `hub` (see `hub_server.hub_environment`): the world's
+    checkpoints and dataset are seeded there, so discovery, pinned fetch and push are all real.
+    """
     from .models import quiet_transformers
+    from .publish import push_folder
     from .recipe import recycle
 
     quiet_transformers()
     paths = build_world(output / "world", echo)
+    publish_world(hub, paths)
     results = {}
     for strategy in ("soup", "ratatouille"):
         echo(f"\n== {strategy}: {'every run from the base' if strategy == 'soup' else 'runs from recycled fine-tunes'}")
-        results[strategy] = recycle(demo_config(paths, output, strategy), echo=echo)
+        results[strategy] = recycle(demo_config(output, strategy), echo=echo)
     rows = comparison_rows(results["soup"], results["ratatouille"])
     echo("\n" + format_table(rows, results["ratatouille"]["test_domain"]))
     soup = output / "ratatouille" / "soup"
-    echo(f"\nsoup written to {soup}")
-    echo(check_loads(soup, paths["target"], results["ratatouille"]))
+    pushed = push_folder(soup, SOUP_ID)
+    echo(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
+    echo(check_loads(SOUP_ID, results["ratatouille"]))
     return rows
+
+
+def publish_world(hub, paths: dict[str, Path]) -> None:
+    """Seed the local Hub with the world, as if its authors had pushed it."""
+    hub.seed_model(BASE_ID, paths["base"], downloads=100)
+    for downloads, task in enumerate(AUX_TASKS, start=10):
+        hub.seed_model(aux_id(task), paths[task], downloads=downloads)
+    hub.seed_dataset(TARGET_ID, paths["target"])
+
+
+def aux_id(task: str) -> str:
+    return f"community-{task}/resnet-tiny-{task}"
 
 
 def comparison_rows(soups: dict, ratatouille: dict) -> list[dict]:
@@ -104,31 +127,33 @@ def format_table(rows: list[dict], test_domain: str) -> str:
     return "\n".join(lines)
 
 
-def check_loads(soup: Path, target: Path, results: dict) -> str:
-    """The soup is a plain transformers model: AutoModel and pipeline load it offline."""
+def check_loads(repo_id: str, results: dict) -> str:
+    """The soup is a plain transformers model: AutoModel and pipeline load it from the Hub."""
     from transformers import AutoModelForImageClassification, pipeline
 
     from .data import load_target
 
-    model = AutoModelForImageClassification.from_pretrained(str(soup))
-    classify = pipeline("image-classification", model=str(soup))
-    dataset = load_target(str(target))
+    model = AutoModelForImageClassification.from_pretrained(repo_id)
+    classify = pipeline("image-classification", model=repo_id)
+    dataset = load_target(TARGET_ID)
     row = dataset.filter(lambda d: d == results["test_domain"], input_columns="domain")[0]
     top = classify(row["image"], top_k=1)[0]
     truth = model.config.id2label[row["label"]]
     return (
-        f"AutoModelForImageClassification and pipeline load the soup ({type(model).__name__}); "
+        f"AutoModelForImageClassification and pipeline load {repo_id} from the Hub ({type(model).__name__}); "
         f"first {results['test_domain']} image: predicted {top['label']} ({top['score']:.2f}), true {truth}"
     )
 
 
-def demo_config(paths: dict[str, Path], output: Path, strategy: str) -> RecipeConfig:
-    """The demo's recipe: METHOD.md's structure at toy scale (fewer, shorter runs; larger lr)."""
+def demo_config(output: Path, strategy: str) -> RecipeConfig:
+    """The demo's recipe: METHOD.md's structure at toy scale (fewer, shorter runs; larger lr).
+
+    No --aux: the recycled checkpoints are discovered on the (local) Hub as fine-tunes of the base.
+    """
     return RecipeConfig(
-        base=str(paths["base"]),
-        target=str(paths["target"]),
+        base=BASE_ID,
+        target=TARGET_ID,
         test_domain="sketch",
-        aux=tuple(str(paths[task]) for task in ("stripes", "dots", "polygons")),
         strategy=strategy,
         runs=8,
         steps=300,

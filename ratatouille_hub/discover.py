@@ -10,7 +10,7 @@ weight formats, config.json (a few kB), then the safetensors headers (ranged rea
 Weights are never downloaded here, no pickle is ever loaded and no code from the Hub is ever run.
 
 Which tensors form the head is read from the base's architecture, not guessed from names: the base
-model is built from its config.json on the meta device (no weights, no memory, no remote code) and
+model is built from its config.json with empty weights (meta device: no memory, no remote code) and
 `models.head_parameter_names` names the final linear layer's weight and bias, as the recipe does.
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 TensorSignature = tuple[str, tuple[int, ...]]  # (dtype, shape)
 
@@ -91,26 +91,29 @@ def hub_signature(api, repo_id: str, revision: str) -> dict[str, TensorSignature
 
 def head_names_of(config_file: Path) -> set[str]:
     """The head's tensor names for the architecture in `config_file`, from a weightless meta model."""
-    import torch
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageClassification
 
     from .models import head_parameter_names
 
     config = AutoConfig.from_pretrained(str(Path(config_file).parent), trust_remote_code=False)
-    with torch.device("meta"):
+    with init_empty_weights():  # parameters on the meta device; buffers stay real, as some inits need
         model = AutoModelForImageClassification.from_config(config, trust_remote_code=False)
     return head_parameter_names(model)
 
 
 @dataclass(frozen=True)
 class _Base:
-    repo_id: str
+    """What every candidate is compared with: the base at one commit."""
+
     model_type: str | None
     signature: dict[str, TensorSignature]
     head_names: set[str]
 
 
-def discover_finetunes(base: str, *, target: str | None = None, limit: int = 20, token=None) -> list[Candidate]:
+def discover_finetunes(
+    base: str, *, target: str | None = None, limit: int = 20, token: str | bool | None = None
+) -> list[Candidate]:
     """The `limit` most-downloaded fine-tunes of the Hub model `base`, each accepted or refused with a reason.
 
     `target` (a Hub id, an alias or a local path of the target dataset) refuses fine-tunes whose card
@@ -135,7 +138,9 @@ def format_candidates(candidates: list[Candidate]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
-        cells = [cell.rjust(w) if i == 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        cells = [
+            cell.rjust(w) if i == 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
         lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines)
 
@@ -158,7 +163,7 @@ def _vet_base(api, base: str) -> _Base:
     except (ArchitectureError, ValueError) as error:  # transformers: unknown model_type; models: no linear head
         raise DiscoverError(f"base {base}: {_first_line(error)}") from None
     model_type = json.loads(config_file.read_text()).get("model_type")
-    return _Base(base, model_type, signature, head_names)
+    return _Base(model_type, signature, head_names)
 
 
 def _vet(api, base: _Base, listed, target: str | None) -> Candidate:
@@ -171,7 +176,7 @@ def _vet(api, base: _Base, listed, target: str | None) -> Candidate:
         info = api.model_info(listed.id, files_metadata=True)
         reason = _refusal(api, base, info, [*tags, *(info.tags or [])], target)
     except HfHubHTTPError as error:
-        return Candidate(listed.id, getattr(listed, "sha", None) or "", downloads, False, f"unreadable: {_first_line(error)}")
+        return Candidate(listed.id, listed.sha or "", downloads, False, f"unreadable: {_first_line(error)}")
     except NotASafetensorsRepoError:
         reason = "safetensors files but no model.safetensors or model.safetensors.index.json"
     except SafetensorsParsingError as error:
@@ -221,22 +226,13 @@ def _lists_dataset(info, tags: list[str], target: str) -> str | None:
     listed = card.get("datasets") or []
     listed = [listed] if isinstance(listed, str) else list(listed)
     listed += [tag.removeprefix("dataset:") for tag in tags if tag.startswith("dataset:")]
-    wanted = _dataset_key(_target_repo(target))
+    wanted = _dataset_key(target)
     return next((str(name) for name in listed if _dataset_key(str(name)) == wanted), None)
 
 
-def _target_repo(target: str) -> str:
-    """An alias (PACS, OfficeHome) stands for its Hub copy; anything else is compared as it is."""
-    from .fetch import FetchError, resolve_dataset
-
-    try:
-        return resolve_dataset(target)[0]
-    except FetchError:  # a benchmark with no known Hub copy still names the dataset
-        return target
-
-
 def _dataset_key(name: str) -> str:
-    """`flwrlabs/office-home`, `Office_Home` and `officehome` all name one dataset."""
+    """`flwrlabs/office-home`, `someone/Office_Home`, the alias `OfficeHome` and a local folder
+    `./officehome` all name one dataset: a fine-tune on any copy of the target leaks."""
     return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
 
 

@@ -679,3 +679,14 @@ def _tree_listing(files: dict[str, FileEntry], folder: str, recursive: bool) -> 
         if recursive or len(parts) == 1:
             listing.append(_file_json(path, entry))
     return listing
+
+
+def hub_environment(hub_url: str, home: Path) -> dict[str, str]:
+    """Environment that points the unmodified HF clients at the local Hub (read once at import time)."""
+    return {
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_DISABLE_XET": "1",  # the local Hub speaks git-LFS, not Xet
+        "HF_HOME": str(home),  # its own cache and no saved login: nothing of the user's leaks in
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+    }

@@ -33,9 +33,9 @@ from .data import (
     resolution_of,
     split_domains,
 )
-from .discover import backbone_mismatch, local_signature
+from .discover import backbone_mismatch, discover_finetunes, format_candidates, local_signature
 from .evaluation import accuracy, ensemble_probabilities, predict_logits
-from .fetch import Ingredient, resolve_model
+from .fetch import Ingredient, resolve_dataset, resolve_model
 from .io import atomic_write_json, exclusive_lock, staged_folder
 from .merge import average_state_dicts, greedy_select, merge_model_folders
 from .models import head_linear, head_parameter_names, load_classifier, load_processor, quiet_transformers, set_head
@@ -122,7 +122,7 @@ def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
 def _run_stages(config: RecipeConfig, output: Path, token, echo) -> dict:
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
-    aux = [resolve_model(source, token=token) for source in config.aux] if config.strategy == "ratatouille" else []
+    aux = [resolve_model(*_pinned(source), token=token) for source in recycled_sources(config, token, echo)]
     for ingredient in aux:
         echo(f"[fetch] recycled {ingredient.reference}")
 
@@ -143,7 +143,30 @@ def _run_stages(config: RecipeConfig, output: Path, token, echo) -> dict:
     return make_soup(config, base, runs, target, output / "soup", echo)
 
 
+def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
+    """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha."""
+    if config.strategy != "ratatouille":
+        return []
+    if config.aux or not is_hub_id(config.base):
+        return list(config.aux)
+    echo(f"[discover] fine-tunes of {config.base} on the Hub")
+    target_id, _, _ = resolve_dataset(config.target, config.domain_column, config.label_column)
+    candidates = discover_finetunes(config.base, target=target_id, limit=config.aux_limit, token=token)
+    echo(format_candidates(candidates))
+    return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted]
+
+
+def _pinned(source: str) -> tuple[str, str | None]:
+    """`org/name@sha` -> (org/name, sha); folders and plain ids -> (source, None)."""
+    name, at, revision = source.partition("@")
+    if at and is_hub_id(name) and not Path(source).exists():
+        return name, revision
+    return source, None
+
+
 def prepare_target(config: RecipeConfig, base: Ingredient) -> Target:
+    target_id, domain_column, label_column = resolve_dataset(config.target, config.domain_column, config.label_column)
+    config = config.replace(target=target_id, domain_column=domain_column, label_column=label_column)
     dataset = load_target(config.target)
     if config.image_column not in dataset.column_names:
         raise DataError(f"target dataset has no column {config.image_column!r} (columns: {', '.join(dataset.column_names)})")

@@ -60,3 +60,61 @@ def new_hub_namespace(local_hub):
 def hub_namespace(new_hub_namespace) -> str:
     """A namespace of this test's own, so it can create `f"{hub_namespace}/name"` repos freely."""
     return new_hub_namespace()
+
+
+# -- tiny checkpoints for the recipe, training and CLI tests ------------------------------------------
+
+TINY_IMAGE_SIZE = 16
+
+
+def _labels(names):
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    """A tiny ResNet base (10 pretraining classes, ~6k parameters) and two community-style copies of it
+    with perturbed backbones (BatchNorm statistics included), other heads and their own integer buffers,
+    each a transformers folder with a 16 px Pillow image processor.
+    """
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessorPil
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    processor = ViTImageProcessorPil(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+    def make(names, seed):
+        torch.manual_seed(seed)
+        config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **_labels(names))
+        return ResNetForImageClassification(config)
+
+    base = make([f"digit-{i}" for i in range(10)], seed=0)
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                tensor.fill_(10)
+    folders = {"base": root / "base"}
+    base.save_pretrained(folders["base"])
+    processor.save_pretrained(folders["base"])
+    for k in (1, 2):
+        model = make([f"aux{k}-class-{i}" for i in range(3 + k)], seed=k)  # another head
+        generator = torch.Generator().manual_seed(100 + k)
+        backbone = {}
+        for name, tensor in base.state_dict().items():
+            if name.startswith("classifier."):
+                continue
+            if name.endswith("running_var"):
+                tensor = tensor * torch.exp(0.2 * torch.randn(tensor.shape, generator=generator))
+            elif tensor.is_floating_point():
+                tensor = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+            else:
+                tensor = torch.full_like(tensor, 100 * k)
+            backbone[name] = tensor
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        assert not unexpected and all(name.startswith("classifier.") for name in missing)
+        folders[f"aux{k}"] = root / f"aux{k}"
+        model.save_pretrained(folders[f"aux{k}"])
+        processor.save_pretrained(folders[f"aux{k}"])
+    return folders

@@ -1,0 +1,187 @@
+"""Publish: push a soup folder to the Hub as one commit, so the model, its card and its recipe
+arrive together and the card's `base_model` lineage makes the soup findable from its ingredients.
+
+Exactly the files that make the published model are sent (weights, configs, card, recipe, results),
+never run folders or caches. The card is validated by the Hub before anything is created or
+uploaded. Pushing the same folder twice makes no second commit: huggingface_hub skips files whose
+content the remote already has, and skips a commit left empty. Transient Hub answers (429, 5xx,
+network errors) are retried; that is safe for the same reason. Every failure becomes one HubError
+line that names the cause and never contains the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+SOUP_FILES = ("config.json", "preprocessor_config.json", "README.md", "recipe.yaml", "results.json")
+REQUIRED_FILES = ("config.json", "README.md")  # a soup without its card would lose its lineage
+USAGE_PLACEHOLDER = '"path/to/soup"'  # card.build_card's usage snippet when no repo id was known
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_WAITS_S = (2.0, 4.0, 8.0)
+
+
+class HubError(ValueError):
+    """A push that failed, in one line: what was being done, the Hub's status, and what to do."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    revision: str  # the branch pushed to
+    oid: str  # the branch head after the push
+    url: str  # the commit's page
+    changed: bool  # False when the remote already had these exact files: no commit was made
+
+
+def soup_files(folder: Path) -> list[str]:
+    """The files of `folder` that make the published model: weights (one file, or index + shards) first."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubError(f"{index}: not a safetensors index (no weight_map)") from None
+        weights = [WEIGHTS_INDEX_NAME, *shards]
+    else:
+        weights = [WEIGHTS_NAME]
+    missing = [name for name in (*weights, *REQUIRED_FILES) if not (folder / name).is_file()]
+    if missing:
+        raise HubError(f"soup folder {folder} has no {', '.join(missing)}")
+    return [*weights, *(name for name in SOUP_FILES if (folder / name).is_file())]
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Create `repo_id` if needed (an existing repo keeps its visibility) and the branch `revision`
+    (default main), then commit the soup's files in one commit.
+
+    The card's usage snippet placeholder is replaced by `repo_id` in the pushed copy only. The token
+    comes from `token`, else HF_TOKEN or the saved login (`token=False`: anonymous).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    if repo_id.count("/") != 1:
+        raise HubError(f"push to {repo_id} failed: the repo id must be namespace/name (e.g. me/pacs-soup)")
+    folder = Path(folder)
+    branch = revision or "main"
+    names = soup_files(folder)
+    card = (folder / "README.md").read_text(encoding="utf-8").replace(USAGE_PLACEHOLDER, f'"{repo_id}"')
+    api = HfApi(token=token)
+
+    def operations() -> list[CommitOperationAdd]:
+        """What upload_folder would build, except the card comes from memory; fresh objects per try."""
+        content = {"README.md": card.encode()}
+        return [CommitOperationAdd(name, content.get(name, folder / name)) for name in names]
+
+    secret = token if isinstance(token, str) else None if token is False else get_token()
+    with _one_line_errors(repo_id, secret):
+        _with_retries(lambda: _validate_card(card))
+        head = _with_retries(lambda: _prepare(api, repo_id, branch, private))
+        commit = _with_retries(
+            lambda: api.create_commit(
+                repo_id,
+                operations(),
+                commit_message=commit_message or "Upload Model Ratatouille soup (ratatouille-hub)",
+                revision=branch,
+            )
+        )
+    return PushResult(repo_id, branch, commit.oid, commit.commit_url, changed=commit.oid != head)
+
+
+def _prepare(api, repo_id: str, branch: str, private: bool) -> str:
+    """Make sure the repo and branch exist; returns the branch head before the push."""
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if branch != "main":
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    return api.model_info(repo_id, revision=branch).sha
+
+
+def _validate_card(card: str) -> None:
+    """The Hub's own metadata check (POST /api/validate-yaml), before the repo is even created."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(card).validate()
+    except (ValueError, yaml.YAMLError) as error:  # a 400 from the Hub, or YAML that does not parse
+        raise ValueError(f"the model card's metadata is invalid: {_card_problem(error)}") from None
+
+
+def _card_problem(error: Exception) -> str:
+    """The Hub answers `{"error": ...}`; a local YAML error is its own message."""
+    text = str(error)
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        text = json.loads(text)["error"]
+    return " ".join(text.split())
+
+
+def _with_retries(call):
+    """`call()`, tried again after each transient failure; safe because a repeated push is a no-op."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    for wait in (*RETRY_WAITS_S, None):
+        try:
+            return call()
+        except (HfHubHTTPError, httpx.TransportError) as error:
+            transient = not isinstance(error, HfHubHTTPError) or _status(error) in RETRY_STATUSES
+            if wait is None or not transient:
+                raise
+            time.sleep(wait)
+
+
+def _status(error) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+@contextlib.contextmanager
+def _one_line_errors(repo_id: str, secret: str | None):
+    """Turn the client's errors into one HubError line, with the token scrubbed from anything quoted."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    action = f"push to {repo_id}"
+
+    def scrub(text: str) -> str:
+        return " ".join((text.replace(secret, "***") if secret else text).split())
+
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = _status(error)
+        detail = scrub(error.server_message or str(error))
+        if status == 401:
+            problem = (
+                "not authorised (401): the token was refused — check HF_TOKEN or --token"
+                if secret
+                else "not authorised (401) — set HF_TOKEN or pass --token"
+            )
+        elif status == 403:
+            problem = f"forbidden (403) — the token cannot write to {repo_id.split('/')[0]}: use a write token"
+        elif status in RETRY_STATUSES:
+            problem = f"the Hub kept answering {status} after {len(RETRY_WAITS_S) + 1} tries — try again later"
+        else:
+            problem = f"{'not found (404)' if status == 404 else status}: {detail}"
+        raise HubError(f"{action} failed: {problem}") from None
+    except httpx.TransportError as error:
+        raise HubError(
+            f"{action} failed: cannot reach {constants.ENDPOINT} ({scrub(str(error)) or type(error).__name__})"
+        ) from None
+    except ValueError as error:  # the client's own checks, e.g. metadata refused at commit time
+        raise HubError(f"{action} failed: {scrub(str(error))}") from None

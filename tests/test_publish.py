@@ -1,0 +1,190 @@
+"""Pushing a soup folder through the local Hub with the unmodified clients: one commit, idempotent,
+findable from its ingredients, and one clear line (never the token) when the Hub says no."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
+from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+
+from ratatouille_hub import publish
+from ratatouille_hub.card import build_card
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.publish import HubError, push_folder, soup_files
+
+BASE, GOOD = "ratatouille-test/resnet-base", "ratatouille-test/resnet-good"
+COMMIT_TITLE = "Upload Model Ratatouille soup (ratatouille-hub)"
+
+
+def tiny_resnet(seed: int) -> ResNetForImageClassification:
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    return ResNetForImageClassification(config).eval()
+
+
+def write_soup(folder: Path, model, **save_options) -> Path:
+    """A soup folder as the recipe writes it: weights, configs, recipe.yaml, results.json, the rendered card."""
+    model.save_pretrained(folder, **save_options)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ConvNextImageProcessor"}))
+    config = RecipeConfig(base=BASE, target="flwrlabs/pacs", aux=(GOOD,), runs=2, steps=1, lp_steps=1)
+    config.save_yaml(folder / "recipe.yaml")
+    row = {"val_accuracy": 0.5, "test_accuracy": 0.25}
+    results = {
+        "recipe": config.to_dict(),
+        "test_domain": "sketch",
+        "train_domains": ["art_painting", "cartoon", "photo"],
+        "ingredients": [
+            {"source": BASE, "revision": "a" * 40, "is_hub": True},
+            {"source": GOOD, "revision": "b" * 40, "is_hub": True},
+        ],
+        "runs": [
+            {
+                "index": i,
+                "init": f"{src}@{rev * 40}",
+                "hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
+                "best_step": 1,
+                **row,
+            }
+            for i, (src, rev) in enumerate([(BASE, "a"), (GOOD, "b")])
+        ],  # fmt: skip
+        "soup": {"method": "uniform", "members": [0, 1], **row},
+        "summary": [{"name": "soup, uniform (2 runs) <- this model", **row}],
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    build_card(results).save(folder / "README.md")
+    (folder / "notes.txt").write_text("not part of the published model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def soup(tmp_path_factory) -> Path:
+    return write_soup(tmp_path_factory.mktemp("soup"), tiny_resnet(200))
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    monkeypatch.setattr(publish, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+
+
+def commit_titles(local_hub, repo_id: str, branch: str = "main") -> list[str]:
+    repo = local_hub.store.get_repo("model", repo_id)
+    return [commit.title for commit in repo.history(repo.resolve(branch))]
+
+
+def test_push_round_trips_in_one_commit_and_is_findable_from_its_ingredients(local_hub, hub_namespace, soup):
+    repo_id = f"{hub_namespace}/pacs-soup"
+    pushed = push_folder(soup, repo_id)
+    assert pushed.changed and pushed.revision == "main" and pushed.url.endswith(f"/{repo_id}/commit/{pushed.oid}")
+    assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
+    files = {s.rfilename for s in HfApi().model_info(repo_id).siblings}
+    assert files == {".gitattributes", "model.safetensors", "config.json", "preprocessor_config.json",
+                     "README.md", "recipe.yaml", "results.json"}  # fmt: skip
+
+    card = Path(hf_hub_download(repo_id, "README.md")).read_text()
+    assert f'model="{repo_id}"' in card and "path/to/soup" not in card
+    assert "path/to/soup" in (soup / "README.md").read_text()  # the local card is left as it was
+
+    loaded = AutoModelForImageClassification.from_pretrained(repo_id).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, tiny_resnet(200)(pixel_values=pixels).logits)
+    assert repo_id in {m.id for m in HfApi().list_models(filter=f"base_model:merge:{GOOD}")}
+
+    again = push_folder(soup, repo_id)
+    assert (again.changed, again.oid) == (False, pushed.oid)
+    assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
+
+
+def test_push_to_a_new_branch_leaves_main_alone(local_hub, hub_namespace, soup):
+    repo_id = f"{hub_namespace}/soup"
+    pushed = push_folder(soup, repo_id, revision="pacs-sketch", commit_message="Soup for sketch")
+    assert commit_titles(local_hub, repo_id, "pacs-sketch") == ["Soup for sketch", "initial commit"]
+    assert commit_titles(local_hub, repo_id) == ["initial commit"]
+    assert HfApi().model_info(repo_id, revision="pacs-sketch").sha == pushed.oid
+
+
+def test_a_sharded_soup_pushes_index_and_shards(hub_namespace, tmp_path):
+    folder = write_soup(tmp_path, tiny_resnet(201), max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert soup_files(folder) == ["model.safetensors.index.json", *shards, "config.json", "preprocessor_config.json",
+                                  "README.md", "recipe.yaml", "results.json"]  # fmt: skip
+    repo_id = f"{hub_namespace}/sharded-soup"
+    push_folder(folder, repo_id)
+    loaded = AutoModelForImageClassification.from_pretrained(repo_id).eval()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, tiny_resnet(201)(pixel_values=pixels).logits)
+
+
+def test_a_hub_that_needs_a_token_gets_one_line_without_the_token(local_hub, hub_namespace, soup, monkeypatch):
+    monkeypatch.setattr(local_hub, "token", "hf_local_secret")
+    repo_id = f"{hub_namespace}/private-soup"
+    with pytest.raises(HubError) as anonymous:
+        push_folder(soup, repo_id)
+    assert str(anonymous.value) == f"push to {repo_id} failed: not authorised (401) — set HF_TOKEN or pass --token"
+    with pytest.raises(HubError) as wrong:
+        push_folder(soup, repo_id, token="hf_wrong_secret")
+    assert str(wrong.value) == (
+        f"push to {repo_id} failed: not authorised (401): the token was refused — check HF_TOKEN or --token"
+    )
+    assert push_folder(soup, repo_id, token="hf_local_secret", private=True).changed
+    assert HfApi(token="hf_local_secret").model_info(repo_id).private
+    assert not Path(constants.HF_TOKEN_PATH).exists()  # the token was used, never saved
+
+
+@pytest.mark.parametrize(
+    ("route", "status"), [("preupload", 429), ("preupload", 500), ("commit", 429), ("commit", 500)]
+)
+def test_transient_hub_errors_are_retried_without_a_duplicate_commit(
+    local_hub, hub_namespace, soup, no_retry_wait, route, status
+):
+    repo_id = f"{hub_namespace}/flaky-soup"
+    local_hub.inject_failures(f"^/api/models/{repo_id}/{route}/", [status], method="POST")
+    assert push_folder(soup, repo_id).changed
+    answers = [r.status for r in local_hub.requests if r.path.startswith(f"/api/models/{repo_id}/{route}/")]
+    assert answers == [status, 200]
+    assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
+
+
+def test_a_hub_that_keeps_failing_gives_up_with_one_line(local_hub, hub_namespace, soup, no_retry_wait):
+    repo_id = f"{hub_namespace}/down-soup"
+    local_hub.inject_failures(f"^/api/models/{repo_id}/commit/", [503] * 4)
+    with pytest.raises(HubError) as gave_up:
+        push_folder(soup, repo_id)
+    assert str(gave_up.value) == f"push to {repo_id} failed: the Hub kept answering 503 after 4 tries — try again later"
+
+
+def test_a_forbidden_namespace_is_not_retried(local_hub, hub_namespace, soup):
+    repo_id = f"{hub_namespace}/soup"
+    local_hub.inject_failures("^/api/repos/create$", [403])
+    with pytest.raises(HubError) as forbidden:
+        push_folder(soup, repo_id)
+    assert str(forbidden.value) == (
+        f"push to {repo_id} failed: forbidden (403) — the token cannot write to {hub_namespace}: use a write token"
+    )
+
+
+def test_an_invalid_card_stops_the_push_before_the_repo_exists(local_hub, hub_namespace, tmp_path):
+    folder = write_soup(tmp_path, tiny_resnet(200))
+    (folder / "README.md").write_text("---\nbase_model: [unclosed\n---\n# soup\n")
+    repo_id = f"{hub_namespace}/bad-card-soup"
+    with pytest.raises(HubError, match=f"^push to {repo_id} failed: the model card's metadata is invalid: "):
+        push_folder(folder, repo_id)
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info(repo_id)
+
+
+def test_an_incomplete_folder_or_bad_repo_id_fails_before_any_request(local_hub, hub_namespace, tmp_path):
+    folder = write_soup(tmp_path, tiny_resnet(200))
+    (folder / "config.json").unlink()
+    before = len(local_hub.requests)
+    with pytest.raises(HubError, match=f"^soup folder {folder} has no config.json$"):
+        push_folder(folder, f"{hub_namespace}/soup")
+    with pytest.raises(HubError, match="must be namespace/name"):
+        push_folder(folder, "soup")
+    assert len(local_hub.requests) == before
