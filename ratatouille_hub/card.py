@@ -8,6 +8,7 @@ escaped before it reaches the card.
 from __future__ import annotations
 
 import re
+import unicodedata
 from importlib import resources
 from pathlib import Path
 
@@ -26,7 +27,12 @@ def template_path() -> Path:
 
 
 def is_hub_id(reference: str) -> bool:
-    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
+    return bool(_HUB_ID.fullmatch(reference)) and not Path(reference).exists()  # fullmatch: no trailing newline
+
+
+def plain_text(text: object) -> str:
+    """One line of printable text for a front-matter value: line breaks and control characters become spaces."""
+    return "".join(" " if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in str(text))
 
 
 def markdown_cell(text: object) -> str:
@@ -60,10 +66,10 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
             EvalResult(
                 task_type="image-classification",
                 dataset_type=target if is_hub_id(target) else "local",
-                dataset_name=f"{Path(target).name} (held-out domain {test_domain})",
-                dataset_split=test_domain,
+                dataset_name=plain_text(f"{Path(target).name} (held-out domain {test_domain})"),
+                dataset_split=plain_text(test_domain),
                 metric_type="accuracy",
-                metric_name=f"held-out domain accuracy ({test_domain})",
+                metric_name=plain_text(f"held-out domain accuracy ({test_domain})"),
                 metric_value=round(soup["test_accuracy"], 4),
             )
         ],
@@ -92,7 +98,7 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         if strategy == "ratatouille"
         else "all starting from the base"
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         data,
         template_path=str(template_path()),
         model_name=markdown_cell(model_name),
@@ -115,3 +121,6 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         bn_policy=recipe["bn_policy"],
         figure=figure,
     )
+    if card.data.to_dict() != data.to_dict():  # the front matter must read back exactly as we wrote it
+        raise ValueError("the model card's front matter does not read back as written: refusing to save it")
+    return card

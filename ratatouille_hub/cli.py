@@ -163,6 +163,26 @@ def _push(folder: Path, repo_id: str, args) -> None:
         print(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
 
 
+# What a previous `merge` writes: an output holding only these may be replaced by a new merge.
+MERGE_OUTPUT_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def check_merge_output(output: Path, inputs: list[Path]) -> None:
+    """The output is replaced whole, so it must be new, empty or an earlier merge; never an input."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a folder")
+    resolved = output.resolve()
+    for model in inputs:
+        if resolved == model.resolve() or resolved in model.resolve().parents:
+            raise ValueError(f"output {output} is (or contains) the input {model}; choose another folder")
+    if output.is_dir():
+        foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in MERGE_OUTPUT_FILES)
+        if foreign:
+            raise ValueError(
+                f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
+            )
+
+
 def run_merge(args) -> None:
     from .io import staged_folder
     from .merge import merge_model_folders, normalize_weights
@@ -172,8 +192,7 @@ def run_merge(args) -> None:
     if args.method == "uniform" and args.weights:
         raise ValueError("--weights goes with --method weighted")
     weights = normalize_weights(args.weights, len(args.models)) if args.weights else None
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"output {args.output} exists and is not a folder")
+    check_merge_output(args.output, args.models)
     with staged_folder(args.output) as staging:
         merge_model_folders(args.models, staging, weights=weights)
     print(f"merged {len(args.models)} models into {args.output}")

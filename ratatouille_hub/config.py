@@ -41,7 +41,8 @@ class RecipeConfig:
     image_column: str = _opt("image", "dataset column holding the image")
     strategy: str = _opt(
         "ratatouille",
-        "ratatouille: run i starts from [base, *aux][i mod (1 + len(aux))]; soup: every run starts from the base",
+        "ratatouille: run 0 starts from the base, runs 1..len(aux) from one recycled fine-tune each, "
+        "the rest from the base (METHOD.md: 4 + 16); soup: every run starts from the base",
         choices=("ratatouille", "soup"),
     )
     method: str = _opt("uniform", "how the soup averages the runs", choices=("uniform", "greedy"))
@@ -68,7 +69,7 @@ class RecipeConfig:
         choices=("average", "reestimate"),
     )
     precision: str = _opt("auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16"))
-    seed: int = _opt(0, "trial seed: data split and per-run hyperparameters")
+    seed: int = _opt(0, "trial seed: data split, and each run's initialisation, batches and augmentation")
     output: str = _opt("ratatouille-output", "folder for runs and the soup")
 
     def __post_init__(self) -> None:
@@ -80,6 +81,16 @@ class RecipeConfig:
         for name in ("runs", "steps", "eval_every", "lp_steps", "batch_size", "aux_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("lr", "lp_lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        for name in ("lr_choices",):
+            if any(not v > 0 for v in getattr(self, name)):
+                problems.append(f"{name} must all be > 0 (got {list(getattr(self, name))})")
+        if self.weight_decay < 0 or any(v < 0 for v in self.weight_decay_choices):
+            problems.append("weight decays must be >= 0")
+        if not all(0 <= v < 1 for v in (self.dropout, *self.dropout_choices)):
+            problems.append("dropouts must be in [0, 1)")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not 0.0 < self.holdout_fraction < 1.0:

@@ -41,7 +41,7 @@ class TargetSplits:
         return dict(enumerate(self.label_names))
 
 
-def load_target(source: str, revision: str | None = None):
+def load_target(source: str, revision: str | None = None, token: str | bool | None = None):
     """A `datasets.Dataset` from a local folder, a parquet file or a Hub dataset id (all splits joined)."""
     import datasets
 
@@ -51,7 +51,14 @@ def load_target(source: str, revision: str | None = None):
     elif path.is_dir() and (path / "dataset_info.json").exists():
         loaded = datasets.load_from_disk(str(path))
     else:
-        loaded = datasets.load_dataset(str(source), revision=revision)
+        try:
+            loaded = datasets.load_dataset(str(source), revision=revision, token=token)
+        except RuntimeError as error:  # datasets refuses loading scripts; say so in our words, naming the repo
+            if "script" not in str(error).lower():
+                raise
+            raise DataError(
+                f"{source}: holds a dataset loading script ({error}); code from a dataset repo is never run"
+            ) from None
     if isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
     return loaded
@@ -87,13 +94,22 @@ def split_domains(
     for column in (domain_column, label_column):
         if column not in dataset.column_names:
             raise DataError(f"target dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
-    domains_of_rows = [str(d) for d in dataset[domain_column]]
+    domains_of_rows = _domain_names(dataset, domain_column)
+    empty = [row for row, domain in enumerate(domains_of_rows) if not domain.strip()]
+    if empty:
+        raise DataError(
+            f"target dataset: {len(empty)} row(s) have an empty {domain_column!r} (first: row {empty[0]}); "
+            "every image needs a domain"
+        )
     domains = sorted(set(domains_of_rows))
     if len(domains) < 2:
         raise DataError(f"leave-one-domain-out needs at least 2 domains, found {domains}")
     if test_domain is None:
         test_domain = domains[0]
     if test_domain not in domains:
+        declared = getattr(dataset.features[domain_column], "names", None) or ()
+        if test_domain in declared:
+            raise DataError(f"test domain {test_domain!r} has no images")
         raise DataError(f"unknown test domain {test_domain!r}; domains: {', '.join(domains)}")
     label_names = label_names_of(dataset, label_column)
     labels = label_ids_of(dataset, label_column, label_names)
@@ -116,6 +132,15 @@ def split_domains(
         val, train = rows[order[:n_val]], rows[order[n_val:]]
         train_domains.append(DomainSplit(domain, tuple(sorted(train.tolist())), tuple(sorted(val.tolist()))))
     return TargetSplits(label_names, tuple(train_domains), test_domain, tuple(rows_by_domain[test_domain]))
+
+
+def _domain_names(dataset, domain_column: str) -> list[str]:
+    """The domain of every row as text: a ClassLabel column by its names; a missing value is ''."""
+    names = getattr(dataset.features[domain_column], "names", None)
+    values = dataset[domain_column]
+    if names is not None:
+        return ["" if v is None else names[v] for v in values]
+    return ["" if v is None else str(v) for v in values]
 
 
 def _domain_seed(seed: int, domain: str) -> int:

@@ -84,11 +84,23 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
 
 
 def publish_world(hub, paths: dict[str, Path]) -> None:
-    """Seed the local Hub with the world, as if its authors had pushed it."""
-    hub.seed_model(BASE_ID, paths["base"], downloads=100)
+    """Seed the local Hub with the world, as if its authors had pushed it; once, so shas stay put
+    and a rerun of the demo reuses every finished run."""
+    from .hub_store import RepoNotFound
+
+    def seed(kind: str, repo_id: str, folder: Path, downloads: int = 0) -> None:
+        try:
+            hub.store.get_repo(kind, repo_id)
+        except RepoNotFound:
+            if kind == "model":
+                hub.seed_model(repo_id, folder, downloads=downloads)
+            else:
+                hub.seed_dataset(repo_id, folder)
+
+    seed("model", BASE_ID, paths["base"], downloads=100)
     for downloads, task in enumerate(AUX_TASKS, start=10):
-        hub.seed_model(aux_id(task), paths[task], downloads=downloads)
-    hub.seed_dataset(TARGET_ID, paths["target"])
+        seed("model", aux_id(task), paths[task], downloads=downloads)
+    seed("dataset", TARGET_ID, paths["target"])
 
 
 def aux_id(task: str) -> str:

@@ -147,7 +147,7 @@ def format_candidates(candidates: list[Candidate]) -> str:
 
 def _vet_base(api, base: str) -> _Base:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, RepositoryNotFoundError
 
     from .models import ArchitectureError
 
@@ -156,6 +156,8 @@ def _vet_base(api, base: str) -> _Base:
         config_file = Path(hf_hub_download(base, "config.json", revision=sha, token=api.token))
         signature = hub_signature(api, base, sha)
         head_names = head_names_of(config_file)
+    except RepositoryNotFoundError:
+        raise DiscoverError(f"base {base}: not found on the Hub (404), or private without a token") from None
     except HfHubHTTPError as error:
         raise DiscoverError(f"base {base}: {_first_line(error)}") from None
     except NotASafetensorsRepoError:

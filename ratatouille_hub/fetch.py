@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")  # `name` or `namespace/name`, whole string
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json", "README.md")
 
 
@@ -43,9 +44,17 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
         return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
     if folder.exists():
         raise FetchError(f"{source}: not a model folder")
+    if not _HUB_ID.fullmatch(source):
+        raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    info = HfApi(token=token).model_info(source, revision=revision)
+    try:
+        info = HfApi(token=token).model_info(source, revision=revision)
+    except RepositoryNotFoundError:
+        raise FetchError(
+            f"{source}: no such model folder, and no Hub model of that name is visible (a private one needs --token)"
+        ) from None
     path = Path(snapshot_download(source, revision=info.sha, allow_patterns=list(WEIGHT_PATTERNS), token=token))
     if not any(path.glob("*.safetensors")):
         raise FetchError(f"{source}@{info.sha}: no safetensors weights (pickle checkpoints are never loaded)")

@@ -27,6 +27,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 COPIED_CONFIGS = ("config.json", "preprocessor_config.json")
 CHECKED_CONFIG_KEYS = ("model_type", "id2label")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # refused by name, never opened
 MAX_RANK = 64  # more dimensions than torch supports: a corrupt header, not a model
 
 _ITEMSIZE = {
@@ -396,6 +397,9 @@ def _weight_files(folder: Path) -> list[str]:
         return [WEIGHTS_NAME]
     index = folder / WEIGHTS_INDEX_NAME
     if not index.is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise MergeError(f"{folder}: pickle weights only ({', '.join(pickles)}): never unpickled; use safetensors")
         raise MergeError(f"{folder}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} found")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -410,6 +414,11 @@ def _weight_files(folder: Path) -> list[str]:
 
 def _check_configs(folders: Sequence[Path]) -> None:
     configs = [_load_config(folder) for folder in folders]
+    for folder, config in zip(folders, configs):
+        if "auto_map" in config:  # the merged folder would point at code it does not carry; never run it either
+            raise MergeError(
+                f"{folder}: config.json asks for custom code (auto_map); only built-in architectures are merged"
+            )
     for folder, config in zip(folders[1:], configs[1:]):
         for key in CHECKED_CONFIG_KEYS:
             expected, actual = configs[0].get(key), config.get(key)

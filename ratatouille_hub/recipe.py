@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,12 +34,12 @@ from .data import (
     resolution_of,
     split_domains,
 )
-from .discover import backbone_mismatch, discover_finetunes, format_candidates, local_signature
+from .discover import discover_finetunes, format_candidates
 from .evaluation import accuracy, ensemble_probabilities, predict_logits
 from .fetch import Ingredient, resolve_dataset, resolve_model
 from .io import atomic_write_json, exclusive_lock, staged_folder
 from .merge import average_state_dicts, greedy_select, merge_model_folders
-from .models import head_linear, head_parameter_names, load_classifier, load_processor, quiet_transformers, set_head
+from .models import head_linear, load_classifier, load_processor, quiet_transformers, set_head
 from .train import (
     DomainBatches,
     LinearHead,
@@ -49,6 +50,7 @@ from .train import (
     reestimate_batchnorm,
     validation_accuracy,
 )
+from .vetting import vet_ingredients
 
 DONE = "done"
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -62,6 +64,7 @@ class RecipeError(ValueError):
 class Target:
     """The decoded target task: training domains (train/val) and the held-out test domain."""
 
+    reference: str  # id@sha for a Hub dataset, else the path
     data: TargetData
     test: ImageTensors
     train_domains: tuple[str, ...]
@@ -95,11 +98,19 @@ def recycle(config: RecipeConfig, *, token: str | bool | None = None, echo: Call
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
+    check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
+    return _run_stages(config, output, token, echo)
+
+
+@contextmanager
+def claimed_output(output: Path, config: RecipeConfig):
+    """Lock the output folder and save recipe.yaml in it. Taken only once every input has been checked,
+    so a command that fails on bad input leaves the output folder as it found it."""
     output.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
         check_same_recipe(output / "recipe.yaml", config)
         config.save_yaml(output / "recipe.yaml")
-        return _run_stages(config, output, token, echo)
+        yield
 
 
 # A changed value of these keeps every finished run valid; any other change is another recipe.
@@ -125,18 +136,24 @@ def _run_stages(config: RecipeConfig, output: Path, token, echo) -> dict:
     aux = [resolve_model(*_pinned(source), token=token) for source in recycled_sources(config, token, echo)]
     for ingredient in aux:
         echo(f"[fetch] recycled {ingredient.reference}")
+    check_ingredients(base, aux)
 
     echo(f"[data] {config.target}")
-    target = prepare_target(config, base)
-    echo(f"[data] train domains {', '.join(target.train_domains)}; held out: {target.test_domain}")
-    check_ingredients(base, aux, target.id2label)
+    target = prepare_target(config, base, token)
+    echo(f"[data] {target.reference}: train domains {', '.join(target.train_domains)}; held out: {target.test_domain}")
 
+    with claimed_output(output, config):  # every input checked: only now is anything written
+        return _train_and_merge(config, output, base, aux, target, echo)
+
+
+def _train_and_merge(
+    config: RecipeConfig, output: Path, base: Ingredient, aux: list[Ingredient], target: Target, echo
+) -> dict:
     accelerator = make_accelerator(config.precision)
     head, head_key = shared_linear_probe(config, base, target, accelerator, output / "lp", echo)
-    inits = [base, *aux]
     runs = []
     for index in range(config.runs):
-        init = inits[index % len(inits)]
+        init = aux[index - 1] if 1 <= index <= len(aux) else base
         runs.append(fine_tune(config, index, init, base, (head, head_key), target, accelerator, output / "runs", echo))
 
     echo("[merge] averaging runs")
@@ -156,6 +173,15 @@ def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
     return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted]
 
 
+def dataset_revision(target: str, token) -> str | None:
+    """The commit sha of a Hub dataset, so the data are read at one pinned revision (None: local)."""
+    if not is_hub_id(target):
+        return None
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).dataset_info(target).sha
+
+
 def _pinned(source: str) -> tuple[str, str | None]:
     """`org/name@sha` -> (org/name, sha); folders and plain ids -> (source, None)."""
     name, at, revision = source.partition("@")
@@ -164,10 +190,11 @@ def _pinned(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def prepare_target(config: RecipeConfig, base: Ingredient) -> Target:
+def prepare_target(config: RecipeConfig, base: Ingredient, token=None) -> Target:
     target_id, domain_column, label_column = resolve_dataset(config.target, config.domain_column, config.label_column)
     config = config.replace(target=target_id, domain_column=domain_column, label_column=label_column)
-    dataset = load_target(config.target)
+    revision = dataset_revision(target_id, token)
+    dataset = load_target(config.target, revision=revision, token=token)
     if config.image_column not in dataset.column_names:
         raise DataError(f"target dataset has no column {config.image_column!r} (columns: {', '.join(dataset.column_names)})")
     splits = split_domains(
@@ -203,6 +230,7 @@ def prepare_target(config: RecipeConfig, base: Ingredient) -> Target:
         }
     )
     return Target(
+        reference=f"{target_id}@{revision}" if revision else target_id,
         data=data,
         test=decode(splits.test),
         train_domains=tuple(d.domain for d in splits.train_domains),
@@ -212,15 +240,10 @@ def prepare_target(config: RecipeConfig, base: Ingredient) -> Target:
     )
 
 
-def check_ingredients(base: Ingredient, aux: list[Ingredient], id2label: dict[int, str]) -> None:
-    """Every recycled checkpoint must share the base's backbone exactly (names, shapes, dtypes)."""
-    model = load_classifier(base.path, id2label)
-    head_names = head_parameter_names(model)
-    base_signature = local_signature(base.path)
-    for ingredient in aux:
-        problem = backbone_mismatch(base_signature, local_signature(ingredient.path), head_names)
-        if problem:
-            raise RecipeError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
+def check_ingredients(base: Ingredient, aux: list[Ingredient], id2label: dict[int, str] | None = None) -> None:
+    """Every recycled checkpoint must be a fine-tune of the base (vetting.py): same architecture and backbone
+    tensors (names, shapes, dtypes), finite weights, near the base's; no custom code in any of them."""
+    vet_ingredients(base, aux)
 
 
 def shared_linear_probe(config, base: Ingredient, target: Target, accelerator, root: Path, echo) -> tuple[LinearHead, str]:
@@ -255,7 +278,7 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
     warmup = config.warmup_steps if recycled else 0
     key = stable_hash(
         {"init": init.revision, "head": head_key,
-         "data": target.fingerprint, "hparams": asdict(hparams), "seed": index, "steps": config.steps,
+         "data": target.fingerprint, "hparams": asdict(hparams), "seed": [config.seed, index], "steps": config.steps,
          "warmup": warmup, "eval_every": config.eval_every, "batch": config.batch_size, "augment": config.augment,
          "precision": config.precision}
     )
@@ -266,12 +289,14 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
         echo(f"[train] {label}: done earlier (from {init.source}), reused")
         return record
     echo(f"[train] {label} from {init.source}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}")
-    torch.manual_seed(stable_int(key))
+    # Randomness depends on (trial seed, run index) only, never on where the init was fetched from.
+    run_seed = f"{config.seed}:{index}"
+    torch.manual_seed(stable_int(run_seed + ":init"))
     model = load_classifier(init.path, target.id2label).to(accelerator.device)
     set_head(model, head.weight, head.bias)
-    batches = DomainBatches(target.data.train, config.batch_size, seed=stable_int(key + ":batches"))
+    batches = DomainBatches(target.data.train, config.batch_size, seed=stable_int(run_seed + ":batches"))
     data = target.data
-    augment_seed = stable_int(key + ":augment") if data.augment else None
+    augment_seed = stable_int(run_seed + ":augment") if data.augment else None
     common = dict(
         steps=0, lr=hparams.lr, weight_decay=hparams.weight_decay, accelerator=accelerator,
         normalize=data.normalize, augment_seed=augment_seed, dropout=hparams.dropout,
@@ -352,6 +377,7 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
         ingredients = [base] + sorted({r.init for r in runs if r.init.revision != base.revision}, key=lambda i: i.source)
         results = {
             "recipe": config.to_dict(),
+            "target": target.reference,
             "test_domain": target.test_domain,
             "train_domains": list(target.train_domains),
             "id2label": {str(k): v for k, v in target.id2label.items()},
@@ -361,7 +387,7 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
             ],
             "runs": [
                 {"index": run.index, "init": run.init.reference, "hparams": asdict(run.hparams),
-                 "best_step": run.metrics["best_step"], "folder": str(run.folder), **row}
+                 "best_step": run.metrics["best_step"], "folder": run.folder.relative_to(folder.parent).as_posix(), **row}
                 for run, row in zip(runs, run_rows)
             ],
             "soup": {"method": config.method, "members": members, **soup_row},

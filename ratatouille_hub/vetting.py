@@ -1,0 +1,150 @@
+"""Pre-flight checks of the checkpoints a recipe would average, before any data is decoded, any step is
+trained or anything is written.
+
+Every recycled checkpoint must descend from the base (METHOD.md): same architecture, same backbone
+tensors (names, shapes, dtypes), finite weights, and weights near the base's. Nothing here runs code from
+a checkpoint: configs are read as JSON, weights through safetensors headers and tensor reads, and a config
+that asks for custom code (`auto_map`) is refused outright.
+
+Distance to the base
+--------------------
+`distance_to_base` is the relative L2 distance ||w - w_base|| / ||w_base|| over the backbone's weight
+kernels: floating tensors with two or more dimensions (conv and linear weights), the head excluded.
+One-dimensional tensors are left out on purpose: BatchNorm scales and shifts, biases and running
+statistics start at the same constants (1 or 0) in every initialisation, so they make an unrelated model
+look close (an independently initialised toy-world ResNet measures 0.85 with them, 1.32 without), and
+community fine-tunes trained with BatchNorm in train mode move their running statistics a lot.
+
+The threshold is MAX_DISTANCE_TO_BASE = 1.0: a checkpoint farther from the base than the zero vector is
+refused. A model whose weights are uncorrelated with the base's measures sqrt(1 + (|w| / |w_base|)^2) > 1
+whatever its scale, while a fine-tune keeps most of its base. Measured (docs/errors.md has the table):
+fine-tunes of the toy world's base measure 0.11 to 0.42 (community fine-tunes 0.21 to 0.33, target runs
+started from them up to 0.42; lr 1e-3 Adam on an 80k-parameter net, likely more motion than a real
+fine-tune); independently initialised models of the same shapes measure 1.32 (toy-world ResNet) and 1.41
+(ResNet-50). Two models trained separately from the same random init measure 0.70 and pass: the check
+catches a different base, not every incompatible pair (a loss barrier between the two measures the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+
+from .discover import backbone_mismatch, head_names_of, local_signature
+from .fetch import Ingredient
+
+MAX_DISTANCE_TO_BASE = 1.0
+CODE_CONFIGS = ("config.json", "preprocessor_config.json")
+
+
+class IngredientError(ValueError):
+    """A checkpoint that cannot join the soup of this base."""
+
+
+def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> None:
+    """Refuse, with one line naming the checkpoint, anything that is not a usable fine-tune of `base`."""
+    base_config = read_config(base)
+    base_signature = local_signature(base.path)  # validates every header (truncation, corruption, absurd shapes)
+    try:
+        head_names = head_names_of(base.path / "config.json")  # a weightless model: no code, no memory
+    except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
+        raise IngredientError(f"{base.source}: {_first_line(error)}") from None
+    check_finite(base, head_names)
+    for ingredient in aux:
+        config = read_config(ingredient)
+        if config.get("model_type") != base_config.get("model_type"):
+            raise IngredientError(
+                f"{ingredient.source} is a {config.get('model_type')} model but the base {base.source} is "
+                f"{base_config.get('model_type')}: only fine-tunes of the base can be recycled"
+            )
+        signature = local_signature(ingredient.path)
+        problem = backbone_mismatch(base_signature, signature, head_names)
+        if problem:
+            raise IngredientError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
+        check_finite(ingredient, head_names)
+        distance = distance_to_base(base, ingredient, base_signature, head_names)
+        if not distance <= MAX_DISTANCE_TO_BASE:
+            raise IngredientError(
+                f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
+                f"distance {distance:.2f} from the base's (fine-tunes stay below {MAX_DISTANCE_TO_BASE:g})"
+            )
+
+
+def read_config(ingredient: Ingredient) -> dict:
+    """config.json as JSON; a config or image-processor config that asks for custom code is refused."""
+    path = ingredient.path / "config.json"
+    if not path.is_file():
+        raise IngredientError(f"{ingredient.source}: no config.json (not a transformers model folder)")
+    configs = {}
+    for name in CODE_CONFIGS:
+        file = ingredient.path / name
+        if not file.is_file():
+            continue
+        try:
+            configs[name] = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise IngredientError(f"{ingredient.source}: {name} is not valid JSON ({error})") from None
+        if not isinstance(configs[name], dict):
+            raise IngredientError(f"{ingredient.source}: {name} is not a JSON object")
+        if "auto_map" in configs[name]:
+            raise IngredientError(
+                f"{ingredient.source}: {name} asks for custom code (auto_map); code from a checkpoint is never run"
+            )
+    return configs["config.json"]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def _tensors(folder: Path):
+    """(file, name, tensor) for every tensor of a folder, one at a time (memory stays one tensor)."""
+    from safetensors import safe_open
+
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                yield file, name, handle.get_tensor(name)
+
+
+def check_finite(ingredient: Ingredient, skip: set[str]) -> None:
+    """Every floating tensor outside `skip` (the head, which is replaced anyway) must be finite."""
+    import torch
+
+    for file, name, tensor in _tensors(ingredient.path):
+        if name in skip or not tensor.is_floating_point():
+            continue
+        if not torch.isfinite(tensor).all():
+            raise IngredientError(f"{file}: tensor {name!r} contains NaN or Inf")
+
+
+def distance_to_base(base: Ingredient, ingredient: Ingredient, base_signature: dict, head_names: set[str]) -> float:
+    """||w - w_base|| / ||w_base|| over the backbone's weight kernels (float tensors with 2+ dimensions)."""
+    from safetensors import safe_open
+
+    kernels = {
+        name for name, (dtype, shape) in base_signature.items()
+        if name not in head_names and len(shape) >= 2 and dtype in ("F64", "F32", "F16", "BF16")
+    }  # fmt: skip
+    squared_difference = squared_norm = 0.0
+    with ExitStack() as stack:
+        base_files = {}
+        for file in _weight_files(base.path):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            base_files.update((name, handle) for name in handle.keys())
+        for _, name, tensor in _tensors(ingredient.path):
+            if name not in kernels:
+                continue
+            reference = base_files[name].get_tensor(name).double()
+            squared_difference += float((tensor.double() - reference).pow(2).sum())
+            squared_norm += float(reference.pow(2).sum())
+    if squared_norm == 0.0:
+        return 0.0 if squared_difference == 0.0 else math.inf
+    return math.sqrt(squared_difference / squared_norm)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

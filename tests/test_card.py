@@ -1,0 +1,123 @@
+"""The soup's model card: Hub lineage and model-index in the front matter, escaped tables in the body."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from ratatouille_hub.card import build_card, markdown_cell
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.hub_store import derive_tags, parse_front_matter
+
+HUB_INGREDIENTS = ["org/resnet-base", "alice/resnet-ft-stripes", "bob/resnet-ft-dots"]
+
+
+def results_dict(*, base="org/resnet-base", target="org/pacs", ingredients=None, run_inits=None,
+                 summary_names=None, members=(0, 2), test_accuracy=0.81234) -> dict:
+    """A results.json as make_soup writes it, for a 3-run soup."""
+    if ingredients is None:
+        ingredients = [{"source": s, "revision": f"{i:040x}", "is_hub": True} for i, s in enumerate(HUB_INGREDIENTS)]
+        ingredients.append({"source": "/data/local-ft", "revision": "sha256:0123456789abcdef", "is_hub": False})
+    run_inits = run_inits or [f"{s}@{i:040x}" for i, s in enumerate(HUB_INGREDIENTS)]
+    summary_names = summary_names or ["best single run (#0, by validation)", "soup, greedy (2 runs) <- this model",
+                                      "soup, uniform (3 runs)", "ensemble of the 3 runs (reference)"]
+    recipe = RecipeConfig(base=base, target=target, test_domain="sketch", runs=3, method="greedy").to_dict()
+    return {
+        "recipe": recipe,
+        "test_domain": "sketch",
+        "train_domains": ["art_painting", "cartoon", "photo"],
+        "ingredients": ingredients,
+        "runs": [
+            {"index": i, "init": init, "hparams": {"lr": 5e-5, "weight_decay": 1e-4, "dropout": 0.1}, "best_step": 100 * (i + 1),
+             "val_accuracy": 0.9 - 0.01 * i, "test_accuracy": 0.7 + 0.01 * i}
+            for i, init in enumerate(run_inits)
+        ],
+        "soup": {"method": "greedy", "members": list(members), "val_accuracy": 0.91, "test_accuracy": test_accuracy},
+        "summary": [{"name": name, "val_accuracy": 0.9, "test_accuracy": 0.8} for name in summary_names],
+    }
+
+
+def saved_card(tmp_path, results: dict) -> ModelCard:
+    path = tmp_path / "README.md"
+    build_card(results).save(path)
+    return ModelCard.load(path)
+
+
+def test_front_matter_has_hub_lineage_and_the_held_out_accuracy(tmp_path):
+    card = saved_card(tmp_path, results_dict())
+    data = card.data
+    assert data.base_model == HUB_INGREDIENTS  # Hub ingredients only, base first
+    assert data.base_model_relation == "merge"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert data.datasets == ["org/pacs"]
+    (result,) = data.eval_results
+    assert result.metric_type == "accuracy" and result.metric_value == 0.8123  # rounded to 4 places
+    assert result.task_type == "image-classification"
+    assert (result.dataset_type, result.dataset_split) == ("org/pacs", "sketch")
+
+    front = yaml.safe_load(card.content.split("---")[1])
+    (entry,) = front["model-index"]
+    assert entry["results"][0]["metrics"][0]["value"] == 0.8123
+    assert entry["results"][0]["dataset"]["split"] == "sketch"
+
+
+def test_the_hub_derives_merge_lineage_tags_from_the_card(tmp_path):
+    card = saved_card(tmp_path, results_dict())
+    tags = derive_tags("model", parse_front_matter(card.content))
+    for base in HUB_INGREDIENTS:
+        assert f"base_model:merge:{base}" in tags and f"base_model:{base}" in tags
+    assert not any(tag.startswith("base_model:finetune:") for tag in tags)
+    assert "dataset:org/pacs" in tags
+
+
+def test_local_ingredients_and_target_are_not_claimed_as_hub_lineage(tmp_path):
+    local = [{"source": str(tmp_path / "base"), "revision": "sha256:00", "is_hub": False}]
+    (tmp_path / "target").mkdir()
+    card = saved_card(tmp_path, results_dict(base=str(tmp_path / "base"), target=str(tmp_path / "target"),
+                                             ingredients=local, run_inits=[f"{tmp_path}/base@sha256:00"] * 3))
+    front = parse_front_matter(card.content)
+    assert "base_model" not in front and "base_model_relation" not in front and "datasets" not in front
+    assert front["model-index"][0]["results"][0]["dataset"]["type"] == "local"
+
+
+@pytest.mark.parametrize(
+    ("text", "cell"),
+    [
+        ("plain", "plain"),
+        ("a|b", "a\\|b"),
+        ("line one\nline two\r\n\tthree", "line one line two three"),
+        ("`rm -rf`", "'rm -rf'"),
+        ("<img src=x onerror=alert(1)>", "&lt;img src=x onerror=alert(1)&gt;"),
+        (0.5, "0.5"),
+    ],
+)
+def test_markdown_cell_escapes(text, cell):
+    assert markdown_cell(text) == cell
+
+
+def _table_shapes(markdown: str) -> list[list[int]]:
+    """Cells per row of every table, as a GFM-style parser (markdown-it) sees them."""
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(markdown)
+    tables = re.findall(r"<table>(.*?)</table>", html, flags=re.S)
+    return [[len(re.findall(r"<t[hd][ >]", row)) for row in re.findall(r"<tr>(.*?)</tr>", t, flags=re.S)] for t in tables]
+
+
+def test_hostile_names_cannot_break_the_tables_or_add_sections(tmp_path):
+    hostile = "evil | name\n## Injected `heading` <b>"
+    card = saved_card(tmp_path, results_dict(run_inits=[hostile] * 3, summary_names=[hostile] * 4))
+    body = card.content.split("---", 2)[2]
+    assert _table_shapes(body) == [[3] * 5, [9] * 4]  # summary: header + 4 rows; provenance: header + 3 runs
+    assert not re.search(r"^#+ Injected", body, flags=re.M)
+    assert "<b>" not in body
+
+
+def test_provenance_marks_the_members_of_the_soup(tmp_path):
+    card = saved_card(tmp_path, results_dict(members=(0, 2)))
+    rows = [line for line in card.content.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert [row.rstrip(" |").rsplit("|", 1)[1].strip() for row in rows] == ["yes", "no", "yes"]
+    assert "greedy average of 2 runs" in card.content

@@ -1,0 +1,223 @@
+"""Target data: leave-one-domain-out splits, decoding, and the batched DomainBed augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+from PIL import Image
+
+from ratatouille_hub import toyworld
+from ratatouille_hub.data import (
+    DataError,
+    Normalization,
+    augment,
+    decode_images,
+    normalization_of,
+    resolution_of,
+    split_domains,
+)
+
+PER_CLASS = 5  # 6 classes x 5 = 30 rows per domain
+
+
+@pytest.fixture(scope="module")
+def target() -> Dataset:
+    return toyworld.target_dataset(per_class_per_domain=PER_CLASS, size=8)
+
+
+def split(dataset, test_domain="sketch", seed=0, holdout_fraction=0.2, **columns):
+    return split_domains(
+        dataset, domain_column=columns.get("domain_column", "domain"), label_column=columns.get("label_column", "label"),
+        test_domain=test_domain, holdout_fraction=holdout_fraction, seed=seed,
+    )
+
+
+def rows_of(dataset, domain: str) -> set[int]:
+    return {i for i, d in enumerate(dataset["domain"]) if d == domain}
+
+
+# -- split_domains ----------------------------------------------------------------------------------
+
+
+def test_held_out_domain_never_enters_train_or_validation(target):
+    splits = split(target, "sketch")
+    sketch = rows_of(target, "sketch")
+    assert splits.test_domain == "sketch"
+    assert set(splits.test) == sketch and len(splits.test) == 30
+    assert [d.domain for d in splits.train_domains] == ["cartoon", "painting", "photo"]
+    for domain in splits.train_domains:
+        assert not (set(domain.train) | set(domain.val)) & sketch
+
+
+def test_each_training_domain_is_split_80_20_without_overlap(target):
+    splits = split(target, "sketch")
+    for domain in splits.train_domains:
+        train, val = set(domain.train), set(domain.val)
+        assert not train & val
+        assert train | val == rows_of(target, domain.domain)  # every row of the domain, nothing else
+        assert (len(train), len(val)) == (24, 6)  # floor(30 * 0.2) = 6 held out for validation
+        assert list(domain.train) == sorted(domain.train) and len(domain.train) == len(train)
+    wider = split(target, "sketch", holdout_fraction=0.3)
+    assert all((len(d.train), len(d.val)) == (21, 9) for d in wider.train_domains)
+
+
+def test_labels_and_default_test_domain(target):
+    splits = split(target, test_domain=None)
+    assert splits.test_domain == "cartoon"  # first domain in sorted order
+    assert splits.label_names == toyworld.SHAPES
+    assert splits.id2label == dict(enumerate(toyworld.SHAPES))
+
+
+def test_split_is_deterministic_per_seed_and_per_domain(target):
+    first, again, other = split(target, seed=0), split(target, seed=0), split(target, seed=1)
+    assert first == again
+    for a, b in zip(first.train_domains, other.train_domains):
+        assert a.domain == b.domain and set(a.val) != set(b.val)
+    # Seeded per domain (DomainBed): holding out another domain leaves the shared domains' splits alone.
+    by_domain = {d.domain: d for d in split(target, "cartoon").train_domains}
+    for domain in first.train_domains:
+        if domain.domain in by_domain:
+            assert by_domain[domain.domain] == domain
+
+
+def test_string_labels_are_sorted_into_names():
+    data = Dataset.from_dict({"domain": ["a"] * 4 + ["b"] * 4, "label": ["dog", "cat"] * 4})
+    splits = split(data, "b")
+    assert splits.label_names == ("cat", "dog")
+
+
+def _table(domains: list[str], labels: list[int]) -> Dataset:
+    features = Features({"domain": Value("string"), "label": ClassLabel(names=["x", "y"])})
+    return Dataset.from_dict({"domain": domains, "label": labels}, features=features)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kwargs", "message"),
+    [
+        (_table(["a", "a", "b", "b"], [0, 1, 0, 1]), {"test_domain": "c"}, "unknown test domain 'c'"),
+        (_table(["a", "a", "b", "b"], [0, 1, 0, 1]), {"domain_column": "env"}, "no column 'env'"),
+        (_table(["a", "a", "b", "b"], [0, 1, 0, 1]), {"label_column": "y"}, "no column 'y'"),
+        (_table(["a", "a", "b", "b", "c", "c"], [0, 1, 0, 0, 1, 0]), {"test_domain": "a"}, "'b' holds a single class"),
+        (_table(["a", "a", "b"], [0, 1, 0]), {"test_domain": "a"}, "'b' has 1 image"),
+        (_table(["a", "a"], [0, 1]), {"test_domain": "a"}, "at least 2 domains"),
+    ],
+    ids=["unknown-test-domain", "missing-domain-column", "missing-label-column", "one-class-domain",
+         "one-image-domain", "single-domain"],
+)
+def test_unusable_targets_raise_data_error(dataset, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        split(dataset, **kwargs)
+
+
+def test_a_one_class_test_domain_is_fine():
+    splits = split(_table(["a", "a", "b", "b"], [0, 1, 0, 0]), "b")  # only training domains must hold 2 classes
+    assert splits.test == (2, 3)
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def test_load_target_reads_parquet_files_saved_datasets_and_hub_layout_folders(tmp_path):
+    from datasets import DatasetDict
+
+    from ratatouille_hub.data import load_target
+
+    original = toyworld.target_dataset(per_class_per_domain=1, size=8)
+    parquet = tmp_path / "shapes.parquet"
+    original.to_parquet(str(parquet))
+    original.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    original.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    for source in (parquet, tmp_path / "saved", tmp_path / "hub"):
+        loaded = load_target(str(source))
+        assert loaded.features == original.features, source
+        assert loaded["label"] == original["label"] and loaded["domain"] == original["domain"], source
+    # every split of a DatasetDict is used, in sorted split order
+    DatasetDict({"train": original.select(range(10)), "test": original.select(range(10, 24))}).save_to_disk(str(tmp_path / "dict"))
+    joined = load_target(str(tmp_path / "dict"))
+    assert joined["domain"] == original["domain"][10:] + original["domain"][:10]
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+
+def test_decode_images_keeps_row_order_channels_and_labels(target):
+    rows = [7, 3, 95]
+    images = decode_images(target, rows, image_column="image", label_column="label",
+                           label_names=toyworld.SHAPES, size=6)
+    assert images.pixels.shape == (3, 3, 6, 6) and images.pixels.dtype == torch.uint8
+    assert images.labels.tolist() == [target[r]["label"] for r in rows]
+    for i, row in enumerate(rows):
+        expected = np.asarray(target[row]["image"].convert("RGB").resize((6, 6), Image.BILINEAR))
+        assert np.array_equal(images.pixels[i].permute(1, 2, 0).numpy(), expected)
+
+
+def test_normalization_and_processor_settings():
+    from transformers import ViTImageProcessorPil
+
+    processor = ViTImageProcessorPil(size={"height": 24, "width": 24}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.5])
+    normalize = normalization_of(processor)
+    assert normalize == Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.5))
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    expected = torch.tensor([(1 - 0.4) / 0.2, (1 - 0.5) / 0.25, (1 - 0.6) / 0.5]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(normalize.from_uint8(white), expected)
+    assert resolution_of(processor, None) == 24
+    assert resolution_of(processor, 40) == 40
+
+
+# -- augmentation -----------------------------------------------------------------------------------
+
+
+def _batch(n: int = 64, size: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_augment_shape_range_and_input_untouched():
+    pixels = _batch()
+    before = pixels.clone()
+    out = augment(pixels, torch.Generator().manual_seed(0))
+    assert out.shape == pixels.shape and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(pixels, before)
+    assert not torch.allclose(out, pixels.float() / 255)  # it did change the images
+
+
+def test_augment_is_deterministic_for_a_generator_state():
+    pixels = _batch()
+    a = augment(pixels, torch.Generator().manual_seed(3))
+    b = augment(pixels, torch.Generator().manual_seed(3))
+    c = augment(pixels, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    generator = torch.Generator().manual_seed(3)
+    first, second = augment(pixels, generator), augment(pixels, generator)  # the generator advances
+    assert torch.equal(first, a) and not torch.equal(first, second)
+
+
+def test_augment_of_a_flat_grey_image_only_changes_its_brightness():
+    # Crop, flip, contrast, saturation and grayscale all leave a uniform grey image uniform grey;
+    # brightness scales it by a factor in [0.7, 1.3].
+    grey = torch.full((200, 3, 10, 10), 128, dtype=torch.uint8)
+    out = augment(grey, torch.Generator().manual_seed(0))
+    per_image = out.flatten(1)
+    torch.testing.assert_close(per_image, per_image[:, :1].expand_as(per_image), rtol=0, atol=1e-5)
+    value = per_image[:, 0]
+    assert value.min() >= 0.7 * 128 / 255 - 1e-6 and value.max() <= 1.3 * 128 / 255 + 1e-6
+    assert value.max() - value.min() > 0.3 * 128 / 255  # the factor really varies
+
+
+def test_augment_flips_half_and_greys_a_tenth():
+    n, size = 2000, 12
+    generator = torch.Generator().manual_seed(0)
+    # left half dark red, right half bright green: the crop (>= 72% of the width) always spans the middle
+    pixels = torch.zeros((n, 3, size, size), dtype=torch.uint8)
+    pixels[:, 0, :, : size // 2] = 90
+    pixels[:, 1, :, size // 2 :] = 220
+    out = augment(pixels, generator)
+    brightness = out.mean(dim=1)
+    flipped = brightness[:, :, : size // 2].mean(dim=(1, 2)) > brightness[:, :, size // 2 :].mean(dim=(1, 2))
+    grey = (out.max(dim=1).values - out.min(dim=1).values).amax(dim=(1, 2)) < 1e-6
+    assert 0.45 < flipped.float().mean().item() < 0.55
+    assert 0.07 < grey.float().mean().item() < 0.13

@@ -1,0 +1,311 @@
+"""Training: the shared linear-probe head, warm-up then a fresh optimizer, frozen BatchNorm statistics,
+best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from ratatouille_hub import recipe
+from ratatouille_hub.config import RecipeConfig, draw_hparams
+from ratatouille_hub.data import ImageTensors, Normalization
+from ratatouille_hub.fetch import resolve_model
+from ratatouille_hub.models import (
+    ArchitectureError,
+    feature_dropout,
+    head_parameter_names,
+    load_classifier,
+    set_head,
+)
+from ratatouille_hub.train import (
+    DomainBatches,
+    LinearHead,
+    TargetData,
+    linear_probe,
+    make_accelerator,
+    optimize,
+    validation_accuracy,
+)
+
+SIZE = 16
+NORMALIZE = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+ID2LABEL = {0: "a", 1: "b", 2: "c"}
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tensors here are tiny: one intra-op thread is as fast, and it does not stall when other processes
+    share the cores (two OpenMP threads on a busy 2-core machine made these tests 4x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(n: int, seed: int, classes: int = 3) -> ImageTensors:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=generator, dtype=torch.uint8)
+    return ImageTensors(pixels, torch.randint(0, classes, (n,), generator=generator))
+
+
+@pytest.fixture(scope="module")
+def data() -> TargetData:
+    return TargetData(train=[images(24, 1), images(24, 2)], val=[images(6, 3), images(6, 4)], normalize=NORMALIZE, augment=True)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator("no")
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    return ResNetForImageClassification(config)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def run_optimize(model, data, accelerator, **kwargs):
+    arguments = dict(
+        parameters=list(model.parameters()), steps=3, lr=1e-2, weight_decay=0.0, accelerator=accelerator,
+        normalize=NORMALIZE, augment_seed=0,
+    )
+    return optimize(model, DomainBatches(data.train, 4, seed=0), **{**arguments, **kwargs})
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+
+def test_domain_batches_take_batch_size_from_every_domain_and_cover_each_epoch():
+    domains = [ImageTensors(torch.zeros((5, 3, 2, 2), dtype=torch.uint8), torch.arange(5)),
+               ImageTensors(torch.ones((3, 3, 2, 2), dtype=torch.uint8), torch.arange(3))]
+    batches = DomainBatches(domains, 4, seed=0)
+    small_domain = []
+    for _ in range(6):
+        pixels, labels = next(batches)
+        assert pixels.shape == (8, 3, 2, 2)
+        assert torch.equal(pixels[:4], torch.zeros_like(pixels[:4])) and torch.equal(pixels[4:], torch.ones_like(pixels[4:]))
+        small_domain += labels[4:].tolist()
+    epochs = [sorted(small_domain[i : i + 3]) for i in range(0, 24, 3)]  # 8 epochs of the 3-image domain
+    assert epochs == [[0, 1, 2]] * 8
+
+    def sequence(seed: int) -> list[list[int]]:
+        batches = DomainBatches(domains, 4, seed=seed)
+        return [next(batches)[1].tolist() for _ in range(6)]
+
+    assert sequence(0) == sequence(0) != sequence(1)
+
+
+# -- heads ------------------------------------------------------------------------------------------
+
+
+def test_set_head_puts_exactly_those_tensors_in():
+    model = tiny_model()
+    before = snapshot(model)
+    weight, bias = torch.randn(3, 16), torch.randn(3)
+    set_head(model, weight, bias)
+    after = model.state_dict()
+    assert torch.equal(after["classifier.1.weight"], weight) and torch.equal(after["classifier.1.bias"], bias)
+    assert head_parameter_names(model) == {"classifier.1.weight", "classifier.1.bias"}
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("classifier."))
+    weight.add_(1.0)  # copied, not aliased
+    assert not torch.equal(model.state_dict()["classifier.1.weight"], weight)
+    with pytest.raises(ArchitectureError, match="head shape"):
+        set_head(model, torch.zeros(4, 16), torch.zeros(4))
+
+
+def test_feature_dropout_acts_on_the_head_input_in_training_only():
+    model = tiny_model()
+    x = NORMALIZE.from_uint8(images(8, 0).pixels)
+    model.eval()
+    clean = model(pixel_values=x).logits
+    with feature_dropout(model, 0.5):
+        assert torch.equal(model(pixel_values=x).logits, clean)  # eval: no dropout
+        model.train()
+        torch.manual_seed(0)
+        dropped = model(pixel_values=x).logits
+        model.eval()
+    assert not torch.allclose(dropped, clean)
+    model.train()
+    torch.manual_seed(0)
+    assert torch.equal(model(pixel_values=x).logits, model(pixel_values=x).logits)  # hook removed
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
+
+
+def test_linear_probe_ignores_the_checkpoint_head_and_leaves_the_model_alone(tiny_checkpoints, data, accelerator):
+    heads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # the re-initialised 3-class head is drawn from the global RNG
+        model = load_classifier(tiny_checkpoints["base"], ID2LABEL)
+        before = snapshot(model)
+        heads.append((linear_probe(model, data, steps=12, lr=0.05, batch_size=4, eval_every=4, seed=0,
+                                   accelerator=accelerator), before["classifier.1.weight"]))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    (first, init_a), (second, init_b) = heads
+    assert not torch.equal(init_a, init_b)
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+    assert first.weight.shape == (3, 16) and first.weight.abs().sum() > 0
+    assert first.step in (4, 8, 12)
+
+
+def test_linear_probe_reports_the_validation_accuracy_of_its_head(tiny_checkpoints, data, accelerator):
+    torch.manual_seed(0)
+    model = load_classifier(tiny_checkpoints["base"], ID2LABEL)
+    head = linear_probe(model, data, steps=12, lr=0.05, batch_size=4, eval_every=4, seed=3, accelerator=accelerator)
+    set_head(model, head.weight, head.bias)
+    assert validation_accuracy(model, data.pooled_val, NORMALIZE) == head.val_accuracy
+
+
+# -- optimize ---------------------------------------------------------------------------------------
+
+
+def test_frozen_batchnorm_keeps_running_statistics_while_scale_and_shift_train(data, accelerator):
+    model = tiny_model()
+    before = snapshot(model)
+    run_optimize(model, data, accelerator, freeze_bn=True)
+    after = model.state_dict()
+    norms = batchnorms(model)
+    assert len(norms) >= 5
+    for name in norms:
+        for stat in BN_STATS:
+            assert torch.equal(after[f"{name}.{stat}"], before[f"{name}.{stat}"]), (name, stat)
+        for param in ("weight", "bias"):
+            assert not torch.equal(after[f"{name}.{param}"], before[f"{name}.{param}"]), (name, param)
+
+
+def test_batchnorm_in_train_mode_does_update_statistics(data, accelerator):
+    # the control for the test above: the same training with freeze_bn=False moves every statistic
+    model = tiny_model()
+    before = snapshot(model)
+    run_optimize(model, data, accelerator, freeze_bn=False)
+    after = model.state_dict()
+    for name in batchnorms(model):
+        assert not torch.equal(after[f"{name}.running_mean"], before[f"{name}.running_mean"])
+        assert after[f"{name}.num_batches_tracked"].item() == before[f"{name}.num_batches_tracked"].item() + 3
+
+
+def test_best_validation_state_is_the_state_at_the_best_step(data, accelerator):
+    model = tiny_model()
+    scores = iter([0.2, 0.5, 0.5, 0.3])  # evaluations at steps 2, 4, 6 and the last step, 7
+    states = []
+
+    def validate(inner) -> float:
+        states.append(snapshot(inner))
+        return next(scores)
+
+    outcome = run_optimize(model, data, accelerator, steps=7, eval_every=2, validate=validate)
+    assert outcome.history == [(2, 0.2), (4, 0.5), (6, 0.5), (7, 0.3)]
+    assert (outcome.step, outcome.val_accuracy) == (4, 0.5)  # a tie keeps the earlier step
+    assert outcome.state.keys() == states[1].keys()
+    assert all(torch.equal(outcome.state[k], v) for k, v in states[1].items())
+    final = model.state_dict()
+    assert not torch.equal(outcome.state["classifier.1.weight"], final["classifier.1.weight"])
+    assert all(torch.equal(final[k], v) for k, v in states[3].items())  # the model itself ends at the last step
+
+
+def test_without_validation_the_last_state_is_returned(data, accelerator):
+    model = tiny_model()
+    outcome = run_optimize(model, data, accelerator, steps=2)
+    assert (outcome.step, outcome.val_accuracy, outcome.history) == (2, None, [])
+    assert all(torch.equal(outcome.state[k], v) for k, v in model.state_dict().items())
+
+
+# -- one target fine-tune: shared head, warm-up, fresh optimizer --------------------------------------
+
+
+class Recorder:
+    """Wraps `optimize` (as the recipe calls it) and `torch.optim.Adam` to see what each phase did."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        self.optimizers: list[torch.optim.Adam] = []
+        real_optimize, real_adam, optimizers = recipe.optimize, torch.optim.Adam, self.optimizers
+
+        class RecordingAdam(real_adam):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                optimizers.append(self)
+
+        def recording(model, batches, **kwargs):
+            names = {id(p): n for n, p in model.named_parameters()}
+            call = {"desc": kwargs["desc"], "steps": kwargs["steps"], "before": snapshot(model),
+                    "parameters": {names[id(p)] for p in kwargs["parameters"]}}
+            outcome = real_optimize(model, batches, **kwargs)
+            call["after"] = snapshot(model)
+            self.calls.append(call)
+            return outcome
+
+        monkeypatch.setattr(recipe, "optimize", recording)
+        monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+
+
+def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_first(tiny_checkpoints, data, accelerator, monkeypatch, tmp_path):
+    config = RecipeConfig(base="b", target="t", runs=2, steps=4, eval_every=2, warmup_steps=3, batch_size=4,
+                          lr=1e-2, lr_choices=(1e-2,), output=str(tmp_path))
+    fields = {f.name for f in dataclasses.fields(recipe.Target)}
+    target = recipe.Target(data=data, test=images(10, 5), train_domains=("d1", "d2"), test_domain="d3",
+                           id2label=ID2LABEL, fingerprint="fixed", **({"reference": "d"} if "reference" in fields else {}))
+    generator = torch.Generator().manual_seed(9)
+    head = LinearHead(torch.randn(3, 16, generator=generator), torch.randn(3, generator=generator), 1, 0.5)
+    base, aux = resolve_model(str(tiny_checkpoints["base"])), resolve_model(str(tiny_checkpoints["aux1"]))
+    recorder = Recorder(monkeypatch)
+    records = [recipe.fine_tune(config, index, init, base, (head, "lp-key"), target, accelerator, tmp_path / "runs",
+                                lambda line: None)
+               for index, init in ((0, base), (1, aux))]
+
+    assert [c["desc"] for c in recorder.calls] == ["run 1/2", "run 2/2 head warm-up", "run 2/2"]
+    from_base, warmup, full = recorder.calls
+    everything = set(from_base["before"]) - {n for n in from_base["before"] if n.endswith(BN_STATS)}
+    head_names = {"classifier.1.weight", "classifier.1.bias"}
+
+    # every run starts from exactly the shared head
+    for call in (from_base, warmup):
+        assert torch.equal(call["before"]["classifier.1.weight"], head.weight)
+        assert torch.equal(call["before"]["classifier.1.bias"], head.bias)
+
+    # a run from the base trains everything at once
+    assert from_base["steps"] == 4 and from_base["parameters"] == everything
+
+    # a recycled init: head alone for warmup_steps, backbone (weights and BN buffers) bit-identical ...
+    assert warmup["steps"] == 3 and warmup["parameters"] == head_names
+    for name, tensor in warmup["before"].items():
+        same = torch.equal(warmup["after"][name], tensor)
+        assert same != (name in head_names), name
+    # ... then every parameter, from where the warm-up left it
+    assert full["steps"] == 4 and full["parameters"] == everything
+    assert all(torch.equal(full["before"][k], v) for k, v in warmup["after"].items())
+    for name in everything:
+        assert not torch.equal(full["after"][name], full["before"][name]), name
+
+    # fresh Adam state for the full phase: its head steps count 4, not 3 + 4
+    assert len(recorder.optimizers) == 3
+    fresh = recorder.optimizers[2]
+    assert sum(len(group["params"]) for group in fresh.param_groups) == len(everything)
+    steps_seen = {int(state["step"]) for state in fresh.state.values()}
+    assert steps_seen == {4}
+    assert {int(state["step"]) for state in recorder.optimizers[1].state.values()} == {3}
+
+    # BatchNorm statistics of each run are those of its init checkpoint; the run folder says what happened
+    aux_file = load_file(tiny_checkpoints["aux1"] / "model.safetensors")
+    saved = load_file(records[1].model_folder / "model.safetensors")
+    for name, tensor in saved.items():
+        if name.endswith(BN_STATS):
+            assert torch.equal(tensor, aux_file[name]), name
+    metrics = json.loads((records[1].folder / "metrics.json").read_text())
+    assert metrics["warmup_steps"] == 3 and [step for step, _ in metrics["history"]] == [2, 4]
+    assert metrics["hparams"] == vars(draw_hparams(config, 1)) and metrics["hparams"]["lr"] == 1e-2
+    assert json.loads((records[0].folder / "metrics.json").read_text())["warmup_steps"] == 0
