@@ -76,7 +76,7 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
         results[strategy] = recycle(demo_config(output, strategy), echo=echo)
     rows = comparison_rows(results["soup"], results["ratatouille"])
     echo("\n" + format_table(rows, results["ratatouille"]["test_domain"]))
-    soup = output / "ratatouille" / "soup"
+    soup = output / "recycle" / "soup"
     pushed = push_folder(soup, SOUP_ID)
     echo(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
     echo(check_loads(SOUP_ID, results["ratatouille"]))
@@ -178,7 +178,7 @@ def demo_config(output: Path, strategy: str) -> RecipeConfig:
         lr_choices=(5e-4, 1e-3, 2e-3),
         weight_decay_choices=(1e-4, 1e-6),
         dropout_choices=(0.0, 0.1, 0.5),
-        output=str(output / strategy),
+        output=str(output / "recycle"),  # shared: base-initialised runs are the same in both strategies
     )
 
 

@@ -60,6 +60,29 @@ def staged_folder(final: str | Path):
         raise
 
 
+def sweep_staging(folder: str | Path) -> None:
+    """Clear what a killed writer left in `folder`: staging folders and temporary files are deleted; a folder
+    retired by `staged_folder` whose replacement never landed is put back. Call it only under the folder's lock.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        if name.endswith(".partial") and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif name.endswith(".tmp") and entry.is_file():
+            entry.unlink(missing_ok=True)
+        elif name.endswith(".old") and entry.is_dir() and not entry.is_symlink():
+            final = entry.with_name(name[1 : -len(".old")])
+            if final.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.replace(entry, final)  # the previous version, whole: its replacement never landed
+
+
 class FolderBusyError(OSError):
     """Another process holds the folder's lock."""
 

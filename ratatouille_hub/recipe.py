@@ -37,7 +37,7 @@ from .data import (
 from .discover import discover_finetunes, format_candidates
 from .evaluation import accuracy, ensemble_probabilities, predict_logits
 from .fetch import Ingredient, resolve_dataset, resolve_model
-from .io import atomic_write_json, exclusive_lock, staged_folder
+from .io import atomic_write_json, exclusive_lock, staged_folder, sweep_staging
 from .merge import average_state_dicts, greedy_select, merge_model_folders
 from .models import head_linear, load_classifier, load_processor, quiet_transformers, set_head
 from .train import (
@@ -109,12 +109,15 @@ def claimed_output(output: Path, config: RecipeConfig):
     output.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
         check_same_recipe(output / "recipe.yaml", config)
+        for folder in (output, output / "lp", output / "runs"):  # what a killed run left half-written
+            sweep_staging(folder)
         config.save_yaml(output / "recipe.yaml")
         yield
 
 
-# A changed value of these keeps every finished run valid; any other change is another recipe.
-REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output"})
+# A changed value of these keeps every finished run valid (a run's folder is named after its own
+# init, so strategy and aux only choose which runs exist); any other change is another recipe.
+REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit"})
 
 
 def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
