@@ -118,3 +118,15 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
         model.save_pretrained(folders[f"aux{k}"])
         processor.save_pretrained(folders[f"aux{k}"])
     return folders
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of tiny tensors (`pytestmark = pytest.mark.usefixtures(...)`): as
+    fast, and it does not stall when other processes share the cores (two threads made them 4x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

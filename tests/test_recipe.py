@@ -27,14 +27,7 @@ BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 CALLS = ["run 1/3", "run 2/3 head warm-up", "run 2/3", "run 3/3 head warm-up", "run 3/3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tensors here are tiny: one intra-op thread is as fast, and it does not stall when other processes
-    share the cores (two OpenMP threads on a busy 2-core machine made these tests 4x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

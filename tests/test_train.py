@@ -39,14 +39,7 @@ ID2LABEL = {0: "a", 1: "b", 2: "c"}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tensors here are tiny: one intra-op thread is as fast, and it does not stall when other processes
-    share the cores (two OpenMP threads on a busy 2-core machine made these tests 4x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def images(n: int, seed: int, classes: int = 3) -> ImageTensors:
