@@ -100,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--limit", type=int, default=20, help="how many fine-tunes to examine (default: 20)")
     _add_token_flag(discover)
 
+    diagnose = commands.add_parser(
+        "diagnose", help="measure accuracy, diversity and averageability of a set of runs",
+        description="METHOD.md's three criteria on training-domain validation: each model's accuracy, the "
+        "ratio-error of each pair (errors by one / errors by both: diversity), and accuracy along the "
+        "straight weight path between them (the barrier: averageability). Models must classify the "
+        "target's labels (e.g. out/runs/*/model).",
+    )
+    diagnose.add_argument("models", nargs="+", help="model folders or Hub ids")
+    diagnose.add_argument("--target", required=True, help="target dataset (folder, parquet or Hub id)")
+    diagnose.add_argument("--test-domain", help="held-out domain, excluded as in recycle (default: first)")
+    diagnose.add_argument("--domain-column", default="domain", help="domain column (default: domain)")
+    diagnose.add_argument("--label-column", default="label", help="label column (default: label)")
+    diagnose.add_argument("--image-size", type=int, help="resolution (default: the first model's processor)")
+    diagnose.add_argument("--seed", type=int, default=0, help="trial seed of the train/validation split (default: 0)")
+    diagnose.add_argument("--plot", type=Path, help="write the interpolation paths as a PNG here")
+    _add_token_flag(diagnose)
+
     push = commands.add_parser(
         "push", help="push a soup folder to the Hub in one commit",
         description="Push a soup folder (weights, config, processor, card, recipe.yaml, results.json) in one "
@@ -222,6 +239,20 @@ def run_discover(args) -> None:
     print(format_candidates(discover_finetunes(args.base, target=target, limit=args.limit, token=args.token)))
 
 
+def run_diagnose(args) -> None:
+    from .diagnose import diagnose_models, format_diagnosis, plot_paths
+
+    config = RecipeConfig(
+        base=args.models[0], target=args.target, test_domain=args.test_domain, domain_column=args.domain_column,
+        label_column=args.label_column, image_size=args.image_size, seed=args.seed,
+    )
+    diagnosis = diagnose_models(args.models, config, token=args.token)
+    print(format_diagnosis(diagnosis))
+    if args.plot:
+        plot_paths(diagnosis, args.plot)
+        print(f"plot: {args.plot}")
+
+
 def run_push(args) -> None:
     _push(args.folder, args.repo_id, args)
 
@@ -236,6 +267,7 @@ COMMANDS = {
     "recycle": run_recycle,
     "merge": run_merge,
     "discover": run_discover,
+    "diagnose": run_diagnose,
     "push": run_push,
     "demo": run_demo,
     "local-hub": run_local_hub,

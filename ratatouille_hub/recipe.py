@@ -329,6 +329,7 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
     }
     with staged_folder(folder) as staging:
         model.save_pretrained(staging / "model")
+        shutil.copyfile(base.path / PROCESSOR_FILE, staging / "model" / PROCESSOR_FILE)  # a complete model folder
         save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
         atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()

@@ -1,0 +1,165 @@
+"""Diagnose: METHOD.md's three criteria for weight averaging, measured on a set of runs.
+
+1. individual accuracy; 2. diversity: ratio of different errors to simultaneous errors of two
+models (Aksela, 2003; used by DiWA); 3. averageability: accuracy along the straight line between two
+models' weights, and the barrier, how far it dips below the line joining the endpoints.
+All measured on training-domain validation, never the test domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .merge import average_state_dicts
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def ratio_error(predictions_a: torch.Tensor, predictions_b: torch.Tensor, labels: torch.Tensor) -> float:
+    """Errors made by exactly one model divided by errors made by both (higher: more diverse).
+
+    Infinite when the models never err together on a sample both get wrong.
+    """
+    wrong_a, wrong_b = predictions_a != labels, predictions_b != labels
+    different = int((wrong_a ^ wrong_b).sum())
+    simultaneous = int((wrong_a & wrong_b).sum())
+    return different / simultaneous if simultaneous else float("inf")
+
+
+def barrier(accuracies: Sequence[float], alphas: Sequence[float] = ALPHAS) -> float:
+    """Largest drop of accuracy along the path below the straight line between its endpoints (>= 0)."""
+    start, end = accuracies[0], accuracies[-1]
+    return max(0.0, *((1 - a) * start + a * end - acc for a, acc in zip(alphas, accuracies)))
+
+
+def interpolate(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], alpha: float) -> dict:
+    """(1 - alpha) * a + alpha * b, tensor by tensor; integer buffers kept from `a`."""
+    return average_state_dicts([state_a, state_b], weights=[1 - alpha, alpha])
+
+
+@dataclass(frozen=True)
+class PairDiagnosis:
+    a: int
+    b: int
+    ratio_error: float
+    path_accuracies: tuple[float, ...]
+
+    @property
+    def barrier(self) -> float:
+        return barrier(self.path_accuracies)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    names: tuple[str, ...]
+    accuracies: tuple[float, ...]
+    pairs: tuple[PairDiagnosis, ...]
+
+
+def diagnose_states(
+    names: Sequence[str],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    predict: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    labels: torch.Tensor,
+) -> Diagnosis:
+    """All three criteria; `predict(state)` returns class ids on the validation images."""
+    predictions = [predict(state) for state in states]
+    accuracies = tuple(float((p == labels).float().mean()) for p in predictions)
+    pairs = []
+    for i, j in combinations(range(len(states)), 2):
+        path = tuple(
+            accuracies[i] if alpha == 0 else accuracies[j] if alpha == 1
+            else float((predict(interpolate(states[i], states[j], alpha)) == labels).float().mean())
+            for alpha in ALPHAS
+        )
+        pairs.append(PairDiagnosis(i, j, ratio_error(predictions[i], predictions[j], labels), path))
+    return Diagnosis(tuple(names), accuracies, tuple(pairs))
+
+
+def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
+    """Diagnose checkpoints (folders or Hub ids) that classify the target's labels.
+
+    The target is prepared exactly as `recycle` prepares it (same split from `config.seed`), and only
+    its training-domain validation images are used.
+    """
+    from .fetch import resolve_model
+    from .models import load_classifier
+    from .recipe import prepare_target
+    from .evaluation import predict_logits
+
+    if len(models) < 2:
+        raise ValueError("diagnose needs at least two models")
+    ingredients = [resolve_model(model, token=token) for model in models]
+    target = prepare_target(config, ingredients[0], token)
+    expected = list(target.id2label.values())
+    states = []
+    for ingredient in ingredients:
+        model = load_classifier(ingredient.path, target.id2label)
+        saved = _label_names(ingredient.path)
+        if saved != expected:
+            raise ValueError(f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}...")
+        states.append(model.state_dict())
+    validation = target.data.pooled_val
+
+    def predict(state) -> torch.Tensor:
+        model.load_state_dict(state)
+        return predict_logits(model, validation, target.data.normalize).argmax(dim=1)
+
+    return diagnose_states([i.reference for i in ingredients], states, predict, validation.labels)
+
+
+def _label_names(folder: Path) -> list[str]:
+    import json
+
+    id2label = json.loads((Path(folder) / "config.json").read_text()).get("id2label", {})
+    return [id2label[key] for key in sorted(id2label, key=int)]
+
+
+def format_diagnosis(diagnosis: Diagnosis) -> str:
+    lines = ["model accuracies (training-domain validation):"]
+    lines += [f"  [{i}] {100 * acc:5.1f}%  {name}" for i, (name, acc) in enumerate(zip(diagnosis.names, diagnosis.accuracies))]
+    lines.append("pairs:  ratio-error (diversity)  barrier (averageability)  accuracy along the path " + str(ALPHAS))
+    for pair in diagnosis.pairs:
+        path = " ".join(f"{100 * a:5.1f}" for a in pair.path_accuracies)
+        lines.append(f"  [{pair.a}]-[{pair.b}]  {pair.ratio_error:8.2f}  {100 * pair.barrier:8.1f} pts   {path}")
+    return "\n".join(lines)
+
+
+def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (640, 400)) -> None:
+    """A PNG of accuracy along each pair's interpolation path (Pillow only: no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 60, 20, 30, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    values = [a for p in diagnosis.pairs for a in p.path_accuracies] or [0.0, 1.0]
+    low, high = max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05)
+    high = high if high > low else low + 0.1
+
+    def xy(alpha: float, accuracy: float) -> tuple[float, float]:
+        return (left + alpha * (width - left - right), top + (high - accuracy) / (high - low) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for alpha in ALPHAS:
+        x, _ = xy(alpha, low)
+        draw.text((x - 10, height - bottom + 8), f"{alpha:.2f}", fill="black")
+    for k in range(5):
+        accuracy = low + (high - low) * k / 4
+        _, y = xy(0, accuracy)
+        draw.text((8, y - 6), f"{100 * accuracy:.0f}%", fill="black")
+    draw.text((left, 8), "accuracy along the weight path between two runs (training-domain validation)", fill="black")
+    draw.text((width // 2 - 20, height - 20), "alpha", fill="black")
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for index, pair in enumerate(diagnosis.pairs):
+        points = [xy(alpha, acc) for alpha, acc in zip(ALPHAS, pair.path_accuracies)]
+        colour = palette[index % len(palette)]
+        draw.line(points, fill=colour, width=2)
+        draw.text((width - right - 70, top + 6 + 12 * index), f"[{pair.a}]-[{pair.b}]", fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

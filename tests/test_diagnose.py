@@ -1,0 +1,93 @@
+"""diagnose: the three criteria of METHOD.md, as pure functions and through the CLI on real runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ratatouille_hub import cli, toyworld
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.diagnose import (
+    ALPHAS,
+    barrier,
+    diagnose_states,
+    interpolate,
+    ratio_error,
+)
+from ratatouille_hub.recipe import recycle
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_ratio_error_counts_different_over_simultaneous_errors():
+    labels = torch.tensor([0, 0, 0, 0, 0, 0])
+    a = torch.tensor([1, 1, 1, 0, 0, 0])  # wrong on 0, 1, 2
+    b = torch.tensor([1, 2, 0, 1, 0, 0])  # wrong on 0, 1, 3
+    # both wrong on 0 and 1 (even with different answers): 2 simultaneous; exactly one wrong on 2, 3: 2 different
+    assert ratio_error(a, b, labels) == 1.0
+    assert ratio_error(a, a, labels) == 0.0
+    assert ratio_error(torch.tensor([1, 0]), torch.tensor([0, 1]), torch.tensor([0, 0])) == float("inf")
+
+
+def test_barrier_is_the_largest_dip_below_the_chord():
+    assert barrier([0.8, 0.8, 0.5, 0.8, 0.9]) == pytest.approx(0.35)  # chord at 0.5 is 0.85
+    assert barrier([0.8, 0.9, 0.95, 0.9, 0.8]) == 0.0  # above the chord everywhere: no barrier
+
+
+def test_interpolate_is_exact_and_keeps_integer_buffers_from_the_first():
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([8.0, 0.0]), "n": torch.tensor(9)}
+    mid = interpolate(a, b, 0.25)
+    assert torch.equal(mid["w"], torch.tensor([2.0, 3.0]))
+    assert mid["n"].item() == 3 and mid["n"].dtype == torch.int64
+
+
+def test_diagnose_states_evaluates_every_pair_along_the_path():
+    labels = torch.tensor([0, 1, 1, 0])
+    states = [{"t": torch.tensor(0.0)}, {"t": torch.tensor(1.0)}, {"t": torch.tensor(0.5)}]
+
+    def predict(state):  # a model whose predictions depend on its one weight
+        t = float(state["t"])
+        return torch.tensor([0, 1, 1, 0]) if t <= 0.5 else torch.tensor([1, 1, 0, 0])
+
+    diagnosis = diagnose_states(["a", "b", "c"], states, predict, labels)
+    assert diagnosis.accuracies == (1.0, 0.5, 1.0)
+    assert [(p.a, p.b) for p in diagnosis.pairs] == [(0, 1), (0, 2), (1, 2)]
+    first = diagnosis.pairs[0]
+    assert first.path_accuracies == (1.0, 1.0, 1.0, 0.5, 0.5)  # t = 0, .25, .5, .75, 1
+    assert first.ratio_error == float("inf")  # a never errs, so no simultaneous errors
+    assert first.barrier == pytest.approx(0.125)  # at t = .75 the chord is .625, the path .5
+    assert len(first.path_accuracies) == len(ALPHAS)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diagnose")
+    target = root / "shapes"
+    (target / "data").mkdir(parents=True)
+    toyworld.target_dataset(per_class_per_domain=4, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
+    config = RecipeConfig(
+        base=str(tiny_checkpoints["base"]), target=str(target), aux=(str(tiny_checkpoints["aux1"]),), runs=2,
+        steps=3, eval_every=3, lp_steps=3, lp_lr=1e-2, warmup_steps=1, batch_size=2, lr=1e-3, image_size=16,
+        output=str(root / "out"),
+    )
+    results = recycle(config, echo=lambda line: None)
+    return target, [root / "out" / run["folder"] / "model" for run in results["runs"]]
+
+
+def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
+    target, models = two_runs
+    plot = tmp_path / "paths.png"
+    code = cli.main(["diagnose", *map(str, models), "--target", str(target), "--image-size", "16", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[0]-[1]" in out and str(models[0]) in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_diagnose_refuses_a_model_of_other_labels(two_runs, tiny_checkpoints, capsys):
+    target, models = two_runs
+    code = cli.main(["diagnose", str(models[0]), str(tiny_checkpoints["aux2"]), "--target", str(target), "--image-size", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and str(tiny_checkpoints["aux2"]) in err[0] and "labels" in err[0]
