@@ -66,19 +66,21 @@ def diagnose_states(
     states: Sequence[Mapping[str, torch.Tensor]],
     predict: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     labels: torch.Tensor,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> Diagnosis:
-    """All three criteria; `predict(state)` returns class ids on the validation images."""
+    """All three criteria; `predict(state)` returns class ids on the validation images. `pairs`
+    defaults to every pair (three evaluations each)."""
     predictions = [predict(state) for state in states]
     accuracies = tuple(float((p == labels).float().mean()) for p in predictions)
-    pairs = []
-    for i, j in combinations(range(len(states)), 2):
+    diagnosed = []
+    for i, j in pairs if pairs is not None else combinations(range(len(states)), 2):
         path = tuple(
             accuracies[i] if alpha == 0 else accuracies[j] if alpha == 1
             else float((predict(interpolate(states[i], states[j], alpha)) == labels).float().mean())
             for alpha in ALPHAS
         )
-        pairs.append(PairDiagnosis(i, j, ratio_error(predictions[i], predictions[j], labels), path))
-    return Diagnosis(tuple(names), accuracies, tuple(pairs))
+        diagnosed.append(PairDiagnosis(i, j, ratio_error(predictions[i], predictions[j], labels), path))
+    return Diagnosis(tuple(names), accuracies, tuple(diagnosed))
 
 
 def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:

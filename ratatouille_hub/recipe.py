@@ -34,6 +34,7 @@ from .data import (
     resolution_of,
     split_domains,
 )
+from .diagnose import diagnose_states, plot_paths
 from .discover import discover_finetunes, format_candidates
 from .evaluation import accuracy, ensemble_probabilities, predict_logits
 from .fetch import Ingredient, resolve_dataset, resolve_model
@@ -54,6 +55,7 @@ from .vetting import vet_ingredients
 
 DONE = "done"
 PROCESSOR_FILE = "preprocessor_config.json"
+DIAGNOSTICS_PLOT = "diagnostics.png"
 
 
 class RecipeError(ValueError):
@@ -400,10 +402,11 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
             "ensemble": ensemble_row,
             "summary": summary,
             "bn_policy": config.bn_policy,
+            "diagnostics": averager.diagnose_against(best, [i for i in by_val if i != best], staging / DIAGNOSTICS_PLOT),
         }
         atomic_write_json(staging / "results.json", results)
         config.save_yaml(staging / "recipe.yaml")
-        build_card(results).save(staging / "README.md")
+        build_card(results, figure=DIAGNOSTICS_PLOT if len(runs) > 1 else None).save(staging / "README.md")
     return results
 
 
@@ -431,6 +434,26 @@ class RunAverager:
 
     def validation_accuracy(self, subset: list[int]) -> float:
         return validation_accuracy(self.model(subset), self.target.data.pooled_val, self.target.data.normalize)
+
+    def diagnose_against(self, reference: int, others: list[int], plot: Path) -> list[dict]:
+        """Diversity and averageability of `reference` with each other run (training-domain validation);
+        the interpolation paths are drawn to `plot`. Raw weights: no BatchNorm policy on the paths."""
+        if not others:
+            return []
+        validation = self.target.data.pooled_val
+
+        def predict(state) -> torch.Tensor:
+            self._model.load_state_dict(state)
+            return predict_logits(self._model, validation, self.target.data.normalize).argmax(dim=1)
+
+        names = [f"run {i}" for i in range(len(self.states))]
+        diagnosis = diagnose_states(names, self.states, predict, validation.labels, pairs=[(reference, i) for i in others])
+        plot_paths(diagnosis, plot)
+        return [
+            {"runs": [pair.a, pair.b], "ratio_error": pair.ratio_error, "barrier": pair.barrier,
+             "path_accuracies": list(pair.path_accuracies)}
+            for pair in diagnosis.pairs
+        ]
 
 
 def predict_target(model, target: Target) -> dict[str, torch.Tensor]:

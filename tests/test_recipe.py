@@ -22,7 +22,7 @@ from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_linear
 
-SOUP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "recipe.yaml", "results.json"}
+SOUP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "recipe.yaml", "results.json", "diagnostics.png"}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 CALLS = ["run 1/3", "run 2/3 head warm-up", "run 2/3", "run 3/3 head warm-up", "run 3/3"]
 

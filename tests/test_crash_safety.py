@@ -1,0 +1,251 @@
+"""Issue #5, "failures lose nothing": a killed, locked-out or disk-full `recycle` never leaves anything a
+later run would trust, and rerunning the same command finishes the job bit for bit.
+
+A real process is killed with SIGKILL at several points (linear probe, a fine-tune, right after a run's
+`done` marker, while the soup is staged); each rerun resumes, reuses every finished run, and the final soup
+equals an uninterrupted run's byte for byte. Every subprocess runs with one OpenMP thread, so runs are
+bit-reproducible whatever the machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ratatouille_hub import cli, merge, toyworld
+
+ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
+RECIPE_FLAGS = ["--runs", "3", "--steps", "60", "--eval-every", "10", "--lp-steps", "60", "--warmup-steps", "2",
+                "--batch-size", "2", "--image-size", "16", "--seed", "0"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONWARNINGS": "ignore"}  # fmt: skip
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
+    target = tmp_path_factory.mktemp("crash-world") / "shapes"
+    (target / "data").mkdir(parents=True)
+    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
+    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
+    return SimpleNamespace(base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target)
+
+
+def recycle_argv(world, out: Path, extra=()) -> list[str]:
+    return ["recycle", "--base", str(world.base), "--aux", *map(str, world.aux), "--target", str(world.target),
+            *RECIPE_FLAGS, "--output", str(out), *extra]  # fmt: skip
+
+
+def command(world, out: Path, extra=()) -> list[str]:
+    if ENTRY_POINT.exists():
+        return [str(ENTRY_POINT), *recycle_argv(world, out, extra)]
+    return [sys.executable, "-m", "ratatouille_hub.cli", *recycle_argv(world, out, extra)]
+
+
+def run_to_completion(world, out: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(world, out), capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+class Watched:
+    """A recycle process whose stdout lines are collected as they come (for stage detection)."""
+
+    def __init__(self, world, out: Path, extra=()):
+        self.process = subprocess.Popen(command(world, out, extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, env=ENV)  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def kill_when(self, condition, *, delay: float = 0.0, timeout: float = TIMEOUT) -> None:
+        """SIGKILL as soon as `condition()` holds (plus `delay`); fail if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f"finished before the kill point; stdout: {self.lines[-5:]}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.002)
+        if delay:
+            time.sleep(delay)
+        assert self.process.poll() is None, f"finished before the kill point; stdout: {self.lines[-5:]}"
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+        self._reader.join(timeout=10)
+
+
+def published(out: Path, stage: str) -> list[Path]:
+    """The folders of a stage that a later run would look at (staging folders are hidden: `.name.*`)."""
+    root = out / stage
+    return [f for f in root.iterdir() if not f.name.startswith(".")] if root.is_dir() else []
+
+
+def done_count(out: Path, stage: str) -> int:
+    return sum((folder / "done").exists() for folder in published(out, stage))
+
+
+def soup_staging(out: Path) -> list[Path]:
+    return list(out.glob(".soup.*.partial"))
+
+
+def finished_runs(out: Path) -> dict[str, tuple[int, int]]:
+    """Each finished run folder -> (inode, mtime_ns) of its done marker: unchanged iff the run was reused."""
+    return {
+        folder.name: ((folder / "done").stat().st_ino, (folder / "done").stat().st_mtime_ns)
+        for folder in published(out, "runs")
+        if (folder / "done").exists()
+    }
+
+
+def accuracies(results: dict) -> dict:
+    keep = ("val_accuracy", "val_accuracy_per_domain", "test_accuracy", "members")
+    sections = {k: v for k, v in results.items() if k in ("soup", "ensemble") or k.startswith("soup_")}
+    return {
+        "sections": {name: {k: v for k, v in row.items() if k in keep} for name, row in sections.items()},
+        "runs": [{k: run[k] for k in ("index", "best_step", "val_accuracy", "test_accuracy")} for run in results["runs"]],
+        "summary": results["summary"],
+        "greedy_order": results["greedy_order"],
+    }
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory) -> SimpleNamespace:
+    """One uninterrupted run (folder A)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "A"
+    result = run_to_completion(world, out)
+    return SimpleNamespace(out=out, stdout=result.stdout, weights=sha256(out / "soup" / "model.safetensors"),
+                           results=json.loads((out / "soup" / "results.json").read_text()))  # fmt: skip
+
+
+def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tmp_path):
+    out = tmp_path / "B"
+    rng = random.Random(5)
+    kill_points = [
+        ("during the linear probe", lambda p: p.saw("[train] linear probe on"), rng.uniform(0.02, 0.15), (0, 0)),
+        ("during run 1", lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 1/3 from"), rng.uniform(0.02, 0.15), (1, 0)),
+        ("right after run 1's done", lambda p: done_count(out, "runs") >= 1, 0.0, (1, 1)),
+        ("during a later run", lambda p: p.saw("[train] run 3/3 from"), rng.uniform(0.02, 0.15), (1, 2)),
+        ("while the merge evaluates subsets", lambda p: p.saw("[merge] averaging runs"), rng.uniform(0.0, 0.05), (1, 3)),
+        ("while staging the soup", lambda p: bool(soup_staging(out)), 0.0, (1, 3)),
+    ]
+    for name, condition, delay, (lp_done, runs_done) in kill_points:
+        before = finished_runs(out)
+        process = Watched(world, out)
+        process.kill_when(lambda: condition(process), delay=delay)
+        assert done_count(out, "lp") == lp_done and done_count(out, "runs") == runs_done, name
+        assert finished_runs(out).items() >= before.items(), f"{name}: a finished run was redone"
+        assert not (out / "soup").exists(), f"{name}: a soup appeared before the merge finished"
+        for folder in [*published(out, "lp"), *published(out, "runs")]:  # a published folder is always whole
+            assert (folder / "done").exists(), f"{name}: {folder} has no done marker"
+
+    before = finished_runs(out)
+    assert len(before) == 3
+    result = run_to_completion(world, out)
+    assert finished_runs(out) == before  # every finished run reused, not rewritten
+    assert sum("done earlier" in line and "reused" in line for line in result.stdout.splitlines()) == 3
+    assert "[train] linear probe on" not in result.stdout
+
+    assert sha256(out / "soup" / "model.safetensors") == reference.weights
+    results = json.loads((out / "soup" / "results.json").read_text())
+    assert accuracies(results) == accuracies(reference.results)
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")), "staging left behind"
+
+    # Killed while staging a new soup over a finished one (--method is a reusable change): the soup stays.
+    soup = {p.name: p.read_bytes() for p in (out / "soup").iterdir()}
+    process = Watched(world, out, extra=["--method", "greedy"])
+    process.kill_when(lambda: bool(soup_staging(out)))
+    assert {p.name: p.read_bytes() for p in (out / "soup").iterdir()} == soup
+
+
+def test_a_second_recycle_on_the_same_output_is_refused(world, reference, tmp_path):
+    out = tmp_path / "busy"
+    first = Watched(world, out)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not first.saw("[train]"):  # inputs checked, lock taken
+            assert first.process.poll() is None and time.monotonic() < deadline, first.lines
+            time.sleep(0.01)
+        first.process.send_signal(signal.SIGSTOP)  # frozen while holding the lock, however fast this machine is
+        second = subprocess.run(command(world, out), capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+        assert first.process.poll() is None, "the first process ended before the second one was tried"
+        assert not (out / "soup").exists()
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [f"error: {out} is in use by another ratatouille-hub process"]
+    assert "Traceback" not in second.stdout
+
+
+def test_disk_full_while_writing_the_soup_keeps_the_previous_soup(world, reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    shutil.copytree(reference.out, out, symlinks=True)
+    previous = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "soup").rglob("*") if p.is_file()}
+    assert "model.safetensors" in {Path(k).name for k in previous}
+
+    real_write = merge._stream_merged_tensors
+    writes = {"n": 0}
+
+    def disk_full(sink, *args, **kwargs):
+        class Full:
+            def write(self, data):
+                writes["n"] += 1
+                if writes["n"] > 2:  # a header and a tensor land, then the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return sink.write(data)
+
+        return real_write(Full(), *args, **kwargs)
+
+    monkeypatch.setattr(merge, "_stream_merged_tensors", disk_full)
+    code = cli.main(recycle_argv(world, out))
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert stderr.splitlines() == [f"error: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"]
+    assert writes["n"] > 2
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "soup").rglob("*") if p.is_file()}
+    assert after == previous  # the previous soup, byte for byte
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp", ".old"))]
+    assert not leftovers, leftovers
+
+
+def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
+    """Staging folders and temp files go; a folder retired just before its replacement landed comes back."""
+    from ratatouille_hub.io import sweep_staging
+
+    out = tmp_path / "out"
+    (out / ".soup.old").mkdir(parents=True)  # killed between the two renames of staged_folder
+    (out / ".soup.old" / "model.safetensors").write_bytes(b"previous soup")
+    (out / ".soup.1234abcd.partial").mkdir()
+    (out / ".soup.1234abcd.partial" / "model.safetensors").write_bytes(b"half")
+    (out / ".recipe.yaml.x1.tmp").write_text("half")
+    (out / ".lock").touch()
+    (out / "runs" / "abc").mkdir(parents=True)
+    (out / "runs" / ".abc.old").mkdir()
+    sweep_staging(out)
+    sweep_staging(out / "runs")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "runs", "soup"]
+    assert (out / "soup" / "model.safetensors").read_bytes() == b"previous soup"
+    assert [p.name for p in (out / "runs").iterdir()] == ["abc"]
