@@ -83,9 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("models", nargs="+", type=Path, help="model folders holding model.safetensors")
     merge.add_argument("--output", type=Path, required=True, help="folder for the merged model")
-    merge.add_argument("--method", choices=("uniform", "weighted"), default="uniform",
-                       help="uniform mean, or weighted by --weights (normalised to sum to 1)")
+    merge.add_argument("--method", choices=("uniform", "greedy", "weighted"), default="uniform",
+                       help="uniform mean; greedy: add models by validation accuracy, keep one only if the "
+                       "average does not lose accuracy (needs --target); weighted by --weights (normalised)")
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per model, with --method weighted")
+    merge.add_argument("--target", help="with --method greedy: dataset whose training-domain validation ranks and selects")
+    merge.add_argument("--test-domain", help="with --method greedy: held-out domain, never used (default: first)")
+    merge.add_argument("--image-size", type=int, help="with --method greedy: resolution (default: the processor's)")
     _add_push_flags(merge)
 
     discover = commands.add_parser(
@@ -208,11 +212,21 @@ def run_merge(args) -> None:
         raise ValueError("--method weighted needs --weights, one per model")
     if args.method == "uniform" and args.weights:
         raise ValueError("--weights goes with --method weighted")
+    if (args.method == "greedy") != bool(args.target):
+        raise ValueError("--method greedy needs --target (and --target goes only with greedy)")
     weights = normalize_weights(args.weights, len(args.models)) if args.weights else None
     check_merge_output(args.output, args.models)
+    models = args.models
+    if args.method == "greedy":
+        from .recipe import greedy_members
+
+        config = RecipeConfig(base=str(models[0]), target=args.target, test_domain=args.test_domain, image_size=args.image_size)
+        chosen = greedy_members(models, config, token=args.token)
+        print(f"greedy kept {len(chosen)} of {len(models)}: {', '.join(str(models[i]) for i in chosen)}")
+        models = [models[i] for i in chosen]
     with staged_folder(args.output) as staging:
-        merge_model_folders(args.models, staging, weights=weights)
-    print(f"merged {len(args.models)} models into {args.output}")
+        merge_model_folders(models, staging, weights=weights)
+    print(f"merged {len(models)} models into {args.output}")
     _push_if_asked(args, args.output)
 
 

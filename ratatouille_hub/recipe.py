@@ -353,7 +353,7 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
         run_rows.append(_scores(predictions, labels_val, target.test.labels, pooled_labels))
 
     by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
-    averager = RunAverager(runs, target, config.bn_policy)
+    averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
     greedy_members = sorted(greedy_select(by_val, averager.validation_accuracy))
     members = greedy_members if config.method == "greedy" else list(range(len(runs)))
 
@@ -417,11 +417,11 @@ class RunAverager:
     evaluates many subsets.
     """
 
-    def __init__(self, runs: list[RunRecord], target: Target, bn_policy: str):
+    def __init__(self, model_folders: list[Path], target: Target, bn_policy: str):
         self.target = target
         self.bn_policy = bn_policy
-        self.states = [load_classifier(run.model_folder, target.id2label).state_dict() for run in runs]
-        self._model = load_classifier(runs[0].model_folder, target.id2label)
+        self.states = [load_classifier(folder, target.id2label).state_dict() for folder in model_folders]
+        self._model = load_classifier(model_folders[0], target.id2label)
 
     def model(self, subset: list[int]):
         self._model.load_state_dict(average_state_dicts([self.states[i] for i in subset]))
@@ -454,6 +454,18 @@ class RunAverager:
              "path_accuracies": list(pair.path_accuracies)}
             for pair in diagnosis.pairs
         ]
+
+
+def greedy_members(model_folders: list[Path], config: RecipeConfig, token=None) -> list[int]:
+    """Greedy soup of existing checkpoints of the target's labels: the `merge --method greedy` path.
+
+    Candidates are ranked by their own training-domain validation accuracy, as in `recycle`.
+    """
+    base = resolve_model(str(model_folders[0]), token=token)
+    target = prepare_target(config, base, token)
+    averager = RunAverager(list(model_folders), target, config.bn_policy)
+    order = sorted(range(len(model_folders)), key=lambda i: (-averager.validation_accuracy([i]), i))
+    return sorted(greedy_select(order, averager.validation_accuracy))
 
 
 def predict_target(model, target: Target) -> dict[str, torch.Tensor]:

@@ -91,3 +91,27 @@ def test_cli_diagnose_refuses_a_model_of_other_labels(two_runs, tiny_checkpoints
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: ") and str(tiny_checkpoints["aux2"]) in err[0] and "labels" in err[0]
+
+
+def test_cli_merge_greedy_selects_on_validation_and_merges_the_kept_models(two_runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ratatouille_hub.config import RecipeConfig
+    from ratatouille_hub.merge import average_state_dicts
+    from ratatouille_hub.recipe import greedy_members
+
+    target, models = two_runs
+    out = tmp_path / "greedy"
+    code = cli.main(["merge", *map(str, models), "--output", str(out), "--method", "greedy", "--target", str(target), "--image-size", "16"])
+    assert code == 0, capsys.readouterr().err
+    kept = greedy_members(models, RecipeConfig(base=str(models[0]), target=str(target), image_size=16))
+    expected = average_state_dicts([load_file(models[i] / "model.safetensors") for i in kept])
+    merged = load_file(out / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], expected[name]) for name in merged)
+
+
+def test_cli_merge_greedy_without_target_is_refused(two_runs, tmp_path, capsys):
+    _, models = two_runs
+    code = cli.main(["merge", *map(str, models), "--output", str(tmp_path / "o"), "--method", "greedy"])
+    assert code == 2 and "--method greedy needs --target" in capsys.readouterr().err
