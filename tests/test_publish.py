@@ -188,3 +188,20 @@ def test_an_incomplete_folder_or_bad_repo_id_fails_before_any_request(local_hub,
     with pytest.raises(HubError, match="must be namespace/name"):
         push_folder(folder, "soup")
     assert len(local_hub.requests) == before
+
+
+def test_a_push_that_fails_midway_finishes_on_rerun_with_one_commit(local_hub, hub_namespace, tmp_path, no_retry_wait):
+    """Weights uploaded, then the commit fails for good: the rerun commits once; the local soup is untouched."""
+    soup = write_soup(tmp_path / "soup", tiny_resnet(201))
+    before = {p.name: p.read_bytes() for p in soup.iterdir()}
+    repo_id = f"{hub_namespace}/midway-soup"
+    local_hub.inject_failures(f"^/api/models/{repo_id}/commit/", [503] * 4)
+    with pytest.raises(HubError):
+        push_folder(soup, repo_id)
+    assert commit_titles(local_hub, repo_id) == ["initial commit"]  # the failed push left no partial commit
+
+    finished = push_folder(soup, repo_id)
+    assert finished.changed
+    assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
+    assert push_folder(soup, repo_id).changed is False  # and a third run has nothing left to do
+    assert {p.name: p.read_bytes() for p in soup.iterdir()} == before
