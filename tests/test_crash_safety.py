@@ -249,3 +249,51 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock", "runs", "soup"]
     assert (out / "soup" / "model.safetensors").read_bytes() == b"previous soup"
     assert [p.name for p in (out / "runs").iterdir()] == ["abc"]
+
+
+# -- kill -9 while talking to the Hub: during a download, during a push ------------------------------
+
+
+def _hub_process(argv: list[str], home: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(ENTRY_POINT), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**ENV, "HF_HOME": str(home)})  # fmt: skip
+
+
+def _kill_once_answered(local_hub, process: subprocess.Popen, path_part: str, status: int) -> None:
+    """SIGKILL `process` as soon as the local Hub has answered `status` to a request on `path_part`
+    (the client is then waiting to retry: mid-download or mid-push)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(r.status == status and path_part in r.path for r in local_hub.requests):
+        assert process.poll() is None, "finished before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_kill_9_during_a_download_and_during_a_push_then_rerun(world, local_hub, new_hub_namespace, tmp_path):
+    namespace = new_hub_namespace()
+    base, aux = f"{namespace}/base", f"{namespace}/aux"
+    local_hub.seed_model(base, world.base)
+    local_hub.seed_model(aux, world.aux[0])
+    argv = ["recycle", "--base", base, "--aux", aux, "--target", str(world.target), *RECIPE_FLAGS[:1], "2",
+            *RECIPE_FLAGS[2:]]  # fmt: skip
+
+    reference = tmp_path / "reference"
+    assert _hub_process([*argv, "--output", str(reference)], tmp_path / "home-reference").wait(timeout=TIMEOUT) == 0
+
+    # During a download: the aux weights answer 429 (the client backs off, then retries); kill it there.
+    out, home = tmp_path / "killed", tmp_path / "home-killed"
+    local_hub.inject_failures(f"^/{aux}/resolve/.*model.safetensors$", [429], method="GET")
+    _kill_once_answered(local_hub, _hub_process([*argv, "--output", str(out)], home), f"/{aux}/resolve/", 429)
+    assert not (out / "soup").exists()
+    assert _hub_process([*argv, "--output", str(out)], home).wait(timeout=TIMEOUT) == 0
+    assert sha256(out / "soup" / "model.safetensors") == sha256(reference / "soup" / "model.safetensors")
+
+    # During a push: the commit answers 503 (push_folder waits, then retries the whole push); kill it there.
+    soup_id = f"{namespace}/soup"
+    local_hub.inject_failures(f"^/api/models/{soup_id}/commit/", [503])
+    _kill_once_answered(local_hub, _hub_process(["push", str(out / "soup"), soup_id], home), f"/{soup_id}/commit/", 503)
+    assert _hub_process(["push", str(out / "soup"), soup_id], home).wait(timeout=TIMEOUT) == 0
+    repo = local_hub.store.get_repo("model", soup_id)
+    assert len(list(repo.history(repo.resolve("main")))) == 2  # "initial commit" + exactly one upload
