@@ -3,10 +3,10 @@
     python benchmarks/merge.py [--sizes 8 20] [--repeats 3]
 
 Checkpoints (random fp32 ResNet-50 with the 1000-class ImageNet head, 102 MB each) are generated once into
-benchmarks/work/ and reused. Every candidate runs in a fresh child process, so the import of torch and the
+benchmarks/scratch/ and reused. Every candidate runs in a fresh child process, so the import of torch and the
 allocator are paid as a user pays them: ours is `python -m ratatouille_hub.cli merge`, floor and naive are
 this script with --child, mergekit is its raw-safetensors entry (installed with --no-deps into
-benchmarks/work/mergekit-pkgs, so the project's torch is untouched). Peak RSS is the child's own ru_maxrss
+benchmarks/scratch/mergekit-pkgs, so the project's torch is untouched). Peak RSS is the child's own ru_maxrss
 as wait4 reports it. The page cache is warmed first, so the numbers measure CPU and memory work, not the
 disk. `make bench-merge` runs it with the project's malloc settings. Results: benchmarks/results/merge.json.
 """
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
+WORK = ROOT / "benchmarks" / "scratch"
 CHECKPOINTS = WORK / "checkpoints"
 OUTPUTS = WORK / "outputs"
 MERGEKIT_PACKAGES = WORK / "mergekit-pkgs"
