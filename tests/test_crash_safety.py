@@ -144,6 +144,7 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
     out = tmp_path / "B"
     rng = random.Random(5)
     kill_points = [
+        ("while loading and checking the target data", lambda p: p.saw("[data]"), 0.0, (0, 0)),
         ("during the linear probe", lambda p: p.saw("[train] linear probe on"), rng.uniform(0.02, 0.15), (0, 0)),
         ("during run 1", lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 1/3 from"), rng.uniform(0.02, 0.15), (1, 0)),
         ("right after run 1's done", lambda p: done_count(out, "runs") >= 1, 0.0, (1, 1)),
