@@ -30,7 +30,9 @@ IMAGE_SIZE = 32
 def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Path]:
     """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present."""
     from . import toyworld
+    from .models import quiet_transformers
 
+    quiet_transformers()
     paths = {"base": root / BASE_ID, "target": root / "datasets" / TARGET_ID}
     aux_tasks = toyworld.aux_datasets(size=IMAGE_SIZE, seed=seed)
     for task in aux_tasks:
