@@ -94,7 +94,7 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
     ]
     strategy = recipe.get("strategy", "ratatouille")
     strategy_sentence = (
-        "each starting from a different recycled fine-tune of the base (or the base itself)"
+        "one run from each recycled fine-tune of the base, the others from the base itself"
         if strategy == "ratatouille"
         else "all starting from the base"
     )

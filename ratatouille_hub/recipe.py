@@ -376,7 +376,7 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
 
         summary = [
             {"name": f"best single run (#{best}, by validation)", **_pick(run_rows[best])},
-            {"name": f"soup, {config.method} ({len(members)} runs) <- this model", **_pick(soup_row)},
+            {"name": f"soup, {config.method} ({len(members)} runs), this model", **_pick(soup_row)},
             {"name": f"soup, {other_method} ({len(other_members)} runs)", **_pick(other_row)},
             {"name": f"ensemble of the {len(runs)} runs (reference)", **_pick(ensemble_row)},
         ]
