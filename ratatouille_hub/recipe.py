@@ -347,10 +347,12 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
     """Average the runs (uniform or greedy), evaluate everything, write the soup folder atomically."""
     labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
     pooled_labels = torch.cat(list(labels_val.values()))
-    run_rows = []
-    for run in runs:
-        predictions = run.predictions()
-        run_rows.append(_scores(predictions, labels_val, target.test.labels, pooled_labels))
+
+    def score(predictions: dict[str, torch.Tensor]) -> dict:
+        return _scores(predictions, labels_val, target.test.labels, pooled_labels)
+
+    run_predictions = [run.predictions() for run in runs]
+    run_rows = [score(predictions) for predictions in run_predictions]
 
     by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
     averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
@@ -364,14 +366,13 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
         if config.bn_policy == "reestimate":
             averager.reestimate(soup_model)
             soup_model.save_pretrained(staging)
-        soup_row = _scores(predict_target(soup_model, target), labels_val, target.test.labels, pooled_labels)
+        soup_row = score(predict_target(soup_model, target))
 
-        all_predictions = [run.predictions() for run in runs]
-        ensemble = {k: ensemble_probabilities([p[k] for p in all_predictions]) for k in all_predictions[0]}
-        ensemble_row = _scores(ensemble, labels_val, target.test.labels, pooled_labels)
+        ensemble = {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}
+        ensemble_row = score(ensemble)
         other_method = "uniform" if config.method == "greedy" else "greedy"
         other_members = list(range(len(runs))) if other_method == "uniform" else greedy_members
-        other_row = _scores(predict_target(averager.model(other_members), target), labels_val, target.test.labels, pooled_labels)
+        other_row = score(predict_target(averager.model(other_members), target))
         best = by_val[0]
 
         summary = [
