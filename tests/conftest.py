@@ -130,3 +130,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_checkpoints):
+    """The tiny checkpoints plus a small 16 px `shapes` target in the Hub layout (parquet + card)."""
+    from types import SimpleNamespace
+
+    from ratatouille_hub import toyworld
+
+    target = tmp_path_factory.mktemp("tiny-world") / "shapes"
+    (target / "data").mkdir(parents=True)
+    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
+    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
+    return SimpleNamespace(base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target)

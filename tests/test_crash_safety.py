@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ratatouille_hub import cli, merge, toyworld
+from ratatouille_hub import cli, merge
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 RECIPE_FLAGS = ["--runs", "3", "--steps", "60", "--eval-every", "10", "--lp-steps", "60", "--warmup-steps", "2",
@@ -36,12 +36,8 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
-    target = tmp_path_factory.mktemp("crash-world") / "shapes"
-    (target / "data").mkdir(parents=True)
-    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
-    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
-    return SimpleNamespace(base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target)
+def world(tiny_world) -> SimpleNamespace:
+    return tiny_world
 
 
 def recycle_argv(world, out: Path, extra=()) -> list[str]:

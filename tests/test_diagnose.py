@@ -1,11 +1,10 @@
 """diagnose: the three criteria of METHOD.md, as pure functions and through the CLI on real runs."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from ratatouille_hub import cli, toyworld
+from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.diagnose import (
     ALPHAS,
@@ -61,11 +60,9 @@ def test_diagnose_states_evaluates_every_pair_along_the_path():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_checkpoints, tmp_path_factory):
+def two_runs(tiny_world, tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose")
-    target = root / "shapes"
-    (target / "data").mkdir(parents=True)
-    toyworld.target_dataset(per_class_per_domain=4, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
+    target = tiny_world.target
     config = RecipeConfig(
         base=str(tiny_checkpoints["base"]), target=str(target), aux=(str(tiny_checkpoints["aux1"]),), runs=2,
         steps=3, eval_every=3, lp_steps=3, lp_lr=1e-2, warmup_steps=1, batch_size=2, lr=1e-3, image_size=16,

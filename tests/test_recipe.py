@@ -31,12 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
-    target = tmp_path_factory.mktemp("world") / "shapes"
-    (target / "data").mkdir(parents=True)
-    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
-    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
-    return SimpleNamespace(base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target)
+def world(tiny_world) -> SimpleNamespace:
+    return tiny_world
 
 
 def make_config(world, output: Path, **changes) -> RecipeConfig:
