@@ -46,7 +46,8 @@ def _pct(value: float | None) -> str:
 
 
 def build_card(results: dict, *, repo_id: str | None = None, figure: str | None = None) -> ModelCard:
-    """Render the card for a soup described by `results` (the content of results.json)."""
+    """Render the card for the model described by `results` (the content of results.json): a soup,
+    or for the erm and fusing baselines the best run (lineage `finetune` when the base is its only parent)."""
     recipe = results["recipe"]
     ingredients = results["ingredients"]
     hub_ids = [i["source"] for i in ingredients if i["is_hub"]]
@@ -56,11 +57,12 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
     model_name = repo_id or "ratatouille-soup"
     data = ModelCardData(
         base_model=hub_ids or None,
-        base_model_relation="merge" if hub_ids else None,
+        base_model_relation=("merge" if len(hub_ids) > 1 or soup["method"] != "best-run" else "finetune") if hub_ids else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         datasets=[target] if is_hub_id(target) else None,
-        tags=["model-ratatouille", "weight-averaging", "merge", "domain-generalization", "ratatouille-hub"],
+        tags=["model-ratatouille", *(("weight-averaging", "merge") if soup["method"] != "best-run" else ()),
+              "domain-generalization", "ratatouille-hub"],
         model_name=model_name,
         eval_results=[
             EvalResult(
@@ -93,11 +95,11 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         for run in results["runs"]
     ]
     strategy = recipe.get("strategy", "ratatouille")
-    strategy_sentence = (
-        "one run from each recycled fine-tune of the base, the others from the base itself"
-        if strategy == "ratatouille"
-        else "all starting from the base"
-    )
+    strategy_sentence = {
+        "ratatouille": "one run from each recycled fine-tune of the base, the others from the base itself",
+        "fusing": "each starting from a random convex combination of the base and one recycled fine-tune "
+        "per auxiliary dataset",
+    }.get(strategy, "all starting from the base")
     card = ModelCard.from_template(
         data,
         template_path=str(template_path()),
@@ -111,6 +113,8 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         n_selected=len(soup["members"]),
         method=soup["method"],
         strategy_sentence=strategy_sentence,
+        strategy=strategy,
+        averaged=soup["method"] != "best-run",
         summary_rows=summary_rows,
         runs=runs,
         lp_steps=recipe["lp_steps"],

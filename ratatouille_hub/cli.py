@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import RecipeConfig
+from .config import IntertrainConfig, RecipeConfig
 
 EPILOG_RECYCLE = """\
 examples:
@@ -22,11 +22,18 @@ examples:
 Rerunning the same command resumes: finished runs are reused, never recomputed.
 """
 
+EPILOG_INTERTRAIN = """\
+examples:
+  ratatouille-hub intertrain --base microsoft/resnet-50 --dataset ./caltech101 --runs 2 --steps 2000
+  ratatouille-hub intertrain --base me/base --dataset someone/cars --push-to-hub me/base-cars
+Rerunning the same command reuses finished fine-tunes.
+"""
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RecipeConfig field; defaults are suppressed so --config values can be overlaid."""
-    hints = typing.get_type_hints(RecipeConfig)
-    for f in dataclasses.fields(RecipeConfig):
+
+def _add_config_flags(parser: argparse.ArgumentParser, options: type = RecipeConfig) -> None:
+    """One flag per field of the options dataclass; defaults are suppressed so --config values can be overlaid."""
+    hints = typing.get_type_hints(options)
+    for f in dataclasses.fields(options):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS}
@@ -45,9 +52,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, help=help_text, **kwargs)
 
 
-def _add_push_flags(parser: argparse.ArgumentParser) -> None:
+def _add_push_flags(parser: argparse.ArgumentParser, push_help: str = "push the result to this Hub repo (namespace/name) in one commit") -> None:
     group = parser.add_argument_group("publishing")
-    group.add_argument("--push-to-hub", metavar="ID", help="push the result to this Hub repo (namespace/name) in one commit")
+    group.add_argument("--push-to-hub", metavar="ID", help=push_help)
     group.add_argument("--private", action="store_true", help="create the repo private")
     group.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
     _add_token_flag(group)
@@ -75,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     recycle.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
     _add_config_flags(recycle)
     _add_push_flags(recycle)
+
+    intertrain = commands.add_parser(
+        "intertrain", help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
+        description="Inter-training (METHOD.md step 2): fine-tune --base on every image of --dataset and keep "
+        "the last-step weights, as a transformers folder with a card naming the base and the dataset "
+        "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers.",
+        epilog=EPILOG_INTERTRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    intertrain.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
+    _add_config_flags(intertrain, IntertrainConfig)
+    _add_push_flags(intertrain, "push each fine-tune to this Hub repo (namespace/name; with --runs N > 1: ID-0 ... ID-<N-1>)")
 
     merge = commands.add_parser(
         "merge", help="average compatible checkpoints without training",
@@ -150,11 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RecipeConfig:
-    values = RecipeConfig.load_yaml(args.config).to_dict() if args.config else {}
-    names = {f.name for f in dataclasses.fields(RecipeConfig)}
+def config_from_args(args: argparse.Namespace, options: type = RecipeConfig):
+    values = options.load_yaml(args.config).to_dict() if args.config else {}
+    names = {f.name for f in dataclasses.fields(options)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return RecipeConfig.from_dict(values)
+    return options.from_dict(values)
+
+
+def run_intertrain(args) -> None:
+    from .intertrain import intertrain
+
+    config = config_from_args(args, IntertrainConfig)
+    folders = intertrain(config, token=args.token)
+    for run, folder in enumerate(folders):
+        print(f"fine-tune {run}: {folder}")
+        if args.push_to_hub:
+            _push(folder, args.push_to_hub if len(folders) == 1 else f"{args.push_to_hub}-{run}", args)
 
 
 def run_recycle(args) -> None:
@@ -165,7 +194,7 @@ def run_recycle(args) -> None:
     print()
     for row in results["summary"]:
         print(f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%")
-    print(f"\nsoup: {Path(config.output) / 'soup'}")
+    print(f"\n{'soup' if config.strategy in ('ratatouille', 'soup') else 'best run'}: {Path(config.output) / 'soup'}")
     _push_if_asked(args, Path(config.output) / "soup")
 
 
@@ -279,6 +308,7 @@ def run_local_hub(args) -> None:
 
 COMMANDS = {
     "recycle": run_recycle,
+    "intertrain": run_intertrain,
     "merge": run_merge,
     "discover": run_discover,
     "diagnose": run_diagnose,

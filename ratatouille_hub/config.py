@@ -17,8 +17,43 @@ from pathlib import Path
 import yaml
 
 
+STRATEGIES = ("ratatouille", "soup", "erm", "fusing")
+AVERAGING_STRATEGIES = ("ratatouille", "soup")
+
+
 class ConfigError(ValueError):
     """A recipe that cannot run: unknown keys, impossible values."""
+
+
+class Options:
+    """Persistence shared by the frozen option dataclasses: plain dicts, YAML, typed coercion."""
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Options":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown recipe keys: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(hints[k], v, k) for k, v in data.items()})
+
+    def save_yaml(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> "Options":
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)
 
 
 def _opt(default, help: str, **extra):
@@ -26,7 +61,7 @@ def _opt(default, help: str, **extra):
 
 
 @dataclass(frozen=True)
-class RecipeConfig:
+class RecipeConfig(Options):
     """Everything that defines a Model Ratatouille run (see METHOD.md for the reference values)."""
 
     base: str = _opt("", "base model: a Hub id or a local transformers model folder", required=True)
@@ -41,11 +76,16 @@ class RecipeConfig:
     image_column: str = _opt("image", "dataset column holding the image")
     strategy: str = _opt(
         "ratatouille",
-        "ratatouille: run 0 starts from the base, runs 1..len(aux) from one recycled fine-tune each, "
-        "the rest from the base (METHOD.md: 4 + 16); soup: every run starts from the base",
-        choices=("ratatouille", "soup"),
+        "how runs start and what the result is. ratatouille: run 0 from the base, runs 1..len(aux) from "
+        "one recycled fine-tune each, the rest from the base, averaged (METHOD.md: 4 + 16); soup: every run "
+        "from the base, averaged; erm: every run from the base, the best run by validation kept; fusing: each "
+        "run from a random convex combination of the base and one recycled fine-tune per auxiliary dataset, "
+        "the best run kept",
+        choices=STRATEGIES,
     )
-    method: str = _opt("uniform", "how the soup averages the runs", choices=("uniform", "greedy"))
+    method: str = _opt(
+        "uniform", "how ratatouille and soup average the runs (erm and fusing report both)", choices=("uniform", "greedy")
+    )
     runs: int = _opt(20, "target fine-tunes to average")
     steps: int = _opt(5001, "optimisation steps per fine-tune")
     eval_every: int = _opt(100, "evaluate on training-domain validation every N steps (and at the last)")
@@ -107,33 +147,53 @@ class RecipeConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    # -- persistence -------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+@dataclass(frozen=True)
+class IntertrainConfig(Options):
+    """Auxiliary fine-tunes of a base on one dataset (METHOD.md step 2): what `recycle` later recycles.
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "RecipeConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown recipe keys: {', '.join(unknown)}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(hints[k], v, k) for k, v in data.items()})
+    Hyperparameters are drawn per run exactly as for target runs (run 0 takes the defaults); the
+    last-step weights are kept, as the reference code does (no validation split).
+    """
 
-    def save_yaml(self, path: str | Path) -> None:
-        from .io import atomic_write_text
+    base: str = _opt("", "base model: a Hub id or a local transformers model folder", required=True)
+    dataset: str = _opt("", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", required=True)
+    label_column: str = _opt("label", "dataset column holding the class label")
+    image_column: str = _opt("image", "dataset column holding the image")
+    runs: int = _opt(1, "fine-tunes to make, each with its own seed and hyperparameters")
+    steps: int = _opt(5001, "optimisation steps per fine-tune")
+    batch_size: int = _opt(32, "images per step")
+    lr: float = _opt(5e-5, "learning rate of run 0 (Adam, constant)")
+    lr_choices: tuple[float, ...] = _opt((1e-5, 3e-5, 5e-5), "learning rates drawn by runs 1..N-1")
+    weight_decay: float = _opt(0.0, "weight decay of run 0")
+    weight_decay_choices: tuple[float, ...] = _opt((1e-4, 1e-6), "weight decays drawn by runs 1..N-1")
+    dropout: float = _opt(0.0, "feature dropout before the head, run 0")
+    dropout_choices: tuple[float, ...] = _opt((0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1")
+    image_size: int | None = _opt(None, "training resolution (default: the base's image processor size)")
+    augment: bool = _opt(True, "DomainBed augmentation on training images")
+    precision: str = _opt("auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16"))
+    seed: int = _opt(0, "seed of run 0; run r uses seed + r")
+    output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)")
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def load_yaml(cls, path: str | Path) -> "RecipeConfig":
-        data = yaml.safe_load(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
-        return cls.from_dict(data)
-
-    def replace(self, **changes) -> "RecipeConfig":
-        return dataclasses.replace(self, **changes)
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("base", "dataset"):
+            if not getattr(self, name):
+                problems.append(f"{name} is required")
+        for name in ("runs", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not self.lr > 0 or any(not v > 0 for v in self.lr_choices):
+            problems.append("learning rates must be > 0")
+        if self.weight_decay < 0 or any(v < 0 for v in self.weight_decay_choices):
+            problems.append("weight decays must be >= 0")
+        if not all(0 <= v < 1 for v in (self.dropout, *self.dropout_choices)):
+            problems.append("dropouts must be in [0, 1)")
+        if self.image_size is not None and self.image_size < 8:
+            problems.append(f"image_size must be at least 8 (got {self.image_size})")
+        if self.precision not in ("auto", "no", "bf16"):
+            problems.append(f"precision must be one of auto, no, bf16 (got {self.precision!r})")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -145,7 +205,7 @@ class RunHParams:
     dropout: float
 
 
-def draw_hparams(config: RecipeConfig, run_seed: int) -> RunHParams:
+def draw_hparams(config: RecipeConfig | IntertrainConfig, run_seed: int) -> RunHParams:
     """Run 0 takes the defaults; others draw each hparam from an RNG seeded by (seed, name).
 
     Seeding per name means adding a new hparam never reshuffles the existing ones (DomainBed).

@@ -225,15 +225,22 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def normalization_of(processor) -> Normalization:
-    mean = tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)))
-    std = tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)))
-    return Normalization(mean, std)  # type: ignore[arg-type]
+    """The mean/std the base was trained with: the processor's own, or a timm `data_config`'s."""
+    timm_config = getattr(processor, "data_config", None) or {}
+    mean = getattr(processor, "image_mean", None) or timm_config.get("mean")
+    std = getattr(processor, "image_std", None) or timm_config.get("std")
+    if mean is None or std is None:
+        raise DataError(f"{type(processor).__name__} declares no normalisation mean/std")
+    return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
 
 
 def resolution_of(processor, override: int | None) -> int:
     """Training resolution: the override, else what the base's image processor feeds the model."""
     if override:
         return override
+    timm_config = getattr(processor, "data_config", None) or {}
+    if timm_config.get("input_size"):
+        return int(timm_config["input_size"][-1])
     for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
         if isinstance(size, int):
             return size

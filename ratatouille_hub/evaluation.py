@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import ImageTensors, Normalization
+from .models import to_channels_last, to_contiguous
 
 ACCURACY_MODULE = Path(__file__).parent / "metrics" / "accuracy"
 
@@ -34,15 +35,17 @@ def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict_logits(model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 256, autocast=None) -> torch.Tensor:
-    """Logits (float32, on CPU) of `model` in eval mode over every image."""
+    """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last)."""
     model.eval()
     device = next(model.parameters()).device
     outputs = []
+    to_channels_last(model)
     for start in range(0, len(images), batch_size):
         pixels = normalize.from_uint8(images.pixels[start : start + batch_size]).to(device)
         with autocast() if autocast else contextlib.nullcontext():
-            logits = model(pixel_values=pixels).logits
+            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
         outputs.append(logits.float().cpu())
+    to_contiguous(model)
     if not outputs:
         return torch.empty((0, 0))
     return torch.cat(outputs)

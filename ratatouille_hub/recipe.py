@@ -7,13 +7,17 @@ or not at all, with a `done` marker: rerunning an interrupted recipe redoes only
     output/
       recipe.yaml        the config, replayable with --config
       lp/<hash>/         the shared linear-probe head
+      inits/<hash>/      fusing only: one run's starting point, a convex combination of checkpoints
       runs/<hash>/       one target fine-tune: model/, metrics.json, predictions.safetensors, done
-      soup/              the soup as a transformers model folder (+ README.md, recipe.yaml, results.json)
+      soup/              the result as a transformers model folder (+ README.md, recipe.yaml, results.json):
+                         the weight average (ratatouille, soup) or the best run by validation (erm, fusing)
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .card import build_card, is_hub_id
-from .config import RecipeConfig, RunHParams, draw_hparams, stable_hash
+from .config import AVERAGING_STRATEGIES, RecipeConfig, RunHParams, draw_hparams, stable_hash
 from .data import (
     DataError,
     ImageTensors,
@@ -40,7 +44,14 @@ from .evaluation import accuracy, ensemble_probabilities, predict_logits
 from .fetch import Ingredient, resolve_dataset, resolve_model
 from .io import atomic_write_json, exclusive_lock, staged_folder, sweep_staging
 from .merge import average_state_dicts, greedy_select, merge_model_folders
-from .models import head_linear, load_classifier, load_processor, quiet_transformers, set_head
+from .models import (
+    head_linear,
+    load_classifier,
+    load_processor,
+    quiet_transformers,
+    record_input_size,
+    set_head,
+)
 from .train import (
     DomainBatches,
     LinearHead,
@@ -111,7 +122,7 @@ def claimed_output(output: Path, config: RecipeConfig):
     output.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
         check_same_recipe(output / "recipe.yaml", config)
-        for folder in (output, output / "lp", output / "runs"):  # what a killed run left half-written
+        for folder in (output, output / "lp", output / "inits", output / "runs"):  # what a killed run left half-written
             sweep_staging(folder)
         config.save_yaml(output / "recipe.yaml")
         yield
@@ -156,18 +167,93 @@ def _train_and_merge(
 ) -> dict:
     accelerator = make_accelerator(config.precision)
     head, head_key = shared_linear_probe(config, base, target, accelerator, output / "lp", echo)
-    runs = []
-    for index in range(config.runs):
-        init = aux[index - 1] if 1 <= index <= len(aux) else base
-        runs.append(fine_tune(config, index, init, base, (head, head_key), target, accelerator, output / "runs", echo))
+    inits = run_inits(config, base, aux, target, output / "inits", echo)
+    runs = [
+        fine_tune(config, index, init, base, (head, head_key), target, accelerator, output / "runs", echo)
+        for index, init in enumerate(inits)
+    ]
+    used = [i for i in aux if any(i in fusion_members(init, aux) for init in inits)]
+    echo("[merge] averaging runs" if config.strategy in AVERAGING_STRATEGIES else "[merge] evaluating runs and their averages")
+    return make_soup(config, base, runs, target, output / "soup", echo, ingredients=[base, *used])
 
-    echo("[merge] averaging runs")
-    return make_soup(config, base, runs, target, output / "soup", echo)
+
+def run_inits(config: RecipeConfig, base: Ingredient, aux: list[Ingredient], target: "Target", root: Path, echo) -> list[Ingredient]:
+    """Where each run starts (METHOD.md): the base, one recycled fine-tune, or a fusion of several."""
+    if config.strategy == "ratatouille":
+        return [aux[index - 1] if 1 <= index <= len(aux) else base for index in range(config.runs)]
+    if config.strategy == "fusing":
+        if not aux:
+            raise RecipeError("--strategy fusing needs recycled fine-tunes (--aux, or a Hub base to discover them)")
+        groups = featurizers_by_dataset(aux)
+        return [fused_init(config, index, base, groups, target, root, echo) for index in range(config.runs)]
+    return [base] * config.runs
+
+
+def featurizers_by_dataset(aux: list[Ingredient]) -> list[list[Ingredient]]:
+    """Recycled fine-tunes grouped by the dataset their card names (ungrouped when it names none)."""
+    groups: dict[str, list[Ingredient]] = {}
+    for ingredient in aux:
+        groups.setdefault(trained_on(ingredient), []).append(ingredient)
+    return [groups[name] for name in sorted(groups)]
+
+
+def trained_on(ingredient: Ingredient) -> str:
+    from huggingface_hub import ModelCard
+
+    card = ingredient.path / "README.md"
+    try:
+        datasets = ModelCard.load(card).data.datasets if card.is_file() else None
+    except Exception:  # a card we cannot parse names no dataset
+        datasets = None
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    return ",".join(sorted(str(d) for d in datasets)) if datasets else ingredient.reference
+
+
+FUSION_FILE = "fusion.json"
+
+
+def fused_init(config: RecipeConfig, index: int, base: Ingredient, groups: list[list[Ingredient]], target: "Target", root: Path, echo) -> Ingredient:
+    """Fusing (METHOD.md): the base and one fine-tune per auxiliary dataset, mixed with weights
+    exp(4U) / sum, drawn from the run's seed. Heads are irrelevant: the run replaces its head with the LP."""
+    rng = random.Random(stable_int(f"{config.seed}:{index}:fusing"))
+    members = [base] + [group[rng.randrange(len(group))] for group in groups]
+    raw = [math.exp(4 * rng.random()) for _ in members]
+    weights = [w / sum(raw) for w in raw]
+    key = stable_hash({"members": [m.revision for m in members], "weights": weights, "labels": target.id2label})
+    folder = root / key
+    if not (folder / DONE).exists():
+        echo(f"[fusing] run {index + 1}: " + ", ".join(f"{w:.2f} x {m.source}" for w, m in zip(weights, members)))
+        torch.manual_seed(stable_int(f"{config.seed}:{index}:fusing-heads"))
+        states = [load_classifier(m.path, target.id2label).state_dict() for m in members]
+        model = load_classifier(base.path, target.id2label)
+        model.load_state_dict(average_state_dicts(states, weights))
+        with staged_folder(folder) as staging:
+            model.save_pretrained(staging)
+            copy_processor(base.path, staging)
+            atomic_write_json(staging / FUSION_FILE, {"members": [m.reference for m in members], "weights": weights})
+            (staging / DONE).touch()
+    return Ingredient(f"fusion:{key}", f"fused:{key}", folder)
+
+
+def fusion_members(init: Ingredient, aux: list[Ingredient]) -> list[Ingredient]:
+    """The recycled checkpoints an init is made of (itself, or the members of a fusion)."""
+    if not init.revision.startswith("fused:"):
+        return [init]
+    references = json.loads((init.path / FUSION_FILE).read_text())["members"]
+    return [i for i in aux if i.reference in references]
+
+
+def copy_processor(base_folder: Path, destination: Path) -> None:
+    """A complete model folder: the base's image processor config, where it has one (timm-wrapped
+    models keep theirs inside config.json)."""
+    if (base_folder / PROCESSOR_FILE).exists():
+        shutil.copyfile(base_folder / PROCESSOR_FILE, destination / PROCESSOR_FILE)
 
 
 def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
     """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha."""
-    if config.strategy != "ratatouille":
+    if config.strategy not in ("ratatouille", "fusing"):
         return []
     if config.aux or not is_hub_id(config.base):
         return list(config.aux)
@@ -320,6 +406,7 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
         eval_every=config.eval_every, desc=label,
     )
     model.load_state_dict(outcome.state)
+    record_input_size(model, target.test.pixels.shape[-1])
     predictions = predict_target(model, target)
     metrics = {
         "init": init.reference,
@@ -331,7 +418,7 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
     }
     with staged_folder(folder) as staging:
         model.save_pretrained(staging / "model")
-        shutil.copyfile(base.path / PROCESSOR_FILE, staging / "model" / PROCESSOR_FILE)  # a complete model folder
+        copy_processor(base.path, staging / "model")
         save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
         atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()
@@ -343,8 +430,10 @@ def stable_int(text: str) -> int:
     return int(stable_hash({"k": text}, length=15), 16)
 
 
-def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo) -> dict:
-    """Average the runs (uniform or greedy), evaluate everything, write the soup folder atomically."""
+def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo,
+              ingredients: list[Ingredient] | None = None) -> dict:
+    """Evaluate the runs, their uniform and greedy averages and their ensemble; write the result folder
+    atomically: the weight average (ratatouille, soup) or the best run by validation (erm, fusing)."""
     labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
     pooled_labels = torch.cat(list(labels_val.values()))
 
@@ -355,33 +444,42 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
     run_rows = [score(predictions) for predictions in run_predictions]
 
     by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
+    best = by_val[0]
     averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
-    greedy_members = sorted(greedy_select(by_val, averager.validation_accuracy))
-    members = greedy_members if config.method == "greedy" else list(range(len(runs)))
+    averages = {"uniform": list(range(len(runs))), "greedy": sorted(greedy_select(by_val, averager.validation_accuracy))}
+    averaging = config.strategy in AVERAGING_STRATEGIES
 
     with staged_folder(folder) as staging:
-        merge_model_folders([runs[i].model_folder for i in members], staging)
-        shutil.copyfile(base.path / PROCESSOR_FILE, staging / PROCESSOR_FILE)
-        soup_model = load_classifier(staging, target.id2label)
-        if config.bn_policy == "reestimate":
-            averager.reestimate(soup_model)
-            soup_model.save_pretrained(staging)
-        soup_row = score(predict_target(soup_model, target))
+        average_rows = {}
+        if averaging:
+            members = averages[config.method]
+            merge_model_folders([runs[i].model_folder for i in members], staging)
+            copy_processor(base.path, staging)
+            soup_model = load_classifier(staging, target.id2label)
+            if config.bn_policy == "reestimate":
+                averager.reestimate(soup_model)
+                soup_model.save_pretrained(staging)
+            average_rows[config.method] = score(predict_target(soup_model, target))
+            result = {"method": config.method, "members": members, **average_rows[config.method]}
+        else:
+            for file in runs[best].model_folder.iterdir():
+                shutil.copyfile(file, staging / file.name)
+            result = {"method": "best-run", "members": [best], **run_rows[best]}
+        for method, members in averages.items():
+            if method not in average_rows:
+                average_rows[method] = score(predict_target(averager.model(members), target))
+        ensemble_row = score({k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]})
 
-        ensemble = {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}
-        ensemble_row = score(ensemble)
-        other_method = "uniform" if config.method == "greedy" else "greedy"
-        other_members = list(range(len(runs))) if other_method == "uniform" else greedy_members
-        other_row = score(predict_target(averager.model(other_members), target))
-        best = by_val[0]
-
+        this_model = ", this model"
         summary = [
-            {"name": f"best single run (#{best}, by validation)", **_pick(run_rows[best])},
-            {"name": f"soup, {config.method} ({len(members)} runs), this model", **_pick(soup_row)},
-            {"name": f"soup, {other_method} ({len(other_members)} runs)", **_pick(other_row)},
+            {"name": f"best single run (#{best}, by validation){'' if averaging else this_model}", **_pick(run_rows[best])},
+            *({"name": f"soup, {method} ({len(averages[method])} runs)"
+               f"{this_model if averaging and method == config.method else ''}", **_pick(average_rows[method])}
+              for method in ("uniform", "greedy")),
             {"name": f"ensemble of the {len(runs)} runs (reference)", **_pick(ensemble_row)},
         ]
-        ingredients = [base] + sorted({r.init for r in runs if r.init.revision != base.revision}, key=lambda i: i.source)
+        if ingredients is None:
+            ingredients = [base] + sorted({r.init for r in runs if r.init.revision != base.revision}, key=lambda i: i.source)
         results = {
             "recipe": config.to_dict(),
             "target": target.reference,
@@ -397,8 +495,9 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
                  "best_step": run.metrics["best_step"], "folder": run.folder.relative_to(folder.parent).as_posix(), **row}
                 for run, row in zip(runs, run_rows)
             ],
-            "soup": {"method": config.method, "members": members, **soup_row},
-            f"soup_{other_method}": {"members": other_members, **other_row},
+            "soup": result,
+            "best_run": {"index": best, **run_rows[best]},
+            **{f"soup_{method}": {"members": averages[method], **average_rows[method]} for method in averages},
             "greedy_order": by_val,
             "ensemble": ensemble_row,
             "summary": summary,

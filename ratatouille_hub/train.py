@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 
 from .data import ImageTensors, Normalization, augment
 from .evaluation import accuracy, predict_logits
-from .models import capture_features, feature_dropout, head_linear, train_mode_frozen_bn
+from .models import (
+    capture_features,
+    feature_dropout,
+    head_linear,
+    to_channels_last,
+    to_contiguous,
+    train_mode_frozen_bn,
+)
 
 
 def make_accelerator(precision: str):
@@ -117,7 +124,7 @@ def optimize(
     state (ties keep the earlier step); without it, returns the last state (auxiliary fine-tunes).
     """
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(to_channels_last(model), optimizer)
     inner = accelerator.unwrap_model(model)
     generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
     best: TrainOutcome | None = None
@@ -132,7 +139,7 @@ def optimize(
                 inner.train()
             pixels, labels = next(batches)
             x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
-            x = normalize(x).to(accelerator.device)
+            x = normalize(x).to(accelerator.device).contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
                 logits = model(pixel_values=x).logits
                 loss = loss_fn(logits.float(), labels.to(accelerator.device))
@@ -145,6 +152,7 @@ def optimize(
                 progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
                 if best is None or score > best.val_accuracy:
                     best = TrainOutcome(_clone_state(inner), step, score)
+    to_contiguous(inner)
     accelerator.free_memory()  # drop the accelerator's references to this run's model and optimizer
     if best is None:
         return TrainOutcome(_clone_state(inner), steps, None, history)
@@ -179,7 +187,7 @@ def reestimate_batchnorm(model: nn.Module, images: ImageTensors, normalize: Norm
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach().clone(memory_format=torch.contiguous_format) for name, tensor in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -194,9 +202,12 @@ class LinearHead:
 def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
+    to_channels_last(model)
     with capture_features(model) as captured:
         for start in range(0, len(images), batch_size):
-            model(pixel_values=normalize.from_uint8(images.pixels[start : start + batch_size]).to(device))
+            pixels = normalize.from_uint8(images.pixels[start : start + batch_size]).to(device)
+            model(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
+    to_contiguous(model)
     return torch.cat(captured).float().cpu()
 
 

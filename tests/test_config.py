@@ -96,7 +96,7 @@ def test_yaml_written_by_hand_is_coerced(tmp_path):
         ({"holdout_fraction": 1.0}, "holdout_fraction"),
         ({"image_size": 4}, "image_size"),
         ({"method": "median"}, "method must be one of uniform, greedy"),
-        ({"strategy": "fusing"}, "strategy must be one of"),
+        ({"strategy": "stacking"}, "strategy must be one of"),
         ({"precision": "fp16"}, "precision must be one of"),
         ({"bn_policy": "train"}, "bn_policy must be one of"),
         ({"lr_choices": ()}, "lr_choices must not be empty"),
