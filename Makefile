@@ -7,7 +7,7 @@ export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 10000000000
 export MALLOC_TOP_PAD_ := 1073741824
 
-.PHONY: venv demo test bench-merge clean
+.PHONY: venv demo test bench-merge bench-pacs clean
 
 $(BIN)/ratatouille-hub: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: venv
 
 bench-merge: venv
 	$(BIN)/python benchmarks/merge.py
+
+bench-pacs: venv  # hours on 2 cores; resumable: rerun to continue
+	$(BIN)/python benchmarks/pacs.py
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -113,7 +113,7 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         n_selected=len(soup["members"]),
         method=soup["method"],
         strategy_sentence=strategy_sentence,
-        strategy=strategy,
+        baseline_name={"erm": "An **ERM**", "fusing": "A **Fusing**"}.get(strategy, f"A **{markdown_cell(strategy)}**"),
         averaged=soup["method"] != "best-run",
         summary_rows=summary_rows,
         runs=runs,

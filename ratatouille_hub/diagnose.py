@@ -116,9 +116,13 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
 
 
 def _label_names(folder: Path) -> list[str]:
+    """The class names a saved checkpoint predicts (`id2label`, or `label_names` for timm-wrapped models)."""
     import json
 
-    id2label = json.loads((Path(folder) / "config.json").read_text()).get("id2label", {})
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if "label_names" in config:
+        return list(config["label_names"])
+    id2label = config.get("id2label", {})
     return [id2label[key] for key in sorted(id2label, key=int)]
 
 

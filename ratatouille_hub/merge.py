@@ -25,7 +25,7 @@ from torch import Tensor
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 COPIED_CONFIGS = ("config.json", "preprocessor_config.json")
-CHECKED_CONFIG_KEYS = ("model_type", "id2label")
+CHECKED_CONFIG_KEYS = ("model_type", "id2label", "label_names")  # label_names: timm-wrapped models
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # refused by name, never opened
 MAX_RANK = 64  # more dimensions than torch supports: a corrupt header, not a model

@@ -153,6 +153,8 @@ def _run_stages(config: RecipeConfig, output: Path, token, echo) -> dict:
     for ingredient in aux:
         echo(f"[fetch] recycled {ingredient.reference}")
     check_ingredients(base, aux)
+    if config.strategy == "fusing" and not aux:
+        raise RecipeError("--strategy fusing needs recycled fine-tunes (--aux, or a Hub base to discover them)")
 
     echo(f"[data] {config.target}")
     target = prepare_target(config, base, token)
@@ -182,8 +184,6 @@ def run_inits(config: RecipeConfig, base: Ingredient, aux: list[Ingredient], tar
     if config.strategy == "ratatouille":
         return [aux[index - 1] if 1 <= index <= len(aux) else base for index in range(config.runs)]
     if config.strategy == "fusing":
-        if not aux:
-            raise RecipeError("--strategy fusing needs recycled fine-tunes (--aux, or a Hub base to discover them)")
         groups = featurizers_by_dataset(aux)
         return [fused_init(config, index, base, groups, target, root, echo) for index in range(config.runs)]
     return [base] * config.runs

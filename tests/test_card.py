@@ -121,3 +121,25 @@ def test_provenance_marks_the_members_of_the_soup(tmp_path):
     rows = [line for line in card.content.splitlines() if re.match(r"^\| \d+ \|", line)]
     assert [row.rstrip(" |").rsplit("|", 1)[1].strip() for row in rows] == ["yes", "no", "yes"]
     assert "greedy average of 2 runs" in card.content
+
+
+def test_erm_best_run_card_is_a_finetune_of_the_base(tmp_path):
+    results = results_dict(ingredients=[{"source": "org/resnet-base", "revision": "0" * 40, "is_hub": True}],
+                           run_inits=[f"org/resnet-base@{'0' * 40}"] * 3, members=(1,))
+    results["recipe"]["strategy"] = "erm"
+    results["soup"]["method"] = "best-run"
+    card = saved_card(tmp_path, results)
+    assert card.data.base_model == ["org/resnet-base"] and card.data.base_model_relation == "finetune"
+    assert "merge" not in card.data.tags and "weight-averaging" not in card.data.tags
+    assert "An **ERM** baseline of [Model Ratatouille]" in card.text and "the best, by training-domain validation, of 3 fine-tunes" in card.text
+    assert "averaged\nweight by weight" not in card.text
+
+
+def test_fusing_best_run_card_names_every_parent_as_a_merge(tmp_path):
+    results = results_dict()
+    results["recipe"]["strategy"] = "fusing"
+    results["soup"] = {**results["soup"], "method": "best-run", "members": [0]}
+    card = saved_card(tmp_path, results)
+    assert card.data.base_model == HUB_INGREDIENTS and card.data.base_model_relation == "merge"
+    assert "A **Fusing** baseline" in card.text
+    assert "random convex combination of the base and one recycled fine-tune per auxiliary dataset" in card.text
