@@ -45,7 +45,11 @@ def load_target(source: str, revision: str | None = None, token: str | bool | No
     """A `datasets.Dataset` from a local folder, a parquet file or a Hub dataset id (all splits joined)."""
     import datasets
 
+    from .card import is_hub_id
+
     path = Path(source)
+    if not path.exists() and not is_hub_id(str(source)):
+        raise DataError(f"{source}: no such dataset folder or file (and not a Hub dataset id)")
     if path.is_file() and path.suffix == ".parquet":
         loaded = datasets.load_dataset("parquet", data_files=str(path))
     elif path.is_dir() and (path / "dataset_info.json").exists():

@@ -337,6 +337,19 @@ def test_recycle_config_trouble(world, tmp_path, refused):
     assert out.read_text() == "not a folder"
 
 
+def test_strategy_and_intertrain_trouble(world, tmp_path, refused):
+    out = tmp_path / "out"
+    argv = ["recycle", "--base", str(world.base), "--target", str(world.target), "--strategy", "fusing", *TINY,
+            "--output", str(out)]
+    refused("fusing-without-aux", "--strategy fusing with no fine-tune to fuse", argv, "fusing", out)
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.no_label), "--steps", "1", "--output", str(out)]
+    refused("intertrain-no-label-column", "intertrain on a dataset without the label column", argv, "'label'", out)
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.root / "nowhere"), "--output", str(out)]
+    refused("intertrain-missing-dataset", "intertrain --dataset naming no folder or Hub dataset", argv, "nowhere", out)
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.target), "--runs", "0", "--output", str(out)]
+    refused("intertrain-zero-runs", "intertrain --runs 0", argv, "runs", out)
+
+
 def _yaml(tmp_path: Path, values: dict) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(values))
