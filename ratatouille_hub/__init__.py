@@ -2,16 +2,26 @@
 
     from ratatouille_hub import RecipeConfig, recycle
     results = recycle(RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",)))
+
+    from ratatouille_hub import IntertrainConfig, intertrain
+    folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
 """
 
-from .config import RecipeConfig
+from .config import IntertrainConfig, RecipeConfig
 
 __version__ = "0.1.0"
-__all__ = ["RecipeConfig", "recycle", "__version__"]
+__all__ = ["IntertrainConfig", "RecipeConfig", "intertrain", "recycle", "__version__"]
 
 
 def recycle(config: RecipeConfig, **kwargs):
     """Run the recipe (see `ratatouille_hub.recipe.recycle`); imported lazily to keep imports fast."""
     from .recipe import recycle as run
+
+    return run(config, **kwargs)
+
+
+def intertrain(config: IntertrainConfig, **kwargs):
+    """Fine-tune the base on an auxiliary dataset (see `ratatouille_hub.intertrain.intertrain`)."""
+    from .intertrain import intertrain as run
 
     return run(config, **kwargs)
