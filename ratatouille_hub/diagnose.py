@@ -101,12 +101,12 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     expected = list(target.id2label.values())
     states = []
     for ingredient in ingredients:
-        model = load_classifier(ingredient.path, target.id2label)
         saved = _label_names(ingredient.path)
         if saved != expected:
             raise ValueError(f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}...")
-        states.append(model.state_dict())
-    validation = target.data.pooled_val
+        states.append(load_classifier(ingredient.path, target.id2label).state_dict())
+    model = load_classifier(ingredients[0].path, target.id2label)  # its own tensors: loading a state into it
+    validation = target.data.pooled_val  # must never write into one of `states`
 
     def predict(state) -> torch.Tensor:
         model.load_state_dict(state)

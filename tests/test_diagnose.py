@@ -1,5 +1,6 @@
 """diagnose: the three criteria of METHOD.md, as pure functions and through the CLI on real runs."""
 
+import json
 
 import pytest
 import torch
@@ -80,6 +81,35 @@ def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
     assert code == 0
     assert "[0]-[1]" in out and str(models[0]) in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
+    """Each model's accuracy is its own, whatever order the models are evaluated in."""
+    from ratatouille_hub.diagnose import diagnose_models
+    from ratatouille_hub.evaluation import predict_logits
+    from ratatouille_hub.fetch import resolve_model
+    from ratatouille_hub.models import head_linear, load_classifier
+    from ratatouille_hub.recipe import prepare_target
+
+    target, runs = two_runs
+    id2label = {int(k): v for k, v in json.loads((runs[1] / "config.json").read_text())["id2label"].items()}
+    always_first = load_classifier(runs[1], id2label)
+    with torch.no_grad():  # a run that always answers class 0: surely another accuracy than run 0's
+        head_linear(always_first).weight.zero_()
+        head_linear(always_first).bias.copy_(torch.arange(len(head_linear(always_first).bias)) == 0)
+    always_first.save_pretrained(tmp_path / "always-first")
+    (tmp_path / "always-first" / "preprocessor_config.json").write_bytes((runs[1] / "preprocessor_config.json").read_bytes())
+    models = [runs[0], tmp_path / "always-first"]
+    config = RecipeConfig(base=str(models[0]), target=str(target), image_size=16)
+    prepared = prepare_target(config, resolve_model(str(models[0])))
+    validation = prepared.data.pooled_val
+    own = [int((predict_logits(load_classifier(m, prepared.id2label), validation, prepared.data.normalize).argmax(1)
+                == validation.labels).sum()) for m in models]
+    assert own[0] != own[1]  # the two runs are told apart by their accuracy
+    for order in (models, models[::-1]):
+        diagnosis = diagnose_models([str(m) for m in order], config)
+        correct = [round(a * len(validation)) for a in diagnosis.accuracies]
+        assert correct == (own if order == models else own[::-1])
 
 
 def test_cli_diagnose_refuses_a_model_of_other_labels(two_runs, tiny_checkpoints, capsys):
