@@ -54,14 +54,15 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
     target = recipe["target"]
     test_domain = results["test_domain"]
     soup = results["soup"]
+    averaged = soup["method"] != "best-run"  # erm and fusing results are a single run
     model_name = repo_id or "ratatouille-soup"
     data = ModelCardData(
         base_model=hub_ids or None,
-        base_model_relation=("merge" if len(hub_ids) > 1 or soup["method"] != "best-run" else "finetune") if hub_ids else None,
+        base_model_relation=("merge" if len(hub_ids) > 1 or averaged else "finetune") if hub_ids else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         datasets=[target] if is_hub_id(target) else None,
-        tags=["model-ratatouille", *(("weight-averaging", "merge") if soup["method"] != "best-run" else ()),
+        tags=["model-ratatouille", *(("weight-averaging", "merge") if averaged else ()),
               "domain-generalization", "ratatouille-hub"],
         model_name=model_name,
         eval_results=[
@@ -114,7 +115,7 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         method=soup["method"],
         strategy_sentence=strategy_sentence,
         baseline_name={"erm": "An **ERM**", "fusing": "A **Fusing**"}.get(strategy, f"A **{markdown_cell(strategy)}**"),
-        averaged=soup["method"] != "best-run",
+        averaged=averaged,
         summary_rows=summary_rows,
         runs=runs,
         lp_steps=recipe["lp_steps"],

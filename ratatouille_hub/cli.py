@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import IntertrainConfig, RecipeConfig
+from .config import AVERAGING_STRATEGIES, IntertrainConfig, RecipeConfig
 
 EPILOG_RECYCLE = """\
 examples:
@@ -194,7 +194,7 @@ def run_recycle(args) -> None:
     print()
     for row in results["summary"]:
         print(f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%")
-    print(f"\n{'soup' if config.strategy in ('ratatouille', 'soup') else 'best run'}: {Path(config.output) / 'soup'}")
+    print(f"\n{'soup' if config.strategy in AVERAGING_STRATEGIES else 'best run'}: {Path(config.output) / 'soup'}")
     _push_if_asked(args, Path(config.output) / "soup")
 
 

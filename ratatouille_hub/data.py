@@ -162,6 +162,12 @@ class ImageTensors:
         return len(self.labels)
 
 
+def evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
+    """At most `count` images, spread evenly over the set (a fixed, order-preserving sample)."""
+    rows = torch.linspace(0, len(images) - 1, min(len(images), count)).long()
+    return ImageTensors(images.pixels[rows], images.labels[rows])
+
+
 def decode_images(dataset, rows, *, image_column: str, label_column: str, label_names, size: int) -> ImageTensors:
     """Decode `rows` into uint8 tensors resized to size x size (bilinear, as the image processors do)."""
     from PIL import Image

@@ -20,7 +20,7 @@ import torch
 
 from .card import is_hub_id, plain_text
 from .config import IntertrainConfig, draw_hparams, stable_hash
-from .data import DataError, ImageTensors, decode_images, label_names_of, load_target, normalization_of, resolution_of
+from .data import DataError, decode_images, evenly_spaced, label_names_of, load_target, normalization_of, resolution_of
 from .evaluation import accuracy, predict_logits
 from .fetch import resolve_model
 from .io import atomic_write_json, exclusive_lock, staged_folder, sweep_staging
@@ -99,7 +99,7 @@ def intertrain(config: IntertrainConfig, *, token: str | bool | None = None, ech
                 )
                 model.load_state_dict(outcome.state)
                 record_input_size(model, size)
-                sample = _evenly_spaced(images, 1000)
+                sample = evenly_spaced(images, 1000)
                 results = {"base": base.reference, "dataset": data_reference, "hparams": asdict(hparams),
                            "steps": config.steps, "image_size": size, "n_images": len(images),
                            "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels)}
@@ -136,8 +136,3 @@ def aux_card(config: IntertrainConfig, base_source: str, label_names, results: d
         dropout=hparams["dropout"], batch_size=config.batch_size, resolution=results["image_size"],
         train_accuracy=f"{100 * results['train_accuracy']:.1f}",
     )
-
-
-def _evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
-    rows = torch.linspace(0, len(images) - 1, min(len(images), count)).long()
-    return ImageTensors(images.pixels[rows], images.labels[rows])

@@ -174,7 +174,8 @@ def _train_and_merge(
         fine_tune(config, index, init, base, (head, head_key), target, accelerator, output / "runs", echo)
         for index, init in enumerate(inits)
     ]
-    used = [i for i in aux if any(i in fusion_members(init, aux) for init in inits)]
+    recycled = {member for init in inits for member in fusion_members(init, aux)}
+    used = [i for i in aux if i in recycled]
     echo("[merge] averaging runs" if config.strategy in AVERAGING_STRATEGIES else "[merge] evaluating runs and their averages")
     return make_soup(config, base, runs, target, output / "soup", echo, ingredients=[base, *used])
 
@@ -431,7 +432,7 @@ def stable_int(text: str) -> int:
 
 
 def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo,
-              ingredients: list[Ingredient] | None = None) -> dict:
+              ingredients: list[Ingredient]) -> dict:
     """Evaluate the runs, their uniform and greedy averages and their ensemble; write the result folder
     atomically: the weight average (ratatouille, soup) or the best run by validation (erm, fusing)."""
     labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
@@ -478,8 +479,6 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
               for method in ("uniform", "greedy")),
             {"name": f"ensemble of the {len(runs)} runs (reference)", **_pick(ensemble_row)},
         ]
-        if ingredients is None:
-            ingredients = [base] + sorted({r.init for r in runs if r.init.revision != base.revision}, key=lambda i: i.source)
         results = {
             "recipe": config.to_dict(),
             "target": target.reference,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageTensors, Normalization, augment
+from .data import ImageTensors, Normalization, augment, evenly_spaced
 from .evaluation import accuracy, predict_logits
 from .models import (
     capture_features,
@@ -174,13 +174,13 @@ def reestimate_batchnorm(model: nn.Module, images: ImageTensors, normalize: Norm
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over all batches
-    rows = torch.linspace(0, len(images) - 1, min(len(images), max_images)).long()
+    sample = evenly_spaced(images, max_images)
     model.eval()
     for norm in norms:
         norm.train()
     device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        model(pixel_values=normalize.from_uint8(images.pixels[rows[start : start + batch_size]]).to(device))
+    for start in range(0, len(sample), batch_size):
+        model(pixel_values=normalize.from_uint8(sample.pixels[start : start + batch_size]).to(device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
