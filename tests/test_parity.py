@@ -1,0 +1,43 @@
+"""The restructuring invariant: for a fixed recipe, the soup's weights are byte-identical across refactors.
+
+The digests were recorded from the code before the plan/execute/assemble rebuild (commit 89fdb8c), on the
+tiny world of conftest.py with one torch thread. A change that moves code must keep them; a change meant to
+alter numbers updates them in its own commit, saying before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from ratatouille_hub import recycle
+from ratatouille_hub.config import RecipeConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PINNED_SOUPS = {
+    "ratatouille-uniform": ({}, "b81ca7208967b14e13e971bbb1e5675da72cd186d4775c379b96b93066298f08"),
+    "soup-greedy-reestimate": (
+        {"strategy": "soup", "method": "greedy", "bn_policy": "reestimate"},
+        "1689ddb8f7e0212ce7015c3fad5ef74d51ebace2ccfa898e07f2814c1f495e76",
+    ),
+    "fusing": ({"strategy": "fusing"}, "fe515e162a483d530b66f1cc279b9e4a28342248e1845d440f5b9a25bf7a2544"),
+}
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    return tmp_path_factory.mktemp("parity") / "out"  # shared: the three recipes reuse each other's runs
+
+
+@pytest.mark.parametrize("name", list(PINNED_SOUPS))
+def test_soup_bytes_are_pinned(tiny_world, output, name):
+    changes, expected = PINNED_SOUPS[name]
+    config = RecipeConfig(
+        base=str(tiny_world.base), target=str(tiny_world.target), aux=tuple(str(a) for a in tiny_world.aux),
+        runs=3, steps=4, eval_every=2, lp_steps=5, lp_lr=1e-2, warmup_steps=2, batch_size=4, lr=1e-3,
+        lr_choices=(1e-3, 2e-3), image_size=16, output=str(output), **changes,
+    )
+    recycle(config, echo=lambda line: None)
+    assert hashlib.sha256((output / "soup" / "model.safetensors").read_bytes()).hexdigest() == expected
