@@ -7,7 +7,7 @@ export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 10000000000
 export MALLOC_TOP_PAD_ := 1073741824
 
-.PHONY: venv demo test bench-merge bench-pacs clean
+.PHONY: venv demo test format bench-merge bench-pacs clean
 
 $(BIN)/ratatouille-hub: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ demo: venv
 	$(BIN)/ratatouille-hub demo --output demo-output
 
 test: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+format: venv  # what `make test` checks, applied
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench-merge: venv
 	$(BIN)/python benchmarks/merge.py

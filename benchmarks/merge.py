@@ -33,7 +33,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "merge.json"
 WEIGHTS = "model.safetensors"
 # mergekit 0.1.5 plus the requirements the project venv lacks; --no-deps keeps the project's torch.
 MERGEKIT_INSTALL = [
-    "mergekit==0.1.5", "immutables==0.21", "peft==0.21.2", "sentencepiece==0.2.3", "protobuf==7.36.2", "scipy==1.17.1",
+    "mergekit==0.1.5",
+    "immutables==0.21",
+    "peft==0.21.2",
+    "sentencepiece==0.2.3",
+    "protobuf==7.36.2",
+    "scipy==1.17.1",
 ]
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -96,8 +101,10 @@ def print_max_abs_difference(first: Path, second: Path) -> None:
     from safetensors.torch import load_file
 
     a, b = load_file(first), load_file(second)
-    diff = float("inf") if a.keys() != b.keys() else max(
-        float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a
+    diff = (
+        float("inf")
+        if a.keys() != b.keys()
+        else max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
     )
     print(json.dumps(diff))
 
@@ -161,9 +168,12 @@ def run_benchmark(sizes: list[int], repeats: int) -> dict:
         print(f"measuring N={n}", flush=True)
         rows += measure_size(folders[:n], repeats, mergekit_problem)
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
-                    "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
         "checkpoint_mb": round((folders[0] / WEIGHTS).stat().st_size / 1e6, 1),
         "repeats": repeats,
         "rows": rows,
@@ -203,12 +213,17 @@ def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None)
             rows.append({"method": name, "n": n, "not_measured": failures[name]})
             continue
         walls = [w for w, _ in samples[name]]
-        rows.append({
-            "method": name, "n": n, "wall_s": round(statistics.median(walls), 3), "best_wall_s": round(min(walls), 3),
-            "peak_rss_mib": round(max(r for _, r in samples[name]), 1),
-            "wall_over_floor": round(statistics.median(walls) / floor_wall, 3),
-            "wall_samples_s": [round(w, 3) for w in walls],
-        })
+        rows.append(
+            {
+                "method": name,
+                "n": n,
+                "wall_s": round(statistics.median(walls), 3),
+                "best_wall_s": round(min(walls), 3),
+                "peak_rss_mib": round(max(r for _, r in samples[name]), 1),
+                "wall_over_floor": round(statistics.median(walls) / floor_wall, 3),
+                "wall_samples_s": [round(w, 3) for w in walls],
+            }
+        )
     if "ours" not in failures and "naive" not in failures:
         diff = helper("--compare", str(OUTPUTS / f"ours-{n}" / WEIGHTS), str(OUTPUTS / f"naive-{n}" / WEIGHTS))
         rows.append({"method": "check", "n": n, "max_abs_diff_ours_vs_naive": json.loads(diff)})

@@ -140,8 +140,12 @@ def intertrain_auxiliaries(timings: dict) -> list[str]:
     for name in AUX_DATASETS:
         repo_id = f"bench/efficientnet-lite0-{name}"
         config = IntertrainConfig(
-            base=BASE_ID, dataset=str(SHARED / "data" / name), steps=AUX_STEPS, batch_size=AUX_BATCH,
-            image_size=IMAGE_SIZE, output=str(WORK / "intertrain" / name),
+            base=BASE_ID,
+            dataset=str(SHARED / "data" / name),
+            steps=AUX_STEPS,
+            batch_size=AUX_BATCH,
+            image_size=IMAGE_SIZE,
+            output=str(WORK / "intertrain" / name),
         )
         started = time.time()
         (folder,) = intertrain(config)
@@ -167,9 +171,19 @@ def run_cell(trial: int, domain: str, strategy: str, timings: dict) -> None:
         return
     print(f"\n== trial {trial}, test domain {domain}, strategy {strategy}", flush=True)
     config = RecipeConfig(
-        base=BASE_ID, target="PACS", test_domain=domain, strategy=strategy, runs=RUNS, steps=STEPS,
-        eval_every=EVAL_EVERY, lp_steps=LP_STEPS, warmup_steps=WARMUP, batch_size=BATCH, image_size=IMAGE_SIZE,
-        seed=trial, output=str(WORK / f"trial{trial}" / domain),
+        base=BASE_ID,
+        target="PACS",
+        test_domain=domain,
+        strategy=strategy,
+        runs=RUNS,
+        steps=STEPS,
+        eval_every=EVAL_EVERY,
+        lp_steps=LP_STEPS,
+        warmup_steps=WARMUP,
+        batch_size=BATCH,
+        image_size=IMAGE_SIZE,
+        seed=trial,
+        output=str(WORK / f"trial{trial}" / domain),
     )
     started = time.time()
     results = recycle(config, echo=lambda line: print(line, flush=True))
@@ -196,12 +210,24 @@ def diagnose_domain(trial: int, domain: str) -> None:
     print(format_diagnosis(diagnosis))
     plot_paths(diagnosis, destination.with_suffix(".png"))
     inits = [run["init"].split("@")[0] for run in results["runs"]]
-    save_json(destination, {
-        "domain": domain, "runs": inits, "distance_to_base": auxiliary_distances(results),
-        "accuracies": list(diagnosis.accuracies),
-        "pairs": [{"runs": [inits[p.a], inits[p.b]], "ratio_error": p.ratio_error, "barrier": p.barrier,
-                   "path_accuracies": list(p.path_accuracies)} for p in diagnosis.pairs],
-    })
+    save_json(
+        destination,
+        {
+            "domain": domain,
+            "runs": inits,
+            "distance_to_base": auxiliary_distances(results),
+            "accuracies": list(diagnosis.accuracies),
+            "pairs": [
+                {
+                    "runs": [inits[p.a], inits[p.b]],
+                    "ratio_error": p.ratio_error,
+                    "barrier": p.barrier,
+                    "path_accuracies": list(p.path_accuracies),
+                }
+                for p in diagnosis.pairs
+            ],
+        },
+    )
 
 
 def auxiliary_distances(results: dict) -> dict[str, float]:
@@ -241,7 +267,8 @@ def report() -> None:
     diagnoses = {p.stem: load_json(p, None) for p in sorted(WORK.glob("trial*/results/diagnose-*.json"))}
     payload = {
         "protocol": PROTOCOL,
-        "trials": trials, "complete_trials": complete_trials,
+        "trials": trials,
+        "complete_trials": complete_trials,
         "test_accuracy": summary,
         "test_accuracy_per_trial": table,
         "val_accuracy_per_trial": val_table,
@@ -310,22 +337,34 @@ def markdown(payload: dict) -> str:
             "",
             "| run | init | validation accuracy | init's distance to the base |",
             "|---|---|---|---|",
-            *(f"| {i} | {init} | {100 * acc:.1f} | {_distance(diagnosis, init)} |"
-              for i, (init, acc) in enumerate(zip(diagnosis["runs"], diagnosis["accuracies"]))),
+            *(
+                f"| {i} | {init} | {100 * acc:.1f} | {_distance(diagnosis, init)} |"
+                for i, (init, acc) in enumerate(zip(diagnosis["runs"], diagnosis["accuracies"]))
+            ),
             "",
             "| pair | ratio-error | barrier (points) | accuracy along the path (0, .25, .5, .75, 1) |",
             "|---|---|---|---|",
-            *(f"| {p['runs'][0]} / {p['runs'][1]} | {p['ratio_error']:.2f} | {100 * p['barrier']:.1f} | "
-              + ", ".join(f"{100 * a:.1f}" for a in p["path_accuracies"]) + " |" for p in diagnosis["pairs"]),
+            *(
+                f"| {p['runs'][0]} / {p['runs'][1]} | {p['ratio_error']:.2f} | {100 * p['barrier']:.1f} | "
+                + ", ".join(f"{100 * a:.1f}" for a in p["path_accuracies"])
+                + " |"
+                for p in diagnosis["pairs"]
+            ),
         ]
     pngs = sorted(RESULTS.glob("pacs-diagnose-*.png"))
     if pngs:
         lines += ["", *(f"![interpolation paths]({p.name})" for p in pngs)]
     timings = payload["timings_s"]
     if timings:
-        lines += ["", "## Wall time (s, 2 cores)", "", "| stage | seconds |", "|---|---|",
-                  *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
-                  f"| total | {sum(timings.values()):.0f} |"]
+        lines += [
+            "",
+            "## Wall time (s, 2 cores)",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
+            f"| total | {sum(timings.values()):.0f} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

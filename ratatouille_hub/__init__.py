@@ -1,10 +1,10 @@
 """ratatouille-hub: Model Ratatouille (Ramé et al., ICML 2023) on the Hugging Face stack.
 
-    from ratatouille_hub import RecipeConfig, recycle
-    results = recycle(RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",)))
+from ratatouille_hub import RecipeConfig, recycle
+results = recycle(RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",)))
 
-    from ratatouille_hub import IntertrainConfig, intertrain
-    folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
+from ratatouille_hub import IntertrainConfig, intertrain
+folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
 """
 
 from .config import IntertrainConfig, RecipeConfig

@@ -62,8 +62,12 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         library_name="transformers",
         pipeline_tag="image-classification",
         datasets=[target] if is_hub_id(target) else None,
-        tags=["model-ratatouille", *(("weight-averaging", "merge") if averaged else ()),
-              "domain-generalization", "ratatouille-hub"],
+        tags=[
+            "model-ratatouille",
+            *(("weight-averaging", "merge") if averaged else ()),
+            "domain-generalization",
+            "ratatouille-hub",
+        ],
         model_name=model_name,
         eval_results=[
             EvalResult(

@@ -52,7 +52,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, options: type = RecipeCon
         parser.add_argument(flag, help=help_text, **kwargs)
 
 
-def _add_push_flags(parser: argparse.ArgumentParser, push_help: str = "push the result to this Hub repo (namespace/name) in one commit") -> None:
+def _add_push_flags(
+    parser: argparse.ArgumentParser, push_help: str = "push the result to this Hub repo (namespace/name) in one commit"
+) -> None:
     group = parser.add_argument_group("publishing")
     group.add_argument("--push-to-hub", metavar="ID", help=push_help)
     group.add_argument("--private", action="store_true", help="create the repo private")
@@ -73,57 +75,74 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     recycle = commands.add_parser(
-        "recycle", help="fine-tune recycled checkpoints on a target and average them",
+        "recycle",
+        help="fine-tune recycled checkpoints on a target and average them",
         description="Run the Model Ratatouille recipe: shared linear probe, one fine-tune per run "
         "(each from the base or a recycled fine-tune), weight average, evaluation on the held-out "
         "domain, and a transformers model folder with its card in <output>/soup.",
-        epilog=EPILOG_RECYCLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_RECYCLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     recycle.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
     _add_config_flags(recycle)
     _add_push_flags(recycle)
 
     intertrain = commands.add_parser(
-        "intertrain", help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
+        "intertrain",
+        help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
         description="Inter-training (METHOD.md step 2): fine-tune --base on every image of --dataset and keep "
         "the last-step weights, as a transformers folder with a card naming the base and the dataset "
         "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers.",
-        epilog=EPILOG_INTERTRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_INTERTRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     intertrain.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
     _add_config_flags(intertrain, IntertrainConfig)
-    _add_push_flags(intertrain, "push each fine-tune to this Hub repo (namespace/name; with --runs N > 1: ID-0 ... ID-<N-1>)")
+    _add_push_flags(
+        intertrain, "push each fine-tune to this Hub repo (namespace/name; with --runs N > 1: ID-0 ... ID-<N-1>)"
+    )
 
     merge = commands.add_parser(
-        "merge", help="average compatible checkpoints without training",
+        "merge",
+        help="average compatible checkpoints without training",
         description="Average transformers checkpoints tensor by tensor (streaming, float32 accumulation). "
         "All inputs must share names, shapes, dtypes and labels.",
     )
     merge.add_argument("models", nargs="+", type=Path, help="model folders holding model.safetensors")
     merge.add_argument("--output", type=Path, required=True, help="folder for the merged model")
-    merge.add_argument("--method", choices=("uniform", "greedy", "weighted"), default="uniform",
-                       help="uniform mean; greedy: add models by validation accuracy, keep one only if the "
-                       "average does not lose accuracy (needs --target); weighted by --weights (normalised)")
+    merge.add_argument(
+        "--method",
+        choices=("uniform", "greedy", "weighted"),
+        default="uniform",
+        help="uniform mean; greedy: add models by validation accuracy, keep one only if the "
+        "average does not lose accuracy (needs --target); weighted by --weights (normalised)",
+    )
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per model, with --method weighted")
-    merge.add_argument("--target", help="with --method greedy: dataset whose training-domain validation ranks and selects")
+    merge.add_argument(
+        "--target", help="with --method greedy: dataset whose training-domain validation ranks and selects"
+    )
     merge.add_argument("--test-domain", help="with --method greedy: held-out domain, never used (default: first)")
     merge.add_argument("--image-size", type=int, help="with --method greedy: resolution (default: the processor's)")
     _add_push_flags(merge)
 
     discover = commands.add_parser(
-        "discover", help="list fine-tunes of a base on the Hub and whether they can be recycled",
+        "discover",
+        help="list fine-tunes of a base on the Hub and whether they can be recycled",
         description="Find fine-tunes of --base on the Hub (tag base_model:finetune:<base>, most downloaded first) "
         "and vet each from its metadata and safetensors headers alone, before any weight is downloaded: "
         "same backbone tensors (names, shapes, dtypes), safetensors weights, no remote code, and no "
         "training on the target dataset (leakage).",
     )
     discover.add_argument("--base", required=True, help="base model Hub id")
-    discover.add_argument("--target", help="target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused")
+    discover.add_argument(
+        "--target", help="target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused"
+    )
     discover.add_argument("--limit", type=int, default=20, help="how many fine-tunes to examine (default: 20)")
     _add_token_flag(discover)
 
     diagnose = commands.add_parser(
-        "diagnose", help="measure accuracy, diversity and averageability of a set of runs",
+        "diagnose",
+        help="measure accuracy, diversity and averageability of a set of runs",
         description="METHOD.md's three criteria on training-domain validation: each model's accuracy, the "
         "ratio-error of each pair (errors by one / errors by both: diversity), and accuracy along the "
         "straight weight path between them (the barrier: averageability). Models must classify the "
@@ -140,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_flag(diagnose)
 
     push = commands.add_parser(
-        "push", help="push a soup folder to the Hub in one commit",
+        "push",
+        help="push a soup folder to the Hub in one commit",
         description="Push a soup folder (weights, config, processor, card, recipe.yaml, results.json) in one "
         "commit. The card is validated first; rerunning a finished push makes no new commit.",
     )
@@ -151,14 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_flag(push)
 
     demo = commands.add_parser(
-        "demo", help="run the whole pipeline on a built-in toy world (offline, about 2 minutes)",
+        "demo",
+        help="run the whole pipeline on a built-in toy world (offline, about 2 minutes)",
         description="Build a tiny world (a base, three community fine-tunes, a 4-domain target), then "
         "compare ERM, model soups and Model Ratatouille on the held-out domain.",
     )
-    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="folder for everything (default: demo-output)")
+    demo.add_argument(
+        "--output", type=Path, default=Path("demo-output"), help="folder for everything (default: demo-output)"
+    )
 
     hub = commands.add_parser(
-        "local-hub", help="serve a local Hub-compatible registry (tests, offline work)",
+        "local-hub",
+        help="serve a local Hub-compatible registry (tests, offline work)",
         description="A local stand-in for the Hugging Face Hub on 127.0.0.1, backed by a folder. Point the "
         "clients at it with HF_ENDPOINT=http://127.0.0.1:PORT and HF_HUB_DISABLE_XET=1. Not a production registry.",
     )
@@ -193,7 +217,9 @@ def run_recycle(args) -> None:
     results = recycle(config, token=args.token)
     print()
     for row in results["summary"]:
-        print(f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%")
+        print(
+            f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%"
+        )
     print(f"\n{'soup' if config.strategy in AVERAGING_STRATEGIES else 'best run'}: {Path(config.output) / 'soup'}")
     _push_if_asked(args, Path(config.output) / "soup")
 
@@ -226,7 +252,9 @@ def check_merge_output(output: Path, inputs: list[Path]) -> None:
         if resolved == model.resolve() or resolved in model.resolve().parents:
             raise ValueError(f"output {output} is (or contains) the input {model}; choose another folder")
     if output.is_dir():
-        foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in MERGE_OUTPUT_FILES)
+        foreign = sorted(
+            p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in MERGE_OUTPUT_FILES
+        )
         if foreign:
             raise ValueError(
                 f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
@@ -249,7 +277,9 @@ def run_merge(args) -> None:
     if args.method == "greedy":
         from .recipe import greedy_members
 
-        config = RecipeConfig(base=str(models[0]), target=args.target, test_domain=args.test_domain, image_size=args.image_size)
+        config = RecipeConfig(
+            base=str(models[0]), target=args.target, test_domain=args.test_domain, image_size=args.image_size
+        )
         chosen = greedy_members(models, config, token=args.token)
         print(f"greedy kept {len(chosen)} of {len(models)}: {', '.join(str(models[i]) for i in chosen)}")
         models = [models[i] for i in chosen]
@@ -286,8 +316,13 @@ def run_diagnose(args) -> None:
     from .diagnose import diagnose_models, format_diagnosis, plot_paths
 
     config = RecipeConfig(
-        base=args.models[0], target=args.target, test_domain=args.test_domain, domain_column=args.domain_column,
-        label_column=args.label_column, image_size=args.image_size, seed=args.seed,
+        base=args.models[0],
+        target=args.target,
+        test_domain=args.test_domain,
+        domain_column=args.domain_column,
+        label_column=args.label_column,
+        image_size=args.image_size,
+        seed=args.seed,
     )
     diagnosis = diagnose_models(args.models, config, token=args.token)
     print(format_diagnosis(diagnosis))

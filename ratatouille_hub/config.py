@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-
 STRATEGIES = ("ratatouille", "soup", "erm", "fusing")
 AVERAGING_STRATEGIES = ("ratatouille", "soup")
 
@@ -32,7 +31,7 @@ class Options:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Options":
+    def from_dict(cls, data: dict) -> Options:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -46,13 +45,13 @@ class Options:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: str | Path) -> "Options":
+    def load_yaml(cls, path: str | Path) -> Options:
         data = yaml.safe_load(Path(path).read_text())
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
         return cls.from_dict(data)
 
-    def replace(self, **changes) -> "Options":
+    def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)
 
 
@@ -84,7 +83,9 @@ class RecipeConfig(Options):
         choices=STRATEGIES,
     )
     method: str = _opt(
-        "uniform", "how ratatouille and soup average the runs (erm and fusing report both)", choices=("uniform", "greedy")
+        "uniform",
+        "how ratatouille and soup average the runs (erm and fusing report both)",
+        choices=("uniform", "greedy"),
     )
     runs: int = _opt(20, "target fine-tunes to average")
     steps: int = _opt(5001, "optimisation steps per fine-tune")
@@ -108,7 +109,9 @@ class RecipeConfig(Options):
         "reestimate = recomputed on target training images after averaging",
         choices=("average", "reestimate"),
     )
-    precision: str = _opt("auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16"))
+    precision: str = _opt(
+        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16")
+    )
     seed: int = _opt(0, "trial seed: data split, and each run's initialisation, batches and augmentation")
     output: str = _opt("ratatouille-output", "folder for runs and the soup")
 
@@ -147,6 +150,7 @@ class RecipeConfig(Options):
         if problems:
             raise ConfigError("; ".join(problems))
 
+
 @dataclass(frozen=True)
 class IntertrainConfig(Options):
     """Auxiliary fine-tunes of a base on one dataset (METHOD.md step 2): what `recycle` later recycles.
@@ -170,7 +174,9 @@ class IntertrainConfig(Options):
     dropout_choices: tuple[float, ...] = _opt((0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1")
     image_size: int | None = _opt(None, "training resolution (default: the base's image processor size)")
     augment: bool = _opt(True, "DomainBed augmentation on training images")
-    precision: str = _opt("auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16"))
+    precision: str = _opt(
+        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16")
+    )
     seed: int = _opt(0, "seed of run 0; run r uses seed + r")
     output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)")
 

@@ -225,7 +225,7 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
     out = (out * jitter[:, 0]).clamp_(0, 1)  # brightness
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = ((out - mean) * jitter[:, 1] + mean).clamp_(0, 1)  # contrast
-    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+    gray = 0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3]
     out = ((out - gray) * jitter[:, 2] + gray).clamp_(0, 1)  # saturation
     to_gray = u[:, 5] < 0.1
     if to_gray.any():

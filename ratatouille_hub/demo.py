@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,20 +47,31 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
     if not (paths["base"] / "model.safetensors").exists():
         echo("[world] pretraining the base on generated digits")
         model = _tiny_resnet(toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), seed)
-        _train_community(model, toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), steps=400, lr=2e-3, seed=seed, accelerator=accelerator)
-        _save_checkpoint(model, paths["base"], base_model=None, dataset="toy-world/glyphs",
-                         description=toyworld.describe()["glyphs"])
+        _train_community(
+            model,
+            toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed),
+            steps=400,
+            lr=2e-3,
+            seed=seed,
+            accelerator=accelerator,
+        )
+        _save_checkpoint(
+            model, paths["base"], base_model=None, dataset="toy-world/glyphs", description=toyworld.describe()["glyphs"]
+        )
     for offset, (task, dataset) in enumerate(aux_tasks.items(), start=1):
         if (paths[task] / "model.safetensors").exists():
             continue
         echo(f"[world] community fine-tune of the base on '{task}'")
         model = _reheaded(paths["base"], dataset)
         _train_community(model, dataset, steps=250, lr=1e-3, seed=seed + offset, accelerator=accelerator)
-        _save_checkpoint(model, paths[task], base_model=BASE_ID, dataset=f"toy-world/{task}",
-                         description=toyworld.describe()[task])
+        _save_checkpoint(
+            model, paths[task], base_model=BASE_ID, dataset=f"toy-world/{task}", description=toyworld.describe()[task]
+        )
     if not (paths["target"] / "README.md").exists():
         echo("[world] drawing the target: six shapes in four styles")
-        _save_dataset(toyworld.target_dataset(size=IMAGE_SIZE, seed=seed), paths["target"], toyworld.describe()["shapes"])
+        _save_dataset(
+            toyworld.target_dataset(size=IMAGE_SIZE, seed=seed), paths["target"], toyworld.describe()["shapes"]
+        )
     return paths
 
 
@@ -198,8 +209,14 @@ def _tiny_resnet(dataset, seed: int):
     torch.manual_seed(seed)
     names = dataset.features["label"].names
     config = ResNetConfig(
-        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-        downsample_in_first_stage=False, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
     )
     return ResNetForImageClassification(config)
 
@@ -219,14 +236,26 @@ def _normalization():
 def _train_community(model, dataset, *, steps: int, lr: float, seed: int, accelerator) -> None:
     """Fine-tune everything, BatchNorm in train mode, last step kept: how community checkpoints are made."""
     images: ImageTensors = decode_images(
-        dataset, range(len(dataset)), image_column="image", label_column="label",
-        label_names=dataset.features["label"].names, size=IMAGE_SIZE,
+        dataset,
+        range(len(dataset)),
+        image_column="image",
+        label_column="label",
+        label_names=dataset.features["label"].names,
+        size=IMAGE_SIZE,
     )
     torch.manual_seed(seed)
     optimize(
-        model, DomainBatches([images], 64, seed), parameters=list(model.parameters()), steps=steps, lr=lr,
-        weight_decay=0.0, accelerator=accelerator, normalize=_normalization(), augment_seed=seed,
-        freeze_bn=False, desc="community fine-tune",
+        model,
+        DomainBatches([images], 64, seed),
+        parameters=list(model.parameters()),
+        steps=steps,
+        lr=lr,
+        weight_decay=0.0,
+        accelerator=accelerator,
+        normalize=_normalization(),
+        augment_seed=seed,
+        freeze_bn=False,
+        desc="community fine-tune",
     )
 
 
@@ -242,8 +271,12 @@ def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: st
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         ).save_pretrained(staging)
         data = ModelCardData(
-            base_model=base_model, base_model_relation="finetune" if base_model else None,
-            datasets=[dataset], library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+            base_model=base_model,
+            base_model_relation="finetune" if base_model else None,
+            datasets=[dataset],
+            library_name="transformers",
+            pipeline_tag="image-classification",
+            license="apache-2.0",
         )
         body = f"# {folder.name}\n\nA toy-world checkpoint made by `ratatouille-hub demo`: {description}.\n"
         ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(staging / "README.md")

@@ -8,10 +8,10 @@ All measured on training-domain validation, never the test domain.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -75,7 +75,10 @@ def diagnose_states(
     diagnosed = []
     for i, j in pairs if pairs is not None else combinations(range(len(states)), 2):
         path = tuple(
-            accuracies[i] if alpha == 0 else accuracies[j] if alpha == 1
+            accuracies[i]
+            if alpha == 0
+            else accuracies[j]
+            if alpha == 1
             else float((predict(interpolate(states[i], states[j], alpha)) == labels).float().mean())
             for alpha in ALPHAS
         )
@@ -89,10 +92,10 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     The target is prepared exactly as `recycle` prepares it (same split from `config.seed`), and only
     its training-domain validation images are used.
     """
+    from .evaluation import predict_logits
     from .fetch import resolve_model
     from .models import load_classifier
     from .recipe import prepare_target
-    from .evaluation import predict_logits
 
     if len(models) < 2:
         raise ValueError("diagnose needs at least two models")
@@ -103,7 +106,9 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     for ingredient in ingredients:
         saved = _label_names(ingredient.path)
         if saved != expected:
-            raise ValueError(f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}...")
+            raise ValueError(
+                f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}..."
+            )
         states.append(load_classifier(ingredient.path, target.id2label).state_dict())
     model = load_classifier(ingredients[0].path, target.id2label)  # its own tensors: loading a state into it
     validation = target.data.pooled_val  # must never write into one of `states`
@@ -128,7 +133,9 @@ def _label_names(folder: Path) -> list[str]:
 
 def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines = ["model accuracies (training-domain validation):"]
-    lines += [f"  [{i}] {100 * acc:5.1f}%  {name}" for i, (name, acc) in enumerate(zip(diagnosis.names, diagnosis.accuracies))]
+    lines += [
+        f"  [{i}] {100 * acc:5.1f}%  {name}" for i, (name, acc) in enumerate(zip(diagnosis.names, diagnosis.accuracies))
+    ]
     lines.append("pairs:  ratio-error (diversity)  barrier (averageability)  accuracy along the path " + str(ALPHAS))
     for pair in diagnosis.pairs:
         path = " ".join(f"{100 * a:5.1f}" for a in pair.path_accuracies)

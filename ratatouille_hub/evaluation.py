@@ -34,7 +34,9 @@ def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def predict_logits(model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 256, autocast=None) -> torch.Tensor:
+def predict_logits(
+    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 256, autocast=None
+) -> torch.Tensor:
     """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last)."""
     model.eval()
     device = next(model.parameters()).device
@@ -54,4 +56,3 @@ def predict_logits(model, images: ImageTensors, normalize: Normalization, *, bat
 def ensemble_probabilities(logits_per_model: list[torch.Tensor]) -> torch.Tensor:
     """Functional ensemble: the mean of the members' softmax probabilities."""
     return torch.stack([logits.softmax(dim=1) for logits in logits_per_model]).mean(dim=0)
-

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")  # `name` or `namespace/name`, whole string
-WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json", "README.md")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+)
 
 
 class FetchError(ValueError):

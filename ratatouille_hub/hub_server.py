@@ -210,7 +210,7 @@ _ROUTES: list[tuple[str, re.Pattern, str, bool]] = [
     ("PUT", re.compile(r"^/lfs-objects/(?P<oid>[0-9a-f]{64})$"), "_lfs_put", False),
     ("GET", _RESOLVE, "_resolve", False),
     ("HEAD", _RESOLVE, "_resolve", False),
-]  # fmt: skip
+]
 
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
@@ -546,12 +546,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         files = []
         for file in self._json_body().get("files", []):
             existing = commit.files.get(file["path"])
-            files.append({
-                "path": file["path"],
-                "uploadMode": "lfs" if wants_lfs(file["path"], int(file["size"])) else "regular",
-                "shouldIgnore": False,
-                "oid": existing.hub_oid if existing else None,  # lets the client skip unchanged files
-            })  # fmt: skip
+            files.append(
+                {
+                    "path": file["path"],
+                    "uploadMode": "lfs" if wants_lfs(file["path"], int(file["size"])) else "regular",
+                    "shouldIgnore": False,
+                    "oid": existing.hub_oid if existing else None,  # lets the client skip unchanged files
+                }
+            )
         self._send_json({"files": files, "commitOid": commit.oid})
 
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
@@ -619,16 +621,23 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if header is None:
             raise HubError("The commit payload has no header line.")
         commit = store.commit(
-            repo, revision, additions, deletions, header.get("summary") or "", header.get("description") or "",
+            repo,
+            revision,
+            additions,
+            deletions,
+            header.get("summary") or "",
+            header.get("description") or "",
             parent_commit=header.get("parentCommit"),
-        )  # fmt: skip
-        self._send_json({
-            "success": True,
-            "commitOid": commit.oid,
-            "commitUrl": f"{self.hub.url}/{repo.url_path}/commit/{commit.oid}",
-            "hookOutput": "",
-            "pullRequestUrl": None,
-        })  # fmt: skip
+        )
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{self.hub.url}/{repo.url_path}/commit/{commit.oid}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            }
+        )
 
     def _create_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
         repo = self.hub.store.get_repo(repo_type, repo_id)

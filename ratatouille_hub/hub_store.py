@@ -32,9 +32,25 @@ LOCAL_USER = "local-user"
 # What the Hub stores through LFS: big files, and the binary formats of its default .gitattributes.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 LFS_PATTERNS = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.msgpack", "*.npy",
-    "*.npz", "*.pkl", "*.pickle", "*.parquet", "*.arrow", "*.gz", "*.zip", "*.tar", "*.zst",
-)  # fmt: skip
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.onnx",
+    "*.msgpack",
+    "*.npy",
+    "*.npz",
+    "*.pkl",
+    "*.pickle",
+    "*.parquet",
+    "*.arrow",
+    "*.gz",
+    "*.zip",
+    "*.tar",
+    "*.zst",
+)
 GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in LFS_PATTERNS)
 
 _FRONT_MATTER = re.compile(r"^\s*---[\r\n]+([\S\s]*?)[\r\n]+---(?:\r\n|\n|$)")

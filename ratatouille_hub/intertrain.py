@@ -12,9 +12,9 @@ on an auxiliary task.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -44,7 +44,9 @@ one and starts target fine-tunes from them (Model Ratatouille, Ramé et al., ICM
 """
 
 
-def intertrain(config: IntertrainConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print) -> list[Path]:
+def intertrain(
+    config: IntertrainConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+) -> list[Path]:
     """Make `config.runs` fine-tunes of the base on the dataset; returns their folders (finished ones are reused)."""
     quiet_transformers()
     echo(f"[fetch] base {config.base}")
@@ -54,15 +56,23 @@ def intertrain(config: IntertrainConfig, *, token: str | bool | None = None, ech
     dataset = load_target(config.dataset, revision=revision, token=token)
     for column in (config.image_column, config.label_column):
         if column not in dataset.column_names:
-            raise DataError(f"dataset {config.dataset} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+            raise DataError(
+                f"dataset {config.dataset} has no column {column!r} (columns: {', '.join(dataset.column_names)})"
+            )
     label_names = label_names_of(dataset, config.label_column)
     if len(label_names) < 2:
         raise DataError(f"dataset {config.dataset} has {len(label_names)} class(es); a classifier needs 2 or more")
     processor = load_processor(base.path)
     size = resolution_of(processor, config.image_size)
     normalize = normalization_of(processor)
-    images = decode_images(dataset, range(len(dataset)), image_column=config.image_column,
-                           label_column=config.label_column, label_names=label_names, size=size)
+    images = decode_images(
+        dataset,
+        range(len(dataset)),
+        image_column=config.image_column,
+        label_column=config.label_column,
+        label_names=label_names,
+        size=size,
+    )
     echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
     data_reference = f"{config.dataset}@{revision}" if revision else config.dataset
     id2label = dict(enumerate(label_names))
@@ -78,31 +88,56 @@ def intertrain(config: IntertrainConfig, *, token: str | bool | None = None, ech
         folders = []
         for run in range(config.runs):
             hparams = draw_hparams(config, config.seed + run)
-            key = stable_hash({"base": base.revision, "data": data_reference, "size": size, "steps": config.steps,
-                               "batch": config.batch_size, "augment": config.augment, "hparams": asdict(hparams),
-                               "seed": config.seed + run, "precision": config.precision, "labels": label_names})
+            key = stable_hash(
+                {
+                    "base": base.revision,
+                    "data": data_reference,
+                    "size": size,
+                    "steps": config.steps,
+                    "batch": config.batch_size,
+                    "augment": config.augment,
+                    "hparams": asdict(hparams),
+                    "seed": config.seed + run,
+                    "precision": config.precision,
+                    "labels": label_names,
+                }
+            )
             folder = output / "runs" / key
             label = f"intertrain {run + 1}/{config.runs}"
             if (folder / DONE).exists():
                 echo(f"[train] {label}: done earlier, reused ({folder})")
             else:
-                echo(f"[train] {label} on {config.dataset}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}")
+                echo(
+                    f"[train] {label} on {config.dataset}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}"
+                )
                 seed = f"intertrain:{config.seed + run}"
                 torch.manual_seed(stable_int(seed + ":head"))
                 model = load_classifier(base.path, id2label).to(accelerator.device)
                 outcome = optimize(
-                    model, DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
-                    parameters=list(model.parameters()), steps=config.steps, lr=hparams.lr,
-                    weight_decay=hparams.weight_decay, accelerator=accelerator, normalize=normalize,
+                    model,
+                    DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
+                    parameters=list(model.parameters()),
+                    steps=config.steps,
+                    lr=hparams.lr,
+                    weight_decay=hparams.weight_decay,
+                    accelerator=accelerator,
+                    normalize=normalize,
                     augment_seed=stable_int(seed + ":augment") if config.augment else None,
-                    dropout=hparams.dropout, desc=label,
+                    dropout=hparams.dropout,
+                    desc=label,
                 )
                 model.load_state_dict(outcome.state)
                 record_input_size(model, size)
                 sample = evenly_spaced(images, 1000)
-                results = {"base": base.reference, "dataset": data_reference, "hparams": asdict(hparams),
-                           "steps": config.steps, "image_size": size, "n_images": len(images),
-                           "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels)}
+                results = {
+                    "base": base.reference,
+                    "dataset": data_reference,
+                    "hparams": asdict(hparams),
+                    "steps": config.steps,
+                    "image_size": size,
+                    "n_images": len(images),
+                    "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels),
+                }
                 with staged_folder(folder) as staging:
                     model.save_pretrained(staging)
                     copy_processor(base.path, staging)
@@ -130,9 +165,18 @@ def aux_card(config: IntertrainConfig, base_source: str, label_names, results: d
     )
     hparams = results["hparams"]
     return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, name=plain_text(f"{Path(base_source).name} fine-tuned on {dataset_name}"),
-        base=plain_text(base_source), dataset=plain_text(dataset_name), n_classes=len(label_names),
-        n_images=results["n_images"], steps=config.steps, lr=hparams["lr"], weight_decay=hparams["weight_decay"],
-        dropout=hparams["dropout"], batch_size=config.batch_size, resolution=results["image_size"],
+        data,
+        template_str=CARD_TEMPLATE,
+        name=plain_text(f"{Path(base_source).name} fine-tuned on {dataset_name}"),
+        base=plain_text(base_source),
+        dataset=plain_text(dataset_name),
+        n_classes=len(label_names),
+        n_images=results["n_images"],
+        steps=config.steps,
+        lr=hparams["lr"],
+        weight_decay=hparams["weight_decay"],
+        dropout=hparams["dropout"],
+        batch_size=config.batch_size,
+        resolution=results["image_size"],
         train_accuracy=f"{100 * results['train_accuracy']:.1f}",
     )

@@ -73,6 +73,7 @@ def record_input_size(model: nn.Module, size: int) -> None:
     pretrained_cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="squash")
     model.config.pretrained_cfg = pretrained_cfg
 
+
 def head_linear(model: nn.Module) -> nn.Linear:
     """The final nn.Linear that maps features to logits."""
     classifier = getattr(model, "classifier", None)

@@ -19,10 +19,10 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -176,11 +176,17 @@ def _train_and_merge(
     ]
     recycled = {member for init in inits for member in fusion_members(init, aux)}
     used = [i for i in aux if i in recycled]
-    echo("[merge] averaging runs" if config.strategy in AVERAGING_STRATEGIES else "[merge] evaluating runs and their averages")
+    echo(
+        "[merge] averaging runs"
+        if config.strategy in AVERAGING_STRATEGIES
+        else "[merge] evaluating runs and their averages"
+    )
     return make_soup(config, base, runs, target, output / "soup", echo, ingredients=[base, *used])
 
 
-def run_inits(config: RecipeConfig, base: Ingredient, aux: list[Ingredient], target: "Target", root: Path, echo) -> list[Ingredient]:
+def run_inits(
+    config: RecipeConfig, base: Ingredient, aux: list[Ingredient], target: Target, root: Path, echo
+) -> list[Ingredient]:
     """Where each run starts (METHOD.md): the base, one recycled fine-tune, or a fusion of several."""
     if config.strategy == "ratatouille":
         return [aux[index - 1] if 1 <= index <= len(aux) else base for index in range(config.runs)]
@@ -214,7 +220,9 @@ def trained_on(ingredient: Ingredient) -> str:
 FUSION_FILE = "fusion.json"
 
 
-def fused_init(config: RecipeConfig, index: int, base: Ingredient, groups: list[list[Ingredient]], target: "Target", root: Path, echo) -> Ingredient:
+def fused_init(
+    config: RecipeConfig, index: int, base: Ingredient, groups: list[list[Ingredient]], target: Target, root: Path, echo
+) -> Ingredient:
     """Fusing (METHOD.md): the base and one fine-tune per auxiliary dataset, mixed with weights
     exp(4U) / sum, drawn from the run's seed. Heads are irrelevant: the run replaces its head with the LP."""
     rng = random.Random(stable_int(f"{config.seed}:{index}:fusing"))
@@ -288,7 +296,9 @@ def prepare_target(config: RecipeConfig, base: Ingredient, token=None) -> Target
     revision = dataset_revision(target_id, token)
     dataset = load_target(config.target, revision=revision, token=token)
     if config.image_column not in dataset.column_names:
-        raise DataError(f"target dataset has no column {config.image_column!r} (columns: {', '.join(dataset.column_names)})")
+        raise DataError(
+            f"target dataset has no column {config.image_column!r} (columns: {', '.join(dataset.column_names)})"
+        )
     splits = split_domains(
         dataset,
         domain_column=config.domain_column,
@@ -302,8 +312,12 @@ def prepare_target(config: RecipeConfig, base: Ingredient, token=None) -> Target
 
     def decode(rows) -> ImageTensors:
         return decode_images(
-            dataset, rows, image_column=config.image_column, label_column=config.label_column,
-            label_names=splits.label_names, size=size,
+            dataset,
+            rows,
+            image_column=config.image_column,
+            label_column=config.label_column,
+            label_names=splits.label_names,
+            size=size,
         )
 
     data = TargetData(
@@ -338,22 +352,39 @@ def check_ingredients(base: Ingredient, aux: list[Ingredient], id2label: dict[in
     vet_ingredients(base, aux)
 
 
-def shared_linear_probe(config, base: Ingredient, target: Target, accelerator, root: Path, echo) -> tuple[LinearHead, str]:
+def shared_linear_probe(
+    config, base: Ingredient, target: Target, accelerator, root: Path, echo
+) -> tuple[LinearHead, str]:
     """The target head trained once on the frozen base; every run starts from it (so heads average)."""
     key = stable_hash(
-        {"base": base.revision, "data": target.fingerprint, "steps": config.lp_steps, "lr": config.lp_lr,
-         "batch": config.batch_size, "eval_every": config.eval_every, "seed": config.seed}
+        {
+            "base": base.revision,
+            "data": target.fingerprint,
+            "steps": config.lp_steps,
+            "lr": config.lp_lr,
+            "batch": config.batch_size,
+            "eval_every": config.eval_every,
+            "seed": config.seed,
+        }
     )
     folder = root / key
     if not (folder / DONE).exists():
         echo(f"[train] linear probe on the frozen base ({config.lp_steps} steps)")
         model = load_classifier(base.path, target.id2label).to(accelerator.device)
         head = linear_probe(
-            model, target.data, steps=config.lp_steps, lr=config.lp_lr, batch_size=config.batch_size,
-            eval_every=config.eval_every, seed=config.seed, accelerator=accelerator,
+            model,
+            target.data,
+            steps=config.lp_steps,
+            lr=config.lp_lr,
+            batch_size=config.batch_size,
+            eval_every=config.eval_every,
+            seed=config.seed,
+            accelerator=accelerator,
         )
         with staged_folder(folder) as staging:
-            save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
+            save_file(
+                {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors"
+            )
             atomic_write_json(staging / "metrics.json", {"step": head.step, "val_accuracy": head.val_accuracy})
             (staging / DONE).touch()
     tensors = load_file(folder / "head.safetensors")
@@ -362,17 +393,36 @@ def shared_linear_probe(config, base: Ingredient, target: Target, accelerator, r
     return LinearHead(tensors["weight"], tensors["bias"], metrics["step"], metrics["val_accuracy"]), key
 
 
-def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_head: tuple[LinearHead, str], target: Target, accelerator, root: Path, echo) -> RunRecord:
+def fine_tune(
+    config,
+    index: int,
+    init: Ingredient,
+    base: Ingredient,
+    shared_head: tuple[LinearHead, str],
+    target: Target,
+    accelerator,
+    root: Path,
+    echo,
+) -> RunRecord:
     """One target fine-tune from (init featurizer, shared head); skipped when already done."""
     head, head_key = shared_head
     hparams = draw_hparams(config, index)
     recycled = init.revision != base.revision
     warmup = config.warmup_steps if recycled else 0
     key = stable_hash(
-        {"init": init.revision, "head": head_key,
-         "data": target.fingerprint, "hparams": asdict(hparams), "seed": [config.seed, index], "steps": config.steps,
-         "warmup": warmup, "eval_every": config.eval_every, "batch": config.batch_size, "augment": config.augment,
-         "precision": config.precision}
+        {
+            "init": init.revision,
+            "head": head_key,
+            "data": target.fingerprint,
+            "hparams": asdict(hparams),
+            "seed": [config.seed, index],
+            "steps": config.steps,
+            "warmup": warmup,
+            "eval_every": config.eval_every,
+            "batch": config.batch_size,
+            "augment": config.augment,
+            "precision": config.precision,
+        }
     )
     folder = root / key
     record = RunRecord(index, init, hparams, folder)
@@ -380,7 +430,9 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
     if (folder / DONE).exists():
         echo(f"[train] {label}: done earlier (from {init.source}), reused")
         return record
-    echo(f"[train] {label} from {init.source}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}")
+    echo(
+        f"[train] {label} from {init.source}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}"
+    )
     # Randomness depends on (trial seed, run index) only, never on where the init was fetched from.
     run_seed = f"{config.seed}:{index}"
     torch.manual_seed(stable_int(run_seed + ":init"))
@@ -390,8 +442,13 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
     data = target.data
     augment_seed = stable_int(run_seed + ":augment") if data.augment else None
     common = dict(
-        steps=0, lr=hparams.lr, weight_decay=hparams.weight_decay, accelerator=accelerator,
-        normalize=data.normalize, augment_seed=augment_seed, dropout=hparams.dropout,
+        steps=0,
+        lr=hparams.lr,
+        weight_decay=hparams.weight_decay,
+        accelerator=accelerator,
+        normalize=data.normalize,
+        augment_seed=augment_seed,
+        dropout=hparams.dropout,
     )
     if warmup:
         head_params = list(head_linear(model).parameters())
@@ -402,9 +459,13 @@ def fine_tune(config, index: int, init: Ingredient, base: Ingredient, shared_hea
             param.requires_grad_(True)
     pooled_val = data.pooled_val
     outcome = optimize(
-        model, batches, parameters=list(model.parameters()), **{**common, "steps": config.steps},
+        model,
+        batches,
+        parameters=list(model.parameters()),
+        **{**common, "steps": config.steps},
         validate=lambda m: validation_accuracy(m, pooled_val, data.normalize),
-        eval_every=config.eval_every, desc=label,
+        eval_every=config.eval_every,
+        desc=label,
     )
     model.load_state_dict(outcome.state)
     record_input_size(model, target.test.pixels.shape[-1])
@@ -431,8 +492,9 @@ def stable_int(text: str) -> int:
     return int(stable_hash({"k": text}, length=15), 16)
 
 
-def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo,
-              ingredients: list[Ingredient]) -> dict:
+def make_soup(
+    config, base: Ingredient, runs: list[RunRecord], target: Target, folder: Path, echo, ingredients: list[Ingredient]
+) -> dict:
     """Evaluate the runs, their uniform and greedy averages and their ensemble; write the result folder
     atomically: the weight average (ratatouille, soup) or the best run by validation (erm, fusing)."""
     labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
@@ -447,7 +509,10 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
     by_val = sorted(range(len(runs)), key=lambda i: (-run_rows[i]["val_accuracy"], i))
     best = by_val[0]
     averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
-    averages = {"uniform": list(range(len(runs))), "greedy": sorted(greedy_select(by_val, averager.validation_accuracy))}
+    averages = {
+        "uniform": list(range(len(runs))),
+        "greedy": sorted(greedy_select(by_val, averager.validation_accuracy)),
+    }
     averaging = config.strategy in AVERAGING_STRATEGIES
 
     with staged_folder(folder) as staging:
@@ -473,10 +538,18 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
 
         this_model = ", this model"
         summary = [
-            {"name": f"best single run (#{best}, by validation){'' if averaging else this_model}", **_pick(run_rows[best])},
-            *({"name": f"soup, {method} ({len(averages[method])} runs)"
-               f"{this_model if averaging and method == config.method else ''}", **_pick(average_rows[method])}
-              for method in ("uniform", "greedy")),
+            {
+                "name": f"best single run (#{best}, by validation){'' if averaging else this_model}",
+                **_pick(run_rows[best]),
+            },
+            *(
+                {
+                    "name": f"soup, {method} ({len(averages[method])} runs)"
+                    f"{this_model if averaging and method == config.method else ''}",
+                    **_pick(average_rows[method]),
+                }
+                for method in ("uniform", "greedy")
+            ),
             {"name": f"ensemble of the {len(runs)} runs (reference)", **_pick(ensemble_row)},
         ]
         results = {
@@ -490,8 +563,14 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
                 for i in ingredients
             ],
             "runs": [
-                {"index": run.index, "init": run.init.reference, "hparams": asdict(run.hparams),
-                 "best_step": run.metrics["best_step"], "folder": run.folder.relative_to(folder.parent).as_posix(), **row}
+                {
+                    "index": run.index,
+                    "init": run.init.reference,
+                    "hparams": asdict(run.hparams),
+                    "best_step": run.metrics["best_step"],
+                    "folder": run.folder.relative_to(folder.parent).as_posix(),
+                    **row,
+                }
                 for run, row in zip(runs, run_rows)
             ],
             "soup": result,
@@ -501,7 +580,9 @@ def make_soup(config, base: Ingredient, runs: list[RunRecord], target: Target, f
             "ensemble": ensemble_row,
             "summary": summary,
             "bn_policy": config.bn_policy,
-            "diagnostics": averager.diagnose_against(best, [i for i in by_val if i != best], staging / DIAGNOSTICS_PLOT),
+            "diagnostics": averager.diagnose_against(
+                best, [i for i in by_val if i != best], staging / DIAGNOSTICS_PLOT
+            ),
         }
         atomic_write_json(staging / "results.json", results)
         config.save_yaml(staging / "recipe.yaml")
@@ -546,11 +627,17 @@ class RunAverager:
             return predict_logits(self._model, validation, self.target.data.normalize).argmax(dim=1)
 
         names = [f"run {i}" for i in range(len(self.states))]
-        diagnosis = diagnose_states(names, self.states, predict, validation.labels, pairs=[(reference, i) for i in others])
+        diagnosis = diagnose_states(
+            names, self.states, predict, validation.labels, pairs=[(reference, i) for i in others]
+        )
         plot_paths(diagnosis, plot)
         return [
-            {"runs": [pair.a, pair.b], "ratio_error": pair.ratio_error, "barrier": pair.barrier,
-             "path_accuracies": list(pair.path_accuracies)}
+            {
+                "runs": [pair.a, pair.b],
+                "ratio_error": pair.ratio_error,
+                "barrier": pair.barrier,
+                "path_accuracies": list(pair.path_accuracies),
+            }
             for pair in diagnosis.pairs
         ]
 

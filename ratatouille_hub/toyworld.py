@@ -19,7 +19,8 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
@@ -62,8 +63,7 @@ def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
 def _cross(half_width: float = 0.34) -> np.ndarray:
     t = half_width
     return np.array(
-        [(t, 1), (t, t), (1, t), (1, -t), (t, -t), (t, -1),
-         (-t, -1), (-t, -t), (-1, -t), (-1, t), (-t, t), (-t, 1)],
+        [(t, 1), (t, t), (1, t), (1, -t), (t, -t), (t, -1), (-t, -1), (-t, -t), (-1, -t), (-1, t), (-t, t), (-t, 1)],
         dtype=float,
     )
 
@@ -79,8 +79,9 @@ _SHAPE_CONTOURS: dict[str, list[Contour]] = {
 }
 
 
-def _place(contours: list[Contour], rng: np.random.Generator, size: int,
-           radius: tuple[float, float]) -> tuple[list[Contour], float]:
+def _place(
+    contours: list[Contour], rng: np.random.Generator, size: int, radius: tuple[float, float]
+) -> tuple[list[Contour], float]:
     """Random scale, squash, rotation and position that keep the shape inside the image."""
     r = rng.uniform(*radius) * size
     squash = rng.uniform(0.88, 1.12, size=2)
@@ -95,10 +96,9 @@ def _place(contours: list[Contour], rng: np.random.Generator, size: int,
 def _wobble(points: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
     """A hand-drawn version of a closed contour: densified, with smooth random displacement."""
     nxt = np.roll(points, -1, axis=0)
-    dense = np.concatenate([
-        np.linspace(a, b, max(2, int(np.linalg.norm(b - a))), endpoint=False)
-        for a, b in zip(points, nxt)
-    ])
+    dense = np.concatenate(
+        [np.linspace(a, b, max(2, int(np.linalg.norm(b - a))), endpoint=False) for a, b in zip(points, nxt)]
+    )
     noise = rng.normal(0, amount, size=dense.shape)
     for _ in range(3):  # circular smoothing turns jitter into a wobble
         noise = (np.roll(noise, 1, axis=0) + noise + np.roll(noise, -1, axis=0)) / 3
@@ -169,8 +169,7 @@ def _to_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8))
 
 
-def _two_tone_background(rng: np.random.Generator, size: int,
-                         hue: float, sat: float, val: float) -> np.ndarray:
+def _two_tone_background(rng: np.random.Generator, size: int, hue: float, sat: float, val: float) -> np.ndarray:
     """A background blended between two nearby colours, so no two backgrounds are flat copies."""
     other = _hsv(hue + rng.uniform(-0.08, 0.08), sat * rng.uniform(0.7, 1.1), val * rng.uniform(0.75, 1.1))
     mix = _smooth_noise(rng, size, int(rng.integers(2, 5)))[..., None]
@@ -273,8 +272,7 @@ def _rng(seed: int, task: str) -> np.random.Generator:
 
 
 def _dataset(columns: dict[str, list], class_names: tuple[str, ...], **extra_features: Value) -> Dataset:
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(class_names)),
-                         **extra_features})
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(class_names)), **extra_features})
     return Dataset.from_dict(columns, features=features)
 
 

@@ -8,8 +8,8 @@ frozen so every run keeps the statistics of the checkpoint it started from.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -161,7 +161,9 @@ def optimize(
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, images: ImageTensors, normalize: Normalization, *, max_images: int = 2048, batch_size: int = 128) -> None:
+def reestimate_batchnorm(
+    model: nn.Module, images: ImageTensors, normalize: Normalization, *, max_images: int = 2048, batch_size: int = 128
+) -> None:
     """Recompute BatchNorm running statistics of an averaged model on target training images.
 
     Averaged weights no longer match the averaged statistics of their members; a forward pass over
@@ -187,7 +189,10 @@ def reestimate_batchnorm(model: nn.Module, images: ImageTensors, normalize: Norm
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone(memory_format=torch.contiguous_format) for name, tensor in model.state_dict().items()}
+    return {
+        name: tensor.detach().clone(memory_format=torch.contiguous_format)
+        for name, tensor in model.state_dict().items()
+    }
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,9 @@ def _features(model, images: ImageTensors, normalize: Normalization, batch_size:
     return torch.cat(captured).float().cpu()
 
 
-def linear_probe(model, data: TargetData, *, steps: int, lr: float, batch_size: int, eval_every: int, seed: int, accelerator) -> LinearHead:
+def linear_probe(
+    model, data: TargetData, *, steps: int, lr: float, batch_size: int, eval_every: int, seed: int, accelerator
+) -> LinearHead:
     """Train only a new head on frozen base features; the best step on validation is kept.
 
     Features are computed once on un-augmented images (the featurizer is frozen, so they do not

@@ -125,9 +125,10 @@ def distance_to_base(base: Ingredient, ingredient: Ingredient, base_signature: d
     from safetensors import safe_open
 
     kernels = {
-        name for name, (dtype, shape) in base_signature.items()
+        name
+        for name, (dtype, shape) in base_signature.items()
         if name not in head_names and len(shape) >= 2 and dtype in ("F64", "F32", "F16", "BF16")
-    }  # fmt: skip
+    }
     squared_difference = squared_norm = 0.0
     with ExitStack() as stack:
         base_files = {}

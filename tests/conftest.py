@@ -30,9 +30,16 @@ os.environ.update(
     HF_HUB_DISABLE_PROGRESS_BARS="1",
 )
 _USER_SETTINGS = (  # the user's token, caches and offline switches must not leak into the tests
-    "HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE",
-    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
-)  # fmt: skip
+    "HF_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
 for _name in _USER_SETTINGS:
     os.environ.pop(_name, None)
 
@@ -87,7 +94,9 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 
     def make(names, seed):
         torch.manual_seed(seed)
-        config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **_labels(names))
+        config = ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **_labels(names)
+        )
         return ResNetForImageClassification(config)
 
     base = make([f"digit-{i}" for i in range(10)], seed=0)
@@ -141,6 +150,10 @@ def tiny_world(tmp_path_factory, tiny_checkpoints):
 
     target = tmp_path_factory.mktemp("tiny-world") / "shapes"
     (target / "data").mkdir(parents=True)
-    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(str(target / "data" / "train-00000-of-00001.parquet"))
+    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(
+        str(target / "data" / "train-00000-of-00001.parquet")
+    )
     (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
-    return SimpleNamespace(base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target)
+    return SimpleNamespace(
+        base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target
+    )

@@ -183,10 +183,34 @@ VERIFY = textwrap.dedent(
 def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, tmp_path):
     out = tmp_path / "out"
     argv = [
-        "recycle", "--base", BASE, "--target", TARGET, "--test-domain", "sketch", "--runs", "2", "--steps", "3",
-        "--eval-every", "3", "--lp-steps", "3", "--warmup-steps", "1", "--batch-size", "2", "--image-size", "16",
-        "--output", str(out), "--push-to-hub", SOUP, "--token", SECRET,
-    ]  # fmt: skip
+        "recycle",
+        "--base",
+        BASE,
+        "--target",
+        TARGET,
+        "--test-domain",
+        "sketch",
+        "--runs",
+        "2",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--lp-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "16",
+        "--output",
+        str(out),
+        "--push-to-hub",
+        SOUP,
+        "--token",
+        SECRET,
+    ]
     result = run_cli(hub, tmp_path / "hf-home", *argv, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -200,17 +224,25 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
     assert len(rows[GOOD]) == 1 and " accepted " in rows[GOOD][0] and rows[GOOD][0].endswith(ACCEPTED), rows[GOOD]
     assert not rows[BASE]  # the base is not its own fine-tune
     assert f"[fetch] recycled {GOOD}@{world[GOOD]}" in result.stdout
-    assert not any(refused in line for line in result.stdout.splitlines() if line.startswith("[fetch]")
-                   for refused in EXPECTED_REASONS)  # fmt: skip
+    assert not any(
+        refused in line
+        for line in result.stdout.splitlines()
+        if line.startswith("[fetch]")
+        for refused in EXPECTED_REASONS
+    )
     assert not [r for r in hub.requests if r.method == "GET" and r.path.endswith(".bin")]  # no pickle fetched
     assert (out / "soup/model.safetensors").is_file()
     assert commit_titles(hub, SOUP) == [COMMIT_TITLE, "initial commit"]
 
     # What a stranger sees, from a fresh process with an empty cache and no token.
     verify = subprocess.run(
-        [sys.executable, "-c", VERIFY, SOUP, str(out / "soup"), GOOD], capture_output=True, text=True,
-        timeout=120, cwd=tmp_path, env=cli_env(hub, tmp_path / "fresh-hf-home"),
-    )  # fmt: skip
+        [sys.executable, "-c", VERIFY, SOUP, str(out / "soup"), GOOD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=cli_env(hub, tmp_path / "fresh-hf-home"),
+    )
     assert verify.returncode == 0, verify.stderr[-3000:]
     seen = json.loads(verify.stdout.strip().splitlines()[-1])
     assert seen["equal"] and seen["finite"] and seen["shape"] == [3, 6]  # the six target shapes
@@ -221,8 +253,14 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
     assert seen["eval_results"] >= 1 and "model-index:" in seen["readme"].split("\n---", 1)[0]
     assert f'model="{SOUP}"' in seen["readme"]
     assert seen["private"] is False
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "recipe.yaml",
-            "results.json"} <= set(seen["files"])  # fmt: skip
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "recipe.yaml",
+        "results.json",
+    } <= set(seen["files"])
 
     recipe, results = yaml.safe_load(seen["recipe"]), json.loads(seen["results"])
     assert recipe["base"] == BASE and recipe["target"] == TARGET and recipe["runs"] == 2
@@ -253,14 +291,23 @@ def soup(tmp_path_factory) -> Path:
         "recipe": config.to_dict(),
         "test_domain": "sketch",
         "train_domains": ["cartoon", "painting", "photo"],
-        "ingredients": [{"source": BASE, "revision": "a" * 40, "is_hub": True},
-                        {"source": GOOD, "revision": "b" * 40, "is_hub": True}],
-        "runs": [{"index": i, "init": f"{source}@{rev * 40}", "best_step": 1,
-                  "hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0}, **row}
-                 for i, (source, rev) in enumerate([(BASE, "a"), (GOOD, "b")])],
+        "ingredients": [
+            {"source": BASE, "revision": "a" * 40, "is_hub": True},
+            {"source": GOOD, "revision": "b" * 40, "is_hub": True},
+        ],
+        "runs": [
+            {
+                "index": i,
+                "init": f"{source}@{rev * 40}",
+                "best_step": 1,
+                "hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
+                **row,
+            }
+            for i, (source, rev) in enumerate([(BASE, "a"), (GOOD, "b")])
+        ],
         "soup": {"method": "uniform", "members": [0, 1], **row},
         "summary": [{"name": "soup, uniform (2 runs) <- this model", **row}],
-    }  # fmt: skip
+    }
     (folder / "results.json").write_text(json.dumps(results))
     build_card(results).save(folder / "README.md")
     return folder

@@ -15,15 +15,27 @@ from ratatouille_hub.hub_store import derive_tags, parse_front_matter
 HUB_INGREDIENTS = ["org/resnet-base", "alice/resnet-ft-stripes", "bob/resnet-ft-dots"]
 
 
-def results_dict(*, base="org/resnet-base", target="org/pacs", ingredients=None, run_inits=None,
-                 summary_names=None, members=(0, 2), test_accuracy=0.81234) -> dict:
+def results_dict(
+    *,
+    base="org/resnet-base",
+    target="org/pacs",
+    ingredients=None,
+    run_inits=None,
+    summary_names=None,
+    members=(0, 2),
+    test_accuracy=0.81234,
+) -> dict:
     """A results.json as make_soup writes it, for a 3-run soup."""
     if ingredients is None:
         ingredients = [{"source": s, "revision": f"{i:040x}", "is_hub": True} for i, s in enumerate(HUB_INGREDIENTS)]
         ingredients.append({"source": "/data/local-ft", "revision": "sha256:0123456789abcdef", "is_hub": False})
     run_inits = run_inits or [f"{s}@{i:040x}" for i, s in enumerate(HUB_INGREDIENTS)]
-    summary_names = summary_names or ["best single run (#0, by validation)", "soup, greedy (2 runs) <- this model",
-                                      "soup, uniform (3 runs)", "ensemble of the 3 runs (reference)"]
+    summary_names = summary_names or [
+        "best single run (#0, by validation)",
+        "soup, greedy (2 runs) <- this model",
+        "soup, uniform (3 runs)",
+        "ensemble of the 3 runs (reference)",
+    ]
     recipe = RecipeConfig(base=base, target=target, test_domain="sketch", runs=3, method="greedy").to_dict()
     return {
         "recipe": recipe,
@@ -31,8 +43,14 @@ def results_dict(*, base="org/resnet-base", target="org/pacs", ingredients=None,
         "train_domains": ["art_painting", "cartoon", "photo"],
         "ingredients": ingredients,
         "runs": [
-            {"index": i, "init": init, "hparams": {"lr": 5e-5, "weight_decay": 1e-4, "dropout": 0.1}, "best_step": 100 * (i + 1),
-             "val_accuracy": 0.9 - 0.01 * i, "test_accuracy": 0.7 + 0.01 * i}
+            {
+                "index": i,
+                "init": init,
+                "hparams": {"lr": 5e-5, "weight_decay": 1e-4, "dropout": 0.1},
+                "best_step": 100 * (i + 1),
+                "val_accuracy": 0.9 - 0.01 * i,
+                "test_accuracy": 0.7 + 0.01 * i,
+            }
             for i, init in enumerate(run_inits)
         ],
         "soup": {"method": "greedy", "members": list(members), "val_accuracy": 0.91, "test_accuracy": test_accuracy},
@@ -77,8 +95,15 @@ def test_the_hub_derives_merge_lineage_tags_from_the_card(tmp_path):
 def test_local_ingredients_and_target_are_not_claimed_as_hub_lineage(tmp_path):
     local = [{"source": str(tmp_path / "base"), "revision": "sha256:00", "is_hub": False}]
     (tmp_path / "target").mkdir()
-    card = saved_card(tmp_path, results_dict(base=str(tmp_path / "base"), target=str(tmp_path / "target"),
-                                             ingredients=local, run_inits=[f"{tmp_path}/base@sha256:00"] * 3))
+    card = saved_card(
+        tmp_path,
+        results_dict(
+            base=str(tmp_path / "base"),
+            target=str(tmp_path / "target"),
+            ingredients=local,
+            run_inits=[f"{tmp_path}/base@sha256:00"] * 3,
+        ),
+    )
     front = parse_front_matter(card.content)
     assert "base_model" not in front and "base_model_relation" not in front and "datasets" not in front
     assert front["model-index"][0]["results"][0]["dataset"]["type"] == "local"
@@ -104,7 +129,9 @@ def _table_shapes(markdown: str) -> list[list[int]]:
     markdown_it = pytest.importorskip("markdown_it")
     html = markdown_it.MarkdownIt("commonmark").enable("table").render(markdown)
     tables = re.findall(r"<table>(.*?)</table>", html, flags=re.S)
-    return [[len(re.findall(r"<t[hd][ >]", row)) for row in re.findall(r"<tr>(.*?)</tr>", t, flags=re.S)] for t in tables]
+    return [
+        [len(re.findall(r"<t[hd][ >]", row)) for row in re.findall(r"<tr>(.*?)</tr>", t, flags=re.S)] for t in tables
+    ]
 
 
 def test_hostile_names_cannot_break_the_tables_or_add_sections(tmp_path):
@@ -124,14 +151,20 @@ def test_provenance_marks_the_members_of_the_soup(tmp_path):
 
 
 def test_erm_best_run_card_is_a_finetune_of_the_base(tmp_path):
-    results = results_dict(ingredients=[{"source": "org/resnet-base", "revision": "0" * 40, "is_hub": True}],
-                           run_inits=[f"org/resnet-base@{'0' * 40}"] * 3, members=(1,))
+    results = results_dict(
+        ingredients=[{"source": "org/resnet-base", "revision": "0" * 40, "is_hub": True}],
+        run_inits=[f"org/resnet-base@{'0' * 40}"] * 3,
+        members=(1,),
+    )
     results["recipe"]["strategy"] = "erm"
     results["soup"]["method"] = "best-run"
     card = saved_card(tmp_path, results)
     assert card.data.base_model == ["org/resnet-base"] and card.data.base_model_relation == "finetune"
     assert "merge" not in card.data.tags and "weight-averaging" not in card.data.tags
-    assert "An **ERM** baseline of [Model Ratatouille]" in card.text and "the best, by training-domain validation, of 3 fine-tunes" in card.text
+    assert (
+        "An **ERM** baseline of [Model Ratatouille]" in card.text
+        and "the best, by training-domain validation, of 3 fine-tunes" in card.text
+    )
     assert "averaged\nweight by weight" not in card.text
 
 

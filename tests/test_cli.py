@@ -30,8 +30,14 @@ def subcommands() -> list[str]:
 def run_entry_point(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     if not ENTRY_POINT.exists():
         pytest.skip(f"{ENTRY_POINT} is not installed")
-    return subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [str(ENTRY_POINT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,9 @@ def checkpoints(tmp_path_factory) -> list[Path]:
     folders = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                          layer_type="basic", num_labels=3))
+        model = ResNetForImageClassification(
+            ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+        )
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # a trained look: no two tensors alike, BatchNorm statistics included
             for name, tensor in model.state_dict().items():
@@ -75,8 +82,10 @@ def test_help_through_the_installed_entry_point_is_light():
     result = run_entry_point("recycle", "--help")
     assert result.returncode == 0, result.stderr
     assert "--lr-choices" in result.stdout and "--no-augment" in result.stdout
-    probe = "import sys\nfrom ratatouille_hub import cli\ntry:\n    cli.main(['recycle', '--help'])\nexcept SystemExit:\n    pass\n" \
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules))"
+    probe = (
+        "import sys\nfrom ratatouille_hub import cli\ntry:\n    cli.main(['recycle', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
     assert out.strip().endswith("HEAVY []")
 
@@ -92,20 +101,52 @@ def test_every_config_field_has_a_recycle_flag():
 
 
 def test_config_file_with_overrides(tmp_path):
-    saved = RecipeConfig(base="org/base", target="org/pacs", aux=("a/one",), runs=3, lr=1e-4, augment=True,
-                         test_domain="photo", output=str(tmp_path / "out"))
+    saved = RecipeConfig(
+        base="org/base",
+        target="org/pacs",
+        aux=("a/one",),
+        runs=3,
+        lr=1e-4,
+        augment=True,
+        test_domain="photo",
+        output=str(tmp_path / "out"),
+    )
     saved.save_yaml(tmp_path / "recipe.yaml")
     parser = cli.build_parser()
 
     replayed = cli.config_from_args(parser.parse_args(["recycle", "--config", str(tmp_path / "recipe.yaml")]))
     assert replayed == saved
 
-    argv = ["recycle", "--config", str(tmp_path / "recipe.yaml"), "--runs", "5", "--aux", "b/two", "c/three",
-            "--no-augment", "--lr-choices", "1e-3", "2e-3", "--test-domain", "sketch", "--image-size", "32",
-            "--method", "greedy"]
+    argv = [
+        "recycle",
+        "--config",
+        str(tmp_path / "recipe.yaml"),
+        "--runs",
+        "5",
+        "--aux",
+        "b/two",
+        "c/three",
+        "--no-augment",
+        "--lr-choices",
+        "1e-3",
+        "2e-3",
+        "--test-domain",
+        "sketch",
+        "--image-size",
+        "32",
+        "--method",
+        "greedy",
+    ]
     overridden = cli.config_from_args(parser.parse_args(argv))
-    assert overridden == saved.replace(runs=5, aux=("b/two", "c/three"), augment=False, lr_choices=(1e-3, 2e-3),
-                                       test_domain="sketch", image_size=32, method="greedy")
+    assert overridden == saved.replace(
+        runs=5,
+        aux=("b/two", "c/three"),
+        augment=False,
+        lr_choices=(1e-3, 2e-3),
+        test_domain="sketch",
+        image_size=32,
+        method="greedy",
+    )
 
 
 def test_flags_alone_fill_in_the_defaults():
@@ -142,12 +183,17 @@ def test_merge_writes_the_mean_of_two_checkpoints(checkpoints, tmp_path, capsys)
 
 def test_weighted_merge(checkpoints, tmp_path):
     out = tmp_path / "merged"
-    assert cli.main(["merge", *map(str, checkpoints), "--output", str(out), "--method", "weighted", "--weights", "1", "3"]) == 0
+    assert (
+        cli.main(["merge", *map(str, checkpoints), "--output", str(out), "--method", "weighted", "--weights", "1", "3"])
+        == 0
+    )
     merged, a, b = load_file(out / "model.safetensors"), *(load_file(c / "model.safetensors") for c in checkpoints)
     expected = average_state_dicts([a, b], weights=[0.25, 0.75])
     assert all(torch.equal(merged[k], v) for k, v in expected.items())
     name = "classifier.1.weight"
-    torch.testing.assert_close(merged[name].double(), 0.25 * a[name].double() + 0.75 * b[name].double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        merged[name].double(), 0.25 * a[name].double() + 0.75 * b[name].double(), rtol=1e-6, atol=1e-7
+    )
 
 
 def _bad_inputs(checkpoints: list[Path], tmp_path: Path) -> dict[str, list[str]]:
@@ -167,9 +213,17 @@ def _bad_inputs(checkpoints: list[Path], tmp_path: Path) -> dict[str, list[str]]
     }
 
 
-BAD = ["merge-missing-folder", "weighted-without-weights", "weights-without-weighted", "one-weight-for-two-models",
-       "negative-weight", "recycle-without-base", "recycle-missing-config", "recycle-config-not-a-mapping",
-       "recycle-zero-runs"]
+BAD = [
+    "merge-missing-folder",
+    "weighted-without-weights",
+    "weights-without-weighted",
+    "one-weight-for-two-models",
+    "negative-weight",
+    "recycle-without-base",
+    "recycle-missing-config",
+    "recycle-config-not-a-mapping",
+    "recycle-zero-runs",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -185,7 +239,9 @@ def test_bad_input_is_one_error_line_and_exit_code_2(case, checkpoints, tmp_path
 
 
 def test_bad_input_through_the_entry_point(tmp_path):
-    result = run_entry_point("merge", str(tmp_path / "missing-a"), str(tmp_path / "missing-b"), "--output", str(tmp_path / "o"))
+    result = run_entry_point(
+        "merge", str(tmp_path / "missing-a"), str(tmp_path / "missing-b"), "--output", str(tmp_path / "o")
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(result.stderr.splitlines()) == 1 and "missing-a" in result.stderr

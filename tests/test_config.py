@@ -48,11 +48,33 @@ def test_config_is_frozen():
     [
         {},
         dict(
-            test_domain="sketch", aux=("alice/ft-a", "./local ft"), strategy="soup", method="greedy", runs=3,
-            steps=7, eval_every=2, lp_steps=9, lp_lr=1e-2, warmup_steps=0, batch_size=5, lr=3.5e-4,
-            lr_choices=(1e-3, 2e-3), weight_decay=1e-6, weight_decay_choices=(0.0,), dropout=0.1,
-            dropout_choices=(0.25,), holdout_fraction=0.3, image_size=64, augment=False, bn_policy="reestimate",
-            precision="no", seed=7, output="some/where", domain_column="env", label_column="y", image_column="img",
+            test_domain="sketch",
+            aux=("alice/ft-a", "./local ft"),
+            strategy="soup",
+            method="greedy",
+            runs=3,
+            steps=7,
+            eval_every=2,
+            lp_steps=9,
+            lp_lr=1e-2,
+            warmup_steps=0,
+            batch_size=5,
+            lr=3.5e-4,
+            lr_choices=(1e-3, 2e-3),
+            weight_decay=1e-6,
+            weight_decay_choices=(0.0,),
+            dropout=0.1,
+            dropout_choices=(0.25,),
+            holdout_fraction=0.3,
+            image_size=64,
+            augment=False,
+            bn_policy="reestimate",
+            precision="no",
+            seed=7,
+            output="some/where",
+            domain_column="env",
+            label_column="y",
+            image_column="img",
         ),
     ],
     ids=["defaults", "every-field-changed"],
@@ -71,7 +93,9 @@ def test_yaml_round_trip_is_equal(tmp_path, changes):
 def test_yaml_written_by_hand_is_coerced(tmp_path):
     # YAML 1.1 reads `5e-5` (no dot) as a string; a quoted int is a string too
     path = tmp_path / "recipe.yaml"
-    path.write_text("base: b\ntarget: t\nlr: 5e-5\nlr_choices: [1e-5, 2.0e-5]\nruns: '4'\naux: one/model\naugment: 'no'\n")
+    path.write_text(
+        "base: b\ntarget: t\nlr: 5e-5\nlr_choices: [1e-5, 2.0e-5]\nruns: '4'\naux: one/model\naugment: 'no'\n"
+    )
     loaded = RecipeConfig.load_yaml(path)
     assert loaded.lr == 5e-5 and isinstance(loaded.lr, float)
     assert loaded.lr_choices == (1e-5, 2e-5)
@@ -149,8 +173,15 @@ def test_config_error_is_a_value_error():
 
 @pytest.mark.parametrize(
     "changes",
-    [{"lr": -1e-3}, {"lp_lr": -1e-2}, {"weight_decay": -1.0}, {"dropout": 1.5}, {"lr_choices": (1e-3, -1e-3)},
-     {"dropout_choices": (0.0, 2.0)}, {"weight_decay_choices": (-1e-4,)}],
+    [
+        {"lr": -1e-3},
+        {"lp_lr": -1e-2},
+        {"weight_decay": -1.0},
+        {"dropout": 1.5},
+        {"lr_choices": (1e-3, -1e-3)},
+        {"dropout_choices": (0.0, 2.0)},
+        {"weight_decay_choices": (-1e-4,)},
+    ],
 )
 def test_impossible_optimiser_values_raise_config_error(changes):
     with pytest.raises(ConfigError):

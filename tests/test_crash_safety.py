@@ -28,10 +28,31 @@ import pytest
 from ratatouille_hub import cli, merge
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
-RECIPE_FLAGS = ["--runs", "3", "--steps", "60", "--eval-every", "10", "--lp-steps", "60", "--warmup-steps", "2",
-                "--batch-size", "2", "--image-size", "16", "--seed", "0"]  # fmt: skip
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONWARNINGS": "ignore"}  # fmt: skip
+RECIPE_FLAGS = [
+    "--runs",
+    "3",
+    "--steps",
+    "60",
+    "--eval-every",
+    "10",
+    "--lp-steps",
+    "60",
+    "--warmup-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--image-size",
+    "16",
+    "--seed",
+    "0",
+]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONWARNINGS": "ignore",
+}
 TIMEOUT = 120
 
 
@@ -41,8 +62,19 @@ def world(tiny_world) -> SimpleNamespace:
 
 
 def recycle_argv(world, out: Path, extra=()) -> list[str]:
-    return ["recycle", "--base", str(world.base), "--aux", *map(str, world.aux), "--target", str(world.target),
-            *RECIPE_FLAGS, "--output", str(out), *extra]  # fmt: skip
+    return [
+        "recycle",
+        "--base",
+        str(world.base),
+        "--aux",
+        *map(str, world.aux),
+        "--target",
+        str(world.target),
+        *RECIPE_FLAGS,
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def command(world, out: Path, extra=()) -> list[str]:
@@ -61,8 +93,9 @@ class Watched:
     """A recycle process whose stdout lines are collected as they come (for stage detection)."""
 
     def __init__(self, world, out: Path, extra=()):
-        self.process = subprocess.Popen(command(world, out, extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        text=True, env=ENV)  # fmt: skip
+        self.process = subprocess.Popen(
+            command(world, out, extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -117,7 +150,9 @@ def accuracies(results: dict) -> dict:
     sections = {k: v for k, v in results.items() if k in ("soup", "ensemble") or k.startswith("soup_")}
     return {
         "sections": {name: {k: v for k, v in row.items() if k in keep} for name, row in sections.items()},
-        "runs": [{k: run[k] for k in ("index", "best_step", "val_accuracy", "test_accuracy")} for run in results["runs"]],
+        "runs": [
+            {k: run[k] for k in ("index", "best_step", "val_accuracy", "test_accuracy")} for run in results["runs"]
+        ],
         "summary": results["summary"],
         "greedy_order": results["greedy_order"],
     }
@@ -132,8 +167,12 @@ def reference(world, tmp_path_factory) -> SimpleNamespace:
     """One uninterrupted run (folder A)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "A"
     result = run_to_completion(world, out)
-    return SimpleNamespace(out=out, stdout=result.stdout, weights=sha256(out / "soup" / "model.safetensors"),
-                           results=json.loads((out / "soup" / "results.json").read_text()))  # fmt: skip
+    return SimpleNamespace(
+        out=out,
+        stdout=result.stdout,
+        weights=sha256(out / "soup" / "model.safetensors"),
+        results=json.loads((out / "soup" / "results.json").read_text()),
+    )
 
 
 def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tmp_path):
@@ -142,16 +181,26 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
     kill_points = [
         ("while loading and checking the target data", lambda p: p.saw("[data]"), 0.0, (0, 0)),
         ("during the linear probe", lambda p: p.saw("[train] linear probe on"), rng.uniform(0.02, 0.15), (0, 0)),
-        ("during run 1", lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 1/3 from"), rng.uniform(0.02, 0.15), (1, 0)),
+        (
+            "during run 1",
+            lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 1/3 from"),
+            rng.uniform(0.02, 0.15),
+            (1, 0),
+        ),
         ("right after run 1's done", lambda p: done_count(out, "runs") >= 1, 0.0, (1, 1)),
         ("during a later run", lambda p: p.saw("[train] run 3/3 from"), rng.uniform(0.02, 0.15), (1, 2)),
-        ("while the merge evaluates subsets", lambda p: p.saw("[merge] averaging runs"), rng.uniform(0.0, 0.05), (1, 3)),
+        (
+            "while the merge evaluates subsets",
+            lambda p: p.saw("[merge] averaging runs"),
+            rng.uniform(0.0, 0.05),
+            (1, 3),
+        ),
         ("while staging the soup", lambda p: bool(soup_staging(out)), 0.0, (1, 3)),
     ]
     for name, condition, delay, (lp_done, runs_done) in kill_points:
         before = finished_runs(out)
         process = Watched(world, out)
-        process.kill_when(lambda: condition(process), delay=delay)
+        process.kill_when(lambda condition=condition, process=process: condition(process), delay=delay)
         assert done_count(out, "lp") == lp_done and done_count(out, "runs") == runs_done, name
         assert finished_runs(out).items() >= before.items(), f"{name}: a finished run was redone"
         assert not (out / "soup").exists(), f"{name}: a soup appeared before the merge finished"
@@ -252,8 +301,12 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
 
 
 def _hub_process(argv: list[str], home: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(ENTRY_POINT), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**ENV, "HF_HOME": str(home)})  # fmt: skip
+    return subprocess.Popen(
+        [str(ENTRY_POINT), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**ENV, "HF_HOME": str(home)},
+    )
 
 
 def _kill_once_answered(local_hub, process: subprocess.Popen, path_part: str, status: int) -> None:
@@ -273,8 +326,18 @@ def test_kill_9_during_a_download_and_during_a_push_then_rerun(world, local_hub,
     base, aux = f"{namespace}/base", f"{namespace}/aux"
     local_hub.seed_model(base, world.base)
     local_hub.seed_model(aux, world.aux[0])
-    argv = ["recycle", "--base", base, "--aux", aux, "--target", str(world.target), *RECIPE_FLAGS[:1], "2",
-            *RECIPE_FLAGS[2:]]  # fmt: skip
+    argv = [
+        "recycle",
+        "--base",
+        base,
+        "--aux",
+        aux,
+        "--target",
+        str(world.target),
+        *RECIPE_FLAGS[:1],
+        "2",
+        *RECIPE_FLAGS[2:],
+    ]
 
     reference = tmp_path / "reference"
     assert _hub_process([*argv, "--output", str(reference)], tmp_path / "home-reference").wait(timeout=TIMEOUT) == 0

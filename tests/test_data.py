@@ -29,8 +29,12 @@ def target() -> Dataset:
 
 def split(dataset, test_domain="sketch", seed=0, holdout_fraction=0.2, **columns):
     return split_domains(
-        dataset, domain_column=columns.get("domain_column", "domain"), label_column=columns.get("label_column", "label"),
-        test_domain=test_domain, holdout_fraction=holdout_fraction, seed=seed,
+        dataset,
+        domain_column=columns.get("domain_column", "domain"),
+        label_column=columns.get("label_column", "label"),
+        test_domain=test_domain,
+        holdout_fraction=holdout_fraction,
+        seed=seed,
     )
 
 
@@ -103,8 +107,14 @@ def _table(domains: list[str], labels: list[int]) -> Dataset:
         (_table(["a", "a", "b"], [0, 1, 0]), {"test_domain": "a"}, "'b' has 1 image"),
         (_table(["a", "a"], [0, 1]), {"test_domain": "a"}, "at least 2 domains"),
     ],
-    ids=["unknown-test-domain", "missing-domain-column", "missing-label-column", "one-class-domain",
-         "one-image-domain", "single-domain"],
+    ids=[
+        "unknown-test-domain",
+        "missing-domain-column",
+        "missing-label-column",
+        "one-class-domain",
+        "one-image-domain",
+        "single-domain",
+    ],
 )
 def test_unusable_targets_raise_data_error(dataset, kwargs, message):
     with pytest.raises(DataError, match=message):
@@ -135,7 +145,9 @@ def test_load_target_reads_parquet_files_saved_datasets_and_hub_layout_folders(t
         assert loaded.features == original.features, source
         assert loaded["label"] == original["label"] and loaded["domain"] == original["domain"], source
     # every split of a DatasetDict is used, in sorted split order
-    DatasetDict({"train": original.select(range(10)), "test": original.select(range(10, 24))}).save_to_disk(str(tmp_path / "dict"))
+    DatasetDict({"train": original.select(range(10)), "test": original.select(range(10, 24))}).save_to_disk(
+        str(tmp_path / "dict")
+    )
     joined = load_target(str(tmp_path / "dict"))
     assert joined["domain"] == original["domain"][10:] + original["domain"][:10]
 
@@ -145,8 +157,9 @@ def test_load_target_reads_parquet_files_saved_datasets_and_hub_layout_folders(t
 
 def test_decode_images_keeps_row_order_channels_and_labels(target):
     rows = [7, 3, 95]
-    images = decode_images(target, rows, image_column="image", label_column="label",
-                           label_names=toyworld.SHAPES, size=6)
+    images = decode_images(
+        target, rows, image_column="image", label_column="label", label_names=toyworld.SHAPES, size=6
+    )
     assert images.pixels.shape == (3, 3, 6, 6) and images.pixels.dtype == torch.uint8
     assert images.labels.tolist() == [target[r]["label"] for r in rows]
     for i, row in enumerate(rows):
@@ -157,7 +170,9 @@ def test_decode_images_keeps_row_order_channels_and_labels(target):
 def test_normalization_and_processor_settings():
     from transformers import ViTImageProcessorPil
 
-    processor = ViTImageProcessorPil(size={"height": 24, "width": 24}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.5])
+    processor = ViTImageProcessorPil(
+        size={"height": 24, "width": 24}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.5]
+    )
     normalize = normalization_of(processor)
     assert normalize == Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.5))
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)

@@ -65,8 +65,18 @@ def two_runs(tiny_world, tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose")
     target = tiny_world.target
     config = RecipeConfig(
-        base=str(tiny_checkpoints["base"]), target=str(target), aux=(str(tiny_checkpoints["aux1"]),), runs=2,
-        steps=3, eval_every=3, lp_steps=3, lp_lr=1e-2, warmup_steps=1, batch_size=2, lr=1e-3, image_size=16,
+        base=str(tiny_checkpoints["base"]),
+        target=str(target),
+        aux=(str(tiny_checkpoints["aux1"]),),
+        runs=2,
+        steps=3,
+        eval_every=3,
+        lp_steps=3,
+        lp_lr=1e-2,
+        warmup_steps=1,
+        batch_size=2,
+        lr=1e-3,
+        image_size=16,
         output=str(root / "out"),
     )
     results = recycle(config, echo=lambda line: None)
@@ -98,13 +108,22 @@ def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
         head_linear(always_first).weight.zero_()
         head_linear(always_first).bias.copy_(torch.arange(len(head_linear(always_first).bias)) == 0)
     always_first.save_pretrained(tmp_path / "always-first")
-    (tmp_path / "always-first" / "preprocessor_config.json").write_bytes((runs[1] / "preprocessor_config.json").read_bytes())
+    (tmp_path / "always-first" / "preprocessor_config.json").write_bytes(
+        (runs[1] / "preprocessor_config.json").read_bytes()
+    )
     models = [runs[0], tmp_path / "always-first"]
     config = RecipeConfig(base=str(models[0]), target=str(target), image_size=16)
     prepared = prepare_target(config, resolve_model(str(models[0])))
     validation = prepared.data.pooled_val
-    own = [int((predict_logits(load_classifier(m, prepared.id2label), validation, prepared.data.normalize).argmax(1)
-                == validation.labels).sum()) for m in models]
+    own = [
+        int(
+            (
+                predict_logits(load_classifier(m, prepared.id2label), validation, prepared.data.normalize).argmax(1)
+                == validation.labels
+            ).sum()
+        )
+        for m in models
+    ]
     assert own[0] != own[1]  # the two runs are told apart by their accuracy
     for order in (models, models[::-1]):
         diagnosis = diagnose_models([str(m) for m in order], config)
@@ -114,7 +133,9 @@ def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
 
 def test_cli_diagnose_refuses_a_model_of_other_labels(two_runs, tiny_checkpoints, capsys):
     target, models = two_runs
-    code = cli.main(["diagnose", str(models[0]), str(tiny_checkpoints["aux2"]), "--target", str(target), "--image-size", "16"])
+    code = cli.main(
+        ["diagnose", str(models[0]), str(tiny_checkpoints["aux2"]), "--target", str(target), "--image-size", "16"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: ") and str(tiny_checkpoints["aux2"]) in err[0] and "labels" in err[0]
@@ -129,7 +150,20 @@ def test_cli_merge_greedy_selects_on_validation_and_merges_the_kept_models(two_r
 
     target, models = two_runs
     out = tmp_path / "greedy"
-    code = cli.main(["merge", *map(str, models), "--output", str(out), "--method", "greedy", "--target", str(target), "--image-size", "16"])
+    code = cli.main(
+        [
+            "merge",
+            *map(str, models),
+            "--output",
+            str(out),
+            "--method",
+            "greedy",
+            "--target",
+            str(target),
+            "--image-size",
+            "16",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     kept = greedy_members(models, RecipeConfig(base=str(models[0]), target=str(target), image_size=16))
     expected = average_state_dicts([load_file(models[i] / "model.safetensors") for i in kept])

@@ -90,7 +90,7 @@ def test_discovery_gives_each_finetune_a_verdict_and_reason(world):
         (f"{ns}/pickled", 30, False, "pickle weights only (pytorch_model.bin): never unpickled; needs safetensors"),
         (f"{ns}/leaky", 20, False, f"trained on the target dataset (card lists {TARGET_ON_HUB}): leakage"),
         (f"{ns}/remote-code", 10, False, "needs remote code (auto_map in config.json), which is never run"),
-    ]  # fmt: skip
+    ]
     assert all(c.revision == world.shas[c.repo_id] for c in world.candidates)
 
 

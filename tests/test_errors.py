@@ -34,8 +34,22 @@ from ratatouille_hub.vetting import IngredientError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
-TINY = ["--runs", "1", "--steps", "2", "--eval-every", "2", "--lp-steps", "2", "--warmup-steps", "1",
-        "--batch-size", "2", "--image-size", "16"]  # fmt: skip
+TINY = [
+    "--runs",
+    "1",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--lp-steps",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--image-size",
+    "16",
+]
 SECRET = "hf_ratatouilleSecretToken0123456789"
 HOSTILE_DOMAIN = "cartoon | evil\n---\nlicense: evil-license\n# Injected <script>x</script>"
 SEEN: dict[str, tuple[str, str]] = {}  # case -> (what, normalised error line), for docs/errors.md
@@ -46,8 +60,14 @@ SEEN: dict[str, tuple[str, str]] = {}  # case -> (what, normalised error line), 
 
 def _tiny_resnet(seed: int, labels: list[str], hidden_sizes=(8, 16)) -> ResNetForImageClassification:
     torch.manual_seed(seed)
-    config = ResNetConfig(embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1, 1], layer_type="basic",
-                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    config = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=list(hidden_sizes),
+        depths=[1, 1],
+        layer_type="basic",
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
     return ResNetForImageClassification(config)
 
 
@@ -137,8 +157,15 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         setattr(w, name, folder)
 
-    vit = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16,
-                    patch_size=8, id2label=dict(enumerate(aux_labels)))
+    vit = ViTConfig(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_size=16,
+        patch_size=8,
+        id2label=dict(enumerate(aux_labels)),
+    )
     torch.manual_seed(0)
     w.vit = root / "vit-tiny"
     ViTForImageClassification(vit).save_pretrained(w.vit)
@@ -167,8 +194,9 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
     w.empty_value = _dataset_folder(_with_domains(shapes, domains), root / "blank-domain")
     names = sorted(set(shapes["domain"])) + ["clipart"]
     w.declared_empty = _dataset_folder(shapes.cast_column("domain", ClassLabel(names=names)), root / "clipart-declared")
-    w.one_class = _dataset_folder(shapes.filter(lambda d, y: d != "photo" or y == 0, input_columns=["domain", "label"]),
-                                  root / "photo-one-class")
+    w.one_class = _dataset_folder(
+        shapes.filter(lambda d, y: d != "photo" or y == 0, input_columns=["domain", "label"]), root / "photo-one-class"
+    )
     w.script = _copy(w.target, root / "scripted")
     (w.script / "scripted.py").write_text(_evil_code(markers / "dataset-script"))
     hostile = [HOSTILE_DOMAIN if d == "cartoon" else d for d in shapes["domain"]]
@@ -238,7 +266,7 @@ MERGE_CASES = {  # case: (what, bad folder attribute, culprit in the line)
     "merge-id2label": ("two models whose id2label differ", "base", "id2label"),
     "merge-pickle-only": ("pytorch_model.bin only", "pickle_only", "aux-pickle-only"),
     "merge-remote-code": ("config.json with auto_map", "remote_code", "aux-remote-code"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(MERGE_CASES))
@@ -266,8 +294,19 @@ def test_merge_never_unpickles_a_file_beside_the_safetensors(world, tmp_path, ca
 
 
 def recycle_argv(world, out: Path, *, base=None, aux=None, target=None, extra=()) -> list[str]:
-    return ["recycle", "--base", str(base or world.base), "--aux", str(aux or world.aux),
-            "--target", str(target or world.target), *TINY, "--output", str(out), *extra]  # fmt: skip
+    return [
+        "recycle",
+        "--base",
+        str(base or world.base),
+        "--aux",
+        str(aux or world.aux),
+        "--target",
+        str(target or world.target),
+        *TINY,
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 INGREDIENT_CASES = {  # case: (what, aux attribute, culprit)
@@ -283,7 +322,7 @@ INGREDIENT_CASES = {  # case: (what, aux attribute, culprit)
     "recycle-different-base": ("same shapes, independently initialised", "other_base", "resnet-other-base"),
     "recycle-pickle-only": ("pytorch_model.bin only", "pickle_only", "aux-pickle-only"),
     "recycle-remote-code": ("config.json with auto_map (and the code beside it)", "remote_code", "aux-remote-code"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(INGREDIENT_CASES))
@@ -304,15 +343,23 @@ DATA_CASES = {  # case: (what, target attribute, extra flags, culprit)
     "target-no-domain-column": ("target without the domain column", "no_domain", (), "'domain'"),
     "target-no-label-column": ("target without the label column", "no_label", (), "'label'"),
     "target-no-image-column": ("target without the image column", "no_image", (), "'image'"),
-    "target-other-domain-column": ("--domain-column naming no column", "target", ("--domain-column", "style"),
-                                   "'style'"),
+    "target-other-domain-column": (
+        "--domain-column naming no column",
+        "target",
+        ("--domain-column", "style"),
+        "'style'",
+    ),
     "unknown-test-domain": ("--test-domain not in the data", "target", ("--test-domain", "sketchy"), "'sketchy'"),
-    "empty-test-domain": ("--test-domain declared by the ClassLabel but without images", "declared_empty",
-                          ("--test-domain", "clipart"), "'clipart'"),
+    "empty-test-domain": (
+        "--test-domain declared by the ClassLabel but without images",
+        "declared_empty",
+        ("--test-domain", "clipart"),
+        "'clipart'",
+    ),
     "blank-domain-value": ("a row whose domain is empty", "empty_value", (), "row 5"),
     "one-class-domain": ("a training domain holding one class", "one_class", (), "'photo'"),
     "dataset-script": ("a dataset folder with a loading script", "script", (), "scripted"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
@@ -339,14 +386,44 @@ def test_recycle_config_trouble(world, tmp_path, refused):
 
 def test_strategy_and_intertrain_trouble(world, tmp_path, refused):
     out = tmp_path / "out"
-    argv = ["recycle", "--base", str(world.base), "--target", str(world.target), "--strategy", "fusing", *TINY,
-            "--output", str(out)]
+    argv = [
+        "recycle",
+        "--base",
+        str(world.base),
+        "--target",
+        str(world.target),
+        "--strategy",
+        "fusing",
+        *TINY,
+        "--output",
+        str(out),
+    ]
     refused("fusing-without-aux", "--strategy fusing with no fine-tune to fuse", argv, "fusing", out)
-    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.no_label), "--steps", "1", "--output", str(out)]
+    argv = [
+        "intertrain",
+        "--base",
+        str(world.base),
+        "--dataset",
+        str(world.no_label),
+        "--steps",
+        "1",
+        "--output",
+        str(out),
+    ]
     refused("intertrain-no-label-column", "intertrain on a dataset without the label column", argv, "'label'", out)
     argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.root / "nowhere"), "--output", str(out)]
     refused("intertrain-missing-dataset", "intertrain --dataset naming no folder or Hub dataset", argv, "nowhere", out)
-    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.target), "--runs", "0", "--output", str(out)]
+    argv = [
+        "intertrain",
+        "--base",
+        str(world.base),
+        "--dataset",
+        str(world.target),
+        "--runs",
+        "0",
+        "--output",
+        str(out),
+    ]
     refused("intertrain-zero-runs", "intertrain --runs 0", argv, "runs", out)
 
 
@@ -363,8 +440,13 @@ def test_recycle_refuses_an_output_folder_of_another_recipe(world, tmp_path, ref
     (out / ".lock").touch()
     asked = cli.config_from_args(cli.build_parser().parse_args(recycle_argv(world, out)))
     asked.replace(steps=3).save_yaml(out / "recipe.yaml")
-    refused("output-of-another-recipe", "--output holding a recipe with other steps", recycle_argv(world, out),
-            "differs in: steps", out)
+    refused(
+        "output-of-another-recipe",
+        "--output holding a recipe with other steps",
+        recycle_argv(world, out),
+        "differs in: steps",
+        out,
+    )
 
 
 def test_debug_shows_the_traceback(world, tmp_path):
@@ -378,8 +460,13 @@ def test_bad_input_through_the_installed_command(world, tmp_path):
     if not ENTRY_POINT.exists():
         pytest.skip(f"{ENTRY_POINT} is not installed")
     out = tmp_path / "out"
-    result = subprocess.run([str(ENTRY_POINT), *recycle_argv(world, out, target=world.one_class)],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [str(ENTRY_POINT), *recycle_argv(world, out, target=world.one_class)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: domain 'photo' holds a single class; it cannot train a classifier"]
     assert "Traceback" not in result.stdout and not out.exists()
@@ -388,14 +475,20 @@ def test_bad_input_through_the_installed_command(world, tmp_path):
 # -- security ----------------------------------------------------------------------------------------------
 
 
-def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(world, tmp_path, capsys, local_hub, hub_namespace,
-                                                                   monkeypatch):
+def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(
+    world, tmp_path, capsys, local_hub, hub_namespace, monkeypatch
+):
     """A whole recycle with --token and --push-to-hub to a Hub that demands it; then failures with it."""
     monkeypatch.setattr(local_hub, "token", SECRET)
     out = tmp_path / "out"
     repo_id = f"{hub_namespace}/soup"
-    argv = recycle_argv(world, out, aux=world.aux_with_pickle, target=world.hostile_target,
-                        extra=("--runs", "2", "--token", SECRET, "--push-to-hub", repo_id))
+    argv = recycle_argv(
+        world,
+        out,
+        aux=world.aux_with_pickle,
+        target=world.hostile_target,
+        extra=("--runs", "2", "--token", SECRET, "--push-to-hub", repo_id),
+    )
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
@@ -430,17 +523,24 @@ def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(world, tmp_pat
 def test_community_text_cannot_add_front_matter_keys_or_break_the_card(tmp_path):
     """Every string of results.json that can come from someone else, made hostile at once."""
     evil = "x | y\n---\nlicense: evil\ninjected: true\n---\n# Injected <b>bold</b> `code`\x85\u2028k: v"
-    ingredients = [{"source": "org/base", "revision": "a" * 40, "is_hub": True},
-                   {"source": "alice/ft", "revision": "b" * 40, "is_hub": True}]  # fmt: skip
+    ingredients = [
+        {"source": "org/base", "revision": "a" * 40, "is_hub": True},
+        {"source": "alice/ft", "revision": "b" * 40, "is_hub": True},
+    ]
     recipe = RecipeConfig(base=evil, target=evil, runs=2).to_dict()
     row = {"val_accuracy": 0.5, "test_accuracy": 0.25}
     results = {
-        "recipe": recipe, "test_domain": evil, "train_domains": [evil, "photo"], "ingredients": ingredients,
-        "runs": [{"index": i, "init": evil, "hparams": {"lr": 1e-3, "weight_decay": 0, "dropout": 0}, "best_step": 1,
-                  **row} for i in range(2)],
+        "recipe": recipe,
+        "test_domain": evil,
+        "train_domains": [evil, "photo"],
+        "ingredients": ingredients,
+        "runs": [
+            {"index": i, "init": evil, "hparams": {"lr": 1e-3, "weight_decay": 0, "dropout": 0}, "best_step": 1, **row}
+            for i in range(2)
+        ],
         "soup": {"method": "uniform", "members": [0, 1], **row},
         "summary": [{"name": evil, **row}],
-    }  # fmt: skip
+    }
     build_card(results).save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data.to_dict()

@@ -66,8 +66,15 @@ def published_model(new_hub_namespace, tiny_model, tmp_path_factory):
     repo_id = f"{new_hub_namespace()}/tiny-resnet"
     folder = tmp_path_factory.mktemp("tiny-resnet")
     tiny_model.save_pretrained(folder)
-    write_card(folder, base_model=BASE, library_name="transformers", pipeline_tag="image-classification",
-               datasets=["ratatouille-test/pacs"], license="apache-2.0", tags=["ratatouille"])  # fmt: skip
+    write_card(
+        folder,
+        base_model=BASE,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        datasets=["ratatouille-test/pacs"],
+        license="apache-2.0",
+        tags=["ratatouille"],
+    )
     HfApi().create_repo(repo_id)
     commit = HfApi().upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Add tiny ResNet")
     return Published(repo_id, commit.oid, folder)
@@ -224,11 +231,13 @@ def test_branches_and_stale_parent_commits(hub_namespace):
 
 
 def test_dataset_push_to_hub_then_load_dataset_round_trips(local_hub, hub_namespace, tmp_path):
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "domain": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["dog", "horse", "house"]),
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "domain": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["dog", "horse", "house"]),
+        }
+    )
     rng = np.random.default_rng(0)
     rows = {
         "image": [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(6)],
@@ -260,8 +269,10 @@ def test_client_retries_through_injected_429_and_500(local_hub, hub_namespace):
     local_hub.inject_failures(f"^/api/models/{repo_id}/preupload/", [429, 500])
     api.upload_file(path_or_fileobj=b'{"ok": true}', path_in_repo="config.json", repo_id=repo_id)
     assert [r.status for r in local_hub.requests if r.path.startswith(f"/api/models/{repo_id}/preupload/")] == [
-        429, 500, 200,
-    ]  # fmt: skip
+        429,
+        500,
+        200,
+    ]
 
     # Downloads retry 408 and 429 only: a 500 on the GET is not retried by huggingface_hub.
     local_hub.inject_failures(f"^/{repo_id}/resolve/", [429], method="GET")

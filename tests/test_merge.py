@@ -80,8 +80,13 @@ def resnet(tmp_path_factory) -> Members:
 def vit(tmp_path_factory) -> Members:
     torch.manual_seed(0)
     config = ViTConfig(
-        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=3,
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
     )
     members = _members(ViTForImageClassification(config), tmp_path_factory.mktemp("vit"))
     processor = {"image_processor_type": "ViTImageProcessor"}

@@ -49,7 +49,7 @@ def write_soup(folder: Path, model, **save_options) -> Path:
                 **row,
             }
             for i, (src, rev) in enumerate([(BASE, "a"), (GOOD, "b")])
-        ],  # fmt: skip
+        ],
         "soup": {"method": "uniform", "members": [0, 1], **row},
         "summary": [{"name": "soup, uniform (2 runs) <- this model", **row}],
     }
@@ -80,8 +80,15 @@ def test_push_round_trips_in_one_commit_and_is_findable_from_its_ingredients(loc
     assert pushed.changed and pushed.revision == "main" and pushed.url.endswith(f"/{repo_id}/commit/{pushed.oid}")
     assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
     files = {s.rfilename for s in HfApi().model_info(repo_id).siblings}
-    assert files == {".gitattributes", "model.safetensors", "config.json", "preprocessor_config.json",
-                     "README.md", "recipe.yaml", "results.json"}  # fmt: skip
+    assert files == {
+        ".gitattributes",
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "recipe.yaml",
+        "results.json",
+    }
 
     card = Path(hf_hub_download(repo_id, "README.md")).read_text()
     assert f'model="{repo_id}"' in card and "path/to/soup" not in card
@@ -111,8 +118,15 @@ def test_a_sharded_soup_pushes_index_and_shards(hub_namespace, tmp_path):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
-    assert soup_files(folder) == ["model.safetensors.index.json", *shards, "config.json", "preprocessor_config.json",
-                                  "README.md", "recipe.yaml", "results.json"]  # fmt: skip
+    assert soup_files(folder) == [
+        "model.safetensors.index.json",
+        *shards,
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "recipe.yaml",
+        "results.json",
+    ]
     repo_id = f"{hub_namespace}/sharded-soup"
     push_folder(folder, repo_id)
     loaded = AutoModelForImageClassification.from_pretrained(repo_id).eval()

@@ -22,7 +22,15 @@ from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_linear
 
-SOUP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "recipe.yaml", "results.json", "diagnostics.png"}
+SOUP_FILES = {
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "README.md",
+    "recipe.yaml",
+    "results.json",
+    "diagnostics.png",
+}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 CALLS = ["run 1/3", "run 2/3 head warm-up", "run 2/3", "run 3/3 head warm-up", "run 3/3"]
 
@@ -37,9 +45,21 @@ def world(tiny_world) -> SimpleNamespace:
 
 def make_config(world, output: Path, **changes) -> RecipeConfig:
     return RecipeConfig(
-        base=str(world.base), target=str(world.target), aux=tuple(str(a) for a in world.aux), runs=3, steps=4,
-        eval_every=2, lp_steps=5, lp_lr=1e-2, warmup_steps=2, batch_size=4, lr=1e-3, lr_choices=(1e-3, 2e-3),
-        image_size=16, output=str(output), **changes,
+        base=str(world.base),
+        target=str(world.target),
+        aux=tuple(str(a) for a in world.aux),
+        runs=3,
+        steps=4,
+        eval_every=2,
+        lp_steps=5,
+        lp_lr=1e-2,
+        warmup_steps=2,
+        batch_size=4,
+        lr=1e-3,
+        lr_choices=(1e-3, 2e-3),
+        image_size=16,
+        output=str(output),
+        **changes,
     )
 
 
@@ -53,8 +73,14 @@ def recording_optimize(monkeypatch, calls: list, fail_on: str | None = None):
 
     def recording(model, batches, **kwargs):
         head = head_linear(model)
-        calls.append({"desc": kwargs["desc"], "steps": kwargs["steps"],
-                      "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()})
+        calls.append(
+            {
+                "desc": kwargs["desc"],
+                "steps": kwargs["steps"],
+                "weight": head.weight.detach().clone(),
+                "bias": head.bias.detach().clone(),
+            }
+        )
         if kwargs["desc"] == fail_on:
             raise RuntimeError("power cut")
         return real(model, batches, **kwargs)
@@ -157,7 +183,9 @@ def test_each_run_keeps_the_batchnorm_statistics_of_its_init(done, world):
 def test_soup_loads_with_auto_model_and_equals_the_averaged_runs(done):
     soup = AutoModelForImageClassification.from_pretrained(done.soup).eval()
     rebuilt = AutoModelForImageClassification.from_pretrained(run_folders(done.results)[0] / "model").eval()
-    states = [AutoModelForImageClassification.from_pretrained(f / "model").state_dict() for f in run_folders(done.results)]
+    states = [
+        AutoModelForImageClassification.from_pretrained(f / "model").state_dict() for f in run_folders(done.results)
+    ]
     rebuilt.load_state_dict(average_state_dicts(states))
     with torch.no_grad():
         logits = soup(pixel_values=fixed_pixels()).logits
@@ -211,7 +239,11 @@ def test_results_record_splits_hparams_and_members(done):
     for folder in run_folders(results):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert [step for step, _ in metrics["history"]] == [2, 4]
-        assert dict(metrics["history"])[metrics["best_step"]] == metrics["val_accuracy"] == max(dict(metrics["history"]).values())
+        assert (
+            dict(metrics["history"])[metrics["best_step"]]
+            == metrics["val_accuracy"]
+            == max(dict(metrics["history"]).values())
+        )
     assert results["soup"]["method"] == "uniform" and results["soup"]["members"] == [0, 1, 2]
     assert len(results["summary"]) == 4 and results["bn_policy"] == "average"
     on_disk = json.loads((done.soup / "results.json").read_text())
@@ -339,7 +371,9 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
     assert (soup / "model.safetensors").read_bytes() == (done.soup / "model.safetensors").read_bytes()
     for mine, reference in zip(run_folders(results), run_folders(done.results)):
         assert mine.name == reference.name  # same run keys
-        assert (mine / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
+        assert (mine / "model" / "model.safetensors").read_bytes() == (
+            reference / "model" / "model.safetensors"
+        ).read_bytes()
 
     def portable(r: dict) -> dict:
         text = json.dumps(r)
@@ -431,5 +465,7 @@ def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done,
         features = model.resnet.embedder.embedder.convolution((train.pixels.float() / 255.0 - 0.5) / 0.5)
     prefix = "resnet.embedder.embedder.normalization."
     torch.testing.assert_close(soup[prefix + "running_mean"], features.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(soup[prefix + "running_var"], features.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        soup[prefix + "running_var"], features.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-6
+    )
     assert soup[prefix + "num_batches_tracked"].item() == 1

@@ -38,11 +38,20 @@ def _timm_base(folder: Path) -> Path:
     torch.manual_seed(7)
     names = [f"digit-{i}" for i in range(10)]
     config = TimmWrapperConfig(
-        architecture="test_efficientnet", model_args={"channel_multiplier": 0.25}, num_labels=10,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        architecture="test_efficientnet",
+        model_args={"channel_multiplier": 0.25},
+        num_labels=10,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
     )
-    config.pretrained_cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-                             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    config.pretrained_cfg = {
+        "input_size": [3, SIZE, SIZE],
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     model = TimmWrapperForImageClassification(config)
     with torch.no_grad():  # "pretrained" BatchNorm statistics, so frozen statistics are observable
         for name, tensor in model.state_dict().items():
@@ -60,13 +69,18 @@ def timm_world(tmp_path_factory, tiny_world) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("timm-world")
     stripes = root / "stripes"
     (stripes / "data").mkdir(parents=True)
-    toyworld.aux_datasets(per_class=8, size=SIZE)["stripes"].to_parquet(str(stripes / "data" / "train-00000-of-00001.parquet"))
+    toyworld.aux_datasets(per_class=8, size=SIZE)["stripes"].to_parquet(
+        str(stripes / "data" / "train-00000-of-00001.parquet")
+    )
     base = _timm_base(root / "base")
-    aux_config = IntertrainConfig(base=str(base), dataset=str(stripes), steps=6, batch_size=8, output=str(root / "intertrain"))
+    aux_config = IntertrainConfig(
+        base=str(base), dataset=str(stripes), steps=6, batch_size=8, output=str(root / "intertrain")
+    )
     lines: list[str] = []
     (aux,) = intertrain(aux_config, echo=lines.append)
-    return SimpleNamespace(root=root, base=base, stripes=stripes, aux=aux, aux_config=aux_config, lines=lines,
-                           target=tiny_world.target)
+    return SimpleNamespace(
+        root=root, base=base, stripes=stripes, aux=aux, aux_config=aux_config, lines=lines, target=tiny_world.target
+    )
 
 
 def test_timm_checkpoint_reheads_and_saves_its_own_label_names(timm_world, tmp_path):
@@ -96,7 +110,13 @@ def test_timm_processor_gives_normalisation_and_resolution(timm_world, tmp_path)
 
 def test_intertrain_writes_a_community_checkpoint_with_last_step_weights(timm_world):
     folder = timm_world.aux
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "done", "model.safetensors", "results.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "done",
+        "model.safetensors",
+        "results.json",
+    ]
     card = ModelCard.load(folder / "README.md")
     assert card.data.datasets == ["stripes"] and card.data.base_model is None  # a local base has no Hub id to name
     config = json.loads((folder / "config.json").read_text())
@@ -130,12 +150,27 @@ def test_intertrain_runs_draw_their_own_hyperparameters(timm_world, tmp_path):
     assert load_file(first / "model.safetensors").keys() == load_file(second / "model.safetensors").keys()
 
 
-def test_intertrain_push_is_discoverable_as_a_finetune_of_the_hub_base(timm_world, local_hub, hub_namespace, tmp_path, capsys):
+def test_intertrain_push_is_discoverable_as_a_finetune_of_the_hub_base(
+    timm_world, local_hub, hub_namespace, tmp_path, capsys
+):
     base_id = f"{hub_namespace}/tiny-effnet"
     local_hub.seed_model(base_id, timm_world.base)
     aux_id = f"{hub_namespace}/tiny-effnet-stripes"
-    argv = ["intertrain", "--base", base_id, "--dataset", str(timm_world.stripes), "--steps", "2", "--batch-size", "8",
-            "--output", str(tmp_path / "out"), "--push-to-hub", aux_id]
+    argv = [
+        "intertrain",
+        "--base",
+        base_id,
+        "--dataset",
+        str(timm_world.stripes),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--output",
+        str(tmp_path / "out"),
+        "--push-to-hub",
+        aux_id,
+    ]
     assert cli.main(argv) == 0
     found = [m.id for m in HfApi().list_models(filter=f"base_model:finetune:{base_id}")]
     assert found == [aux_id]
@@ -147,8 +182,19 @@ def test_intertrain_push_is_discoverable_as_a_finetune_of_the_hub_base(timm_worl
 
 
 def test_intertrain_bad_column_is_one_line(timm_world, tmp_path, capsys):
-    code = cli.main(["intertrain", "--base", str(timm_world.base), "--dataset", str(timm_world.stripes),
-                     "--label-column", "colour", "--output", str(tmp_path / "out")])
+    code = cli.main(
+        [
+            "intertrain",
+            "--base",
+            str(timm_world.base),
+            "--dataset",
+            str(timm_world.stripes),
+            "--label-column",
+            "colour",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "colour" in err and err.count("\n") == 1
@@ -165,13 +211,24 @@ def strategies(timm_world, tmp_path_factory) -> SimpleNamespace:
     outcomes = {}
     for strategy in ("erm", "soup", "ratatouille", "fusing"):
         config = RecipeConfig(
-            base=str(timm_world.base), target=str(timm_world.target), aux=(str(timm_world.aux),), strategy=strategy,
-            runs=2, steps=3, eval_every=1, lp_steps=20, warmup_steps=2, batch_size=4, output=str(output),
+            base=str(timm_world.base),
+            target=str(timm_world.target),
+            aux=(str(timm_world.aux),),
+            strategy=strategy,
+            runs=2,
+            steps=3,
+            eval_every=1,
+            lp_steps=20,
+            warmup_steps=2,
+            batch_size=4,
+            output=str(output),
         )
         lines: list[str] = []
         results = recycle(config, echo=lines.append)
         outcomes[strategy] = SimpleNamespace(
-            results=results, lines=lines, weights=(output / "soup" / "model.safetensors").read_bytes(),
+            results=results,
+            lines=lines,
+            weights=(output / "soup" / "model.safetensors").read_bytes(),
             card=ModelCard.load(output / "soup" / "README.md"),
         )
     return SimpleNamespace(output=output, **outcomes)
@@ -234,8 +291,15 @@ def test_fusing_inits_are_convex_combinations_of_base_and_auxiliary(strategies, 
 
 
 def test_fusing_without_recycled_checkpoints_is_refused(timm_world, tmp_path):
-    config = RecipeConfig(base=str(timm_world.base), target=str(timm_world.target), strategy="fusing",
-                          runs=1, steps=1, lp_steps=1, output=str(tmp_path / "out"))
+    config = RecipeConfig(
+        base=str(timm_world.base),
+        target=str(timm_world.target),
+        strategy="fusing",
+        runs=1,
+        steps=1,
+        lp_steps=1,
+        output=str(tmp_path / "out"),
+    )
     with pytest.raises(ValueError, match="fusing needs recycled fine-tunes"):
         recycle(config, echo=lambda _: None)
     assert not (tmp_path / "out").exists()

@@ -47,19 +47,25 @@ def test_target_is_balanced_per_domain(target):
 
 @pytest.mark.parametrize("size", [16, 32, 48])
 def test_images_are_rgb_of_the_requested_size(size):
-    datasets = [toyworld.target_dataset(per_class_per_domain=1, size=size),
-                toyworld.pretrain_dataset(n=10, size=size),
-                *toyworld.aux_datasets(per_class=1, size=size).values()]
+    datasets = [
+        toyworld.target_dataset(per_class_per_domain=1, size=size),
+        toyworld.pretrain_dataset(n=10, size=size),
+        *toyworld.aux_datasets(per_class=1, size=size).values(),
+    ]
     for dataset in datasets:
         for image in dataset["image"]:
             assert image.mode == "RGB" and image.size == (size, size)
 
 
-@pytest.mark.parametrize("make", [
-    lambda seed: toyworld.target_dataset(per_class_per_domain=2, seed=seed),
-    lambda seed: toyworld.pretrain_dataset(n=20, seed=seed),
-    lambda seed: toyworld.aux_datasets(per_class=2, seed=seed)["dots"],
-], ids=["target", "pretrain", "aux"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: toyworld.target_dataset(per_class_per_domain=2, seed=seed),
+        lambda seed: toyworld.pretrain_dataset(n=20, seed=seed),
+        lambda seed: toyworld.aux_datasets(per_class=2, seed=seed)["dots"],
+    ],
+    ids=["target", "pretrain", "aux"],
+)
 def test_same_seed_same_bytes_other_seed_other_images(make):
     first, again, other = _png_bytes(make(0)), _png_bytes(make(0)), _png_bytes(make(1))
     assert first == again
@@ -96,8 +102,7 @@ def test_pretrain_task_is_balanced_digits():
 
 
 def test_aux_tasks_are_balanced_with_readable_classes(aux):
-    expected = {"stripes": toyworld.STRIPE_ORIENTATIONS, "dots": toyworld.DOT_COUNTS,
-                "polygons": toyworld.POLYGONS}
+    expected = {"stripes": toyworld.STRIPE_ORIENTATIONS, "dots": toyworld.DOT_COUNTS, "polygons": toyworld.POLYGONS}
     assert aux.keys() == expected.keys()
     for name, dataset in aux.items():
         assert dataset.column_names == ["image", "label"]

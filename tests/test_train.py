@@ -50,7 +50,9 @@ def images(n: int, seed: int, classes: int = 3) -> ImageTensors:
 
 @pytest.fixture(scope="module")
 def data() -> TargetData:
-    return TargetData(train=[images(24, 1), images(24, 2)], val=[images(6, 3), images(6, 4)], normalize=NORMALIZE, augment=True)
+    return TargetData(
+        train=[images(24, 1), images(24, 2)], val=[images(6, 3), images(6, 4)], normalize=NORMALIZE, augment=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +76,13 @@ def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
 
 def run_optimize(model, data, accelerator, **kwargs):
     arguments = dict(
-        parameters=list(model.parameters()), steps=3, lr=1e-2, weight_decay=0.0, accelerator=accelerator,
-        normalize=NORMALIZE, augment_seed=0,
+        parameters=list(model.parameters()),
+        steps=3,
+        lr=1e-2,
+        weight_decay=0.0,
+        accelerator=accelerator,
+        normalize=NORMALIZE,
+        augment_seed=0,
     )
     return optimize(model, DomainBatches(data.train, 4, seed=0), **{**arguments, **kwargs})
 
@@ -84,14 +91,18 @@ def run_optimize(model, data, accelerator, **kwargs):
 
 
 def test_domain_batches_take_batch_size_from_every_domain_and_cover_each_epoch():
-    domains = [ImageTensors(torch.zeros((5, 3, 2, 2), dtype=torch.uint8), torch.arange(5)),
-               ImageTensors(torch.ones((3, 3, 2, 2), dtype=torch.uint8), torch.arange(3))]
+    domains = [
+        ImageTensors(torch.zeros((5, 3, 2, 2), dtype=torch.uint8), torch.arange(5)),
+        ImageTensors(torch.ones((3, 3, 2, 2), dtype=torch.uint8), torch.arange(3)),
+    ]
     batches = DomainBatches(domains, 4, seed=0)
     small_domain = []
     for _ in range(6):
         pixels, labels = next(batches)
         assert pixels.shape == (8, 3, 2, 2)
-        assert torch.equal(pixels[:4], torch.zeros_like(pixels[:4])) and torch.equal(pixels[4:], torch.ones_like(pixels[4:]))
+        assert torch.equal(pixels[:4], torch.zeros_like(pixels[:4])) and torch.equal(
+            pixels[4:], torch.ones_like(pixels[4:])
+        )
         small_domain += labels[4:].tolist()
     epochs = [sorted(small_domain[i : i + 3]) for i in range(0, 24, 3)]  # 8 epochs of the 3-image domain
     assert epochs == [[0, 1, 2]] * 8
@@ -145,8 +156,14 @@ def test_linear_probe_ignores_the_checkpoint_head_and_leaves_the_model_alone(tin
         torch.manual_seed(seed)  # the re-initialised 3-class head is drawn from the global RNG
         model = load_classifier(tiny_checkpoints["base"], ID2LABEL)
         before = snapshot(model)
-        heads.append((linear_probe(model, data, steps=12, lr=0.05, batch_size=4, eval_every=4, seed=0,
-                                   accelerator=accelerator), before["classifier.1.weight"]))
+        heads.append(
+            (
+                linear_probe(
+                    model, data, steps=12, lr=0.05, batch_size=4, eval_every=4, seed=0, accelerator=accelerator
+                ),
+                before["classifier.1.weight"],
+            )
+        )
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     (first, init_a), (second, init_b) = heads
     assert not torch.equal(init_a, init_b)
@@ -235,8 +252,12 @@ class Recorder:
 
         def recording(model, batches, **kwargs):
             names = {id(p): n for n, p in model.named_parameters()}
-            call = {"desc": kwargs["desc"], "steps": kwargs["steps"], "before": snapshot(model),
-                    "parameters": {names[id(p)] for p in kwargs["parameters"]}}
+            call = {
+                "desc": kwargs["desc"],
+                "steps": kwargs["steps"],
+                "before": snapshot(model),
+                "parameters": {names[id(p)] for p in kwargs["parameters"]},
+            }
             outcome = real_optimize(model, batches, **kwargs)
             call["after"] = snapshot(model)
             self.calls.append(call)
@@ -246,19 +267,41 @@ class Recorder:
         monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
 
 
-def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_first(tiny_checkpoints, data, accelerator, monkeypatch, tmp_path):
-    config = RecipeConfig(base="b", target="t", runs=2, steps=4, eval_every=2, warmup_steps=3, batch_size=4,
-                          lr=1e-2, lr_choices=(1e-2,), output=str(tmp_path))
+def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_first(
+    tiny_checkpoints, data, accelerator, monkeypatch, tmp_path
+):
+    config = RecipeConfig(
+        base="b",
+        target="t",
+        runs=2,
+        steps=4,
+        eval_every=2,
+        warmup_steps=3,
+        batch_size=4,
+        lr=1e-2,
+        lr_choices=(1e-2,),
+        output=str(tmp_path),
+    )
     fields = {f.name for f in dataclasses.fields(recipe.Target)}
-    target = recipe.Target(data=data, test=images(10, 5), train_domains=("d1", "d2"), test_domain="d3",
-                           id2label=ID2LABEL, fingerprint="fixed", **({"reference": "d"} if "reference" in fields else {}))
+    target = recipe.Target(
+        data=data,
+        test=images(10, 5),
+        train_domains=("d1", "d2"),
+        test_domain="d3",
+        id2label=ID2LABEL,
+        fingerprint="fixed",
+        **({"reference": "d"} if "reference" in fields else {}),
+    )
     generator = torch.Generator().manual_seed(9)
     head = LinearHead(torch.randn(3, 16, generator=generator), torch.randn(3, generator=generator), 1, 0.5)
     base, aux = resolve_model(str(tiny_checkpoints["base"])), resolve_model(str(tiny_checkpoints["aux1"]))
     recorder = Recorder(monkeypatch)
-    records = [recipe.fine_tune(config, index, init, base, (head, "lp-key"), target, accelerator, tmp_path / "runs",
-                                lambda line: None)
-               for index, init in ((0, base), (1, aux))]
+    records = [
+        recipe.fine_tune(
+            config, index, init, base, (head, "lp-key"), target, accelerator, tmp_path / "runs", lambda line: None
+        )
+        for index, init in ((0, base), (1, aux))
+    ]
 
     assert [c["desc"] for c in recorder.calls] == ["run 1/2", "run 2/2 head warm-up", "run 2/2"]
     from_base, warmup, full = recorder.calls

@@ -1,0 +1,218 @@
+"""Dataset sources: each layout a target dataset can come in is one `@dataset_source` loader in this file.
+
+`load_dataset_source` asks the entries in registration order and the first whose `claims` is true loads
+the reference, so the cheap, unambiguous checks (a parquet file, a `save_to_disk` folder) come before the
+folder shapes, and the Hub (a name that is no local path) comes last. Importing this module stays light,
+as the registry promises: `datasets`, `data` (torch) and `card` (huggingface_hub) load where used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    import datasets
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_DOMAINBED_FINGERPRINT_VERSION = "domainbed-folder:1"  # bump when the rows or their encoding change
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """`claims(reference)` says whether this layout is the reference's; `load(reference, revision, token)` reads it."""
+
+    name: str
+    help: str
+    claims: Callable[[Path | str], bool]
+    load: Callable[..., datasets.Dataset]
+
+
+DATASET_SOURCES = Registry[DatasetSource]("dataset source")
+
+
+def dataset_source(name: str, *, help: str, claims: Callable[[Path | str], bool]):
+    """Register the decorated `load(reference, revision, token)` under `name`, after the entries before it."""
+
+    def register(load):
+        DATASET_SOURCES.add(name, DatasetSource(name=name, help=help, claims=claims, load=load))
+        return load
+
+    return register
+
+
+def source_for(reference: str | Path) -> DatasetSource:
+    """The first registered source that claims `reference`."""
+    from .data import DataError
+
+    for _, source in DATASET_SOURCES.items():
+        if source.claims(reference):
+            return source
+    if Path(reference).exists():  # only a file that is not parquet gets here: every folder is claimed
+        raise DataError(f"{reference}: not a .parquet file or a dataset folder")
+    raise DataError(f"{reference}: no such dataset folder or file (and not a Hub dataset id)")
+
+
+def load_dataset_source(reference: str | Path, revision: str | None = None, token: str | bool | None = None):
+    """A `datasets.Dataset` from whichever source claims `reference`; the splits of a DatasetDict are joined
+    in sorted split order, so every image is used and the row order does not depend on how splits were saved."""
+    import datasets
+
+    loaded = source_for(reference).load(str(reference), revision, token)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
+    return loaded
+
+
+def _load_refusing_scripts(reference: str, revision: str | None, token):
+    """`datasets.load_dataset`, with its refusal of loading scripts said in our words, naming the repo."""
+    import datasets
+
+    from .data import DataError
+
+    try:
+        return datasets.load_dataset(reference, revision=revision, token=token)
+    except RuntimeError as error:
+        if "script" not in str(error).lower():
+            raise
+        raise DataError(
+            f"{reference}: holds a dataset loading script ({error}); code from a dataset repo is never run"
+        ) from None
+
+
+@dataset_source(
+    "parquet-file",
+    help="a .parquet file",
+    claims=lambda reference: Path(reference).is_file() and Path(reference).suffix == ".parquet",
+)
+def _load_parquet_file(reference: str, revision: str | None, token):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=reference)
+
+
+@dataset_source(
+    "datasets-folder",
+    help="a folder written by Dataset.save_to_disk (holds dataset_info.json)",
+    claims=lambda reference: Path(reference).is_dir() and (Path(reference) / "dataset_info.json").exists(),
+)
+def _load_datasets_folder(reference: str, revision: str | None, token):
+    import datasets
+
+    return datasets.load_from_disk(reference)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries by name, without hidden ones (.DS_Store, .ipynb_checkpoints): tools leave those; they are no data."""
+    return sorted((entry for entry in folder.iterdir() if not entry.name.startswith(".")), key=lambda e: e.name)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _claims_domainbed(reference: Path | str) -> bool:
+    """Folders of folders with an image somewhere below: ROOT/<domain>/<class>/<image>.
+
+    Top folders that are all split names (train/, test/) are the Hub's imagefolder layout, whose second
+    level is the class, not DomainBed's: those stay with `hub-layout-folder`.
+    """
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    root = Path(reference)
+    if not root.is_dir():
+        return False
+    domains = _visible(root)
+    if not domains or not all(domain.is_dir() for domain in domains):
+        return False
+    split_names = {keyword for keywords in SPLIT_KEYWORDS.values() for keyword in keywords}
+    if all(domain.name.lower() in split_names for domain in domains):
+        return False
+    classes = [folder for domain in domains for folder in _visible(domain)]
+    return all(folder.is_dir() for folder in classes) and any(
+        _is_image(entry) for folder in classes for entry in _visible(folder)
+    )
+
+
+@dataset_source(
+    "domainbed-folder",
+    help="DomainBed's download layout, ROOT/<domain>/<class>/<image> (e.g. ./VLCS/Caltech101/bird/x.jpg)",
+    claims=_claims_domainbed,
+)
+def _load_domainbed_folder(reference: str, revision: str | None, token):
+    """Columns `image` (read lazily from its file), `label` (a ClassLabel over the sorted union of class
+    folders, so a class one domain lacks keeps its id everywhere) and `domain`, rows sorted by
+    (domain, class, file name).
+
+    A stray non-image entry or an empty class or domain folder is refused, naming that path, instead of
+    being skipped or handed on: the claim only looks at the two folder levels and one image, so such a
+    folder is a DomainBed download with a defect, and `datasets.load_dataset` would read it as an
+    imagefolder, labelled by class folder with every domain dropped.
+
+    The fingerprint (what run folders are named by) is a sha256 over every row's domain, class, file
+    name and file bytes: it changes with any of them and is the same in every process for the same files.
+    """
+    import datasets
+
+    from .data import DataError
+
+    root = Path(reference).absolute()
+    rows: list[tuple[str, str, Path]] = []
+    for domain in _visible(root):
+        class_folders = _visible(domain)
+        if not class_folders:
+            raise DataError(f"{domain}: empty domain folder; a DomainBed domain folder holds class folders")
+        for class_folder in class_folders:
+            files = _visible(class_folder)
+            if not files:
+                raise DataError(f"{class_folder}: empty class folder; a DomainBed class folder holds images")
+            for file in files:
+                if not _is_image(file):
+                    raise DataError(f"{file}: not an image ({', '.join(IMAGE_SUFFIXES)}) in a DomainBed class folder")
+                rows.append((domain.name, class_folder.name, file))
+
+    label_names = sorted({label for _, label, _ in rows})
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    digest = hashlib.sha256(_DOMAINBED_FINGERPRINT_VERSION.encode())
+    for domain, label, file in rows:  # names hold no NUL and the file digest has a fixed length: unambiguous
+        digest.update(f"\0{domain}\0{label}\0{file.name}\0".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+
+    features = datasets.Features(
+        image=datasets.Image(), label=datasets.ClassLabel(names=label_names), domain=datasets.Value("string")
+    )
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [str(file) for _, _, file in rows],
+            "label": [label_ids[label] for _, label, _ in rows],
+            "domain": [domain for domain, _, _ in rows],
+        },
+        features=features,
+    )
+    # from_dict fingerprints at random; select_columns of every column changes nothing but takes a fingerprint
+    return dataset.select_columns(dataset.column_names, new_fingerprint=digest.hexdigest())
+
+
+@dataset_source(
+    "hub-layout-folder",
+    help="any other folder, read by datasets.load_dataset (the Hub layout: data/*.parquet, imagefolder, ...)",
+    claims=lambda reference: Path(reference).is_dir(),
+)
+def _load_hub_layout_folder(reference: str, revision: str | None, token):
+    return _load_refusing_scripts(reference, revision, token)
+
+
+def _claims_hub(reference: Path | str) -> bool:
+    from .card import is_hub_id
+
+    return is_hub_id(str(reference))
+
+
+@dataset_source("hub", help="a Hub dataset id, org/name (read at the pinned revision)", claims=_claims_hub)
+def _load_hub(reference: str, revision: str | None, token):
+    return _load_refusing_scripts(reference, revision, token)
