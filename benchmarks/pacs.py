@@ -97,7 +97,7 @@ def main() -> None:
 
 
 def run_trial(trial: int, domains: list[str]) -> None:
-    from ratatouille_hub.hub_server import LocalHub, hub_environment
+    from ratatouille_hub.localhub.server import LocalHub, hub_environment
 
     WORK.mkdir(parents=True, exist_ok=True)
     with LocalHub(WORK / "hub") as hub:

@@ -10,7 +10,7 @@ the soup through a standard transformers pipeline.
 from pathlib import Path
 
 from ratatouille_hub import RecipeConfig, recycle
-from ratatouille_hub.demo import AUX_TASKS, build_world
+from ratatouille_hub.toy.demo import AUX_TASKS, build_world
 
 output = Path("example-output")
 world = build_world(output / "world")
@@ -38,7 +38,7 @@ for row in results["summary"]:
 from transformers import pipeline  # noqa: E402  (imported late: the recipe above is the point)
 
 from ratatouille_hub.data import load_target  # noqa: E402
-from ratatouille_hub.toyworld import SHAPES as toyworld_classes  # noqa: E402
+from ratatouille_hub.toy.world import SHAPES as toyworld_classes  # noqa: E402
 
 soup = output / "recycle" / "soup"
 classify = pipeline("image-classification", model=str(soup))

@@ -292,14 +292,14 @@ def run_merge(args) -> None:
 def run_demo(args) -> None:
     import os
 
-    from .hub_server import LocalHub, hub_environment
+    from .localhub.server import LocalHub, hub_environment
 
     with LocalHub(args.output / "hub") as hub:
         print(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
         # Before any HF library is imported: they read these once, at import time.
         os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
-        from .demo import run_demo as demo
+        from .toy.demo import run_demo as demo
 
         demo(args.output, hub)
 
@@ -336,7 +336,7 @@ def run_push(args) -> None:
 
 
 def run_local_hub(args) -> None:
-    from .hub_server import serve
+    from .localhub.server import serve
 
     serve(args.root, args.port, token=args.require_token)
 

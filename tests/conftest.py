@@ -45,7 +45,7 @@ for _name in _USER_SETTINGS:
 
 import pytest  # noqa: E402
 
-from ratatouille_hub.hub_server import LocalHub  # noqa: E402
+from ratatouille_hub.localhub.server import LocalHub  # noqa: E402
 
 _namespaces = itertools.count()
 
@@ -146,7 +146,7 @@ def tiny_world(tmp_path_factory, tiny_checkpoints):
     """The tiny checkpoints plus a small 16 px `shapes` target in the Hub layout (parquet + card)."""
     from types import SimpleNamespace
 
-    from ratatouille_hub import toyworld
+    from ratatouille_hub.toy import world as toyworld
 
     target = tmp_path_factory.mktemp("tiny-world") / "shapes"
     (target / "data").mkdir(parents=True)

@@ -26,7 +26,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTImagePro
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.discover import ACCEPTED
-from ratatouille_hub.hub_server import LocalHub, hub_environment
+from ratatouille_hub.localhub.server import LocalHub, hub_environment
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 SECRET = "hf_acceptance_secret_7f3a9c"  # the hub's write token; must never be written anywhere
@@ -124,7 +124,7 @@ def commit_titles(hub: LocalHub, repo_id: str) -> list[str]:
 @pytest.fixture(scope="module")
 def world(hub, tmp_path_factory) -> dict[str, str]:
     """Seed the base, four fine-tunes naming it, and the target dataset; returns repo id -> seeded sha."""
-    from ratatouille_hub.toyworld import target_dataset
+    from ratatouille_hub.toy.world import target_dataset
 
     root = tmp_path_factory.mktemp("acceptance-world")
     base = tiny_resnet(900)

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 from ratatouille_hub.card import build_card, markdown_cell
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.hub_store import derive_tags, parse_front_matter
+from ratatouille_hub.localhub.store import derive_tags, parse_front_matter
 
 HUB_INGREDIENTS = ["org/resnet-base", "alice/resnet-ft-stripes", "bob/resnet-ft-dots"]
 

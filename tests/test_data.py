@@ -8,7 +8,6 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from PIL import Image
 
-from ratatouille_hub import toyworld
 from ratatouille_hub.data import (
     DataError,
     Normalization,
@@ -18,6 +17,7 @@ from ratatouille_hub.data import (
     resolution_of,
     split_domains,
 )
+from ratatouille_hub.toy import world as toyworld
 
 PER_CLASS = 5  # 6 classes x 5 = 30 rows per domain
 

@@ -27,9 +27,10 @@ from huggingface_hub import ModelCard, constants, hf_hub_download
 from safetensors.torch import load_file, save_file
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
-from ratatouille_hub import cli, toyworld
+from ratatouille_hub import cli
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.vetting import IngredientError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"

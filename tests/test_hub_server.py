@@ -30,8 +30,8 @@ from huggingface_hub.errors import (
 from PIL import Image
 from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 
-from ratatouille_hub.hub_server import LocalHub
-from ratatouille_hub.hub_store import LOCAL_USER
+from ratatouille_hub.localhub.server import LocalHub
+from ratatouille_hub.localhub.store import LOCAL_USER
 
 BASE = "ratatouille-test/resnet-base"
 

@@ -16,11 +16,12 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from ratatouille_hub import recipe, toyworld
+from ratatouille_hub import recipe
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_linear
+from ratatouille_hub.toy import world as toyworld
 
 SOUP_FILES = {
     "config.json",

@@ -19,13 +19,14 @@ from PIL import Image
 from safetensors.torch import load, load_file
 from transformers import AutoModelForImageClassification, pipeline
 
-from ratatouille_hub import cli, toyworld
+from ratatouille_hub import cli
 from ratatouille_hub.config import IntertrainConfig, RecipeConfig
 from ratatouille_hub.data import Normalization, label_names_of, load_target, normalization_of, resolution_of
 from ratatouille_hub.intertrain import intertrain
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, record_input_size
 from ratatouille_hub.recipe import recycle
+from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 16

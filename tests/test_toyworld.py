@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Image, Value
 
-from ratatouille_hub import toyworld
+from ratatouille_hub.toy import world as toyworld
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
-from ratatouille_hub.hub_store import (
+from ratatouille_hub.localhub.store import (
     LOCAL_USER,
     REPO_TYPES,
     Commit,

@@ -1,6 +1,6 @@
 """On-disk state of the local Hub: repositories, their commits and branches, and file blobs.
 
-`hub_server` answers the Hugging Face clients from this store; tests and offline work seed it
+`localhub.server` answers the Hugging Face clients from this store; tests and offline work seed it
 directly. Each repository is one JSON file (`repos/{models|datasets}/{org}/{name}/repo.json`) holding
 its branches and every commit's full file list; file contents live once, addressed by sha256, under
 `blobs/`. Metadata the Hub derives (tags, card data) is derived here from README.md front matter at

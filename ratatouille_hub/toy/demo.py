@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import RecipeConfig
-from .data import ImageTensors, decode_images
-from .io import atomic_write_text
-from .train import DomainBatches, make_accelerator, optimize
+from ..config import RecipeConfig
+from ..data import ImageTensors, decode_images
+from ..io import atomic_write_text
+from ..train import DomainBatches, make_accelerator, optimize
 
 BASE_ID = "toy-world/resnet-tiny"
 TARGET_ID = "toy-world/shapes"
@@ -35,8 +35,8 @@ IMAGE_SIZE = 32
 
 def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Path]:
     """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present."""
-    from . import toyworld
-    from .models import quiet_transformers
+    from ..models import quiet_transformers
+    from . import world as toyworld
 
     quiet_transformers()
     paths = {"base": root / BASE_ID, "target": root / "datasets" / TARGET_ID}
@@ -79,12 +79,12 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
     """Build the world, publish it on the local Hub, recycle it both ways through the Hub clients,
     print the comparison, push the soup and load it back from the Hub like any model.
 
-    The HF clients must already point at `hub` (see `hub_server.hub_environment`): the world's
+    The HF clients must already point at `hub` (see `localhub.server.hub_environment`): the world's
     checkpoints and dataset are seeded there, so discovery, pinned fetch and push are all real.
     """
-    from .models import quiet_transformers
-    from .publish import push_folder
-    from .recipe import recycle
+    from ..models import quiet_transformers
+    from ..publish import push_folder
+    from ..recipe import recycle
 
     quiet_transformers()
     paths = build_world(output / "world", echo)
@@ -105,7 +105,7 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
 def publish_world(hub, paths: dict[str, Path]) -> None:
     """Seed the local Hub with the world, as if its authors had pushed it; once, so shas stay put
     and a rerun of the demo reuses every finished run."""
-    from .hub_store import RepoNotFound
+    from ..localhub.store import RepoNotFound
 
     def seed(kind: str, repo_id: str, folder: Path, downloads: int = 0) -> None:
         try:
@@ -164,7 +164,7 @@ def check_loads(repo_id: str, results: dict) -> str:
     """The soup is a plain transformers model: AutoModel and pipeline load it from the Hub."""
     from transformers import AutoModelForImageClassification, pipeline
 
-    from .data import load_target
+    from ..data import load_target
 
     model = AutoModelForImageClassification.from_pretrained(repo_id)
     classify = pipeline("image-classification", model=repo_id)
@@ -222,13 +222,13 @@ def _tiny_resnet(dataset, seed: int):
 
 
 def _reheaded(base: Path, dataset):
-    from .models import load_classifier
+    from ..models import load_classifier
 
     return load_classifier(base, dict(enumerate(dataset.features["label"].names)))
 
 
 def _normalization():
-    from .data import Normalization
+    from ..data import Normalization
 
     return Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -263,7 +263,7 @@ def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: st
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import ViTImageProcessorPil
 
-    from .io import staged_folder
+    from ..io import staged_folder
 
     with staged_folder(folder) as staging:
         model.save_pretrained(staging)
@@ -284,7 +284,7 @@ def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: st
 
 def _save_dataset(dataset, folder: Path, description: str) -> None:
     """The Hub layout (README card + data/train-*.parquet), so the folder can be pushed as it is."""
-    from .io import staged_folder
+    from ..io import staged_folder
 
     with staged_folder(folder) as staging:
         (staging / "data").mkdir()
