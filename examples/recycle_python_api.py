@@ -32,16 +32,16 @@ config = RecipeConfig(
     output=str(output / "recycle"),
 )
 results = recycle(config)
-for row in results["summary"]:
-    print(f"{row['name']:<48} held-out {100 * row['test_accuracy']:.1f}%")
+for row in results.summary:
+    print(f"{row.name:<48} held-out {100 * row.test_accuracy:.1f}%")
 
 from transformers import pipeline  # noqa: E402  (imported late: the recipe above is the point)
 
-from ratatouille_hub.data import load_target  # noqa: E402
+from ratatouille_hub.sources import load_dataset_source  # noqa: E402
 from ratatouille_hub.toy.world import SHAPES as toyworld_classes  # noqa: E402
 
 soup = output / "recycle" / "soup"
 classify = pipeline("image-classification", model=str(soup))
-sketch = load_target(str(world["target"])).filter(lambda d: d == "sketch", input_columns="domain")[0]
+sketch = load_dataset_source(str(world["target"])).filter(lambda d: d == "sketch", input_columns="domain")[0]
 print("first sketch:", classify(sketch["image"], top_k=1)[0], "true:", toyworld_classes[sketch["label"]])
 print(f"replay with: ratatouille-hub recycle --config {output / 'recycle' / 'recipe.yaml'}")

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .fetch import is_hub_id
+from .results import Results
+from .strategies import STRATEGIES
+
 TEMPLATE_NAME = "model_card_template.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 
 
 def template_path() -> Path:
@@ -24,10 +27,6 @@ def template_path() -> Path:
     if packaged.is_file():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / TEMPLATE_NAME
-
-
-def is_hub_id(reference: str) -> bool:
-    return bool(_HUB_ID.fullmatch(reference)) and not Path(reference).exists()  # fullmatch: no trailing newline
 
 
 def plain_text(text: object) -> str:
@@ -45,16 +44,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def build_card(results: dict, *, repo_id: str | None = None, figure: str | None = None) -> ModelCard:
-    """Render the card for the model described by `results` (the content of results.json): a soup,
-    or for the erm and fusing baselines the best run (lineage `finetune` when the base is its only parent)."""
-    recipe = results["recipe"]
-    ingredients = results["ingredients"]
-    hub_ids = [i["source"] for i in ingredients if i["is_hub"]]
+def build_card(results: Results, *, repo_id: str | None = None, figure: str | None = None) -> ModelCard:
+    """Render the card for the model described by `results`: a soup, or for the erm and fusing baselines
+    the best run (lineage `finetune` when the base is its only parent)."""
+    recipe = results.recipe
+    hub_ids = [i.source for i in results.ingredients if i.is_hub]
     target = recipe["target"]
-    test_domain = results["test_domain"]
-    soup = results["soup"]
-    averaged = soup["method"] != "best-run"  # erm and fusing results are a single run
+    test_domain = results.test_domain
+    soup = results.soup
+    averaged = results.is_average
+    strategy = STRATEGIES[recipe["strategy"]]
     model_name = repo_id or "ratatouille-soup"
     data = ModelCardData(
         base_model=hub_ids or None,
@@ -77,34 +76,28 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
                 dataset_split=plain_text(test_domain),
                 metric_type="accuracy",
                 metric_name=plain_text(f"held-out domain accuracy ({test_domain})"),
-                metric_value=round(soup["test_accuracy"], 4),
+                metric_value=round(soup.test_accuracy, 4),
             )
         ],
     )
     summary_rows = [
-        {"name": markdown_cell(row["name"]), "val": _pct(row["val_accuracy"]), "test": _pct(row["test_accuracy"])}
-        for row in results["summary"]
+        {"name": markdown_cell(row.name), "val": _pct(row.val_accuracy), "test": _pct(row.test_accuracy)}
+        for row in results.summary
     ]
     runs = [
         {
-            "index": run["index"],
-            "init": markdown_cell(run["init"]),
-            "lr": run["hparams"]["lr"],
-            "weight_decay": run["hparams"]["weight_decay"],
-            "dropout": run["hparams"]["dropout"],
-            "step": run["best_step"],
-            "val": _pct(run["val_accuracy"]),
-            "test": _pct(run["test_accuracy"]),
-            "selected": "yes" if run["index"] in soup["members"] else "no",
+            "index": run.index,
+            "init": markdown_cell(run.init),
+            "lr": run.hparams["lr"],
+            "weight_decay": run.hparams["weight_decay"],
+            "dropout": run.hparams["dropout"],
+            "step": run.best_step,
+            "val": _pct(run.val_accuracy),
+            "test": _pct(run.test_accuracy),
+            "selected": "yes" if run.index in soup.members else "no",
         }
-        for run in results["runs"]
+        for run in results.runs
     ]
-    strategy = recipe.get("strategy", "ratatouille")
-    strategy_sentence = {
-        "ratatouille": "one run from each recycled fine-tune of the base, the others from the base itself",
-        "fusing": "each starting from a random convex combination of the base and one recycled fine-tune "
-        "per auxiliary dataset",
-    }.get(strategy, "all starting from the base")
     card = ModelCard.from_template(
         data,
         template_path=str(template_path()),
@@ -112,13 +105,13 @@ def build_card(results: dict, *, repo_id: str | None = None, figure: str | None 
         repo_id=repo_id or "path/to/soup",
         base_model=markdown_cell(recipe["base"]),
         dataset=markdown_cell(target),
-        train_domains=", ".join(markdown_cell(d) for d in results["train_domains"]),
+        train_domains=", ".join(markdown_cell(d) for d in results.train_domains),
         test_domain=markdown_cell(test_domain),
-        n_runs=len(results["runs"]),
-        n_selected=len(soup["members"]),
-        method=soup["method"],
-        strategy_sentence=strategy_sentence,
-        baseline_name={"erm": "An **ERM**", "fusing": "A **Fusing**"}.get(strategy, f"A **{markdown_cell(strategy)}**"),
+        n_runs=len(results.runs),
+        n_selected=len(soup.members),
+        method=soup.method,
+        strategy_sentence=strategy.card_sentence,
+        baseline_name=strategy.card_title,
         averaged=averaged,
         summary_rows=summary_rows,
         runs=runs,

@@ -1,4 +1,5 @@
-"""The `ratatouille-hub` command. Flags of `recycle` are generated from RecipeConfig's fields.
+"""The `ratatouille-hub` command. Every command's flags are generated from its options dataclass
+(config.py): names, types, defaults, help and `--help` groups, so the CLI and the Python API agree.
 
 Heavy libraries (torch, transformers, evaluate) are imported inside the commands, so `--help`
 answers at once.
@@ -12,163 +13,182 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import AVERAGING_STRATEGIES, IntertrainConfig, RecipeConfig
+from .config import (
+    GROUPS,
+    DiagnoseOptions,
+    DiscoverOptions,
+    IntertrainConfig,
+    MergeOptions,
+    Options,
+    PublishOptions,
+    PushOptions,
+    RecipeConfig,
+)
 
-EPILOG_RECYCLE = """\
+METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
+
+EPILOG_RECYCLE = f"""\
 examples:
   ratatouille-hub recycle --base ./base --target ./pacs --aux ./ft-a ./ft-b --test-domain sketch
+  ratatouille-hub recycle --base org/base --target ./VLCS --dry-run  # the plan: runs, inits, cost
   ratatouille-hub recycle --config out/recipe.yaml            # replay a saved recipe
   ratatouille-hub recycle --config out/recipe.yaml --runs 4   # ... with one option changed
 Rerunning the same command resumes: finished runs are reused, never recomputed.
+{METHOD_DOC}
 """
 
-EPILOG_INTERTRAIN = """\
+EPILOG_INTERTRAIN = f"""\
 examples:
   ratatouille-hub intertrain --base microsoft/resnet-50 --dataset ./caltech101 --runs 2 --steps 2000
   ratatouille-hub intertrain --base me/base --dataset someone/cars --push-to-hub me/base-cars
 Rerunning the same command reuses finished fine-tunes.
+{METHOD_DOC}
 """
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, options: type = RecipeConfig) -> None:
-    """One flag per field of the options dataclass; defaults are suppressed so --config values can be overlaid."""
+def add_options(parser: argparse.ArgumentParser, options: type[Options], groups: dict | None = None) -> dict:
+    """One flag (or positional) per field of the options dataclass, in its `--help` group. Defaults are
+    suppressed, so values from --config are overlaid and the dataclass's own defaults fill the rest."""
+    groups = {} if groups is None else groups
     hints = typing.get_type_hints(options)
-    for f in dataclasses.fields(options):
-        flag = "--" + f.name.replace("_", "-")
+    for f in sorted(dataclasses.fields(options), key=lambda f: list(GROUPS).index(f.metadata["group"])):
         hint = hints[f.name]
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS}
         help_text = f.metadata.get("help", "")
-        if f.default not in ("", None, ()):
+        if f.default not in ("", None, (), False):
             help_text += f" (default: {f.default})"
         args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kwargs: dict = {"default": argparse.SUPPRESS, "help": help_text}
         if typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="+", type=args[0], metavar=f.name.upper().rstrip("S") if f.name == "aux" else "V")
+            metavar = "MODEL" if f.name in ("models", "aux") else "V"
+            kwargs.update(nargs="+", type=args[0], metavar=metavar)
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = args[0] if args else hint
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, help=help_text, **kwargs)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            kwargs["choices"] = choices() if callable(choices) else choices
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+            continue
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(GROUPS[group_name])
+        groups[group_name].add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+    return groups
 
 
-def _add_push_flags(
-    parser: argparse.ArgumentParser, push_help: str = "push the result to this Hub repo (namespace/name) in one commit"
-) -> None:
-    group = parser.add_argument_group("publishing")
-    group.add_argument("--push-to-hub", metavar="ID", help=push_help)
-    group.add_argument("--private", action="store_true", help="create the repo private")
-    group.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default main)")
-    _add_token_flag(group)
+def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeConfig):
+    """The options a command was given: --config's values (where the command has one), then its flags."""
+    config_file = getattr(args, "config", None)
+    values = options.load_yaml(config_file).to_dict() if config_file else {}
+    names = {f.name for f in dataclasses.fields(options)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return options.from_dict(values)
 
 
-def _add_token_flag(parser) -> None:
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login); never written anywhere")
+config_from_args = options_from_args  # recycle's and intertrain's name for it
+
+
+def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
+    if "hub" not in groups:
+        groups["hub"] = parser.add_argument_group(GROUPS["hub"])
+    groups["hub"].add_argument(
+        "--token", help="Hub token (default: HF_TOKEN or the saved login); never written anywhere"
+    )
+
+
+def _command(commands, name: str, options: type[Options], *, publish: bool = False, config: bool = False, **kwargs):
+    parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    if config:
+        parser.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
+    groups = add_options(parser, options)
+    if publish:
+        add_options(parser, PublishOptions, groups)
+    _add_token_flag(groups, parser)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ratatouille-hub",
         description="Recycle fine-tunes of one base model into one weight-averaged model (Model Ratatouille).",
+        epilog=METHOD_DOC,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    recycle = commands.add_parser(
+    recycle = _command(
+        commands,
         "recycle",
+        RecipeConfig,
+        publish=True,
+        config=True,
         help="fine-tune recycled checkpoints on a target and average them",
-        description="Run the Model Ratatouille recipe: shared linear probe, one fine-tune per run "
-        "(each from the base or a recycled fine-tune), weight average, evaluation on the held-out "
-        "domain, and a transformers model folder with its card in <output>/soup.",
+        description="Run the Model Ratatouille recipe: plan (every run, its init and hyperparameters), "
+        "then the shared linear probe, one fine-tune per run (each from the base or a recycled fine-tune), "
+        "the weight average, evaluation on the held-out domain, and a transformers model folder with its "
+        "card in <output>/soup.",
         epilog=EPILOG_RECYCLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    recycle.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
-    _add_config_flags(recycle)
-    _add_push_flags(recycle)
-
-    intertrain = commands.add_parser(
+    recycle.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (every run, its init, hparams, done or pending, the images it costs) and stop; "
+        "writes nothing",
+    )
+    _command(
+        commands,
         "intertrain",
+        IntertrainConfig,
+        publish=True,
+        config=True,
         help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
         description="Inter-training (METHOD.md step 2): fine-tune --base on every image of --dataset and keep "
         "the last-step weights, as a transformers folder with a card naming the base and the dataset "
-        "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers.",
+        "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers. With "
+        "--push-to-hub ID and --runs N > 1, fine-tune r goes to ID-r.",
         epilog=EPILOG_INTERTRAIN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    intertrain.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
-    _add_config_flags(intertrain, IntertrainConfig)
-    _add_push_flags(
-        intertrain, "push each fine-tune to this Hub repo (namespace/name; with --runs N > 1: ID-0 ... ID-<N-1>)"
-    )
-
-    merge = commands.add_parser(
+    _command(
+        commands,
         "merge",
+        MergeOptions,
+        publish=True,
         help="average compatible checkpoints without training",
         description="Average transformers checkpoints tensor by tensor (streaming, float32 accumulation). "
-        "All inputs must share names, shapes, dtypes and labels.",
+        "All inputs must share names, shapes, dtypes and labels. --method greedy ranks and selects on the "
+        "training-domain validation split of --target, as recycle splits it (same --seed, "
+        "--holdout-fraction and columns as the runs were trained with).",
     )
-    merge.add_argument("models", nargs="+", type=Path, help="model folders holding model.safetensors")
-    merge.add_argument("--output", type=Path, required=True, help="folder for the merged model")
-    merge.add_argument(
-        "--method",
-        choices=("uniform", "greedy", "weighted"),
-        default="uniform",
-        help="uniform mean; greedy: add models by validation accuracy, keep one only if the "
-        "average does not lose accuracy (needs --target); weighted by --weights (normalised)",
-    )
-    merge.add_argument("--weights", type=float, nargs="+", help="one weight per model, with --method weighted")
-    merge.add_argument(
-        "--target", help="with --method greedy: dataset whose training-domain validation ranks and selects"
-    )
-    merge.add_argument("--test-domain", help="with --method greedy: held-out domain, never used (default: first)")
-    merge.add_argument("--image-size", type=int, help="with --method greedy: resolution (default: the processor's)")
-    _add_push_flags(merge)
-
-    discover = commands.add_parser(
+    _command(
+        commands,
         "discover",
+        DiscoverOptions,
         help="list fine-tunes of a base on the Hub and whether they can be recycled",
         description="Find fine-tunes of --base on the Hub (tag base_model:finetune:<base>, most downloaded first) "
         "and vet each from its metadata and safetensors headers alone, before any weight is downloaded: "
         "same backbone tensors (names, shapes, dtypes), safetensors weights, no remote code, and no "
         "training on the target dataset (leakage).",
     )
-    discover.add_argument("--base", required=True, help="base model Hub id")
-    discover.add_argument(
-        "--target", help="target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused"
-    )
-    discover.add_argument("--limit", type=int, default=20, help="how many fine-tunes to examine (default: 20)")
-    _add_token_flag(discover)
-
-    diagnose = commands.add_parser(
+    _command(
+        commands,
         "diagnose",
+        DiagnoseOptions,
         help="measure accuracy, diversity and averageability of a set of runs",
         description="METHOD.md's three criteria on training-domain validation: each model's accuracy, the "
         "ratio-error of each pair (errors by one / errors by both: diversity), and accuracy along the "
         "straight weight path between them (the barrier: averageability). Models must classify the "
-        "target's labels (e.g. out/runs/*/model).",
+        "target's labels (e.g. out/runs/*/model); the split is recycle's for the same target options.",
     )
-    diagnose.add_argument("models", nargs="+", help="model folders or Hub ids")
-    diagnose.add_argument("--target", required=True, help="target dataset (folder, parquet or Hub id)")
-    diagnose.add_argument("--test-domain", help="held-out domain, excluded as in recycle (default: first)")
-    diagnose.add_argument("--domain-column", default="domain", help="domain column (default: domain)")
-    diagnose.add_argument("--label-column", default="label", help="label column (default: label)")
-    diagnose.add_argument("--image-size", type=int, help="resolution (default: the first model's processor)")
-    diagnose.add_argument("--seed", type=int, default=0, help="trial seed of the train/validation split (default: 0)")
-    diagnose.add_argument("--plot", type=Path, help="write the interpolation paths as a PNG here")
-    _add_token_flag(diagnose)
-
-    push = commands.add_parser(
+    _command(
+        commands,
         "push",
+        PushOptions,
         help="push a soup folder to the Hub in one commit",
         description="Push a soup folder (weights, config, processor, card, recipe.yaml, results.json) in one "
         "commit. The card is validated first; rerunning a finished push makes no new commit.",
     )
-    push.add_argument("folder", type=Path, help="the soup folder (e.g. out/soup)")
-    push.add_argument("repo_id", metavar="ID", help="namespace/name of the Hub repo")
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing; default main)")
-    _add_token_flag(push)
 
     demo = commands.add_parser(
         "demo",
@@ -192,47 +212,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, options: type = RecipeConfig):
-    values = options.load_yaml(args.config).to_dict() if args.config else {}
-    names = {f.name for f in dataclasses.fields(options)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return options.from_dict(values)
-
-
 def run_intertrain(args) -> None:
     from .intertrain import intertrain
 
-    config = config_from_args(args, IntertrainConfig)
+    config = options_from_args(args, IntertrainConfig)
+    publish = options_from_args(args, PublishOptions)
     folders = intertrain(config, token=args.token)
     for run, folder in enumerate(folders):
         print(f"fine-tune {run}: {folder}")
-        if args.push_to_hub:
-            _push(folder, args.push_to_hub if len(folders) == 1 else f"{args.push_to_hub}-{run}", args)
+        if publish.push_to_hub:
+            repo_id = publish.push_to_hub if len(folders) == 1 else f"{publish.push_to_hub}-{run}"
+            _push(folder, repo_id, publish, args.token)
 
 
 def run_recycle(args) -> None:
-    from .recipe import recycle
+    from .recipe import format_plan, plan_recipe, recycle
 
-    config = config_from_args(args)
+    config = options_from_args(args, RecipeConfig)
+    output = Path(config.output)
+    if args.dry_run:
+        print(format_plan(plan_recipe(config, token=args.token), output))
+        return
     results = recycle(config, token=args.token)
     print()
-    for row in results["summary"]:
+    for row in results.summary:
         print(
-            f"{row['name']:<48} val {100 * row['val_accuracy']:5.1f}%   {results['test_domain']} {100 * row['test_accuracy']:5.1f}%"
+            f"{row.name:<48} val {100 * row.val_accuracy:5.1f}%   {results.test_domain} {100 * row.test_accuracy:5.1f}%"
         )
-    print(f"\n{'soup' if config.strategy in AVERAGING_STRATEGIES else 'best run'}: {Path(config.output) / 'soup'}")
-    _push_if_asked(args, Path(config.output) / "soup")
+    print(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
+    _push_if_asked(options_from_args(args, PublishOptions), output / "soup", args.token)
 
 
-def _push_if_asked(args, folder: Path) -> None:
-    if args.push_to_hub:
-        _push(folder, args.push_to_hub, args)
+def _push_if_asked(publish: PublishOptions, folder: Path, token) -> None:
+    if publish.push_to_hub:
+        _push(folder, publish.push_to_hub, publish, token)
 
 
-def _push(folder: Path, repo_id: str, args) -> None:
+def _push(folder: Path, repo_id: str, publish, token) -> None:
     from .publish import push_folder
 
-    result = push_folder(folder, repo_id, private=args.private, revision=args.revision, token=args.token)
+    result = push_folder(folder, repo_id, private=publish.private, revision=publish.revision, token=token)
     if result.changed:
         print(f"pushed {folder} to {result.url}")
     else:
@@ -263,30 +282,29 @@ def check_merge_output(output: Path, inputs: list[Path]) -> None:
 
 def run_merge(args) -> None:
     from .io import staged_folder
-    from .merge import merge_model_folders, normalize_weights
+    from .merge import merge_model_folders
+    from .merge_methods import MERGE_METHODS, MergeInputs
 
-    if args.method == "weighted" and not args.weights:
-        raise ValueError("--method weighted needs --weights, one per model")
-    if args.method == "uniform" and args.weights:
-        raise ValueError("--weights goes with --method weighted")
-    if (args.method == "greedy") != bool(args.target):
-        raise ValueError("--method greedy needs --target (and --target goes only with greedy)")
-    weights = normalize_weights(args.weights, len(args.models)) if args.weights else None
-    check_merge_output(args.output, args.models)
-    models = args.models
-    if args.method == "greedy":
-        from .recipe import greedy_members
+    options = options_from_args(args, MergeOptions)
+    models, output = [Path(m) for m in options.models], Path(options.output)
+    method = MERGE_METHODS[options.method]
+    check_merge_output(output, models)
+    inputs = MergeInputs(count=len(models), weights=options.weights or None)
+    if "validation" in method.needs:  # ranks and selects on the target's training-domain validation
+        from .recipe.assembly import validation_inputs
 
-        config = RecipeConfig(
-            base=str(models[0]), target=args.target, test_domain=args.test_domain, image_size=args.image_size
+        inputs = validation_inputs(models, options, token=args.token)
+    mixture = method.mix(inputs)
+    if len(mixture.members) < len(models):
+        print(
+            f"{method.name} kept {len(mixture.members)} of {len(models)}: "
+            + ", ".join(str(models[i]) for i in mixture.members)
         )
-        chosen = greedy_members(models, config, token=args.token)
-        print(f"greedy kept {len(chosen)} of {len(models)}: {', '.join(str(models[i]) for i in chosen)}")
-        models = [models[i] for i in chosen]
-    with staged_folder(args.output) as staging:
+    models, weights = [models[i] for i in mixture.members], mixture.weights
+    with staged_folder(output) as staging:
         merge_model_folders(models, staging, weights=weights)
-    print(f"merged {len(models)} models into {args.output}")
-    _push_if_asked(args, args.output)
+    print(f"merged {len(models)} models into {output}")
+    _push_if_asked(options_from_args(args, PublishOptions), output, args.token)
 
 
 def run_demo(args) -> None:
@@ -308,31 +326,25 @@ def run_discover(args) -> None:
     from .discover import discover_finetunes, format_candidates
     from .fetch import resolve_dataset
 
-    target = resolve_dataset(args.target)[0] if args.target else None
-    print(format_candidates(discover_finetunes(args.base, target=target, limit=args.limit, token=args.token)))
+    options = options_from_args(args, DiscoverOptions)
+    target = resolve_dataset(options.target)[0] if options.target else None
+    print(format_candidates(discover_finetunes(options.base, target=target, limit=options.limit, token=args.token)))
 
 
 def run_diagnose(args) -> None:
     from .diagnose import diagnose_models, format_diagnosis, plot_paths
 
-    config = RecipeConfig(
-        base=args.models[0],
-        target=args.target,
-        test_domain=args.test_domain,
-        domain_column=args.domain_column,
-        label_column=args.label_column,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    diagnosis = diagnose_models(args.models, config, token=args.token)
+    options = options_from_args(args, DiagnoseOptions)
+    diagnosis = diagnose_models(options.models, options, token=args.token)
     print(format_diagnosis(diagnosis))
-    if args.plot:
-        plot_paths(diagnosis, args.plot)
-        print(f"plot: {args.plot}")
+    if options.plot:
+        plot_paths(diagnosis, Path(options.plot))
+        print(f"plot: {options.plot}")
 
 
 def run_push(args) -> None:
-    _push(args.folder, args.repo_id, args)
+    options = options_from_args(args, PushOptions)
+    _push(Path(options.folder), options.repo_id, options, args.token)
 
 
 def run_local_hub(args) -> None:

@@ -1,23 +1,38 @@
-"""One typed, frozen config drives the Python API, the CLI flags and the saved `recipe.yaml`.
+"""Typed, frozen options drive the Python API, every command's flags and the saved `recipe.yaml`.
 
-The CLI builds its flags from the dataclass fields (name, type, default and `help` metadata), so a
-new option is added in one place. A recipe saved next to a soup replays with `--config recipe.yaml`.
+Options are dataclasses; each field's metadata says its help, its `--help` group and how it is checked,
+so a new option is added in one place and validated once, by `Options.__post_init__`. Field groups are
+shared: the target options (`--target`, `--seed`, `--holdout-fraction`, the columns) mean the same in
+`recycle`, `merge --method greedy` and `diagnose`; the training options the same in `recycle` and
+`intertrain`. A recipe saved next to a soup replays with `--config recipe.yaml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-STRATEGIES = ("ratatouille", "soup", "erm", "fusing")
-AVERAGING_STRATEGIES = ("ratatouille", "soup")
+from .merge_methods import MERGE_METHODS, recycle_methods
+from .strategies import STRATEGIES
+
+GROUPS = {  # --help sections, in this order
+    "model": "model",
+    "target": "target (the task, its domains and the train/validation split)",
+    "runs": "runs",
+    "training": "training (each run)",
+    "merging": "merging",
+    "output": "output",
+    "hub": "Hub",
+}
+PRECISIONS = ("auto", "no", "bf16")
+BN_POLICIES = ("average", "reestimate")
 
 
 class ConfigError(ValueError):
@@ -25,7 +40,17 @@ class ConfigError(ValueError):
 
 
 class Options:
-    """Persistence shared by the frozen option dataclasses: plain dicts, YAML, typed coercion."""
+    """Persistence and validation shared by the frozen option dataclasses: plain dicts, YAML, typed
+    coercion, and one check per field from its metadata (plus `_problems` for rules across fields)."""
+
+    def __post_init__(self) -> None:
+        problems = [problem for f in dataclasses.fields(self) for problem in _field_problems(self, f)]
+        problems += self._problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        return []
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -55,151 +80,261 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+# -- field checks: each returns a problem or None; a tuple field is checked item by item -----------
+
+
+def at_least(minimum: int) -> Callable:
+    return lambda name, v: None if v >= minimum else f"{name} must be at least {minimum} (got {v})"
+
+
+def positive(name, v):
+    return None if v > 0 else f"{name} must be > 0 (got {v})"
+
+
+def non_negative(name, v):
+    return None if v >= 0 else f"{name} must be >= 0 (got {v})"
+
+
+def open_fraction(name, v):
+    return None if 0.0 < v < 1.0 else f"{name} must be in (0, 1) (got {v})"
+
+
+def dropout_rate(name, v):
+    return None if 0 <= v < 1 else f"{name} must be in [0, 1) (got {v})"
+
+
+def _field_problems(options, f: dataclasses.Field) -> list[str]:
+    value, meta = getattr(options, f.name), f.metadata
+    if meta.get("required") and value in ("", None, ()):
+        return [f"{f.name} is required"]
+    choices = meta.get("choices")
+    if choices is not None:
+        allowed = choices() if callable(choices) else choices
+        if value not in allowed:
+            return [f"{f.name} must be one of {', '.join(allowed)} (got {value!r})"]
+    check = meta.get("check")
+    if check is None or value is None:
+        return []
+    if isinstance(value, tuple):
+        if not value and not meta.get("may_be_empty"):
+            return [f"{f.name} must not be empty"]
+        problem = next((p for p in (check(f.name, v) for v in value) if p), None)
+        return [f"{problem} in {list(value)}"] if problem else []
+    problem = check(f.name, value)
+    return [problem] if problem else []
+
+
+def _opt(default, help: str, *, group: str, **extra):
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+# -- shared field groups ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class RecipeConfig(Options):
-    """Everything that defines a Model Ratatouille run (see METHOD.md for the reference values)."""
+class DataOptions(Options):
+    """How images and labels are read, at which resolution, and the trial seed."""
 
-    base: str = _opt("", "base model: a Hub id or a local transformers model folder", required=True)
-    target: str = _opt("", "target dataset: a Hub id, a local datasets folder or a parquet file", required=True)
-    test_domain: str | None = _opt(None, "held-out domain (default: the first domain in sorted order)")
-    aux: tuple[str, ...] = _opt(
-        (), "auxiliary fine-tunes to recycle (Hub ids, id@sha, or folders); default: discovered on the Hub"
+    label_column: str = _opt("label", "dataset column holding the class label", group="target")
+    image_column: str = _opt("image", "dataset column holding the image", group="target")
+    image_size: int | None = _opt(
+        None, "training resolution (default: the base's image processor size)", group="training", check=at_least(8)
     )
-    aux_limit: int = _opt(16, "with no --aux: how many discovered fine-tunes of the base to consider")
-    domain_column: str = _opt("domain", "dataset column holding the domain name")
-    label_column: str = _opt("label", "dataset column holding the class label")
-    image_column: str = _opt("image", "dataset column holding the image")
+    seed: int = _opt(
+        0, "trial seed: data split, and each run's initialisation, batches and augmentation", group="target"
+    )
+
+
+@dataclass(frozen=True)
+class TargetOptions(DataOptions):
+    """The target task and its DomainBed split: the same in every command that reads a target."""
+
+    target: str = _opt(
+        "", "target dataset: a Hub id, a local datasets folder, a parquet file or a DomainBed folder", group="target"
+    )
+    test_domain: str | None = _opt(None, "held-out domain (default: the first domain in sorted order)", group="target")
+    domain_column: str = _opt("domain", "dataset column holding the domain name", group="target")
+    holdout_fraction: float = _opt(
+        0.2, "share of each training domain kept for validation", group="target", check=open_fraction
+    )
+
+
+@dataclass(frozen=True)
+class TrainingOptions(DataOptions):
+    """How each fine-tune trains: shared by recycle's target runs and intertrain's auxiliary runs."""
+
+    base: str = _opt("", "base model: a Hub id or a local transformers model folder", group="model", required=True)
+    runs: int = _opt(20, "target fine-tunes to average", group="runs", check=at_least(1))
+    steps: int = _opt(5001, "optimisation steps per fine-tune", group="training", check=at_least(1))
+    batch_size: int = _opt(32, "images per training domain per step", group="training", check=at_least(1))
+    lr: float = _opt(5e-5, "learning rate of run 0 (Adam, constant)", group="training", check=positive)
+    lr_choices: tuple[float, ...] = _opt(
+        (1e-5, 3e-5, 5e-5), "learning rates drawn by runs 1..N-1", group="training", check=positive
+    )
+    weight_decay: float = _opt(0.0, "weight decay of run 0", group="training", check=non_negative)
+    weight_decay_choices: tuple[float, ...] = _opt(
+        (1e-4, 1e-6), "weight decays drawn by runs 1..N-1", group="training", check=non_negative
+    )
+    dropout: float = _opt(0.0, "feature dropout before the head, run 0", group="training", check=dropout_rate)
+    dropout_choices: tuple[float, ...] = _opt(
+        (0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1", group="training", check=dropout_rate
+    )
+    augment: bool = _opt(True, "DomainBed augmentation on training images", group="training")
+    precision: str = _opt(
+        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
+    )
+    output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output")
+
+
+@dataclass(frozen=True)
+class RecipeConfig(TargetOptions, TrainingOptions):
+    """Everything that defines a Model Ratatouille run (docs/method.md gives the reference values)."""
+
+    target: str = _opt(
+        "",
+        "target dataset: a Hub id, a local datasets folder, a parquet file or a DomainBed folder",
+        group="target",
+        required=True,
+    )
+    aux: tuple[str, ...] = _opt(
+        (),
+        "auxiliary fine-tunes to recycle (Hub ids, id@sha, or folders); default: discovered on the Hub",
+        group="runs",
+    )
+    aux_limit: int = _opt(
+        16, "with no --aux: how many discovered fine-tunes of the base to consider", group="runs", check=at_least(1)
+    )
     strategy: str = _opt(
         "ratatouille",
-        "how runs start and what the result is. ratatouille: run 0 from the base, runs 1..len(aux) from "
-        "one recycled fine-tune each, the rest from the base, averaged (METHOD.md: 4 + 16); soup: every run "
-        "from the base, averaged; erm: every run from the base, the best run by validation kept; fusing: each "
-        "run from a random convex combination of the base and one recycled fine-tune per auxiliary dataset, "
-        "the best run kept",
-        choices=STRATEGIES,
+        "how runs start and what the result is; "
+        + "; ".join(f"{name}: {entry.help}" for name, entry in STRATEGIES.items()),
+        group="runs",
+        choices=STRATEGIES.names,
     )
     method: str = _opt(
         "uniform",
-        "how ratatouille and soup average the runs (erm and fusing report both)",
-        choices=("uniform", "greedy"),
+        "how averaging strategies average the runs (the others report every method); "
+        + "; ".join(f"{name}: {MERGE_METHODS[name].help}" for name in recycle_methods()),
+        group="merging",
+        choices=recycle_methods,
     )
-    runs: int = _opt(20, "target fine-tunes to average")
-    steps: int = _opt(5001, "optimisation steps per fine-tune")
-    eval_every: int = _opt(100, "evaluate on training-domain validation every N steps (and at the last)")
-    lp_steps: int = _opt(5001, "steps of the shared linear probe on the frozen base")
-    lp_lr: float = _opt(5e-5, "learning rate of the linear probe")
-    warmup_steps: int = _opt(200, "head-only steps before full fine-tuning of a recycled init")
-    batch_size: int = _opt(32, "images per training domain per step")
-    lr: float = _opt(5e-5, "learning rate of run 0 (Adam, constant)")
-    lr_choices: tuple[float, ...] = _opt((1e-5, 3e-5, 5e-5), "learning rates drawn by runs 1..N-1")
-    weight_decay: float = _opt(0.0, "weight decay of run 0")
-    weight_decay_choices: tuple[float, ...] = _opt((1e-4, 1e-6), "weight decays drawn by runs 1..N-1")
-    dropout: float = _opt(0.0, "feature dropout before the head, run 0")
-    dropout_choices: tuple[float, ...] = _opt((0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1")
-    holdout_fraction: float = _opt(0.2, "share of each training domain kept for validation")
-    image_size: int | None = _opt(None, "training resolution (default: the base's image processor size)")
-    augment: bool = _opt(True, "DomainBed augmentation on training images")
+    eval_every: int = _opt(
+        100,
+        "evaluate on training-domain validation every N steps (and at the last)",
+        group="training",
+        check=at_least(1),
+    )
+    lp_steps: int = _opt(
+        5001, "steps of the shared linear probe on the frozen base", group="training", check=at_least(1)
+    )
+    lp_lr: float = _opt(5e-5, "learning rate of the linear probe", group="training", check=positive)
+    warmup_steps: int = _opt(
+        200, "head-only steps before full fine-tuning of a recycled init", group="training", check=non_negative
+    )
     bn_policy: str = _opt(
         "average",
         "BatchNorm running statistics of the soup: average = mean of the runs' (frozen) statistics; "
         "reestimate = recomputed on target training images after averaging",
-        choices=("average", "reestimate"),
+        group="merging",
+        choices=BN_POLICIES,
     )
-    precision: str = _opt(
-        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16")
-    )
-    seed: int = _opt(0, "trial seed: data split, and each run's initialisation, batches and augmentation")
-    output: str = _opt("ratatouille-output", "folder for runs and the soup")
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.base:
-            problems.append("base is required")
-        if not self.target:
-            problems.append("target is required")
-        for name in ("runs", "steps", "eval_every", "lp_steps", "batch_size", "aux_limit"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("lr", "lp_lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("lr_choices",):
-            if any(not v > 0 for v in getattr(self, name)):
-                problems.append(f"{name} must all be > 0 (got {list(getattr(self, name))})")
-        if self.weight_decay < 0 or any(v < 0 for v in self.weight_decay_choices):
-            problems.append("weight decays must be >= 0")
-        if not all(0 <= v < 1 for v in (self.dropout, *self.dropout_choices)):
-            problems.append("dropouts must be in [0, 1)")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        if not 0.0 < self.holdout_fraction < 1.0:
-            problems.append(f"holdout_fraction must be in (0, 1) (got {self.holdout_fraction})")
-        if self.image_size is not None and self.image_size < 8:
-            problems.append(f"image_size must be at least 8 (got {self.image_size})")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                problems.append(f"{f.name} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r})")
-        for name in ("lr_choices", "weight_decay_choices", "dropout_choices"):
-            if not getattr(self, name):
-                problems.append(f"{name} must not be empty")
-        if problems:
-            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
-class IntertrainConfig(Options):
+class IntertrainConfig(TrainingOptions):
     """Auxiliary fine-tunes of a base on one dataset (METHOD.md step 2): what `recycle` later recycles.
 
     Hyperparameters are drawn per run exactly as for target runs (run 0 takes the defaults); the
     last-step weights are kept, as the reference code does (no validation split).
     """
 
-    base: str = _opt("", "base model: a Hub id or a local transformers model folder", required=True)
-    dataset: str = _opt("", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", required=True)
-    label_column: str = _opt("label", "dataset column holding the class label")
-    image_column: str = _opt("image", "dataset column holding the image")
-    runs: int = _opt(1, "fine-tunes to make, each with its own seed and hyperparameters")
-    steps: int = _opt(5001, "optimisation steps per fine-tune")
-    batch_size: int = _opt(32, "images per step")
-    lr: float = _opt(5e-5, "learning rate of run 0 (Adam, constant)")
-    lr_choices: tuple[float, ...] = _opt((1e-5, 3e-5, 5e-5), "learning rates drawn by runs 1..N-1")
-    weight_decay: float = _opt(0.0, "weight decay of run 0")
-    weight_decay_choices: tuple[float, ...] = _opt((1e-4, 1e-6), "weight decays drawn by runs 1..N-1")
-    dropout: float = _opt(0.0, "feature dropout before the head, run 0")
-    dropout_choices: tuple[float, ...] = _opt((0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1")
-    image_size: int | None = _opt(None, "training resolution (default: the base's image processor size)")
-    augment: bool = _opt(True, "DomainBed augmentation on training images")
-    precision: str = _opt(
-        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", choices=("auto", "no", "bf16")
+    dataset: str = _opt(
+        "", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", group="target", required=True
     )
-    seed: int = _opt(0, "seed of run 0; run r uses seed + r")
-    output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)")
+    runs: int = _opt(
+        1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=at_least(1)
+    )
+    batch_size: int = _opt(32, "images per step", group="training", check=at_least(1))
+    seed: int = _opt(0, "seed of run 0; run r uses seed + r", group="target")
+    output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)", group="output")
 
-    def __post_init__(self) -> None:
+
+# -- the other commands ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeOptions(TargetOptions):
+    """`merge`: average checkpoints; `greedy` ranks them on the target split the target options define."""
+
+    models: tuple[str, ...] = _opt(
+        (), "model folders holding model.safetensors", group="model", positional=True, required=True
+    )
+    output: str = _opt("", "folder for the merged model", group="output", required=True)
+    method: str = _opt(
+        "uniform",
+        "; ".join(f"{name}: {entry.help}" for name, entry in MERGE_METHODS.items()),
+        group="merging",
+        choices=MERGE_METHODS.names,
+    )
+    weights: tuple[float, ...] = _opt(
+        (), "one weight per model, with --method weighted", group="merging", check=non_negative, may_be_empty=True
+    )
+    bn_policy: str = _opt(
+        "average",
+        "with --method greedy: BatchNorm statistics of the candidate averages",
+        group="merging",
+        choices=BN_POLICIES,
+    )
+
+    def _problems(self) -> list[str]:
+        needs = MERGE_METHODS[self.method].needs if self.method in MERGE_METHODS else frozenset()
         problems = []
-        for name in ("base", "dataset"):
-            if not getattr(self, name):
-                problems.append(f"{name} is required")
-        for name in ("runs", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0 or any(not v > 0 for v in self.lr_choices):
-            problems.append("learning rates must be > 0")
-        if self.weight_decay < 0 or any(v < 0 for v in self.weight_decay_choices):
-            problems.append("weight decays must be >= 0")
-        if not all(0 <= v < 1 for v in (self.dropout, *self.dropout_choices)):
-            problems.append("dropouts must be in [0, 1)")
-        if self.image_size is not None and self.image_size < 8:
-            problems.append(f"image_size must be at least 8 (got {self.image_size})")
-        if self.precision not in ("auto", "no", "bf16"):
-            problems.append(f"precision must be one of auto, no, bf16 (got {self.precision!r})")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        if ("weights" in needs) != bool(self.weights):
+            problems.append(
+                f"--method {self.method} needs --weights, one per model"
+                if "weights" in needs
+                else "--weights goes with --method weighted"
+            )
+        if ("validation" in needs) != bool(self.target):
+            problems.append(f"--method {self.method} needs --target (and --target goes only with greedy)")
+        return problems
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions(TargetOptions):
+    """`diagnose`: METHOD.md's three criteria on the target's training-domain validation."""
+
+    models: tuple[str, ...] = _opt((), "model folders or Hub ids", group="model", positional=True, required=True)
+    target: str = _opt(
+        "", "target dataset (folder, parquet, DomainBed folder or Hub id)", group="target", required=True
+    )
+    plot: str | None = _opt(None, "write the interpolation paths as a PNG here", group="output")
+
+
+@dataclass(frozen=True)
+class DiscoverOptions(Options):
+    base: str = _opt("", "base model Hub id", group="model", required=True)
+    target: str | None = _opt(
+        None, "target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused", group="target"
+    )
+    limit: int = _opt(20, "how many fine-tunes to examine", group="model", check=at_least(1))
+
+
+@dataclass(frozen=True)
+class PublishOptions(Options):
+    """Where a result is pushed; never saved in recipe.yaml (the token is not an option at all)."""
+
+    push_to_hub: str | None = _opt(None, "push the result to this Hub repo (namespace/name) in one commit", group="hub")
+    private: bool = _opt(False, "create the repo private", group="hub")
+    revision: str | None = _opt(None, "push to this branch (created if missing; default main)", group="hub")
+
+
+@dataclass(frozen=True)
+class PushOptions(Options):
+    folder: str = _opt("", "the soup folder (e.g. out/soup)", group="output", positional=True, required=True)
+    repo_id: str = _opt("", "namespace/name of the Hub repo", group="hub", positional=True, required=True)
+    private: bool = _opt(False, "create the repo private", group="hub")
+    revision: str | None = _opt(None, "branch to push to (created if missing; default main)", group="hub")
 
 
 @dataclass(frozen=True)
@@ -228,12 +363,6 @@ def draw_hparams(config: RecipeConfig | IntertrainConfig, run_seed: int) -> RunH
         weight_decay=draw("weight_decay", config.weight_decay_choices),
         dropout=draw("dropout", config.dropout_choices),
     )
-
-
-def stable_hash(payload: dict, length: int = 12) -> str:
-    """Short content hash of a JSON-able mapping: names run folders after their arguments."""
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def _plain(value):

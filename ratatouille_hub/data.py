@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,33 +38,6 @@ class TargetSplits:
     @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.label_names))
-
-
-def load_target(source: str, revision: str | None = None, token: str | bool | None = None):
-    """A `datasets.Dataset` from a local folder, a parquet file or a Hub dataset id (all splits joined)."""
-    import datasets
-
-    from .card import is_hub_id
-
-    path = Path(source)
-    if not path.exists() and not is_hub_id(str(source)):
-        raise DataError(f"{source}: no such dataset folder or file (and not a Hub dataset id)")
-    if path.is_file() and path.suffix == ".parquet":
-        loaded = datasets.load_dataset("parquet", data_files=str(path))
-    elif path.is_dir() and (path / "dataset_info.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        try:
-            loaded = datasets.load_dataset(str(source), revision=revision, token=token)
-        except RuntimeError as error:  # datasets refuses loading scripts; say so in our words, naming the repo
-            if "script" not in str(error).lower():
-                raise
-            raise DataError(
-                f"{source}: holds a dataset loading script ({error}); code from a dataset repo is never run"
-            ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
-    return loaded
 
 
 def label_names_of(dataset, label_column: str) -> tuple[str, ...]:

@@ -95,7 +95,7 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     from .evaluation import predict_logits
     from .fetch import resolve_model
     from .models import load_classifier
-    from .recipe import prepare_target
+    from .target import prepare_target
 
     if len(models) < 2:
         raise ValueError("diagnose needs at least two models")

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")  # `name` or `namespace/name`, whole string
 WEIGHT_PATTERNS = (
     "*.safetensors",
     "model.safetensors.index.json",
@@ -43,6 +42,19 @@ class Ingredient:
         return self.revision.startswith("sha256:")
 
 
+def is_hub_id(reference: str) -> bool:
+    """`name` or `namespace/name` by the Hub's own rule, and not an existing local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(reference).exists() or reference != reference.strip():
+        return False
+    try:
+        validate_repo_id(reference)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model(source: str, revision: str | None = None, token: str | bool | None = None) -> Ingredient:
     """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit."""
     folder = Path(source)
@@ -50,7 +62,7 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
         return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
     if folder.exists():
         raise FetchError(f"{source}: not a model folder")
-    if not _HUB_ID.fullmatch(source):
+    if not is_hub_id(source):
         raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -65,6 +77,15 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
     if not any(path.glob("*.safetensors")):
         raise FetchError(f"{source}@{info.sha}: no safetensors weights (pickle checkpoints are never loaded)")
     return Ingredient(source, info.sha, path)
+
+
+def dataset_revision(target: str, token) -> str | None:
+    """The commit sha of a Hub dataset, so the data are read at one pinned revision (None: local)."""
+    if not is_hub_id(target):
+        return None
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).dataset_info(target).sha
 
 
 def weights_digest(folder: Path) -> str:

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .card import is_hub_id, plain_text
-from .config import IntertrainConfig, draw_hparams, stable_hash
-from .data import DataError, decode_images, evenly_spaced, label_names_of, load_target, normalization_of, resolution_of
+from .card import plain_text
+from .config import IntertrainConfig, draw_hparams
+from .data import DataError, decode_images, evenly_spaced, label_names_of, normalization_of, resolution_of
+from .errors import RecipeError
 from .evaluation import accuracy, predict_logits
-from .fetch import resolve_model
-from .io import atomic_write_json, exclusive_lock, staged_folder, sweep_staging
-from .models import load_classifier, load_processor, quiet_transformers, record_input_size
-from .recipe import DONE, RecipeError, copy_processor, dataset_revision, stable_int
+from .fetch import dataset_revision, is_hub_id, resolve_model
+from .hashing import stable_hash, stable_int
+from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
+from .models import copy_processor, load_classifier, load_processor, quiet_transformers, record_input_size
+from .sources import load_dataset_source
 from .train import DomainBatches, make_accelerator, optimize
 
 CARD_TEMPLATE = """---
@@ -53,7 +55,7 @@ def intertrain(
     base = resolve_model(config.base, token=token)
     revision = dataset_revision(config.dataset, token)
     echo(f"[data] {config.dataset}")
-    dataset = load_target(config.dataset, revision=revision, token=token)
+    dataset = load_dataset_source(config.dataset, revision=revision, token=token)
     for column in (config.image_column, config.label_column):
         if column not in dataset.column_names:
             raise DataError(

@@ -11,6 +11,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+DONE = "done"  # the marker of a finished run folder: written last, inside the staged folder
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)

@@ -7,6 +7,7 @@ through these few functions, so supporting a new architecture means teaching the
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -152,6 +153,16 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
+
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def copy_processor(base_folder: Path, destination: Path) -> None:
+    """A complete model folder: the base's image processor config, where it has one (timm-wrapped
+    models keep theirs inside config.json)."""
+    if (base_folder / PROCESSOR_FILE).exists():
+        shutil.copyfile(base_folder / PROCESSOR_FILE, destination / PROCESSOR_FILE)
 
 
 def load_processor(source: str | Path):

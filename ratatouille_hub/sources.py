@@ -208,7 +208,7 @@ def _load_hub_layout_folder(reference: str, revision: str | None, token):
 
 
 def _claims_hub(reference: Path | str) -> bool:
-    from .card import is_hub_id
+    from .fetch import is_hub_id
 
     return is_hub_id(str(reference))
 

@@ -74,7 +74,6 @@ class TargetData:
     train: list[ImageTensors]
     val: list[ImageTensors]
     normalize: Normalization
-    augment: bool
 
     @property
     def pooled_val(self) -> ImageTensors:

@@ -27,6 +27,8 @@ from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.discover import ACCEPTED
 from ratatouille_hub.localhub.server import LocalHub, hub_environment
+from ratatouille_hub.results import Results
+from ratatouille_hub.testing import make_results
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 SECRET = "hf_acceptance_secret_7f3a9c"  # the hub's write token; must never be written anywhere
@@ -262,11 +264,11 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
         "results.json",
     } <= set(seen["files"])
 
-    recipe, results = yaml.safe_load(seen["recipe"]), json.loads(seen["results"])
+    recipe, results = yaml.safe_load(seen["recipe"]), Results.from_dict(json.loads(seen["results"]))
     assert recipe["base"] == BASE and recipe["target"] == TARGET and recipe["runs"] == 2
-    assert results["test_domain"] == "sketch" and len(results["runs"]) == 2
-    assert [i["source"] for i in results["ingredients"]] == [BASE, GOOD]
-    assert not [key for key in recipe if "token" in key] and not [key for key in results["recipe"] if "token" in key]
+    assert results.test_domain == "sketch" and len(results.runs) == 2
+    assert [i.source for i in results.ingredients] == [BASE, GOOD]
+    assert not [key for key in recipe if "token" in key] and not [key for key in results.recipe if "token" in key]
     for name in ("recipe", "results", "readme"):
         assert SECRET not in seen[name], name
     for file in (out / "soup").iterdir():
@@ -286,29 +288,18 @@ def soup(tmp_path_factory) -> Path:
     processor().save_pretrained(folder)
     config = RecipeConfig(base=BASE, target=TARGET, aux=(GOOD,), runs=2, steps=1, lp_steps=1)
     config.save_yaml(folder / "recipe.yaml")
-    row = {"val_accuracy": 0.5, "test_accuracy": 0.25}
-    results = {
-        "recipe": config.to_dict(),
-        "test_domain": "sketch",
-        "train_domains": ["cartoon", "painting", "photo"],
-        "ingredients": [
-            {"source": BASE, "revision": "a" * 40, "is_hub": True},
-            {"source": GOOD, "revision": "b" * 40, "is_hub": True},
-        ],
-        "runs": [
-            {
-                "index": i,
-                "init": f"{source}@{rev * 40}",
-                "best_step": 1,
-                "hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
-                **row,
-            }
-            for i, (source, rev) in enumerate([(BASE, "a"), (GOOD, "b")])
-        ],
-        "soup": {"method": "uniform", "members": [0, 1], **row},
-        "summary": [{"name": "soup, uniform (2 runs) <- this model", **row}],
-    }
-    (folder / "results.json").write_text(json.dumps(results))
+    results = make_results(
+        config,
+        ingredients=[(BASE, "a" * 40, True), (GOOD, "b" * 40, True)],
+        run_inits=[f"{BASE}@{'a' * 40}", f"{GOOD}@{'b' * 40}"],
+        soup=(0.5, 0.25),
+        runs=[(0.5, 0.25)] * 2,
+        hparams={"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
+        summary_names=["soup, uniform (2 runs) <- this model"],
+        summary=(0.5, 0.25),
+        train_domains=("cartoon", "painting", "photo"),
+    )
+    results.save(folder / "results.json")
     build_card(results).save(folder / "README.md")
     return folder
 

@@ -11,6 +11,8 @@ from huggingface_hub import ModelCard
 from ratatouille_hub.card import build_card, markdown_cell
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.localhub.store import derive_tags, parse_front_matter
+from ratatouille_hub.results import Results
+from ratatouille_hub.testing import make_results
 
 HUB_INGREDIENTS = ["org/resnet-base", "alice/resnet-ft-stripes", "bob/resnet-ft-dots"]
 
@@ -24,11 +26,13 @@ def results_dict(
     summary_names=None,
     members=(0, 2),
     test_accuracy=0.81234,
-) -> dict:
-    """A results.json as make_soup writes it, for a 3-run soup."""
+    strategy="ratatouille",
+    method="greedy",
+) -> Results:
+    """The results record of a 3-run soup, built through the record as assembly builds it."""
     if ingredients is None:
-        ingredients = [{"source": s, "revision": f"{i:040x}", "is_hub": True} for i, s in enumerate(HUB_INGREDIENTS)]
-        ingredients.append({"source": "/data/local-ft", "revision": "sha256:0123456789abcdef", "is_hub": False})
+        ingredients = [(s, f"{i:040x}", True) for i, s in enumerate(HUB_INGREDIENTS)]
+        ingredients.append(("/data/local-ft", "sha256:0123456789abcdef", False))
     run_inits = run_inits or [f"{s}@{i:040x}" for i, s in enumerate(HUB_INGREDIENTS)]
     summary_names = summary_names or [
         "best single run (#0, by validation)",
@@ -36,29 +40,19 @@ def results_dict(
         "soup, uniform (3 runs)",
         "ensemble of the 3 runs (reference)",
     ]
-    recipe = RecipeConfig(base=base, target=target, test_domain="sketch", runs=3, method="greedy").to_dict()
-    return {
-        "recipe": recipe,
-        "test_domain": "sketch",
-        "train_domains": ["art_painting", "cartoon", "photo"],
-        "ingredients": ingredients,
-        "runs": [
-            {
-                "index": i,
-                "init": init,
-                "hparams": {"lr": 5e-5, "weight_decay": 1e-4, "dropout": 0.1},
-                "best_step": 100 * (i + 1),
-                "val_accuracy": 0.9 - 0.01 * i,
-                "test_accuracy": 0.7 + 0.01 * i,
-            }
-            for i, init in enumerate(run_inits)
-        ],
-        "soup": {"method": "greedy", "members": list(members), "val_accuracy": 0.91, "test_accuracy": test_accuracy},
-        "summary": [{"name": name, "val_accuracy": 0.9, "test_accuracy": 0.8} for name in summary_names],
-    }
+    config = RecipeConfig(base=base, target=target, test_domain="sketch", runs=3, method="greedy", strategy=strategy)
+    return make_results(
+        config,
+        ingredients=ingredients,
+        run_inits=run_inits,
+        members=members,
+        method=method,
+        soup=(0.91, test_accuracy),
+        summary_names=summary_names,
+    )
 
 
-def saved_card(tmp_path, results: dict) -> ModelCard:
+def saved_card(tmp_path, results: Results) -> ModelCard:
     path = tmp_path / "README.md"
     build_card(results).save(path)
     return ModelCard.load(path)
@@ -93,7 +87,7 @@ def test_the_hub_derives_merge_lineage_tags_from_the_card(tmp_path):
 
 
 def test_local_ingredients_and_target_are_not_claimed_as_hub_lineage(tmp_path):
-    local = [{"source": str(tmp_path / "base"), "revision": "sha256:00", "is_hub": False}]
+    local = [(str(tmp_path / "base"), "sha256:00", False)]
     (tmp_path / "target").mkdir()
     card = saved_card(
         tmp_path,
@@ -152,12 +146,12 @@ def test_provenance_marks_the_members_of_the_soup(tmp_path):
 
 def test_erm_best_run_card_is_a_finetune_of_the_base(tmp_path):
     results = results_dict(
-        ingredients=[{"source": "org/resnet-base", "revision": "0" * 40, "is_hub": True}],
+        ingredients=[("org/resnet-base", "0" * 40, True)],
         run_inits=[f"org/resnet-base@{'0' * 40}"] * 3,
         members=(1,),
+        strategy="erm",
+        method="best-run",
     )
-    results["recipe"]["strategy"] = "erm"
-    results["soup"]["method"] = "best-run"
     card = saved_card(tmp_path, results)
     assert card.data.base_model == ["org/resnet-base"] and card.data.base_model_relation == "finetune"
     assert "merge" not in card.data.tags and "weight-averaging" not in card.data.tags
@@ -169,9 +163,7 @@ def test_erm_best_run_card_is_a_finetune_of_the_base(tmp_path):
 
 
 def test_fusing_best_run_card_names_every_parent_as_a_merge(tmp_path):
-    results = results_dict()
-    results["recipe"]["strategy"] = "fusing"
-    results["soup"] = {**results["soup"], "method": "best-run", "members": [0]}
+    results = results_dict(strategy="fusing", method="best-run", members=(0,))
     card = saved_card(tmp_path, results)
     assert card.data.base_model == HUB_INGREDIENTS and card.data.base_model_relation == "merge"
     assert "A **Fusing** baseline" in card.text

@@ -9,9 +9,9 @@ bit-reproducible whatever the machine.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 from ratatouille_hub import cli, merge
+from ratatouille_hub.results import Results
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 RECIPE_FLAGS = [
@@ -145,16 +146,16 @@ def finished_runs(out: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def accuracies(results: dict) -> dict:
+def accuracies(results: Results) -> dict:
     keep = ("val_accuracy", "val_accuracy_per_domain", "test_accuracy", "members")
-    sections = {k: v for k, v in results.items() if k in ("soup", "ensemble") or k.startswith("soup_")}
+    sections = {"soup": results.soup, "ensemble": results.ensemble, **results.averages}
     return {
-        "sections": {name: {k: v for k, v in row.items() if k in keep} for name, row in sections.items()},
-        "runs": [
-            {k: run[k] for k in ("index", "best_step", "val_accuracy", "test_accuracy")} for run in results["runs"]
-        ],
-        "summary": results["summary"],
-        "greedy_order": results["greedy_order"],
+        "sections": {
+            name: {k: v for k, v in dataclasses.asdict(row).items() if k in keep} for name, row in sections.items()
+        },
+        "runs": [(run.index, run.best_step, run.val_accuracy, run.test_accuracy) for run in results.runs],
+        "summary": results.summary,
+        "greedy_order": results.greedy_order,
     }
 
 
@@ -171,7 +172,7 @@ def reference(world, tmp_path_factory) -> SimpleNamespace:
         out=out,
         stdout=result.stdout,
         weights=sha256(out / "soup" / "model.safetensors"),
-        results=json.loads((out / "soup" / "results.json").read_text()),
+        results=Results.load(out / "soup" / "results.json"),
     )
 
 
@@ -215,7 +216,7 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
     assert "[train] linear probe on" not in result.stdout
 
     assert sha256(out / "soup" / "model.safetensors") == reference.weights
-    results = json.loads((out / "soup" / "results.json").read_text())
+    results = Results.load(out / "soup" / "results.json")
     assert accuracies(results) == accuracies(reference.results)
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")), "staging left behind"
 

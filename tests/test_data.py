@@ -132,7 +132,7 @@ def test_a_one_class_test_domain_is_fine():
 def test_load_target_reads_parquet_files_saved_datasets_and_hub_layout_folders(tmp_path):
     from datasets import DatasetDict
 
-    from ratatouille_hub.data import load_target
+    from ratatouille_hub.sources import load_dataset_source as load_target
 
     original = toyworld.target_dataset(per_class_per_domain=1, size=8)
     parquet = tmp_path / "shapes.parquet"

@@ -80,7 +80,7 @@ def two_runs(tiny_world, tiny_checkpoints, tmp_path_factory):
         output=str(root / "out"),
     )
     results = recycle(config, echo=lambda line: None)
-    return target, [root / "out" / run["folder"] / "model" for run in results["runs"]]
+    return target, [root / "out" / run.folder / "model" for run in results.runs]
 
 
 def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
@@ -99,7 +99,7 @@ def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
     from ratatouille_hub.evaluation import predict_logits
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.models import head_linear, load_classifier
-    from ratatouille_hub.recipe import prepare_target
+    from ratatouille_hub.target import prepare_target
 
     target, runs = two_runs
     id2label = {int(k): v for k, v in json.loads((runs[1] / "config.json").read_text())["id2label"].items()}
@@ -146,7 +146,8 @@ def test_cli_merge_greedy_selects_on_validation_and_merges_the_kept_models(two_r
 
     from ratatouille_hub.config import RecipeConfig
     from ratatouille_hub.merge import average_state_dicts
-    from ratatouille_hub.recipe import greedy_members
+    from ratatouille_hub.merge_methods import MERGE_METHODS
+    from ratatouille_hub.recipe.assembly import validation_inputs
 
     target, models = two_runs
     out = tmp_path / "greedy"
@@ -165,7 +166,8 @@ def test_cli_merge_greedy_selects_on_validation_and_merges_the_kept_models(two_r
         ]
     )
     assert code == 0, capsys.readouterr().err
-    kept = greedy_members(models, RecipeConfig(base=str(models[0]), target=str(target), image_size=16))
+    options = RecipeConfig(base=str(models[0]), target=str(target), image_size=16)
+    kept = list(MERGE_METHODS["greedy"].mix(validation_inputs(models, options)).members)
     expected = average_state_dicts([load_file(models[i] / "model.safetensors") for i in kept])
     merged = load_file(out / "model.safetensors")
     assert merged.keys() == expected.keys()

@@ -30,6 +30,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 from ratatouille_hub import cli
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.testing import make_results
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.vetting import IngredientError
 
@@ -524,24 +525,18 @@ def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(
 def test_community_text_cannot_add_front_matter_keys_or_break_the_card(tmp_path):
     """Every string of results.json that can come from someone else, made hostile at once."""
     evil = "x | y\n---\nlicense: evil\ninjected: true\n---\n# Injected <b>bold</b> `code`\x85\u2028k: v"
-    ingredients = [
-        {"source": "org/base", "revision": "a" * 40, "is_hub": True},
-        {"source": "alice/ft", "revision": "b" * 40, "is_hub": True},
-    ]
-    recipe = RecipeConfig(base=evil, target=evil, runs=2).to_dict()
-    row = {"val_accuracy": 0.5, "test_accuracy": 0.25}
-    results = {
-        "recipe": recipe,
-        "test_domain": evil,
-        "train_domains": [evil, "photo"],
-        "ingredients": ingredients,
-        "runs": [
-            {"index": i, "init": evil, "hparams": {"lr": 1e-3, "weight_decay": 0, "dropout": 0}, "best_step": 1, **row}
-            for i in range(2)
-        ],
-        "soup": {"method": "uniform", "members": [0, 1], **row},
-        "summary": [{"name": evil, **row}],
-    }
+    results = make_results(
+        RecipeConfig(base=evil, target=evil, runs=2),
+        ingredients=[("org/base", "a" * 40, True), ("alice/ft", "b" * 40, True)],
+        run_inits=[evil, evil],
+        soup=(0.5, 0.25),
+        runs=[(0.5, 0.25)] * 2,
+        hparams={"lr": 1e-3, "weight_decay": 0, "dropout": 0},
+        summary_names=[evil],
+        summary=(0.5, 0.25),
+        test_domain=evil,
+        train_domains=(evil, "photo"),
+    )
     build_card(results).save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     data = card.data.to_dict()

@@ -21,6 +21,9 @@ from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_linear
+from ratatouille_hub.recipe import assembly, executor
+from ratatouille_hub.results import Results
+from ratatouille_hub.target import prepare_target
 from ratatouille_hub.toy import world as toyworld
 
 SOUP_FILES = {
@@ -70,7 +73,7 @@ def quiet(line: str) -> None:
 
 def recording_optimize(monkeypatch, calls: list, fail_on: str | None = None):
     """Record every call of the recipe's `optimize` (its head at entry); optionally die at one of them."""
-    real = recipe.optimize
+    real = executor.optimize
 
     def recording(model, batches, **kwargs):
         head = head_linear(model)
@@ -86,15 +89,15 @@ def recording_optimize(monkeypatch, calls: list, fail_on: str | None = None):
             raise RuntimeError("power cut")
         return real(model, batches, **kwargs)
 
-    monkeypatch.setattr(recipe, "optimize", recording)
+    monkeypatch.setattr(executor, "optimize", recording)
 
 
 def forbid_training(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(recipe, "optimize", refuse)
-    monkeypatch.setattr(recipe, "linear_probe", refuse)
+    monkeypatch.setattr(executor, "optimize", refuse)
+    monkeypatch.setattr(executor, "linear_probe", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +112,12 @@ def done(world, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(config=config, output=output, soup=output / "soup", results=results, calls=calls)
 
 
-def run_folders(results: dict) -> list[Path]:
+def run_folders(results: Results) -> list[Path]:
     """Run folders as results.json names them (relative to the output folder, or absolute)."""
-    return [Path(results["recipe"]["output"]) / run["folder"] for run in results["runs"]]
+    return [Path(results.recipe["output"]) / run.folder for run in results.runs]
 
 
-def run_weights(results: dict) -> list[dict[str, torch.Tensor]]:
+def run_weights(results: Results) -> list[dict[str, torch.Tensor]]:
     return [load_file(folder / "model" / "model.safetensors") for folder in run_folders(results)]
 
 
@@ -123,7 +126,7 @@ def fixed_pixels() -> torch.Tensor:
 
 
 def pooled_val(config: RecipeConfig):
-    return recipe.prepare_target(config, resolve_model(config.base)).data.pooled_val
+    return prepare_target(config, resolve_model(config.base)).data.pooled_val
 
 
 def correct(model, images) -> int:
@@ -201,14 +204,14 @@ def test_pipeline_and_processor_reproduce_the_reported_test_accuracy(done, world
     from datasets import load_dataset
 
     dataset = load_dataset("parquet", data_files=str(world.target / "data" / "train-00000-of-00001.parquet"))["train"]
-    held_out = dataset.filter(lambda d: d == done.results["test_domain"], input_columns="domain")
+    held_out = dataset.filter(lambda d: d == done.results.test_domain, input_columns="domain")
     processor = AutoImageProcessor.from_pretrained(done.soup)
     model = AutoModelForImageClassification.from_pretrained(done.soup).eval()
     with torch.no_grad():
         logits = model(**processor(images=list(held_out["image"]), return_tensors="pt")).logits
     predictions = logits.argmax(dim=1)
     accuracy = (predictions == torch.tensor(held_out["label"])).double().mean().item()
-    assert accuracy == pytest.approx(done.results["soup"]["test_accuracy"], abs=1e-12)
+    assert accuracy == pytest.approx(done.results.soup.test_accuracy, abs=1e-12)
     classify = pipeline("image-classification", model=str(done.soup))
     first = classify(held_out[0]["image"], top_k=len(toyworld.SHAPES))
     assert [row["label"] for row in first][0] == toyworld.SHAPES[predictions[0]]
@@ -232,11 +235,11 @@ def test_every_run_starts_from_the_saved_linear_probe_head(done):
 
 def test_results_record_splits_hparams_and_members(done):
     results, config = done.results, done.config
-    assert results["test_domain"] == "cartoon"  # first in sorted order
-    assert results["train_domains"] == ["painting", "photo", "sketch"]
-    assert results["id2label"] == {str(i): name for i, name in enumerate(toyworld.SHAPES)}
-    assert [run["hparams"] for run in results["runs"]] == [vars(draw_hparams(config, i)) for i in range(3)]
-    assert [run["init"].split("@")[0] for run in results["runs"]] == [config.base, *config.aux]
+    assert results.test_domain == "cartoon"  # first in sorted order
+    assert results.train_domains == ["painting", "photo", "sketch"]
+    assert results.id2label == {str(i): name for i, name in enumerate(toyworld.SHAPES)}
+    assert [run.hparams for run in results.runs] == [vars(draw_hparams(config, i)) for i in range(3)]
+    assert [run.init.split("@")[0] for run in results.runs] == [config.base, *config.aux]
     for folder in run_folders(results):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert [step for step, _ in metrics["history"]] == [2, 4]
@@ -245,10 +248,11 @@ def test_results_record_splits_hparams_and_members(done):
             == metrics["val_accuracy"]
             == max(dict(metrics["history"]).values())
         )
-    assert results["soup"]["method"] == "uniform" and results["soup"]["members"] == [0, 1, 2]
-    assert len(results["summary"]) == 4 and results["bn_policy"] == "average"
+    assert results.soup.method == "uniform" and results.soup.members == [0, 1, 2]
+    assert len(results.summary) == 4 and results.bn_policy == "average"
     on_disk = json.loads((done.soup / "results.json").read_text())
-    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk == json.loads(json.dumps(results.to_dict()))
+    assert Results.from_dict(on_disk) == results  # the typed record round-trips through results.json
 
 
 def test_recipe_yaml_replays_to_an_equal_config(done):
@@ -261,7 +265,7 @@ def test_soup_card_front_matter(done):
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
     assert data.base_model is None  # local folders are not Hub lineage
-    assert data.eval_results[0].metric_value == round(done.results["soup"]["test_accuracy"], 4)
+    assert data.eval_results[0].metric_value == round(done.results.soup.test_accuracy, 4)
     assert data.eval_results[0].dataset_split == "cartoon"
     assert "weight-averaging" in data.tags
 
@@ -300,7 +304,7 @@ def _stop_at_the_linear_probe(monkeypatch) -> None:
     def stop(*args, **kwargs):
         raise ReachedTraining
 
-    monkeypatch.setattr(recipe, "linear_probe", stop)
+    monkeypatch.setattr(executor, "linear_probe", stop)
 
 
 def test_a_typo_in_a_failed_first_attempt_does_not_lock_the_output_folder(world, tmp_path, monkeypatch):
@@ -320,34 +324,28 @@ def test_a_missing_local_base_folder_is_reported_as_missing(world, tmp_path):
         recipe.recycle(make_config(world, tmp_path / "out").replace(base=str(tmp_path / "bsae")), echo=quiet)
 
 
-def test_reference_allocation_four_runs_from_the_base_and_one_per_auxiliary_featurizer(world, tmp_path, monkeypatch):
+def test_reference_allocation_four_runs_from_the_base_and_one_per_auxiliary_featurizer(world, tmp_path):
     aux = []
     for k in range(16):
         shutil.copytree(world.aux[k % 2], tmp_path / f"aux{k:02d}")
         aux.append(str(tmp_path / f"aux{k:02d}"))
-    starts = []
-
-    def record(config, index, init, *args, **kwargs):
-        starts.append(init.source)
-
-    monkeypatch.setattr(recipe, "shared_linear_probe", lambda *a, **k: (None, "lp"))
-    monkeypatch.setattr(recipe, "fine_tune", record)
-    monkeypatch.setattr(recipe, "make_soup", lambda *a, **k: {})
-    recipe.recycle(make_config(world, tmp_path / "out").replace(runs=20, aux=tuple(aux)), echo=quiet)
+    plan = recipe.plan_recipe(make_config(world, tmp_path / "out").replace(runs=20, aux=tuple(aux)), echo=quiet)
+    starts = [spec.init.source for spec in plan.runs]
     assert len(starts) == 20
     assert starts.count(str(world.base)) == 4
     assert sorted(s for s in starts if s != str(world.base)) == aux
+    assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
 def test_more_runs_reuse_the_finished_ones(done, tmp_path, monkeypatch):
     output = copy_output(done, tmp_path / "more")
     calls: list = []
     recording_optimize(monkeypatch, calls)
-    monkeypatch.setattr(recipe, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
+    monkeypatch.setattr(executor, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
     results = recipe.recycle(done.config.replace(runs=4, output=str(output)), echo=quiet)
     assert [c["desc"] for c in calls] == ["run 4/4"]  # run 4 starts from the base again: no warm-up
-    assert [Path(r["folder"]).name for r in results["runs"][:3]] == [f.name for f in run_folders(done.results)]
-    assert results["soup"]["members"] == [0, 1, 2, 3]
+    assert [Path(r.folder).name for r in results.runs[:3]] == [f.name for f in run_folders(done.results)]
+    assert results.soup.members == [0, 1, 2, 3]
 
 
 def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp_path, monkeypatch):
@@ -364,7 +362,7 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
 
     resumed: list = []
     recording_optimize(monkeypatch, resumed)
-    monkeypatch.setattr(recipe, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
+    monkeypatch.setattr(executor, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
     results = recipe.recycle(config, echo=quiet)
     assert [c["desc"] for c in resumed] == CALLS[1:]  # only the unfinished runs
 
@@ -380,7 +378,7 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
         text = json.dumps(r)
         return json.loads(text.replace(str(tmp_path / "out"), "OUT").replace(str(done.output), "OUT"))
 
-    assert portable(results) == portable(done.results)
+    assert portable(results.to_dict()) == portable(done.results.to_dict())
 
 
 # -- soup variants on the same runs -----------------------------------------------------------------
@@ -402,18 +400,18 @@ def test_greedy_soup_adds_runs_best_first_and_keeps_those_that_do_not_lower_vali
         return correct(model, images)
 
     own = [score([i]) for i in range(3)]
-    assert [run["val_accuracy"] for run in results["runs"]] == pytest.approx([c / len(images) for c in own], abs=1e-12)
+    assert [run.val_accuracy for run in results.runs] == pytest.approx([c / len(images) for c in own], abs=1e-12)
     order = sorted(range(3), key=lambda i: (-own[i], i))
-    assert results["greedy_order"] == order
+    assert results.greedy_order == order
     selected, best = [order[0]], own[order[0]]
     for candidate in order[1:]:
         trial = score(selected + [candidate])
         if trial >= best:
             selected, best = selected + [candidate], trial
-    assert results["soup"] == {**results["soup"], "method": "greedy", "members": sorted(selected)}
-    assert results["soup"]["val_accuracy"] == pytest.approx(best / len(images), abs=1e-12)
-    assert results["soup"]["val_accuracy"] >= results["runs"][order[0]]["val_accuracy"]
-    assert results["soup_uniform"]["members"] == [0, 1, 2]
+    assert (results.soup.method, results.soup.members) == ("greedy", sorted(selected))
+    assert results.soup.val_accuracy == pytest.approx(best / len(images), abs=1e-12)
+    assert results.soup.val_accuracy >= results.runs[order[0]].val_accuracy
+    assert results.averages["uniform"].members == [0, 1, 2]
 
     soup = load_file(output / "soup" / "model.safetensors")
     expected = average_state_dicts([states[i] for i in sorted(selected)])
@@ -426,7 +424,7 @@ def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_p
     # candidate average: adding the second-best run lowers it, adding the third ties (and is kept).
     output = copy_output(done, tmp_path / "greedy-scripted")
     config = done.config.replace(method="greedy", output=str(output))
-    own = [run["val_accuracy"] for run in done.results["runs"]]
+    own = [run.val_accuracy for run in done.results.runs]
     order = sorted(range(3), key=lambda i: (-own[i], i))
     asked = []
 
@@ -435,12 +433,12 @@ def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_p
         return 0.4 if order[1] in subset else 0.5
 
     forbid_training(monkeypatch)
-    monkeypatch.setattr(recipe.RunAverager, "validation_accuracy", scripted)
+    monkeypatch.setattr(assembly.RunAverager, "validation_accuracy", scripted)
     results = recipe.recycle(config, echo=quiet)
     assert asked == [[order[0]], [order[0], order[1]], [order[0], order[2]]]
     members = sorted([order[0], order[2]])
-    assert results["soup"]["members"] == members and results["soup"]["method"] == "greedy"
-    assert results["soup_uniform"]["members"] == [0, 1, 2]
+    assert results.soup.members == members and results.soup.method == "greedy"
+    assert results.averages["uniform"].members == [0, 1, 2]
     soup, states = load_file(output / "soup" / "model.safetensors"), run_weights(results)
     assert all(torch.equal(soup[k], v) for k, v in average_state_dicts([states[i] for i in members]).items())
     provenance = [line for line in (output / "soup" / "README.md").read_text().splitlines() if line.startswith("| ")]
@@ -460,7 +458,7 @@ def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done,
     # The first BatchNorm sees the stem convolution's output; 87 training images fit one batch, so its
     # statistics are that batch's mean and unbiased variance.
     model = AutoModelForImageClassification.from_pretrained(output / "soup").eval()
-    train = recipe.prepare_target(config, resolve_model(config.base)).data.pooled_train
+    train = prepare_target(config, resolve_model(config.base)).data.pooled_train
     assert len(train) == 87
     with torch.no_grad():
         features = model.resnet.embedder.embedder.convolution((train.pixels.float() / 255.0 - 0.5) / 0.5)

@@ -21,11 +21,12 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import IntertrainConfig, RecipeConfig
-from ratatouille_hub.data import Normalization, label_names_of, load_target, normalization_of, resolution_of
+from ratatouille_hub.data import Normalization, label_names_of, normalization_of, resolution_of
 from ratatouille_hub.intertrain import intertrain
 from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, record_input_size
 from ratatouille_hub.recipe import recycle
+from ratatouille_hub.sources import load_dataset_source
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -121,7 +122,7 @@ def test_intertrain_writes_a_community_checkpoint_with_last_step_weights(timm_wo
     card = ModelCard.load(folder / "README.md")
     assert card.data.datasets == ["stripes"] and card.data.base_model is None  # a local base has no Hub id to name
     config = json.loads((folder / "config.json").read_text())
-    assert config["label_names"] == list(label_names_of(load_target(str(timm_world.stripes)), "label"))
+    assert config["label_names"] == list(label_names_of(load_dataset_source(str(timm_world.stripes)), "label"))
     base, tuned = load_file(timm_world.base / "model.safetensors"), load_file(folder / "model.safetensors")
     heads = {"timm_model.classifier.weight", "timm_model.classifier.bias"}
     assert set(base) == set(tuned)
@@ -236,17 +237,17 @@ def strategies(timm_world, tmp_path_factory) -> SimpleNamespace:
 
 
 def _run_folder(output: Path, results: dict, index: int) -> Path:
-    return output / results["runs"][index]["folder"]
+    return output / results.runs[index].folder
 
 
 def test_erm_keeps_the_best_run_by_validation(strategies):
     results = strategies.erm.results
-    best = results["best_run"]["index"]
-    assert results["soup"]["method"] == "best-run" and results["soup"]["members"] == [best]
-    assert best == max(range(2), key=lambda i: (results["runs"][i]["val_accuracy"], -i))
+    best = results.best_run.index
+    assert results.soup.method == "best-run" and results.soup.members == [best]
+    assert best == max(range(2), key=lambda i: (results.runs[i].val_accuracy, -i))
     run_weights = (_run_folder(strategies.output, results, best) / "model" / "model.safetensors").read_bytes()
     assert strategies.erm.weights == run_weights
-    assert results["soup"]["test_accuracy"] == results["runs"][best]["test_accuracy"]
+    assert results.soup.test_accuracy == results.runs[best].test_accuracy
     assert "weight-averaging" not in strategies.erm.card.data.tags
 
 
@@ -257,13 +258,13 @@ def test_soup_reuses_the_erm_runs_and_averages_them(strategies):
     soup = load(strategies.soup.weights)  # the soup folder now holds the last strategy's model
     expected = average_state_dicts(states)
     assert soup.keys() == expected.keys() and all(torch.equal(soup[k], expected[k]) for k in soup)
-    assert results["soup"]["test_accuracy"] == results["soup_uniform"]["test_accuracy"]
+    assert results.soup.test_accuracy == results.averages["uniform"].test_accuracy
 
 
 def test_ratatouille_starts_run_one_from_the_intertrained_checkpoint(strategies, timm_world):
     results = strategies.ratatouille.results
-    assert results["runs"][0]["init"] == strategies.soup.results["runs"][0]["init"]  # run 0: the base, shared
-    assert results["runs"][1]["init"].startswith(str(timm_world.aux) + "@sha256:")
+    assert results.runs[0].init == strategies.soup.results.runs[0].init  # run 0: the base, shared
+    assert results.runs[1].init.startswith(str(timm_world.aux) + "@sha256:")
     assert any("run 1/2: done earlier" in line for line in strategies.ratatouille.lines)
 
 
@@ -286,9 +287,9 @@ def test_fusing_inits_are_convex_combinations_of_base_and_auxiliary(strategies, 
         for name, tensor in expected.items():
             if name not in head:
                 assert torch.equal(fused[name], tensor), name
-    assert all(run["init"].startswith("fusion:") for run in results["runs"])
-    assert results["soup"]["method"] == "best-run"
-    assert [i["source"] for i in results["ingredients"]] == [str(timm_world.base), str(timm_world.aux)]
+    assert all(run.init.startswith("fusion:") for run in results.runs)
+    assert results.soup.method == "best-run"
+    assert [i.source for i in results.ingredients] == [str(timm_world.base), str(timm_world.aux)]
 
 
 def test_fusing_without_recycled_checkpoints_is_refused(timm_world, tmp_path):

@@ -3,7 +3,6 @@ best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px image
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,6 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from ratatouille_hub import recipe
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.data import ImageTensors, Normalization
 from ratatouille_hub.fetch import resolve_model
@@ -23,6 +21,10 @@ from ratatouille_hub.models import (
     load_classifier,
     set_head,
 )
+from ratatouille_hub.recipe import executor
+from ratatouille_hub.recipe.executor import execute_run
+from ratatouille_hub.recipe.plan import build_plan
+from ratatouille_hub.target import Target, TargetSpec
 from ratatouille_hub.train import (
     DomainBatches,
     LinearHead,
@@ -50,9 +52,7 @@ def images(n: int, seed: int, classes: int = 3) -> ImageTensors:
 
 @pytest.fixture(scope="module")
 def data() -> TargetData:
-    return TargetData(
-        train=[images(24, 1), images(24, 2)], val=[images(6, 3), images(6, 4)], normalize=NORMALIZE, augment=True
-    )
+    return TargetData(train=[images(24, 1), images(24, 2)], val=[images(6, 3), images(6, 4)], normalize=NORMALIZE)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
         self.optimizers: list[torch.optim.Adam] = []
-        real_optimize, real_adam, optimizers = recipe.optimize, torch.optim.Adam, self.optimizers
+        real_optimize, real_adam, optimizers = executor.optimize, torch.optim.Adam, self.optimizers
 
         class RecordingAdam(real_adam):
             def __init__(self, *args, **kwargs):
@@ -263,7 +263,7 @@ class Recorder:
             self.calls.append(call)
             return outcome
 
-        monkeypatch.setattr(recipe, "optimize", recording)
+        monkeypatch.setattr(executor, "optimize", recording)
         monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
 
 
@@ -282,26 +282,23 @@ def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_fir
         lr_choices=(1e-2,),
         output=str(tmp_path),
     )
-    fields = {f.name for f in dataclasses.fields(recipe.Target)}
-    target = recipe.Target(
+    target = Target(
+        reference="d",
         data=data,
         test=images(10, 5),
         train_domains=("d1", "d2"),
         test_domain="d3",
         id2label=ID2LABEL,
         fingerprint="fixed",
-        **({"reference": "d"} if "reference" in fields else {}),
     )
+    described = TargetSpec("d", ("d1", "d2"), "d3", ID2LABEL, "fixed", (24, 24), 12, 10, SIZE)
     generator = torch.Generator().manual_seed(9)
     head = LinearHead(torch.randn(3, 16, generator=generator), torch.randn(3, generator=generator), 1, 0.5)
     base, aux = resolve_model(str(tiny_checkpoints["base"])), resolve_model(str(tiny_checkpoints["aux1"]))
+    plan = build_plan(config, base, [aux], described, datasets_of=lambda ingredient: ingredient.reference)
+    assert [spec.init for spec in plan.runs] == [base, aux]  # run 0 from the base, run 1 recycled
     recorder = Recorder(monkeypatch)
-    records = [
-        recipe.fine_tune(
-            config, index, init, base, (head, "lp-key"), target, accelerator, tmp_path / "runs", lambda line: None
-        )
-        for index, init in ((0, base), (1, aux))
-    ]
+    records = [execute_run(plan, spec, head, target, accelerator, tmp_path, lambda line: None) for spec in plan.runs]
 
     assert [c["desc"] for c in recorder.calls] == ["run 1/2", "run 2/2 head warm-up", "run 2/2"]
     from_base, warmup, full = recorder.calls
@@ -337,11 +334,11 @@ def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_fir
 
     # BatchNorm statistics of each run are those of its init checkpoint; the run folder says what happened
     aux_file = load_file(tiny_checkpoints["aux1"] / "model.safetensors")
-    saved = load_file(records[1].model_folder / "model.safetensors")
+    saved = load_file(records[1] / "model" / "model.safetensors")
     for name, tensor in saved.items():
         if name.endswith(BN_STATS):
             assert torch.equal(tensor, aux_file[name]), name
-    metrics = json.loads((records[1].folder / "metrics.json").read_text())
+    metrics = json.loads((records[1] / "metrics.json").read_text())
     assert metrics["warmup_steps"] == 3 and [step for step, _ in metrics["history"]] == [2, 4]
     assert metrics["hparams"] == vars(draw_hparams(config, 1)) and metrics["hparams"]["lr"] == 1e-2
-    assert json.loads((records[0].folder / "metrics.json").read_text())["warmup_steps"] == 0
+    assert json.loads((records[0] / "metrics.json").read_text())["warmup_steps"] == 0

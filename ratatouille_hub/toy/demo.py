@@ -19,6 +19,7 @@ import torch
 from ..config import RecipeConfig
 from ..data import ImageTensors, decode_images
 from ..io import atomic_write_text
+from ..results import Results
 from ..train import DomainBatches, make_accelerator, optimize
 
 BASE_ID = "toy-world/resnet-tiny"
@@ -94,7 +95,7 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
         echo(f"\n== {strategy}: {what}")
         results[strategy] = recycle(demo_config(output, strategy), echo=echo)
     rows = comparison_rows(results)
-    echo("\n" + format_table(rows, results["ratatouille"]["test_domain"]))
+    echo("\n" + format_table(rows, results["ratatouille"].test_domain))
     soup = output / "recycle" / "soup"
     pushed = push_folder(soup, SOUP_ID)
     echo(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
@@ -126,30 +127,21 @@ def aux_id(task: str) -> str:
     return f"community-{task}/resnet-tiny-{task}"
 
 
-def comparison_rows(results: dict[str, dict]) -> list[dict]:
+def comparison_rows(results: dict[str, Results]) -> list[dict]:
     """METHOD.md's table: ERM, model soups, inter-training, fusing, Ratatouille, and the ensemble reference."""
     soups, ratatouille = results["soup"], results["ratatouille"]
-
-    def best_single(results: dict) -> dict:
-        return results["runs"][results["greedy_order"][0]]
-
-    def averaged(results: dict, method: str) -> dict:
-        return results["soup"] if results["soup"]["method"] == method else results[f"soup_{method}"]
-
     return [
-        {"method": "ERM (LP init, best run by validation)", **_accuracies(best_single(soups))},
-        {"method": "Soups, uniform", **_accuracies(averaged(soups, "uniform"))},
-        {"method": "Soups, greedy", **_accuracies(averaged(soups, "greedy"))},
-        {"method": "Inter-training (best recycled run)", **_accuracies(best_single(ratatouille))},
-        {"method": "Fusing (best run by validation)", **_accuracies(best_single(results["fusing"]))},
-        {"method": "Ratatouille, uniform", **_accuracies(averaged(ratatouille, "uniform"))},
-        {"method": "Ratatouille, greedy", **_accuracies(averaged(ratatouille, "greedy"))},
-        {"method": "Ensemble of the Ratatouille runs", **_accuracies(ratatouille["ensemble"])},
+        {"method": "ERM (LP init, best run by validation)", **_accuracies(soups.best_single)},
+        *({"method": f"Soups, {m}", **_accuracies(soups.averages[m])} for m in soups.averages),
+        {"method": "Inter-training (best recycled run)", **_accuracies(ratatouille.best_single)},
+        {"method": "Fusing (best run by validation)", **_accuracies(results["fusing"].best_single)},
+        *({"method": f"Ratatouille, {m}", **_accuracies(ratatouille.averages[m])} for m in ratatouille.averages),
+        {"method": "Ensemble of the Ratatouille runs", **_accuracies(ratatouille.ensemble)},
     ]
 
 
-def _accuracies(row: dict) -> dict:
-    return {"val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"]}
+def _accuracies(scores) -> dict:
+    return {"val_accuracy": scores.val_accuracy, "test_accuracy": scores.test_accuracy}
 
 
 def format_table(rows: list[dict], test_domain: str) -> str:
@@ -164,17 +156,17 @@ def check_loads(repo_id: str, results: dict) -> str:
     """The soup is a plain transformers model: AutoModel and pipeline load it from the Hub."""
     from transformers import AutoModelForImageClassification, pipeline
 
-    from ..data import load_target
+    from ..sources import load_dataset_source
 
     model = AutoModelForImageClassification.from_pretrained(repo_id)
     classify = pipeline("image-classification", model=repo_id)
-    dataset = load_target(TARGET_ID)
-    row = dataset.filter(lambda d: d == results["test_domain"], input_columns="domain")[0]
+    dataset = load_dataset_source(TARGET_ID)
+    row = dataset.filter(lambda d: d == results.test_domain, input_columns="domain")[0]
     top = classify(row["image"], top_k=1)[0]
     truth = model.config.id2label[row["label"]]
     return (
         f"AutoModelForImageClassification and pipeline load {repo_id} from the Hub ({type(model).__name__}); "
-        f"first {results['test_domain']} image: predicted {top['label']} ({top['score']:.2f}), true {truth}"
+        f"first {results.test_domain} image: predicted {top['label']} ({top['score']:.2f}), true {truth}"
     )
 
 

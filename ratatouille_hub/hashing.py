@@ -1,0 +1,17 @@
+"""Content names: run folders, init folders and seeds are derived from a hash of what produced them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+
+def stable_hash(payload: dict, length: int = 12) -> str:
+    """Short content hash of a JSON-able mapping: names run folders after their arguments."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def stable_int(text: str) -> int:
+    """A seed from a name (e.g. `"<trial seed>:<run index>:batches"`): the same in every process."""
+    return int(stable_hash({"k": text}, length=15), 16)

@@ -1,0 +1,215 @@
+"""Assembling a plan's finished runs into the result: every run scored, each merge method's average, the
+ensemble, diagnostics, and the result folder (model, card, recipe.yaml, results.json), written atomically.
+
+Assembly reads run folders only (model/, metrics.json, predictions.safetensors): it never trains, so the
+runs can come from any executor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..card import build_card
+from ..diagnose import diagnose_states, plot_paths
+from ..evaluation import ensemble_probabilities, predict_logits
+from ..fetch import is_hub_id, resolve_model
+from ..io import staged_folder
+from ..merge import average_state_dicts, merge_model_folders
+from ..merge_methods import MERGE_METHODS, MergeInputs, recycle_methods
+from ..models import copy_processor, load_classifier
+from ..results import (
+    Average,
+    BestRun,
+    IngredientRecord,
+    Outcome,
+    PairRecord,
+    Results,
+    RunResult,
+    Scores,
+    SummaryRow,
+)
+from ..target import Target, predict_target, prepare_target, score_predictions
+from ..train import reestimate_batchnorm, validation_accuracy
+from .plan import RecipePlan
+
+DIAGNOSTICS_PLOT = "diagnostics.png"
+
+
+class RunFolder:
+    """A finished run as assembly reads it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.folder / "metrics.json").read_text())
+
+    @property
+    def model_folder(self) -> Path:
+        return self.folder / "model"
+
+    def predictions(self) -> dict[str, torch.Tensor]:
+        return load_file(self.folder / "predictions.safetensors")
+
+
+def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
+    """Score the finished runs, average them with every merge method recycle offers, and write the result
+    folder: the weight average (averaging strategies) or the best run by validation."""
+    config, strategy = plan.config, plan.strategy
+    echo("[merge] averaging runs" if strategy.averages else "[merge] evaluating runs and their averages")
+    runs = [RunFolder(output / spec.folder) for spec in plan.runs]
+    run_predictions = [run.predictions() for run in runs]
+    run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
+    ranking = sorted(range(len(runs)), key=lambda i: (-run_scores[i]["val_accuracy"], i))
+    best = ranking[0]
+    averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
+    inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy)
+    mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
+
+    with staged_folder(output / "soup") as staging:
+        average_scores = {}
+        if strategy.averages:
+            members = list(mixtures[config.method].members)
+            merge_model_folders([runs[i].model_folder for i in members], staging)
+            copy_processor(plan.base.path, staging)
+            soup_model = load_classifier(staging, target.id2label)
+            if config.bn_policy == "reestimate":
+                averager.reestimate(soup_model)
+                soup_model.save_pretrained(staging)
+            average_scores[config.method] = score_predictions(predict_target(soup_model, target), target)
+            soup = Outcome(method=config.method, members=members, **average_scores[config.method])
+        else:
+            for file in runs[best].model_folder.iterdir():
+                shutil.copyfile(file, staging / file.name)
+            soup = Outcome(method="best-run", members=[best], **run_scores[best])
+        for method, mixture in mixtures.items():
+            if method not in average_scores:
+                model = averager.model(list(mixture.members))
+                average_scores[method] = score_predictions(predict_target(model, target), target)
+        ensemble = score_predictions(
+            {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}, target
+        )
+        averages = {m: Average(members=list(mixtures[m].members), **average_scores[m]) for m in mixtures}
+        results = Results(
+            recipe=config.to_dict(),
+            target=target.reference,
+            test_domain=target.test_domain,
+            train_domains=list(target.train_domains),
+            id2label={str(k): v for k, v in target.id2label.items()},
+            ingredients=[
+                IngredientRecord(i.source, i.revision, not i.is_local and is_hub_id(i.source)) for i in plan.ingredients
+            ],
+            runs=[
+                RunResult(
+                    index=spec.index,
+                    init=run.metrics["init"],
+                    hparams=asdict(spec.hparams),
+                    best_step=run.metrics["best_step"],
+                    folder=spec.folder,
+                    **scores,
+                )
+                for spec, run, scores in zip(plan.runs, runs, run_scores)
+            ],
+            soup=soup,
+            best_run=BestRun(index=best, **run_scores[best]),
+            averages=averages,
+            greedy_order=ranking,
+            ensemble=Scores(**ensemble),
+            summary=summary_rows(
+                strategy.averages, config.method, best, run_scores[best], averages, ensemble, len(runs)
+            ),
+            bn_policy=config.bn_policy,
+            diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT),
+        )
+        results.save(staging / "results.json")
+        config.save_yaml(staging / "recipe.yaml")
+        build_card(results, figure=DIAGNOSTICS_PLOT if len(runs) > 1 else None).save(staging / "README.md")
+    return results
+
+
+def summary_rows(
+    averaged: bool, method: str, best: int, best_scores: dict, averages: dict[str, Average], ensemble: dict, n: int
+) -> list[SummaryRow]:
+    """The printed table and the card's: the best run, each merge method's average, the ensemble."""
+
+    def row(name: str, scores) -> SummaryRow:
+        scores = scores if isinstance(scores, dict) else asdict(scores)
+        return SummaryRow(name, scores["val_accuracy"], scores["test_accuracy"])
+
+    this_model = ", this model"
+    return [
+        row(f"best single run (#{best}, by validation){'' if averaged else this_model}", best_scores),
+        *(
+            row(
+                f"soup, {name} ({len(average.members)} runs){this_model if averaged and name == method else ''}",
+                average,
+            )
+            for name, average in averages.items()
+        ),
+        row(f"ensemble of the {n} runs (reference)", ensemble),
+    ]
+
+
+class RunAverager:
+    """Weight averages of any subset of the runs, in memory, with the soup's BatchNorm policy applied.
+
+    Loads each run once and holds the state dicts (in the model's own key space): greedy search
+    evaluates many subsets.
+    """
+
+    def __init__(self, model_folders: Sequence[Path], target: Target, bn_policy: str):
+        self.target = target
+        self.bn_policy = bn_policy
+        self.states = [load_classifier(folder, target.id2label).state_dict() for folder in model_folders]
+        self._model = load_classifier(model_folders[0], target.id2label)
+
+    def model(self, subset: list[int]):
+        self._model.load_state_dict(average_state_dicts([self.states[i] for i in subset]))
+        if self.bn_policy == "reestimate":
+            self.reestimate(self._model)
+        return self._model
+
+    def reestimate(self, model) -> None:
+        reestimate_batchnorm(model, self.target.data.pooled_train, self.target.data.normalize)
+
+    def validation_accuracy(self, subset: list[int]) -> float:
+        return validation_accuracy(self.model(subset), self.target.data.pooled_val, self.target.data.normalize)
+
+    def diagnose_against(self, reference: int, others: list[int], plot: Path) -> list[PairRecord]:
+        """Diversity and averageability of `reference` with each other run (training-domain validation);
+        the interpolation paths are drawn to `plot`. Raw weights: no BatchNorm policy on the paths."""
+        if not others:
+            return []
+        validation = self.target.data.pooled_val
+
+        def predict(state) -> torch.Tensor:
+            self._model.load_state_dict(state)
+            return predict_logits(self._model, validation, self.target.data.normalize).argmax(dim=1)
+
+        names = [f"run {i}" for i in range(len(self.states))]
+        pairs = [(reference, i) for i in others]
+        diagnosis = diagnose_states(names, self.states, predict, validation.labels, pairs=pairs)
+        plot_paths(diagnosis, plot)
+        return [
+            PairRecord([pair.a, pair.b], pair.ratio_error, pair.barrier, list(pair.path_accuracies))
+            for pair in diagnosis.pairs
+        ]
+
+
+def validation_inputs(model_folders: Sequence[Path], options, token=None) -> MergeInputs:
+    """What a merge method that needs validation gets for existing checkpoints of the target's labels (the
+    `merge --method greedy` path): candidates ranked by their own training-domain validation accuracy, as in
+    `recycle`, on the split the target `options` (seed, holdout fraction, columns) define."""
+    base = resolve_model(str(model_folders[0]), token=token)
+    target = prepare_target(options, base, token)
+    averager = RunAverager(list(model_folders), target, options.bn_policy)
+    ranking = sorted(range(len(model_folders)), key=lambda i: (-averager.validation_accuracy([i]), i))
+    return MergeInputs(count=len(model_folders), ranking=ranking, score=averager.validation_accuracy)

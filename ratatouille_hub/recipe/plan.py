@@ -1,0 +1,204 @@
+"""The plan of a recipe: the shared linear probe and one frozen spec per run, made before anything trains.
+
+A spec carries everything that decides its run (init checkpoint at its revision, hyperparameters, seeds,
+steps, warm-up) and the key its folder is named by, so a plan can be printed (`--dry-run`), checked against
+an output folder (done or pending) and handed to any executor. Building a plan reads configs, cards and the
+target's columns; it never decodes an image or loads a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import RecipeConfig, RunHParams, draw_hparams
+from ..fetch import Ingredient
+from ..hashing import stable_hash
+from ..io import DONE
+from ..strategies import STRATEGIES, FusionSpec, Init, InitContext, Strategy
+from ..target import TargetSpec
+
+
+@dataclass(frozen=True)
+class LPSpec:
+    """The linear probe every run starts from: trained once on the frozen base."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    eval_every: int
+    seed: int
+    key: str
+
+    @property
+    def folder(self) -> str:
+        return f"lp/{self.key}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One target fine-tune, fully determined: two runs with the same key are the same run."""
+
+    index: int
+    total: int
+    init: Init
+    recycled: bool  # starts from another checkpoint than the base: its head warms up first
+    hparams: RunHParams
+    steps: int
+    warmup_steps: int
+    eval_every: int
+    batch_size: int
+    augment: bool
+    precision: str
+    seed: int  # the trial seed; randomness depends on (seed, index) only, never on where the init lives
+    key: str
+
+    @property
+    def folder(self) -> str:
+        return f"runs/{self.key}"
+
+    @property
+    def label(self) -> str:
+        return f"run {self.index + 1}/{self.total}"
+
+    @property
+    def run_seed(self) -> str:
+        return f"{self.seed}:{self.index}"
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    config: RecipeConfig
+    strategy: Strategy
+    base: Ingredient
+    recycled: tuple[Ingredient, ...]  # the vetted fine-tunes the strategy was offered
+    target: TargetSpec
+    lp: LPSpec
+    runs: tuple[RunSpec, ...]
+
+    @property
+    def ingredients(self) -> list[Ingredient]:
+        """The base and every recycled checkpoint some run starts from (directly or in a fusion)."""
+        used = {member for spec in self.runs for member in members_of(spec.init)}
+        return [self.base, *(i for i in self.recycled if i in used)]
+
+    def is_done(self, output: Path, spec: RunSpec | LPSpec) -> bool:
+        return (output / spec.folder / DONE).exists()
+
+    def missing(self, output: Path) -> list[RunSpec]:
+        return [spec for spec in self.runs if not self.is_done(output, spec)]
+
+
+def members_of(init: Init) -> tuple[Ingredient, ...]:
+    return init.members if isinstance(init, FusionSpec) else (init,)
+
+
+def build_plan(
+    config: RecipeConfig, base: Ingredient, recycled: list[Ingredient], target: TargetSpec, datasets_of
+) -> RecipePlan:
+    """Every spec of the recipe; `datasets_of(ingredient)` names the dataset a fine-tune was trained on."""
+    strategy = STRATEGIES[config.strategy]
+    lp_key = stable_hash(
+        {
+            "base": base.revision,
+            "data": target.fingerprint,
+            "steps": config.lp_steps,
+            "lr": config.lp_lr,
+            "batch": config.batch_size,
+            "eval_every": config.eval_every,
+            "seed": config.seed,
+        }
+    )
+    lp = LPSpec(config.lp_steps, config.lp_lr, config.batch_size, config.eval_every, config.seed, lp_key)
+    context = InitContext(config.runs, config.seed, base, tuple(recycled), datasets_of, target.id2label)
+    runs = tuple(
+        _run_spec(config, index, init, base, lp_key, target) for index, init in enumerate(strategy.inits(context))
+    )
+    return RecipePlan(config, strategy, base, tuple(recycled), target, lp, runs)
+
+
+def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp_key: str, target) -> RunSpec:
+    hparams = draw_hparams(config, index)
+    recycled = init.revision != base.revision
+    warmup = config.warmup_steps if recycled else 0
+    key = stable_hash(
+        {
+            "init": init.revision,
+            "head": lp_key,
+            "data": target.fingerprint,
+            "hparams": asdict(hparams),
+            "seed": [config.seed, index],
+            "steps": config.steps,
+            "warmup": warmup,
+            "eval_every": config.eval_every,
+            "batch": config.batch_size,
+            "augment": config.augment,
+            "precision": config.precision,
+        }
+    )
+    return RunSpec(
+        index=index,
+        total=config.runs,
+        init=init,
+        recycled=recycled,
+        hparams=hparams,
+        steps=config.steps,
+        warmup_steps=warmup,
+        eval_every=config.eval_every,
+        batch_size=config.batch_size,
+        augment=config.augment,
+        precision=config.precision,
+        seed=config.seed,
+        key=key,
+    )
+
+
+# -- what a plan costs, and how it reads ------------------------------------------------------------
+
+
+def run_work(spec: RunSpec, target: TargetSpec) -> tuple[int, int]:
+    """(images trained on, images evaluated) by one run: its steps over every training domain, then
+    validation at each evaluation and the final predictions on validation and the test domain."""
+    trained = (spec.warmup_steps + spec.steps) * spec.batch_size * len(target.train_domains)
+    evaluations = spec.steps // spec.eval_every + (1 if spec.steps % spec.eval_every else 0)
+    return trained, (evaluations + 1) * target.val_size + target.test_size
+
+
+def describe_init(init: Init) -> str:
+    if isinstance(init, FusionSpec):
+        return "fusion of " + " + ".join(f"{w:.2f} x {m.source}" for m, w in zip(init.members, init.weights))
+    return init.reference
+
+
+def format_plan(plan: RecipePlan, output: Path) -> str:
+    """The dry run: every run, its init and hparams, done or pending, and the work it costs."""
+    target = plan.target
+    lines = [
+        f"plan: {len(plan.runs)} runs, strategy {plan.strategy.name}, on {target.reference} "
+        f"(train: {', '.join(target.train_domains)}; held out: {target.test_domain}; {target.image_size} px)",
+        f"output: {output}",
+        f"linear probe {plan.lp.folder}: {'done' if plan.is_done(output, plan.lp) else 'pending'}, "
+        f"{plan.lp.steps} steps on features of {sum(target.train_sizes) + target.val_size} images",
+        "",
+        f"{'run':>4}  {'status':<7}  {'lr':>8}  {'wd':>8}  {'dropout':>7}  {'steps':>11}  "
+        f"{'train imgs':>10}  {'eval imgs':>9}  folder / init",
+    ]
+    pending_train = pending_eval = 0
+    for spec in plan.runs:
+        done = plan.is_done(output, spec)
+        trained, evaluated = run_work(spec, target)
+        if not done:
+            pending_train, pending_eval = pending_train + trained, pending_eval + evaluated
+        steps = f"{spec.steps}" + (f"+{spec.warmup_steps}" if spec.warmup_steps else "")
+        lines.append(
+            f"{spec.index:>4}  {'done' if done else 'pending':<7}  {spec.hparams.lr:>8g}  "
+            f"{spec.hparams.weight_decay:>8g}  {spec.hparams.dropout:>7g}  {steps:>11}  {trained:>10}  "
+            f"{evaluated:>9}  {spec.folder}  from {describe_init(spec.init)}"
+        )
+    missing = plan.missing(output)
+    lines += [
+        "",
+        f"pending: {len(missing)} of {len(plan.runs)} runs, {pending_train} images to train on "
+        f"and {pending_eval} to evaluate (steps: fine-tune + head warm-up)",
+    ]
+    return "\n".join(lines)

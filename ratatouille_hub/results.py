@@ -1,0 +1,134 @@
+"""The results record: the one schema of `results.json`, read by the card, the CLI table, the demo, the
+benchmarks and the tests. Built by assembly, written and read back through `to_dict` / `from_dict`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import atomic_write_json
+
+AVERAGE_PREFIX = "soup_"  # results.json key of each merge method's average: soup_uniform, soup_greedy, ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores:
+    val_accuracy: float  # pooled training-domain validation
+    val_accuracy_per_domain: dict[str, float]
+    test_accuracy: float  # the held-out domain
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult(Scores):
+    index: int
+    init: str  # the init checkpoint as source@revision
+    hparams: dict[str, float]
+    best_step: int
+    folder: str  # relative to the output folder
+
+
+@dataclass(frozen=True, kw_only=True)
+class Average(Scores):
+    members: list[int]  # run indices
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome(Average):
+    method: str  # the merge method of the result folder's model, or "best-run"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BestRun(Scores):
+    index: int
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    val_accuracy: float
+    test_accuracy: float
+
+
+@dataclass(frozen=True)
+class IngredientRecord:
+    source: str
+    revision: str
+    is_hub: bool
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """Diagnostics of two runs on training-domain validation: diversity and the weight path between them."""
+
+    runs: list[int]
+    ratio_error: float
+    barrier: float
+    path_accuracies: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Results:
+    recipe: dict
+    target: str  # id@sha for a Hub dataset, else the path
+    test_domain: str
+    train_domains: list[str]
+    id2label: dict[str, str]
+    ingredients: list[IngredientRecord]
+    runs: list[RunResult]
+    soup: Outcome  # the model in the result folder
+    best_run: BestRun
+    averages: dict[str, Average]  # by merge method
+    greedy_order: list[int]  # runs best first by their own validation accuracy
+    ensemble: Scores
+    summary: list[SummaryRow]
+    bn_policy: str
+    diagnostics: list[PairRecord]
+
+    @property
+    def best_single(self) -> RunResult:
+        return self.runs[self.best_run.index]
+
+    @property
+    def is_average(self) -> bool:
+        return self.soup.method != "best-run"
+
+    def to_dict(self) -> dict:
+        plain = dataclasses.asdict(self)
+        averages = plain.pop("averages")
+        ordered = {}
+        for name, value in plain.items():  # soup_<method> keys after best_run, as results.json always had them
+            ordered[name] = value
+            if name == "best_run":
+                ordered.update({f"{AVERAGE_PREFIX}{method}": average for method, average in averages.items()})
+        return ordered
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Results:
+        averages = {
+            key.removeprefix(AVERAGE_PREFIX): Average(**value)
+            for key, value in data.items()
+            if key.startswith(AVERAGE_PREFIX)
+        }
+        plain = {key: value for key, value in data.items() if not key.startswith(AVERAGE_PREFIX)}
+        return cls(
+            **{
+                **plain,
+                "ingredients": [IngredientRecord(**i) for i in plain["ingredients"]],
+                "runs": [RunResult(**run) for run in plain["runs"]],
+                "soup": Outcome(**plain["soup"]),
+                "best_run": BestRun(**plain["best_run"]),
+                "averages": averages,
+                "ensemble": Scores(**plain["ensemble"]),
+                "summary": [SummaryRow(**row) for row in plain["summary"]],
+                "diagnostics": [PairRecord(**pair) for pair in plain["diagnostics"]],
+            }
+        )
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> Results:
+        return cls.from_dict(json.loads(Path(path).read_text()))

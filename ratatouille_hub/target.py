@@ -1,0 +1,160 @@
+"""The data stage: a target dataset described (splits, fingerprint: cheap, what a plan needs) and decoded
+(pixels: what training, evaluation and assembly need).
+
+Describing reads the dataset's columns and never decodes an image, so `recycle --dry-run` can name every
+run folder of a recipe without the cost of decoding the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import DataError, ImageTensors, decode_images, normalization_of, resolution_of, split_domains
+from .evaluation import accuracy, predict_logits
+from .fetch import Ingredient, dataset_revision, resolve_dataset
+from .hashing import stable_hash
+from .models import load_processor
+from .sources import load_dataset_source
+from .train import TargetData
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The target as a plan sees it: which rows go where, at which resolution, under which fingerprint."""
+
+    reference: str  # id@sha for a Hub dataset, else the path
+    train_domains: tuple[str, ...]
+    test_domain: str
+    id2label: dict[int, str]
+    fingerprint: str
+    train_sizes: tuple[int, ...]  # images per training domain
+    val_size: int
+    test_size: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """The decoded target task: training domains (train/val) and the held-out test domain."""
+
+    reference: str
+    data: TargetData
+    test: ImageTensors
+    train_domains: tuple[str, ...]
+    test_domain: str
+    id2label: dict[int, str]
+    fingerprint: str
+
+
+class TargetPreparation:
+    """A loaded dataset and its splits: what both describing and decoding start from."""
+
+    def __init__(self, options, base: Ingredient, token=None):
+        target_id, self.domain_column, self.label_column = resolve_dataset(
+            options.target, options.domain_column, options.label_column
+        )
+        self.image_column = options.image_column
+        revision = dataset_revision(target_id, token)
+        self.reference = f"{target_id}@{revision}" if revision else target_id
+        self.dataset = load_dataset_source(target_id, revision=revision, token=token)
+        if self.image_column not in self.dataset.column_names:
+            raise DataError(
+                f"target dataset has no column {self.image_column!r} (columns: {', '.join(self.dataset.column_names)})"
+            )
+        self.splits = split_domains(
+            self.dataset,
+            domain_column=self.domain_column,
+            label_column=self.label_column,
+            test_domain=options.test_domain,
+            holdout_fraction=options.holdout_fraction,
+            seed=options.seed,
+        )
+        processor = load_processor(base.path)
+        self.size = resolution_of(processor, options.image_size)
+        self.normalize = normalization_of(processor)
+        self.fingerprint = stable_hash(
+            {
+                "dataset": getattr(self.dataset, "_fingerprint", target_id),
+                "splits": [[d.domain, d.train, d.val] for d in self.splits.train_domains],
+                "test": self.splits.test_domain,
+                "size": self.size,
+                "normalize": asdict(self.normalize),
+            }
+        )
+
+    def spec(self) -> TargetSpec:
+        domains = self.splits.train_domains
+        return TargetSpec(
+            reference=self.reference,
+            train_domains=tuple(d.domain for d in domains),
+            test_domain=self.splits.test_domain,
+            id2label=self.splits.id2label,
+            fingerprint=self.fingerprint,
+            train_sizes=tuple(len(d.train) for d in domains),
+            val_size=sum(len(d.val) for d in domains),
+            test_size=len(self.splits.test),
+            image_size=self.size,
+        )
+
+    def decode(self) -> Target:
+        def decode(rows) -> ImageTensors:
+            return decode_images(
+                self.dataset,
+                rows,
+                image_column=self.image_column,
+                label_column=self.label_column,
+                label_names=self.splits.label_names,
+                size=self.size,
+            )
+
+        domains = self.splits.train_domains
+        data = TargetData(
+            train=[decode(d.train) for d in domains],
+            val=[decode(d.val) for d in domains],
+            normalize=self.normalize,
+        )
+        return Target(
+            reference=self.reference,
+            data=data,
+            test=decode(self.splits.test),
+            train_domains=tuple(d.domain for d in domains),
+            test_domain=self.splits.test_domain,
+            id2label=self.splits.id2label,
+            fingerprint=self.fingerprint,
+        )
+
+
+def describe_target(options, base: Ingredient, token=None) -> TargetSpec:
+    """The target's splits and fingerprint, without decoding an image (`options`: any target options)."""
+    return TargetPreparation(options, base, token).spec()
+
+
+def prepare_target(options, base: Ingredient, token=None) -> Target:
+    """The decoded target, split as `describe_target` splits it."""
+    return TargetPreparation(options, base, token).decode()
+
+
+def predict_target(model, target: Target) -> dict[str, torch.Tensor]:
+    """Logits on every training domain's validation split (`val/<domain>`) and on the test domain."""
+    predictions = {
+        f"val/{name}": predict_logits(model, images, target.data.normalize)
+        for name, images in zip(target.train_domains, target.data.val)
+    }
+    predictions["test"] = predict_logits(model, target.test, target.data.normalize)
+    return predictions
+
+
+def score_predictions(predictions: dict[str, torch.Tensor], target: Target) -> dict:
+    """Per-domain and pooled training-domain validation accuracy, and held-out accuracy."""
+    labels_val = {name: images.labels for name, images in zip(target.train_domains, target.data.val)}
+    per_domain = {name: accuracy(predictions[f"val/{name}"], labels) for name, labels in labels_val.items()}
+    pooled = accuracy(
+        torch.cat([predictions[f"val/{name}"] for name in labels_val]), torch.cat(list(labels_val.values()))
+    )
+    return {
+        "val_accuracy": pooled,
+        "val_accuracy_per_domain": per_domain,
+        "test_accuracy": accuracy(predictions["test"], target.test.labels),
+    }
