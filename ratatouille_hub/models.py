@@ -1,17 +1,24 @@
 """Architecture-aware helpers: where the head is, how BatchNorm and feature dropout behave.
 
 Everything else in the pipeline treats a model as an `AutoModelForImageClassification` and goes
-through these few functions, so supporting a new architecture means teaching them its head.
+through these few functions. What differs between model families (where the head is, how a saved model
+records the preprocessing it was trained with) is one `@architecture` entry in ARCHITECTURES: a head
+layout, not a model name, so every transformers classifier with that layout (ConvNeXt, Swin, DeiT, ...)
+works with no new code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .registry import Registry
 
 
 class ArchitectureError(ValueError):
@@ -62,31 +69,87 @@ def to_contiguous(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.contiguous_format)
 
 
-def record_input_size(model: nn.Module, size: int) -> None:
-    """Tell a timm-wrapped model's own image processor the resolution it was trained at.
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    help: str
+    claims: Callable[[nn.Module], bool]  # is this model of this layout? (the first claiming entry wins)
+    head: Callable[[nn.Module], nn.Linear]  # the final nn.Linear mapping features to logits
+    record_input_size: Callable[[nn.Module, int], None]  # tell the saved model the resolution it was trained at
 
-    The processor lives in config.json (`pretrained_cfg`); we train on whole images resized to
-    size x size, so `pipeline(...)` must do the same: no centre crop.
-    """
-    if not is_timm_wrapper(model):
-        return
+
+ARCHITECTURES = Registry[Architecture]("architecture")
+
+
+def _nothing_to_record(model: nn.Module, size: int) -> None:
+    """transformers classifiers keep their preprocessing in the image processor file, not in the config."""
+
+
+def architecture(name: str, *, help: str, claims: Callable[[nn.Module], bool], record_input_size=_nothing_to_record):
+    def register(head: Callable[[nn.Module], nn.Linear]):
+        ARCHITECTURES.add(name, Architecture(name, help, claims, head, record_input_size))
+        return head
+
+    return register
+
+
+def _timm_input_size(model: nn.Module, size: int) -> None:
+    """The timm wrapper's image processor lives in config.json (`pretrained_cfg`); we train on whole
+    images resized to size x size, so `pipeline(...)` must do the same: no centre crop."""
     pretrained_cfg = dict(getattr(model.config, "pretrained_cfg", None) or {})
     pretrained_cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="squash")
     model.config.pretrained_cfg = pretrained_cfg
 
 
+@architecture(
+    "timm-wrapper",
+    help="TimmWrapperForImageClassification (timm backbones such as EfficientNet): timm's own classifier",
+    claims=lambda model: is_timm_wrapper(model),
+    record_input_size=_timm_input_size,
+)
+def _timm_head(model: nn.Module) -> nn.Linear:
+    return model.timm_model.get_classifier()
+
+
+@architecture(
+    "linear-classifier",
+    help="a `classifier` nn.Linear (ViT, ConvNeXt, Swin, DeiT, BEiT, ...)",
+    claims=lambda model: isinstance(getattr(model, "classifier", None), nn.Linear),
+)
+def _linear_head(model: nn.Module) -> nn.Linear:
+    return model.classifier
+
+
+@architecture(
+    "sequential-classifier",
+    help="a `classifier` nn.Sequential ending in an nn.Linear (ResNet: Flatten then Linear; RegNet, ...)",
+    claims=lambda model: (
+        isinstance(getattr(model, "classifier", None), nn.Sequential)
+        and any(isinstance(m, nn.Linear) for m in model.classifier)
+    ),
+)
+def _sequential_head(model: nn.Module) -> nn.Linear:
+    return [m for m in model.classifier if isinstance(m, nn.Linear)][-1]
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    for _, entry in ARCHITECTURES.items():
+        if entry.claims(model):
+            return entry
+    raise ArchitectureError(f"{type(model).__name__}: no linear classification head found")
+
+
+def record_input_size(model: nn.Module, size: int) -> None:
+    """Tell a saved model the resolution it was trained at, where its config is what serving reads."""
+    architecture_of(model).record_input_size(model, size)
+
+
 def head_linear(model: nn.Module) -> nn.Linear:
     """The final nn.Linear that maps features to logits."""
-    classifier = getattr(model, "classifier", None)
-    if classifier is None and hasattr(model, "timm_model"):
-        classifier = model.timm_model.get_classifier()
-    if isinstance(classifier, nn.Linear):
-        return classifier
-    if isinstance(classifier, nn.Sequential):
-        linears = [m for m in classifier if isinstance(m, nn.Linear)]
-        if linears:
-            return linears[-1]
-    raise ArchitectureError(f"{type(model).__name__}: no linear classification head found")
+    head = architecture_of(model).head(model)
+    if not isinstance(head, nn.Linear):
+        raise ArchitectureError(f"{type(model).__name__}: no linear classification head found")
+    return head
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

@@ -31,6 +31,10 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def unregister(self, name: str) -> None:
+        """Drop an entry (tests register entries of their own and take them back)."""
+        del self._entries[name]
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]
