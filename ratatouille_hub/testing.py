@@ -20,44 +20,121 @@ def labels(names: Sequence[str]) -> dict:
     return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
+def tiny_resnet_config(*, names: Sequence[str] | None = None, num_labels: int = 3, hidden_sizes=(8, 16)):
+    """The config of `tiny_resnet`, for a model whose weights come from elsewhere."""
+    from transformers import ResNetConfig
+
+    head = labels(names) if names is not None else {"num_labels": num_labels}
+    return ResNetConfig(
+        embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1] * len(hidden_sizes), layer_type="basic", **head
+    )
+
+
 def tiny_resnet(seed: int, *, names: Sequence[str] | None = None, num_labels: int = 3, hidden_sizes=(8, 16)):
     """A ResNet of a few thousand parameters (BatchNorm buffers included), its weights drawn from `seed`."""
     import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    return ResNetForImageClassification(
+        tiny_resnet_config(names=names, num_labels=num_labels, hidden_sizes=hidden_sizes)
+    )
+
+
+def tiny_vit(
+    seed: int,
+    *,
+    names: Sequence[str] | None = None,
+    num_labels: int = 3,
+    hidden_size: int = 16,
+    intermediate_size: int = 32,
+):
+    """A one-layer ViT of 16 px inputs in 8 px patches (no BatchNorm), its weights drawn from `seed`."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
     head = labels(names) if names is not None else {"num_labels": num_labels}
-    config = ResNetConfig(
-        embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1] * len(hidden_sizes), layer_type="basic", **head
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=intermediate_size,
+        **head,
     )
-    return ResNetForImageClassification(config)
+    return ViTForImageClassification(config)
 
 
-def perturbed_backbone(state: dict, seed: int, *, scale: float = 0.05, integer_value: int | None = None) -> dict:
-    """A community-style fine-tune of `state`'s backbone: every float tensor moved by `scale` x N(0, 1)
-    noise, BatchNorm running variances rescaled, integer buffers set to `integer_value`; heads dropped."""
+def tiny_processor(size: int = 16):
+    """A Pillow image processor at `size` px with mean = std = 0.5, the tiny checkpoints' own."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def save_tiny_checkpoint(folder: Path, model, *, processor=None, pickle: bool = False) -> Path:
+    """A transformers folder: config and safetensors weights (with `pickle`, a torch pickle instead, as
+    old repos have), plus the processor's config when one is given."""
+    if pickle:
+        import torch
+
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), Path(folder) / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    return Path(folder)
+
+
+def perturbed_backbone(
+    state: dict,
+    seed: int,
+    *,
+    scale: float = 0.05,
+    integer_value: int | None = None,
+    rescale_running_var: bool = True,
+    head: bool = False,
+) -> dict:
+    """A community-style fine-tune of `state`: every float tensor moved by `scale` x N(0, 1) noise (BatchNorm
+    running variances rescaled by exp(0.2 N(0, 1)) instead, unless `rescale_running_var` is off), integer
+    buffers set to `integer_value`; the head dropped, or perturbed too with `head`. Tensors are drawn in
+    `state`'s order from a Generator of `seed`, so fixtures built with it keep their exact bytes."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    backbone = {}
+    perturbed = {}
     for name, tensor in state.items():
-        if name.startswith("classifier."):
+        if name.startswith("classifier.") and not head:
             continue
-        if name.endswith("running_var"):
+        if rescale_running_var and name.endswith("running_var"):
             tensor = tensor * torch.exp(0.2 * torch.randn(tensor.shape, generator=generator))
         elif tensor.is_floating_point():
             tensor = tensor + scale * torch.randn(tensor.shape, generator=generator)
         elif integer_value is not None:
             tensor = torch.full_like(tensor, integer_value)
-        backbone[name] = tensor
-    return backbone
+        perturbed[name] = tensor
+    return perturbed
 
 
-def write_hub_dataset(dataset, folder: Path, card: str = "---\nlicense: apache-2.0\n---\n# dataset\n") -> Path:
-    """A `datasets.Dataset` in the Hub layout (data/train-*.parquet + README card), as a local folder."""
+def finetune_of(base, model, seed: int, *, integer_value: int | None = None):
+    """`model` (another head) given `base`'s backbone, perturbed by `seed`: a community fine-tune of `base`."""
+    missing, unexpected = model.load_state_dict(
+        perturbed_backbone(base.state_dict(), seed, integer_value=integer_value), strict=False
+    )
+    assert not unexpected and all(name.startswith("classifier.") for name in missing)
+    return model
+
+
+def write_hub_dataset(dataset, folder: Path, card: str | None = "---\nlicense: apache-2.0\n---\n# dataset\n") -> Path:
+    """A `datasets.Dataset` in the Hub layout (data/train-*.parquet + README card, unless `card` is None),
+    as a local folder."""
     (folder / "data").mkdir(parents=True, exist_ok=True)
     dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
-    (folder / "README.md").write_text(card)
+    if card is not None:
+        (folder / "README.md").write_text(card)
     return folder
 
 

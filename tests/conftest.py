@@ -45,6 +45,7 @@ for _name in _USER_SETTINGS:
 
 import pytest  # noqa: E402
 
+from ratatouille_hub import testing  # noqa: E402
 from ratatouille_hub.localhub.server import LocalHub  # noqa: E402
 
 _namespaces = itertools.count()
@@ -71,12 +72,6 @@ def hub_namespace(new_hub_namespace) -> str:
 
 # -- tiny checkpoints for the recipe, training and CLI tests ------------------------------------------
 
-TINY_IMAGE_SIZE = 16
-
-
-def _labels(names):
-    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict:
@@ -85,47 +80,19 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
     each a transformers folder with a 16 px Pillow image processor.
     """
     import torch
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessorPil
 
     root = tmp_path_factory.mktemp("tiny-checkpoints")
-    processor = ViTImageProcessorPil(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-
-    def make(names, seed):
-        torch.manual_seed(seed)
-        config = ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **_labels(names)
-        )
-        return ResNetForImageClassification(config)
-
-    base = make([f"digit-{i}" for i in range(10)], seed=0)
+    processor = testing.tiny_processor(16)
+    base = testing.tiny_resnet(0, names=[f"digit-{i}" for i in range(10)])
     with torch.no_grad():
         for name, tensor in base.state_dict().items():
             if name.endswith("num_batches_tracked"):
                 tensor.fill_(10)
-    folders = {"base": root / "base"}
-    base.save_pretrained(folders["base"])
-    processor.save_pretrained(folders["base"])
+    folders = {"base": testing.save_tiny_checkpoint(root / "base", base, processor=processor)}
     for k in (1, 2):
-        model = make([f"aux{k}-class-{i}" for i in range(3 + k)], seed=k)  # another head
-        generator = torch.Generator().manual_seed(100 + k)
-        backbone = {}
-        for name, tensor in base.state_dict().items():
-            if name.startswith("classifier."):
-                continue
-            if name.endswith("running_var"):
-                tensor = tensor * torch.exp(0.2 * torch.randn(tensor.shape, generator=generator))
-            elif tensor.is_floating_point():
-                tensor = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
-            else:
-                tensor = torch.full_like(tensor, 100 * k)
-            backbone[name] = tensor
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-        assert not unexpected and all(name.startswith("classifier.") for name in missing)
-        folders[f"aux{k}"] = root / f"aux{k}"
-        model.save_pretrained(folders[f"aux{k}"])
-        processor.save_pretrained(folders[f"aux{k}"])
+        model = testing.tiny_resnet(k, names=[f"aux{k}-class-{i}" for i in range(3 + k)])  # another head
+        finetune = testing.finetune_of(base, model, 100 + k, integer_value=100 * k)
+        folders[f"aux{k}"] = testing.save_tiny_checkpoint(root / f"aux{k}", finetune, processor=processor)
     return folders
 
 
@@ -148,12 +115,11 @@ def tiny_world(tmp_path_factory, tiny_checkpoints):
 
     from ratatouille_hub.toy import world as toyworld
 
-    target = tmp_path_factory.mktemp("tiny-world") / "shapes"
-    (target / "data").mkdir(parents=True)
-    toyworld.target_dataset(per_class_per_domain=6, size=16).to_parquet(
-        str(target / "data" / "train-00000-of-00001.parquet")
+    target = testing.write_hub_dataset(
+        toyworld.target_dataset(per_class_per_domain=6, size=16),
+        tmp_path_factory.mktemp("tiny-world") / "shapes",
+        card="---\nlicense: apache-2.0\n---\n# shapes\n",
     )
-    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n# shapes\n")
     return SimpleNamespace(
         base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target
     )

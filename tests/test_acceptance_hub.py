@@ -19,16 +19,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessorPil
+from transformers import ResNetForImageClassification
 
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.discover import ACCEPTED
 from ratatouille_hub.localhub.server import LocalHub, hub_environment
 from ratatouille_hub.results import Results
-from ratatouille_hub.testing import make_results
+from ratatouille_hub.testing import (
+    finetune_of,
+    make_results,
+    save_tiny_checkpoint,
+    tiny_processor,
+    tiny_resnet,
+    write_hub_dataset,
+)
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 SECRET = "hf_acceptance_secret_7f3a9c"  # the hub's write token; must never be written anywhere
@@ -45,18 +51,6 @@ EXPECTED_REASONS = {  # exact wording of discover's verdicts
 }
 
 
-def tiny_resnet(seed: int, num_labels: int = 10, hidden_sizes=(8, 16)) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1, 1], layer_type="basic", num_labels=num_labels
-    )
-    return ResNetForImageClassification(config).eval()
-
-
-def processor() -> ViTImageProcessorPil:
-    return ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
 def write_card(folder: Path, **metadata) -> None:
     front = yaml.safe_dump({"library_name": "transformers", **metadata})
     (folder / "README.md").write_text(f"---\n{front}---\n# {folder.name}\n")
@@ -64,34 +58,14 @@ def write_card(folder: Path, **metadata) -> None:
 
 def model_folder(folder: Path, model, *, pickle: bool = False, **card) -> Path:
     folder.mkdir(parents=True)
-    if pickle:
-        model.config.save_pretrained(folder)
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    else:
-        model.save_pretrained(folder)
-    processor().save_pretrained(folder)
+    save_tiny_checkpoint(folder, model, processor=tiny_processor(16), pickle=pickle)
     write_card(folder, **card)
     return folder
 
 
 def perturbed_finetune(base, seed: int, num_labels: int) -> ResNetForImageClassification:
     """Same architecture as `base`, a trained look (every backbone tensor moved), another head size."""
-    model = tiny_resnet(seed, num_labels=num_labels)
-    generator = torch.Generator().manual_seed(seed)
-    backbone = {}
-    for name, tensor in base.state_dict().items():
-        if name.startswith("classifier."):
-            continue
-        if name.endswith("running_var"):
-            tensor = tensor * torch.exp(0.2 * torch.randn(tensor.shape, generator=generator))
-        elif tensor.is_floating_point():
-            tensor = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
-        else:
-            tensor = torch.full_like(tensor, 7)
-        backbone[name] = tensor
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    assert not unexpected and all(name.startswith("classifier.") for name in missing)
-    return model.eval()
+    return finetune_of(base, tiny_resnet(seed, num_labels=num_labels), seed, integer_value=7)
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +103,20 @@ def world(hub, tmp_path_factory) -> dict[str, str]:
     from ratatouille_hub.toy.world import target_dataset
 
     root = tmp_path_factory.mktemp("acceptance-world")
-    base = tiny_resnet(900)
+    base = tiny_resnet(900, num_labels=10)
     lineage = {"base_model": BASE}
     folders = {  # repo id -> (folder, downloads)
         BASE: (model_folder(root / "base", base, license="mit"), 1000),
         GOOD: (model_folder(root / "good", perturbed_finetune(base, 904, num_labels=5), **lineage), 50),
-        WIDE: (model_folder(root / "wide", tiny_resnet(901, hidden_sizes=(8, 32)), **lineage), 40),
+        WIDE: (model_folder(root / "wide", tiny_resnet(901, num_labels=10, hidden_sizes=(8, 32)), **lineage), 40),
         PICKLED: (model_folder(root / "pickled", perturbed_finetune(base, 902, 10), pickle=True, **lineage), 30),
         LEAKY: (model_folder(root / "leaky", perturbed_finetune(base, 903, 6), datasets=[TARGET], **lineage), 20),
     }
     assert not list((root / "pickled").glob("*.safetensors"))
     shas = {repo_id: hub.seed_model(repo_id, folder, downloads) for repo_id, (folder, downloads) in folders.items()}
 
-    data = root / "toy-shapes"
-    target_dataset(per_class_per_domain=4, size=16).to_parquet(data / "data/train-00000-of-00001.parquet")
-    (data / "README.md").write_text("---\nlicense: mit\n---\n# Toy shapes in four domains\n")
+    card = "---\nlicense: mit\n---\n# Toy shapes in four domains\n"
+    data = write_hub_dataset(target_dataset(per_class_per_domain=4, size=16), root / "toy-shapes", card)
     shas[TARGET] = hub.seed_dataset(TARGET, data)
     return shas
 
@@ -284,8 +257,7 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
 def soup(tmp_path_factory) -> Path:
     """A small soup folder as the recipe writes it (no training: only what `push` reads)."""
     folder = tmp_path_factory.mktemp("acceptance-soup")
-    tiny_resnet(950, num_labels=3).save_pretrained(folder)
-    processor().save_pretrained(folder)
+    save_tiny_checkpoint(folder, tiny_resnet(950, num_labels=3), processor=tiny_processor(16))
     config = RecipeConfig(base=BASE, target=TARGET, aux=(GOOD,), runs=2, steps=1, lp_steps=1)
     config.save_yaml(folder / "recipe.yaml")
     results = make_results(

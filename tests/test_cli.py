@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ResNetConfig, ResNetForImageClassification
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.merge import MergeError, average_state_dicts
+from ratatouille_hub.testing import perturbed_backbone, tiny_resnet
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 
@@ -45,19 +45,9 @@ def checkpoints(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("cli-checkpoints")
     folders = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = ResNetForImageClassification(
-            ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
-        )
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # a trained look: no two tensors alike, BatchNorm statistics included
-            for name, tensor in model.state_dict().items():
-                if name.endswith("num_batches_tracked"):
-                    tensor.fill_(5 + seed)
-                elif name.endswith("running_var"):
-                    tensor.mul_(torch.exp(0.2 * torch.randn(tensor.shape, generator=generator)))
-                else:
-                    tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+        model = tiny_resnet(seed)
+        # a trained look: no two tensors alike, BatchNorm statistics included
+        model.load_state_dict(perturbed_backbone(model.state_dict(), seed, integer_value=5 + seed, head=True))
         model.save_pretrained(root / f"model{seed}")
         folders.append(root / f"model{seed}")
     return folders

@@ -17,6 +17,7 @@ from ratatouille_hub.data import (
     resolution_of,
     split_domains,
 )
+from ratatouille_hub.testing import write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 PER_CLASS = 5  # 6 classes x 5 = 30 rows per domain
@@ -138,8 +139,7 @@ def test_load_target_reads_parquet_files_saved_datasets_and_hub_layout_folders(t
     parquet = tmp_path / "shapes.parquet"
     original.to_parquet(str(parquet))
     original.save_to_disk(str(tmp_path / "saved"))
-    (tmp_path / "hub" / "data").mkdir(parents=True)
-    original.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    write_hub_dataset(original, tmp_path / "hub", card=None)
     for source in (parquet, tmp_path / "saved", tmp_path / "hub"):
         loaded = load_target(str(source))
         assert loaded.features == original.features, source

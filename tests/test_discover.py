@@ -11,34 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import HfApi
-from transformers import ResNetConfig, ResNetForImageClassification
 
 from ratatouille_hub.discover import ACCEPTED, DiscoverError, discover_finetunes, format_candidates
 from ratatouille_hub.fetch import FetchError, resolve_dataset, resolve_model
+from ratatouille_hub.testing import save_tiny_checkpoint, tiny_resnet
 
 TARGET_ON_HUB = "flwrlabs/pacs"
 WIDE_TENSOR = "resnet.encoder.stages.1.layers.0.layer.0.convolution.weight"  # first to differ, in name order
 
 
-def tiny_resnet(seed: int, num_labels: int = 3, hidden_sizes=(8, 16)) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1, 1], layer_type="basic", num_labels=num_labels
-    )
-    return ResNetForImageClassification(config).eval()
-
-
 def model_folder(root: Path, model, *, pickle: bool = False, config_extra: dict | None = None, **card) -> Path:
     """A repo folder: safetensors (or only a torch pickle), config.json, and a card with `card` as metadata."""
     root.mkdir(parents=True)
-    if pickle:
-        model.config.save_pretrained(root)
-        torch.save(model.state_dict(), root / "pytorch_model.bin")
-    else:
-        model.save_pretrained(root)
+    save_tiny_checkpoint(root, model, pickle=pickle)
     if config_extra:
         config = json.loads((root / "config.json").read_text())
         (root / "config.json").write_text(json.dumps({**config, **config_extra}))

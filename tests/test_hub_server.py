@@ -28,10 +28,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from PIL import Image
-from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+from transformers import AutoModelForImageClassification
 
 from ratatouille_hub.localhub.server import LocalHub
 from ratatouille_hub.localhub.store import LOCAL_USER
+from ratatouille_hub.testing import tiny_resnet, write_hub_dataset
 
 BASE = "ratatouille-test/resnet-base"
 
@@ -55,9 +56,7 @@ def write_card(folder: Path, **metadata) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
-    return ResNetForImageClassification(config).eval()
+    return tiny_resnet(0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +253,7 @@ def test_dataset_push_to_hub_then_load_dataset_round_trips(local_hub, hub_namesp
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert unknown_routes(local_hub, f"{hub_namespace}/tiny-pacs") == []
 
-    original.to_parquet(tmp_path / "seeded/data/train-00000-of-00001.parquet")
-    local_hub.seed_dataset(f"{hub_namespace}/seeded-pacs", tmp_path / "seeded")
+    local_hub.seed_dataset(f"{hub_namespace}/seeded-pacs", write_hub_dataset(original, tmp_path / "seeded", card=None))
     seeded = datasets.load_dataset(f"{hub_namespace}/seeded-pacs", split="train")
     assert seeded.features == features and seeded["domain"] == rows["domain"]
     listed = HfApi().list_datasets(author=hub_namespace)

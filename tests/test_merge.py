@@ -13,13 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoModelForImageClassification,
-    ResNetConfig,
-    ResNetForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import AutoModelForImageClassification, ResNetForImageClassification
 
 from ratatouille_hub.merge import (
     WEIGHTS_NAME,
@@ -31,6 +25,7 @@ from ratatouille_hub.merge import (
     normalize_weights,
     read_safetensors_header,
 )
+from ratatouille_hub.testing import perturbed_backbone, tiny_resnet, tiny_resnet_config, tiny_vit
 
 NUM_BATCHES = "resnet.embedder.embedder.normalization.num_batches_tracked"
 
@@ -50,13 +45,10 @@ def _members(base: torch.nn.Module, root: Path, count: int = 3, **save_kwargs) -
     folders, models = [], []
     for seed in range(count):
         model = copy.deepcopy(base)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                if tensor.is_floating_point():
-                    tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
-                elif name.endswith("num_batches_tracked"):
-                    tensor.fill_(100 + seed)
+        noisy = perturbed_backbone(
+            model.state_dict(), seed, integer_value=100 + seed, rescale_running_var=False, head=True
+        )
+        model.load_state_dict(noisy)
         folder = root / f"member{seed}"
         model.save_pretrained(folder, **save_kwargs)
         folders.append(folder)
@@ -64,31 +56,14 @@ def _members(base: torch.nn.Module, root: Path, count: int = 3, **save_kwargs) -
     return Members(folders, models)
 
 
-def _resnet_config() -> ResNetConfig:
-    return ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
-    )
-
-
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory) -> Members:
-    torch.manual_seed(0)
-    return _members(ResNetForImageClassification(_resnet_config()), tmp_path_factory.mktemp("resnet"))
+    return _members(tiny_resnet(0), tmp_path_factory.mktemp("resnet"))
 
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory) -> Members:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    members = _members(ViTForImageClassification(config), tmp_path_factory.mktemp("vit"))
+    members = _members(tiny_vit(0), tmp_path_factory.mktemp("vit"))
     processor = {"image_processor_type": "ViTImageProcessor"}
     (members.folders[0] / "preprocessor_config.json").write_text(json.dumps(processor))
     return members
@@ -240,7 +215,7 @@ def test_resnet_round_trip_logits_equal_averaged_state_dict(resnet, tmp_path):
     out = tmp_path / "soup"
     merge_model_folders(resnet.folders, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", WEIGHTS_NAME]
-    reference = ResNetForImageClassification(_resnet_config())
+    reference = ResNetForImageClassification(tiny_resnet_config())
     reference.load_state_dict(average_state_dicts([model.state_dict() for model in resnet.models]))
     loaded = AutoModelForImageClassification.from_pretrained(out)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

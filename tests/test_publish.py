@@ -8,9 +8,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
-from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+from transformers import AutoModelForImageClassification, ResNetForImageClassification
 
-from ratatouille_hub import publish
+from ratatouille_hub import publish, testing
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.publish import HubError, push_folder, soup_files
@@ -21,9 +21,8 @@ COMMIT_TITLE = "Upload Model Ratatouille soup (ratatouille-hub)"
 
 
 def tiny_resnet(seed: int) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
-    return ResNetForImageClassification(config).eval()
+    """The soup's model, in eval mode so its logits compare with what the Hub serves."""
+    return testing.tiny_resnet(seed).eval()
 
 
 def write_soup(folder: Path, model, **save_options) -> Path:
