@@ -54,7 +54,7 @@ def add_options(parser: argparse.ArgumentParser, options: type[Options], groups:
     for f in sorted(dataclasses.fields(options), key=lambda f: list(GROUPS).index(f.metadata["group"])):
         hint = hints[f.name]
         help_text = f.metadata.get("help", "")
-        if f.default not in ("", None, (), False):
+        if f.default is not False and f.default not in ("", None, ()):
             help_text += f" (default: {f.default})"
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         kwargs: dict = {"default": argparse.SUPPRESS, "help": help_text}

@@ -120,12 +120,17 @@ def discover_finetunes(
     lists it: their featurizer has seen the held-out domain (leakage). Pickle-only repos are always
     refused: the recipe loads safetensors only, and unpickling a stranger's file can run code.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
+    from .fetch import FetchError, reaching_the_hub
+
+    if constants.HF_HUB_OFFLINE:
+        raise FetchError(f"{base}: discovery lists fine-tunes on the Hub, and HF_HUB_OFFLINE is set; pass --aux")
     api = HfApi(token=token)
-    vetted = _vet_base(api, base)
-    listed = api.list_models(filter=f"base_model:finetune:{base}", sort="downloads", limit=limit)
-    return [_vet(api, vetted, model, target) for model in listed]
+    with reaching_the_hub(base):
+        vetted = _vet_base(api, base)
+        listed = list(api.list_models(filter=f"base_model:finetune:{base}", sort="downloads", limit=limit))
+        return [_vet(api, vetted, model, target) for model in listed]
 
 
 def format_candidates(candidates: list[Candidate]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,27 @@ def is_hub_id(reference: str) -> bool:
     return True
 
 
+@contextmanager
+def reaching_the_hub(repo: str):
+    """A Hub that cannot be reached, as one line naming the repo, the endpoint and what to do (the
+    clients' own message is the socket's, e.g. `[Errno -2] Name or service not known`)."""
+    try:
+        yield
+    except Exception as error:
+        if not any(cls.__name__ == "TransportError" for cls in type(error).__mro__):  # httpx's network errors
+            raise
+        from huggingface_hub import constants
+
+        raise FetchError(
+            f"{repo}: cannot reach the Hub at {constants.ENDPOINT} ({str(error).strip() or type(error).__name__}); "
+            "check the network or point HF_ENDPOINT at a Hub you can reach, set HF_HUB_OFFLINE=1 to use what "
+            "the local cache holds, or pass a local folder"
+        ) from None
+
+
 def resolve_model(source: str, revision: str | None = None, token: str | bool | None = None) -> Ingredient:
-    """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit."""
+    """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit (with
+    HF_HUB_OFFLINE set: the commit the local cache holds)."""
     folder = Path(source)
     if folder.is_dir():
         return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
@@ -64,28 +84,45 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
         raise FetchError(f"{source}: not a model folder")
     if not is_hub_id(source):
         raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
-        info = HfApi(token=token).model_info(source, revision=revision)
-    except RepositoryNotFoundError:
-        raise FetchError(
-            f"{source}: no such model folder, and no Hub model of that name is visible (a private one needs --token)"
-        ) from None
-    path = Path(snapshot_download(source, revision=info.sha, allow_patterns=list(WEIGHT_PATTERNS), token=token))
+    patterns = list(WEIGHT_PATTERNS)
+    if constants.HF_HUB_OFFLINE:
+        try:
+            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns, token=token))
+        except LocalEntryNotFoundError:
+            raise FetchError(
+                f"{source}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                "fetch it once online, or pass a local folder"
+            ) from None
+        sha = path.name  # snapshots/<commit sha>
+    else:
+        with reaching_the_hub(source):
+            try:
+                sha = HfApi(token=token).model_info(source, revision=revision).sha
+            except RepositoryNotFoundError:
+                raise FetchError(
+                    f"{source}: no such model folder, and no Hub model of that name is visible "
+                    "(a private one needs --token)"
+                ) from None
+            path = Path(snapshot_download(source, revision=sha, allow_patterns=patterns, token=token))
     if not any(path.glob("*.safetensors")):
-        raise FetchError(f"{source}@{info.sha}: no safetensors weights (pickle checkpoints are never loaded)")
-    return Ingredient(source, info.sha, path)
+        raise FetchError(f"{source}@{sha}: no safetensors weights (pickle checkpoints are never loaded)")
+    return Ingredient(source, sha, path)
 
 
 def dataset_revision(target: str, token) -> str | None:
-    """The commit sha of a Hub dataset, so the data are read at one pinned revision (None: local)."""
+    """The commit sha of a Hub dataset, so the data are read at one pinned revision (None: local, or
+    offline, where `datasets` reads its own cache)."""
     if not is_hub_id(target):
         return None
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
-    return HfApi(token=token).dataset_info(target).sha
+    if constants.HF_HUB_OFFLINE:
+        return None
+    with reaching_the_hub(target):
+        return HfApi(token=token).dataset_info(target).sha
 
 
 def weights_digest(folder: Path) -> str:

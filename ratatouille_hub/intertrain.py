@@ -26,7 +26,7 @@ from .evaluation import accuracy, predict_logits
 from .fetch import dataset_revision, is_hub_id, resolve_model
 from .hashing import stable_hash, stable_int
 from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
-from .models import copy_processor, load_classifier, load_processor, quiet_transformers, record_input_size
+from .models import load_classifier, load_processor, quiet_transformers, serving_processor
 from .sources import load_dataset_source
 from .train import DomainBatches, make_accelerator, optimize
 
@@ -64,7 +64,7 @@ def intertrain(
     label_names = label_names_of(dataset, config.label_column)
     if len(label_names) < 2:
         raise DataError(f"dataset {config.dataset} has {len(label_names)} class(es); a classifier needs 2 or more")
-    processor = load_processor(base.path)
+    processor = load_processor(base.path, base.source)
     size = resolution_of(processor, config.image_size)
     normalize = normalization_of(processor)
     images = decode_images(
@@ -129,7 +129,7 @@ def intertrain(
                     desc=label,
                 )
                 model.load_state_dict(outcome.state)
-                record_input_size(model, size)
+                processor = serving_processor(model, size, normalize)
                 sample = evenly_spaced(images, 1000)
                 results = {
                     "base": base.reference,
@@ -142,7 +142,8 @@ def intertrain(
                 }
                 with staged_folder(folder) as staging:
                     model.save_pretrained(staging)
-                    copy_processor(base.path, staging)
+                    if processor is not None:
+                        processor.save_pretrained(staging)
                     atomic_write_json(staging / "results.json", results)
                     aux_card(config, base.source, label_names, results).save(staging / "README.md")
                     (staging / DONE).touch()

@@ -10,15 +10,18 @@ works with no new code.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .data import Normalization
 
 
 class ArchitectureError(ValueError):
@@ -75,29 +78,41 @@ class Architecture:
     help: str
     claims: Callable[[nn.Module], bool]  # is this model of this layout? (the first claiming entry wins)
     head: Callable[[nn.Module], nn.Linear]  # the final nn.Linear mapping features to logits
-    record_input_size: Callable[[nn.Module, int], None]  # tell the saved model the resolution it was trained at
+    serving: Callable[[nn.Module, int, Normalization], object | None]  # see `serving_processor`
 
 
 ARCHITECTURES = Registry[Architecture]("architecture")
 
 
-def _nothing_to_record(model: nn.Module, size: int) -> None:
-    """transformers classifiers keep their preprocessing in the image processor file, not in the config."""
+def _squash_processor(model: nn.Module, size: int, normalize: Normalization):
+    """An image processor file that does what evaluation did: the whole image resized (bilinear) to
+    size x size, rescaled to [0, 1] and normalised with the base's mean and std. DomainBed evaluates
+    this way; the base's own processor may resize the shortest edge and centre-crop instead, and then
+    `pipeline(...)` would not score what the card reports."""
+    from PIL import Image
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        size={"height": size, "width": size},
+        resample=Image.BILINEAR,
+        image_mean=list(normalize.mean),
+        image_std=list(normalize.std),
+    )
 
 
-def architecture(name: str, *, help: str, claims: Callable[[nn.Module], bool], record_input_size=_nothing_to_record):
+def architecture(name: str, *, help: str, claims: Callable[[nn.Module], bool], serving=_squash_processor):
     def register(head: Callable[[nn.Module], nn.Linear]):
-        ARCHITECTURES.add(name, Architecture(name, help, claims, head, record_input_size))
+        ARCHITECTURES.add(name, Architecture(name, help, claims, head, serving))
         return head
 
     return register
 
 
-def _timm_input_size(model: nn.Module, size: int) -> None:
-    """The timm wrapper's image processor lives in config.json (`pretrained_cfg`); we train on whole
-    images resized to size x size, so `pipeline(...)` must do the same: no centre crop."""
+def _timm_serving(model: nn.Module, size: int, normalize: Normalization) -> None:
+    """The timm wrapper's image processor lives in config.json (`pretrained_cfg`): the same squash
+    there (whole image, bilinear, no centre crop); its mean and std are already the base's."""
     pretrained_cfg = dict(getattr(model.config, "pretrained_cfg", None) or {})
-    pretrained_cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="squash")
+    pretrained_cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="squash", interpolation="bilinear")
     model.config.pretrained_cfg = pretrained_cfg
 
 
@@ -105,7 +120,7 @@ def _timm_input_size(model: nn.Module, size: int) -> None:
     "timm-wrapper",
     help="TimmWrapperForImageClassification (timm backbones such as EfficientNet): timm's own classifier",
     claims=lambda model: is_timm_wrapper(model),
-    record_input_size=_timm_input_size,
+    serving=_timm_serving,
 )
 def _timm_head(model: nn.Module) -> nn.Linear:
     return model.timm_model.get_classifier()
@@ -139,9 +154,11 @@ def architecture_of(model: nn.Module) -> Architecture:
     raise ArchitectureError(f"{type(model).__name__}: no linear classification head found")
 
 
-def record_input_size(model: nn.Module, size: int) -> None:
-    """Tell a saved model the resolution it was trained at, where its config is what serving reads."""
-    architecture_of(model).record_input_size(model, size)
+def serving_processor(model: nn.Module, size: int, normalize: Normalization):
+    """Make the saved model preprocess as training and evaluation did (size x size, the base's
+    normalisation): returns the image processor to save beside the weights, or None when the
+    architecture records it in the model's config (done here, before `save_pretrained`)."""
+    return architecture_of(model).serving(model, size, normalize)
 
 
 def head_linear(model: nn.Module) -> nn.Linear:
@@ -218,18 +235,15 @@ def quiet_transformers() -> None:
     datasets.disable_progress_bars()
 
 
-PROCESSOR_FILE = "preprocessor_config.json"
-
-
-def copy_processor(base_folder: Path, destination: Path) -> None:
-    """A complete model folder: the base's image processor config, where it has one (timm-wrapped
-    models keep theirs inside config.json)."""
-    if (base_folder / PROCESSOR_FILE).exists():
-        shutil.copyfile(base_folder / PROCESSOR_FILE, destination / PROCESSOR_FILE)
-
-
-def load_processor(source: str | Path):
-    """The image processor of a checkpoint, on its Pillow backend (no torchvision needed)."""
+def load_processor(source: str | Path, name: str | None = None):
+    """The image processor of a checkpoint (`name`: what the user called it), on its Pillow backend."""
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(str(source), backend="pil")
+    try:
+        return AutoImageProcessor.from_pretrained(str(source), backend="pil")
+    except OSError:  # transformers' message names a cache path and a download the user never asked for
+        raise ArchitectureError(
+            f"{name or source}: ships no image processor (preprocessor_config.json), so its input size and "
+            "normalisation are unknown; pass a base that has one, or a local copy of this one with the "
+            "processor of the model it was trained from saved beside its weights"
+        ) from None

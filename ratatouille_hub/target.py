@@ -71,7 +71,7 @@ class TargetPreparation:
             holdout_fraction=options.holdout_fraction,
             seed=options.seed,
         )
-        processor = load_processor(base.path)
+        processor = load_processor(base.path, base.source)
         self.size = resolution_of(processor, options.image_size)
         self.normalize = normalization_of(processor)
         self.fingerprint = stable_hash(

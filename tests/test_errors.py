@@ -199,6 +199,14 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
     w.one_class = _dataset_folder(
         shapes.filter(lambda d, y: d != "photo" or y == 0, input_columns=["domain", "label"]), root / "photo-one-class"
     )
+    w.no_processor = _copy(w.base, root / "base-no-processor")
+    (w.no_processor / "preprocessor_config.json").unlink()
+    w.stray_file = root / "domainbed-stray-file"  # ROOT/<domain>/<class>/<image>, and one file out of place
+    for domain in ("photo", "sketch"):
+        for label in ("circle", "square"):
+            (w.stray_file / domain / label).mkdir(parents=True)
+            shapes[0]["image"].save(w.stray_file / domain / label / "0.png")
+    (w.stray_file / "photo" / "circle" / "notes.txt").write_text("not an image")
     w.script = _copy(w.target, root / "scripted")
     (w.script / "scripted.py").write_text(_evil_code(markers / "dataset-script"))
     hostile = [HOSTILE_DOMAIN if d == "cartoon" else d for d in shapes["domain"]]
@@ -210,7 +218,8 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
 
 
 def _normalise(line: str, world, out: Path) -> str:
-    return line.replace(str(out), "<out>").replace(str(world.root), "<world>").replace(str(world.base.parent), "<ckpt>")
+    line = line.replace(str(out), "<out>").replace(str(world.root), "<world>").replace(str(world.base.parent), "<ckpt>")
+    return line.replace(constants.HF_HUB_CACHE, "<hf-cache>")
 
 
 def _snapshot(folder: Path) -> dict:
@@ -427,6 +436,21 @@ def test_strategy_and_intertrain_trouble(world, tmp_path, refused):
         str(out),
     ]
     refused("intertrain-zero-runs", "intertrain --runs 0", argv, "runs", out)
+
+
+def test_serving_and_hub_trouble(world, tmp_path, refused, monkeypatch):
+    out = tmp_path / "out"
+    argv = recycle_argv(world, out, base=world.no_processor)
+    refused("base-without-processor", "a base that ships no image processor", argv, "base-no-processor", out)
+    argv = recycle_argv(world, out, target=world.stray_file)
+    refused("domainbed-stray-file", "a DomainBed folder with a non-image file", argv, "notes.txt", out)
+    argv = recycle_argv(world, out, base="org/resnet-50")
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        refused("offline-not-cached", "HF_HUB_OFFLINE=1 and a Hub base never fetched", argv, "org/resnet-50", out)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    line = refused("hub-unreachable", "a Hub that cannot be reached", argv, "org/resnet-50", out)
+    assert all(hint in line for hint in ("http://127.0.0.1:9", "HF_ENDPOINT", "HF_HUB_OFFLINE", "local folder"))
 
 
 def _yaml(tmp_path: Path, values: dict) -> Path:

@@ -24,9 +24,10 @@ from ratatouille_hub.config import IntertrainConfig, RecipeConfig
 from ratatouille_hub.data import Normalization, label_names_of, normalization_of, resolution_of
 from ratatouille_hub.intertrain import intertrain
 from ratatouille_hub.merge import average_state_dicts
-from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, record_input_size
+from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, serving_processor
 from ratatouille_hub.recipe import recycle
 from ratatouille_hub.sources import load_dataset_source
+from ratatouille_hub.testing import labels, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,8 +44,7 @@ def _timm_base(folder: Path) -> Path:
         architecture="test_efficientnet",
         model_args={"channel_multiplier": 0.25},
         num_labels=10,
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
+        **labels(names),
     )
     config.pretrained_cfg = {
         "input_size": [3, SIZE, SIZE],
@@ -69,11 +69,7 @@ def _timm_base(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def timm_world(tmp_path_factory, tiny_world) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("timm-world")
-    stripes = root / "stripes"
-    (stripes / "data").mkdir(parents=True)
-    toyworld.aux_datasets(per_class=8, size=SIZE)["stripes"].to_parquet(
-        str(stripes / "data" / "train-00000-of-00001.parquet")
-    )
+    stripes = write_hub_dataset(toyworld.aux_datasets(per_class=8, size=SIZE)["stripes"], root / "stripes", card=None)
     base = _timm_base(root / "base")
     aux_config = IntertrainConfig(
         base=str(base), dataset=str(stripes), steps=6, batch_size=8, output=str(root / "intertrain")
@@ -103,7 +99,7 @@ def test_timm_processor_gives_normalisation_and_resolution(timm_world, tmp_path)
     assert normalization_of(processor) == Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     assert resolution_of(processor, None) == SIZE
     model = load_classifier(timm_world.base, dict(enumerate(SHAPES)))
-    record_input_size(model, 12)
+    assert serving_processor(model, 12, normalization_of(processor)) is None  # recorded in config.json
     model.save_pretrained(tmp_path)
     assert resolution_of(load_processor(tmp_path), None) == 12
     predictions = pipeline("image-classification", model=str(tmp_path))(Image.new("RGB", (40, 30), "red"))

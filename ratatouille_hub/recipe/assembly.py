@@ -23,7 +23,7 @@ from ..fetch import is_hub_id, resolve_model
 from ..io import staged_folder
 from ..merge import average_state_dicts, merge_model_folders
 from ..merge_methods import MERGE_METHODS, MergeInputs, recycle_methods
-from ..models import copy_processor, load_classifier
+from ..models import load_classifier
 from ..results import (
     Average,
     BestRun,
@@ -78,8 +78,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
         average_scores = {}
         if strategy.averages:
             members = list(mixtures[config.method].members)
-            merge_model_folders([runs[i].model_folder for i in members], staging)
-            copy_processor(plan.base.path, staging)
+            merge_model_folders([runs[i].model_folder for i in members], staging)  # with run 0's processor
             soup_model = load_classifier(staging, target.id2label)
             if config.bn_policy == "reestimate":
                 averager.reestimate(soup_model)

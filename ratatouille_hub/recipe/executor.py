@@ -17,7 +17,7 @@ from ..fetch import Ingredient
 from ..hashing import stable_int
 from ..io import DONE, atomic_write_json, staged_folder
 from ..merge import average_state_dicts
-from ..models import copy_processor, head_linear, load_classifier, record_input_size, set_head
+from ..models import head_linear, load_classifier, serving_processor, set_head
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
@@ -78,7 +78,6 @@ def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Pat
         model.load_state_dict(average_state_dicts(states, init.weights))
         with staged_folder(folder) as staging:
             model.save_pretrained(staging)
-            copy_processor(plan.base.path, staging)
             fusion = {"members": [m.reference for m in init.members], "weights": list(init.weights)}
             atomic_write_json(staging / FUSION_FILE, fusion)
             (staging / DONE).touch()
@@ -133,7 +132,7 @@ def execute_run(
         **common,
     )
     model.load_state_dict(outcome.state)
-    record_input_size(model, target.test.pixels.shape[-1])
+    processor = serving_processor(model, target.test.pixels.shape[-1], data.normalize)
     predictions = predict_target(model, target)
     metrics = {
         "init": init.reference,
@@ -145,7 +144,8 @@ def execute_run(
     }
     with staged_folder(folder) as staging:
         model.save_pretrained(staging / "model")
-        copy_processor(plan.base.path, staging / "model")
+        if processor is not None:
+            processor.save_pretrained(staging / "model")
         save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
         atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()

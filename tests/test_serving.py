@@ -1,0 +1,136 @@
+"""What is evaluated is what is served: `pipeline(model=soup)` on the held-out images scores exactly the
+held-out accuracy results.json and the card report, whatever the base's own processor does (a shortest-edge
+resize and centre crop as microsoft/resnet-50 ships, a squash, or a timm model's pretrained_cfg), on
+non-square images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil, pipeline
+
+from ratatouille_hub import recycle
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.fetch import resolve_model
+from ratatouille_hub.sources import load_dataset_source
+from ratatouille_hub.target import prepare_target
+from ratatouille_hub.testing import labels, tiny_resnet, write_hub_dataset
+from ratatouille_hub.toy import world as toyworld
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SIZE = 16
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+DIGITS = [f"digit-{i}" for i in range(10)]
+
+
+def crop_processor():
+    """As microsoft/resnet-50 ships it: shortest edge to size / 0.875, then a size x size centre crop."""
+    return ConvNextImageProcessorPil(size={"shortest_edge": SIZE}, crop_pct=0.875, image_mean=MEAN, image_std=STD)
+
+
+def squash_processor():
+    return ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD)
+
+
+def timm_base(folder):
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(7)
+    config = TimmWrapperConfig(
+        architecture="test_efficientnet", model_args={"channel_multiplier": 0.25}, num_labels=10, **labels(DIGITS)
+    )
+    config.pretrained_cfg = {  # as timm's EfficientNets ship: bicubic, centre crop 0.875
+        "input_size": [3, SIZE, SIZE],
+        "mean": MEAN,
+        "std": STD,
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
+    model = TimmWrapperForImageClassification(config)
+    with torch.no_grad():  # "pretrained" BatchNorm statistics: features that vary from image to image
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.uniform_(-0.1, 0.1)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.05, 0.2)
+    model.config.label_names = DIGITS
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wide_target(tmp_path_factory):
+    """The toy shapes drawn at 32 px, then stretched to 40 x 24: no image is square."""
+    shapes = toyworld.target_dataset(per_class_per_domain=4, size=32)
+    wide = shapes.map(lambda row: {"image": row["image"].resize((40, 24))})
+    return write_hub_dataset(wide, tmp_path_factory.mktemp("wide") / "shapes")
+
+
+def resnet_base(folder, processor):
+    tiny_resnet(0, names=DIGITS).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+BASES = {"crop": lambda f: resnet_base(f, crop_processor()), "squash": lambda f: resnet_base(f, squash_processor())}
+BASES["timm"] = timm_base
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target, tmp_path):
+    base = BASES[kind](tmp_path / "base")
+    config = RecipeConfig(
+        base=str(base),
+        target=str(wide_target),
+        test_domain="sketch",
+        strategy="soup",
+        runs=2,
+        steps=20,
+        eval_every=10,
+        lp_steps=300,
+        lp_lr=3e-2,
+        batch_size=4,
+        lr=3e-3,
+        lr_choices=(3e-3,),
+        output=str(tmp_path / "out"),
+    )
+    results = recycle(config, echo=lambda line: None)
+    soup = tmp_path / "out" / "soup"
+    held_out = load_dataset_source(str(wide_target)).filter(lambda d: d == "sketch", input_columns="domain")
+    assert {image.size for image in held_out["image"]} == {(40, 24)}
+    truth = [toyworld.SHAPES[y] for y in held_out["label"]]
+    served = accuracy(pipeline("image-classification", model=str(soup)), held_out["image"], truth)
+    print(f"{kind}: soup reported {results.soup.test_accuracy:.4f}, served {served:.4f}")
+    assert served == results.soup.test_accuracy
+
+    # The pixels the served processor feeds the model are those evaluation fed it, up to the resize's
+    # rounding (one uint8 step is 1/255/std, 0.016-0.02 here).
+    target = prepare_target(config, resolve_model(config.base))
+    evaluated_pixels = target.data.normalize.from_uint8(target.test.pixels)
+    served_pixels = pipeline("image-classification", model=str(soup)).image_processor(
+        list(held_out["image"]), return_tensors="pt"
+    )["pixel_values"]
+    assert served_pixels.shape == evaluated_pixels.shape == (len(held_out), 3, SIZE, SIZE)
+    mismatch = (served_pixels - evaluated_pixels).abs()
+    print(f"{kind}: pixels differ by at most {float(mismatch.max()):.3f}, {float(mismatch.mean()):.4f} on average")
+    assert float(mismatch.mean()) < 1e-3 and float(mismatch.max()) < 0.05
+
+    # The best run (what --strategy erm serves, from the same runs): the served probabilities of every
+    # held-out image are those evaluation computed, up to the resize's rounding.
+    best = recycle(config.replace(strategy="erm"), echo=lambda line: None)
+    evaluated = load_file(tmp_path / "out" / best.best_single.folder / "predictions.safetensors")["test"].softmax(1)
+    classify = pipeline("image-classification", model=str(soup))
+    rows = classify(list(held_out["image"]), top_k=len(toyworld.SHAPES))
+    served_probabilities = torch.tensor(
+        [[next(r["score"] for r in row if r["label"] == c) for c in toyworld.SHAPES] for row in rows]
+    )
+    print(f"{kind}: largest probability difference {float((served_probabilities - evaluated).abs().max()):.2e}")
+    torch.testing.assert_close(served_probabilities, evaluated, atol=2e-3, rtol=0)
+    assert accuracy(classify, held_out["image"], truth) == best.soup.test_accuracy
+
+
+def accuracy(classify, images, truth) -> float:
+    predicted = [top[0]["label"] for top in classify(list(images), top_k=1)]
+    return sum(p == t for p, t in zip(predicted, truth)) / len(truth)
