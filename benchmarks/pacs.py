@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from ratatouille_hub.results import Results
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 WORK = ROOT / "benchmarks" / "scratch" / "pacs"
@@ -48,15 +50,15 @@ RUNS = 4
 STEPS, EVAL_EVERY, WARMUP, BATCH = 200, 50, 50, 16
 LP_STEPS = 5001
 
-ROWS = (  # (row, strategy whose results hold it, key in results.json)
-    ("ERM (LP init)", "erm", "soup"),
-    ("Soups, uniform", "soup", "soup_uniform"),
-    ("Soups, greedy", "soup", "soup_greedy"),
-    ("Inter-training", "ratatouille", "best_run"),
-    ("Fusing", "fusing", "soup"),
-    ("Ratatouille, uniform", "ratatouille", "soup_uniform"),
-    ("Ratatouille, greedy", "ratatouille", "soup_greedy"),
-    ("Ensemble (of the Ratatouille runs)", "ratatouille", "ensemble"),
+ROWS = (  # (row, strategy whose results hold it, the scores in its results record)
+    ("ERM (LP init)", "erm", lambda r: r.soup),
+    ("Soups, uniform", "soup", lambda r: r.averages["uniform"]),
+    ("Soups, greedy", "soup", lambda r: r.averages["greedy"]),
+    ("Inter-training", "ratatouille", lambda r: r.best_run),
+    ("Fusing", "fusing", lambda r: r.soup),
+    ("Ratatouille, uniform", "ratatouille", lambda r: r.averages["uniform"]),
+    ("Ratatouille, greedy", "ratatouille", lambda r: r.averages["greedy"]),
+    ("Ensemble (of the Ratatouille runs)", "ratatouille", lambda r: r.ensemble),
 )
 
 PROTOCOL = f"""\
@@ -191,7 +193,7 @@ def run_cell(trial: int, domain: str, strategy: str, timings: dict) -> None:
     save_json(WORK / "timings.json", timings)
     if strategy == "ratatouille":
         shutil.copyfile(Path(config.output) / "soup" / "diagnostics.png", destination.with_suffix(".png"))
-    save_json(destination, results)
+    results.save(destination)
 
 
 def diagnose_domain(trial: int, domain: str) -> None:
@@ -202,14 +204,14 @@ def diagnose_domain(trial: int, domain: str) -> None:
     destination = WORK / f"trial{trial}" / "results" / f"diagnose-{domain}.json"
     if destination.exists():
         return
-    results = load_json(cell_path(trial, domain, "ratatouille"), None)
+    results = Results.load(cell_path(trial, domain, "ratatouille"))
     output = WORK / f"trial{trial}" / domain
-    folders = [str(output / run["folder"] / "model") for run in results["runs"]]
+    folders = [str(output / run.folder / "model") for run in results.runs]
     config = RecipeConfig(base=folders[0], target="PACS", test_domain=domain, image_size=IMAGE_SIZE, seed=trial)
     diagnosis = diagnose_models(folders, config)
     print(format_diagnosis(diagnosis))
     plot_paths(diagnosis, destination.with_suffix(".png"))
-    inits = [run["init"].split("@")[0] for run in results["runs"]]
+    inits = [run.init.split("@")[0] for run in results.runs]
     save_json(
         destination,
         {
@@ -230,13 +232,13 @@ def diagnose_domain(trial: int, domain: str) -> None:
     )
 
 
-def auxiliary_distances(results: dict) -> dict[str, float]:
+def auxiliary_distances(results: Results) -> dict[str, float]:
     """How far inter-training moved each recycled featurizer: ||w - w_base|| / ||w_base|| (vetting.py)."""
     from ratatouille_hub.discover import head_names_of, local_signature
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.vetting import distance_to_base
 
-    base, *aux = (resolve_model(i["source"], i["revision"]) for i in results["ingredients"])
+    base, *aux = (resolve_model(i.source, i.revision) for i in results.ingredients)
     signature, heads = local_signature(base.path), head_names_of(base.path / "config.json")
     return {a.source: distance_to_base(base, a, signature, heads) for a in aux}
 
@@ -250,13 +252,14 @@ def report() -> None:
     val_table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
     complete_trials = []
     for trial in trials:
-        cells = {(d, s): load_json(cell_path(trial, d, s), None) for d in DOMAINS for s in STRATEGIES}
-        for row, strategy, key in ROWS:
+        paths = {(d, s): cell_path(trial, d, s) for d in DOMAINS for s in STRATEGIES}
+        cells = {cell: Results.load(path) if path.exists() else None for cell, path in paths.items()}
+        for row, strategy, scores_of in ROWS:
             for domain in DOMAINS:
                 cell = cells[(domain, strategy)]
                 if cell is not None:
-                    table[row][domain].append(cell[key]["test_accuracy"])
-                    val_table[row][domain].append(cell[key]["val_accuracy"])
+                    table[row][domain].append(scores_of(cell).test_accuracy)
+                    val_table[row][domain].append(scores_of(cell).val_accuracy)
         if all(cells.values()):
             complete_trials.append(trial)
     timings = load_json(WORK / "timings.json", {})

@@ -1,7 +1,9 @@
 """ratatouille-hub: Model Ratatouille (Ramé et al., ICML 2023) on the Hugging Face stack.
 
-from ratatouille_hub import RecipeConfig, recycle
-results = recycle(RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",)))
+from ratatouille_hub import RecipeConfig, plan_recipe, recycle
+config = RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",))
+plan = plan_recipe(config)    # every run, before anything trains
+results = recycle(config)     # plan -> execute -> assemble; a typed Results record
 
 from ratatouille_hub import IntertrainConfig, intertrain
 folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
@@ -10,7 +12,7 @@ folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset"
 from .config import IntertrainConfig, RecipeConfig
 
 __version__ = "0.1.0"
-__all__ = ["IntertrainConfig", "RecipeConfig", "intertrain", "recycle", "__version__"]
+__all__ = ["IntertrainConfig", "RecipeConfig", "intertrain", "plan_recipe", "recycle", "__version__"]
 
 
 def recycle(config: RecipeConfig, **kwargs):
@@ -18,6 +20,13 @@ def recycle(config: RecipeConfig, **kwargs):
     from .recipe import recycle as run
 
     return run(config, **kwargs)
+
+
+def plan_recipe(config: RecipeConfig, **kwargs):
+    """The recipe's plan, without training or writing (see `ratatouille_hub.recipe.plan_recipe`)."""
+    from .recipe import plan_recipe as plan
+
+    return plan(config, **kwargs)
 
 
 def intertrain(config: IntertrainConfig, **kwargs):

@@ -258,8 +258,11 @@ def _push(folder: Path, repo_id: str, publish, token) -> None:
         print(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
 
 
-# What a previous `merge` writes: an output holding only these may be replaced by a new merge.
-MERGE_OUTPUT_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json")
+def merge_output_files() -> tuple[str, ...]:
+    """What a previous `merge` writes: an output holding only these may be replaced by a new merge."""
+    from .merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    return (*COPIED_CONFIGS, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 def check_merge_output(output: Path, inputs: list[Path]) -> None:
@@ -271,9 +274,8 @@ def check_merge_output(output: Path, inputs: list[Path]) -> None:
         if resolved == model.resolve() or resolved in model.resolve().parents:
             raise ValueError(f"output {output} is (or contains) the input {model}; choose another folder")
     if output.is_dir():
-        foreign = sorted(
-            p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in MERGE_OUTPUT_FILES
-        )
+        known = merge_output_files()
+        foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in known)
         if foreign:
             raise ValueError(
                 f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -93,16 +92,19 @@ class FolderBusyError(OSError):
 def exclusive_lock(path: str | Path, busy_message: str):
     """Hold an advisory lock on `path` for the block; a second holder fails at once with `busy_message`.
 
-    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    filelock's lock is the kernel's (flock on POSIX): it drops when the process dies, so a killed run
+    never leaves a stale lock.
     """
+    from filelock import FileLock, Timeout
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusyError(busy_message) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderBusyError(busy_message) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from huggingface_hub import constants
 from torch import Tensor
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # transformers' SAFE_WEIGHTS_NAME, without importing transformers
+WEIGHTS_INDEX_NAME = constants.SAFETENSORS_INDEX_FILE
 COPIED_CONFIGS = ("config.json", "preprocessor_config.json")
 CHECKED_CONFIG_KEYS = ("model_type", "id2label", "label_names")  # label_names: timm-wrapped models
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too

@@ -138,6 +138,28 @@ def write_hub_dataset(dataset, folder: Path, card: str | None = "---\nlicense: a
     return folder
 
 
+def tiny_recipe(world, output: Path, **changes) -> RecipeConfig:
+    """The tests' standard recipe on the tiny world (conftest.py): 3 runs of 4 steps, 16 px. Its soups'
+    bytes are pinned by tests/test_parity.py."""
+    return RecipeConfig(
+        base=str(world.base),
+        target=str(world.target),
+        aux=tuple(str(a) for a in world.aux),
+        runs=3,
+        steps=4,
+        eval_every=2,
+        lp_steps=5,
+        lp_lr=1e-2,
+        warmup_steps=2,
+        batch_size=4,
+        lr=1e-3,
+        lr_choices=(1e-3, 2e-3),
+        image_size=16,
+        output=str(output),
+        **changes,
+    )
+
+
 def scores(val: float, test: float, domains: Sequence[str] = TRAIN_DOMAINS) -> dict:
     return {"val_accuracy": val, "test_accuracy": test, "val_accuracy_per_domain": dict.fromkeys(domains, val)}
 

@@ -167,6 +167,8 @@ def reestimate_batchnorm(
 
     Averaged weights no longer match the averaged statistics of their members; a forward pass over
     (at most `max_images`, evenly spaced, un-augmented) training images gives the soup its own.
+    Not `torch.optim.swa_utils.update_bn`: it puts the whole model in train mode, so dropout and
+    drop-path (timm backbones) would perturb the statistics; here only BatchNorm layers train.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

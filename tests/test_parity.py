@@ -12,7 +12,7 @@ import hashlib
 import pytest
 
 from ratatouille_hub import recycle
-from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.testing import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,22 +34,6 @@ def output(tmp_path_factory):
 @pytest.mark.parametrize("name", list(PINNED_SOUPS))
 def test_soup_bytes_are_pinned(tiny_world, output, name):
     changes, expected = PINNED_SOUPS[name]
-    config = RecipeConfig(
-        base=str(tiny_world.base),
-        target=str(tiny_world.target),
-        aux=tuple(str(a) for a in tiny_world.aux),
-        runs=3,
-        steps=4,
-        eval_every=2,
-        lp_steps=5,
-        lp_lr=1e-2,
-        warmup_steps=2,
-        batch_size=4,
-        lr=1e-3,
-        lr_choices=(1e-3, 2e-3),
-        image_size=16,
-        output=str(output),
-        **changes,
-    )
+    config = tiny_recipe(tiny_world, output, **changes)
     recycle(config, echo=lambda line: None)
     assert hashlib.sha256((output / "soup" / "model.safetensors").read_bytes()).hexdigest() == expected

@@ -24,6 +24,7 @@ from ratatouille_hub.models import head_linear
 from ratatouille_hub.recipe import assembly, executor
 from ratatouille_hub.results import Results
 from ratatouille_hub.target import prepare_target
+from ratatouille_hub.testing import tiny_recipe
 from ratatouille_hub.toy import world as toyworld
 
 SOUP_FILES = {
@@ -47,24 +48,7 @@ def world(tiny_world) -> SimpleNamespace:
     return tiny_world
 
 
-def make_config(world, output: Path, **changes) -> RecipeConfig:
-    return RecipeConfig(
-        base=str(world.base),
-        target=str(world.target),
-        aux=tuple(str(a) for a in world.aux),
-        runs=3,
-        steps=4,
-        eval_every=2,
-        lp_steps=5,
-        lp_lr=1e-2,
-        warmup_steps=2,
-        batch_size=4,
-        lr=1e-3,
-        lr_choices=(1e-3, 2e-3),
-        image_size=16,
-        output=str(output),
-        **changes,
-    )
+make_config = tiny_recipe
 
 
 def quiet(line: str) -> None:

@@ -9,6 +9,7 @@ from ratatouille_hub import cli, recycle
 from ratatouille_hub.config import ConfigError, MergeOptions, RecipeConfig
 from ratatouille_hub.merge_methods import MERGE_METHODS, Mixture, merge_method, recycle_methods
 from ratatouille_hub.strategies import STRATEGIES
+from ratatouille_hub.testing import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,23 +45,7 @@ def test_a_registered_method_is_a_cli_choice_and_a_valid_option(best_run_only, c
 
 
 def test_a_registered_method_is_computed_reported_and_carded_by_recycle(best_run_only, tiny_world, tmp_path):
-    config = RecipeConfig(
-        base=str(tiny_world.base),
-        target=str(tiny_world.target),
-        aux=tuple(str(a) for a in tiny_world.aux),
-        runs=3,
-        steps=4,
-        eval_every=2,
-        lp_steps=5,
-        lp_lr=1e-2,
-        warmup_steps=2,
-        batch_size=4,
-        lr=1e-3,
-        lr_choices=(1e-3, 2e-3),
-        image_size=16,
-        method="best-only",
-        output=str(tmp_path / "out"),
-    )
+    config = tiny_recipe(tiny_world, tmp_path / "out", method="best-only")
     results = recycle(config, echo=lambda line: None)
     best = results.greedy_order[0]
     assert list(results.averages) == ["uniform", "greedy", "best-only"]

@@ -1,0 +1,1 @@
+"""The embedded default world (generated tasks, a tiny base and community fine-tunes) and the demo over it."""

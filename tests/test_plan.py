@@ -1,0 +1,100 @@
+"""The plan: every run listed before anything trains, printed by `recycle --dry-run` without touching the
+output folder; the same target options mean the same split in every command."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratatouille_hub import cli, recycle
+from ratatouille_hub.config import DiagnoseOptions, MergeOptions, RecipeConfig, draw_hparams
+from ratatouille_hub.recipe import plan_recipe
+from ratatouille_hub.recipe.plan import run_work
+from ratatouille_hub.strategies import FusionSpec
+from ratatouille_hub.testing import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_a_plan_lists_every_run_with_its_init_hparams_seeds_and_key(tiny_world, tmp_path):
+    config = tiny_recipe(tiny_world, tmp_path / "out")
+    plan = plan_recipe(config, echo=lambda line: None)
+    assert [spec.init.source for spec in plan.runs] == [config.base, *config.aux]
+    assert [spec.hparams for spec in plan.runs] == [draw_hparams(config, i) for i in range(3)]
+    assert [spec.warmup_steps for spec in plan.runs] == [0, 2, 2]  # only recycled inits warm their head up
+    assert [spec.run_seed for spec in plan.runs] == ["0:0", "0:1", "0:2"]
+    assert len({spec.key for spec in plan.runs}) == 3 and plan.lp.key not in {spec.key for spec in plan.runs}
+    assert plan.target.train_domains == ("painting", "photo", "sketch") and plan.target.test_domain == "cartoon"
+    assert plan_recipe(config, echo=lambda line: None) == plan  # frozen and deterministic
+    # 87 training images over 3 domains (6 per class and domain, 80/20): 4 steps x 4 images x 3 domains
+    assert run_work(plan.runs[1], plan.target) == ((2 + 4) * 4 * 3, 3 * plan.target.val_size + 36)
+    assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_fusing_plans_its_mixtures_before_building_any(tiny_world, tmp_path):
+    plan = plan_recipe(tiny_recipe(tiny_world, tmp_path / "out", strategy="fusing"), echo=lambda line: None)
+    for spec in plan.runs:
+        assert isinstance(spec.init, FusionSpec) and spec.init.members[0] == plan.base
+        assert sum(spec.init.weights) == pytest.approx(1.0) and spec.recycled
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_then_the_done_runs(tiny_world, tmp_path, capsys):
+    config = tiny_recipe(tiny_world, tmp_path / "out")
+    argv = ["recycle", "--config", str(tmp_path / "recipe.yaml"), "--dry-run"]
+    config.save_yaml(tmp_path / "recipe.yaml")
+    assert cli.main(argv) == 0
+    before = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    plan = plan_recipe(config, echo=lambda line: None)
+    for spec in plan.runs:
+        assert f"{spec.index:>4}  pending" in before and spec.folder in before
+    assert "pending: 3 of 3 runs" in before and f"linear probe {plan.lp.folder}: pending" in before
+    assert f"from {config.aux[0]}@" in before and "lr" in before and "train imgs" in before
+
+    recycle(config, echo=lambda line: None)
+    assert cli.main(argv) == 0
+    after = capsys.readouterr().out
+    assert "pending: 0 of 3 runs, 0 images to train on" in after and " pending " not in after
+    assert all(f"{spec.index:>4}  done" in after for spec in plan.runs)
+
+
+def test_the_target_options_mean_the_same_in_merge_and_diagnose():
+    parser = cli.build_parser()
+    flags = [
+        "--target",
+        "t",
+        "--seed",
+        "3",
+        "--holdout-fraction",
+        "0.5",
+        "--label-column",
+        "y",
+        "--domain-column",
+        "env",
+    ]
+    merge = cli.options_from_args(
+        parser.parse_args(["merge", "a", "b", "--output", "o", "--method", "greedy", *flags]), MergeOptions
+    )
+    diagnose = cli.options_from_args(parser.parse_args(["diagnose", "a", "b", *flags]), DiagnoseOptions)
+    recipe = RecipeConfig(base="a", target="t", seed=3, holdout_fraction=0.5, label_column="y", domain_column="env")
+    for options in (merge, diagnose):
+        for name in ("target", "seed", "holdout_fraction", "label_column", "domain_column", "image_column"):
+            assert getattr(options, name) == getattr(recipe, name), name
+
+
+def test_merge_greedy_ranks_on_the_split_of_its_own_target_options(tiny_world, tmp_path, monkeypatch):
+    import ratatouille_hub.recipe.assembly as assembly
+
+    seen = []
+
+    def record(options, base, token=None):
+        seen.append(options)
+        raise RuntimeError("stop before ranking")
+
+    monkeypatch.setattr(assembly, "prepare_target", record)
+    argv = ["--debug", "merge", str(tiny_world.base), str(tiny_world.base), "--output", str(tmp_path / "m")]
+    argv += ["--method", "greedy", "--target", str(tiny_world.target), "--seed", "7", "--holdout-fraction", "0.3"]
+    with pytest.raises(RuntimeError, match="stop before ranking"):
+        cli.main(argv)
+    (options,) = seen
+    assert (options.seed, options.holdout_fraction, options.target) == (7, 0.3, str(tiny_world.target))
