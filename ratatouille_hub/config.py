@@ -103,6 +103,12 @@ def dropout_rate(name, v):
     return None if 0 <= v < 1 else f"{name} must be in [0, 1) (got {v})"
 
 
+def hub_model_id(name, v):
+    from .fetch import is_hub_id
+
+    return None if is_hub_id(v) else f"{name} must be a Hub model id, namespace/name (got {v!r})"
+
+
 def _field_problems(options, f: dataclasses.Field) -> list[str]:
     value, meta = getattr(options, f.name), f.metadata
     if meta.get("required") and value in ("", None, ()):
@@ -250,6 +256,13 @@ class IntertrainConfig(TrainingOptions):
 
     dataset: str = _opt(
         "", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", group="target", required=True
+    )
+    base_model: str | None = _opt(
+        None,
+        "Hub id the card names as the base (lineage base_model:finetune:<id>, which recycle discovers) when "
+        "--base is a local copy of it (default: --base itself when it is a Hub id)",
+        group="hub",
+        check=hub_model_id,
     )
     runs: int = _opt(
         1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=at_least(1)

@@ -157,7 +157,7 @@ def aux_card(config: IntertrainConfig, base_source: str, label_names, results: d
     from huggingface_hub import ModelCard, ModelCardData
 
     dataset_name = config.dataset if is_hub_id(config.dataset) else Path(config.dataset).name
-    base_id = base_source if is_hub_id(base_source) else None
+    base_id = config.base_model or (base_source if is_hub_id(base_source) else None)
     data = ModelCardData(
         base_model=base_id,
         base_model_relation="finetune" if base_id else None,

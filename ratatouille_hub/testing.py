@@ -160,6 +160,48 @@ def tiny_recipe(world, output: Path, **changes) -> RecipeConfig:
     )
 
 
+def tiny_timm(folder: Path, pretrained_cfg: dict, *, variance=(0.5, 1.5), names=None) -> Path:
+    """A timm-wrapped EfficientNet of a few thousand parameters (seed 7), with "pretrained" BatchNorm
+    statistics (means in [-0.1, 0.1], variances in `variance`) and the given pretrained_cfg."""
+    import torch
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(7)
+    names = names or [f"digit-{i}" for i in range(10)]
+    config = TimmWrapperConfig(
+        architecture="test_efficientnet",
+        model_args={"channel_multiplier": 0.25},
+        num_labels=len(names),
+        **labels(names),
+    )
+    config.pretrained_cfg = dict(pretrained_cfg)
+    model = TimmWrapperForImageClassification(config)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.uniform_(-0.1, 0.1)
+            elif name.endswith("running_var"):
+                tensor.uniform_(*variance)
+    model.config.label_names = names
+    model.save_pretrained(folder)
+    return folder
+
+
+def two_run_soup_results(config: RecipeConfig, base: str, finetune: str, **changes) -> Results:
+    """The results of a 2-run soup of `base` and one Hub fine-tune, at 50% validation and 25% held out."""
+    return make_results(
+        config,
+        ingredients=[(base, "a" * 40, True), (finetune, "b" * 40, True)],
+        run_inits=[f"{base}@{'a' * 40}", f"{finetune}@{'b' * 40}"],
+        soup=(0.5, 0.25),
+        runs=[(0.5, 0.25)] * 2,
+        hparams={"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
+        summary_names=["soup, uniform (2 runs) <- this model"],
+        summary=(0.5, 0.25),
+        **changes,
+    )
+
+
 def scores(val: float, test: float, domains: Sequence[str] = TRAIN_DOMAINS) -> dict:
     return {"val_accuracy": val, "test_accuracy": test, "val_accuracy_per_domain": dict.fromkeys(domains, val)}
 

@@ -29,10 +29,10 @@ from ratatouille_hub.localhub.server import LocalHub, hub_environment
 from ratatouille_hub.results import Results
 from ratatouille_hub.testing import (
     finetune_of,
-    make_results,
     save_tiny_checkpoint,
     tiny_processor,
     tiny_resnet,
+    two_run_soup_results,
     write_hub_dataset,
 )
 
@@ -260,17 +260,7 @@ def soup(tmp_path_factory) -> Path:
     save_tiny_checkpoint(folder, tiny_resnet(950, num_labels=3), processor=tiny_processor(16))
     config = RecipeConfig(base=BASE, target=TARGET, aux=(GOOD,), runs=2, steps=1, lp_steps=1)
     config.save_yaml(folder / "recipe.yaml")
-    results = make_results(
-        config,
-        ingredients=[(BASE, "a" * 40, True), (GOOD, "b" * 40, True)],
-        run_inits=[f"{BASE}@{'a' * 40}", f"{GOOD}@{'b' * 40}"],
-        soup=(0.5, 0.25),
-        runs=[(0.5, 0.25)] * 2,
-        hparams={"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
-        summary_names=["soup, uniform (2 runs) <- this model"],
-        summary=(0.5, 0.25),
-        train_domains=("cartoon", "painting", "photo"),
-    )
+    results = two_run_soup_results(config, BASE, GOOD, train_domains=("cartoon", "painting", "photo"))
     results.save(folder / "results.json")
     build_card(results).save(folder / "README.md")
     return folder

@@ -14,7 +14,7 @@ from ratatouille_hub import publish, testing
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.publish import HubError, push_folder, soup_files
-from ratatouille_hub.testing import make_results
+from ratatouille_hub.testing import two_run_soup_results
 
 BASE, GOOD = "ratatouille-test/resnet-base", "ratatouille-test/resnet-good"
 COMMIT_TITLE = "Upload Model Ratatouille soup (ratatouille-hub)"
@@ -31,16 +31,7 @@ def write_soup(folder: Path, model, **save_options) -> Path:
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ConvNextImageProcessor"}))
     config = RecipeConfig(base=BASE, target="flwrlabs/pacs", aux=(GOOD,), runs=2, steps=1, lp_steps=1)
     config.save_yaml(folder / "recipe.yaml")
-    results = make_results(
-        config,
-        ingredients=[(BASE, "a" * 40, True), (GOOD, "b" * 40, True)],
-        run_inits=[f"{BASE}@{'a' * 40}", f"{GOOD}@{'b' * 40}"],
-        soup=(0.5, 0.25),
-        runs=[(0.5, 0.25)] * 2,
-        hparams={"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0},
-        summary_names=["soup, uniform (2 runs) <- this model"],
-        summary=(0.5, 0.25),
-    )
+    results = two_run_soup_results(config, BASE, GOOD)
     results.save(folder / "results.json")
     build_card(results).save(folder / "README.md")
     (folder / "notes.txt").write_text("not part of the published model")

@@ -15,7 +15,7 @@ from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.sources import load_dataset_source
 from ratatouille_hub.target import prepare_target
-from ratatouille_hub.testing import labels, tiny_resnet, write_hub_dataset
+from ratatouille_hub.testing import tiny_resnet, tiny_timm, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,30 +34,13 @@ def squash_processor():
 
 
 def timm_base(folder):
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(7)
-    config = TimmWrapperConfig(
-        architecture="test_efficientnet", model_args={"channel_multiplier": 0.25}, num_labels=10, **labels(DIGITS)
+    cfg = {"input_size": [3, SIZE, SIZE], "mean": MEAN, "std": STD}  # as timm's EfficientNets ship: bicubic, crop
+    return tiny_timm(
+        folder,
+        {**cfg, "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"},
+        names=DIGITS,
+        variance=(0.05, 0.2),
     )
-    config.pretrained_cfg = {  # as timm's EfficientNets ship: bicubic, centre crop 0.875
-        "input_size": [3, SIZE, SIZE],
-        "mean": MEAN,
-        "std": STD,
-        "interpolation": "bicubic",
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-    }
-    model = TimmWrapperForImageClassification(config)
-    with torch.no_grad():  # "pretrained" BatchNorm statistics: features that vary from image to image
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_mean"):
-                tensor.uniform_(-0.1, 0.1)
-            elif name.endswith("running_var"):
-                tensor.uniform_(0.05, 0.2)
-    model.config.label_names = DIGITS
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

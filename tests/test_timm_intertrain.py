@@ -27,7 +27,7 @@ from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, serving_processor
 from ratatouille_hub.recipe import recycle
 from ratatouille_hub.sources import load_dataset_source
-from ratatouille_hub.testing import labels, write_hub_dataset
+from ratatouille_hub.testing import tiny_timm, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,34 +36,8 @@ SHAPES = list(toyworld.SHAPES)
 
 
 def _timm_base(folder: Path) -> Path:
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(7)
-    names = [f"digit-{i}" for i in range(10)]
-    config = TimmWrapperConfig(
-        architecture="test_efficientnet",
-        model_args={"channel_multiplier": 0.25},
-        num_labels=10,
-        **labels(names),
-    )
-    config.pretrained_cfg = {
-        "input_size": [3, SIZE, SIZE],
-        "mean": [0.5, 0.4, 0.3],
-        "std": [0.2, 0.25, 0.3],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-    }
-    model = TimmWrapperForImageClassification(config)
-    with torch.no_grad():  # "pretrained" BatchNorm statistics, so frozen statistics are observable
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_mean"):
-                tensor.uniform_(-0.1, 0.1)
-            elif name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5)
-    model.config.label_names = names
-    model.save_pretrained(folder)
-    return folder
+    cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+    return tiny_timm(folder, {**cfg, "crop_pct": 1.0, "crop_mode": "center"})
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +283,19 @@ def test_timm_soup_loads_with_auto_classes_and_pipeline(strategies):
     assert strategies_soup.config.id2label == dict(enumerate(SHAPES))
     predictions = pipeline("image-classification", model=str(soup))(Image.new("RGB", (SIZE, SIZE), "blue"))
     assert {p["label"] for p in predictions} <= set(SHAPES)
+
+
+def test_a_local_base_can_name_its_hub_id_in_the_card():
+    from ratatouille_hub.config import ConfigError
+    from ratatouille_hub.intertrain import aux_card
+
+    config = IntertrainConfig(base="/mirror/resnet", dataset="/data/cars", base_model="org/resnet", steps=3)
+    results = {"hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0}, "n_images": 9, "image_size": 16}
+    card = aux_card(config, "/mirror/resnet", ["a", "b"], {**results, "train_accuracy": 0.5})
+    assert (card.data.base_model, card.data.base_model_relation, card.data.datasets) == (
+        "org/resnet",
+        "finetune",
+        ["cars"],
+    )
+    with pytest.raises(ConfigError, match="base_model must be a Hub model id"):
+        config.replace(base_model="not a hub id!")

@@ -1,8 +1,8 @@
 """The embedded default: a tiny world built from scratch, then recycled, with no network.
 
 1. A small ResNet (about 80k parameters) is pretrained for seconds on generated digits: the base.
-2. Three community-style fine-tunes of it on other generated tasks (stripes, dots, polygons), saved
-   like Hub checkpoints, each with a card naming its base and dataset.
+2. Three community fine-tunes of it on other generated tasks (stripes, dots, polygons), made with the
+   product's own `intertrain` (BatchNorm statistics frozen), each with a card naming its base and dataset.
 3. A target with a real domain shift: six shapes drawn as photo, sketch, cartoon and painting.
 4. The same budget of target fine-tunes three times: all from the base (model soups), from random
    mixes of base and fine-tunes (fusing), and from the recycled fine-tunes (Model Ratatouille);
@@ -42,13 +42,11 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
     quiet_transformers()
     paths = {"base": root / BASE_ID, "target": root / "datasets" / TARGET_ID}
     aux_tasks = toyworld.aux_datasets(size=IMAGE_SIZE, seed=seed)
-    for task in aux_tasks:
-        paths[task] = root / aux_id(task)
     accelerator = make_accelerator("no")
     if not (paths["base"] / "model.safetensors").exists():
         echo("[world] pretraining the base on generated digits")
         model = _tiny_resnet(toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), seed)
-        _train_community(
+        _pretrain(
             model,
             toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed),
             steps=400,
@@ -56,24 +54,45 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
             seed=seed,
             accelerator=accelerator,
         )
-        _save_checkpoint(
-            model, paths["base"], base_model=None, dataset="toy-world/glyphs", description=toyworld.describe()["glyphs"]
-        )
+        _save_base(model, paths["base"], dataset="toy-world/glyphs", description=toyworld.describe()["glyphs"])
     for offset, (task, dataset) in enumerate(aux_tasks.items(), start=1):
-        if (paths[task] / "model.safetensors").exists():
-            continue
-        echo(f"[world] community fine-tune of the base on '{task}'")
-        model = _reheaded(paths["base"], dataset)
-        _train_community(model, dataset, steps=250, lr=1e-3, seed=seed + offset, accelerator=accelerator)
-        _save_checkpoint(
-            model, paths[task], base_model=BASE_ID, dataset=f"toy-world/{task}", description=toyworld.describe()[task]
-        )
+        paths[task] = community_finetune(root, paths["base"], task, dataset, seed + offset, echo)
     if not (paths["target"] / "README.md").exists():
         echo("[world] drawing the target: six shapes in four styles")
         _save_dataset(
-            toyworld.target_dataset(size=IMAGE_SIZE, seed=seed), paths["target"], toyworld.describe()["shapes"]
+            toyworld.target_dataset(size=IMAGE_SIZE, seed=seed),
+            paths["target"],
+            TARGET_ID,
+            toyworld.describe()["shapes"],
         )
     return paths
+
+
+def community_finetune(root: Path, base: Path, task: str, dataset, seed: int, echo) -> Path:
+    """A community fine-tune of the base made with the product's own `intertrain` (BatchNorm statistics
+    frozen, last step kept, a card naming the base's Hub id and the dataset); reused when done."""
+    from ..config import IntertrainConfig
+    from ..intertrain import intertrain
+    from . import world as toyworld
+
+    data = root / "datasets" / "toy-world" / task
+    if not (data / "README.md").exists():
+        echo(f"[world] community fine-tune of the base on '{task}' (ratatouille-hub intertrain)")
+        _save_dataset(dataset, data, f"toy-world/{task}", toyworld.describe()[task])
+    config = IntertrainConfig(
+        base=str(base),
+        dataset=str(data),
+        base_model=BASE_ID,
+        steps=250,
+        batch_size=64,
+        lr=1e-3,
+        image_size=IMAGE_SIZE,
+        precision="no",
+        seed=seed,
+        output=str(root / "intertrain" / task),
+    )
+    (folder,) = intertrain(config, echo=lambda line: None)
+    return folder
 
 
 def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dict]:
@@ -213,20 +232,14 @@ def _tiny_resnet(dataset, seed: int):
     return ResNetForImageClassification(config)
 
 
-def _reheaded(base: Path, dataset):
-    from ..models import load_classifier
-
-    return load_classifier(base, dict(enumerate(dataset.features["label"].names)))
-
-
 def _normalization():
     from ..data import Normalization
 
     return Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def _train_community(model, dataset, *, steps: int, lr: float, seed: int, accelerator) -> None:
-    """Fine-tune everything, BatchNorm in train mode, last step kept: how community checkpoints are made."""
+def _pretrain(model, dataset, *, steps: int, lr: float, seed: int, accelerator) -> None:
+    """Train a model from scratch (BatchNorm in train mode: it has no statistics yet), last step kept."""
     images: ImageTensors = decode_images(
         dataset,
         range(len(dataset)),
@@ -247,11 +260,12 @@ def _train_community(model, dataset, *, steps: int, lr: float, seed: int, accele
         normalize=_normalization(),
         augment_seed=seed,
         freeze_bn=False,
-        desc="community fine-tune",
+        desc="pretraining",
     )
 
 
-def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: str, description: str) -> None:
+def _save_base(model, folder: Path, *, dataset: str, description: str) -> None:
+    """The pretrained base, with the card of a model that is nobody's fine-tune."""
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import ViTImageProcessorPil
 
@@ -263,8 +277,6 @@ def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: st
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         ).save_pretrained(staging)
         data = ModelCardData(
-            base_model=base_model,
-            base_model_relation="finetune" if base_model else None,
             datasets=[dataset],
             library_name="transformers",
             pipeline_tag="image-classification",
@@ -274,7 +286,7 @@ def _save_checkpoint(model, folder: Path, *, base_model: str | None, dataset: st
         ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(staging / "README.md")
 
 
-def _save_dataset(dataset, folder: Path, description: str) -> None:
+def _save_dataset(dataset, folder: Path, name: str, description: str) -> None:
     """The Hub layout (README card + data/train-*.parquet), so the folder can be pushed as it is."""
     from ..io import staged_folder
 
@@ -284,5 +296,5 @@ def _save_dataset(dataset, folder: Path, description: str) -> None:
         atomic_write_text(
             staging / "README.md",
             "---\nlicense: apache-2.0\ntask_categories:\n- image-classification\n---\n\n"
-            f"# toy-world/shapes\n\nGenerated by ratatouille-hub: {description}.\n",
+            f"# {name}\n\nGenerated by ratatouille-hub: {description}.\n",
         )
