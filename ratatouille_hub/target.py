@@ -126,13 +126,8 @@ class TargetPreparation:
         )
 
 
-def describe_target(options, base: Ingredient, token=None) -> TargetSpec:
-    """The target's splits and fingerprint, without decoding an image (`options`: any target options)."""
-    return TargetPreparation(options, base, token).spec()
-
-
 def prepare_target(options, base: Ingredient, token=None) -> Target:
-    """The decoded target, split as `describe_target` splits it."""
+    """The decoded target (`options`: any target options), split as a plan's TargetSpec says."""
     return TargetPreparation(options, base, token).decode()
 
 
