@@ -191,3 +191,23 @@ def test_a_hub_loading_script_is_refused_naming_the_repo(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     with pytest.raises(DataError, match="^org/data: holds a dataset loading script .* is never run$"):
         load_dataset_source("org/data", revision="abc")
+
+
+def test_recycle_takes_a_domainbed_folder_as_its_target(tiny_world, tmp_path):
+    """`--target ./VLCS` on the folder DomainBed's download script leaves: ROOT/<domain>/<class>/<image>."""
+    from ratatouille_hub import recycle
+    from ratatouille_hub.testing import tiny_recipe
+    from ratatouille_hub.toy import world as toyworld
+
+    root = tmp_path / "ShapesDB"
+    shapes = toyworld.target_dataset(per_class_per_domain=3, size=16)
+    for i, row in enumerate(shapes):
+        folder = root / row["domain"] / toyworld.SHAPES[row["label"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{i:03d}.png")
+    config = tiny_recipe(tiny_world, tmp_path / "out", strategy="erm", test_domain="sketch")
+    config = config.replace(target=str(root), runs=1)
+    results = recycle(config, echo=lambda line: None)
+    assert results.test_domain == "sketch" and results.train_domains == ["cartoon", "painting", "photo"]
+    assert list(results.id2label.values()) == sorted(toyworld.SHAPES)  # class folders, in sorted order
+    assert results.target == str(root)
