@@ -109,13 +109,13 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
             runs=[
                 RunResult(
                     index=spec.index,
-                    init=run.metrics["init"],
+                    init=metrics["init"],
                     hparams=asdict(spec.hparams),
-                    best_step=run.metrics["best_step"],
+                    best_step=metrics["best_step"],
                     folder=spec.folder,
                     **scores,
                 )
-                for spec, run, scores in zip(plan.runs, runs, run_scores)
+                for spec, metrics, scores in zip(plan.runs, (run.metrics for run in runs), run_scores)
             ],
             soup=soup,
             best_run=BestRun(index=best, **run_scores[best]),
@@ -123,7 +123,13 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
             greedy_order=ranking,
             ensemble=Scores(**ensemble),
             summary=summary_rows(
-                strategy.averages, config.method, best, run_scores[best], averages, ensemble, len(runs)
+                strategy.averages,
+                config.method,
+                best,
+                Scores(**run_scores[best]),
+                averages,
+                Scores(**ensemble),
+                len(runs),
             ),
             bn_policy=config.bn_policy,
             diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT),
@@ -135,13 +141,12 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
 
 
 def summary_rows(
-    averaged: bool, method: str, best: int, best_scores: dict, averages: dict[str, Average], ensemble: dict, n: int
+    averaged: bool, method: str, best: int, best_scores: Scores, averages: dict[str, Average], ensemble: Scores, n: int
 ) -> list[SummaryRow]:
     """The printed table and the card's: the best run, each merge method's average, the ensemble."""
 
-    def row(name: str, scores) -> SummaryRow:
-        scores = scores if isinstance(scores, dict) else asdict(scores)
-        return SummaryRow(name, scores["val_accuracy"], scores["test_accuracy"])
+    def row(name: str, scores: Scores) -> SummaryRow:
+        return SummaryRow(name, scores.val_accuracy, scores.test_accuracy)
 
     this_model = ", this model"
     return [
