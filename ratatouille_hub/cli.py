@@ -87,9 +87,6 @@ def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeC
     return options.from_dict(values)
 
 
-config_from_args = options_from_args  # recycle's and intertrain's name for it
-
-
 def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
     if "hub" not in groups:
         groups["hub"] = parser.add_argument_group(GROUPS["hub"])

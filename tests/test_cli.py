@@ -104,7 +104,7 @@ def test_config_file_with_overrides(tmp_path):
     saved.save_yaml(tmp_path / "recipe.yaml")
     parser = cli.build_parser()
 
-    replayed = cli.config_from_args(parser.parse_args(["recycle", "--config", str(tmp_path / "recipe.yaml")]))
+    replayed = cli.options_from_args(parser.parse_args(["recycle", "--config", str(tmp_path / "recipe.yaml")]))
     assert replayed == saved
 
     argv = [
@@ -127,7 +127,7 @@ def test_config_file_with_overrides(tmp_path):
         "--method",
         "greedy",
     ]
-    overridden = cli.config_from_args(parser.parse_args(argv))
+    overridden = cli.options_from_args(parser.parse_args(argv))
     assert overridden == saved.replace(
         runs=5,
         aux=("b/two", "c/three"),
@@ -141,7 +141,7 @@ def test_config_file_with_overrides(tmp_path):
 
 def test_flags_alone_fill_in_the_defaults():
     args = cli.build_parser().parse_args(["recycle", "--base", "org/base", "--target", "org/pacs", "--steps", "7"])
-    assert cli.config_from_args(args) == RecipeConfig(base="org/base", target="org/pacs", steps=7)
+    assert cli.options_from_args(args) == RecipeConfig(base="org/base", target="org/pacs", steps=7)
 
 
 def test_a_bad_choice_is_refused_by_the_parser(capsys):

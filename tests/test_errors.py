@@ -464,7 +464,7 @@ def test_recycle_refuses_an_output_folder_of_another_recipe(world, tmp_path, ref
     out.mkdir()
     (out / "runs").mkdir()
     (out / ".lock").touch()
-    asked = cli.config_from_args(cli.build_parser().parse_args(recycle_argv(world, out)))
+    asked = cli.options_from_args(cli.build_parser().parse_args(recycle_argv(world, out)))
     asked.replace(steps=3).save_yaml(out / "recipe.yaml")
     refused(
         "output-of-another-recipe",
