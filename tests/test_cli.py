@@ -256,3 +256,27 @@ def test_merge_refuses_an_output_that_is_a_file(checkpoints, tmp_path, capsys):
     assert cli.main(["merge", *map(str, checkpoints), "--output", str(target)]) == 2
     assert capsys.readouterr().err.startswith("error: output")
     assert target.read_bytes() == b"keep me"
+
+
+def test_help_groups_flags_and_the_target_group_is_the_same_in_every_command_that_reads_a_target():
+    (action,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+
+    def groups(command: str) -> dict[str, set[str]]:
+        parser = action.choices[command]
+        return {g.title: {o for a in g._group_actions for o in a.option_strings} for g in parser._action_groups}
+
+    recycle = groups("recycle")
+    titles = [title for title in recycle if title not in ("positional arguments", "options")]
+    assert [title.split(" (")[0] for title in titles] == [
+        "model",
+        "target",
+        "runs",
+        "training",
+        "merging",
+        "output",
+        "Hub",
+    ]
+    target = next(flags for title, flags in recycle.items() if title.startswith("target"))
+    assert {"--target", "--test-domain", "--seed", "--holdout-fraction", "--domain-column", "--label-column"} <= target
+    for command in ("merge", "diagnose"):
+        assert next(flags for title, flags in groups(command).items() if title.startswith("target")) == target
