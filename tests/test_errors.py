@@ -20,17 +20,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 from datasets import ClassLabel, Value
 from huggingface_hub import ModelCard, constants, hf_hub_download
 from safetensors.torch import load_file, save_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import ResNetForImageClassification
 
 from ratatouille_hub import cli
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.testing import make_results
+from ratatouille_hub.testing import make_results, tiny_resnet, tiny_vit
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.vetting import IngredientError
 
@@ -58,19 +57,6 @@ SEEN: dict[str, tuple[str, str]] = {}  # case -> (what, normalised error line), 
 
 
 # -- the tiny world -----------------------------------------------------------------------------------
-
-
-def _tiny_resnet(seed: int, labels: list[str], hidden_sizes=(8, 16)) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=list(hidden_sizes),
-        depths=[1, 1],
-        layer_type="basic",
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-    )
-    return ResNetForImageClassification(config)
 
 
 def _read(file: Path) -> tuple[dict, bytes]:
@@ -149,7 +135,7 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
 
     aux_labels = list(json.loads((aux / "config.json").read_text())["id2label"].values())
     w.other_shapes = root / "aux-other-shapes"
-    _tiny_resnet(3, aux_labels, hidden_sizes=(8, 32)).save_pretrained(w.other_shapes)
+    tiny_resnet(3, names=aux_labels, hidden_sizes=(8, 32)).save_pretrained(w.other_shapes)
     w.half = root / "aux-float16"
     ResNetForImageClassification.from_pretrained(aux).half().save_pretrained(w.half)
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):
@@ -159,21 +145,11 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         setattr(w, name, folder)
 
-    vit = ViTConfig(
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        image_size=16,
-        patch_size=8,
-        id2label=dict(enumerate(aux_labels)),
-    )
-    torch.manual_seed(0)
     w.vit = root / "vit-tiny"
-    ViTForImageClassification(vit).save_pretrained(w.vit)
+    tiny_vit(0, names=aux_labels, hidden_size=8, intermediate_size=16).save_pretrained(w.vit)
     w.other_base = root / "resnet-other-base"  # same shapes as the base, independently initialised
     base_labels = list(json.loads((base / "config.json").read_text())["id2label"].values())
-    _tiny_resnet(1234, base_labels).save_pretrained(w.other_base)
+    tiny_resnet(1234, names=base_labels).save_pretrained(w.other_base)
 
     w.pickle_only = root / "aux-pickle-only"
     w.pickle_only.mkdir()
