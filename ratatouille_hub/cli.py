@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import (
     GROUPS,
+    AssembleOptions,
     DiagnoseOptions,
     DiscoverOptions,
     IntertrainConfig,
@@ -23,6 +24,7 @@ from .config import (
     PublishOptions,
     PushOptions,
     RecipeConfig,
+    RunOptions,
 )
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
@@ -33,8 +35,19 @@ examples:
   ratatouille-hub recycle --base org/base --target ./VLCS --dry-run  # the plan: runs, inits, cost
   ratatouille-hub recycle --config out/recipe.yaml            # replay a saved recipe
   ratatouille-hub recycle --config out/recipe.yaml --runs 4   # ... with one option changed
-Rerunning the same command resumes: finished runs are reused, never recomputed.
+  ratatouille-hub recycle --base ./base --target ./pacs --test-domain all   # the DomainBed table
+  accelerate launch --num_processes 4 -m ratatouille_hub recycle ...   # runs spread over 4 processes/GPUs
+Rerunning the same command resumes: finished runs are reused, never recomputed, and a second launch on
+the same --output trains only what no other process has claimed.
 {METHOD_DOC}
+"""
+
+EPILOG_PLAN = """\
+a job scheduler runs the plan one run per task, on any machines that share OUTPUT:
+  ratatouille-hub plan --base org/base --target ./pacs --runs 20 --output out   # prints: 20 runs
+  ratatouille-hub run out --index $SLURM_ARRAY_TASK_ID                         # one task per run
+  ratatouille-hub assemble out                                                 # once all are done
+examples/slurm_array.sh does this with an sbatch array and a dependent assembly job.
 """
 
 EPILOG_INTERTRAIN = f"""\
@@ -136,6 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _command(
         commands,
+        "plan",
+        RecipeConfig,
+        config=True,
+        help="save a recipe's plan in its output folder, for `run --index` and `assemble`",
+        description="Plan the recipe exactly as recycle does (fetch, discover, vet, describe the target, every "
+        "run's spec) and save it in --output (recipe.yaml, plan.json) without training; prints every run "
+        "and how many there are.",
+        epilog=EPILOG_PLAN,
+    )
+    _command(
+        commands,
+        "run",
+        RunOptions,
+        help="train one run of a saved plan (a scheduler's array task)",
+        description="Train run --index of the plan saved in OUTPUT, on this process's device. Idempotent: a "
+        "done run returns at once; a run another process is training is waited for (and trained if that "
+        "process dies); the shared linear probe is trained by whichever run needs it first, once.",
+        epilog=EPILOG_PLAN,
+    )
+    _command(
+        commands,
+        "assemble",
+        AssembleOptions,
+        help="build the soup of a saved plan from its finished runs",
+        description="Average, score and diagnose the finished runs of the plan saved in OUTPUT and write its "
+        "soup folder(s), as recycle does at its end; refuses, naming them, while some runs are missing.",
+        epilog=EPILOG_PLAN,
+    )
+    _command(
+        commands,
         "intertrain",
         IntertrainConfig,
         publish=True,
@@ -223,21 +266,66 @@ def run_intertrain(args) -> None:
 
 
 def run_recycle(args) -> None:
-    from .recipe import format_plan, plan_recipe, recycle
+    from .recipe import format_plans, plan_recipe, recycle
+    from .recipe.executor import Worker
 
     config = options_from_args(args, RecipeConfig)
     output = Path(config.output)
     if args.dry_run:
-        print(format_plan(plan_recipe(config, token=args.token), output))
+        print(format_plans(plan_recipe(config, token=args.token), output))
         return
     results = recycle(config, token=args.token)
+    if Worker.of_this_process().is_main:  # under accelerate launch: the tables print once
+        _print_results(results, output, options_from_args(args, PublishOptions), args.token)
+
+
+def run_plan(args) -> None:
+    from .recipe import format_plans, plan_output
+
+    config = options_from_args(args, RecipeConfig)
+    output = Path(config.output)
+    plans = plan_output(config, token=args.token)
+    runs = sum(len(plan.runs) for plan in plans)
+    print(format_plans(plans, output))
+    print(
+        f"\nsaved the plan of {runs} runs in {output / 'plan.json'}: train them with "
+        f"`ratatouille-hub run {output} --index I` for I in 0..{runs - 1}, then `ratatouille-hub assemble {output}`"
+    )
+
+
+def run_run(args) -> None:
+    from .recipe import run_index
+
+    options = options_from_args(args, RunOptions)
+    folder = run_index(Path(options.output), options.index, token=args.token)
+    print(f"run {options.index}: {folder}")
+
+
+def run_assemble(args) -> None:
+    from .recipe import assemble_output
+
+    options = options_from_args(args, AssembleOptions)
+    output = Path(options.output)
+    _print_results(assemble_output(output, token=args.token), output, PublishOptions(), args.token)
+
+
+def _print_results(results, output: Path, publish: PublishOptions, token) -> None:
+    from .results import LeaveOneDomainOut
+
     print()
+    if isinstance(results, LeaveOneDomainOut):
+        print(results.format())
+        print(f"\nsoups: {output / 'soups'}/<domain>; table: {output / 'results.json'}")
+        for domain in results.per_domain:
+            if publish.push_to_hub:
+                _push(output / "soups" / domain, f"{publish.push_to_hub}-{domain}", publish, token)
+        return
     for row in results.summary:
         print(
             f"{row.name:<48} val {100 * row.val_accuracy:5.1f}%   {results.test_domain} {100 * row.test_accuracy:5.1f}%"
         )
     print(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
-    _push_if_asked(options_from_args(args, PublishOptions), output / "soup", args.token)
+    _push_if_asked(publish, output / "soup", token)
 
 
 def _push_if_asked(publish: PublishOptions, folder: Path, token) -> None:
@@ -354,6 +442,9 @@ def run_local_hub(args) -> None:
 
 COMMANDS = {
     "recycle": run_recycle,
+    "plan": run_plan,
+    "run": run_run,
+    "assemble": run_assemble,
     "intertrain": run_intertrain,
     "merge": run_merge,
     "discover": run_discover,

@@ -192,6 +192,9 @@ class TrainingOptions(DataOptions):
     output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output")
 
 
+ALL_DOMAINS = "all"  # recycle's --test-domain for leave-one-domain-out over every domain
+
+
 @dataclass(frozen=True)
 class RecipeConfig(TargetOptions, TrainingOptions):
     """Everything that defines a Model Ratatouille run (docs/method.md gives the reference values)."""
@@ -201,6 +204,12 @@ class RecipeConfig(TargetOptions, TrainingOptions):
         "target dataset: a Hub id, a local datasets folder, a parquet file or a DomainBed folder",
         group="target",
         required=True,
+    )
+    test_domain: str | None = _opt(
+        None,
+        f"held-out domain (default: the first domain in sorted order); {ALL_DOMAINS!r}: every domain in turn, "
+        "one soup each, and the DomainBed table of their held-out accuracies",
+        group="target",
     )
     aux: tuple[str, ...] = _opt(
         (),
@@ -331,6 +340,35 @@ class DiscoverOptions(Options):
         None, "target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused", group="target"
     )
     limit: int = _opt(20, "how many fine-tunes to examine", group="model", check=at_least(1))
+
+
+@dataclass(frozen=True)
+class RunOptions(Options):
+    """One run of a saved plan: what a scheduler's array task executes."""
+
+    output: str = _opt(
+        "",
+        "output folder holding the plan (from `ratatouille-hub plan`)",
+        group="output",
+        positional=True,
+        required=True,
+    )
+    index: int | None = _opt(
+        None,
+        "which run of the plan to train, from 0 (e.g. $SLURM_ARRAY_TASK_ID)",
+        group="runs",
+        required=True,
+        check=at_least(0),
+    )
+
+
+@dataclass(frozen=True)
+class AssembleOptions(Options):
+    """The soup of a saved plan, from its finished runs."""
+
+    output: str = _opt(
+        "", "output folder holding the plan and its runs", group="output", positional=True, required=True
+    )
 
 
 @dataclass(frozen=True)

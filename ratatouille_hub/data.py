@@ -32,8 +32,15 @@ class DomainSplit:
 class TargetSplits:
     label_names: tuple[str, ...]
     train_domains: tuple[DomainSplit, ...]
-    test_domain: str
-    test: tuple[int, ...]
+    held_out: DomainSplit  # split like the others (see domain_layout); all of it is the test set
+
+    @property
+    def test_domain(self) -> str:
+        return self.held_out.domain
+
+    @property
+    def test(self) -> tuple[int, ...]:
+        return self.held_out.train + self.held_out.val
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -94,20 +101,32 @@ def split_domains(
     for row, domain in enumerate(domains_of_rows):
         rows_by_domain[domain].append(row)
 
+    layout = domain_layout(rows_by_domain, holdout_fraction, seed)
     train_domains = []
     for domain in domains:
         if domain == test_domain:
             continue
-        rows = np.asarray(rows_by_domain[domain])
+        rows = rows_by_domain[domain]
         if len(rows) < 2:
             raise DataError(f"domain {domain!r} has {len(rows)} image(s); a train/validation split needs 2 or more")
         if len(set(labels[rows].tolist())) < 2:
             raise DataError(f"domain {domain!r} holds a single class; it cannot train a classifier")
+        train_domains.append(layout[domain])
+    return TargetSplits(label_names, tuple(train_domains), layout[test_domain])
+
+
+def domain_layout(rows_by_domain: dict[str, list[int]], holdout_fraction: float, seed: int) -> dict[str, DomainSplit]:
+    """Every domain's 80/20 split, whichever domain is held out: a domain's split depends on the seed and
+    its own name only, so one decoded copy of the target, laid out domain by domain as (train, val),
+    serves every held-out domain; the held-out domain's images are its (train, val) rows, in that order."""
+    layout = {}
+    for domain, rows in rows_by_domain.items():
+        rows = np.asarray(rows)
         order = np.random.default_rng(_domain_seed(seed, domain)).permutation(len(rows))
         n_val = max(1, int(math.floor(len(rows) * holdout_fraction)))
         val, train = rows[order[:n_val]], rows[order[n_val:]]
-        train_domains.append(DomainSplit(domain, tuple(sorted(train.tolist())), tuple(sorted(val.tolist()))))
-    return TargetSplits(label_names, tuple(train_domains), test_domain, tuple(rows_by_domain[test_domain]))
+        layout[domain] = DomainSplit(domain, tuple(sorted(train.tolist())), tuple(sorted(val.tolist())))
+    return layout
 
 
 def _domain_names(dataset, domain_column: str) -> list[str]:
@@ -140,18 +159,26 @@ def evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
     return ImageTensors(images.pixels[rows], images.labels[rows])
 
 
-def decode_images(dataset, rows, *, image_column: str, label_column: str, label_names, size: int) -> ImageTensors:
-    """Decode `rows` into uint8 tensors resized to size x size (bilinear, as the image processors do)."""
+DECODE_CHUNK = 256  # images decoded at a time: the PIL images of a whole split at once would not fit
+
+
+def decode_images(
+    dataset, rows, *, image_column: str, label_column: str, label_names, size: int, into: torch.Tensor | None = None
+) -> ImageTensors:
+    """Decode `rows` into uint8 tensors resized to size x size (bilinear, as the image processors do),
+    into a new tensor or the given one (`into`, e.g. a slice of a memory-mapped cache)."""
     from PIL import Image
 
-    subset = dataset.select(list(rows))
-    labels = label_ids_of(subset, label_column, tuple(label_names))
-    pixels = torch.empty((len(subset), 3, size, size), dtype=torch.uint8)
-    for i, image in enumerate(subset[image_column]):
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    rows = list(rows)
+    labels = label_ids_of(dataset.select(rows), label_column, tuple(label_names))
+    pixels = torch.empty((len(rows), 3, size, size), dtype=torch.uint8) if into is None else into
+    for start in range(0, len(rows), DECODE_CHUNK):
+        chunk = dataset.select(rows[start : start + DECODE_CHUNK])[image_column]
+        for i, image in enumerate(chunk, start):
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return ImageTensors(pixels, torch.from_numpy(labels))
 
 

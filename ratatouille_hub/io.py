@@ -61,16 +61,17 @@ def staged_folder(final: str | Path):
         raise
 
 
-def sweep_staging(folder: str | Path) -> None:
-    """Clear what a killed writer left in `folder`: staging folders and temporary files are deleted; a folder
-    retired by `staged_folder` whose replacement never landed is put back. Call it only under the folder's lock.
+def sweep_staging(folder: str | Path, only: str | None = None) -> None:
+    """Clear what a killed writer left in `folder` (of the entry `only`, when given): staging folders and
+    temporary files are deleted; a folder retired by `staged_folder` whose replacement never landed is put
+    back. Call it only under the lock of what it sweeps.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
         name = entry.name
-        if not name.startswith("."):
+        if not name.startswith(".") or (only is not None and not name.startswith(f".{only}.")):
             continue
         if name.endswith(".partial") and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -82,6 +83,33 @@ def sweep_staging(folder: str | Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 os.replace(entry, final)  # the previous version, whole: its replacement never landed
+
+
+@contextmanager
+def claimed_folder(final: str | Path, *, wait: bool):
+    """Claim `final` (a folder some process writes whole) for the block, through the lock `.<name>.lock`
+    beside it; yields whether this process holds the claim. With `wait=False` a folder claimed by another
+    process yields False at once; with `wait=True` the claim waits for it. Once claimed, whatever a killed
+    writer of `final` left is cleared. The kernel drops the lock of a dead process, so no claim outlives it.
+    """
+    from filelock import FileLock, Timeout
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(final.with_name(f".{final.name}.lock"), timeout=-1 if wait else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        held = False
+    else:
+        held = True
+    try:
+        if held:
+            sweep_staging(final.parent, only=final.name)
+        yield held
+    finally:
+        if held:
+            lock.release()
 
 
 class FolderBusyError(OSError):

@@ -132,3 +132,44 @@ class Results:
     @classmethod
     def load(cls, path: Path) -> Results:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class LeaveOneDomainOut:
+    """`--test-domain all`: the results with each domain held out in turn, and the DomainBed table."""
+
+    per_domain: dict[str, Results]
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Held-out accuracy by row (the best run by validation, each merge method's soup, the ensemble)
+        and domain, with the rows' average over domains under `average`."""
+        rows: dict[str, dict[str, float]] = {}
+        for domain, results in self.per_domain.items():
+            cells = {
+                "best single run (by validation)": results.best_run.test_accuracy,
+                **{f"soup, {method}": average.test_accuracy for method, average in results.averages.items()},
+                "ensemble (reference)": results.ensemble.test_accuracy,
+            }
+            for name, accuracy in cells.items():
+                rows.setdefault(name, {})[domain] = accuracy
+        for cells in rows.values():
+            cells["average"] = sum(cells.values()) / len(cells)
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "test_domains": list(self.per_domain),
+            "test_accuracy": self.table(),
+            "soups": {domain: f"soups/{domain}" for domain in self.per_domain},
+        }
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    def format(self) -> str:
+        domains = [*self.per_domain, "average"]
+        width = max(8, *(len(d) for d in domains))
+        lines = [f"{'held-out accuracy':<34}" + "".join(f"{d:>{width + 2}}" for d in domains)]
+        for name, cells in self.table().items():
+            lines.append(f"{name:<34}" + "".join(f"{100 * cells[d]:>{width + 1}.1f}%" for d in domains))
+        return "\n".join(lines)

@@ -8,13 +8,17 @@ run folder of a recipe without the cost of decoding the target.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .data import DataError, ImageTensors, decode_images, normalization_of, resolution_of, split_domains
+from .data import DataError, DomainSplit, ImageTensors, decode_images, normalization_of, resolution_of, split_domains
 from .evaluation import accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset
 from .hashing import stable_hash
+from .io import DONE, claimed_folder, staged_folder
 from .models import load_processor
 from .sources import load_dataset_source
 from .train import TargetData
@@ -63,6 +67,7 @@ class TargetPreparation:
             raise DataError(
                 f"target dataset has no column {self.image_column!r} (columns: {', '.join(self.dataset.column_names)})"
             )
+        self.dataset_fingerprint = getattr(self.dataset, "_fingerprint", target_id)
         self.splits = split_domains(
             self.dataset,
             domain_column=self.domain_column,
@@ -76,7 +81,7 @@ class TargetPreparation:
         self.normalize = normalization_of(processor)
         self.fingerprint = stable_hash(
             {
-                "dataset": getattr(self.dataset, "_fingerprint", target_id),
+                "dataset": self.dataset_fingerprint,
                 "splits": [[d.domain, d.train, d.val] for d in self.splits.train_domains],
                 "test": self.splits.test_domain,
                 "size": self.size,
@@ -98,32 +103,92 @@ class TargetPreparation:
             image_size=self.size,
         )
 
-    def decode(self) -> Target:
-        def decode(rows) -> ImageTensors:
-            return decode_images(
-                self.dataset,
-                rows,
-                image_column=self.image_column,
-                label_column=self.label_column,
-                label_names=self.splits.label_names,
-                size=self.size,
-            )
-
+    def decode(self, cache: Path | None = None) -> Target:
+        """The decoded target; with `cache`, memory-mapped from the copy decoded there once (see `_mapped`)."""
+        if cache is None:
+            decoded = {
+                split.domain: tuple(self._decode(rows) for rows in (split.train, split.val)) for split in self._domains
+            }
+            test = self._decode(self.splits.test)
+        else:
+            decoded, test = self._mapped(cache)
         domains = self.splits.train_domains
         data = TargetData(
-            train=[decode(d.train) for d in domains],
-            val=[decode(d.val) for d in domains],
+            train=[decoded[d.domain][0] for d in domains],
+            val=[decoded[d.domain][1] for d in domains],
             normalize=self.normalize,
         )
         return Target(
             reference=self.reference,
             data=data,
-            test=decode(self.splits.test),
+            test=test,
             train_domains=tuple(d.domain for d in domains),
             test_domain=self.splits.test_domain,
             id2label=self.splits.id2label,
             fingerprint=self.fingerprint,
         )
+
+    @property
+    def _domains(self) -> list[DomainSplit]:
+        return sorted([*self.splits.train_domains, self.splits.held_out], key=lambda split: split.domain)
+
+    def _decode(self, rows, into: torch.Tensor | None = None) -> ImageTensors:
+        return decode_images(
+            self.dataset,
+            rows,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            label_names=self.splits.label_names,
+            size=self.size,
+            into=into,
+        )
+
+    def _mapped(self, cache: Path) -> tuple[dict[str, tuple[ImageTensors, ImageTensors]], ImageTensors]:
+        """Every domain's (train, val) images as views of one uint8 array in `cache/<key>/`, decoded by the
+        first process to need it, domain by domain as (train, val) rows: each split, and the held-out
+        domain whole, is then one contiguous slice, shared through the page cache by every process and
+        rerun, whichever domain is held out. The key covers the data's fingerprint, the layout and the size."""
+        domains = self._domains
+        key = stable_hash(
+            {
+                "dataset": self.dataset_fingerprint,
+                "columns": [self.image_column, self.label_column, self.domain_column],
+                "labels": list(self.splits.label_names),
+                "layout": [[d.domain, d.train, d.val] for d in domains],
+                "size": self.size,
+            }
+        )
+        folder = cache / key
+        total = sum(len(d.train) + len(d.val) for d in domains)
+        with claimed_folder(folder, wait=True):
+            if not (folder / DONE).exists():
+                with staged_folder(folder) as staging:
+                    pixels = np.lib.format.open_memmap(
+                        staging / "pixels.npy", mode="w+", dtype=np.uint8, shape=(total, 3, self.size, self.size)
+                    )
+                    labels, start = [], 0
+                    for split in tqdm(domains, desc="decoding the target", leave=False, disable=None):
+                        rows = split.train + split.val
+                        into = torch.from_numpy(pixels[start : start + len(rows)])
+                        labels.append(self._decode(rows, into=into).labels.numpy())
+                        start += len(rows)
+                    pixels.flush()
+                    del pixels
+                    np.save(staging / "labels.npy", np.concatenate(labels))
+                    (staging / DONE).touch()
+        pixels = torch.from_numpy(np.load(folder / "pixels.npy", mmap_mode="c"))  # copy-on-write: never written back
+        labels = torch.from_numpy(np.load(folder / "labels.npy"))
+        decoded, start = {}, 0
+        for split in domains:
+            cut, end = start + len(split.train), start + len(split.train) + len(split.val)
+            decoded[split.domain] = (
+                ImageTensors(pixels[start:cut], labels[start:cut]),
+                ImageTensors(pixels[cut:end], labels[cut:end]),
+            )
+            if split.domain == self.splits.test_domain:
+                test = ImageTensors(pixels[start:end], labels[start:end])
+            start = end
+        return decoded, test
 
 
 def prepare_target(options, base: Ingredient, token=None) -> Target:

@@ -33,7 +33,7 @@ def make_accelerator(precision: str):
 
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 class DomainBatches:
@@ -123,19 +123,21 @@ def optimize(
     state (ties keep the earlier step); without it, returns the last state (auxiliary fine-tunes).
     """
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    model, optimizer = accelerator.prepare(to_channels_last(model), optimizer)
-    inner = accelerator.unwrap_model(model)
+    # Not accelerator.prepare(model): among several processes it would wrap the model for data-parallel
+    # training, and each process here trains a run of its own.
+    model = to_channels_last(model).to(accelerator.device)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
     best: TrainOutcome | None = None
     history: list[tuple[int, float]] = []
     loss_fn = nn.CrossEntropyLoss()
     progress = tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    with feature_dropout(inner, dropout):
+    with feature_dropout(model, dropout):
         for step in progress:
             if freeze_bn:
-                train_mode_frozen_bn(inner)
+                train_mode_frozen_bn(model)
             else:
-                inner.train()
+                model.train()
             pixels, labels = next(batches)
             x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
             x = normalize(x).to(accelerator.device).contiguous(memory_format=torch.channels_last)
@@ -146,15 +148,15 @@ def optimize(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if validate is not None and (step % eval_every == 0 or step == steps):
-                score = validate(inner)
+                score = validate(model)
                 history.append((step, score))
                 progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
                 if best is None or score > best.val_accuracy:
-                    best = TrainOutcome(_clone_state(inner), step, score)
-    to_contiguous(inner)
+                    best = TrainOutcome(_clone_state(model), step, score)
+    to_contiguous(model)
     accelerator.free_memory()  # drop the accelerator's references to this run's model and optimizer
     if best is None:
-        return TrainOutcome(_clone_state(inner), steps, None, history)
+        return TrainOutcome(_clone_state(model), steps, None, history)
     best.history = history
     return best
 

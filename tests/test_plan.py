@@ -17,21 +17,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_a_plan_lists_every_run_with_its_init_hparams_seeds_and_key(tiny_world, tmp_path):
     config = tiny_recipe(tiny_world, tmp_path / "out")
-    plan = plan_recipe(config, echo=lambda line: None)
+    [plan] = plan_recipe(config, echo=lambda line: None)
     assert [spec.init.source for spec in plan.runs] == [config.base, *config.aux]
     assert [spec.hparams for spec in plan.runs] == [draw_hparams(config, i) for i in range(3)]
     assert [spec.warmup_steps for spec in plan.runs] == [0, 2, 2]  # only recycled inits warm their head up
     assert [spec.run_seed for spec in plan.runs] == ["0:0", "0:1", "0:2"]
     assert len({spec.key for spec in plan.runs}) == 3 and plan.lp.key not in {spec.key for spec in plan.runs}
     assert plan.target.train_domains == ("painting", "photo", "sketch") and plan.target.test_domain == "cartoon"
-    assert plan_recipe(config, echo=lambda line: None) == plan  # frozen and deterministic
+    assert plan_recipe(config, echo=lambda line: None) == [plan]  # frozen and deterministic
     # 87 training images over 3 domains (6 per class and domain, 80/20): 4 steps x 4 images x 3 domains
     assert run_work(plan.runs[1], plan.target) == ((2 + 4) * 4 * 3, 3 * plan.target.val_size + 36)
     assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
 def test_fusing_plans_its_mixtures_before_building_any(tiny_world, tmp_path):
-    plan = plan_recipe(tiny_recipe(tiny_world, tmp_path / "out", strategy="fusing"), echo=lambda line: None)
+    [plan] = plan_recipe(tiny_recipe(tiny_world, tmp_path / "out", strategy="fusing"), echo=lambda line: None)
     for spec in plan.runs:
         assert isinstance(spec.init, FusionSpec) and spec.init.members[0] == plan.base
         assert sum(spec.init.weights) == pytest.approx(1.0) and spec.recycled
@@ -45,7 +45,7 @@ def test_dry_run_prints_the_plan_and_then_the_done_runs(tiny_world, tmp_path, ca
     assert cli.main(argv) == 0
     before = capsys.readouterr().out
     assert not (tmp_path / "out").exists()
-    plan = plan_recipe(config, echo=lambda line: None)
+    [plan] = plan_recipe(config, echo=lambda line: None)
     for spec in plan.runs:
         assert f"{spec.index:>4}  pending" in before and spec.folder in before
     assert "pending: 3 of 3 runs" in before and f"linear probe {plan.lp.folder}: pending" in before

@@ -313,7 +313,7 @@ def test_reference_allocation_four_runs_from_the_base_and_one_per_auxiliary_feat
     for k in range(16):
         shutil.copytree(world.aux[k % 2], tmp_path / f"aux{k:02d}")
         aux.append(str(tmp_path / f"aux{k:02d}"))
-    plan = recipe.plan_recipe(make_config(world, tmp_path / "out").replace(runs=20, aux=tuple(aux)), echo=quiet)
+    [plan] = recipe.plan_recipe(make_config(world, tmp_path / "out").replace(runs=20, aux=tuple(aux)), echo=quiet)
     starts = [spec.init.source for spec in plan.runs]
     assert len(starts) == 20
     assert starts.count(str(world.base)) == 4

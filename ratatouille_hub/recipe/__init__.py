@@ -1,63 +1,90 @@
 """The Model Ratatouille recipe (METHOD.md) as plan -> execute -> assemble.
 
     plan      fetch the base, discover and vet the fine-tunes to recycle, describe the target, and list
-              the shared linear probe and every run (init, hparams, seeds, folder key): no training
-    execute   train what the plan still misses (the only place training happens)
+              the shared linear probe and every run (init, hparams, seeds, folder key): no training.
+              `--test-domain all` makes one plan per held-out domain (leave-one-domain-out).
+    execute   train what the plans still miss (the only place training happens), in one process or
+              spread over many: accelerate's ranks, scheduler array tasks (`run --index`), or both
     assemble  average, score, diagnose and write the result folder from finished run folders
 
 Every expensive artefact lives in a folder named after a hash of what produced it, written whole or not
-at all, with a `done` marker: rerunning an interrupted recipe redoes only what is missing.
+at all, with a `done` marker, and claimed by a lock beside it while it is written: rerunning an
+interrupted recipe redoes only what is missing, and no two processes ever train the same run.
 
     output/
       recipe.yaml        the config, replayable with --config
-      lp/<hash>/         the shared linear-probe head
+      plan.json          the plans every process executes (pinned ingredients, every run's spec)
+      cache/<hash>/      the target decoded once (memory-mapped), shared by every process and rerun
+      lp/<hash>/         a shared linear-probe head (one per held-out domain)
       inits/<hash>/      fusing only: one run's starting point, a convex combination of checkpoints
       runs/<hash>/       one target fine-tune: model/, metrics.json, predictions.safetensors, done
       soup/              the result as a transformers model folder (+ README.md, recipe.yaml, results.json):
                          the weight average (ratatouille, soup) or the best run by validation (erm, fusing)
+      soups/<domain>/    with --test-domain all: one such folder per held-out domain, and results.json
+                         beside recipe.yaml holds the DomainBed table
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from ..config import RecipeConfig
+from ..config import ALL_DOMAINS, RecipeConfig
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import Ingredient, is_hub_id, resolve_dataset, resolve_model
-from ..io import exclusive_lock, sweep_staging
+from ..io import claimed_folder, sweep_staging
 from ..models import quiet_transformers
-from ..results import Results
+from ..results import LeaveOneDomainOut, Results
 from ..strategies import STRATEGIES
-from ..target import TargetPreparation
+from ..target import Target, TargetPreparation
 from ..vetting import vet_ingredients
 from .assembly import assemble
-from .executor import execute
-from .plan import RecipePlan, build_plan, format_plan
+from .executor import RunExecutor, Worker, execute
+from .plan import PLAN_FILE, RecipePlan, build_plan, format_plans, load_plans, save_plans
 
-__all__ = ["RecipeError", "RecipePlan", "Results", "plan_recipe", "recycle", "format_plan"]
+__all__ = [
+    "RecipeError",
+    "RecipePlan",
+    "Results",
+    "LeaveOneDomainOut",
+    "assemble_output",
+    "format_plans",
+    "plan_recipe",
+    "plan_output",
+    "recycle",
+    "run_index",
+]
 
 
-def recycle(config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print) -> Results:
-    """Run the whole recipe; returns the results written to `<output>/soup/results.json`."""
-    plan, target = _plan(config, token, echo)
-    decoded = target.decode()
+def recycle(
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+) -> Results | LeaveOneDomainOut | None:
+    """Run the whole recipe: the results written to `<output>/soup/results.json`, or with
+    `test_domain="all"` every held-out domain's results and their DomainBed table.
+
+    Under `accelerate launch`, every process calls this: the main one plans, all of them train the runs
+    between them (each run by one process) until every run is done, and the main one assembles and
+    returns the results; the others return None.
+    """
+    worker = Worker.of_this_process()
     output = Path(config.output)
-    with claimed_output(output, config):  # every input checked: only now is anything written
-        execute(plan, output, decoded, echo)
-        return assemble(plan, output, decoded, echo)
+    if worker.is_main:
+        plan_output(config, token=token, echo=echo)
+    worker.wait_for_everyone_then_part()
+    plans = load_plans(output, token)
+    jobs = [(plan, decode_target(plan, output, token)) for plan in plans]
+    execute(jobs, output, echo, worker)
+    return _assemble(jobs, output, echo) if worker.is_main else None
 
 
 def plan_recipe(
     config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
-) -> RecipePlan:
-    """The recipe's plan, without training and without writing anything (`recycle --dry-run`)."""
-    return _plan(config, token, echo)[0]
-
-
-def _plan(config: RecipeConfig, token, echo) -> tuple[RecipePlan, TargetPreparation]:
+) -> list[RecipePlan]:
+    """The recipe's plans (one per held-out domain), without training and without writing anything
+    (`recycle --dry-run`)."""
     quiet_transformers()
     output = Path(config.output)
     if output.exists() and not output.is_dir():
@@ -65,10 +92,101 @@ def _plan(config: RecipeConfig, token, echo) -> tuple[RecipePlan, TargetPreparat
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
     base, recycled = fetch_ingredients(config, token, echo)
     echo(f"[data] {config.target}")
-    target = TargetPreparation(config, base, token)
-    spec = target.spec()
-    echo(f"[data] {spec.reference}: train domains {', '.join(spec.train_domains)}; held out: {spec.test_domain}")
-    return build_plan(config, base, recycled, spec, trained_on), target
+    plans = []
+    for domain in held_out_domains(config, base, token):
+        domain_config = config if domain == config.test_domain else replace(config, test_domain=domain)
+        spec = TargetPreparation(domain_config, base, token).spec()
+        echo(f"[data] {spec.reference}: train domains {', '.join(spec.train_domains)}; held out: {spec.test_domain}")
+        plans.append(build_plan(domain_config, base, recycled, spec, trained_on))
+    return plans
+
+
+def held_out_domains(config: RecipeConfig, base: Ingredient, token) -> list[str | None]:
+    """`[config.test_domain]`, or for `all` every domain of the target in sorted order."""
+    if config.test_domain != ALL_DOMAINS:
+        return [config.test_domain]
+    splits = TargetPreparation(replace(config, test_domain=None), base, token).splits
+    return sorted([splits.test_domain, *(d.domain for d in splits.train_domains)])
+
+
+def plan_output(
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+) -> list[RecipePlan]:
+    """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
+    `assemble_output` (any process, any machine that shares the folder) find it."""
+    plans = plan_recipe(config, token=token, echo=echo)
+    with claimed_output(Path(config.output), config):  # every input checked: only now is anything written
+        save_plans(plans, Path(config.output))
+    return plans
+
+
+def decode_target(plan: RecipePlan, output: Path, token=None) -> Target:
+    """The plan's target, decoded into (or read from) the output folder's cache."""
+    preparation = TargetPreparation(plan.config, plan.base, token)
+    if preparation.fingerprint != plan.target.fingerprint:
+        raise RecipeError(
+            f"the target {plan.target.reference} is not the one planned (its rows or preprocessing changed); "
+            "plan again into another --output"
+        )
+    return preparation.decode(cache=output / "cache")
+
+
+def run_index(
+    output: Path, index: int, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+) -> Path:
+    """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
+    done; waits for it if another process holds it (and trains it if that process dies first)."""
+    plans = load_plans(output, token)
+    work = [(plan, spec) for plan in plans for spec in plan.runs]
+    if not 0 <= index < len(work):
+        raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
+    plan, spec = work[index]
+    executor = RunExecutor(plan.config.precision, output, echo)
+    with claimed_folder(output / spec.folder, wait=False) as mine:
+        if mine:
+            return executor.run(plan, spec, decode_target(plan, output, token))
+    echo(f"[train] {spec.label}: claimed by another process; waiting for it")
+    with claimed_folder(output / spec.folder, wait=True):
+        return executor.run(plan, spec, decode_target(plan, output, token))
+
+
+def assemble_output(
+    output: Path, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+) -> Results | LeaveOneDomainOut:
+    """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
+    while some runs are missing."""
+    plans = load_plans(output, token)
+    missing = [i for i, (plan, spec) in enumerate(_work(plans)) if not plan.is_done(output, spec)]
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if len(missing) > 20 else "")
+        raise RecipeError(
+            f"{len(missing)} of {len(_work(plans))} runs in {output} are not done (indices: {shown}); "
+            f"train them with `ratatouille-hub run {output} --index I`"
+        )
+    return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo)
+
+
+def _work(plans: list[RecipePlan]) -> list:
+    return [(plan, spec) for plan in plans for spec in plan.runs]
+
+
+def soup_folder(plans: list[RecipePlan], plan: RecipePlan, output: Path) -> Path:
+    """`soup/` for one held-out domain; `soups/<domain>/` for each, with several."""
+    return output / "soup" if len(plans) == 1 else output / "soups" / plan.target.test_domain
+
+
+def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Results | LeaveOneDomainOut:
+    plans = [plan for plan, _ in jobs]
+    per_domain = {}
+    for plan, target in jobs:
+        folder = soup_folder(plans, plan, output)
+        with claimed_folder(folder, wait=True):  # two launches finishing together assemble one at a time
+            per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, folder)
+    if len(plans) == 1:
+        return per_domain[plans[0].target.test_domain]
+    table = LeaveOneDomainOut(per_domain)
+    table.save(output / "results.json")
+    return table
 
 
 def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, list[Ingredient]]:
@@ -123,13 +241,13 @@ def trained_on(ingredient: Ingredient) -> str:
 
 @contextmanager
 def claimed_output(output: Path, config: RecipeConfig):
-    """Lock the output folder and save recipe.yaml in it. Taken only once every input has been checked,
-    so a command that fails on bad input leaves the output folder as it found it."""
+    """Hold the output folder's recipe for the block, after checking it is this recipe, and save
+    recipe.yaml. Taken only once every input has been checked, so a command that fails on bad input leaves
+    the output folder as it found it. Held only while the plan is written: runs are claimed one by one."""
     output.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
+    with claimed_folder(output / "recipe.yaml", wait=True):
         check_same_recipe(output / "recipe.yaml", config)
-        for folder in (output, output / "lp", output / "inits", output / "runs"):  # what a killed run left half-written
-            sweep_staging(folder)
+        sweep_staging(output, only=PLAN_FILE)
         config.save_yaml(output / "recipe.yaml")
         yield
 

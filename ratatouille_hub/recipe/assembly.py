@@ -60,9 +60,9 @@ class RunFolder:
         return load_file(self.folder / "predictions.safetensors")
 
 
-def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
+def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> Results:
     """Score the finished runs, average them with every merge method recycle offers, and write the result
-    folder: the weight average (averaging strategies) or the best run by validation."""
+    folder `destination`: the weight average (averaging strategies) or the best run by validation."""
     config, strategy = plan.config, plan.strategy
     echo("[merge] averaging runs" if strategy.averages else "[merge] evaluating runs and their averages")
     runs = [RunFolder(output / spec.folder) for spec in plan.runs]
@@ -74,7 +74,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo) -> Results:
     inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
 
-    with staged_folder(output / "soup") as staging:
+    with staged_folder(destination) as staging:
         average_scores = {}
         if strategy.averages:
             members = list(mixtures[config.method].members)

@@ -1,13 +1,18 @@
-"""Executing a plan: the only place the recipe trains.
+"""Executing plans: the only place the recipe trains.
 
 Each spec is executed into its own folder, written under a staging name and marked `done` last, so an
 executor may run specs in any order, skip finished ones and be killed at any point without losing one.
+Any number of processes may execute the same plans on one output folder at once (accelerate ranks,
+scheduler array tasks, a second launch): a process claims a spec by a lock beside its folder before
+training it, so each run is trained by exactly one of them, and a run whose claimant dies is trained by
+whichever process next waits for it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..fetch import Ingredient
 from ..hashing import stable_int
-from ..io import DONE, atomic_write_json, staged_folder
+from ..io import DONE, atomic_write_json, claimed_folder, staged_folder
 from ..merge import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
 from ..strategies import FusionSpec
@@ -26,41 +31,122 @@ from .plan import RecipePlan, RunSpec
 FUSION_FILE = "fusion.json"
 
 
-def execute(plan: RecipePlan, output: Path, target: Target, echo) -> None:
-    """Train what the plan still misses, one spec after the other, in this process."""
-    accelerator = make_accelerator(plan.config.precision)
-    head = shared_linear_probe(plan, target, accelerator, output, echo)
-    for spec in plan.runs:
-        execute_run(plan, spec, head, target, accelerator, output, echo)
+@dataclass(frozen=True)
+class Worker:
+    """This process among the `count` that execute the same plans together (accelerate's ranks)."""
+
+    rank: int = 0
+    count: int = 1
+
+    @classmethod
+    def of_this_process(cls) -> Worker:
+        """The rank accelerate (or torchrun) gave this process; rank 0 of 1 when it was started alone."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.rank}/{self.count} " if self.count > 1 else ""
+
+    def wait_for_everyone_then_part(self) -> None:
+        """The processes' one meeting (once the plan is saved), after which they coordinate only through
+        the output folder's claims: the process group goes, as transformers' save_pretrained writes nothing
+        on ranks other than 0 while one is up, and here every rank saves runs of its own."""
+        if self.count > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    def echo(self, echo):
+        """`echo` with every line naming this rank, when there are several."""
+        return echo if self.count == 1 else (lambda line: echo(f"[{self.name.strip()}] {line}"))
+
+    def first(self, items: Sequence) -> list:
+        """`items` with this rank's share first (every count-th, from its rank), then the others' to take
+        over where they fall behind."""
+        own = list(items[self.rank :: self.count])
+        return own + [item for i, item in enumerate(items) if i % self.count != self.rank]
+
+
+ALONE = Worker()
+
+
+def execute(jobs: Sequence[tuple[RecipePlan, Target]], output: Path, echo, worker: Worker = ALONE) -> None:
+    """Train every run the plans still miss that no other process is training; then wait for the runs
+    others claimed (training any whose claimant died), so every run is done when this returns."""
+    executor = RunExecutor(jobs[0][0].config.precision, output, worker.echo(echo), worker)
+    work = worker.first([(plan, spec, target) for plan, target in jobs for spec in plan.runs])
+    claimed_elsewhere = []
+    for plan, spec, target in work:
+        if plan.is_done(output, spec):
+            executor.echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
+            continue
+        with claimed_folder(output / spec.folder, wait=False) as mine:
+            if mine:
+                executor.run(plan, spec, target)
+            else:
+                claimed_elsewhere.append((plan, spec, target))
+    for plan, spec, target in claimed_elsewhere:
+        if not plan.is_done(output, spec):
+            executor.echo(f"[train] {spec.label}: claimed by another process; waiting for it")
+        with claimed_folder(output / spec.folder, wait=True):
+            executor.run(plan, spec, target)  # returns at once unless its claimant died before finishing
+
+
+class RunExecutor:
+    """Trains one claimed run at a time on this process's device, from its plan's shared linear probe."""
+
+    def __init__(self, precision: str, output: Path, echo, worker: Worker = ALONE):
+        self.accelerator = make_accelerator(precision)
+        self.output, self.echo, self.worker = output, echo, worker
+        self.heads: dict[str, LinearHead] = {}
+
+    def run(self, plan: RecipePlan, spec: RunSpec, target: Target) -> Path:
+        if plan.lp.key not in self.heads:
+            self.heads[plan.lp.key] = shared_linear_probe(plan, target, self.accelerator, self.output, self.echo)
+        head = self.heads[plan.lp.key]
+        return execute_run(plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name)
 
 
 def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> LinearHead:
     """The target head trained once on the frozen base; every run starts from it (so heads average)."""
     spec = plan.lp
     folder = output / spec.folder
-    if not (folder / DONE).exists():
-        echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
-        model = load_classifier(plan.base.path, target.id2label).to(accelerator.device)
-        head = linear_probe(
-            model,
-            target.data,
-            steps=spec.steps,
-            lr=spec.lr,
-            batch_size=spec.batch_size,
-            eval_every=spec.eval_every,
-            seed=spec.seed,
-            accelerator=accelerator,
-        )
-        with staged_folder(folder) as staging:
-            save_file(
-                {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors"
-            )
-            atomic_write_json(staging / "metrics.json", {"step": head.step, "val_accuracy": head.val_accuracy})
-            (staging / DONE).touch()
+    with claimed_folder(folder, wait=True):  # trained by the first process to need it; the others wait
+        if not (folder / DONE).exists():
+            _train_linear_probe(plan, target, accelerator, folder, echo)
     tensors = load_file(folder / "head.safetensors")
     metrics = json.loads((folder / "metrics.json").read_text())
     echo(f"[train] linear probe: validation {100 * metrics['val_accuracy']:.1f}% (step {metrics['step']})")
     return LinearHead(tensors["weight"], tensors["bias"], metrics["step"], metrics["val_accuracy"])
+
+
+def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: Path, echo) -> None:
+    spec = plan.lp
+    echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
+    model = load_classifier(plan.base.path, target.id2label).to(accelerator.device)
+    head = linear_probe(
+        model,
+        target.data,
+        steps=spec.steps,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        eval_every=spec.eval_every,
+        seed=spec.seed,
+        accelerator=accelerator,
+    )
+    with staged_folder(folder) as staging:
+        save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
+        atomic_write_json(staging / "metrics.json", {"step": head.step, "val_accuracy": head.val_accuracy})
+        (staging / DONE).touch()
 
 
 def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Path, echo) -> Ingredient:
@@ -69,25 +155,31 @@ def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Pat
     if not isinstance(init, FusionSpec):
         return init
     folder = output / "inits" / init.key
-    if not (folder / DONE).exists():
-        mix = ", ".join(f"{w:.2f} x {m.source}" for w, m in zip(init.weights, init.members))
-        echo(f"[fusing] run {spec.index + 1}: {mix}")
-        torch.manual_seed(init.head_seed)
-        states = [load_classifier(m.path, target.id2label).state_dict() for m in init.members]
-        model = load_classifier(plan.base.path, target.id2label)
-        model.load_state_dict(average_state_dicts(states, init.weights))
-        with staged_folder(folder) as staging:
-            model.save_pretrained(staging)
-            fusion = {"members": [m.reference for m in init.members], "weights": list(init.weights)}
-            atomic_write_json(staging / FUSION_FILE, fusion)
-            (staging / DONE).touch()
+    with claimed_folder(folder, wait=True):
+        if not (folder / DONE).exists():
+            _build_fusion(plan, spec, init, target, folder, echo)
     return Ingredient(init.source, init.revision, folder)
 
 
+def _build_fusion(plan: RecipePlan, spec: RunSpec, init: FusionSpec, target: Target, folder: Path, echo) -> None:
+    mix = ", ".join(f"{w:.2f} x {m.source}" for w, m in zip(init.weights, init.members))
+    echo(f"[fusing] run {spec.index + 1}: {mix}")
+    torch.manual_seed(init.head_seed)
+    states = [load_classifier(m.path, target.id2label).state_dict() for m in init.members]
+    model = load_classifier(plan.base.path, target.id2label)
+    model.load_state_dict(average_state_dicts(states, init.weights))
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        fusion = {"members": [m.reference for m in init.members], "weights": list(init.weights)}
+        atomic_write_json(staging / FUSION_FILE, fusion)
+        (staging / DONE).touch()
+
+
 def execute_run(
-    plan: RecipePlan, spec: RunSpec, head: LinearHead, target: Target, accelerator, output: Path, echo
+    plan: RecipePlan, spec: RunSpec, head: LinearHead, target: Target, accelerator, output: Path, echo, rank: str = ""
 ) -> Path:
-    """One target fine-tune from (init featurizer, shared head); returns at once when already done."""
+    """One target fine-tune from (init featurizer, shared head), by the process that claimed its folder;
+    returns at once when already done. `rank` names this process in its progress bars."""
     folder = output / spec.folder
     if (folder / DONE).exists():
         echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
@@ -116,7 +208,12 @@ def execute_run(
         for param in model.parameters():
             param.requires_grad_(any(param is p for p in head_params))
         optimize(
-            model, batches, parameters=head_params, steps=spec.warmup_steps, desc=f"{spec.label} head warm-up", **common
+            model,
+            batches,
+            parameters=head_params,
+            steps=spec.warmup_steps,
+            desc=f"{rank}{spec.label} head warm-up",
+            **common,
         )
         for param in model.parameters():
             param.requires_grad_(True)
@@ -128,7 +225,7 @@ def execute_run(
         steps=spec.steps,
         validate=lambda m: validation_accuracy(m, pooled_val, data.normalize),
         eval_every=spec.eval_every,
-        desc=spec.label,
+        desc=f"{rank}{spec.label}",
         **common,
     )
     model.load_state_dict(outcome.state)

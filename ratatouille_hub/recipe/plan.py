@@ -8,13 +8,15 @@ target's columns; it never decodes an image or loads a weight.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..config import RecipeConfig, RunHParams, draw_hparams
-from ..fetch import Ingredient
+from ..errors import RecipeError
+from ..fetch import Ingredient, resolve_model
 from ..hashing import stable_hash
-from ..io import DONE
+from ..io import DONE, atomic_write_json
 from ..strategies import STRATEGIES, FusionSpec, Init, InitContext, Strategy
 from ..target import TargetSpec
 
@@ -170,8 +172,20 @@ def describe_init(init: Init) -> str:
     return init.reference
 
 
-def format_plan(plan: RecipePlan, output: Path) -> str:
-    """The dry run: every run, its init and hparams, done or pending, and the work it costs."""
+def format_plans(plans: list[RecipePlan], output: Path) -> str:
+    """The dry run: every plan's runs, numbered as `run --index` numbers them, and what is pending."""
+    parts, first = [], 0
+    for plan in plans:
+        parts.append(format_plan(plan, output, first))
+        first += len(plan.runs)
+    if len(plans) > 1:
+        pending = sum(len(plan.missing(output)) for plan in plans)
+        parts.append(f"in all: {pending} of {first} runs pending over {len(plans)} held-out domains")
+    return "\n\n".join(parts)
+
+
+def format_plan(plan: RecipePlan, output: Path, first: int = 0) -> str:
+    """One plan: every run (indexed from `first`), its init and hparams, done or pending, and its cost."""
     target = plan.target
     lines = [
         f"plan: {len(plan.runs)} runs, strategy {plan.strategy.name}, on {target.reference} "
@@ -191,7 +205,7 @@ def format_plan(plan: RecipePlan, output: Path) -> str:
             pending_train, pending_eval = pending_train + trained, pending_eval + evaluated
         steps = f"{spec.steps}" + (f"+{spec.warmup_steps}" if spec.warmup_steps else "")
         lines.append(
-            f"{spec.index:>4}  {'done' if done else 'pending':<7}  {spec.hparams.lr:>8g}  "
+            f"{first + spec.index:>4}  {'done' if done else 'pending':<7}  {spec.hparams.lr:>8g}  "
             f"{spec.hparams.weight_decay:>8g}  {spec.hparams.dropout:>7g}  {steps:>11}  {trained:>10}  "
             f"{evaluated:>9}  {spec.folder}  from {describe_init(spec.init)}"
         )
@@ -202,3 +216,100 @@ def format_plan(plan: RecipePlan, output: Path) -> str:
         f"and {pending_eval} to evaluate (steps: fine-tune + head warm-up)",
     ]
     return "\n".join(lines)
+
+
+# -- a plan on disk: what `plan` saves and `run` / `assemble` (or any other process) execute ---------
+
+PLAN_FILE = "plan.json"
+
+
+def save_plans(plans: list[RecipePlan], output: Path) -> None:
+    """Write the plans to `<output>/plan.json`, so every process executes the same runs from the same
+    pinned ingredients, without discovering or vetting again."""
+    atomic_write_json(output / PLAN_FILE, {"version": 1, "plans": [_plan_to_dict(plan) for plan in plans]})
+
+
+def load_plans(output: Path, token=None) -> list[RecipePlan]:
+    """The plans `save_plans` wrote; an ingredient whose cached path this machine lacks is fetched again at
+    its pinned revision."""
+    path = output / PLAN_FILE
+    if not path.is_file():
+        raise RecipeError(
+            f"{output} holds no plan ({PLAN_FILE}); make one with `ratatouille-hub plan ... --output {output}`"
+        )
+    saved = json.loads(path.read_text())
+    located: dict[tuple[str, str], Ingredient] = {}
+
+    def ingredient(data: dict) -> Ingredient:
+        key = (data["source"], data["revision"])
+        if key not in located:
+            found = Ingredient(data["source"], data["revision"], Path(data["path"]))
+            if not found.path.is_dir():
+                found = resolve_model(found.source, None if found.is_local else found.revision, token=token)
+            located[key] = found
+        return located[key]
+
+    return [_plan_from_dict(data, ingredient) for data in saved["plans"]]
+
+
+def _ingredient_to_dict(ingredient: Ingredient) -> dict:
+    return {"source": ingredient.source, "revision": ingredient.revision, "path": str(ingredient.path)}
+
+
+def _init_to_dict(init: Init) -> dict:
+    if isinstance(init, FusionSpec):
+        return {
+            "fusion": {
+                "members": [_ingredient_to_dict(m) for m in init.members],
+                "weights": list(init.weights),
+                "head_seed": init.head_seed,
+                "key": init.key,
+            }
+        }
+    return _ingredient_to_dict(init)
+
+
+def _plan_to_dict(plan: RecipePlan) -> dict:
+    target = asdict(plan.target)
+    target["id2label"] = {str(k): v for k, v in plan.target.id2label.items()}
+    runs = []
+    for spec in plan.runs:
+        run = {f.name: getattr(spec, f.name) for f in fields(RunSpec)}
+        run.update(init=_init_to_dict(spec.init), hparams=asdict(spec.hparams))
+        runs.append(run)
+    return {
+        "config": plan.config.to_dict(),
+        "strategy": plan.strategy.name,
+        "base": _ingredient_to_dict(plan.base),
+        "recycled": [_ingredient_to_dict(i) for i in plan.recycled],
+        "target": target,
+        "lp": asdict(plan.lp),
+        "runs": runs,
+    }
+
+
+def _plan_from_dict(data: dict, ingredient) -> RecipePlan:
+    target = dict(data["target"])
+    target["id2label"] = {int(k): v for k, v in target["id2label"].items()}
+    for name in ("train_domains", "train_sizes"):
+        target[name] = tuple(target[name])
+
+    def init(saved: dict) -> Init:
+        if "fusion" not in saved:
+            return ingredient(saved)
+        fusion = saved["fusion"]
+        members = tuple(ingredient(m) for m in fusion["members"])
+        return FusionSpec(members, tuple(fusion["weights"]), fusion["head_seed"], fusion["key"])
+
+    runs = tuple(
+        RunSpec(**{**run, "init": init(run["init"]), "hparams": RunHParams(**run["hparams"])}) for run in data["runs"]
+    )
+    return RecipePlan(
+        config=RecipeConfig.from_dict(data["config"]),
+        strategy=STRATEGIES[data["strategy"]],
+        base=ingredient(data["base"]),
+        recycled=tuple(ingredient(i) for i in data["recycled"]),
+        target=TargetSpec(**target),
+        lp=LPSpec(**data["lp"]),
+        runs=runs,
+    )
