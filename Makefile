@@ -2,10 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# glibc malloc settings that stop PyTorch page-faulting on every activation buffer (../shared/STACK.md).
-export MALLOC_MMAP_MAX_ := 0
-export MALLOC_TRIM_THRESHOLD_ := 10000000000
-export MALLOC_TOP_PAD_ := 1073741824
+# The glibc allocator settings PyTorch needs on CPU are applied by the product at start-up
+# (ratatouille_hub/allocator.py), so `make demo` and the console script run alike.
 
 .PHONY: venv demo test format bench-merge bench-pacs clean
 

@@ -93,9 +93,13 @@ def run_to_completion(world, out: Path) -> subprocess.CompletedProcess:
 class Watched:
     """A recycle process whose stdout lines are collected as they come (for stage detection)."""
 
-    def __init__(self, world, out: Path, extra=()):
+    def __init__(self, world, out: Path, extra=(), argv: list[str] | None = None):
         self.process = subprocess.Popen(
-            command(world, out, extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV
+            argv or command(world, out, extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=ENV,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -227,24 +231,36 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
     assert {p.name: p.read_bytes() for p in (out / "soup").iterdir()} == soup
 
 
-def test_a_second_recycle_on_the_same_output_is_refused(world, reference, tmp_path):
+def test_a_second_recycle_on_a_folder_in_use_trains_only_what_is_unclaimed(world, reference, tmp_path):
+    """The first process is frozen while it trains run 1: the second trains runs 2 and 3, says it waits
+    for run 1, and once the first resumes both finish with every run trained once and the same soup."""
     out = tmp_path / "busy"
-    first = Watched(world, out)
+    first, second = Watched(world, out), None
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not first.saw("[train]"):  # inputs checked, lock taken
+        while not first.saw("[train] run 1/3 from"):  # run 1 claimed
             assert first.process.poll() is None and time.monotonic() < deadline, first.lines
+            time.sleep(0.002)
+        first.process.send_signal(signal.SIGSTOP)  # frozen while holding run 1's claim
+        second = Watched(world, out)
+        while not second.saw("run 1/3: claimed by another process; waiting for it"):
+            assert second.process.poll() is None and time.monotonic() < deadline, second.lines
             time.sleep(0.01)
-        first.process.send_signal(signal.SIGSTOP)  # frozen while holding the lock, however fast this machine is
-        second = subprocess.run(command(world, out), capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
         assert first.process.poll() is None, "the first process ended before the second one was tried"
-        assert not (out / "soup").exists()
+        first.process.send_signal(signal.SIGCONT)
+        assert first.process.wait(timeout=TIMEOUT) == 0
+        assert second.process.wait(timeout=TIMEOUT) == 0
     finally:
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait(timeout=30)
-    assert second.returncode == 2
-    assert second.stderr.splitlines() == [f"error: {out} is in use by another ratatouille-hub process"]
-    assert "Traceback" not in second.stdout
+        for watched in (first, second):
+            if watched is not None and watched.process.poll() is None:
+                watched.process.kill()
+    first._reader.join(timeout=10)
+    second._reader.join(timeout=10)
+    for run in (1, 2, 3):
+        trained_by = [w for w in (first, second) if w.saw(f"[train] run {run}/3 from")]
+        assert len(trained_by) == 1, f"run {run} trained by {len(trained_by)} processes"
+    assert second.saw("[train] run 2/3 from") and second.saw("[train] run 3/3 from")
+    assert sha256(out / "soup" / "model.safetensors") == reference.weights
 
 
 def test_disk_full_while_writing_the_soup_keeps_the_previous_soup(world, reference, tmp_path, monkeypatch, capsys):
@@ -288,12 +304,12 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
     (out / ".soup.1234abcd.partial").mkdir()
     (out / ".soup.1234abcd.partial" / "model.safetensors").write_bytes(b"half")
     (out / ".recipe.yaml.x1.tmp").write_text("half")
-    (out / ".lock").touch()
+    (out / ".soup.lock").touch()
     (out / "runs" / "abc").mkdir(parents=True)
     (out / "runs" / ".abc.old").mkdir()
     sweep_staging(out)
     sweep_staging(out / "runs")
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "runs", "soup"]
+    assert sorted(p.name for p in out.iterdir()) == [".soup.lock", "runs", "soup"]
     assert (out / "soup" / "model.safetensors").read_bytes() == b"previous soup"
     assert [p.name for p in (out / "runs").iterdir()] == ["abc"]
 

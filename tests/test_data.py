@@ -124,7 +124,19 @@ def test_unusable_targets_raise_data_error(dataset, kwargs, message):
 
 def test_a_one_class_test_domain_is_fine():
     splits = split(_table(["a", "a", "b", "b"], [0, 1, 0, 0]), "b")  # only training domains must hold 2 classes
-    assert splits.test == (2, 3)
+    assert sorted(splits.test) == [2, 3]
+    assert splits.test == splits.held_out.train + splits.held_out.val  # laid out as every domain is
+
+
+def test_a_domain_splits_the_same_whichever_domain_is_held_out():
+    """One decoded copy of the target serves every held-out domain (--test-domain all, the cache)."""
+    dataset = _table(["a"] * 10 + ["b"] * 10 + ["c"] * 10, [0, 1] * 15)
+    held_out_a, held_out_c = split(dataset, "a"), split(dataset, "c")
+    assert [d.domain for d in held_out_a.train_domains] == ["b", "c"]
+    assert [d.domain for d in held_out_c.train_domains] == ["a", "b"]
+    assert held_out_a.train_domains[0] == held_out_c.train_domains[1]  # domain b, split the same
+    assert held_out_a.held_out == held_out_c.train_domains[0]  # domain a, held out or not
+    assert set(held_out_a.test) == set(range(10))
 
 
 # -- loading ----------------------------------------------------------------------------------------

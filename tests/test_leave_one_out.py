@@ -1,0 +1,73 @@
+"""Issue #10: `--test-domain all` (one linear probe, runs and soup per held-out domain, and the DomainBed
+table) and the target decoded once into a memory-mapped cache shared by every held-out domain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from ratatouille_hub import recycle
+from ratatouille_hub.fetch import resolve_model
+from ratatouille_hub.recipe import plan_recipe
+from ratatouille_hub.target import TargetPreparation
+from ratatouille_hub.testing import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the tiny world's
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_cache_holds_the_same_pixels_decoded_once_for_every_held_out_domain(tiny_world, tmp_path, monkeypatch):
+    base = resolve_model(str(tiny_world.base))
+    cache = tmp_path / "cache"
+    for domain in ("cartoon", "sketch"):
+        options = tiny_recipe(tiny_world, tmp_path / "out", test_domain=domain)
+        preparation = TargetPreparation(options, base)
+        fresh, mapped = preparation.decode(), preparation.decode(cache=cache)
+        pairs = [
+            (fresh.test, mapped.test),
+            *zip(fresh.data.train, mapped.data.train),
+            *zip(fresh.data.val, mapped.data.val),
+        ]
+        for expected, got in pairs:
+            assert torch.equal(got.pixels, expected.pixels) and torch.equal(got.labels, expected.labels)
+    assert len(list(cache.iterdir())) == 2  # one decoded copy (and its claim), whichever domain is held out
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr("ratatouille_hub.target.decode_images", no_decoding)
+    again = TargetPreparation(tiny_recipe(tiny_world, tmp_path / "out", test_domain="photo"), base).decode(cache=cache)
+    assert len(again.test) == len(fresh.data.train[1]) + len(fresh.data.val[1])  # photo, read from the cache
+
+
+def test_every_domain_held_out_in_turn_gives_one_soup_each_and_the_domainbed_table(tiny_world, tmp_path):
+    out = tmp_path / "all"
+    config = tiny_recipe(tiny_world, out, test_domain="all").replace(runs=2)
+    plans = plan_recipe(config, echo=lambda line: None)
+    assert [plan.target.test_domain for plan in plans] == DOMAINS
+    assert len({plan.lp.key for plan in plans}) == 4  # one linear probe per held-out domain
+
+    table = recycle(config, echo=lambda line: None)
+    assert list(table.per_domain) == DOMAINS
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test_domains"] == DOMAINS
+    for cells in saved["test_accuracy"].values():
+        per_domain = [cells[d] for d in DOMAINS]
+        assert cells["average"] == pytest.approx(sum(per_domain) / 4)
+    for domain in DOMAINS:
+        results = json.loads((out / "soups" / domain / "results.json").read_text())
+        assert results["test_domain"] == domain
+        assert saved["test_accuracy"]["soup, uniform"][domain] == results["soup_uniform"]["test_accuracy"]
+        assert saved["test_accuracy"]["ensemble (reference)"][domain] == results["ensemble"]["test_accuracy"]
+    assert len(list((out / "lp").glob("[!.]*"))) == 4 and len(list((out / "runs").glob("[!.]*"))) == 8
+
+    alone = tmp_path / "sketch"
+    recycle(tiny_recipe(tiny_world, alone, test_domain="sketch").replace(runs=2), echo=lambda line: None)
+    assert sha256(out / "soups" / "sketch" / "model.safetensors") == sha256(alone / "soup" / "model.safetensors")

@@ -1,0 +1,161 @@
+"""Issue #10: the runs of one recipe spread over processes (accelerate launch) and scheduler tasks
+(`plan`, `run --index`, `assemble`), with the soup byte-identical to one process's and each run trained by
+exactly one process, including after a rank is killed. Every process runs with one OpenMP thread, so
+runs are bit-reproducible wherever they train."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_crash_safety import ENV, TIMEOUT, Watched, finished_runs, recycle_argv, sha256
+
+from ratatouille_hub.results import Results
+
+BIN = Path(sys.executable).parent
+ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+ACCELERATE += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "ratatouille_hub"]
+CLI = [sys.executable, "-m", "ratatouille_hub"]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    return tiny_world
+
+
+@pytest.fixture(scope="module")
+def sequential(world, tmp_path_factory):
+    """The recipe of test_crash_safety in one process: the soup every other way must reproduce."""
+    out = tmp_path_factory.mktemp("sequential") / "out"
+    done = subprocess.run([*CLI, *recycle_argv(world, out)], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def trainers(lines: list[str]) -> dict[int, list[str]]:
+    """Run number -> the ranks whose log says they started training it."""
+    started: dict[int, list[str]] = {}
+    for line in lines:
+        found = re.match(r"(?:\[(rank \d/\d)\] )?\[train\] run (\d+)/\d+ from ", line)
+        if found:
+            started.setdefault(int(found[2]), []).append(found[1] or "alone")
+    return started
+
+
+def test_accelerate_launch_on_two_processes_gives_the_sequential_soup(world, sequential, tmp_path):
+    out = tmp_path / "launched"
+    done = subprocess.run(
+        [*ACCELERATE, *recycle_argv(world, out)], capture_output=True, text=True, env=ENV, timeout=2 * TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    started = trainers(lines)
+    assert sorted(started) == [1, 2, 3] and all(len(ranks) == 1 for ranks in started.values()), started
+    assert {rank for ranks in started.values() for rank in ranks} <= {"rank 0/2", "rank 1/2"}
+    assert sum(line.startswith("soup: ") for line in lines) == 1  # the tables print once
+    assert sum("linear probe on the frozen base" in line for line in lines) == 1
+    assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
+    assert Results.load(out / "soup" / "results.json").runs == Results.load(sequential / "soup" / "results.json").runs
+
+
+def ranks_working_on(out: Path) -> dict[str, int]:
+    """RANK -> pid of the launched processes working on `out` (read from /proc: no extra package; the
+    launcher starts each rank in a session of its own, so they are found by their command line)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if str(out).encode() not in arguments:
+                continue
+            environ = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+        except OSError:
+            continue
+        if "RANK" in environ:
+            ranks[environ["RANK"]] = int(entry.name)
+    return ranks
+
+
+def test_a_rank_killed_mid_run_then_a_relaunch_trains_the_rest_once(world, sequential, tmp_path):
+    out = tmp_path / "killed"
+    launch = Watched(world, out, argv=[*ACCELERATE, *recycle_argv(world, out)])
+    try:
+        deadline = time.monotonic() + 2 * TIMEOUT
+
+        def wait_for(text: str) -> None:
+            while not launch.saw(text):
+                assert launch.process.poll() is None and time.monotonic() < deadline, launch.lines
+                time.sleep(0.002)
+
+        wait_for("[rank 0/2] [train] run 1/3 from")
+        ranks = ranks_working_on(out)
+        os.kill(ranks["0"], signal.SIGSTOP)  # rank 0 frozen in run 1, so rank 1 surely trains run 2
+        wait_for("[rank 1/2] [train] run 2/3 from")
+        os.kill(ranks["1"], signal.SIGKILL)  # rank 1 dies mid-run
+        os.kill(ranks["0"], signal.SIGCONT)
+        assert launch.process.wait(timeout=TIMEOUT) != 0  # the launcher stops the job
+    finally:
+        for pid in [launch.process.pid, *ranks_working_on(out).values()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    before = finished_runs(out)
+    assert len(before) < 3
+    relaunch = subprocess.run(
+        [*ACCELERATE, *recycle_argv(world, out)], capture_output=True, text=True, env=ENV, timeout=2 * TIMEOUT
+    )
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    after = finished_runs(out)
+    assert len(after) == 3 and all(after[name] == marker for name, marker in before.items())  # reused, not redone
+    retrained = trainers(relaunch.stdout.splitlines())
+    assert len(retrained) == 3 - len(before) and all(len(ranks) == 1 for ranks in retrained.values())
+    assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
+
+
+def test_plan_then_run_every_index_two_at_a_time_then_assemble_equals_recycle(world, sequential, tmp_path):
+    out = tmp_path / "scheduled"
+    argv = recycle_argv(world, out)
+    planned = subprocess.run([*CLI, "plan", *argv[1:]], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert f"saved the plan of 3 runs in {out / 'plan.json'}" in planned.stdout
+    assert not (out / "runs").exists()  # planned, nothing trained
+
+    early = subprocess.run([*CLI, "assemble", str(out)], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert early.returncode == 2
+    assert early.stderr.splitlines() == [
+        f"error: 3 of 3 runs in {out} are not done (indices: 0, 1, 2); "
+        f"train them with `ratatouille-hub run {out} --index I`"
+    ]
+
+    def run(index: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*CLI, "run", str(out), "--index", str(index)], stdout=subprocess.PIPE, text=True, env=ENV
+        )
+
+    for batch in ([0, 1], [2, 1]):  # two at a time; index 1 again while (or after) it is trained: idempotent
+        tasks = [run(i) for i in batch]
+        outputs = [task.communicate(timeout=TIMEOUT)[0] for task in tasks]
+        assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "done earlier" in outputs[1] or "claimed by another process" in outputs[1]
+    assert len(finished_runs(out)) == 3
+    assembled = subprocess.run([*CLI, "assemble", str(out)], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert assembled.returncode == 0, assembled.stderr[-3000:]
+    assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
+    assert (out / "soup" / "results.json").read_text() == (sequential / "soup" / "results.json").read_text().replace(
+        str(sequential), str(out)
+    )
+
+
+def test_run_index_outside_the_plan_is_refused(world, tmp_path):
+    out = tmp_path / "planned"
+    argv = recycle_argv(world, out)
+    assert subprocess.run([*CLI, "plan", *argv[1:]], capture_output=True, env=ENV, timeout=TIMEOUT).returncode == 0
+    refused = subprocess.run([*CLI, "run", str(out), "--index", "3"], capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [f"error: --index 3: the plan in {out} has runs 0 to 2"]
