@@ -451,6 +451,40 @@ def test_recycle_refuses_an_output_folder_of_another_recipe(world, tmp_path, ref
     )
 
 
+# -- scheduler commands on a saved plan ------------------------------------------------------------------
+
+
+@pytest.fixture
+def planned(world, tmp_path, capsys) -> Path:
+    """An output folder holding a saved plan (3 runs) and nothing trained."""
+    out = tmp_path / "planned"
+    assert cli.main(["plan", *recycle_argv(world, out)[1:]]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_assemble_names_the_runs_still_missing(planned, refused):
+    refused(
+        "assemble-missing-runs", "assemble before every run is done", ["assemble", str(planned)], "not done", planned
+    )
+
+
+def test_run_refuses_an_index_outside_the_plan(planned, refused):
+    argv = ["run", str(planned), "--index", "7"]
+    refused("run-index-outside-plan", "run --index past the plan's last run", argv, "--index 7", planned)
+
+
+def test_run_refuses_a_folder_without_a_plan(tmp_path, refused):
+    out = tmp_path / "unplanned"
+    out.mkdir()
+    argv = ["run", str(out), "--index", "0"]
+    refused("run-without-plan", "run on a folder no `plan` wrote", argv, "holds no plan", out)
+
+
+def test_run_needs_an_index(planned, refused):
+    refused("run-without-index", "run with no --index", ["run", str(planned)], "index is required", planned)
+
+
 def test_debug_shows_the_traceback(world, tmp_path):
     with pytest.raises(IngredientError, match="relative distance"):
         cli.main(["--debug", *recycle_argv(world, tmp_path / "out", aux=world.other_base)])

@@ -130,7 +130,7 @@ def test_plan_then_run_every_index_two_at_a_time_then_assemble_equals_recycle(wo
     assert early.returncode == 2
     assert early.stderr.splitlines() == [
         f"error: 3 of 3 runs in {out} are not done (indices: 0, 1, 2); "
-        f"train them with `ratatouille-hub run {out} --index I`"
+        f"train them with: ratatouille-hub run {out} --index I"
     ]
 
     def run(index: int) -> subprocess.Popen:

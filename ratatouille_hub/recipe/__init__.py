@@ -161,7 +161,7 @@ def assemble_output(
         shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if len(missing) > 20 else "")
         raise RecipeError(
             f"{len(missing)} of {len(_work(plans))} runs in {output} are not done (indices: {shown}); "
-            f"train them with `ratatouille-hub run {output} --index I`"
+            f"train them with: ratatouille-hub run {output} --index I"
         )
     return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo)
 

@@ -235,7 +235,7 @@ def load_plans(output: Path, token=None) -> list[RecipePlan]:
     path = output / PLAN_FILE
     if not path.is_file():
         raise RecipeError(
-            f"{output} holds no plan ({PLAN_FILE}); make one with `ratatouille-hub plan ... --output {output}`"
+            f"{output} holds no plan ({PLAN_FILE}); make one with: ratatouille-hub plan ... --output {output}"
         )
     saved = json.loads(path.read_text())
     located: dict[tuple[str, str], Ingredient] = {}
