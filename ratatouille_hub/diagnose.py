@@ -70,20 +70,37 @@ def diagnose_states(
 ) -> Diagnosis:
     """All three criteria; `predict(state)` returns class ids on the validation images. `pairs`
     defaults to every pair (three evaluations each)."""
-    predictions = [predict(state) for state in states]
+    return diagnose_loaded(names, states.__getitem__, predict, labels, pairs)
+
+
+def diagnose_loaded(
+    names: Sequence[str],
+    load: Callable[[int], Mapping[str, torch.Tensor]],
+    predict: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    labels: torch.Tensor,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> Diagnosis:
+    """`diagnose_states` with state `i` loaded by `load(i)` when needed and dropped after use, so memory holds
+    the pair being measured (and whatever `load` keeps), not every state."""
+    predictions = [predict(load(index)) for index in range(len(names))]
     accuracies = tuple(float((p == labels).float().mean()) for p in predictions)
     diagnosed = []
-    for i, j in pairs if pairs is not None else combinations(range(len(states)), 2):
-        path = tuple(
-            accuracies[i]
-            if alpha == 0
-            else accuracies[j]
-            if alpha == 1
-            else float((predict(interpolate(states[i], states[j], alpha)) == labels).float().mean())
-            for alpha in ALPHAS
-        )
+    for i, j in pairs if pairs is not None else combinations(range(len(names)), 2):
+        path = _path_accuracies(accuracies[i], accuracies[j], load(i), load(j), predict, labels)
         diagnosed.append(PairDiagnosis(i, j, ratio_error(predictions[i], predictions[j], labels), path))
     return Diagnosis(tuple(names), accuracies, tuple(diagnosed))
+
+
+def _path_accuracies(start: float, end: float, state_a, state_b, predict, labels) -> tuple[float, ...]:
+    """Accuracy at each of ALPHAS between two states whose endpoint accuracies are known."""
+    return tuple(
+        start
+        if alpha == 0
+        else end
+        if alpha == 1
+        else float((predict(interpolate(state_a, state_b, alpha)) == labels).float().mean())
+        for alpha in ALPHAS
+    )
 
 
 def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:

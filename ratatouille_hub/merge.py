@@ -95,27 +95,54 @@ def average_state_dicts(
     Floating tensors are accumulated in float32 (float64 ones in float64) and cast back to their dtype;
     integer and bool tensors (BatchNorm `num_batches_tracked`) are copied from the first input.
     """
-    weights = normalize_weights(weights, len(state_dicts))
-    signatures = [{name: (t.dtype, tuple(t.shape)) for name, t in sd.items()} for sd in state_dicts]
-    for index, signature in enumerate(signatures[1:], start=1):
-        problem = _first_difference(signatures[0], signature)
-        if problem:
-            raise MergeError(f"state dict {index} does not match state dict 0: {problem}")
+    return average_streamed(state_dicts.__getitem__, len(state_dicts), weights)
+
+
+def average_streamed(
+    load: Callable[[int], Mapping[str, Tensor]], count: int, weights: Sequence[float] | None = None
+) -> dict[str, Tensor]:
+    """`average_state_dicts` of `load(0)`, ..., `load(count - 1)`, each input loaded when its turn comes.
+
+    Memory is a running sum plus one input, whatever `count`. Every tensor still accumulates the inputs in
+    the same order with the same operations, so the result is the same bit for bit, and so are the errors
+    (a non-finite sum reloads the inputs to name the culprit).
+    """
+    weights = normalize_weights(weights, count)
+    sums: dict[str, Tensor] = {}
+    signature: dict[str, tuple] = {}
+    for index, weight in enumerate(weights):
+        state_dict = load(index)
+        if index == 0:
+            signature = {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()}
+            sums = {name: _running_sum(name, t) for name, t in state_dict.items()}
+        else:
+            problem = _first_difference(signature, {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()})
+            if problem:
+                raise MergeError(f"state dict {index} does not match state dict 0: {problem}")
+        for name, tensor in state_dict.items():
+            if tensor.is_floating_point():
+                _accumulate(sums[name], tensor, weight)
+        del state_dict  # before loading the next input
     merged = {}
-    for name, reference in state_dicts[0].items():
-        if reference.is_complex():
-            raise MergeError(f"tensor {name!r}: complex tensors are not supported")
-        if not reference.is_floating_point():
-            merged[name] = reference.clone()
+    for name, acc in sums.items():
+        dtype = signature[name][0]
+        if not acc.is_floating_point():
+            merged[name] = acc
             continue
-        acc = torch.zeros(reference.shape, dtype=_accumulator_dtype(reference.dtype), device=reference.device)
-        for state_dict, weight in zip(state_dicts, weights):
-            _accumulate(acc, state_dict[name], weight)
         if not torch.isfinite(acc).all():
-            culprit = next((i for i, sd in enumerate(state_dicts) if not torch.isfinite(sd[name]).all()), None)
+            culprit = next((i for i in range(count) if not torch.isfinite(load(i)[name]).all()), None)
             raise MergeError(_nonfinite_message(name, None if culprit is None else f"state dict {culprit}"))
-        merged[name] = acc.to(reference.dtype)
+        merged[name] = acc.to(dtype)
     return merged
+
+
+def _running_sum(name: str, first: Tensor) -> Tensor:
+    """Zeros in the accumulator dtype for a floating tensor; a copy of the first input for an integer one."""
+    if first.is_complex():
+        raise MergeError(f"tensor {name!r}: complex tensors are not supported")
+    if not first.is_floating_point():
+        return first.clone()
+    return torch.zeros(first.shape, dtype=_accumulator_dtype(first.dtype), device=first.device)
 
 
 def greedy_select(candidates: Sequence[int], score: Callable[[list[int]], float]) -> list[int]:

@@ -3,6 +3,10 @@
 The digests were recorded from the code before the plan/execute/assemble rebuild (commit 89fdb8c), on the
 tiny world of conftest.py with one torch thread. A change that moves code must keep them; a change meant to
 alter numbers updates them in its own commit, saying before and after.
+
+CPU kernels round differently on different processors, so each soup has one digest per kind of machine
+this project runs on: the first recorded at 89fdb8c, the second at 9c47c3b (which reproduced the first
+byte for byte where it was recorded) on an Intel Xeon with AVX512-FP16/AMX, where the first does not hold.
 """
 
 from __future__ import annotations
@@ -17,12 +21,27 @@ from ratatouille_hub.testing import tiny_recipe
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PINNED_SOUPS = {
-    "ratatouille-uniform": ({}, "b81ca7208967b14e13e971bbb1e5675da72cd186d4775c379b96b93066298f08"),
+    "ratatouille-uniform": (
+        {},
+        {
+            "b81ca7208967b14e13e971bbb1e5675da72cd186d4775c379b96b93066298f08",
+            "f4f7a4f82f30d52de73903366af00ee26344f7e670090a80322062752e25c557",
+        },
+    ),
     "soup-greedy-reestimate": (
         {"strategy": "soup", "method": "greedy", "bn_policy": "reestimate"},
-        "1689ddb8f7e0212ce7015c3fad5ef74d51ebace2ccfa898e07f2814c1f495e76",
+        {
+            "1689ddb8f7e0212ce7015c3fad5ef74d51ebace2ccfa898e07f2814c1f495e76",
+            "fcc0ed42aee656a7b579395adb9f60dd9862e6097bea76547596567f8a93f9dc",
+        },
     ),
-    "fusing": ({"strategy": "fusing"}, "fe515e162a483d530b66f1cc279b9e4a28342248e1845d440f5b9a25bf7a2544"),
+    "fusing": (
+        {"strategy": "fusing"},
+        {
+            "fe515e162a483d530b66f1cc279b9e4a28342248e1845d440f5b9a25bf7a2544",
+            "6caf305d90c19348969d0b9f9715b1a866eedd99ff7963c7147d3ae45ff47947",
+        },
+    ),
 }
 
 
@@ -36,4 +55,4 @@ def test_soup_bytes_are_pinned(tiny_world, output, name):
     changes, expected = PINNED_SOUPS[name]
     config = tiny_recipe(tiny_world, output, **changes)
     recycle(config, echo=lambda line: None)
-    assert hashlib.sha256((output / "soup" / "model.safetensors").read_bytes()).hexdigest() == expected
+    assert hashlib.sha256((output / "soup" / "model.safetensors").read_bytes()).hexdigest() in expected
