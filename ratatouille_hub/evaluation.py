@@ -35,7 +35,7 @@ def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict_logits(
-    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 256, autocast=None
+    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 64, autocast=None
 ) -> torch.Tensor:
     """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last)."""
     model.eval()

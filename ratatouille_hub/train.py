@@ -207,7 +207,7 @@ class LinearHead:
 
 
 @torch.no_grad()
-def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int = 256) -> torch.Tensor:
+def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int = 64) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     to_channels_last(model)
