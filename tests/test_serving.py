@@ -14,7 +14,7 @@ from ratatouille_hub import recycle
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.sources import load_dataset_source
-from ratatouille_hub.target import prepare_target
+from ratatouille_hub.target import TargetPreparation
 from ratatouille_hub.testing import tiny_resnet, tiny_timm, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
@@ -90,10 +90,12 @@ def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target
 
     # The pixels the served processor feeds the model are those evaluation fed it, up to the resize's
     # rounding (one uint8 step is 1/255/std, 0.016-0.02 here).
-    target = prepare_target(config, resolve_model(config.base))
+    preparation = TargetPreparation(config, resolve_model(config.base))
+    target = preparation.decode()
     evaluated_pixels = target.data.normalize.from_uint8(target.test.pixels)
+    in_test_order = load_dataset_source(str(wide_target)).select(list(preparation.splits.test))  # as evaluated
     served_pixels = pipeline("image-classification", model=str(soup)).image_processor(
-        list(held_out["image"]), return_tensors="pt"
+        list(in_test_order["image"]), return_tensors="pt"
     )["pixel_values"]
     assert served_pixels.shape == evaluated_pixels.shape == (len(held_out), 3, SIZE, SIZE)
     mismatch = (served_pixels - evaluated_pixels).abs()
@@ -105,7 +107,7 @@ def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target
     best = recycle(config.replace(strategy="erm"), echo=lambda line: None)
     evaluated = load_file(tmp_path / "out" / best.best_single.folder / "predictions.safetensors")["test"].softmax(1)
     classify = pipeline("image-classification", model=str(soup))
-    rows = classify(list(held_out["image"]), top_k=len(toyworld.SHAPES))
+    rows = classify(list(in_test_order["image"]), top_k=len(toyworld.SHAPES))
     served_probabilities = torch.tensor(
         [[next(r["score"] for r in row if r["label"] == c) for c in toyworld.SHAPES] for row in rows]
     )
