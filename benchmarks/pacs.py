@@ -13,7 +13,7 @@ One command runs the whole table from scratch, and resumes where it stopped:
 4. the table goes to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
 Each stage is a folder with a `done` marker (the project's own run folders), so a rerun skips finished
-work. `make bench-pacs` runs it with the project's malloc settings (../shared/STACK.md).
+work. The command applies the malloc settings of ../shared/STACK.md itself (ratatouille_hub/allocator.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Scaling benchmark: runs per hour of `recycle` over processes and threads, and its peak RSS per process.
 
-    python benchmarks/scale.py [--part A|B|all] [--work /tmp/scale-bench] [--force] [--smoke]
+    python benchmarks/scale.py [--part A|B|all] [--work $TMPDIR/scale-bench] [--force] [--smoke]
 
 Part A, scaling. One plan (EfficientNet-Lite0 base, PACS target, --strategy erm, --test-domain sketch, 4 runs
 of 100 steps at 16 images per training domain (48 a step) and 64 px, --eval-every 100, --lp-steps 50,
@@ -66,6 +66,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,8 +74,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 VENV_BIN = Path(sys.executable).parent
-BASE = Path("/work/shared/models/efficientnet-lite0-imagenet")
-PACS = Path("/work/shared/data/pacs")
+BASE = ROOT.parent / "shared" / "models" / "efficientnet-lite0-imagenet"  # read in place, never copied
+PACS = ROOT.parent / "shared" / "data" / "pacs"
 TIME = Path("/usr/bin/time")
 WEIGHTS = "model.safetensors"
 GOAL_MIB = 2048
@@ -613,7 +614,9 @@ def print_part_b(section: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("A", "B", "all"), default="all")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"), help="output folders and logs")
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "scale-bench", help="output folders and logs"
+    )
     parser.add_argument("--force", action="store_true", help="measure again what the JSON already holds")
     parser.add_argument("--smoke", action="store_true", help="tiny settings; results in WORK/scale-smoke.json")
     parser.add_argument("--results", type=Path, help=f"JSON file (default {RESULTS.relative_to(ROOT)})")

@@ -50,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train.json"
-EFFICIENTNET = Path("/work/shared/models/efficientnet-lite0-imagenet")
+EFFICIENTNET = ROOT.parent / "shared" / "models" / "efficientnet-lite0-imagenet"
 PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
 DOMAINS, PER_DOMAIN, IMAGES_PER_DOMAIN, POOL = 3, 32, 128, 8  # POOL: distinct batches, cycled
 LR, WEIGHT_DECAY, AUGMENT_SEED = 5e-5, 1e-4, 1234  # run 0's lr, a drawn weight decay (RecipeConfig)
