@@ -37,7 +37,8 @@ Part B, memory. Peak RSS of `recycle --strategy erm --runs 1 --steps 1 --lp-step
 --image-size 128 --test-domain sketch` (batch size the default 32) on the full PACS (9,991 images, all four
 domains are decoded into OUTPUT/cache/ and memory-mapped), OMP_NUM_THREADS=2, the product's allocator
 settings on (no MALLOC_* variables in the environment): cold (a fresh output folder, so decoding included),
-then warm (the same folder with runs/, lp/ and soup/ deleted, cache/ kept: the same work but decoding).
+then warm (the same folder with runs/, lp/ and soup/ deleted, cache/ kept: the same work but decoding), then
+warm with --micro-batch 32 and 16 (each step's 96 images in passes of 32 or 16, gradients accumulated).
 Peak RSS is `/usr/bin/time -v`'s "Maximum resident set size" (a small wrapper's
 getrusage(RUSAGE_CHILDREN) where it is missing); beside it, sampled twice a second from /proc, every
 process's VmHWM and its peak RssAnon (private) and RssFile (file pages: the shared, memory-mapped cache among
@@ -97,7 +98,8 @@ B_SMOKE = {**B_SETTINGS, "image_size": 32}
 
 # name: (processes, threads per process)
 A_CASES = {"seq-2t": (1, 2), "procs-2": (2, 1), "seq-1t": (1, 1)}
-B_CASES = ("import-floor", "cold", "warm")
+# warm-microN: warm with --micro-batch N (a step's 96 images in passes of N)
+B_CASES = ("import-floor", "cold", "warm", "warm-micro32", "warm-micro16")
 
 RUN_START = re.compile(r"(?:\[rank (\d+)/\d+\] )?\[train\] (run \d+/\d+) from ")
 RUN_END = re.compile(r"(?:\[rank (\d+)/\d+\] )?\[train\] (run \d+/\d+): best validation")
@@ -425,7 +427,8 @@ def b_command(name: str, settings: dict, output: Path) -> list[str]:
     if name == "import-floor":
         return [sys.executable, "-c", "import torch, transformers, datasets, timm"]
     flags = recycle_flags({k: v for k, v in settings.items() if k != "threads"}, output)
-    return [str(VENV_BIN / "ratatouille-hub"), "recycle", *flags]
+    _, _, micro = name.partition("-micro")
+    return [str(VENV_BIN / "ratatouille-hub"), "recycle", *flags, *(["--micro-batch", micro] if micro else [])]
 
 
 def measure_b(name: str, settings: dict, work: Path) -> dict:
@@ -436,7 +439,7 @@ def measure_b(name: str, settings: dict, work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     notes = []
-    if name == "warm":
+    if name.startswith("warm"):
         if not any((output / "cache").glob("*/done")):
             print("[B] warm: no decoded cache in the work folder; priming it with an unrecorded cold run", flush=True)
             shutil.rmtree(output, ignore_errors=True)
@@ -444,6 +447,8 @@ def measure_b(name: str, settings: dict, work: Path) -> dict:
             notes.append("cache primed by an unrecorded cold run")
         for sub in ("runs", "lp", "soup"):
             shutil.rmtree(output / sub, ignore_errors=True)
+        for saved in ("recipe.yaml", "plan.json"):  # a --micro-batch case is another recipe
+            (output / saved).unlink(missing_ok=True)
     argv = timed(b_command(name, settings, output))
     load = load_average()
     print(f"[B] {name}; load before {load}", flush=True)

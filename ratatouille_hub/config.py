@@ -186,6 +186,13 @@ class TrainingOptions(DataOptions):
         (0.0, 0.1, 0.5), "feature dropouts drawn by runs 1..N-1", group="training", check=dropout_rate
     )
     augment: bool = _opt(True, "DomainBed augmentation on training images", group="training")
+    micro_batch: int = _opt(
+        0,
+        "images per forward/backward pass; a step's gradient accumulates over its passes, so peak memory is one "
+        "pass's (0: the whole step in one pass)",
+        group="training",
+        check=at_least(0),
+    )
     precision: str = _opt(
         "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
     )

@@ -102,6 +102,8 @@ def intertrain(
                     "seed": config.seed + run,
                     "precision": config.precision,
                     "labels": label_names,
+                    # only a split batch changes the bytes, so whole-batch runs keep the keys they had
+                    **({"micro_batch": config.micro_batch} if 0 < config.micro_batch < config.batch_size else {}),
                 }
             )
             folder = output / "runs" / key
@@ -126,6 +128,7 @@ def intertrain(
                     normalize=normalize,
                     augment_seed=stable_int(seed + ":augment") if config.augment else None,
                     dropout=hparams.dropout,
+                    micro_batch=config.micro_batch or None,
                     desc=label,
                 )
                 model.load_state_dict(outcome.state)

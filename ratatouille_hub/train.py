@@ -115,12 +115,16 @@ def optimize(
     eval_every: int = 100,
     freeze_bn: bool = True,
     dropout: float = 0.0,
+    micro_batch: int | None = None,
     desc: str = "train",
 ) -> TrainOutcome:
     """Adam over `parameters` for `steps` steps, with a fresh optimizer state.
 
     With `validate`, evaluates every `eval_every` steps and at the last step, and returns the best
     state (ties keep the earlier step); without it, returns the last state (auxiliary fine-tunes).
+    `micro_batch` images go through each forward and backward pass and a step's gradient accumulates
+    over its passes: peak memory is that of one pass, the gradient the whole batch's up to rounding
+    (BatchNorm statistics are frozen; with `freeze_bn=False` each pass normalises over its own images).
     """
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     # Neither is accelerator.prepare()d: among several processes the model would be wrapped for data-parallel
@@ -140,11 +144,18 @@ def optimize(
                 model.train()
             pixels, labels = next(batches)
             x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
-            x = normalize(x).to(accelerator.device).contiguous(memory_format=torch.channels_last)
-            with accelerator.autocast():
-                logits = model(pixel_values=x).logits
-                loss = loss_fn(logits.float(), labels.to(accelerator.device))
-            accelerator.backward(loss)
+            x = normalize(x)
+            passes = _passes(len(labels), micro_batch)
+            loss = 0.0
+            for rows in passes:
+                chunk = x[rows].to(accelerator.device).contiguous(memory_format=torch.channels_last)
+                with accelerator.autocast():
+                    logits = model(pixel_values=chunk).logits
+                    chunk_loss = loss_fn(logits.float(), labels[rows].to(accelerator.device))
+                if len(passes) > 1:  # the mean over the whole batch, as one pass would take it
+                    chunk_loss = chunk_loss * (len(logits) / len(labels))
+                accelerator.backward(chunk_loss)
+                loss += chunk_loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if validate is not None and (step % eval_every == 0 or step == steps):
@@ -188,6 +199,11 @@ def reestimate_batchnorm(
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
+
+
+def _passes(count: int, micro_batch: int | None) -> list[slice]:
+    size = count if micro_batch is None else micro_batch
+    return [slice(start, start + size) for start in range(0, count, size)]
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,12 +3,14 @@ output folder; the same target options mean the same split in every command."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ratatouille_hub import cli, recycle
 from ratatouille_hub.config import DiagnoseOptions, MergeOptions, RecipeConfig, draw_hparams
 from ratatouille_hub.recipe import plan_recipe
-from ratatouille_hub.recipe.plan import run_work
+from ratatouille_hub.recipe.plan import PLAN_FILE, load_plans, run_work, save_plans
 from ratatouille_hub.strategies import FusionSpec
 from ratatouille_hub.testing import tiny_recipe
 
@@ -28,6 +30,24 @@ def test_a_plan_lists_every_run_with_its_init_hparams_seeds_and_key(tiny_world, 
     # 87 training images over 3 domains (6 per class and domain, 80/20): 4 steps x 4 images x 3 domains
     assert run_work(plan.runs[1], plan.target) == ((2 + 4) * 4 * 3, 3 * plan.target.val_size + 36)
     assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_split_passes_are_part_of_a_runs_key_and_plans_saved_before_them_still_load(tiny_world, tmp_path):
+    output = tmp_path / "out"
+    [whole] = plan_recipe(tiny_recipe(tiny_world, output), echo=lambda line: None)
+    [split] = plan_recipe(tiny_recipe(tiny_world, output, micro_batch=2), echo=lambda line: None)
+    assert [spec.micro_batch for spec in whole.runs] == [None] * 3
+    assert [spec.micro_batch for spec in split.runs] == [2] * 3
+    assert not {spec.key for spec in whole.runs} & {spec.key for spec in split.runs}
+    assert split.lp == whole.lp  # the probe trains on features, in no passes
+    output.mkdir()
+    save_plans([split], output)
+    assert load_plans(output) == [split]
+    saved = json.loads((output / PLAN_FILE).read_text())
+    for run in saved["plans"][0]["runs"]:
+        del run["micro_batch"]
+    (output / PLAN_FILE).write_text(json.dumps(saved))
+    assert [spec.micro_batch for spec in load_plans(output)[0].runs] == [None] * 3
 
 
 def test_fusing_plans_its_mixtures_before_building_any(tiny_world, tmp_path):

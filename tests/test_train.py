@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.adam import Adam
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from ratatouille_hub.config import RecipeConfig, draw_hparams
@@ -232,6 +233,36 @@ def test_without_validation_the_last_state_is_returned(data, accelerator):
     outcome = run_optimize(model, data, accelerator, steps=2)
     assert (outcome.step, outcome.val_accuracy, outcome.history) == (2, None, [])
     assert all(torch.equal(outcome.state[k], v) for k, v in model.state_dict().items())
+
+
+def step_gradients(monkeypatch, model, data, accelerator, **kwargs):
+    """Each step's gradient (lr 0: the model never moves, so steps are comparable) and the pass sizes."""
+    gradients, passes, real_adam = [], [], Adam  # the unpatched class
+
+    class RecordingAdam(real_adam):
+        def step(self, closure=None):
+            gradients.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    hook = model.register_forward_pre_hook(lambda m, args, kw: passes.append(len(kw["pixel_values"])), with_kwargs=True)
+    try:
+        run_optimize(model, data, accelerator, lr=0.0, **kwargs)
+    finally:
+        hook.remove()
+    return gradients, passes
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, data, accelerator):
+    whole, whole_passes = step_gradients(monkeypatch, tiny_model(), data, accelerator)
+    split, split_passes = step_gradients(monkeypatch, tiny_model(), data, accelerator, micro_batch=3, dropout=0.0)
+    assert whole_passes == [8] * 3  # 4 images from each of 2 domains a step
+    assert split_passes == [3, 3, 2] * 3
+    for whole_step, split_step in zip(whole, split, strict=True):
+        for a, b in zip(whole_step, split_step, strict=True):
+            # float32 sums in another order: within 1e-5 of the step's largest gradient entry
+            assert (a - b).abs().max() <= 1e-5 * max(g.abs().max() for g in whole_step)
+    assert any(g.abs().max() > 0 for g in whole[0])
 
 
 # -- one target fine-tune: shared head, warm-up, fresh optimizer --------------------------------------

@@ -202,6 +202,7 @@ def execute_run(
         normalize=data.normalize,
         augment_seed=stable_int(spec.run_seed + ":augment") if spec.augment else None,
         dropout=hparams.dropout,
+        micro_batch=spec.micro_batch,
     )
     if spec.warmup_steps:
         head_params = list(head_linear(model).parameters())

@@ -51,6 +51,7 @@ class RunSpec:
     eval_every: int
     batch_size: int
     augment: bool
+    micro_batch: int | None  # images per forward/backward pass (None: the whole step)
     precision: str
     seed: int  # the trial seed; randomness depends on (seed, index) only, never on where the init lives
     key: str
@@ -123,6 +124,7 @@ def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp
     hparams = draw_hparams(config, index)
     recycled = init.revision != base.revision
     warmup = config.warmup_steps if recycled else 0
+    micro_batch = config.micro_batch or None
     key = stable_hash(
         {
             "init": init.revision,
@@ -136,6 +138,8 @@ def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp
             "batch": config.batch_size,
             "augment": config.augment,
             "precision": config.precision,
+            # split passes round differently, so they are part of the key; whole-step runs keep theirs
+            **({"micro_batch": micro_batch} if micro_batch else {}),
         }
     )
     return RunSpec(
@@ -149,6 +153,7 @@ def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp
         eval_every=config.eval_every,
         batch_size=config.batch_size,
         augment=config.augment,
+        micro_batch=micro_batch,
         precision=config.precision,
         seed=config.seed,
         key=key,
@@ -302,7 +307,9 @@ def _plan_from_dict(data: dict, ingredient) -> RecipePlan:
         return FusionSpec(members, tuple(fusion["weights"]), fusion["head_seed"], fusion["key"])
 
     runs = tuple(
-        RunSpec(**{**run, "init": init(run["init"]), "hparams": RunHParams(**run["hparams"])}) for run in data["runs"]
+        # micro_batch: None in plans saved before --micro-batch existed (they split no step)
+        RunSpec(**{"micro_batch": None, **run, "init": init(run["init"]), "hparams": RunHParams(**run["hparams"])})
+        for run in data["runs"]
     )
     return RecipePlan(
         config=RecipeConfig.from_dict(data["config"]),
