@@ -96,7 +96,7 @@ def child(case: str, count: int) -> None:
 
     from ratatouille_hub.evaluation import accuracy
     from ratatouille_hub.merge import average_state_dicts
-    from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs
+    from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs, Mixture
     from ratatouille_hub.models import load_classifier
     from ratatouille_hub.recipe.assembly import RunAverager
 
@@ -112,7 +112,7 @@ def child(case: str, count: int) -> None:
     else:
         averager = RunAverager(folders, target, "average")
         if case == "uniform":
-            averager.model(list(range(count)))
+            averager.model(Mixture(tuple(range(count))))
         elif case == "greedy":
             scored: list[int] = []
 

@@ -376,7 +376,7 @@ def run_merge(args) -> None:
     models, output = [Path(m) for m in options.models], Path(options.output)
     method = MERGE_METHODS[options.method]
     check_merge_output(output, models)
-    inputs = MergeInputs(count=len(models), weights=options.weights or None)
+    inputs = MergeInputs(count=len(models), weights=options.weights or None, alpha=options.alpha)
     if "validation" in method.needs:  # ranks and selects on the target's training-domain validation
         from .recipe.assembly import validation_inputs
 
@@ -389,7 +389,20 @@ def run_merge(args) -> None:
         )
     models, weights = [models[i] for i in mixture.members], mixture.weights
     with staged_folder(output) as staging:
-        merge_model_folders(models, staging, weights=weights)
+        if mixture.anchored is None:
+            merge_model_folders(models, staging, weights=weights)
+        else:
+            from .fetch import resolve_model
+            from .merge import merge_anchored_folders
+
+            base = resolve_model(options.base, token=args.token)
+            unanchored = merge_anchored_folders(models, base.path, staging, mixture.anchored)
+            if unanchored:
+                print(
+                    f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
+                    + ", ".join(unanchored[:4])
+                    + (", ..." if len(unanchored) > 4 else "")
+                )
     print(f"merged {len(models)} models into {output}")
     _push_if_asked(options_from_args(args, PublishOptions), output, args.token)
 

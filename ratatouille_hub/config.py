@@ -87,6 +87,10 @@ def at_least(minimum: int) -> Callable:
     return lambda name, v: None if v >= minimum else f"{name} must be at least {minimum} (got {v})"
 
 
+def unit_interval(name, v):
+    return None if 0.0 <= v <= 1.0 else f"{name} must be between 0 and 1 (got {v})"
+
+
 def positive(name, v):
     return None if v > 0 else f"{name} must be > 0 (got {v})"
 
@@ -240,6 +244,12 @@ class RecipeConfig(TargetOptions, TrainingOptions):
         group="merging",
         choices=recycle_methods,
     )
+    alpha: float = _opt(
+        0.5,
+        "interpolate's ratio between the base (0) and the uniform soup (1); WiSE-FT's default",
+        group="merging",
+        check=unit_interval,
+    )
     eval_every: int = _opt(
         100,
         "evaluate on training-domain validation every N steps (and at the last)",
@@ -314,6 +324,18 @@ class MergeOptions(TargetOptions):
         group="merging",
         choices=BN_POLICIES,
     )
+    base: str | None = _opt(
+        None,
+        "with --method model-stock or interpolate: the model the inputs were fine-tuned from (folder or Hub id); "
+        "its tensors of other shapes (a head for other labels) are not anchored",
+        group="merging",
+    )
+    alpha: float = _opt(
+        0.5,
+        "with --method interpolate: from the base (0) to the uniform mean (1)",
+        group="merging",
+        check=unit_interval,
+    )
 
     def _problems(self) -> list[str]:
         needs = MERGE_METHODS[self.method].needs if self.method in MERGE_METHODS else frozenset()
@@ -323,6 +345,12 @@ class MergeOptions(TargetOptions):
                 f"--method {self.method} needs --weights, one per model"
                 if "weights" in needs
                 else "--weights goes with --method weighted"
+            )
+        if ("base" in needs) != bool(self.base):
+            problems.append(
+                f"--method {self.method} needs --base, the model the inputs were fine-tuned from"
+                if "base" in needs
+                else "--base goes with --method model-stock or interpolate"
             )
         if ("validation" in needs) != bool(self.target):
             problems.append(f"--method {self.method} needs --target (and --target goes only with greedy)")

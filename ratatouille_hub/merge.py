@@ -414,12 +414,8 @@ def merge_model_folders(
     folders = [Path(p) for p in inputs]
     output_dir = Path(output_dir)
     weights = normalize_weights(weights, len(folders))
-    _check_configs(folders)
-    files = _weight_files(folders[0])
-    for folder in folders[1:]:
-        if _weight_files(folder) != files:
-            raise MergeError(f"{folder} stores its weights in other files than {folders[0]}: reshard one of them")
-    headers = {name: _read_matching_headers([folder / name for folder in folders]) for name in files}
+    headers = _checked_headers(folders)
+    files = list(headers)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in files:
         _write_merged_file([folder / name for folder in folders], headers[name], output_dir / name, weights)
@@ -427,6 +423,16 @@ def merge_model_folders(
     for name in copied:
         if (folders[0] / name).is_file():
             shutil.copyfile(folders[0] / name, output_dir / name)
+
+
+def _checked_headers(folders: Sequence[Path]) -> dict[str, list[dict[str, TensorInfo]]]:
+    """Each weight file's headers across the folders, once configs, files and tensors all agree."""
+    _check_configs(folders)
+    files = _weight_files(folders[0])
+    for folder in folders[1:]:
+        if _weight_files(folder) != files:
+            raise MergeError(f"{folder} stores its weights in other files than {folders[0]}: reshard one of them")
+    return {name: _read_matching_headers([folder / name for folder in folders]) for name in files}
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -484,3 +490,125 @@ def _config_difference(key: str, expected: object, actual: object) -> str:
         label = next(k for k in sorted(expected.keys() | actual.keys()) if expected.get(k) != actual.get(k))
         return f"{key}[{label}] is {actual.get(label)!r}, expected {expected.get(label)!r}"
     return f"{key} is {actual!r}, expected {expected!r}"
+
+
+# -- merges anchored at the base (Model Stock, interpolation) ----------------------------------------
+
+
+def model_stock_ratio(cosine: float, k: int) -> float:
+    """Model Stock's weight of the fine-tunes' mean against the base, t = k cos / (1 + (k - 1) cos)."""
+    return k * cosine / (1 + (k - 1) * cosine)
+
+
+def model_stock_streamed(
+    load: Callable[[int], Mapping[str, Tensor]], count: int, anchor: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Model Stock (Jang, Yun, Han, ECCV 2024) of `load(0..count-1)` around `anchor`: per floating tensor,
+    t * mean(w_i) + (1 - t) * w_0 with t from the angle between the deltas w_i - w_0, as the authors do for
+    more than two models: the mean of the pairwise angles (mergekit averages the pairwise cosines instead).
+
+    Returns the merged state and each tensor's t. Pairs whose delta is zero have no angle and are left out;
+    a tensor with no angle (one input, or no delta) takes the mean (t = 1), as do tensors the anchor lacks or
+    shapes otherwise (a head for other labels). Integer tensors are the first input's, as in the mean.
+    Memory is the anchor, a running sum and two inputs whatever `count`: each pair is loaded again
+    (count * (count + 1) / 2 loads), rather than holding every input.
+    """
+    mean = average_streamed(load, count)
+    anchored = {
+        name
+        for name, tensor in mean.items()
+        if tensor.is_floating_point() and name in anchor and tuple(anchor[name].shape) == tuple(tensor.shape)
+    }
+    angles = dict.fromkeys(anchored, 0.0)
+    pairs = dict.fromkeys(anchored, 0)
+    for i in range(count - 1):
+        first = _unit_deltas(load(i), anchor, anchored)
+        for j in range(i + 1, count):
+            second = _unit_deltas(load(j), anchor, anchored)
+            for name in anchored:
+                if first[name] is not None and second[name] is not None:
+                    cosine = torch.dot(first[name], second[name]).clamp(-1.0, 1.0).item()
+                    angles[name] += math.acos(cosine)
+                    pairs[name] += 1
+            del second
+    ratios = {
+        name: model_stock_ratio(math.cos(angles[name] / pairs[name]), count) if pairs[name] else 1.0
+        for name in anchored
+    }
+    merged = {
+        name: _toward(anchor[name], tensor, ratios[name]) if name in ratios else tensor for name, tensor in mean.items()
+    }
+    return merged, ratios
+
+
+def _unit_deltas(state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], names) -> dict[str, Tensor | None]:
+    """Each tensor's w - w_0 flattened to unit length in float64 (None where it is zero)."""
+    units = {}
+    for name in names:
+        delta = state[name].double().flatten() - anchor[name].double().flatten()
+        norm = torch.linalg.vector_norm(delta)
+        units[name] = delta / norm if norm > 0 else None
+    return units
+
+
+def interpolate(anchor: Mapping[str, Tensor], soup: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """WiSE-FT's (1 - alpha) * base + alpha * soup per floating tensor (alpha 1: the soup, 0: the base).
+    Tensors the anchor lacks or shapes otherwise (a head for other labels), and integer ones, are the soup's."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (got {alpha})")
+    return {
+        name: _toward(anchor[name], tensor, alpha)
+        if tensor.is_floating_point() and name in anchor and tuple(anchor[name].shape) == tuple(tensor.shape)
+        else tensor
+        for name, tensor in soup.items()
+    }
+
+
+def _toward(anchor: Tensor, target: Tensor, ratio: float) -> Tensor:
+    """anchor + ratio * (target - anchor), in the accumulator dtype, cast back to the target's dtype; ratio 1
+    is the target itself, bit for bit."""
+    if ratio == 1.0:
+        return target
+    dtype = _accumulator_dtype(target.dtype)
+    start = anchor.to(dtype)
+    return (start + ratio * (target.to(dtype) - start)).to(target.dtype)
+
+
+def merge_anchored_folders(
+    inputs: Sequence[str | Path], base: str | Path, output_dir: str | Path, anchored
+) -> list[str]:
+    """`merge_model_folders` for a method anchored at `base` (Model Stock, interpolation): inputs are loaded
+    one at a time (two for Model Stock's pairs), the result written as one safetensors file. Returns the
+    floating tensors the base lacks or shapes otherwise (a head for other labels): those are the plain mean.
+    """
+    from safetensors.torch import save_file
+
+    folders, output_dir = [Path(p) for p in inputs], Path(output_dir)
+    _checked_headers(folders)
+    anchor = folder_state(Path(base))
+    first = folder_state(folders[0])
+    unanchored = [
+        name
+        for name, tensor in first.items()
+        if tensor.is_floating_point() and (name not in anchor or anchor[name].shape != tensor.shape)
+    ]
+    if len(unanchored) == sum(t.is_floating_point() for t in first.values()):
+        raise MergeError(f"{base}: shares no tensor with {folders[0]}: not the model they were fine-tuned from")
+    del first
+    merged = anchored(lambda k: folder_state(folders[k]), len(folders), anchor)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in merged.items()}, output_dir / WEIGHTS_NAME, metadata={"format": "pt"})
+    for name in COPIED_CONFIGS:
+        if (folders[0] / name).is_file():
+            shutil.copyfile(folders[0] / name, output_dir / name)
+    return unanchored
+
+
+def folder_state(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a model folder's safetensors files (one file or shards), as stored."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for name in _weight_files(folder):
+        state.update(load_file(folder / name))
+    return state

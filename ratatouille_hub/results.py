@@ -32,6 +32,11 @@ class RunResult(Scores):
 @dataclass(frozen=True, kw_only=True)
 class Average(Scores):
     members: list[int]  # run indices
+    parameters: dict[str, object] = dataclasses.field(default_factory=dict)  # the merge method's (--alpha, ...)
+
+    def label(self, method: str) -> str:
+        """The method as tables and cards name it, with its parameters."""
+        return method + "".join(f", {key} {value}" for key, value in self.parameters.items())
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from datasets import ClassLabel, Value
 from huggingface_hub import ModelCard, constants, hf_hub_download
@@ -270,6 +271,17 @@ def test_merge_into_a_file_is_refused(world, tmp_path, refused):
     argv = ["merge", str(world.aux), str(world.aux), "--output", str(out)]
     refused("merge-output-is-a-file", "--output names a file", argv, str(out), out)
     assert out.read_text() == "not a folder"
+
+
+def test_anchored_merges_need_the_model_they_anchor_at(world, tmp_path, refused):
+    out = tmp_path / "out"
+    argv = ["merge", str(world.aux), str(world.aux), "--output", str(out), "--method", "model-stock"]
+    refused("merge-anchored-without-base", "--method model-stock without --base", argv, "needs --base", out)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    save_file({"other.weight": torch.zeros(2)}, stranger / "model.safetensors")
+    what = "--base sharing no tensor with the inputs"
+    refused("merge-base-of-another-model", what, [*argv, "--base", str(stranger)], "shares no tensor with", out)
 
 
 def test_merge_never_unpickles_a_file_beside_the_safetensors(world, tmp_path, capsys):

@@ -233,7 +233,7 @@ def test_results_record_splits_hparams_and_members(done):
             == max(dict(metrics["history"]).values())
         )
     assert results.soup.method == "uniform" and results.soup.members == [0, 1, 2]
-    assert len(results.summary) == 4 and results.bn_policy == "average"
+    assert len(results.summary) == 6 and results.bn_policy == "average"  # best run, 4 methods, ensemble
     on_disk = json.loads((done.soup / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results.to_dict()))
     assert Results.from_dict(on_disk) == results  # the typed record round-trips through results.json

@@ -27,8 +27,8 @@ def best_run_only():
 
 
 def test_the_registries_list_the_methods_and_strategies_of_the_method():
-    assert list(MERGE_METHODS) == ["uniform", "greedy", "weighted"]
-    assert recycle_methods() == ("uniform", "greedy")  # recycle has validation to give, not user weights
+    assert list(MERGE_METHODS) == ["uniform", "greedy", "weighted", "model-stock", "interpolate"]
+    assert recycle_methods() == ("uniform", "greedy", "model-stock", "interpolate")  # not user weights
     assert list(STRATEGIES) == ["ratatouille", "soup", "erm", "fusing"]
     assert [name for name, s in STRATEGIES.items() if s.averages] == ["ratatouille", "soup"]
     with pytest.raises(ConfigError, match="method must be one of uniform, greedy"):
@@ -48,7 +48,7 @@ def test_a_registered_method_is_computed_reported_and_carded_by_recycle(best_run
     config = tiny_recipe(tiny_world, tmp_path / "out", method="best-only")
     results = recycle(config, echo=lambda line: None)
     best = results.greedy_order[0]
-    assert list(results.averages) == ["uniform", "greedy", "best-only"]
+    assert list(results.averages) == ["uniform", "greedy", "model-stock", "interpolate", "best-only"]
     assert (results.soup.method, results.soup.members) == ("best-only", [best])
     assert results.averages["best-only"].members == [best]
     assert results.soup.test_accuracy == results.runs[best].test_accuracy  # one run "averaged": that run

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +21,9 @@ from ..diagnose import diagnose_loaded, plot_paths
 from ..evaluation import ensemble_probabilities, predict_logits
 from ..fetch import is_hub_id, resolve_model
 from ..io import staged_folder
-from ..merge import WEIGHTS_NAME, average_streamed, merge_model_folders
-from ..merge_methods import MERGE_METHODS, MergeInputs, recycle_methods
-from ..models import load_classifier
+from ..merge import COPIED_CONFIGS, WEIGHTS_NAME, average_streamed, merge_model_folders
+from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
+from ..models import load_classifier, set_head
 from ..results import (
     Average,
     BestRun,
@@ -70,15 +70,21 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
     run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
     ranking = sorted(range(len(runs)), key=lambda i: (-run_scores[i]["val_accuracy"], i))
     best = ranking[0]
-    averager = RunAverager([run.model_folder for run in runs], target, config.bn_policy)
-    inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy)
+    averager = RunAverager(
+        [run.model_folder for run in runs], target, config.bn_policy, anchor=lambda: base_with_head(plan, output)
+    )
+    inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy, alpha=config.alpha)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
 
     with staged_folder(destination) as staging:
         average_scores = {}
         if strategy.averages:
-            members = list(mixtures[config.method].members)
-            merge_model_folders([runs[i].model_folder for i in members], staging)  # with run 0's processor
+            mixture = mixtures[config.method]
+            members = list(mixture.members)
+            if mixture.anchored is None:
+                merge_model_folders([runs[i].model_folder for i in members], staging)  # with run 0's processor
+            else:
+                write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
             soup_model = load_classifier(staging, target.id2label)
             if config.bn_policy == "reestimate":
                 averager.reestimate(soup_model)
@@ -91,12 +97,15 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
             soup = Outcome(method="best-run", members=[best], **run_scores[best])
         for method, mixture in mixtures.items():
             if method not in average_scores:
-                model = averager.model(list(mixture.members))
+                model = averager.model(mixture)
                 average_scores[method] = score_predictions(predict_target(model, target), target)
         ensemble = score_predictions(
             {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}, target
         )
-        averages = {m: Average(members=list(mixtures[m].members), **average_scores[m]) for m in mixtures}
+        averages = {
+            m: Average(members=list(mixtures[m].members), parameters=dict(mixtures[m].parameters), **average_scores[m])
+            for m in mixtures
+        }
         results = Results(
             recipe=config.to_dict(),
             target=target.reference,
@@ -153,7 +162,8 @@ def summary_rows(
         row(f"best single run (#{best}, by validation){'' if averaged else this_model}", best_scores),
         *(
             row(
-                f"soup, {name} ({len(average.members)} runs){this_model if averaged and name == method else ''}",
+                f"soup, {average.label(name)} ({len(average.members)} runs)"
+                + (this_model if averaged and name == method else ""),
                 average,
             )
             for name, average in averages.items()
@@ -170,10 +180,18 @@ class RunAverager:
     scratch: re-weighting the accepted runs' running sum by k/(k+1) would round differently from the mean.
     """
 
-    def __init__(self, model_folders: Sequence[Path], target: Target, bn_policy: str):
+    def __init__(
+        self,
+        model_folders: Sequence[Path],
+        target: Target,
+        bn_policy: str,
+        anchor: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ):
         self.model_folders = list(model_folders)
         self.target = target
         self.bn_policy = bn_policy
+        self._anchor = anchor  # the base's state, built when a method anchored at it first needs it
+        self._anchor_state: dict[str, torch.Tensor] | None = None
         self._model = load_classifier(self.model_folders[0], target.id2label)
         self._names = frozenset(self._model.state_dict())
         self._files_are_states = self._loads_as_stored(self.model_folders[0])
@@ -201,8 +219,21 @@ class RunAverager:
         stored = self._stored_state(folder) if self._files_are_states else None
         return stored if stored is not None else load_classifier(folder, self.target.id2label).state_dict()
 
-    def model(self, subset: list[int]):
-        self._model.load_state_dict(average_streamed(lambda k: self.run_state(subset[k]), len(subset)))
+    def state(self, mixture: Mixture) -> dict[str, torch.Tensor]:
+        """The mixture's weights: the members' mean, or the method's rule toward the base."""
+        members = mixture.members
+
+        def load(k: int) -> dict[str, torch.Tensor]:
+            return self.run_state(members[k])
+
+        if mixture.anchored is None:
+            return average_streamed(load, len(members), mixture.weights)
+        if self._anchor_state is None:
+            self._anchor_state = self._anchor()
+        return mixture.anchored(load, len(members), self._anchor_state)
+
+    def model(self, mixture: Mixture):
+        self._model.load_state_dict(self.state(mixture))
         if self.bn_policy == "reestimate":
             self.reestimate(self._model)
         return self._model
@@ -211,7 +242,9 @@ class RunAverager:
         reestimate_batchnorm(model, self.target.data.pooled_train, self.target.data.normalize)
 
     def validation_accuracy(self, subset: list[int]) -> float:
-        return validation_accuracy(self.model(subset), self.target.data.pooled_val, self.target.data.normalize)
+        return validation_accuracy(
+            self.model(Mixture(tuple(subset))), self.target.data.pooled_val, self.target.data.normalize
+        )
 
     def diagnose_against(self, reference: int, others: list[int], plot: Path) -> list[PairRecord]:
         """Diversity and averageability of `reference` with each other run (training-domain validation);
@@ -248,3 +281,22 @@ def validation_inputs(model_folders: Sequence[Path], options, token=None) -> Mer
     averager = RunAverager(list(model_folders), target, options.bn_policy)
     ranking = sorted(range(len(model_folders)), key=lambda i: (-averager.validation_accuracy([i]), i))
     return MergeInputs(count=len(model_folders), ranking=ranking, score=averager.validation_accuracy)
+
+
+def base_with_head(plan: RecipePlan, output: Path) -> dict[str, torch.Tensor]:
+    """The point every run started from before its own init: the base's featurizer with the shared
+    linear-probe head. What Model Stock and interpolation anchor at."""
+    model = load_classifier(plan.base.path, plan.target.id2label)
+    head = load_file(output / plan.lp.folder / "head.safetensors")
+    set_head(model, head["weight"], head["bias"])
+    return model.state_dict()
+
+
+def write_state_folder(state: dict[str, torch.Tensor], template: Path, destination: Path, id2label) -> None:
+    """A model folder holding `state`, with the config and image processor of the model folder `template`."""
+    model = load_classifier(template, id2label)
+    model.load_state_dict(state)
+    model.save_pretrained(destination)
+    for name in COPIED_CONFIGS:
+        if (template / name).is_file() and not (destination / name).is_file():
+            shutil.copyfile(template / name, destination / name)
