@@ -277,8 +277,8 @@ def test_anchored_merges_need_the_model_they_anchor_at(world, tmp_path, refused)
     out = tmp_path / "out"
     argv = ["merge", str(world.aux), str(world.aux), "--output", str(out), "--method", "model-stock"]
     refused("merge-anchored-without-base", "--method model-stock without --base", argv, "needs --base", out)
-    stranger = tmp_path / "stranger"
-    stranger.mkdir()
+    stranger = world.root / "stranger"  # named in the line: under the world, whose path the docs normalise
+    stranger.mkdir(exist_ok=True)
     save_file({"other.weight": torch.zeros(2)}, stranger / "model.safetensors")
     what = "--base sharing no tensor with the inputs"
     refused("merge-base-of-another-model", what, [*argv, "--base", str(stranger)], "shares no tensor with", out)
