@@ -7,6 +7,7 @@ escaped before it reaches the card.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from importlib import resources
@@ -126,3 +127,87 @@ def build_card(results: Results, *, repo_id: str | None = None, figure: str | No
     if card.data.to_dict() != data.to_dict():  # the front matter must read back exactly as we wrote it
         raise ValueError("the model card's front matter does not read back as written: refusing to save it")
     return card
+
+
+RUN_TAG = "ratatouille-run"  # every contributed run carries it; with the base's tag, assemble --from-hub finds them
+
+
+def base_tag(base: str) -> str:
+    """The tag naming the recipe's base (without revision): runs of every init of one base share it."""
+    return f"ratatouille-base:{base.split('@')[0]}"
+
+
+def run_card(provenance: dict, title: str) -> ModelCard:
+    """A contributed run's card: its init as `base_model` (finetune), its validation accuracy, its recipe."""
+    recipe, run = provenance["recipe"], provenance["run"]
+    init = run["init"].split("@")[0]
+    data = ModelCardData(
+        base_model=init if is_hub_id(init) else None,
+        base_model_relation="finetune" if is_hub_id(init) else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=[
+            "model-ratatouille",
+            RUN_TAG,
+            base_tag(recipe["base"]),
+            f"ratatouille-recipe:{provenance['fingerprint']}",
+        ],
+    )
+    rows = "\n".join(f"| {key} | {markdown_cell(json.dumps(value))} |" for key, value in recipe.items())
+    text = f"""# {markdown_cell(title)}
+
+One fine-tune of a [Model Ratatouille](https://arxiv.org/abs/2212.10445) recipe, contributed with
+ratatouille-hub so that anyone can average it with the recipe's other runs without the data:
+`ratatouille-hub assemble SOUP --from-hub <this repo>`.
+
+- init: `{markdown_cell(run["init"])}`; hyperparameters {markdown_cell(json.dumps(run["hparams"]))}
+- training-domain validation accuracy: {_pct(run["val_accuracy"])}% (best step {run["best_step"]})
+- recipe fingerprint: `{provenance["fingerprint"]}`; runs with another fingerprint do not average with it
+
+| recipe | value |
+|---|---|
+{rows}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def grown_soup_card(record, validation: float | None = None, dataset: str | None = None) -> ModelCard:
+    """The card of a soup assembled from contributed runs or updated: its ingredients and, when a target
+    was given, its training-domain validation accuracy (no held-out number: that needs the whole recipe)."""
+    sources = [i.source.split("@")[0] for i in record.ingredients]
+    hub_ids = [s for s in sources if is_hub_id(s) and not Path(s).exists()]
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["model-ratatouille", "weight-averaging", "merge", "ratatouille-hub"],
+        eval_results=None
+        if validation is None
+        else [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset if dataset and is_hub_id(dataset) else "local",
+                dataset_name=plain_text(f"{Path(dataset or 'target').name} (training-domain validation)"),
+                metric_type="accuracy",
+                metric_name="training-domain validation accuracy",
+                metric_value=round(validation, 4),
+            )
+        ],
+        model_name="ratatouille-soup",
+    )
+    rows = "\n".join(
+        f"| {k} | `{markdown_cell(i.source)}` | `{i.sha256[:16]}` |" for k, i in enumerate(record.ingredients)
+    )
+    accuracy = "" if validation is None else f"\nTraining-domain validation accuracy: {_pct(validation)}%.\n"
+    text = f"""# ratatouille-soup
+
+A uniform **Model Ratatouille** soup ([Ramé et al., ICML 2023](https://arxiv.org/abs/2212.10445)) of
+{len(record.ingredients)} runs of one recipe (fingerprint `{record.fingerprint or "unknown"}`), grown with
+ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, without merging again.
+{accuracy}
+| ingredient | source | sha256 |
+|---|---|---|
+{rows}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from .config import (
     GROUPS,
     AssembleOptions,
+    ContributeOptions,
     DiagnoseOptions,
     DiscoverOptions,
     IntertrainConfig,
@@ -25,6 +27,7 @@ from .config import (
     PushOptions,
     RecipeConfig,
     RunOptions,
+    UpdateOptions,
 )
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
@@ -48,6 +51,13 @@ a job scheduler runs the plan one run per task, on any machines that share OUTPU
   ratatouille-hub run out --index $SLURM_ARRAY_TASK_ID                         # one task per run
   ratatouille-hub assemble out                                                 # once all are done
 examples/slurm_array.sh does this with an sbatch array and a dependent assembly job.
+"""
+
+EPILOG_GROW = """\
+a soup that grows as people add runs (only weights travel):
+  ratatouille-hub contribute out --to alice/pacs-sketch --index 0 1      # alice/pacs-sketch-run0, -run1
+  ratatouille-hub assemble soup --from-hub alice/pacs-sketch-run0        # every run of that recipe
+  ratatouille-hub update me/pacs-soup --add bob/pacs-sketch-run2         # one commit, no re-merge
 """
 
 EPILOG_INTERTRAIN = f"""\
@@ -172,10 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "assemble",
         AssembleOptions,
-        help="build the soup of a saved plan from its finished runs",
+        help="build the soup of a saved plan from its finished runs, or of a recipe's runs on the Hub",
         description="Average, score and diagnose the finished runs of the plan saved in OUTPUT and write its "
-        "soup folder(s), as recycle does at its end; refuses, naming them, while some runs are missing.",
-        epilog=EPILOG_PLAN,
+        "soup folder(s), as recycle does at its end; refuses, naming them, while some runs are missing. With "
+        "--from-hub RUN: the uniform soup of every contributed run of RUN's recipe, into OUTPUT.",
+        epilog=EPILOG_PLAN + "\n" + EPILOG_GROW,
+    )
+    _command(
+        commands,
+        "contribute",
+        ContributeOptions,
+        help="push finished runs to the Hub, for anyone to average without the data",
+        description="Push finished runs of the plan saved in OUTPUT as Hub models ORG/PREFIX-run<i> (one commit "
+        "each): weights, config, processor, ratatouille.json (the recipe fingerprint: target at its revision, "
+        "domains, split, labels, base, the shared linear-probe head) and a card naming the run's init "
+        "(base_model, finetune) and its training-domain validation accuracy. `assemble SOUP --from-hub "
+        "ORG/PREFIX-run0` then averages every run of the recipe.",
+        epilog=EPILOG_GROW,
+    )
+    _command(
+        commands,
+        "update",
+        UpdateOptions,
+        help="add runs to a uniform soup, or remove them, exactly and without merging again",
+        description="Update a uniform soup from the ingredient count and content hashes in its safetensors "
+        "metadata: the new mean is (n x soup - removed + added) / n', per tensor in float64, stored in the "
+        "soup's dtype. A run already in the soup, a run of another recipe (fingerprint), of other labels or "
+        "other tensors is refused. A Hub soup: only it and the named runs are downloaded, and the update is "
+        "pushed back in one commit with a rewritten card.",
+        epilog=EPILOG_GROW,
     )
     _command(
         commands,
@@ -306,6 +341,11 @@ def run_assemble(args) -> None:
 
     options = options_from_args(args, AssembleOptions)
     output = Path(options.output)
+    if options.from_hub:
+        from .community import assemble_from_hub
+
+        assemble_from_hub(options.from_hub, output, token=args.token)
+        return
     _print_results(assemble_output(output, token=args.token), output, PublishOptions(), args.token)
 
 
@@ -390,7 +430,7 @@ def run_merge(args) -> None:
     models, weights = [models[i] for i in mixture.members], mixture.weights
     with staged_folder(output) as staging:
         if mixture.anchored is None:
-            merge_model_folders(models, staging, weights=weights)
+            merge_model_folders(models, staging, weights=weights, metadata=_uniform_record(models, weights))
         else:
             from .fetch import resolve_model
             from .merge import merge_anchored_folders
@@ -405,6 +445,20 @@ def run_merge(args) -> None:
                 )
     print(f"merged {len(models)} models into {output}")
     _push_if_asked(options_from_args(args, PublishOptions), output, args.token)
+
+
+def _uniform_record(models: list[Path], weights) -> dict[str, str] | None:
+    """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly."""
+    from .merge import WEIGHTS_NAME
+    from .provenance import RUN_FILE, SoupIngredient, SoupRecord, file_sha256
+
+    if weights is not None or not all((m / WEIGHTS_NAME).is_file() for m in models):
+        return None
+    fingerprints = {
+        json.loads((m / RUN_FILE).read_text())["fingerprint"] if (m / RUN_FILE).is_file() else "" for m in models
+    }
+    ingredients = tuple(SoupIngredient(file_sha256(m / WEIGHTS_NAME), str(m)) for m in models)
+    return SoupRecord(ingredients, fingerprints.pop() if len(fingerprints) == 1 else "").to_metadata()
 
 
 def run_demo(args) -> None:
@@ -442,6 +496,21 @@ def run_diagnose(args) -> None:
         print(f"plot: {options.plot}")
 
 
+def run_contribute(args) -> None:
+    from .community import contribute_runs
+
+    options = options_from_args(args, ContributeOptions)
+    contribute_runs(Path(options.output), options.to, options.index or None, token=args.token)
+
+
+def run_update(args) -> None:
+    from .community import update_soup
+
+    options = options_from_args(args, UpdateOptions)
+    output = Path(options.output) if options.output else None
+    update_soup(options.soup, options.add, options.remove, output, token=args.token)
+
+
 def run_push(args) -> None:
     options = options_from_args(args, PushOptions)
     _push(Path(options.folder), options.repo_id, options, args.token)
@@ -458,6 +527,8 @@ COMMANDS = {
     "plan": run_plan,
     "run": run_run,
     "assemble": run_assemble,
+    "contribute": run_contribute,
+    "update": run_update,
     "intertrain": run_intertrain,
     "merge": run_merge,
     "discover": run_discover,

@@ -399,11 +399,62 @@ class RunOptions(Options):
 
 @dataclass(frozen=True)
 class AssembleOptions(Options):
-    """The soup of a saved plan, from its finished runs."""
+    """The soup of a saved plan, from its finished runs; or of a recipe's runs contributed to the Hub."""
+
+    output: str = _opt(
+        "",
+        "output folder holding the plan and its runs (with --from-hub: the folder for the soup)",
+        group="output",
+        positional=True,
+        required=True,
+    )
+    from_hub: str | None = _opt(
+        None,
+        "a contributed run (Hub id): average every run of its recipe on the Hub, found by its base's tag and "
+        "checked by fingerprint; no target data needed",
+        group="hub",
+        check=hub_model_id,
+    )
+
+
+@dataclass(frozen=True)
+class ContributeOptions(Options):
+    """Finished runs of a saved plan, pushed as Hub models that carry their recipe fingerprint."""
 
     output: str = _opt(
         "", "output folder holding the plan and its runs", group="output", positional=True, required=True
     )
+    to: str = _opt(
+        "", "repo prefix ORG/PREFIX: run i goes to ORG/PREFIX-run<i>", group="hub", required=True, check=hub_model_id
+    )
+    index: tuple[int, ...] = _opt(
+        (), "the runs to push (default: every run)", group="runs", check=at_least(0), may_be_empty=True
+    )
+
+
+@dataclass(frozen=True)
+class UpdateOptions(Options):
+    """An exact update of a uniform soup: runs added or removed without merging everything again."""
+
+    soup: str = _opt(
+        "",
+        "soup folder, or Hub id (then only it and the runs named are downloaded)",
+        group="model",
+        positional=True,
+        required=True,
+    )
+    add: tuple[str, ...] = _opt(
+        (), "runs to add: model folders or Hub ids (id@revision pins one)", group="model", may_be_empty=True
+    )
+    remove: tuple[str, ...] = _opt((), "ingredients to remove, named the same way", group="model", may_be_empty=True)
+    output: str | None = _opt(
+        None,
+        "write the updated soup here (default: in place, atomically; a Hub soup is pushed back in one commit)",
+        group="output",
+    )
+
+    def _problems(self) -> list[str]:
+        return [] if self.add or self.remove else ["nothing to do: give --add RUN... and/or --remove RUN..."]
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,17 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (validated like the rest of its header)."""
+    read_safetensors_header(path)
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        metadata = json.loads(handle.read(length)).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergeError(f"{path}: __metadata__ must map names to strings")
+    return metadata
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     def fail(problem: str) -> MergeError:
         return MergeError(f"{path}: tensor {name!r}: {problem}")
@@ -301,7 +312,10 @@ def _read_into(source: BinaryIO, info: TensorInfo, view: memoryview, path: Path)
 
 
 def merge_safetensors(
-    inputs: Sequence[str | Path], output_file: str | Path, weights: Sequence[float] | None = None
+    inputs: Sequence[str | Path],
+    output_file: str | Path,
+    weights: Sequence[float] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Stream the weighted mean of same-layout safetensors files into `output_file`, tensor by tensor.
 
@@ -310,11 +324,15 @@ def merge_safetensors(
     """
     paths = [Path(p) for p in inputs]
     weights = normalize_weights(weights, len(paths))
-    _write_merged_file(paths, _read_matching_headers(paths), Path(output_file), weights)
+    _write_merged_file(paths, _read_matching_headers(paths), Path(output_file), weights, metadata)
 
 
 def _write_merged_file(
-    paths: Sequence[Path], headers: Sequence[Mapping[str, TensorInfo]], output_file: Path, weights: Sequence[float]
+    paths: Sequence[Path],
+    headers: Sequence[Mapping[str, TensorInfo]],
+    output_file: Path,
+    weights: Sequence[float],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Inputs already validated; write through a temp file so a crash never leaves half a file."""
     output_file.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +341,7 @@ def _write_merged_file(
         with ExitStack() as stack:
             sink = stack.enter_context(open(staging, "xb"))
             sources = [stack.enter_context(open(path, "rb", buffering=0)) for path in paths]
-            _stream_merged_tensors(sink, sources, paths, headers, weights)
+            _stream_merged_tensors(sink, sources, paths, headers, weights, metadata)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(staging, output_file)
@@ -338,11 +356,12 @@ def _stream_merged_tensors(
     paths: Sequence[Path],
     headers: Sequence[Mapping[str, TensorInfo]],
     weights: Sequence[float],
+    metadata: Mapping[str, str] | None,
 ) -> None:
     """Header first (it depends only on the first input's layout), then each merged tensor in file order."""
     layout = headers[0]
     order = sorted(layout, key=lambda name: layout[name].offsets)
-    sink.write(_encode_header(layout, order))
+    sink.write(_encode_header(layout, order, metadata))
     read_buffer, acc_buffer, out_buffer = _ScratchBuffer(), _ScratchBuffer(), _ScratchBuffer()
     for name in order:
         info = layout[name]
@@ -386,9 +405,12 @@ def _find_nonfinite(
     return None
 
 
-def _encode_header(layout: Mapping[str, TensorInfo], order: Sequence[str]) -> bytes:
-    """Header of the output file, with the `format: pt` metadata transformers expects, padded to 8 bytes."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+def _encode_header(
+    layout: Mapping[str, TensorInfo], order: Sequence[str], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Header of the output file, with the `format: pt` metadata transformers expects (and `metadata`),
+    padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     position = 0
     for name in order:
         info = layout[name]
@@ -404,7 +426,10 @@ def _encode_header(layout: Mapping[str, TensorInfo], order: Sequence[str]) -> by
 
 
 def merge_model_folders(
-    inputs: Sequence[str | Path], output_dir: str | Path, weights: Sequence[float] | None = None
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    weights: Sequence[float] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Average transformers model folders into `output_dir` (weights, config, image processor config).
 
@@ -418,7 +443,7 @@ def merge_model_folders(
     files = list(headers)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in files:
-        _write_merged_file([folder / name for folder in folders], headers[name], output_dir / name, weights)
+        _write_merged_file([folder / name for folder in folders], headers[name], output_dir / name, weights, metadata)
     copied = COPIED_CONFIGS if files == [WEIGHTS_NAME] else (*COPIED_CONFIGS, WEIGHTS_INDEX_NAME)
     for name in copied:
         if (folders[0] / name).is_file():

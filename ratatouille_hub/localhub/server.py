@@ -67,6 +67,12 @@ class Unauthorized(HubError):
     status, code = 401, "Unauthorized"
 
 
+class Forbidden(HubError):
+    """A write into another user's namespace, with a valid token of its own."""
+
+    status, code = 403, "Forbidden"
+
+
 @dataclass
 class _Fault:
     pattern: re.Pattern
@@ -79,12 +85,22 @@ class LocalHub:
 
     `port=0` picks a free port. With `token` set, writes and reads of private repos need
     `Authorization: Bearer <token>`. `page_size` caps list and tree pages (the client follows the
-    `Link` header to the next page). Use as a context manager, or call `start()` and `stop()`.
+    `Link` header to the next page). With `users` (token -> name), each of those tokens also authenticates,
+    as that user, who may write only into their own namespace (403 elsewhere, as on the Hub); `token` stays
+    the local user's, who may write anywhere. Use as a context manager, or call `start()` and `stop()`.
     """
 
-    def __init__(self, root: Path, port: int = 0, token: str | None = None, page_size: int = 1000):
+    def __init__(
+        self,
+        root: Path,
+        port: int = 0,
+        token: str | None = None,
+        page_size: int = 1000,
+        users: dict[str, str] | None = None,
+    ):
         self.store = HubStore(root)
         self.token = token
+        self.users = dict(users or {})  # token -> user name: each writes only into its own namespace
         self.page_size = page_size
         self._requests: deque[RequestRecord] = deque(maxlen=10_000)
         self._requests_lock = threading.Lock()
@@ -159,9 +175,17 @@ class LocalHub:
         return None
 
     def _authorized(self, authorization: str | None) -> bool:
-        if self.token is None:
+        if self.token is None and not self.users:
             return True
-        return authorization is not None and hmac.compare_digest(authorization, f"Bearer {self.token}")
+        return (self.token is not None and _bearer(authorization, self.token)) or self.caller(authorization) is not None
+
+    def caller(self, authorization: str | None) -> str | None:
+        """The user of `users` whose token the request carries (None for the local user's or none)."""
+        return next((name for token, name in self.users.items() if _bearer(authorization, token)), None)
+
+
+def _bearer(authorization: str | None, token: str) -> bool:
+    return authorization is not None and hmac.compare_digest(authorization, f"Bearer {token}")
 
 
 def serve(root: Path, port: int, token: str | None = None) -> None:
@@ -250,6 +274,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self._route_name, handler, parts, is_write = self._route()
             if is_write:
                 self._require_token()
+                self._require_namespace(parts.get("repo_id"))
             handler(**parts)
         except HubError as exc:
             self._send_error(exc)
@@ -273,6 +298,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 return name, getattr(self, name), parts, is_write
         logger.warning("Local Hub has no route for %s %s", self.command, self.path)
         raise HubError(f"The local Hub does not implement {self.command} {self.url_path}", status=404)
+
+    def _require_namespace(self, repo_id: str | None) -> None:
+        user = self.hub.caller(self.headers.get("Authorization"))
+        if user is not None and repo_id is not None and repo_id.split("/")[0] != user:
+            raise Forbidden(f"You don't have the rights to write to {repo_id} (signed in as {user})")
 
     def _require_token(self) -> None:
         if self.hub._authorized(self.headers.get("Authorization")):
@@ -417,7 +447,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 
     def _whoami(self) -> None:
         self._require_token()
-        self._send_json({"type": "user", "name": LOCAL_USER, "orgs": [], "auth": {"type": "access_token"}})
+        name = self.hub.caller(self.headers.get("Authorization")) or LOCAL_USER
+        self._send_json({"type": "user", "name": name, "orgs": [], "auth": {"type": "access_token"}})
 
     def _list_repos(self, repo_type: str) -> None:
         search, author = (self._param("search") or "").lower(), (self._param("author") or "").lower()
@@ -447,7 +478,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         if repo_type not in REPO_TYPES:
             raise HubError(f"The local Hub stores models and datasets, not {repo_type}s.")
-        repo_id = f"{payload.get('organization') or LOCAL_USER}/{payload.get('name')}"
+        user = self.hub.caller(self.headers.get("Authorization"))
+        repo_id = f"{payload.get('organization') or user or LOCAL_USER}/{payload.get('name')}"
+        self._require_namespace(repo_id)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         url = f"{self.hub.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
         try:

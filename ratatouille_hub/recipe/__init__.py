@@ -136,7 +136,7 @@ def run_index(
 ) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
     done; waits for it if another process holds it (and trains it if that process dies first)."""
-    work = _work(load_plans(output, token))
+    work = indexed_runs(load_plans(output, token))
     if not 0 <= index < len(work):
         raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
     plan, spec = work[index]
@@ -155,7 +155,7 @@ def assemble_output(
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
     while some runs are missing."""
     plans = load_plans(output, token)
-    work = _work(plans)
+    work = indexed_runs(plans)
     missing = [i for i, (plan, spec) in enumerate(work) if not plan.is_done(output, spec)]
     if missing:
         shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if len(missing) > 20 else "")
@@ -166,7 +166,7 @@ def assemble_output(
     return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo)
 
 
-def _work(plans: list[RecipePlan]) -> list:
+def indexed_runs(plans: list[RecipePlan]) -> list:
     """(plan, run) pairs in `run --index` order: the plans' runs one after the other."""
     return [(plan, spec) for plan in plans for spec in plan.runs]
 

@@ -1,0 +1,145 @@
+"""Exact updates of a uniform soup: add or remove runs without merging everything again.
+
+The soup's metadata (provenance.py) holds its ingredient count n and each ingredient's content hash. With
+S the stored soup, the new mean is (n S - sum(removed) + sum(added)) / n', computed per tensor in float64
+and stored in the soup's dtype. Against a fresh float32 merge of the same runs it differs only by rounding:
+the stored S carries one rounding (half an ulp) and the fresh merge n float32 additions, so the two agree
+within (n + 2) float32 epsilons of the largest weight, a bound the tests assert. Integer tensors follow the
+rule of `merge`: they are the first ingredient's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import staged_folder
+from .merge import (
+    COPIED_CONFIGS,
+    WEIGHTS_NAME,
+    MergeError,
+    _check_configs,
+    _read_matching_headers,
+    read_safetensors_metadata,
+)
+from .provenance import RUN_FILE, ProvenanceError, SoupIngredient, SoupRecord, file_sha256
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run as an update reads it: its model folder, where it came from, its content hash."""
+
+    folder: Path
+    source: str
+    sha256: str
+
+    @property
+    def fingerprint(self) -> str | None:
+        path = self.folder / RUN_FILE
+        return json.loads(path.read_text())["fingerprint"] if path.is_file() else None
+
+
+def local_run(folder: str | Path) -> RunFiles:
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise MergeError(f"{folder}: no {WEIGHTS_NAME} (an update reads single-file runs)")
+    return RunFiles(folder, str(folder), file_sha256(folder / WEIGHTS_NAME))
+
+
+def updated_record(
+    record: SoupRecord, add: Sequence[RunFiles], remove: Sequence[RunFiles], where: str
+) -> tuple[SoupRecord, bool]:
+    """The soup's ingredients after the update, and whether its first ingredient changes; every refusal
+    is one line naming the run."""
+    hashes = [i.sha256 for i in record.ingredients]
+    seen: set[str] = set()
+    for run in add:
+        if run.sha256 in hashes or run.sha256 in seen:
+            raise ProvenanceError(f"{run.source}: already in {where} (the same weights, sha256 {run.sha256[:12]})")
+        seen.add(run.sha256)
+        if record.fingerprint and run.fingerprint is not None and run.fingerprint != record.fingerprint:
+            raise ProvenanceError(
+                f"{run.source}: a run of another recipe (fingerprint {run.fingerprint}, {where} has "
+                f"{record.fingerprint}): runs of one soup share target, split, labels, base and head"
+            )
+    removed = set()
+    for run in remove:
+        if run.sha256 not in hashes:
+            raise ProvenanceError(f"{run.source}: not an ingredient of {where}")
+        removed.add(run.sha256)
+    kept = [i for i in record.ingredients if i.sha256 not in removed]
+    ingredients = (*kept, *(SoupIngredient(run.sha256, run.source) for run in add))
+    if not ingredients:
+        raise ProvenanceError(f"{where}: removing every ingredient leaves no soup")
+    return SoupRecord(ingredients, record.fingerprint), ingredients[0].sha256 != hashes[0]
+
+
+def incremental_mean(
+    soup: dict[str, torch.Tensor],
+    count: int,
+    add: Sequence[Callable[[], dict[str, torch.Tensor]]],
+    remove: Sequence[Callable[[], dict[str, torch.Tensor]]],
+    first: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """(count x soup - sum(removed) + sum(added)) / count' per floating tensor, in float64, stored in each
+    tensor's dtype; runs are loaded one at a time. Integer tensors stay the soup's unless `first` (the new
+    first ingredient) is given."""
+    total = count + len(add) - len(remove)
+    sums = {name: t.double() * count for name, t in soup.items() if t.is_floating_point()}
+    for loads, sign in ((add, 1.0), (remove, -1.0)):
+        for load in loads:
+            run = load()
+            for name, acc in sums.items():
+                acc.add_(run[name].double(), alpha=sign)
+            del run
+    integers = {name: t for name, t in (first() if first else soup).items() if not t.is_floating_point()}
+    return {
+        name: (sums[name] / total).to(tensor.dtype) if name in sums else integers[name] for name, tensor in soup.items()
+    }
+
+
+def update_folder(
+    soup_folder: Path,
+    add: Sequence[RunFiles],
+    remove: Sequence[RunFiles],
+    destination: Path,
+    where: str,
+    resolve_ingredient: Callable[[SoupIngredient], RunFiles],
+    rewrite_card: Callable[[Path, SoupRecord], None],
+) -> SoupRecord:
+    """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself)."""
+    weights = soup_folder / WEIGHTS_NAME
+    record = SoupRecord.from_metadata(read_safetensors_metadata(weights), where)
+    for run in [*add, *remove]:
+        _check_configs([soup_folder, run.folder])
+        _read_matching_headers([weights, run.folder / WEIGHTS_NAME])
+    new_record, first_changes = updated_record(record, add, remove, where)
+    first = None
+    if first_changes:
+        successor = new_record.ingredients[0]
+        found = next((run for run in add if run.sha256 == successor.sha256), None) or resolve_ingredient(successor)
+        first = lambda: load_file(found.folder / WEIGHTS_NAME)  # noqa: E731
+    state = incremental_mean(
+        load_file(weights),
+        len(record.ingredients),
+        [lambda run=run: load_file(run.folder / WEIGHTS_NAME) for run in add],
+        [lambda run=run: load_file(run.folder / WEIGHTS_NAME) for run in remove],
+        first,
+    )
+    with staged_folder(destination) as staging:
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            staging / WEIGHTS_NAME,
+            metadata={"format": "pt", **new_record.to_metadata()},
+        )
+        for name in (*COPIED_CONFIGS, "README.md", "recipe.yaml"):
+            if (soup_folder / name).is_file():
+                shutil.copyfile(soup_folder / name, staging / name)
+        rewrite_card(staging, new_record)
+    return new_record
