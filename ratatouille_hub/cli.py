@@ -457,7 +457,7 @@ def _uniform_record(models: list[Path], weights) -> dict[str, str] | None:
     fingerprints = {
         json.loads((m / RUN_FILE).read_text())["fingerprint"] if (m / RUN_FILE).is_file() else "" for m in models
     }
-    ingredients = tuple(SoupIngredient(file_sha256(m / WEIGHTS_NAME), str(m)) for m in models)
+    ingredients = tuple(SoupIngredient(file_sha256(m / WEIGHTS_NAME), str(m.resolve())) for m in models)
     return SoupRecord(ingredients, fingerprints.pop() if len(fingerprints) == 1 else "").to_metadata()
 
 

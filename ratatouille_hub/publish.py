@@ -19,7 +19,15 @@ from pathlib import Path
 
 from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-SOUP_FILES = ("config.json", "preprocessor_config.json", "README.md", "recipe.yaml", "results.json", "diagnostics.png")
+SOUP_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "recipe.yaml",
+    "results.json",
+    "diagnostics.png",
+    "ratatouille.json",  # a contributed run's provenance (provenance.RUN_FILE)
+)
 REQUIRED_FILES = ("config.json", "README.md")  # a soup without its card would lose its lineage
 USAGE_PLACEHOLDER = '"path/to/soup"'  # card.build_card's usage snippet when no repo id was known
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

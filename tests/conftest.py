@@ -49,12 +49,13 @@ from ratatouille_hub import testing  # noqa: E402
 from ratatouille_hub.localhub.server import LocalHub  # noqa: E402
 
 _namespaces = itertools.count()
+CONTRIBUTORS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol"}  # token -> user, own namespaces
 
 
 @pytest.fixture(scope="session")
 def local_hub(tmp_path_factory):
     """The session's LocalHub, at HF_ENDPOINT: the unmodified HF clients talk to it."""
-    with LocalHub(tmp_path_factory.mktemp("local-hub"), port=HUB_PORT) as hub:
+    with LocalHub(tmp_path_factory.mktemp("local-hub"), port=HUB_PORT, users=CONTRIBUTORS) as hub:
         yield hub
 
 

@@ -154,3 +154,19 @@ def test_refusals_are_one_line_and_change_nothing(runs, tmp_path, capsys, case):
     finally:
         for run in (runs[0], runs[1]):
             (run / RUN_FILE).unlink(missing_ok=True)
+
+
+def test_a_recycle_soup_grows_and_finds_its_runs_relative_to_its_output_folder(tiny_world, tmp_path):
+    from ratatouille_hub import recycle
+    from ratatouille_hub.testing import tiny_recipe
+
+    out = tmp_path / "out"
+    results = recycle(tiny_recipe(tiny_world, out), echo=lambda line: None)
+    runs = [out / run.folder / "model" for run in results.runs]
+    entries = json.loads(read_safetensors_metadata(out / "soup" / "model.safetensors")[INGREDIENTS_KEY])
+    assert [e["source"] for e in entries] == [f"{run.folder}/model" for run in results.runs]
+    moved = tmp_path / "moved"
+    out.rename(moved)  # sources are relative: the folder may move
+    runs = [moved / run.folder / "model" for run in results.runs]
+    assert update(moved / "soup", tmp_path / "without0", remove=[runs[0]]) == 0  # integer buffers: run 1's
+    within_bound(load_file(tmp_path / "without0" / "model.safetensors"), merge(runs[1:], tmp_path / "merged"), 3)

@@ -175,9 +175,9 @@ class LocalHub:
         return None
 
     def _authorized(self, authorization: str | None) -> bool:
-        if self.token is None and not self.users:
+        if self.token is None:  # an open hub; a user's token still confines its writes to the user's namespace
             return True
-        return (self.token is not None and _bearer(authorization, self.token)) or self.caller(authorization) is not None
+        return _bearer(authorization, self.token) or self.caller(authorization) is not None
 
     def caller(self, authorization: str | None) -> str | None:
         """The user of `users` whose token the request carries (None for the local user's or none)."""
