@@ -60,8 +60,12 @@ def updated_record(
     hashes = [i.sha256 for i in record.ingredients]
     seen: set[str] = set()
     for run in add:
-        if run.sha256 in hashes or run.sha256 in seen:
-            raise ProvenanceError(f"{run.source}: already in {where} (the same weights, sha256 {run.sha256[:12]})")
+        if run.sha256 in seen:
+            raise ProvenanceError(f"{run.source}: named twice in --add")
+        if run.sha256 in hashes:
+            raise ProvenanceError(
+                f"{run.source}: already in {where} (ingredient {hashes.index(run.sha256)} has the same weights)"
+            )
         seen.add(run.sha256)
         if record.fingerprint and run.fingerprint is not None and run.fingerprint != record.fingerprint:
             raise ProvenanceError(

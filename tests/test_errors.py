@@ -284,6 +284,24 @@ def test_anchored_merges_need_the_model_they_anchor_at(world, tmp_path, refused)
     refused("merge-base-of-another-model", what, [*argv, "--base", str(stranger)], "shares no tensor with", out)
 
 
+def test_updates_refuse_what_would_not_be_the_mean_of_one_recipe(world, tmp_path, refused):
+    soup = world.root / "one-run-soup"  # under the world: the docs normalise its path
+    if not soup.exists():
+        assert cli.main(["merge", str(world.aux), "--output", str(soup)]) == 0
+    update = ["update", str(soup)]
+    refused("update-nothing", "update without --add or --remove", update, "nothing to do", soup)
+    refused("update-twice", "--add a run already in the soup", [*update, "--add", str(world.aux)], "already in", soup)
+    what = "--add a run of other labels"
+    refused("update-other-labels", what, [*update, "--add", str(world.base)], "does not match", soup)
+    weighted = world.root / "weighted-soup"
+    if not weighted.exists():
+        argv = ["merge", str(world.aux), str(world.aux), "--output", str(weighted), "--method", "weighted"]
+        assert cli.main([*argv, "--weights", "1", "2"]) == 0
+    what = "a soup whose weights record no ingredients (weighted)"
+    argv = ["update", str(weighted), "--add", str(world.aux)]
+    refused("update-no-record", what, argv, "record no ingredients", weighted)
+
+
 def test_merge_never_unpickles_a_file_beside_the_safetensors(world, tmp_path, capsys):
     assert cli.main(["merge", str(world.aux), str(world.aux_with_pickle), "--output", str(tmp_path / "soup")]) == 0
     assert not list(world.markers.iterdir())
