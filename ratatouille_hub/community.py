@@ -14,7 +14,16 @@ from pathlib import Path
 from .card import RUN_TAG, base_tag, grown_soup_card, run_card
 from .fetch import is_hub_id
 from .merge import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
-from .provenance import RUN_FILE, ProvenanceError, SoupIngredient, SoupRecord, differences, file_sha256, fingerprint_id
+from .provenance import (
+    RUN_FILE,
+    ProvenanceError,
+    SoupIngredient,
+    SoupRecord,
+    differences,
+    file_sha256,
+    fingerprint_id,
+    is_relative_source,
+)
 from .provenance import recipe_fingerprint as fingerprint_of
 from .publish import PushResult, push_folder
 from .update import RunFiles, local_run, update_folder
@@ -156,14 +165,13 @@ def update_soup(
                 soup, allow_patterns=[WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml"], token=token
             )
         )
-        base_dir = None
     else:
         folder = Path(soup)
-        base_dir = folder.parent  # a recycle soup names its runs relative to the output folder
 
     def resolve(ingredient: SoupIngredient) -> RunFiles:
+        """The ingredient's folder (relative sources are seen from the soup), or its Hub repo."""
         source = ingredient.source
-        local = Path(source) if Path(source).is_absolute() or base_dir is None else base_dir / source
+        local = folder / source if is_relative_source(source) else Path(source)
         return local_run(local) if local.is_dir() else any_run(source, token)
 
     def rewrite_card(staging: Path, record: SoupRecord) -> None:

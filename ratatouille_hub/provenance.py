@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def relative_source(folder: Path, soup: Path) -> str:
+    """Where an ingredient folder is, seen from the soup folder (POSIX): valid wherever both move together."""
+    return Path(os.path.relpath(folder.resolve(), soup.resolve())).as_posix()
+
+
+def is_relative_source(source: str) -> bool:
+    """A source `relative_source` wrote (a Hub id@revision or an absolute folder is not)."""
+    return source.startswith("..") or (not Path(source).is_absolute() and "@" not in source)
 
 
 def recipe_fingerprint(plan, head_file: Path) -> dict:

@@ -28,7 +28,15 @@ from .merge import (
     _read_matching_headers,
     read_safetensors_metadata,
 )
-from .provenance import RUN_FILE, ProvenanceError, SoupIngredient, SoupRecord, file_sha256
+from .provenance import (
+    RUN_FILE,
+    ProvenanceError,
+    SoupIngredient,
+    SoupRecord,
+    file_sha256,
+    is_relative_source,
+    relative_source,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ def local_run(folder: str | Path) -> RunFiles:
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file():
         raise MergeError(f"{folder}: no {WEIGHTS_NAME} (an update reads single-file runs)")
-    return RunFiles(folder, str(folder), file_sha256(folder / WEIGHTS_NAME))
+    return RunFiles(folder, str(folder.resolve()), file_sha256(folder / WEIGHTS_NAME))
 
 
 def updated_record(
@@ -108,6 +116,17 @@ def incremental_mean(
     }
 
 
+def _relocated(record: SoupRecord, soup_folder: Path, destination: Path) -> SoupRecord:
+    """Relative sources re-expressed from `destination`, where the updated soup will live."""
+    moved = tuple(
+        SoupIngredient(i.sha256, relative_source(soup_folder / i.source, destination))
+        if is_relative_source(i.source)
+        else i
+        for i in record.ingredients
+    )
+    return SoupRecord(moved, record.fingerprint)
+
+
 def update_folder(
     soup_folder: Path,
     add: Sequence[RunFiles],
@@ -128,7 +147,10 @@ def update_folder(
     if first_changes:
         successor = new_record.ingredients[0]
         found = next((run for run in add if run.sha256 == successor.sha256), None) or resolve_ingredient(successor)
+        if found.sha256 != successor.sha256:  # its integer tensors are the new soup's: they must be that run's
+            raise ProvenanceError(f"{found.source}: its weights changed since it joined {where}")
         first = lambda: load_file(found.folder / WEIGHTS_NAME)  # noqa: E731
+    new_record = _relocated(new_record, soup_folder, destination)
     state = incremental_mean(
         load_file(weights),
         len(record.ingredients),

@@ -164,7 +164,7 @@ def test_a_recycle_soup_grows_and_finds_its_runs_relative_to_its_output_folder(t
     results = recycle(tiny_recipe(tiny_world, out), echo=lambda line: None)
     runs = [out / run.folder / "model" for run in results.runs]
     entries = json.loads(read_safetensors_metadata(out / "soup" / "model.safetensors")[INGREDIENTS_KEY])
-    assert [e["source"] for e in entries] == [f"{run.folder}/model" for run in results.runs]
+    assert [e["source"] for e in entries] == [f"../{run.folder}/model" for run in results.runs]
     moved = tmp_path / "moved"
     out.rename(moved)  # sources are relative: the folder may move
     runs = [moved / run.folder / "model" for run in results.runs]

@@ -24,7 +24,7 @@ from ..io import staged_folder
 from ..merge import COPIED_CONFIGS, WEIGHTS_NAME, average_streamed, merge_model_folders
 from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
 from ..models import load_classifier, set_head
-from ..provenance import SoupIngredient, SoupRecord, file_sha256, fingerprint_id, recipe_fingerprint
+from ..provenance import SoupIngredient, SoupRecord, file_sha256, fingerprint_id, recipe_fingerprint, relative_source
 from ..results import (
     Average,
     BestRun,
@@ -84,7 +84,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
             members = list(mixture.members)
             if mixture.anchored is None:
                 folders = [runs[i].model_folder for i in members]
-                record = soup_record(plan, output, folders) if is_plain_mean(config) else None
+                record = soup_record(plan, output, folders, destination) if is_plain_mean(config, mixture) else None
                 merge_model_folders(folders, staging, metadata=record and record.to_metadata())  # run 0's processor
             else:
                 write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
@@ -305,16 +305,17 @@ def write_state_folder(state: dict[str, torch.Tensor], template: Path, destinati
             shutil.copyfile(template / name, destination / name)
 
 
-def is_plain_mean(config) -> bool:
-    """Whether the soup is the uniform mean of its runs as stored: only such a soup can be updated exactly."""
-    return config.method == "uniform" and config.bn_policy == "average"
+def is_plain_mean(config, mixture: Mixture) -> bool:
+    """Whether the soup is the uniform mean of its members as stored (uniform, greedy's selection): only such
+    a soup can be updated exactly."""
+    return mixture.weights is None and mixture.anchored is None and config.bn_policy == "average"
 
 
-def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path]) -> SoupRecord:
+def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], soup: Path) -> SoupRecord:
     """The soup's ingredients (content hashes, in merge order) and the fingerprint of the recipe they share."""
     fingerprint = fingerprint_id(recipe_fingerprint(plan, output / plan.lp.folder / "head.safetensors"))
-    # sources relative to the output folder: the same runs give the same soup bytes wherever they live
+    # sources relative to the soup folder: the same runs give the same soup bytes wherever the output lives
     return SoupRecord(
-        tuple(SoupIngredient(file_sha256(f / WEIGHTS_NAME), f.relative_to(output).as_posix()) for f in model_folders),
+        tuple(SoupIngredient(file_sha256(f / WEIGHTS_NAME), relative_source(f, soup)) for f in model_folders),
         fingerprint,
     )
