@@ -47,12 +47,12 @@ RUN_CARD = "---\nlicense: apache-2.0\n---\n# run\n"
 USER, TOKEN = "bench", "tok-bench"
 SOUP = f"{USER}/soup"
 THREADS = 1  # the work streams tensors through memory; a second thread on a shared 2-core machine only contends
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
 CHILD_ENV = {
     **{name: str(value) for name, (_, value) in MALLOC_SETTINGS.items()},
+    **QUIET_ENV,
     "OMP_NUM_THREADS": str(THREADS),
     "PYTHONPATH": str(ROOT),
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
 }
 
 
@@ -182,7 +182,7 @@ def run_benchmark(count: int, smoke: bool) -> dict:
         work = Path(temporary)
         with LocalHub(work / "hub", users={TOKEN: USER}) as hub:
             # The HF clients read their endpoint once, at import: set it before this process imports them.
-            os.environ.update(hub_environment(hub.url, work / "setup-home"))
+            os.environ.update({**hub_environment(hub.url, work / "setup-home"), **QUIET_ENV})
             os.environ.pop("HF_TOKEN", None)
             import torch
             from huggingface_hub import hf_hub_download
@@ -246,7 +246,7 @@ def print_table(results: dict) -> None:
     print(f"{'case':<15}{'wall s':>8}{'MB downloaded':>15}{'files downloaded':>18}{'commits':>9}")
     for row in results["rows"]:
         print(
-            f"{row['case']:<15}{row['wall_s']:>8.1f}{row['mb_downloaded']:>15.0f}"
+            f"{row['case']:<15}{row['wall_s']:>8.1f}{row['mb_downloaded']:>15.1f}"
             f"{row['files_downloaded']:>18}{row['commits']:>9}"
         )
     check = results["agreement"]
