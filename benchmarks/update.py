@@ -16,9 +16,10 @@ Wall seconds are the child's whole life (interpreter, imports, downloads, the wo
 Bytes downloaded are the sizes of the blobs the case left in its cache; files downloaded are its GETs of
 /resolve, commits its POSTs to /commit, both from the hub's request record. The two results must agree:
 per tensor, max |updated - re-merged| / max |re-merged| within (N + 1 + 2) float32 eps (update.py's bound).
-Children use 1 torch thread (OMP_NUM_THREADS=1) and the product's allocator settings. About 3 minutes on
-2 cores, half of it setup. Results: benchmarks/results/update.json; `--smoke` (tiny ResNets, a soup of 3
-runs, under 30 s) writes benchmarks/scratch/update-smoke.json instead.
+Children use 1 torch thread (OMP_NUM_THREADS=1) and the product's allocator settings. About a minute on
+2 cores, 35 s of it setup (generating the runs the first time, pushing them).
+Results: benchmarks/results/update.json; `--smoke` (tiny ResNets, a soup of 3 runs, under 30 s) writes
+benchmarks/scratch/update-smoke.json instead.
 """
 
 from __future__ import annotations
