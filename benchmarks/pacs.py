@@ -116,7 +116,7 @@ def run_trial(trial: int, domains: list[str], ingredients_only: bool = False) ->
         torch.set_num_threads(os.cpu_count() or 1)
         seed_hub(hub)
         timings = load_json(WORK / "timings.json", {})
-        aux_ids = intertrain_auxiliaries(timings)
+        aux_ids = intertrain_auxiliaries(timings) + trainer_finetunes(timings)
         if ingredients_only:
             print(f"auxiliary fine-tunes on the local Hub: {', '.join(aux_ids)}")
             return
@@ -167,6 +167,84 @@ def intertrain_auxiliaries(timings: dict) -> list[str]:
             repo_id = f"bench/efficientnet-lite0-{name}-{run}"
             push_folder(folder, repo_id)
             ids.append(repo_id)
+    return ids
+
+
+class ImageExamples:
+    """Decoded images as the Trainer's map-style dataset: normalised pixel_values and labels, one at a time."""
+
+    def __init__(self, images, normalize):
+        self.images, self.normalize = images, normalize
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "pixel_values": self.normalize.from_uint8(self.images.pixels[i : i + 1])[0],
+            "labels": self.images.labels[i],
+        }
+
+
+TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
+
+
+def trainer_finetunes(timings: dict) -> list[str]:
+    """One fine-tune per auxiliary dataset made the way most Hub fine-tunes are: transformers' Trainer with
+    its defaults (AdamW, linear decay, the model in train mode, so BatchNorm statistics move), a larger
+    learning rate, no augmentation; pushed under another user with a community card (base_model: finetune)."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from transformers import Trainer, TrainingArguments
+
+    from ratatouille_hub.data import decode_images, label_names_of, normalization_of, resolution_of
+    from ratatouille_hub.fetch import resolve_model
+    from ratatouille_hub.io import DONE, staged_folder
+    from ratatouille_hub.models import load_classifier, load_processor, serving_processor
+    from ratatouille_hub.publish import push_folder
+    from ratatouille_hub.sources import load_dataset_source
+
+    base = resolve_model(BASE_ID)
+    processor = load_processor(base.path, base.source)
+    size, normalize = resolution_of(processor, IMAGE_SIZE), normalization_of(processor)
+    ids = []
+    for name in AUX_DATASETS:
+        repo_id = f"community/efficientnet-lite0-{name}-trainer"
+        folder = WORK / "trainer" / name
+        if not (folder / DONE).is_file():
+            started = time.time()
+            dataset = load_dataset_source(str(SHARED / "data" / name))
+            labels = label_names_of(dataset, "label")
+            images = decode_images(
+                dataset, range(len(dataset)), image_column="image", label_column="label", label_names=labels, size=size
+            )
+            model = load_classifier(base.path, dict(enumerate(labels)))
+
+            arguments = TrainingArguments(
+                output_dir=str(WORK / "trainer" / f".{name}-checkpoints"),
+                max_steps=TRAINER_STEPS,
+                per_device_train_batch_size=TRAINER_BATCH,
+                learning_rate=TRAINER_LR,
+                save_strategy="no",
+                report_to=[],
+                logging_steps=100,
+                use_cpu=True,
+                seed=0,
+                dataloader_num_workers=0,
+            )
+            Trainer(model=model, args=arguments, train_dataset=ImageExamples(images, normalize)).train()
+            card = ModelCard(
+                f"---\n{ModelCardData(base_model=BASE_ID, base_model_relation='finetune', datasets=[name], pipeline_tag='image-classification', library_name='transformers').to_yaml()}\n---\n"
+                f"# {BASE_ID} fine-tuned on {name}\n\nTrainer, lr {TRAINER_LR}, {TRAINER_STEPS} steps of {TRAINER_BATCH}.\n"
+            )
+            with staged_folder(folder) as staging:
+                model.save_pretrained(staging)
+                serving_processor(model, size, normalize).save_pretrained(staging)
+                card.save(staging / "README.md")
+                (staging / DONE).touch()
+            timings[f"trainer/{name}x{TRAINER_STEPS}"] = round(time.time() - started, 1)
+            save_json(WORK / "timings.json", timings)
+        push_folder(folder, repo_id)
+        ids.append(repo_id)
     return ids
 
 
