@@ -508,7 +508,21 @@ def run_update(args) -> None:
 
     options = options_from_args(args, UpdateOptions)
     output = Path(options.output) if options.output else None
-    update_soup(options.soup, options.add, options.remove, output, token=args.token)
+    evaluate = None
+    if options.target:
+        from .fetch import resolve_model
+        from .models import load_classifier
+        from .target import prepare_target
+        from .train import validation_accuracy
+
+        def evaluate(folder: Path) -> float:
+            target = prepare_target(options, resolve_model(str(folder)), args.token)
+            model = load_classifier(folder, target.id2label)
+            return validation_accuracy(model, target.data.pooled_val, target.data.normalize)
+
+    update_soup(
+        options.soup, options.add, options.remove, output, token=args.token, evaluate=evaluate, dataset=options.target
+    )
 
 
 def run_push(args) -> None:

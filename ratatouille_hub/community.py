@@ -153,6 +153,7 @@ def update_soup(
     token=None,
     echo: Callable[[str], None] = print,
     evaluate: Callable[[Path], float] | None = None,
+    dataset: str | None = None,
 ) -> SoupRecord:
     """Update the soup `soup` (a folder, or a Hub id: then only the soup and the named runs are downloaded,
     and the result is pushed back in one commit unless `destination` is given)."""
@@ -176,7 +177,7 @@ def update_soup(
 
     def rewrite_card(staging: Path, record: SoupRecord) -> None:
         validation = evaluate(staging) if evaluate else None
-        grown_soup_card(record, validation).save(staging / "README.md")
+        grown_soup_card(record, validation, dataset).save(staging / "README.md")
         if validation is not None:
             echo(f"[eval] training-domain validation {100 * validation:.1f}%")
 

@@ -433,8 +433,9 @@ class ContributeOptions(Options):
 
 
 @dataclass(frozen=True)
-class UpdateOptions(Options):
-    """An exact update of a uniform soup: runs added or removed without merging everything again."""
+class UpdateOptions(TargetOptions):
+    """An exact update of a uniform soup: runs added or removed without merging everything again; with
+    --target, the updated soup is scored on the training domains' validation (the split of the target options)."""
 
     soup: str = _opt(
         "",

@@ -52,14 +52,14 @@ def merge(folders, output) -> dict:
     return load_file(output / "model.safetensors")
 
 
-def update(soup, output=None, add=(), remove=()) -> int:
+def update(soup, output=None, add=(), remove=(), target=()) -> int:
     argv = [
         "update",
         str(soup),
         *(["--add", *map(str, add)] if add else []),
         *(["--remove", *map(str, remove)] if remove else []),
     ]
-    return cli.main([*argv, *(["--output", str(output)] if output else [])])
+    return cli.main([*argv, *(["--output", str(output)] if output else []), *target])
 
 
 def test_adding_a_run_equals_merging_them_all(runs, tmp_path):
@@ -170,3 +170,20 @@ def test_a_recycle_soup_grows_and_finds_its_runs_relative_to_its_output_folder(t
     runs = [moved / run.folder / "model" for run in results.runs]
     assert update(moved / "soup", tmp_path / "without0", remove=[runs[0]]) == 0  # integer buffers: run 1's
     within_bound(load_file(tmp_path / "without0" / "model.safetensors"), merge(runs[1:], tmp_path / "merged"), 3)
+
+
+def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_world, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from ratatouille_hub import recycle
+    from ratatouille_hub.testing import tiny_recipe
+
+    three = recycle(tiny_recipe(tiny_world, tmp_path / "three"), echo=lambda line: None)
+    two = recycle(tiny_recipe(tiny_world, tmp_path / "two").replace(runs=2), echo=lambda line: None)
+    run2 = tmp_path / "three" / three.runs[2].folder / "model"
+    target = ["--target", str(tiny_world.target), "--image-size", "16"]
+    assert update(tmp_path / "three" / "soup", tmp_path / "updated", remove=[run2], target=target) == 0
+    assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().out
+    card = ModelCard.load(tmp_path / "updated" / "README.md")
+    [result] = card.data.eval_results
+    assert result.metric_value == round(two.soup.val_accuracy, 4) and "2 runs of one recipe" in card.text
