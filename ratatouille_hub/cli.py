@@ -344,6 +344,7 @@ def run_assemble(args) -> None:
     if options.from_hub:
         from .community import assemble_from_hub
 
+        check_merge_output(output, [])  # replaced whole: never a plan folder or anything else
         assemble_from_hub(options.from_hub, output, token=args.token)
         return
     _print_results(assemble_output(output, token=args.token), output, PublishOptions(), args.token)
@@ -508,6 +509,8 @@ def run_update(args) -> None:
 
     options = options_from_args(args, UpdateOptions)
     output = Path(options.output) if options.output else None
+    if output is not None:
+        check_merge_output(output, [Path(m) for m in (options.soup, *options.add, *options.remove) if Path(m).is_dir()])
     evaluate = None
     if options.target:
         from .fetch import resolve_model

@@ -23,6 +23,7 @@ from .provenance import (
     file_sha256,
     fingerprint_id,
     is_relative_source,
+    run_provenance,
 )
 from .provenance import recipe_fingerprint as fingerprint_of
 from .publish import PushResult, push_folder
@@ -107,26 +108,37 @@ def any_run(source: str, token=None) -> RunFiles:
 
 def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = print) -> list[RunFiles]:
     """The contributed runs of the recipe of the run `reference`, found by their base's tag and checked by
-    fingerprint: one line for each run of another recipe, which is left out; duplicates count once."""
-    from huggingface_hub import HfApi
+    fingerprint: one line for each run of another recipe, or whose files do not check out, which is left
+    out; the same weights count once. A run's provenance is read (and checked) before its weights."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
-    anchor = hub_run(reference, token)
-    provenance = json.loads((anchor.folder / RUN_FILE).read_text())
+    provenance = run_provenance(Path(hf_hub_download(reference, RUN_FILE, token=token)), reference)
     recipe, fingerprint = provenance["recipe"], provenance["fingerprint"]
     found: dict[str, tuple[int, RunFiles]] = {}
-    for model in api.list_models(filter=[RUN_TAG, base_tag(recipe["base"])], token=token):
-        run = hub_run(model.id, token, model.sha)
-        other = json.loads((run.folder / RUN_FILE).read_text())
-        if other["fingerprint"] != fingerprint:
-            echo(
-                f"refused {model.id}: a run of another recipe (differs in: {', '.join(differences(recipe, other['recipe']))})"
-            )
+    for model in api.list_models(filter=[RUN_TAG, base_tag(str(recipe.get("base", "")))], token=token):
+        try:
+            other = run_provenance(Path(hf_hub_download(model.id, RUN_FILE, revision=model.sha, token=token)), model.id)
+            if other["fingerprint"] != fingerprint:
+                echo(
+                    f"refused {model.id}: a run of another recipe (differs in: {', '.join(differences(recipe, other['recipe']))})"
+                )
+                continue
+            run = hub_run(model.id, token, model.sha)
+            if run.sha256 != other["weights_sha256"]:
+                raise ProvenanceError(f"{model.id}: its weights are not the ones its {RUN_FILE} names")
+        except (ProvenanceError, OSError, ValueError, HfHubHTTPError) as error:  # one bad repo is refused, not fatal
+            echo(f"refused {model.id}: {str(error).splitlines()[0].removeprefix(f'{model.id}: ')}")
             continue
         if run.sha256 in found:
             echo(f"skipped {model.id}: the same weights as {found[run.sha256][1].source}")
             continue
         found[run.sha256] = (other["run"]["index"], run)
+    if not found:
+        raise ProvenanceError(
+            f"{reference}: no run of its recipe found on the Hub (tag {base_tag(str(recipe.get('base', '')))})"
+        )
     return [run for _, run in sorted(found.values(), key=lambda item: (item[0], item[1].source))]
 
 
@@ -136,7 +148,7 @@ def assemble_from_hub(reference: str, destination: Path, token=None, echo: Calla
     from .io import staged_folder
 
     runs = find_recipe_runs(reference, token, echo)
-    fingerprint = json.loads((runs[0].folder / RUN_FILE).read_text())["fingerprint"]
+    fingerprint = run_provenance(runs[0].folder / RUN_FILE, runs[0].source)["fingerprint"]
     record = SoupRecord(tuple(SoupIngredient(run.sha256, run.source) for run in runs), fingerprint)
     with staged_folder(destination) as staging:
         merge_model_folders([run.folder for run in runs], staging, metadata=record.to_metadata())
@@ -170,8 +182,13 @@ def update_soup(
         folder = Path(soup)
 
     def resolve(ingredient: SoupIngredient) -> RunFiles:
-        """The ingredient's folder (relative sources are seen from the soup), or its Hub repo."""
+        """The ingredient's folder (relative sources are seen from the soup), or its Hub repo. A Hub soup's
+        record comes from whoever pushed it: only its Hub sources are followed, never a path."""
         source = ingredient.source
+        if on_hub:
+            if "@" not in source or Path(source).is_absolute():
+                raise ProvenanceError(f"{soup}: ingredient {source!r} is not a Hub id@revision: add it again by hand")
+            return any_run(source, token)
         local = folder / source if is_relative_source(source) else Path(source)
         return local_run(local) if local.is_dir() else any_run(source, token)
 
@@ -183,11 +200,14 @@ def update_soup(
 
     runs_added = [any_run(s, token) for s in add]
     runs_removed = [any_run(s, token) for s in remove]
-    work = destination or (Path(tempfile.mkdtemp()) / "soup" if on_hub else folder)
-    record = update_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card)
-    echo(f"[update] {soup}: {len(record.ingredients)} ingredients (+{len(add)} -{len(remove)})")
-    if on_hub and destination is None:
-        result = push_folder(work, soup, token=token, commit_message=f"Update soup: +{len(add)} -{len(remove)} runs")
-        echo(f"[hub] pushed {result.url}")
-        shutil.rmtree(work.parent, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as scratch:  # a Hub soup's update is staged here, kept on no failure
+        work = destination or (Path(scratch) / "soup" if on_hub else folder)
+        record = update_folder(
+            folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=not on_hub, echo=echo
+        )
+        echo(f"[update] {soup}: {len(record.ingredients)} ingredients (+{len(add)} -{len(remove)})")
+        if on_hub and destination is None:
+            message = f"Update soup: +{len(add)} -{len(remove)} runs"
+            result = push_folder(work, soup, token=token, commit_message=message)
+            echo(f"[hub] pushed {result.url}")
     return record

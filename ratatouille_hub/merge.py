@@ -532,7 +532,8 @@ def model_stock_streamed(
     t * mean(w_i) + (1 - t) * w_0 with t from the angle between the deltas w_i - w_0, as the authors do for
     more than two models: the mean of the pairwise angles (mergekit averages the pairwise cosines instead).
 
-    Returns the merged state and each tensor's t. Pairs whose delta is zero have no angle and are left out;
+    Returns the merged state and each tensor's t, in [0, 1] (a mean angle past 90 degrees gives the base).
+    Pairs whose delta is zero have no angle and are left out;
     a tensor with no angle (one input, or no delta) takes the mean (t = 1), as do tensors the anchor lacks or
     shapes otherwise (a head for other labels). Integer tensors are the first input's, as in the mean.
     Memory is the anchor, a running sum and two inputs whatever `count`: each pair is loaded again
@@ -556,8 +557,10 @@ def model_stock_streamed(
                     angles[name] += math.acos(cosine)
                     pairs[name] += 1
             del second
+    # a mean angle past 90 degrees (cos < 0) would give t < 0, and t -> infinity as cos -> -1/(k - 1): the
+    # formula assumes fine-tunes of one base whose deltas agree more than they oppose, so cos is kept >= 0
     ratios = {
-        name: model_stock_ratio(math.cos(angles[name] / pairs[name]), count) if pairs[name] else 1.0
+        name: model_stock_ratio(max(0.0, math.cos(angles[name] / pairs[name])), count) if pairs[name] else 1.0
         for name in anchored
     }
     merged = {

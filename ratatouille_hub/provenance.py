@@ -101,4 +101,26 @@ class SoupRecord:
             ingredients = tuple(SoupIngredient(str(e["sha256"]), str(e["source"])) for e in entries)
         except (ValueError, KeyError, TypeError):
             raise ProvenanceError(f"{where}: malformed {INGREDIENTS_KEY} metadata") from None
+        if not ingredients:
+            raise ProvenanceError(f"{where}: its record lists no ingredients")
         return cls(ingredients, metadata.get(FINGERPRINT_KEY, ""))
+
+
+def run_provenance(path: Path, where: str) -> dict:
+    """A contributed run's `ratatouille.json`, checked before anything is read from it: it comes from
+    whoever pushed the run."""
+    try:
+        provenance = json.loads(Path(path).read_text())
+        ok = (
+            isinstance(provenance, dict)
+            and isinstance(provenance.get("fingerprint"), str)
+            and isinstance(provenance.get("recipe"), dict)
+            and isinstance(provenance.get("run"), dict)
+            and type(provenance["run"].get("index")) is int
+            and isinstance(provenance.get("weights_sha256"), str)
+        )
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ProvenanceError(f"{where}: no valid {RUN_FILE} (fingerprint, recipe, run index, weights_sha256)")
+    return provenance

@@ -38,6 +38,8 @@ from .provenance import (
     relative_source,
 )
 
+STALE_FILES = ("results.json", "diagnostics.png")  # a recycle soup's evaluation of its old ingredients
+
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -49,8 +51,17 @@ class RunFiles:
 
     @property
     def fingerprint(self) -> str | None:
+        """The recipe fingerprint its `ratatouille.json` declares (None without one)."""
         path = self.folder / RUN_FILE
-        return json.loads(path.read_text())["fingerprint"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            fingerprint = json.loads(path.read_text()).get("fingerprint")
+        except (ValueError, AttributeError):
+            fingerprint = None
+        if not isinstance(fingerprint, str):
+            raise ProvenanceError(f"{self.source}: {RUN_FILE} declares no fingerprint")
+        return fingerprint
 
 
 def local_run(folder: str | Path) -> RunFiles:
@@ -80,12 +91,16 @@ def updated_record(
                 f"{run.source}: a run of another recipe (fingerprint {run.fingerprint}, {where} has "
                 f"{record.fingerprint}): runs of one soup share target, split, labels, base and head"
             )
-    removed = set()
+    kept = list(record.ingredients)
+    named: set[str] = set()
     for run in remove:
-        if run.sha256 not in hashes:
+        if run.sha256 in named:
+            raise ProvenanceError(f"{run.source}: named twice in --remove")
+        named.add(run.sha256)
+        entry = next((i for i in kept if i.sha256 == run.sha256), None)
+        if entry is None:
             raise ProvenanceError(f"{run.source}: not an ingredient of {where}")
-        removed.add(run.sha256)
-    kept = [i for i in record.ingredients if i.sha256 not in removed]
+        kept.remove(entry)  # one entry per run named: a soup may hold the same weights twice
     ingredients = (*kept, *(SoupIngredient(run.sha256, run.source) for run in add))
     if not ingredients:
         raise ProvenanceError(f"{where}: removing every ingredient leaves no soup")
@@ -103,12 +118,19 @@ def incremental_mean(
     tensor's dtype; runs are loaded one at a time. Integer tensors stay the soup's unless `first` (the new
     first ingredient) is given."""
     total = count + len(add) - len(remove)
+    for name, tensor in soup.items():
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
+            # n x S would scale the soup's own rounding by n: exact only from a soup stored in 32 bits or more
+            raise MergeError(f"tensor {name!r} is stored in {tensor.dtype}: an exact update needs float32; merge again")
     sums = {name: t.double() * count for name, t in soup.items() if t.is_floating_point()}
     for loads, sign in ((add, 1.0), (remove, -1.0)):
         for load in loads:
             run = load()
             for name, acc in sums.items():
-                acc.add_(run[name].double(), alpha=sign)
+                tensor = run[name]
+                if not torch.isfinite(tensor).all():
+                    raise MergeError(f"a run to {'add' if sign > 0 else 'remove'}: tensor {name!r} contains NaN or Inf")
+                acc.add_(tensor.double(), alpha=sign)
             del run
     integers = {name: t for name, t in (first() if first else soup).items() if not t.is_floating_point()}
     return {
@@ -135,8 +157,11 @@ def update_folder(
     where: str,
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
     rewrite_card: Callable[[Path, SoupRecord], None],
+    relocate: bool = True,
+    echo: Callable[[str], None] = print,
 ) -> SoupRecord:
-    """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself)."""
+    """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself). With
+    `relocate`, relative sources are re-expressed from `destination` (a local soup's runs stay where they are)."""
     weights = soup_folder / WEIGHTS_NAME
     record = SoupRecord.from_metadata(read_safetensors_metadata(weights), where)
     for run in [*add, *remove]:
@@ -150,7 +175,8 @@ def update_folder(
         if found.sha256 != successor.sha256:  # its integer tensors are the new soup's: they must be that run's
             raise ProvenanceError(f"{found.source}: its weights changed since it joined {where}")
         first = lambda: load_file(found.folder / WEIGHTS_NAME)  # noqa: E731
-    new_record = _relocated(new_record, soup_folder, destination)
+    if relocate:
+        new_record = _relocated(new_record, soup_folder, destination)
     state = incremental_mean(
         load_file(weights),
         len(record.ingredients),
@@ -167,5 +193,8 @@ def update_folder(
         for name in (*COPIED_CONFIGS, "README.md", "recipe.yaml"):
             if (soup_folder / name).is_file():
                 shutil.copyfile(soup_folder / name, staging / name)
+        stale = [name for name in STALE_FILES if (soup_folder / name).is_file()]
+        if stale:
+            echo(f"[update] not carried over, they describe the soup before the update: {', '.join(stale)}")
         rewrite_card(staging, new_record)
     return new_record

@@ -49,6 +49,19 @@ def test_model_stock_of_two_runs_and_the_tensors_without_an_angle():
     assert "head" not in ratios and torch.equal(merged["head"], torch.full((2,), 0.5))  # shaped otherwise: the mean
 
 
+def test_model_stock_of_opposing_deltas_is_the_base_not_a_division_by_zero():
+    # opposite deltas (180 degrees) would divide by 1 + cos = 0; three at 120 degrees would give t = -3e15
+    anchor = {"w": torch.tensor([1.0, 1.0])}
+    opposite = [{"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([0.0, 1.0])}]
+    merged, ratios = model_stock_streamed(opposite.__getitem__, 2, anchor)
+    assert ratios == {"w": 0.0} and torch.equal(merged["w"], anchor["w"])
+    star = [
+        {"w": anchor["w"] + torch.tensor([math.cos(a), math.sin(a)])} for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
+    ]
+    merged, ratios = model_stock_streamed(star.__getitem__, 3, anchor)
+    assert ratios["w"] == 0.0 and torch.equal(merged["w"], anchor["w"])
+
+
 def test_model_stock_of_one_run_is_that_run():
     run = {"w": torch.tensor([3.0, -1.0])}
     merged, ratios = model_stock_streamed([run].__getitem__, 1, {"w": torch.zeros(2)})
@@ -81,7 +94,7 @@ def _angle_ratio(anchor, runs, name):
     angles = [
         math.acos(np.clip(units[i] @ units[j], -1, 1)) for i in range(len(units)) for j in range(i + 1, len(units))
     ]
-    c = math.cos(sum(angles) / len(angles))
+    c = max(0.0, math.cos(sum(angles) / len(angles)))  # past 90 degrees: the base (merge.py)
     return len(runs) * c / (1 + (len(runs) - 1) * c)
 
 

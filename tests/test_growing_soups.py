@@ -71,10 +71,21 @@ def test_contributed_runs_grow_a_soup_on_the_hub(recipes, local_hub, tmp_path, c
     assert f"{100 * results.runs[1].val_accuracy:.1f}%" in card.text
     assert provenance["run"]["init"] == results.runs[1].init and provenance["recipe"]["test_domain"] == "cartoon"
 
+    # anyone can tag a repo: one without valid provenance is refused, not fatal
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (broken / name).write_bytes((runs[0] / name).read_bytes())
+    (broken / RUN_FILE).write_text("{}")
+    tags = ["ratatouille-run", f"ratatouille-base:{provenance['recipe']['base'].split('@')[0]}"]
+    ModelCard(f"---\ntags: {json.dumps(tags)}\n---\n# broken\n").save(broken / "README.md")
+    assert cli.main(["push", str(broken), "carol/broken-run0", "--token", TOKENS["carol"]]) == 0
+
     # someone without the data assembles every run of alice's recipe: carol's is refused in one line
     assert cli.main(["assemble", str(tmp_path / "soup2"), "--from-hub", "alice/shapes-run0"]) == 0
     printed = capsys.readouterr().out
     assert "refused carol/other-run0: a run of another recipe (differs in: head_sha256, split)" in printed
+    assert "refused carol/broken-run0: no valid ratatouille.json" in printed
     assert cli.main(["merge", str(runs[0]), str(runs[1]), "--output", str(tmp_path / "local2")]) == 0
     assert same_tensors(tmp_path / "soup2" / "model.safetensors", tmp_path / "local2" / "model.safetensors")
     entries = json.loads(read_safetensors_metadata(tmp_path / "soup2" / "model.safetensors")[INGREDIENTS_KEY])

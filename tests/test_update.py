@@ -4,6 +4,7 @@ integer buffers, and every refusal, on tiny ResNets (BatchNorm buffers) and ViTs
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -187,3 +188,42 @@ def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_w
     card = ModelCard.load(tmp_path / "updated" / "README.md")
     [result] = card.data.eval_results
     assert result.metric_value == round(two.soup.val_accuracy, 4) and "2 runs of one recipe" in card.text
+
+
+def test_a_soup_holding_the_same_run_twice_loses_one_entry_per_removal(runs, tmp_path, capsys):
+    merge([runs[0], runs[0], runs[1]], tmp_path / "twice")
+    assert update(tmp_path / "twice", tmp_path / "once", remove=[runs[0]]) == 0
+    within_bound(load_file(tmp_path / "once" / "model.safetensors"), merge(runs[:2], tmp_path / "merged"), 3)
+    assert update(tmp_path / "twice", tmp_path / "o2", remove=[runs[0], runs[0]]) == 2
+    assert "named twice in --remove" in capsys.readouterr().err
+
+
+def test_updates_refuse_half_precision_soups_non_finite_runs_and_outputs_that_are_inputs(runs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    merge(runs[:2], tmp_path / "soup")
+    halves = []
+    for k in range(3):  # bfloat16 copies of three runs (config and processor as they are)
+        folder = tmp_path / f"bf16-{k}"
+        shutil.copytree(runs[k], folder)
+        state = {
+            n: v.bfloat16() if v.is_floating_point() else v for n, v in load_file(folder / "model.safetensors").items()
+        }
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        halves.append(folder)
+    half = tmp_path / "half"
+    merge(halves[:2], half)
+    bad = tmp_path / "nan-run"
+    save_tiny_checkpoint(bad, (tiny_resnet if "resnet" in str(runs[0]) else tiny_vit)(0, names=LABELS))
+    nan = load_file(bad / "model.safetensors")
+    first = next(k for k, v in nan.items() if v.is_floating_point())
+    nan[first][...] = float("nan")
+    save_file(nan, bad / "model.safetensors", metadata={"format": "pt"})
+    for argv, expected in (
+        (dict(soup=half, output=tmp_path / "o1", add=[halves[2]]), "an exact update needs float32"),
+        (dict(soup=tmp_path / "soup", output=tmp_path / "o2", add=[bad]), "contains NaN or Inf"),
+        (dict(soup=tmp_path / "soup", output=runs[2], add=[runs[2]]), "is (or contains) the input"),
+    ):
+        assert update(**argv) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

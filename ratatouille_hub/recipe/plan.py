@@ -124,7 +124,8 @@ def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp
     hparams = draw_hparams(config, index)
     recycled = init.revision != base.revision
     warmup = config.warmup_steps if recycled else 0
-    micro_batch = config.micro_batch or None
+    step = config.batch_size * len(target.train_domains)
+    micro_batch = config.micro_batch if 0 < config.micro_batch < step else None  # else one pass: the same bytes
     key = stable_hash(
         {
             "init": init.revision,
