@@ -293,6 +293,10 @@ def test_updates_refuse_what_would_not_be_the_mean_of_one_recipe(world, tmp_path
     refused("update-twice", "--add a run already in the soup", [*update, "--add", str(world.aux)], "already in", soup)
     what = "--add a run of other labels"
     refused("update-other-labels", what, [*update, "--add", str(world.base)], "does not match", soup)
+    argv = [*update, "--remove", str(world.aux), str(world.aux)]
+    refused("update-remove-twice", "--remove naming one run twice", argv, "named twice in --remove", soup)
+    argv = [*update, "--add", str(world.base), "--output", str(soup)]
+    refused("update-output-is-an-input", "--output naming the soup itself", argv, "is (or contains) the input", soup)
     weighted = world.root / "weighted-soup"
     if not weighted.exists():
         argv = ["merge", str(world.aux), str(world.aux), "--output", str(weighted), "--method", "weighted"]
