@@ -94,9 +94,9 @@ def main() -> None:
         "--ingredients-only", action="store_true", help="make and push the auxiliary fine-tunes, then stop"
     )
     args = parser.parse_args()
-    for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
-        if name not in os.environ:
-            print(f"note: {name} is not set; `make bench-pacs` sets the malloc tuning STACK.md measures (2-5x)")
+    from ratatouille_hub.allocator import tune_allocator
+
+    tune_allocator()  # what the command does at start-up: PyTorch on CPU is 2-5x slower without it
     if not args.report_only:
         run_trial(args.trial, args.domains, ingredients_only=args.ingredients_only)
     if not args.ingredients_only:
