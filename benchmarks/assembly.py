@@ -49,24 +49,14 @@ def generate_runs(count: int) -> None:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from ratatouille_hub.io import staged_folder
+    from ratatouille_hub.testing import write_perturbed_runs
 
     missing = [folder for folder in run_folders(count) if not (folder / WEIGHTS).is_file()]
     if not missing:
         return
     torch.manual_seed(0)
     config = ResNetConfig(id2label=LABELS, label2id={name: i for i, name in LABELS.items()})
-    model = ResNetForImageClassification(config)
-    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    for folder in missing:
-        print(f"generating {folder.name}", flush=True)
-        noise = torch.Generator().manual_seed(int(folder.name.rsplit("-", 1)[1]))
-        model.load_state_dict(base)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=noise), alpha=1e-3)
-        with staged_folder(folder) as staging:
-            model.save_pretrained(staging)
+    write_perturbed_runs(ResNetForImageClassification(config), missing)
 
 
 def run_folders(count: int) -> list[Path]:

@@ -69,7 +69,7 @@ def generate_runs(folder: Path, count: int, smoke: bool) -> list[Path]:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from ratatouille_hub.io import staged_folder
+    from ratatouille_hub.testing import write_perturbed_runs
 
     runs = [folder / f"run-{index:02d}" for index in range(count)]
     missing = [run for run in runs if not (run / WEIGHTS).is_file()]
@@ -79,17 +79,7 @@ def generate_runs(folder: Path, count: int, smoke: bool) -> list[Path]:
     labels = {"id2label": LABELS, "label2id": {name: i for i, name in LABELS.items()}}
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(**labels, **(tiny if smoke else {})))
-    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    for run in missing:
-        print(f"generating {run.relative_to(ROOT)}", flush=True)
-        noise = torch.Generator().manual_seed(int(run.name.rsplit("-", 1)[1]))
-        model.load_state_dict(base)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=noise), alpha=1e-3)
-        with staged_folder(run) as staging:
-            model.save_pretrained(staging)
-            (staging / "README.md").write_text(RUN_CARD)
+    write_perturbed_runs(model, missing, card=RUN_CARD)
     return runs
 
 

@@ -258,3 +258,26 @@ def make_results(
         bn_policy=config.bn_policy,
         diagnostics=[],
     )
+
+
+def write_perturbed_runs(model, folders: Sequence[Path], *, card: str | None = None) -> None:
+    """Benchmark runs: `model`'s weights plus 1e-3 x N(0, 1) noise seeded by the number ending each folder's
+    name (`run-07`), written whole (staged) into the folders that lack weights, so a killed run is redone."""
+    import torch
+
+    from .io import staged_folder
+
+    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for folder in folders:
+        if (Path(folder) / "model.safetensors").is_file():
+            continue
+        print(f"generating {folder}", flush=True)
+        noise = torch.Generator().manual_seed(int(Path(folder).name.rsplit("-", 1)[1]))
+        model.load_state_dict(base)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=noise), alpha=1e-3)
+        with staged_folder(folder) as staging:
+            model.save_pretrained(staging)
+            if card is not None:
+                (staging / "README.md").write_text(card)
