@@ -160,13 +160,15 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (640, 400)) -> None:
-    """A PNG of accuracy along each pair's interpolation path (Pillow only: no plotting dependency)."""
+def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (820, 480)) -> None:
+    """A PNG of accuracy along each pair's interpolation path, readable without the text: each line is named
+    by its two models, the axes say what they measure (Pillow only: no plotting dependency)."""
     from PIL import Image, ImageDraw
 
     width, height = size
-    left, right, top, bottom = 60, 20, 30, 50
-    image = Image.new("RGB", size, "white")
+    left, right, top, bottom = 60, 20, 56, 60
+    legend_height = 14 * len(diagnosis.pairs) + 10
+    image = Image.new("RGB", (width, height + legend_height), "white")
     draw = ImageDraw.Draw(image)
     values = [a for p in diagnosis.pairs for a in p.path_accuracies] or [0.0, 1.0]
     low, high = max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05)
@@ -183,13 +185,22 @@ def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (640, 4
         accuracy = low + (high - low) * k / 4
         _, y = xy(0, accuracy)
         draw.text((8, y - 6), f"{100 * accuracy:.0f}%", fill="black")
-    draw.text((left, 8), "accuracy along the weight path between two runs (training-domain validation)", fill="black")
-    draw.text((width // 2 - 20, height - 20), "alpha", fill="black")
+    draw.text(
+        (left, 8), "Averaging two runs: accuracy of (1 - t) x A + t x B on training-domain validation", fill="black"
+    )
+    draw.text((8, top - 30), "validation accuracy", fill="black")
+    draw.text(
+        (left, height - 30),
+        "t: weight path from run A (t = 0) to run B (t = 1); a dip in the middle is a barrier",
+        fill="black",
+    )
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    names = diagnosis.names
     for index, pair in enumerate(diagnosis.pairs):
         points = [xy(alpha, acc) for alpha, acc in zip(ALPHAS, pair.path_accuracies)]
         colour = palette[index % len(palette)]
         draw.line(points, fill=colour, width=2)
-        draw.text((width - right - 70, top + 6 + 12 * index), f"[{pair.a}]-[{pair.b}]", fill=colour)
+        label = f"A = {names[pair.a]}   B = {names[pair.b]}   barrier {100 * pair.barrier:.1f} points"
+        draw.text((left, height + 4 + 14 * index), label, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

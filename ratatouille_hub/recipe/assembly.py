@@ -144,7 +144,12 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
                 len(runs),
             ),
             bn_policy=config.bn_policy,
-            diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT),
+            diagnostics=averager.diagnose_against(
+                best,
+                ranking[1:],
+                staging / DIAGNOSTICS_PLOT,
+                [run_name(i, run.metrics["init"]) for i, run in enumerate(runs)],
+            ),
         )
         results.save(staging / "results.json")
         config.save_yaml(staging / "recipe.yaml")
@@ -249,7 +254,9 @@ class RunAverager:
             self.model(Mixture(tuple(subset))), self.target.data.pooled_val, self.target.data.normalize
         )
 
-    def diagnose_against(self, reference: int, others: list[int], plot: Path) -> list[PairRecord]:
+    def diagnose_against(
+        self, reference: int, others: list[int], plot: Path, names: Sequence[str] | None = None
+    ) -> list[PairRecord]:
         """Diversity and averageability of `reference` with each other run (training-domain validation);
         the interpolation paths are drawn to `plot`. Raw weights: no BatchNorm policy on the paths. Holds the
         reference and one other run at a time."""
@@ -265,7 +272,7 @@ class RunAverager:
             self._model.load_state_dict(state)
             return predict_logits(self._model, validation, self.target.data.normalize).argmax(dim=1)
 
-        names = [f"run {i}" for i in range(len(self.model_folders))]
+        names = list(names or (f"run {i}" for i in range(len(self.model_folders))))
         pairs = [(reference, i) for i in others]
         diagnosis = diagnose_loaded(names, load, predict, validation.labels, pairs=pairs)
         plot_paths(diagnosis, plot)
@@ -319,3 +326,8 @@ def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], s
         tuple(SoupIngredient(file_sha256(f / WEIGHTS_NAME), relative_source(f, soup)) for f in model_folders),
         fingerprint,
     )
+
+
+def run_name(index: int, init: str) -> str:
+    """A run as figures name it: its index and the checkpoint it started from (`run 2 from org/aux-1`)."""
+    return f"run {index} from {Path(init.split('@')[0]).name}"
