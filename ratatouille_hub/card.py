@@ -45,7 +45,9 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def build_card(results: Results, *, repo_id: str | None = None, figure: str | None = None) -> ModelCard:
+def build_card(
+    results: Results, *, repo_id: str | None = None, figure: str | None = None, scores_figure: str | None = None
+) -> ModelCard:
     """Render the card for the model described by `results`: a soup, or for the erm and fusing baselines
     the best run (lineage `finetune` when the base is its only parent)."""
     recipe = results.recipe
@@ -123,6 +125,7 @@ def build_card(results: Results, *, repo_id: str | None = None, figure: str | No
         batch_size=recipe["batch_size"],
         bn_policy=recipe["bn_policy"],
         figure=figure,
+        scores_figure=scores_figure,
     )
     if card.data.to_dict() != data.to_dict():  # the front matter must read back exactly as we wrote it
         raise ValueError("the model card's front matter does not read back as written: refusing to save it")

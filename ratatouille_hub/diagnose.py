@@ -204,3 +204,45 @@ def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (820, 4
         draw.text((left, height + 4 + 14 * index), label, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def plot_scores(points: Sequence[tuple[str, str, float, float, str]], test_domain: str, path: Path) -> None:
+    """A PNG of each model's training-domain validation accuracy (x) against its held-out accuracy (y):
+    `points` are (tag, name, validation, held-out, kind), kind `run`, `soup` or `ensemble`; the tag marks the
+    point, the legend gives its name. Above-right of the runs is where a soup should land; the ensemble is
+    the reference it approximates (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 900, 520, 70, 340, 40, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs, ys = [p[2] for p in points], [p[3] for p in points]
+    x_low, x_high = min(xs) - 0.02, max(xs) + 0.02
+    y_low, y_high = min(ys) - 0.02, max(ys) + 0.02
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - x_low) / (x_high - x_low) * (width - left - right),
+            top + (y_high - y) / (y_high - y_low) * (height - top - bottom),
+        )
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):
+        x, y = x_low + (x_high - x_low) * k / 4, y_low + (y_high - y_low) * k / 4
+        draw.text((xy(x, y_low)[0] - 12, height - bottom + 8), f"{100 * x:.1f}%", fill="black")
+        draw.text((8, xy(x_low, y)[1] - 6), f"{100 * y:.1f}%", fill="black")
+    draw.text((left, 8), f"Each model: training-domain validation (x) against held-out {test_domain} (y)", fill="black")
+    draw.text((left, height - 28), "training-domain validation accuracy (what model selection sees)", fill="black")
+    draw.text((8, top - 16), f"{test_domain} accuracy", fill="black")
+    colours = {"run": "#1f77b4", "soup": "#d62728", "ensemble": "#2ca02c"}
+    draw.text((width - right + 10, top - 16), "validation / held-out, %", fill="black")
+    for index, (tag, name, x, y, kind) in enumerate(points):
+        cx, cy = xy(x, y)
+        radius = 4 if kind == "run" else 6
+        shape = draw.ellipse if kind != "ensemble" else draw.rectangle
+        shape([cx - radius, cy - radius, cx + radius, cy + radius], fill=colours[kind])
+        draw.text((cx + 8, cy - 6), tag, fill=colours[kind])
+        line = f"{tag}: {name}"[:44] + f"  {100 * x:.1f} / {100 * y:.1f}"
+        draw.text((width - right + 10, top + 14 * index), line, fill=colours[kind])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

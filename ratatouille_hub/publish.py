@@ -26,6 +26,7 @@ SOUP_FILES = (
     "recipe.yaml",
     "results.json",
     "diagnostics.png",
+    "accuracies.png",
     "ratatouille.json",  # a contributed run's provenance (provenance.RUN_FILE)
 )
 REQUIRED_FILES = ("config.json", "README.md")  # a soup without its card would lose its lineage

@@ -35,6 +35,7 @@ SOUP_FILES = {
     "recipe.yaml",
     "results.json",
     "diagnostics.png",
+    "accuracies.png",
 }
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 CALLS = ["run 1/3", "run 2/3 head warm-up", "run 2/3", "run 3/3 head warm-up", "run 3/3"]
@@ -445,3 +446,13 @@ def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done,
         soup[prefix + "running_var"], features.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-6
     )
     assert soup[prefix + "num_batches_tracked"].item() == 1
+
+
+def test_the_card_shows_both_figures(done):
+    from PIL import Image
+
+    card = (done.soup / "README.md").read_text()
+    assert "](accuracies.png)" in card and "](diagnostics.png)" in card
+    for name in ("accuracies.png", "diagnostics.png"):
+        with Image.open(done.soup / name) as image:
+            assert image.size[0] >= 800 and image.getcolors(1 << 16) and len(image.getcolors(1 << 16)) > 2

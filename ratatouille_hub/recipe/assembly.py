@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..card import build_card
-from ..diagnose import diagnose_loaded, plot_paths
+from ..diagnose import diagnose_loaded, plot_paths, plot_scores
 from ..evaluation import ensemble_probabilities, predict_logits
 from ..fetch import is_hub_id, resolve_model
 from ..io import staged_folder
@@ -41,6 +41,7 @@ from ..train import reestimate_batchnorm, validation_accuracy
 from .plan import RecipePlan
 
 DIAGNOSTICS_PLOT = "diagnostics.png"
+SCORES_PLOT = "accuracies.png"
 
 
 class RunFolder:
@@ -144,16 +145,25 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
                 len(runs),
             ),
             bn_policy=config.bn_policy,
-            diagnostics=averager.diagnose_against(
-                best,
-                ranking[1:],
-                staging / DIAGNOSTICS_PLOT,
-                [run_name(i, run.metrics["init"]) for i, run in enumerate(runs)],
-            ),
+            diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
         )
         results.save(staging / "results.json")
         config.save_yaml(staging / "recipe.yaml")
-        build_card(results, figure=DIAGNOSTICS_PLOT if len(runs) > 1 else None).save(staging / "README.md")
+        names = run_names(runs)
+        plot_scores(
+            [
+                *(
+                    (f"r{i}", n, r.val_accuracy, r.test_accuracy, "run")
+                    for i, (n, r) in enumerate(zip(names, results.runs))
+                ),
+                *((m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup") for m, a in averages.items()),
+                ("ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"),
+            ],
+            target.test_domain,
+            staging / SCORES_PLOT,
+        )
+        figures = {"figure": DIAGNOSTICS_PLOT if len(runs) > 1 else None, "scores_figure": SCORES_PLOT}
+        build_card(results, **figures).save(staging / "README.md")
     return results
 
 
@@ -328,6 +338,6 @@ def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], s
     )
 
 
-def run_name(index: int, init: str) -> str:
-    """A run as figures name it: its index and the checkpoint it started from (`run 2 from org/aux-1`)."""
-    return f"run {index} from {Path(init.split('@')[0]).name}"
+def run_names(runs: Sequence[RunFolder]) -> list[str]:
+    """Runs as figures name them: index and the checkpoint each started from (`run 2 from aux-1`)."""
+    return [f"run {i} from {Path(run.metrics['init'].split('@')[0]).name}" for i, run in enumerate(runs)]
