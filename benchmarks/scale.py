@@ -529,8 +529,19 @@ def load_results(path: Path) -> dict:
 def save_results(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(results, indent=2) + "\n")
+    staging.write_text(portable(json.dumps(results, indent=2)) + "\n")
     staging.replace(path)
+
+
+def portable(text: str) -> str:
+    """Commands and logs as any checkout reads them: paths relative to the repository, ../shared, $TMPDIR."""
+    for absolute, relative in (
+        (f"{ROOT.parent / 'shared'}/", "../shared/"),
+        (f"{ROOT}/", ""),
+        (f"{tempfile.gettempdir()}/", "$TMPDIR/"),
+    ):
+        text = text.replace(absolute, relative)
+    return text
 
 
 def run_part(results: dict, path: Path, part: str, settings: dict, cases, measure, work: Path, force: bool) -> None:
