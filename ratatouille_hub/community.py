@@ -74,7 +74,7 @@ def contribute_runs(
         repo_id = f"{prefix}{domain}-run{index}"
         with tempfile.TemporaryDirectory() as staging:
             staging = Path(staging)
-            for name in RUN_FILES[:-1]:
+            for name in (WEIGHTS_NAME, *COPIED_CONFIGS):
                 if (folder / "model" / name).is_file():
                     shutil.copyfile(folder / "model" / name, staging / name)
             (staging / RUN_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

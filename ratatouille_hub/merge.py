@@ -439,7 +439,7 @@ def merge_model_folders(
     folders = [Path(p) for p in inputs]
     output_dir = Path(output_dir)
     weights = normalize_weights(weights, len(folders))
-    headers = _checked_headers(folders)
+    headers = checked_headers(folders)
     files = list(headers)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in files:
@@ -450,8 +450,9 @@ def merge_model_folders(
             shutil.copyfile(folders[0] / name, output_dir / name)
 
 
-def _checked_headers(folders: Sequence[Path]) -> dict[str, list[dict[str, TensorInfo]]]:
-    """Each weight file's headers across the folders, once configs, files and tensors all agree."""
+def checked_headers(folders: Sequence[Path]) -> dict[str, list[dict[str, TensorInfo]]]:
+    """Each weight file's headers across the folders, once configs, files and tensors all agree (what
+    every merge of folders, and an update, checks before reading any weight)."""
     _check_configs(folders)
     files = _weight_files(folders[0])
     for folder in folders[1:]:
@@ -612,7 +613,7 @@ def merge_anchored_folders(
     from safetensors.torch import save_file
 
     folders, output_dir = [Path(p) for p in inputs], Path(output_dir)
-    _checked_headers(folders)
+    checked_headers(folders)
     anchor = folder_state(Path(base))
     first = folder_state(folders[0])
     unanchored = [

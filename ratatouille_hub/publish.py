@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .provenance import RUN_FILE
 
 SOUP_FILES = (
     "config.json",
@@ -27,7 +28,7 @@ SOUP_FILES = (
     "results.json",
     "diagnostics.png",
     "accuracies.png",
-    "ratatouille.json",  # a contributed run's provenance (provenance.RUN_FILE)
+    RUN_FILE,  # a contributed run's provenance
 )
 REQUIRED_FILES = ("config.json", "README.md")  # a soup without its card would lose its lineage
 USAGE_PLACEHOLDER = '"path/to/soup"'  # card.build_card's usage snippet when no repo id was known

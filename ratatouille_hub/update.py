@@ -24,8 +24,7 @@ from .merge import (
     COPIED_CONFIGS,
     WEIGHTS_NAME,
     MergeError,
-    _check_configs,
-    _read_matching_headers,
+    checked_headers,
     read_safetensors_metadata,
 )
 from .provenance import (
@@ -165,8 +164,7 @@ def update_folder(
     weights = soup_folder / WEIGHTS_NAME
     record = SoupRecord.from_metadata(read_safetensors_metadata(weights), where)
     for run in [*add, *remove]:
-        _check_configs([soup_folder, run.folder])
-        _read_matching_headers([weights, run.folder / WEIGHTS_NAME])
+        checked_headers([soup_folder, run.folder])
     new_record, first_changes = updated_record(record, add, remove, where)
     first = None
     if first_changes:
