@@ -38,7 +38,8 @@ Part B, memory. Peak RSS of `recycle --strategy erm --runs 1 --steps 1 --lp-step
 domains are decoded into OUTPUT/cache/ and memory-mapped), OMP_NUM_THREADS=2, the product's allocator
 settings on (no MALLOC_* variables in the environment): cold (a fresh output folder, so decoding included),
 then warm (the same folder with runs/, lp/ and soup/ deleted, cache/ kept: the same work but decoding), then
-warm with --micro-batch 32 and 16 (each step's 96 images in passes of 32 or 16, gradients accumulated).
+warm with --micro-batch 32, 16 and 8 (each step's 96 images in passes of that many, gradients accumulated;
+the probe's features, validation and predictions in passes of as many).
 Peak RSS is `/usr/bin/time -v`'s "Maximum resident set size" (a small wrapper's
 getrusage(RUSAGE_CHILDREN) where it is missing); beside it, sampled twice a second from /proc, every
 process's VmHWM and its peak RssAnon (private) and RssFile (file pages: the shared, memory-mapped cache among
@@ -99,7 +100,7 @@ B_SMOKE = {**B_SETTINGS, "image_size": 32}
 # name: (processes, threads per process)
 A_CASES = {"seq-2t": (1, 2), "procs-2": (2, 1), "seq-1t": (1, 1)}
 # warm-microN: warm with --micro-batch N (a step's 96 images in passes of N)
-B_CASES = ("import-floor", "cold", "warm", "warm-micro32", "warm-micro16")
+B_CASES = ("import-floor", "cold", "warm", "warm-micro32", "warm-micro16", "warm-micro8")
 
 RUN_START = re.compile(r"(?:\[rank (\d+)/\d+\] )?\[train\] (run \d+/\d+) from ")
 RUN_END = re.compile(r"(?:\[rank (\d+)/\d+\] )?\[train\] (run \d+/\d+): best validation")

@@ -192,8 +192,8 @@ class TrainingOptions(DataOptions):
     augment: bool = _opt(True, "DomainBed augmentation on training images", group="training")
     micro_batch: int = _opt(
         0,
-        "images per forward/backward pass; a step's gradient accumulates over its passes, so peak memory is one "
-        "pass's (0: the whole step in one pass)",
+        "images per pass through the model: a step's gradient accumulates over its passes, and evaluation "
+        "goes in passes of at most as many, so peak memory is one pass's (0: whole steps, evaluation by 64)",
         group="training",
         check=at_least(0),
     )

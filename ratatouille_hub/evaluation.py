@@ -16,6 +16,12 @@ from .data import ImageTensors, Normalization
 from .models import to_channels_last, to_contiguous
 
 ACCURACY_MODULE = Path(__file__).parent / "metrics" / "accuracy"
+INFERENCE_BATCH = 64  # images per evaluation pass, unless --micro-batch asks for fewer
+
+
+def inference_batch(micro_batch: int | None) -> int:
+    """Images per evaluation pass: a --micro-batch caps evaluation too, or evaluation would be the peak."""
+    return min(micro_batch, INFERENCE_BATCH) if micro_batch else INFERENCE_BATCH
 
 
 @functools.cache
@@ -35,7 +41,7 @@ def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict_logits(
-    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = 64, autocast=None
+    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = INFERENCE_BATCH, autocast=None
 ) -> torch.Tensor:
     """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last)."""
     model.eval()

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DataError, DomainSplit, ImageTensors, decode_images, normalization_of, resolution_of, split_domains
-from .evaluation import accuracy, predict_logits
+from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset
 from .hashing import stable_hash
 from .io import DONE, claimed_folder, staged_folder
@@ -196,13 +196,13 @@ def prepare_target(options, base: Ingredient, token=None) -> Target:
     return TargetPreparation(options, base, token).decode()
 
 
-def predict_target(model, target: Target) -> dict[str, torch.Tensor]:
+def predict_target(model, target: Target, batch_size: int = INFERENCE_BATCH) -> dict[str, torch.Tensor]:
     """Logits on every training domain's validation split (`val/<domain>`) and on the test domain."""
     predictions = {
-        f"val/{name}": predict_logits(model, images, target.data.normalize)
+        f"val/{name}": predict_logits(model, images, target.data.normalize, batch_size=batch_size)
         for name, images in zip(target.train_domains, target.data.val)
     }
-    predictions["test"] = predict_logits(model, target.test, target.data.normalize)
+    predictions["test"] = predict_logits(model, target.test, target.data.normalize, batch_size=batch_size)
     return predictions
 
 

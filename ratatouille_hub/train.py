@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageTensors, Normalization, augment, evenly_spaced
-from .evaluation import accuracy, predict_logits
+from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .models import (
     capture_features,
     feature_dropout,
@@ -96,8 +96,10 @@ class TrainOutcome:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
-def validation_accuracy(model, images: ImageTensors, normalize: Normalization, autocast=None) -> float:
-    return accuracy(predict_logits(model, images, normalize, autocast=autocast), images.labels)
+def validation_accuracy(
+    model, images: ImageTensors, normalize: Normalization, autocast=None, batch_size: int = INFERENCE_BATCH
+) -> float:
+    return accuracy(predict_logits(model, images, normalize, autocast=autocast, batch_size=batch_size), images.labels)
 
 
 def optimize(
@@ -222,7 +224,7 @@ class LinearHead:
 
 
 @torch.no_grad()
-def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int = 64) -> torch.Tensor:
+def _features(model, images: ImageTensors, normalize: Normalization, batch_size: int) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     to_channels_last(model)
@@ -235,7 +237,16 @@ def _features(model, images: ImageTensors, normalize: Normalization, batch_size:
 
 
 def linear_probe(
-    model, data: TargetData, *, steps: int, lr: float, batch_size: int, eval_every: int, seed: int, accelerator
+    model,
+    data: TargetData,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    eval_every: int,
+    seed: int,
+    accelerator,
+    inference_batch: int = INFERENCE_BATCH,
 ) -> LinearHead:
     """Train only a new head on frozen base features; the best step on validation is kept.
 
@@ -243,9 +254,9 @@ def linear_probe(
     change between steps): thousands of LP steps then cost seconds instead of hours.
     """
     torch.manual_seed(seed)
-    train_features = [ImageTensors(_features(model, d, data.normalize), d.labels) for d in data.train]
+    train_features = [ImageTensors(_features(model, d, data.normalize, inference_batch), d.labels) for d in data.train]
     val = data.pooled_val
-    val_features = _features(model, val, data.normalize)
+    val_features = _features(model, val, data.normalize, inference_batch)
     template = head_linear(model)
     head = copy.deepcopy(template).float().to(accelerator.device)
     nn.init.zeros_(head.weight)  # the checkpoint's head was drawn from the global RNG at load time

@@ -39,7 +39,9 @@ def test_split_passes_are_part_of_a_runs_key_and_plans_saved_before_them_still_l
     assert [spec.micro_batch for spec in whole.runs] == [None] * 3
     assert [spec.micro_batch for spec in split.runs] == [2] * 3
     assert not {spec.key for spec in whole.runs} & {spec.key for spec in split.runs}
-    assert split.lp == whole.lp  # the probe trains on features, in no passes
+    assert split.lp.key != whole.lp.key  # its features are computed in passes of 2
+    [large] = plan_recipe(tiny_recipe(tiny_world, output, micro_batch=64), echo=lambda line: None)
+    assert (large.lp, large.runs) == (whole.lp, whole.runs)  # 64 is a whole step and evaluation's own pass
     output.mkdir()
     save_plans([split], output)
     assert load_plans(output) == [split]
@@ -48,6 +50,27 @@ def test_split_passes_are_part_of_a_runs_key_and_plans_saved_before_them_still_l
         del run["micro_batch"]
     (output / PLAN_FILE).write_text(json.dumps(saved))
     assert [spec.micro_batch for spec in load_plans(output)[0].runs] == [None] * 3
+
+
+def test_micro_batch_bounds_every_pass_through_the_model(tiny_world, tmp_path, monkeypatch):
+    """Training, the probe's features, validation, predictions and assembly all go in passes of at most N."""
+    import torch
+
+    passes: list[int] = []
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Conv2d):
+            passes.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        recycle(tiny_recipe(tiny_world, tmp_path / "whole"), echo=lambda line: None)
+        whole, passes[:] = max(passes), []
+        recycle(tiny_recipe(tiny_world, tmp_path / "split", micro_batch=5), echo=lambda line: None)
+    finally:
+        handle.remove()
+    assert whole == 36  # the test domain's 36 images in one evaluation pass
+    assert max(passes) == 5
 
 
 def test_fusing_plans_its_mixtures_before_building_any(tiny_world, tmp_path):

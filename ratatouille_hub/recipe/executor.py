@@ -11,6 +11,7 @@ whichever process next waits for it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..evaluation import inference_batch
 from ..fetch import Ingredient
 from ..hashing import stable_int
 from ..io import DONE, atomic_write_json, claimed_folder, staged_folder
@@ -132,6 +134,7 @@ def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: P
 def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: Path, echo) -> None:
     spec = plan.lp
     echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
+    started = time.monotonic()
     model = load_classifier(plan.base.path, target.id2label).to(accelerator.device)
     head = linear_probe(
         model,
@@ -142,10 +145,16 @@ def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: P
         eval_every=spec.eval_every,
         seed=spec.seed,
         accelerator=accelerator,
+        inference_batch=inference_batch(plan.config.micro_batch),
     )
     with staged_folder(folder) as staging:
         save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
-        atomic_write_json(staging / "metrics.json", {"step": head.step, "val_accuracy": head.val_accuracy})
+        metrics = {
+            "step": head.step,
+            "val_accuracy": head.val_accuracy,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()
 
 
@@ -184,6 +193,7 @@ def execute_run(
     if (folder / DONE).exists():
         echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
         return folder
+    started = time.monotonic()
     init = init_checkpoint(plan, spec, target, output, echo)
     hparams = spec.hparams
     echo(
@@ -218,20 +228,20 @@ def execute_run(
         )
         for param in model.parameters():
             param.requires_grad_(True)
-    pooled_val = data.pooled_val
+    pooled_val, passes = data.pooled_val, inference_batch(spec.micro_batch)
     outcome = optimize(
         model,
         batches,
         parameters=list(model.parameters()),
         steps=spec.steps,
-        validate=lambda m: validation_accuracy(m, pooled_val, data.normalize),
+        validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
         eval_every=spec.eval_every,
         desc=f"{rank}{spec.label}",
         **common,
     )
     model.load_state_dict(outcome.state)
     processor = serving_processor(model, target.test.pixels.shape[-1], data.normalize)
-    predictions = predict_target(model, target)
+    predictions = predict_target(model, target, passes)
     metrics = {
         "init": init.reference,
         "hparams": asdict(hparams),
@@ -239,6 +249,7 @@ def execute_run(
         "best_step": outcome.step,
         "val_accuracy": outcome.val_accuracy,
         "history": outcome.history,
+        "seconds": round(time.monotonic() - started, 1),  # what the run cost: benchmarks add these up
     }
     with staged_folder(folder) as staging:
         model.save_pretrained(staging / "model")

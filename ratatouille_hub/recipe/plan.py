@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import RecipeConfig, RunHParams, draw_hparams
 from ..errors import RecipeError
+from ..evaluation import INFERENCE_BATCH, inference_batch
 from ..fetch import Ingredient, resolve_model
 from ..hashing import stable_hash
 from ..io import DONE, atomic_write_json
@@ -101,6 +102,7 @@ def build_plan(
 ) -> RecipePlan:
     """Every spec of the recipe; `datasets_of(ingredient)` names the dataset a fine-tune was trained on."""
     strategy = STRATEGIES[config.strategy]
+    feature_passes = inference_batch(config.micro_batch)
     lp_key = stable_hash(
         {
             "base": base.revision,
@@ -110,6 +112,8 @@ def build_plan(
             "batch": config.batch_size,
             "eval_every": config.eval_every,
             "seed": config.seed,
+            # features computed in smaller passes may round differently; the default's probes keep their key
+            **({"feature_passes": feature_passes} if feature_passes != INFERENCE_BATCH else {}),
         }
     )
     lp = LPSpec(config.lp_steps, config.lp_lr, config.batch_size, config.eval_every, config.seed, lp_key)
