@@ -23,19 +23,55 @@ started from them up to 0.42; lr 1e-3 Adam on an 80k-parameter net, likely more 
 fine-tune); independently initialised models of the same shapes measure 1.32 (toy-world ResNet) and 1.41
 (ResNet-50). Two models trained separately from the same random init measure 0.70 and pass: the check
 catches a different base, not every incompatible pair (a loss barrier between the two measures the rest).
+
+What vetting reports without refusing
+-------------------------------------
+Each accepted fine-tune's distance, and how far its BatchNorm running statistics moved from the base's
+(`batchnorm_shift`, the same relative distance over running means and variances: exactly 0 when they
+were frozen, as the recipe and `intertrain` train). Two signs of a fine-tune made otherwise are flagged,
+since runs from it may not average with the rest: statistics that moved, and a distance more than
+OUTLIER_FACTOR times the median of the other fine-tunes' (a larger learning rate or longer training).
+Both are warnings, not refusals: whether such a run helps is for greedy averaging and the barriers of
+diagnose to say, on validation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from .discover import backbone_mismatch, head_names_of, local_signature
 from .fetch import Ingredient
 
 MAX_DISTANCE_TO_BASE = 1.0
+OUTLIER_FACTOR = 2.0  # a distance above this multiple of the others' median is flagged
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class Vetted:
+    """An accepted fine-tune and what vetting measured on it."""
+
+    source: str
+    distance: float  # to the base, over the backbone's kernels
+    batchnorm_shift: float  # to the base's running statistics (0.0: frozen; nan: the model has none)
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        moved = (
+            "no BatchNorm statistics"
+            if math.isnan(self.batchnorm_shift)
+            else "BatchNorm statistics unchanged"
+            if self.batchnorm_shift == 0.0
+            else f"BatchNorm statistics moved {self.batchnorm_shift:.3f}"
+        )
+        return f"{self.source}: distance to the base {self.distance:.3f}, {moved}"
+
+
 CODE_CONFIGS = ("config.json", "preprocessor_config.json")
 
 
@@ -43,8 +79,9 @@ class IngredientError(ValueError):
     """A checkpoint that cannot join the soup of this base."""
 
 
-def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> None:
-    """Refuse, with one line naming the checkpoint, anything that is not a usable fine-tune of `base`."""
+def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> list[Vetted]:
+    """Refuse, with one line naming the checkpoint, anything that is not a usable fine-tune of `base`;
+    report on the rest (module docstring)."""
     base_config = read_config(base)
     base_signature = local_signature(base.path)  # validates every header (truncation, corruption, absurd shapes)
     try:
@@ -52,6 +89,7 @@ def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> None:
     except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
         raise IngredientError(f"{base.source}: {_first_line(error)}") from None
     check_finite(base, head_names)
+    measured = []
     for ingredient in aux:
         config = read_config(ingredient)
         if config.get("model_type") != base_config.get("model_type"):
@@ -70,6 +108,29 @@ def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> None:
                 f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
                 f"distance {distance:.2f} from the base's (fine-tunes stay below {MAX_DISTANCE_TO_BASE:g})"
             )
+        measured.append((ingredient.source, distance, batchnorm_shift(base, ingredient)))
+    return [
+        Vetted(
+            source, distance, shift, _warnings(distance, shift, [d for j, (_, d, _) in enumerate(measured) if j != i])
+        )
+        for i, (source, distance, shift) in enumerate(measured)
+    ]
+
+
+def _warnings(distance: float, shift: float, others: list[float]) -> tuple[str, ...]:
+    warnings = []
+    if shift > 0.0:
+        warnings.append("its BatchNorm statistics were trained (the recipe freezes them)")
+    if others and distance > OUTLIER_FACTOR * statistics.median(others):
+        warnings.append(
+            f"it moved {distance / statistics.median(others):.1f}x as far from the base as the median of the others"
+        )
+    return tuple(warnings)
+
+
+def batchnorm_shift(base: Ingredient, ingredient: Ingredient) -> float:
+    """||s - s_base|| / ||s_base|| over the BatchNorm running means and variances (nan if there are none)."""
+    return _relative_distance(base, ingredient, lambda name, tensor: name.endswith(BATCHNORM_STATISTICS))
 
 
 def read_config(ingredient: Ingredient) -> dict:
@@ -122,25 +183,37 @@ def check_finite(ingredient: Ingredient, skip: set[str]) -> None:
 
 def distance_to_base(base: Ingredient, ingredient: Ingredient, base_signature: dict, head_names: set[str]) -> float:
     """||w - w_base|| / ||w_base|| over the backbone's weight kernels (float tensors with 2+ dimensions)."""
-    from safetensors import safe_open
-
     kernels = {
         name
         for name, (dtype, shape) in base_signature.items()
         if name not in head_names and len(shape) >= 2 and dtype in ("F64", "F32", "F16", "BF16")
     }
+    distance = _relative_distance(base, ingredient, lambda name, tensor: name in kernels)
+    return 0.0 if math.isnan(distance) else distance
+
+
+def _relative_distance(base: Ingredient, ingredient: Ingredient, selected) -> float:
+    """||w - w_base|| / ||w_base|| over the tensors `selected(name, tensor)` keeps (nan: it keeps none)."""
+    from safetensors import safe_open
+
     squared_difference = squared_norm = 0.0
+    kept = 0
     with ExitStack() as stack:
         base_files = {}
         for file in _weight_files(base.path):
             handle = stack.enter_context(safe_open(str(file), framework="pt"))
             base_files.update((name, handle) for name in handle.keys())
         for _, name, tensor in _tensors(ingredient.path):
-            if name not in kernels:
+            if name not in base_files or not tensor.is_floating_point() or not selected(name, tensor):
                 continue
             reference = base_files[name].get_tensor(name).double()
+            if reference.shape != tensor.shape:
+                continue
+            kept += 1
             squared_difference += float((tensor.double() - reference).pow(2).sum())
             squared_norm += float(reference.pow(2).sum())
+    if kept == 0:
+        return math.nan
     if squared_norm == 0.0:
         return 0.0 if squared_difference == 0.0 else math.inf
     return math.sqrt(squared_difference / squared_norm)

@@ -197,7 +197,10 @@ def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, li
     recycled = [resolve_model(*_pinned(source), token=token) for source in recycled_sources(config, token, echo)]
     for ingredient in recycled:
         echo(f"[fetch] recycled {ingredient.reference}")
-    vet_ingredients(base, recycled)
+    for vetted in vet_ingredients(base, recycled):
+        echo(f"[vet] {vetted.describe()}")
+        for warning in vetted.warnings:
+            echo(f"[vet]   warning: {warning}; runs from it may not average with the others")
     if STRATEGIES[config.strategy].needs_recycled and not recycled:
         raise RecipeError(
             f"--strategy {config.strategy} needs recycled fine-tunes (--aux, or a Hub base to discover them)"

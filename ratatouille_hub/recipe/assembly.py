@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..card import build_card
 from ..diagnose import diagnose_loaded, plot_paths, plot_scores
-from ..evaluation import ensemble_probabilities, predict_logits
+from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
 from ..io import staged_folder
 from ..merge import COPIED_CONFIGS, WEIGHTS_NAME, average_streamed, merge_model_folders
@@ -72,8 +73,13 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
     run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
     ranking = sorted(range(len(runs)), key=lambda i: (-run_scores[i]["val_accuracy"], i))
     best = ranking[0]
+    passes = inference_batch(config.micro_batch)
     averager = RunAverager(
-        [run.model_folder for run in runs], target, config.bn_policy, anchor=lambda: base_with_head(plan, output)
+        [run.model_folder for run in runs],
+        target,
+        config.bn_policy,
+        anchor=lambda: base_with_head(plan, output),
+        inference_batch=passes,
     )
     inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy, alpha=config.alpha)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
@@ -93,7 +99,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
             if config.bn_policy == "reestimate":
                 averager.reestimate(soup_model)
                 soup_model.save_pretrained(staging)
-            average_scores[config.method] = score_predictions(predict_target(soup_model, target), target)
+            average_scores[config.method] = score_predictions(predict_target(soup_model, target, passes), target)
             soup = Outcome(method=config.method, members=members, **average_scores[config.method])
         else:
             for file in runs[best].model_folder.iterdir():
@@ -102,7 +108,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
         for method, mixture in mixtures.items():
             if method not in average_scores:
                 model = averager.model(mixture)
-                average_scores[method] = score_predictions(predict_target(model, target), target)
+                average_scores[method] = score_predictions(predict_target(model, target, passes), target)
         ensemble = score_predictions(
             {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}, target
         )
@@ -164,7 +170,31 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
         )
         figures = {"figure": DIAGNOSTICS_PLOT if len(runs) > 1 else None, "scores_figure": SCORES_PLOT}
         build_card(results, **figures).save(staging / "README.md")
+    for line in explain_selection(results, names):
+        echo(line)
     return results
+
+
+def explain_selection(results: Results, names: Sequence[str]) -> list[str]:
+    """What greedy kept and left out, and the barriers between the best run and the others: the lines that
+    tell a user which run did not average with the rest, and why."""
+    greedy = results.averages.get("greedy")
+    lines = []
+    if greedy is not None and len(greedy.members) < len(names):
+        left_out = [names[i] for i in results.greedy_order if i not in greedy.members]
+        lines.append(
+            f"[merge] greedy kept {len(greedy.members)} of {len(names)} runs; left out (they lowered validation): "
+            + ", ".join(left_out)
+        )
+    if results.diagnostics:
+        best = results.best_run.index
+        worst = sorted(results.diagnostics, key=lambda pair: -pair.barrier)[:3]
+        lines.append(
+            f"[diagnose] barrier on the weight path from the best run ({names[best]}): median "
+            f"{100 * statistics.median(p.barrier for p in results.diagnostics):.1f} points; largest: "
+            + ", ".join(f"{names[p.runs[1]]} {100 * p.barrier:.1f}" for p in worst)
+        )
+    return lines
 
 
 def summary_rows(
@@ -204,8 +234,10 @@ class RunAverager:
         target: Target,
         bn_policy: str,
         anchor: Callable[[], dict[str, torch.Tensor]] | None = None,
+        inference_batch: int = INFERENCE_BATCH,
     ):
         self.model_folders = list(model_folders)
+        self.inference_batch = inference_batch
         self.target = target
         self.bn_policy = bn_policy
         self._anchor = anchor  # the base's state, built when a method anchored at it first needs it
@@ -261,7 +293,10 @@ class RunAverager:
 
     def validation_accuracy(self, subset: list[int]) -> float:
         return validation_accuracy(
-            self.model(Mixture(tuple(subset))), self.target.data.pooled_val, self.target.data.normalize
+            self.model(Mixture(tuple(subset))),
+            self.target.data.pooled_val,
+            self.target.data.normalize,
+            batch_size=self.inference_batch,
         )
 
     def diagnose_against(
@@ -280,7 +315,9 @@ class RunAverager:
 
         def predict(state) -> torch.Tensor:
             self._model.load_state_dict(state)
-            return predict_logits(self._model, validation, self.target.data.normalize).argmax(dim=1)
+            return predict_logits(
+                self._model, validation, self.target.data.normalize, batch_size=self.inference_batch
+            ).argmax(dim=1)
 
         names = list(names or (f"run {i}" for i in range(len(self.model_folders))))
         pairs = [(reference, i) for i in others]

@@ -1,0 +1,104 @@
+"""What vetting reports on the fine-tunes it accepts: the distance to the base, whether BatchNorm statistics
+were trained, and a distance far above the others' (a fine-tune made otherwise than the recipe assumes)."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ratatouille_hub import recycle
+from ratatouille_hub.fetch import resolve_model
+from ratatouille_hub.testing import tiny_recipe
+from ratatouille_hub.vetting import vet_ingredients
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _variant(base_folder, folder, change):
+    shutil.copytree(base_folder, folder)
+    state = load_file(base_folder / "model.safetensors")
+    save_file({name: change(name, tensor.clone()) for name, tensor in state.items()}, folder / "model.safetensors")
+    return resolve_model(str(folder))
+
+
+def _is_kernel(name, tensor):
+    return tensor.is_floating_point() and tensor.dim() >= 2 and not name.startswith("classifier")
+
+
+def _relative(base_state, other_state, keep) -> float:
+    names = [n for n, t in base_state.items() if keep(n, t)]
+    difference = torch.cat([(other_state[n].double() - base_state[n].double()).flatten() for n in names])
+    reference = torch.cat([base_state[n].double().flatten() for n in names])
+    return float(difference.norm() / reference.norm())
+
+
+def test_vetting_measures_each_fine_tune_and_flags_trained_statistics_and_outliers(tiny_checkpoints, tmp_path):
+    base_folder = tiny_checkpoints["base"]
+    base = resolve_model(str(base_folder))
+    noise = {
+        n: torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
+        for i, (n, t) in enumerate(load_file(base_folder / "model.safetensors").items())
+    }
+
+    def moved(scale, statistics=1.0):
+        def change(name, tensor):
+            if _is_kernel(name, tensor):
+                return tensor + scale * 0.01 * noise[name]
+            if name.endswith("running_var"):
+                return tensor * statistics
+            return tensor
+
+        return change
+
+    careful = [_variant(base_folder, tmp_path / f"careful{k}", moved(1.0 + 0.1 * k)) for k in range(2)]
+    careless = _variant(base_folder, tmp_path / "careless", moved(5.0, statistics=1.5))
+    report = vet_ingredients(base, [*careful, careless])
+
+    base_state = load_file(base_folder / "model.safetensors")
+    for vetted, ingredient in zip(report, [*careful, careless], strict=True):
+        state = load_file(ingredient.path / "model.safetensors")
+        assert vetted.source == ingredient.source
+        assert vetted.distance == pytest.approx(_relative(base_state, state, _is_kernel), rel=1e-9)
+    assert [v.batchnorm_shift for v in report[:2]] == [0.0, 0.0] and report[0].warnings == report[1].warnings == ()
+    statistics_names = lambda n, t: n.endswith(("running_mean", "running_var"))  # noqa: E731
+    careless_state = load_file(careless.path / "model.safetensors")
+    assert report[2].batchnorm_shift == pytest.approx(_relative(base_state, careless_state, statistics_names), rel=1e-9)
+    assert report[2].batchnorm_shift > 0.1
+    ratio = report[2].distance / ((report[0].distance + report[1].distance) / 2)  # the median of two
+    assert report[2].warnings == (
+        "its BatchNorm statistics were trained (the recipe freezes them)",
+        f"it moved {ratio:.1f}x as far from the base as the median of the others",
+    )
+    assert "BatchNorm statistics unchanged" in report[0].describe()
+    assert f"BatchNorm statistics moved {report[2].batchnorm_shift:.3f}" in report[2].describe()
+
+
+def test_recycle_prints_vetting_greedy_choice_and_barriers(tiny_world, tmp_path):
+    lines = []
+    results = recycle(tiny_recipe(tiny_world, tmp_path / "out"), echo=lines.append)
+    vetted = [line for line in lines if line.startswith("[vet]") and "distance to the base" in line]
+    assert len(vetted) == 2  # the tiny world's two fine-tunes, whose statistics were perturbed
+    assert all("BatchNorm statistics moved" in line for line in vetted)
+    names = [f"run {r.index} from {Path(r.init.split('@')[0]).name}" for r in results.runs]
+    largest = sorted(results.diagnostics, key=lambda p: -p.barrier)
+    [barriers] = [line for line in lines if line.startswith("[diagnose] barrier")]
+    assert barriers == (
+        f"[diagnose] barrier on the weight path from the best run ({names[results.best_run.index]}): median "
+        f"{100 * statistics.median(p.barrier for p in results.diagnostics):.1f} points; largest: "
+        + ", ".join(f"{names[p.runs[1]]} {100 * p.barrier:.1f}" for p in largest)
+    )
+    greedy = results.averages["greedy"]
+    left_out = [names[i] for i in results.greedy_order if i not in greedy.members]
+    kept = [line for line in lines if line.startswith("[merge] greedy kept")]
+    assert kept == (
+        [
+            f"[merge] greedy kept {len(greedy.members)} of 3 runs; left out (they lowered validation): {', '.join(left_out)}"
+        ]
+        if left_out
+        else []
+    )
