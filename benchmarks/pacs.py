@@ -1,16 +1,18 @@
 """PACS benchmark: every method of METHOD.md side by side, on real images, through the local Hub.
 
-    python benchmarks/pacs.py [--trial 0] [--domains art_painting cartoon photo sketch]
+    python benchmarks/pacs.py [--trials 0 1 2] [--domains art_painting cartoon photo sketch]
 
 One command runs the whole table from scratch, and resumes where it stopped:
 1. a local Hub (benchmarks/scratch/pacs/hub) is seeded with the real base (EfficientNet-Lite0, ImageNet)
    and PACS as `flwrlabs/pacs`, both read from ../shared (never copied into the repository);
-2. `intertrain` fine-tunes the base on each auxiliary dataset (caltech101, clothing, cifar10) and pushes
-   the results to the Hub with community-style cards;
-3. for each test domain, `recycle --base <hub base> --target PACS` runs every strategy (erm, soup,
-   ratatouille, fusing): it discovers the fine-tunes on the Hub, downloads them at pinned revisions,
-   shares the linear probe and the runs between strategies, merges and evaluates;
-4. the table goes to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
+2. the ingredients, made once and reused by every trial: `intertrain` fine-tunes the base 4 times on each
+   auxiliary dataset (caltech101, clothing, cifar10), and transformers' Trainer once per dataset (the
+   way most Hub fine-tunes are made); all are pushed to the Hub with community-style cards;
+3. per trial and test domain, `recycle --base <hub base> --target PACS` runs every strategy (erm, soup,
+   ratatouille, fusing) over fine-tunes it downloads from the Hub at pinned revisions, sharing the
+   linear probe and the runs between strategies; in trial 0 a further Ratatouille recycles the Trainer
+   group too, with either BatchNorm policy;
+4. the tables go to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
 Each stage is a folder with a `done` marker (the project's own run folders), so a rerun skips finished
 work. The command applies the malloc settings of ../shared/STACK.md itself (ratatouille_hub/allocator.py).
@@ -23,10 +25,12 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ratatouille_hub.results import Results
@@ -40,54 +44,92 @@ BASE_ID = "bench/efficientnet-lite0-imagenet"
 PACS_FOLDER = SHARED / "data" / "pacs"
 AUX_DATASETS = ("caltech101", "clothing", "cifar10")
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-STRATEGIES = ("erm", "soup", "ratatouille", "fusing")
 DIAGNOSED_DOMAIN = "art_painting"
+TRIALS = (0, 1, 2)
 
 # The scaled-down protocol (written at the top of pacs.md; see PROTOCOL below).
 IMAGE_SIZE = 128
 AUX_RUNS, AUX_STEPS, AUX_BATCH = 4, 1000, 32  # the paper's 4 per dataset; 300 steps moved them 1.5-1.9%
-RUNS = 4
+AUX_PER_TRIAL = 2  # fine-tunes of each auxiliary dataset a trial recycles, drawn by the trial's seed
+RUNS = 1 + AUX_PER_TRIAL * len(AUX_DATASETS)  # Ratatouille: one run from the base, one per drawn fine-tune
 STEPS, EVAL_EVERY, WARMUP, BATCH = 200, 50, 50, 16
 LP_STEPS = 5001
+TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
+HUB_STYLE_TRIALS = (0,)  # the Trainer group's experiment: one trial (3 more runs per domain)
 
-ROWS = (  # (row, strategy whose results hold it, the scores in its results record)
+
+@dataclass(frozen=True)
+class Cell:
+    """One `recycle` per trial and test domain: its strategy, the fine-tunes it recycles, its BN policy."""
+
+    name: str  # results/<domain>-<name>.json
+    strategy: str
+    group: str = "recipe"  # "recipe": the drawn intertrain fine-tunes; "hub-style": those + the Trainer group
+    bn_policy: str = "average"
+
+
+CELLS = (Cell("erm", "erm"), Cell("soup", "soup"), Cell("ratatouille", "ratatouille"), Cell("fusing", "fusing"))
+HUB_STYLE_CELLS = (
+    Cell("hub-style", "ratatouille", "hub-style"),
+    Cell("hub-style-reestimate", "ratatouille", "hub-style", "reestimate"),
+)
+
+ROWS = (  # (row, cell whose results hold it, the scores in its results record)
     ("ERM (LP init)", "erm", lambda r: r.soup),
     ("Soups, uniform", "soup", lambda r: r.averages["uniform"]),
     ("Soups, greedy", "soup", lambda r: r.averages["greedy"]),
+    ("Soups runs, Model Stock", "soup", lambda r: r.averages["model-stock"]),
+    ("Soups runs, interpolated to the base (alpha 0.5)", "soup", lambda r: r.averages["interpolate"]),
     ("Inter-training", "ratatouille", lambda r: r.best_run),
     ("Fusing", "fusing", lambda r: r.soup),
     ("Ratatouille, uniform", "ratatouille", lambda r: r.averages["uniform"]),
     ("Ratatouille, greedy", "ratatouille", lambda r: r.averages["greedy"]),
+    ("Ratatouille runs, Model Stock", "ratatouille", lambda r: r.averages["model-stock"]),
+    ("Ratatouille runs, interpolated to the base (alpha 0.5)", "ratatouille", lambda r: r.averages["interpolate"]),
     ("Ensemble (of the Ratatouille runs)", "ratatouille", lambda r: r.ensemble),
 )
 
 PROTOCOL = f"""\
-Protocol (what is scaled down from METHOD.md, and why). One trial of the full table must fit in about
-3 hours of 2 CPU cores (no GPU), where METHOD.md's budget is 20 runs x 5001 steps at 224 px per test
-domain on GPUs: about 500x more compute. Kept as in METHOD.md: DomainBed leave-one-domain-out, 80/20
-train/validation split per training domain (seeded by trial), model selection on training-domain
-validation only, the shared linear probe ({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only
-warm-up then a fresh Adam for runs from recycled or fused inits, frozen BatchNorm statistics, feature
-dropout, per-run hparams drawn from {{1e-5, 3e-5, 5e-5}} x {{1e-4, 1e-6}} x {{0, 0.1, 0.5}} (run 0: defaults),
-best step by validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
+Protocol (what is scaled down from METHOD.md, and why). METHOD.md's budget is 20 runs x 5001 steps of 32
+images per domain at 224 px, per strategy and test domain, on GPUs; here three complete trials must fit in
+about 9 hours of 2 CPU cores. A run here is about 150x cheaper than METHOD.md's (5001/200 steps, 32/16
+images, (224/128)^2 pixels) on a backbone of about a tenth of ResNet-50's FLOPs. The previous protocol's trial measured about 2 minutes per 200-step run at 128 px
+(training, 4 validations, predictions), so a trial can afford about 20 runs per test domain: {RUNS} for ERM
+and Soups (shared), {RUNS - 1} more for Ratatouille (its run 0 is theirs), {RUNS} for Fusing. Nothing below
+was chosen by looking at a test domain.
+Kept as in METHOD.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
+(seeded by trial), model selection on training-domain validation only, the shared linear probe
+({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only warm-up then a fresh Adam for runs from
+recycled or fused inits, frozen BatchNorm statistics (BN policy `average`), feature dropout, per-run
+hparams drawn from {{1e-5, 3e-5, 5e-5}} x {{1e-4, 1e-6}} x {{0, 0.1, 0.5}} (run 0: defaults), best step by
+validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - backbone: EfficientNet-Lite0 (ImageNet, 4.7M parameters), the only real ImageNet backbone offline
   here, instead of ResNet-50; so absolute numbers are not comparable with the paper's, only orderings;
 - resolution {IMAGE_SIZE} px (the PACS copy's native size) instead of 224;
-- {RUNS} runs per strategy instead of 20: ERM and soups from the base; Ratatouille = 1 run from the base
-  + 1 from each of the {len(AUX_DATASETS)} auxiliary fine-tunes (paper: 4 + 16); Fusing = {RUNS} runs;
+- ingredients, made once and recycled by every trial (their cost is the community's, not the user's):
+  {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
+  (METHOD.md: 5001; 300 steps had moved them only 1.5-1.9% from the base), hparams drawn as for target
+  runs, on caltech101 (PACS-overlapping classes removed), clothing and cifar10 (upsampled from 32 px)
+  instead of the other DomainBed datasets;
+- {RUNS} runs per strategy instead of 20. Ratatouille = 1 run from the base + 1 from each of
+  {AUX_PER_TRIAL * len(AUX_DATASETS)} fine-tunes ({AUX_PER_TRIAL} per auxiliary dataset, drawn per trial from its {AUX_RUNS}, so the
+  datasets weigh equally and the trials between them recycle most of the {AUX_RUNS * len(AUX_DATASETS)}; paper: 4 + 16);
+  Fusing mixes the base with one drawn fine-tune per dataset, as METHOD.md;
 - {STEPS} steps per run instead of 5001, {BATCH} images per training domain per step instead of 32,
   validation every {EVAL_EVERY} steps, head-only warm-up {WARMUP} steps instead of 200;
-- auxiliary fine-tunes: {AUX_RUNS} runs per dataset (as the paper), hparams drawn as for target runs, of
-  {AUX_STEPS} steps x {AUX_BATCH} images (METHOD.md: 5001), on
-  caltech101 (PACS-overlapping classes removed), clothing and cifar10 (upsampled from 32 px) instead of
-  the other DomainBed datasets;
 - channels-last memory layout (1.4-2x faster on CPU; equal up to float rounding); fp32 throughout.
+The Trainer group (one fine-tune per auxiliary dataset made with transformers' Trainer: AdamW at lr
+{TRAINER_LR:g}, linear decay, BatchNorm in train mode, no augmentation, {TRAINER_STEPS} steps x {TRAINER_BATCH}) is recycled in
+trial {", ".join(map(str, HUB_STYLE_TRIALS))} only, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the Ratatouille cell's own,
+once with each BatchNorm policy (`average`, `reestimate`).
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trial", type=int, default=0, help="trial seed: data splits, runs (default: 0)")
+    parser.add_argument(
+        "--trials", type=int, nargs="+", default=list(TRIALS), help="trial seeds: splits, drawn fine-tunes, runs"
+    )
     parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="test domains to run")
     parser.add_argument("--report-only", action="store_true", help="rebuild pacs.json/pacs.md from finished results")
     parser.add_argument(
@@ -98,12 +140,12 @@ def main() -> None:
 
     tune_allocator()  # what the command does at start-up: PyTorch on CPU is 2-5x slower without it
     if not args.report_only:
-        run_trial(args.trial, args.domains, ingredients_only=args.ingredients_only)
+        run_trials(args.trials, args.domains, ingredients_only=args.ingredients_only)
     if not args.ingredients_only:
         report()
 
 
-def run_trial(trial: int, domains: list[str], ingredients_only: bool = False) -> None:
+def run_trials(trials: list[int], domains: list[str], ingredients_only: bool = False) -> None:
     from ratatouille_hub.localhub.server import LocalHub, hub_environment
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -116,15 +158,18 @@ def run_trial(trial: int, domains: list[str], ingredients_only: bool = False) ->
         torch.set_num_threads(os.cpu_count() or 1)
         seed_hub(hub)
         timings = load_json(WORK / "timings.json", {})
-        aux_ids = intertrain_auxiliaries(timings) + trainer_finetunes(timings)
+        made = intertrain_auxiliaries(timings) | trainer_finetunes(timings)
+        print(f"auxiliary fine-tunes on the local Hub: {', '.join(made)}")
+        describe_ingredients(made)
         if ingredients_only:
-            print(f"auxiliary fine-tunes on the local Hub: {', '.join(aux_ids)}")
             return
-        for domain in domains:
-            for strategy in STRATEGIES:
-                run_cell(trial, domain, strategy, timings)
-        diagnose_domain(trial, DIAGNOSED_DOMAIN if DIAGNOSED_DOMAIN in domains else domains[0])
-        print(f"auxiliary fine-tunes on the local Hub: {', '.join(aux_ids)}")
+        for trial in trials:
+            cells = CELLS + (HUB_STYLE_CELLS if trial in HUB_STYLE_TRIALS else ())
+            for domain in domains:
+                for cell in cells:
+                    run_cell(trial, domain, cell, timings)
+            if trial == TRIALS[0]:
+                diagnose_domain(trial, DIAGNOSED_DOMAIN if DIAGNOSED_DOMAIN in domains else domains[0])
 
 
 def seed_hub(hub) -> None:
@@ -140,13 +185,14 @@ def seed_hub(hub) -> None:
         hub.seed_dataset("flwrlabs/pacs", PACS_FOLDER)
 
 
-def intertrain_auxiliaries(timings: dict) -> list[str]:
-    """One fine-tune of the base per auxiliary dataset, pushed to the Hub as a community checkpoint."""
+def intertrain_auxiliaries(timings: dict) -> dict[str, Path]:
+    """AUX_RUNS fine-tunes of the base per auxiliary dataset, each pushed to the Hub as a community
+    checkpoint; returns {repo id: local folder}."""
     from ratatouille_hub.config import IntertrainConfig
     from ratatouille_hub.intertrain import intertrain
     from ratatouille_hub.publish import push_folder
 
-    ids = []
+    made = {}
     for name in AUX_DATASETS:
         config = IntertrainConfig(
             base=BASE_ID,
@@ -164,10 +210,27 @@ def intertrain_auxiliaries(timings: dict) -> list[str]:
             timings[key] = round(time.time() - started, 1)
             save_json(WORK / "timings.json", timings)
         for run, folder in enumerate(folders):
-            repo_id = f"bench/efficientnet-lite0-{name}-{run}"
+            repo_id = recipe_finetune_id(name, run)
             push_folder(folder, repo_id)
-            ids.append(repo_id)
-    return ids
+            made[repo_id] = Path(folder)
+    return made
+
+
+def recipe_finetune_id(dataset: str, run: int) -> str:
+    return f"bench/efficientnet-lite0-{dataset}-{run}"
+
+
+def trainer_finetune_id(dataset: str) -> str:
+    return f"community/efficientnet-lite0-{dataset}-trainer"
+
+
+def recycled_in(trial: int, group: str) -> tuple[str, ...]:
+    """The fine-tunes a cell recycles: AUX_PER_TRIAL per auxiliary dataset, drawn by the trial's seed and
+    taken dataset by dataset in turn (so any prefix is balanced); the hub-style group adds the Trainer's."""
+    draw = random.Random(f"pacs-trial-{trial}")
+    drawn = {name: sorted(draw.sample(range(AUX_RUNS), AUX_PER_TRIAL)) for name in AUX_DATASETS}
+    recipe = tuple(recipe_finetune_id(name, drawn[name][k]) for k in range(AUX_PER_TRIAL) for name in AUX_DATASETS)
+    return recipe + tuple(trainer_finetune_id(name) for name in AUX_DATASETS) if group == "hub-style" else recipe
 
 
 class ImageExamples:
@@ -186,19 +249,17 @@ class ImageExamples:
         }
 
 
-TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
-
-
-def trainer_finetunes(timings: dict) -> list[str]:
+def trainer_finetunes(timings: dict) -> dict[str, Path]:
     """One fine-tune per auxiliary dataset made the way most Hub fine-tunes are: transformers' Trainer with
     its defaults (AdamW, linear decay, the model in train mode, so BatchNorm statistics move), a larger
     learning rate, no augmentation; pushed under another user with a community card (base_model: finetune)."""
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import Trainer, TrainingArguments
 
-    from ratatouille_hub.data import decode_images, label_names_of, normalization_of, resolution_of
+    from ratatouille_hub.data import decode_images, evenly_spaced, label_names_of, normalization_of, resolution_of
+    from ratatouille_hub.evaluation import accuracy, predict_logits
     from ratatouille_hub.fetch import resolve_model
-    from ratatouille_hub.io import DONE, staged_folder
+    from ratatouille_hub.io import DONE, atomic_write_json, staged_folder
     from ratatouille_hub.models import load_classifier, load_processor, serving_processor
     from ratatouille_hub.publish import push_folder
     from ratatouille_hub.sources import load_dataset_source
@@ -206,9 +267,9 @@ def trainer_finetunes(timings: dict) -> list[str]:
     base = resolve_model(BASE_ID)
     processor = load_processor(base.path, base.source)
     size, normalize = resolution_of(processor, IMAGE_SIZE), normalization_of(processor)
-    ids = []
+    made = {}
     for name in AUX_DATASETS:
-        repo_id = f"community/efficientnet-lite0-{name}-trainer"
+        repo_id = trainer_finetune_id(name)
         folder = WORK / "trainer" / name
         if not (folder / DONE).is_file():
             started = time.time()
@@ -232,6 +293,8 @@ def trainer_finetunes(timings: dict) -> list[str]:
                 dataloader_num_workers=0,
             )
             Trainer(model=model, args=arguments, train_dataset=ImageExamples(images, normalize)).train()
+            sample = evenly_spaced(images, 1000)  # as intertrain measures its own fine-tunes
+            results = {"train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels)}
             card = ModelCard(
                 f"---\n{ModelCardData(base_model=BASE_ID, base_model_relation='finetune', datasets=[name], pipeline_tag='image-classification', library_name='transformers').to_yaml()}\n---\n"
                 f"# {BASE_ID} fine-tuned on {name}\n\nTrainer, lr {TRAINER_LR}, {TRAINER_STEPS} steps of {TRAINER_BATCH}.\n"
@@ -240,33 +303,63 @@ def trainer_finetunes(timings: dict) -> list[str]:
                 model.save_pretrained(staging)
                 serving_processor(model, size, normalize).save_pretrained(staging)
                 card.save(staging / "README.md")
+                atomic_write_json(staging / "results.json", results)
                 (staging / DONE).touch()
             timings[f"trainer/{name}x{TRAINER_STEPS}"] = round(time.time() - started, 1)
             save_json(WORK / "timings.json", timings)
         push_folder(folder, repo_id)
-        ids.append(repo_id)
-    return ids
+        made[repo_id] = folder
+    return made
 
 
-def cell_path(trial: int, domain: str, strategy: str) -> Path:
-    return WORK / f"trial{trial}" / "results" / f"{domain}-{strategy}.json"
+def describe_ingredients(made: dict[str, Path]) -> None:
+    """Each fine-tune's distance to the base (vetting's measure) and its accuracy on 1000 of its own
+    training images, once: WORK/ingredients.json."""
+    from ratatouille_hub.discover import head_names_of, local_signature
+    from ratatouille_hub.fetch import resolve_model
+    from ratatouille_hub.vetting import distance_to_base
+
+    path = WORK / "ingredients.json"
+    described = load_json(path, {})
+    if set(made) <= set(described):
+        return
+    base = resolve_model(BASE_ID)
+    signature, heads = local_signature(base.path), head_names_of(base.path / "config.json")
+    for repo_id, folder in made.items():
+        if repo_id not in described:
+            own = json.loads((folder / "results.json").read_text())
+            described[repo_id] = {
+                "distance_to_base": distance_to_base(base, resolve_model(repo_id), signature, heads),
+                "train_accuracy": own["train_accuracy"],
+                "hparams": own.get("hparams", {"lr": TRAINER_LR, "optimizer": "AdamW (Trainer)"}),
+            }
+    save_json(path, described)
 
 
-def run_cell(trial: int, domain: str, strategy: str, timings: dict) -> None:
-    """`recycle --base <hub base> --target PACS --strategy S` for one test domain (skipped when finished)."""
+def cell_path(trial: int, domain: str, cell: str) -> Path:
+    return WORK / f"trial{trial}" / "results" / f"{domain}-{cell}.json"
+
+
+def run_cell(trial: int, domain: str, cell: Cell, timings: dict) -> None:
+    """`recycle --base <hub base> --target PACS --strategy S --aux ...` for one test domain (skipped when
+    finished). Every cell of a trial and domain shares one output folder, so runs with the same init,
+    hparams and seed (run 0 of every strategy but Fusing; the hub-style cells' first RUNS) train once."""
     from ratatouille_hub.config import RecipeConfig
     from ratatouille_hub.recipe import recycle
 
-    destination = cell_path(trial, domain, strategy)
+    destination = cell_path(trial, domain, cell.name)
     if destination.exists():
         return
-    print(f"\n== trial {trial}, test domain {domain}, strategy {strategy}", flush=True)
+    aux = recycled_in(trial, cell.group) if cell.strategy in ("ratatouille", "fusing") else ()
+    print(f"\n== trial {trial}, test domain {domain}, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
     config = RecipeConfig(
         base=BASE_ID,
         target="PACS",
         test_domain=domain,
-        strategy=strategy,
-        runs=RUNS,
+        strategy=cell.strategy,
+        aux=aux,
+        bn_policy=cell.bn_policy,
+        runs=1 + len(aux) if cell.strategy == "ratatouille" else RUNS,
         steps=STEPS,
         eval_every=EVAL_EVERY,
         lp_steps=LP_STEPS,
@@ -278,9 +371,9 @@ def run_cell(trial: int, domain: str, strategy: str, timings: dict) -> None:
     )
     started = time.time()
     results = recycle(config, echo=lambda line: print(line, flush=True))
-    timings[f"trial{trial}/{domain}/{strategy}"] = round(time.time() - started, 1)
+    timings[f"trial{trial}/{domain}/{cell.name}"] = round(time.time() - started, 1)
     save_json(WORK / "timings.json", timings)
-    if strategy == "ratatouille":
+    if cell.strategy == "ratatouille":
         shutil.copyfile(Path(config.output) / "soup" / "diagnostics.png", destination.with_suffix(".png"))
     results.save(destination)
 
@@ -339,19 +432,28 @@ def report() -> None:
     trials = sorted(int(p.name.removeprefix("trial")) for p in WORK.glob("trial*") if (p / "results").is_dir())
     table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
     val_table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
-    complete_trials = []
+    complete_trials, costs, diversity, hub_style = [], {}, {}, {}
     for trial in trials:
-        paths = {(d, s): cell_path(trial, d, s) for d in DOMAINS for s in STRATEGIES}
-        cells = {cell: Results.load(path) if path.exists() else None for cell, path in paths.items()}
-        for row, strategy, scores_of in ROWS:
+        cells = {
+            (d, c.name): load_results(cell_path(trial, d, c.name)) for d in DOMAINS for c in CELLS + HUB_STYLE_CELLS
+        }
+        if not all(cells[(d, c.name)] for d in DOMAINS for c in CELLS):
+            continue  # only complete trials enter the tables: a partial one would weigh some domains more
+        complete_trials.append(trial)
+        for row, cell, scores_of in ROWS:
             for domain in DOMAINS:
-                cell = cells[(domain, strategy)]
-                if cell is not None:
-                    table[row][domain].append(scores_of(cell).test_accuracy)
-                    val_table[row][domain].append(scores_of(cell).val_accuracy)
-        if all(cells.values()):
-            complete_trials.append(trial)
-    timings = load_json(WORK / "timings.json", {})
+                table[row][domain].append(scores_of(cells[(domain, cell)]).test_accuracy)
+                val_table[row][domain].append(scores_of(cells[(domain, cell)]).val_accuracy)
+        costs[trial] = {row: row_cost(trial, [cells[(d, cell)] for d in DOMAINS]) for row, cell, _ in ROWS}
+        diversity[trial] = {
+            d: {c: pair_summary(cells[(d, c)]) for c in ("soup", "ratatouille", "hub-style") if cells.get((d, c))}
+            for d in DOMAINS
+        }
+        if trial in HUB_STYLE_TRIALS:
+            hub_style[trial] = {
+                d: {c.name: hub_style_summary(cells[(d, c.name)]) for c in HUB_STYLE_CELLS if cells[(d, c.name)]}
+                for d in DOMAINS
+            }
     summary = {
         row: {d: _stats(values) for d, values in by_domain.items()} | {"average": _average_stats(by_domain)}
         for row, by_domain in table.items()
@@ -364,8 +466,13 @@ def report() -> None:
         "test_accuracy": summary,
         "test_accuracy_per_trial": table,
         "val_accuracy_per_trial": val_table,
+        "goal": goal(table),
+        "cost_per_trial": costs,
+        "diversity": diversity,
+        "ingredients": load_json(WORK / "ingredients.json", {}),
+        "hub_style": hub_style,
         "diagnose": diagnoses,
-        "timings_s": timings,
+        "timings_s": load_json(WORK / "timings.json", {}),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -374,6 +481,82 @@ def report() -> None:
         shutil.copyfile(png, RESULTS / f"pacs-diagnose-{DIAGNOSED_DOMAIN}-{png.parent.parent.name}.png")
     (RESULTS / "pacs.md").write_text(markdown(payload))
     print((RESULTS / "pacs.md").read_text())
+
+
+def load_results(path: Path) -> Results | None:
+    return Results.load(path) if path.exists() else None
+
+
+def row_cost(trial: int, per_domain: list[Results]) -> dict:
+    """What a row cost over the 4 test domains: its runs, their optimisation steps, and the seconds of the
+    shared linear probe and of those runs as their run folders recorded them (shared runs counted in
+    full for every row that uses them; the ingredients are recycled, so not counted)."""
+    runs = steps = seconds = 0.0
+    for domain, results in zip(DOMAINS, per_domain, strict=True):
+        output = WORK / f"trial{trial}" / domain
+        for lp in output.glob("lp/*/metrics.json"):
+            seconds += json.loads(lp.read_text()).get("seconds", math.nan)
+        for run in results.runs:
+            metrics = json.loads((output / run.folder / "metrics.json").read_text())
+            runs += 1
+            steps += results.recipe["steps"] + metrics["warmup_steps"]
+            seconds += metrics.get("seconds", math.nan)
+    return {"runs": int(runs), "steps": int(steps), "seconds": seconds}
+
+
+def pair_summary(results: Results) -> dict:
+    """Recycle's own diagnostics (the best run against each other run, training-domain validation)."""
+    pairs = results.diagnostics
+    return {
+        "pairs": len(pairs),
+        "ratio_error": statistics.fmean(p.ratio_error for p in pairs),
+        "barrier": statistics.fmean(p.barrier for p in pairs),
+        "max_barrier": max(p.barrier for p in pairs),
+    }
+
+
+def hub_style_summary(results: Results) -> dict:
+    inits = [run.init.split("@")[0] for run in results.runs]
+    return {
+        "bn_policy": results.bn_policy,
+        "runs": [
+            {"init": init, "val_accuracy": run.val_accuracy, "test_accuracy": run.test_accuracy}
+            for init, run in zip(inits, results.runs, strict=True)
+        ],
+        "averages": {
+            name: {
+                "val_accuracy": a.val_accuracy,
+                "test_accuracy": a.test_accuracy,
+                "members": [inits[m] for m in a.members],
+            }
+            for name, a in results.averages.items()
+        },
+        "ensemble": {"val_accuracy": results.ensemble.val_accuracy, "test_accuracy": results.ensemble.test_accuracy},
+        "pairs": [
+            {"runs": [inits[i] for i in p.runs], "ratio_error": p.ratio_error, "barrier": p.barrier}
+            for p in results.diagnostics
+        ],
+    }
+
+
+GOAL = {"ERM (LP init)": 0.036, "Soups, uniform": 0.008}  # the paper's gains of Ratatouille uniform over them
+
+
+def goal(table: dict[str, dict[str, list[float]]]) -> dict:
+    """Ratatouille uniform minus each baseline on the PACS average, trial by trial (paired), against the
+    paper's gain."""
+    ours = _per_trial_average(table["Ratatouille, uniform"])
+    verdicts = {}
+    for baseline, target in GOAL.items():
+        gains = [a - b for a, b in zip(ours, _per_trial_average(table[baseline]), strict=True)]
+        stats = _stats(gains)
+        verdicts[baseline] = {"paper_gain": target, "gain": stats, "met": stats is not None and stats["mean"] >= target}
+    return verdicts
+
+
+def _per_trial_average(by_domain: dict[str, list[float]]) -> list[float]:
+    n = min(len(v) for v in by_domain.values())
+    return [statistics.fmean(by_domain[d][t] for d in DOMAINS) for t in range(n)]
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -385,44 +568,178 @@ def _stats(values: list[float]) -> dict | None:
 
 
 def _average_stats(by_domain: dict[str, list[float]]) -> dict | None:
-    """Mean over the 4 test domains, per trial that has all 4; then mean and s.e. over those trials."""
-    n = min(len(v) for v in by_domain.values())
-    if n == 0:
-        return None
-    return _stats([statistics.fmean(by_domain[d][t] for d in DOMAINS) for t in range(n)])
+    """Mean over the 4 test domains, per trial; then mean and s.e. over the trials."""
+    return _stats(_per_trial_average(by_domain))
 
 
-def _cell(stats: dict | None) -> str:
+def _cell(stats: dict | None, scale: float = 100) -> str:
     if stats is None:
         return "-"
-    text = f"{100 * stats['mean']:.1f}"
-    if stats["n"] >= 3 and stats["stderr"] is not None:
-        text += f" ± {100 * stats['stderr']:.1f}"
+    text = f"{scale * stats['mean']:.1f}"
+    if stats["stderr"] is not None:
+        text += f" ± {scale * stats['stderr']:.1f}"
     return text
 
 
+def _short(repo_id: str) -> str:
+    return repo_id.split("/")[-1].removeprefix("efficientnet-lite0-")
+
+
 def markdown(payload: dict) -> str:
-    trials = payload["trials"]
+    complete = payload["complete_trials"]
     lines = [
         "# PACS: Model Ratatouille and its baselines, EfficientNet-Lite0, 2 CPU cores",
         "",
         "Generated by `benchmarks/pacs.py` (`make bench-pacs`); numbers in `pacs.json`.",
         "",
         PROTOCOL,
-        f"Trials: {', '.join(map(str, trials)) or 'none'} (complete: {', '.join(map(str, payload['complete_trials'])) or 'none'}). "
-        "Held-out domain accuracy (%); mean ± standard error once there are 3 trials.",
+        f"Complete trials: {', '.join(map(str, complete)) or 'none'} (started: {', '.join(map(str, payload['trials'])) or 'none'}). "
+        "Held-out domain accuracy (%), mean ± standard error over the complete trials; model selection on "
+        "training-domain validation only. Cost: per trial (all 4 test domains), the runs a row needs, their "
+        "steps, and the seconds of those runs and of the linear probe as their folders recorded them (runs "
+        "shared between rows are counted in each; the recycled fine-tunes are not).",
         "",
-        "| method | " + " | ".join(DOMAINS) + " | average |",
-        "|---|" + "---|" * (len(DOMAINS) + 1),
+        "| method | " + " | ".join(DOMAINS) + " | average | runs | steps | seconds |",
+        "|---|" + "---|" * (len(DOMAINS) + 4),
     ]
+    costs = payload["cost_per_trial"]
     for row, stats in payload["test_accuracy"].items():
-        lines.append(f"| {row} | " + " | ".join(_cell(stats[d]) for d in (*DOMAINS, "average")) + " |")
-    for name, diagnosis in payload["diagnose"].items():
+        cost = [costs[t][row] for t in costs]
+        spent = (
+            " | ".join(
+                [
+                    str(cost[0]["runs"]),
+                    str(cost[0]["steps"]),
+                    f"{statistics.fmean(c['seconds'] for c in cost):.0f}",
+                ]
+            )
+            if cost
+            else "- | - | -"
+        )
+        lines.append(f"| {row} | " + " | ".join(_cell(stats[d]) for d in (*DOMAINS, "average")) + f" | {spent} |")
+    lines += ["", "## The goal: the paper's gains on the PACS average", ""]
+    for baseline, verdict in payload["goal"].items():
+        gain = verdict["gain"]
+        if gain is None:
+            lines.append(f"- Ratatouille uniform minus {baseline}: no complete trial yet.")
+            continue
+        lines.append(
+            f"- Ratatouille uniform minus {baseline}: {_cell(gain)} points (paired over trials; the paper: "
+            f"+{100 * verdict['paper_gain']:.1f}): {'met' if verdict['met'] else 'not met'}."
+        )
+    lines += _ingredients_section(payload["ingredients"])
+    lines += _diversity_section(payload["diversity"])
+    lines += _hub_style_section(payload["hub_style"])
+    lines += _diagnose_section(payload["diagnose"])
+    timings = payload["timings_s"]
+    if timings:
+        lines += [
+            "",
+            "## Wall time of each stage (s, 2 cores; other work may have shared the cores)",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
+            f"| total | {sum(timings.values()):.0f} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _ingredients_section(ingredients: dict) -> list[str]:
+    if not ingredients:
+        return []
+    return [
+        "",
+        "## The ingredients (made once, recycled by every trial)",
+        "",
+        "Distance: ||w - w_base|| / ||w_base|| over the backbone's kernels (vetting's measure; vetting refuses "
+        "above 1.0). Accuracy: on 1000 of the fine-tune's own training images.",
+        "",
+        "| fine-tune | how | distance to the base | accuracy on its training images |",
+        "|---|---|---|---|",
+        *(
+            f"| {repo_id} | {_how(entry)} | {entry['distance_to_base']:.3f} | {100 * entry['train_accuracy']:.1f} |"
+            for repo_id, entry in ingredients.items()
+        ),
+    ]
+
+
+def _how(entry: dict) -> str:
+    hparams = entry["hparams"]
+    if "optimizer" in hparams:
+        return f"Trainer, lr {hparams['lr']:g}, BN in train mode"
+    return f"intertrain, lr {hparams['lr']:g}, wd {hparams['weight_decay']:g}, dropout {hparams['dropout']:g}"
+
+
+def _diversity_section(diversity: dict) -> list[str]:
+    if not diversity:
+        return []
+    lines = [
+        "",
+        "## Diversity and averageability of the runs (recycle's own diagnostics)",
+        "",
+        "Each recycle compares its best run (by validation) with every other run on training-domain "
+        "validation. Ratio-error: errors made by one run only / errors made by both (higher: more diverse). "
+        "Barrier: the largest dip of accuracy on the straight weight path below the line between the ends, "
+        "points (0: the two average freely).",
+        "",
+        "| trial | test domain | Soups runs: ratio-error, barrier | Ratatouille runs: ratio-error, barrier | with the Trainer group: ratio-error, barrier (max) |",
+        "|---|---|---|---|---|",
+    ]
+    for trial, per_domain in diversity.items():
+        for domain, by_cell in per_domain.items():
+            cells = [by_cell.get(c) for c in ("soup", "ratatouille", "hub-style")]
+            text = [
+                "-"
+                if s is None
+                else f"{s['ratio_error']:.2f}, {100 * s['barrier']:.1f}"
+                + (f" ({100 * s['max_barrier']:.1f})" if c == "hub-style" else "")
+                for c, s in zip(("soup", "ratatouille", "hub-style"), cells, strict=True)
+            ]
+            lines.append(f"| {trial} | {domain} | " + " | ".join(text) + " |")
+    return lines
+
+
+def _hub_style_section(hub_style: dict) -> list[str]:
+    if not hub_style:
+        return []
+    lines = [
+        "",
+        "## The Trainer group: fine-tunes made the way most Hub fine-tunes are",
+        "",
+        "A Ratatouille of the same runs plus one run from each Trainer fine-tune, assembled with each "
+        "BatchNorm policy. Held-out accuracy (%); greedy's soup names the runs it kept by their init.",
+        "",
+        "| trial | test domain | BN policy | uniform | greedy | Model Stock | ensemble | runs from Trainer fine-tunes: val / test | greedy kept |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for trial, per_domain in hub_style.items():
+        for domain, by_cell in per_domain.items():
+            for summary in by_cell.values():
+                averages = summary["averages"]
+                trainer = [r for r in summary["runs"] if r["init"].endswith("-trainer")]
+                lines.append(
+                    f"| {trial} | {domain} | {summary['bn_policy']} | "
+                    + " | ".join(
+                        f"{100 * averages[m]['test_accuracy']:.1f}" for m in ("uniform", "greedy", "model-stock")
+                    )
+                    + f" | {100 * summary['ensemble']['test_accuracy']:.1f} | "
+                    + ", ".join(f"{100 * r['val_accuracy']:.1f} / {100 * r['test_accuracy']:.1f}" for r in trainer)
+                    + " | "
+                    + ", ".join(_short(m) for m in averages["greedy"]["members"])
+                    + " |"
+                )
+    return lines
+
+
+def _diagnose_section(diagnoses: dict) -> list[str]:
+    lines = []
+    for name, diagnosis in diagnoses.items():
         if diagnosis is None:
             continue
         lines += [
             "",
-            f"## Diagnose: the Ratatouille runs, test domain {diagnosis['domain']} ({name.split('-')[0] if '-' in name else ''})",
+            f"## Diagnose: every pair of the Ratatouille runs, test domain {diagnosis['domain']} ({name.split('-')[0] if '-' in name else ''})",
             "",
             "Training-domain validation. Ratio-error: errors made by one run only / errors made by both (diversity). "
             "Barrier: the largest dip of accuracy on the straight weight path below the line between the ends.",
@@ -446,18 +763,7 @@ def markdown(payload: dict) -> str:
     pngs = sorted(RESULTS.glob("pacs-diagnose-*.png"))
     if pngs:
         lines += ["", *(f"![interpolation paths]({p.name})" for p in pngs)]
-    timings = payload["timings_s"]
-    if timings:
-        lines += [
-            "",
-            "## Wall time (s, 2 cores)",
-            "",
-            "| stage | seconds |",
-            "|---|---|",
-            *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
-            f"| total | {sum(timings.values()):.0f} |",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _distance(diagnosis: dict, init: str) -> str:
