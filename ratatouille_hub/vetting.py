@@ -30,7 +30,8 @@ Each accepted fine-tune's distance, and how far its BatchNorm running statistics
 (`batchnorm_shift`, the same relative distance over running means and variances: exactly 0 when they
 were frozen, as the recipe and `intertrain` train). Two signs of a fine-tune made otherwise are flagged,
 since runs from it may not average with the rest: statistics that moved, and a distance more than
-OUTLIER_FACTOR times the median of the other fine-tunes' (a larger learning rate or longer training).
+OUTLIER_FACTOR times the median of the other fine-tunes' (a larger learning rate or longer training),
+when there are at least MIN_OTHERS others.
 Both are warnings, not refusals: whether such a run helps is for greedy averaging and the barriers of
 diagnose to say, on validation.
 """
@@ -49,6 +50,7 @@ from .fetch import Ingredient
 
 MAX_DISTANCE_TO_BASE = 1.0
 OUTLIER_FACTOR = 2.0  # a distance above this multiple of the others' median is flagged
+MIN_OTHERS = 3  # ... among at least this many others: the median of two is just their mean
 BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
@@ -121,7 +123,7 @@ def _warnings(distance: float, shift: float, others: list[float]) -> tuple[str, 
     warnings = []
     if shift > 0.0:
         warnings.append("its BatchNorm statistics were trained (the recipe freezes them)")
-    if others and distance > OUTLIER_FACTOR * statistics.median(others):
+    if len(others) >= MIN_OTHERS and distance > OUTLIER_FACTOR * statistics.median(others):
         warnings.append(
             f"it moved {distance / statistics.median(others):.1f}x as far from the base as the median of the others"
         )

@@ -55,27 +55,31 @@ def test_vetting_measures_each_fine_tune_and_flags_trained_statistics_and_outlie
 
         return change
 
-    careful = [_variant(base_folder, tmp_path / f"careful{k}", moved(1.0 + 0.1 * k)) for k in range(2)]
+    careful = [_variant(base_folder, tmp_path / f"careful{k}", moved(1.0 + 0.1 * k)) for k in range(3)]
     careless = _variant(base_folder, tmp_path / "careless", moved(5.0, statistics=1.5))
     report = vet_ingredients(base, [*careful, careless])
 
     base_state = load_file(base_folder / "model.safetensors")
+    assert vet_ingredients(base, careful[:2] + [careless])[2].warnings == (  # 2 others: no median to speak of
+        "its BatchNorm statistics were trained (the recipe freezes them)",
+    )
     for vetted, ingredient in zip(report, [*careful, careless], strict=True):
         state = load_file(ingredient.path / "model.safetensors")
         assert vetted.source == ingredient.source
         assert vetted.distance == pytest.approx(_relative(base_state, state, _is_kernel), rel=1e-9)
-    assert [v.batchnorm_shift for v in report[:2]] == [0.0, 0.0] and report[0].warnings == report[1].warnings == ()
+    assert [v.batchnorm_shift for v in report[:3]] == [0.0] * 3
+    assert [v.warnings for v in report[:3]] == [()] * 3
     statistics_names = lambda n, t: n.endswith(("running_mean", "running_var"))  # noqa: E731
     careless_state = load_file(careless.path / "model.safetensors")
-    assert report[2].batchnorm_shift == pytest.approx(_relative(base_state, careless_state, statistics_names), rel=1e-9)
-    assert report[2].batchnorm_shift > 0.1
-    ratio = report[2].distance / ((report[0].distance + report[1].distance) / 2)  # the median of two
-    assert report[2].warnings == (
+    assert report[3].batchnorm_shift == pytest.approx(_relative(base_state, careless_state, statistics_names), rel=1e-9)
+    assert report[3].batchnorm_shift > 0.1
+    ratio = report[3].distance / report[1].distance  # the median of the three careful ones: the middle one
+    assert report[3].warnings == (
         "its BatchNorm statistics were trained (the recipe freezes them)",
         f"it moved {ratio:.1f}x as far from the base as the median of the others",
     )
     assert "BatchNorm statistics unchanged" in report[0].describe()
-    assert f"BatchNorm statistics moved {report[2].batchnorm_shift:.3f}" in report[2].describe()
+    assert f"BatchNorm statistics moved {report[3].batchnorm_shift:.3f}" in report[3].describe()
 
 
 def test_recycle_prints_vetting_greedy_choice_and_barriers(tiny_world, tmp_path):
