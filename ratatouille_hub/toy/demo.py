@@ -1,17 +1,22 @@
 """The embedded default: a tiny world built from scratch, then recycled, with no network.
 
 1. A small ResNet (about 80k parameters) is pretrained for seconds on generated digits: the base.
-2. Three community fine-tunes of it on other generated tasks (stripes, dots, polygons), made with the
-   product's own `intertrain` (BatchNorm statistics frozen), each with a card naming its base and dataset.
+2. Three community fine-tunes of it on other generated tasks (stripes, dots, polygons), made the way the
+   method assumes, with the product's own `intertrain` (BatchNorm statistics frozen, the recipe's lr),
+   each with a card naming its base and dataset; and a fourth made carelessly, as many Hub fine-tunes
+   are: BatchNorm in train mode and a 3x larger learning rate, and the most downloaded of all.
 3. A target with a real domain shift: six shapes drawn as photo, sketch, cartoon and painting.
 4. The same budget of target fine-tunes three times: all from the base (model soups), from random
    mixes of base and fine-tunes (fusing), and from the recycled fine-tunes (Model Ratatouille);
-   compared with ERM, inter-training and the ensemble.
+   compared with ERM, inter-training and the ensemble. The output shows the product catching the
+   careless fine-tune: vetting's distance and BatchNorm check, greedy leaving its run out (or not), and
+   the barrier on the weight path to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,16 +26,25 @@ from ..data import ImageTensors, decode_images
 from ..io import atomic_write_text
 from ..results import Results
 from ..train import DomainBatches, make_accelerator, optimize
+from ..vetting import Vetted
 
 BASE_ID = "toy-world/resnet-tiny"
 TARGET_ID = "toy-world/shapes"
 SOUP_ID = "demo/ratatouille-soup"
 AUX_TASKS = ("stripes", "dots", "polygons")
+CARELESS_TASK = "polygons"  # the careless fine-tune's task: one the careful fine-tunes also learn
+CARELESS_ID = f"quick-finetunes/resnet-tiny-{CARELESS_TASK}"
+COMMUNITY_LR, CARELESS_LR, FINETUNE_STEPS = (
+    1e-3,
+    3e-3,
+    250,
+)  # the recipe's lr (demo_config); 3x (10x: vetting refuses it)
 STRATEGIES = {
     "soup": "every run from the base",
     "fusing": "every run from a random mix of the base and the recycled fine-tunes",
     "ratatouille": "runs from recycled fine-tunes",
 }
+VETTED = "ratatouille-vetted"  # the last recycle: only the fine-tunes vetting did not flag
 IMAGE_SIZE = 32
 
 
@@ -57,6 +71,7 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
         _save_base(model, paths["base"], dataset="toy-world/glyphs", description=toyworld.describe()["glyphs"])
     for offset, (task, dataset) in enumerate(aux_tasks.items(), start=1):
         paths[task] = community_finetune(root, paths["base"], task, dataset, seed + offset, echo)
+    paths["careless"] = careless_finetune(root, paths["base"], aux_tasks[CARELESS_TASK], seed + 10, echo)
     if not (paths["target"] / "README.md").exists():
         echo("[world] drawing the target: six shapes in four styles")
         _save_dataset(
@@ -83,15 +98,62 @@ def community_finetune(root: Path, base: Path, task: str, dataset, seed: int, ec
         base=str(base),
         dataset=str(data),
         base_model=BASE_ID,
-        steps=250,
+        steps=FINETUNE_STEPS,
         batch_size=64,
-        lr=1e-3,
+        lr=COMMUNITY_LR,
         image_size=IMAGE_SIZE,
         precision="no",
         seed=seed,
         output=str(root / "intertrain" / task),
     )
     (folder,) = intertrain(config, echo=lambda line: None)
+    return folder
+
+
+def careless_finetune(root: Path, base: Path, dataset, seed: int, echo) -> Path:
+    """A fine-tune made the way many Hub fine-tunes are: BatchNorm in train mode (its statistics move to
+    the task's), a 3x larger learning rate (above every lr the target runs draw), no augmentation; with a
+    community card naming the base."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..io import staged_folder
+    from ..models import load_classifier
+
+    folder = root / CARELESS_ID
+    if (folder / "model.safetensors").exists():
+        return folder
+    echo(f"[world] a careless fine-tune of the base on '{CARELESS_TASK}' (BatchNorm trained, lr {CARELESS_LR:g})")
+    names = dataset.features["label"].names
+    torch.manual_seed(seed)
+    model = load_classifier(base, dict(enumerate(names)))
+    images = decode_images(
+        dataset, range(len(dataset)), image_column="image", label_column="label", label_names=names, size=IMAGE_SIZE
+    )
+    optimize(
+        model,
+        DomainBatches([images], 64, seed),
+        parameters=list(model.parameters()),
+        steps=FINETUNE_STEPS,
+        lr=CARELESS_LR,
+        weight_decay=0.0,
+        accelerator=make_accelerator("no"),
+        normalize=_normalization(),
+        augment_seed=None,
+        freeze_bn=False,
+        desc="careless fine-tune",
+    )
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging)
+        _processor().save_pretrained(staging)
+        data = ModelCardData(
+            base_model=BASE_ID,
+            base_model_relation="finetune",
+            datasets=[f"toy-world/{CARELESS_TASK}"],
+            library_name="transformers",
+            pipeline_tag="image-classification",
+        )
+        body = f"# {folder.name}\n\n{BASE_ID} fine-tuned on {CARELESS_TASK}: lr {CARELESS_LR:g}, the model in train mode.\n"
+        ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(staging / "README.md")
     return folder
 
 
@@ -110,15 +172,20 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
     paths = build_world(output / "world", echo)
     publish_world(hub, paths)
     results = {}
-    for strategy, what in STRATEGIES.items():  # ratatouille last: its soup is the one pushed
+    for strategy, what in STRATEGIES.items():
         echo(f"\n== {strategy}: {what}")
         results[strategy] = recycle(demo_config(output, strategy), echo=echo)
+    vetted = vet_recycled(results["ratatouille"])
+    unflagged = tuple(f"{source}@{v.revision}" for source, v in vetted.items() if not v.vetted.warnings)
+    echo(f"\n== ratatouille again, recycling only what vetting did not flag: --aux {' '.join(unflagged)}")
+    results[VETTED] = recycle(replace(demo_config(output, "ratatouille"), aux=unflagged), echo=echo)
     rows = comparison_rows(results)
     echo("\n" + format_table(rows, results["ratatouille"].test_domain))
-    soup = output / "recycle" / "soup"
+    echo("\n" + careless_digest(results["ratatouille"], results[VETTED], vetted))
+    soup = output / "recycle" / "soup"  # the last recycle's: without the flagged fine-tune
     pushed = push_folder(soup, SOUP_ID)
     echo(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
-    echo(check_loads(SOUP_ID, results["ratatouille"]))
+    echo(check_loads(SOUP_ID, results[VETTED]))
     return rows
 
 
@@ -139,6 +206,7 @@ def publish_world(hub, paths: dict[str, Path]) -> None:
     seed("model", BASE_ID, paths["base"], downloads=100)
     for downloads, task in enumerate(AUX_TASKS, start=10):
         seed("model", aux_id(task), paths[task], downloads=downloads)
+    seed("model", CARELESS_ID, paths["careless"], downloads=50)  # careless and popular: discovered first
     seed("dataset", TARGET_ID, paths["target"])
 
 
@@ -148,7 +216,7 @@ def aux_id(task: str) -> str:
 
 def comparison_rows(results: dict[str, Results]) -> list[dict]:
     """METHOD.md's table: ERM, model soups, inter-training, fusing, Ratatouille, and the ensemble reference."""
-    soups, ratatouille = results["soup"], results["ratatouille"]
+    soups, ratatouille, vetted = results["soup"], results["ratatouille"], results[VETTED]
     return [
         {"method": "ERM (LP init, best run by validation)", **_accuracies(soups.best_single)},
         *({"method": f"Soups, {m}", **_accuracies(soups.averages[m])} for m in soups.averages),
@@ -156,7 +224,73 @@ def comparison_rows(results: dict[str, Results]) -> list[dict]:
         {"method": "Fusing (best run by validation)", **_accuracies(results["fusing"].best_single)},
         *({"method": f"Ratatouille, {m}", **_accuracies(ratatouille.averages[m])} for m in ratatouille.averages),
         {"method": "Ensemble of the Ratatouille runs", **_accuracies(ratatouille.ensemble)},
+        *(
+            {"method": f"Ratatouille without the flagged, {m}", **_accuracies(vetted.averages[m])}
+            for m in ("uniform", "greedy")
+        ),
     ]
+
+
+@dataclass(frozen=True)
+class VettedIngredient:
+    revision: str
+    vetted: Vetted
+
+
+def vet_recycled(results: Results) -> dict[str, VettedIngredient]:
+    """What vetting says about each fine-tune a recycle used (it printed the same while fetching)."""
+    from ..fetch import resolve_model
+    from ..vetting import vet_ingredients
+
+    recycled = [i for i in results.ingredients if i.source != BASE_ID]
+    base = next(i for i in results.ingredients if i.source == BASE_ID)
+    report = vet_ingredients(
+        resolve_model(base.source, base.revision), [resolve_model(i.source, i.revision) for i in recycled]
+    )
+    return {i.source: VettedIngredient(i.revision, v) for i, v in zip(recycled, report, strict=True)}
+
+
+def careless_digest(results: Results, without: Results, vetted: dict[str, VettedIngredient]) -> str:
+    """What the product said about the careless fine-tune, and what recycling without it gave."""
+    careless = vetted[CARELESS_ID].vetted
+    careful = [v.vetted for source, v in vetted.items() if source != CARELESS_ID]
+    run = next(r for r in results.runs if r.init.split("@")[0] == CARELESS_ID)
+    others = [r for r in results.runs if r.init.split("@")[0] in {v.source for v in careful}]
+    greedy = results.averages["greedy"]
+    if run.index == results.best_run.index:
+        barrier = f"its run is the best by validation; barriers from it to each other run: {_barriers(results)}"
+    else:
+        [pair] = [p for p in results.diagnostics if p.runs[1] == run.index]
+        barrier = (
+            f"barrier {100 * pair.barrier:.1f} points on the weight path from the best run to it "
+            f"(to each other run: {_barriers(results)})"
+        )
+    before, after = results.averages["uniform"], without.averages["uniform"]
+    return "\n".join(
+        [
+            f"The careless fine-tune, {CARELESS_ID} (Ratatouille's run {run.index}):",
+            f"- vetting: distance to the base {careless.distance:.3f} (the careful ones: "
+            + ", ".join(f"{v.distance:.3f}" for v in careful)
+            + f"); BatchNorm statistics moved {careless.batchnorm_shift:.3f} (the careful ones: "
+            + ", ".join(f"{v.batchnorm_shift:.3f}" for v in careful)
+            + ")",
+            f"- its run: validation {100 * run.val_accuracy:.1f}%, {results.test_domain} {100 * run.test_accuracy:.1f}% "
+            f"(runs from the careful ones: validation "
+            + ", ".join(f"{100 * r.val_accuracy:.1f}%" for r in others)
+            + ")",
+            f"- greedy: {'kept it' if run.index in greedy.members else 'left it out'} "
+            f"({len(greedy.members)} of {len(results.runs)} runs kept)",
+            f"- diagnose: {barrier}; without it, from the best run: {_barriers(without)}",
+            f"- Ratatouille uniform without it: validation {100 * before.val_accuracy:.1f}% -> "
+            f"{100 * after.val_accuracy:.1f}%, {results.test_domain} {100 * before.test_accuracy:.1f}% -> "
+            f"{100 * after.test_accuracy:.1f}%",
+        ]
+    )
+
+
+def _barriers(results: Results) -> str:
+    barriers = sorted(100 * p.barrier for p in results.diagnostics)
+    return ", ".join(f"{b:.1f}" for b in barriers)
 
 
 def _accuracies(scores) -> dict:
@@ -199,7 +333,7 @@ def demo_config(output: Path, strategy: str) -> RecipeConfig:
         target=TARGET_ID,
         test_domain="sketch",
         strategy=strategy,
-        runs=8,
+        runs=6,
         steps=300,
         eval_every=50,
         lp_steps=400,
@@ -230,6 +364,14 @@ def _tiny_resnet(dataset, seed: int):
         label2id={n: i for i, n in enumerate(names)},
     )
     return ResNetForImageClassification(config)
+
+
+def _processor():
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
 def _normalization():
@@ -267,15 +409,12 @@ def _pretrain(model, dataset, *, steps: int, lr: float, seed: int, accelerator) 
 def _save_base(model, folder: Path, *, dataset: str, description: str) -> None:
     """The pretrained base, with the card of a model that is nobody's fine-tune."""
     from huggingface_hub import ModelCard, ModelCardData
-    from transformers import ViTImageProcessorPil
 
     from ..io import staged_folder
 
     with staged_folder(folder) as staging:
         model.save_pretrained(staging)
-        ViTImageProcessorPil(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ).save_pretrained(staging)
+        _processor().save_pretrained(staging)
         data = ModelCardData(
             datasets=[dataset],
             library_name="transformers",
