@@ -299,9 +299,11 @@ def trainer_finetunes(timings: dict) -> dict[str, Path]:
                 f"---\n{ModelCardData(base_model=BASE_ID, base_model_relation='finetune', datasets=[name], pipeline_tag='image-classification', library_name='transformers').to_yaml()}\n---\n"
                 f"# {BASE_ID} fine-tuned on {name}\n\nTrainer, lr {TRAINER_LR}, {TRAINER_STEPS} steps of {TRAINER_BATCH}.\n"
             )
+            processor = serving_processor(model, size, normalize)  # before saving: it may set the config
             with staged_folder(folder) as staging:
                 model.save_pretrained(staging)
-                serving_processor(model, size, normalize).save_pretrained(staging)
+                if processor is not None:  # None where the config serves itself (timm: its pretrained_cfg)
+                    processor.save_pretrained(staging)
                 card.save(staging / "README.md")
                 atomic_write_json(staging / "results.json", results)
                 (staging / DONE).touch()
