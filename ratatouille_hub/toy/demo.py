@@ -60,7 +60,7 @@ def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) 
     if not (paths["base"] / "model.safetensors").exists():
         echo("[world] pretraining the base on generated digits")
         model = _tiny_resnet(toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed), seed)
-        _pretrain(
+        _train_with_live_batchnorm(
             model,
             toyworld.pretrain_dataset(size=IMAGE_SIZE, seed=seed),
             steps=400,
@@ -126,20 +126,14 @@ def careless_finetune(root: Path, base: Path, dataset, seed: int, echo) -> Path:
     names = dataset.features["label"].names
     torch.manual_seed(seed)
     model = load_classifier(base, dict(enumerate(names)))
-    images = decode_images(
-        dataset, range(len(dataset)), image_column="image", label_column="label", label_names=names, size=IMAGE_SIZE
-    )
-    optimize(
+    _train_with_live_batchnorm(
         model,
-        DomainBatches([images], 64, seed),
-        parameters=list(model.parameters()),
+        dataset,
         steps=FINETUNE_STEPS,
         lr=CARELESS_LR,
-        weight_decay=0.0,
+        seed=seed,
         accelerator=make_accelerator("no"),
-        normalize=_normalization(),
-        augment_seed=None,
-        freeze_bn=False,
+        augment=False,
         desc="careless fine-tune",
     )
     with staged_folder(folder) as staging:
@@ -380,8 +374,11 @@ def _normalization():
     return Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def _pretrain(model, dataset, *, steps: int, lr: float, seed: int, accelerator) -> None:
-    """Train a model from scratch (BatchNorm in train mode: it has no statistics yet), last step kept."""
+def _train_with_live_batchnorm(
+    model, dataset, *, steps: int, lr: float, seed: int, accelerator, augment: bool = True, desc: str = "pretraining"
+) -> None:
+    """Train every parameter with BatchNorm in train mode, last step kept: the base's pretraining (it has no
+    statistics yet) and the careless fine-tune (whose statistics move to its task)."""
     images: ImageTensors = decode_images(
         dataset,
         range(len(dataset)),
@@ -400,9 +397,9 @@ def _pretrain(model, dataset, *, steps: int, lr: float, seed: int, accelerator) 
         weight_decay=0.0,
         accelerator=accelerator,
         normalize=_normalization(),
-        augment_seed=seed,
+        augment_seed=seed if augment else None,
         freeze_bn=False,
-        desc="pretraining",
+        desc=desc,
     )
 
 
