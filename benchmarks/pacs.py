@@ -21,6 +21,7 @@ work. The command applies the malloc settings of ../shared/STACK.md itself (rata
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,8 +38,9 @@ from ratatouille_hub.results import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-WORK = ROOT / "benchmarks" / "scratch" / "pacs"
+WORK = ROOT / "benchmarks" / "scratch" / "pacs"  # run folders and the local Hub: rebuilt in each session
 RESULTS = ROOT / "benchmarks" / "results"
+DURABLE = RESULTS / "pacs-cells"  # what a finished cell leaves: committed, so a later session resumes from it
 BASE_FOLDER = SHARED / "models" / "efficientnet-lite0-imagenet"
 BASE_ID = "bench/efficientnet-lite0-imagenet"
 PACS_FOLDER = SHARED / "data" / "pacs"
@@ -48,11 +50,11 @@ DIAGNOSED_DOMAIN = "art_painting"
 TRIALS = (0, 1, 2)
 
 # The scaled-down protocol (written at the top of pacs.md; see PROTOCOL below).
-IMAGE_SIZE = 128
-AUX_RUNS, AUX_STEPS, AUX_BATCH = 4, 1000, 32  # the paper's 4 per dataset; 300 steps moved them 1.5-1.9%
-AUX_PER_TRIAL = 2  # fine-tunes of each auxiliary dataset a trial recycles, drawn by the trial's seed
+IMAGE_SIZE = 64
+AUX_RUNS, AUX_STEPS, AUX_BATCH = 4, 500, 32  # the paper's 4 per dataset
+AUX_PER_TRIAL = 1  # fine-tunes of each auxiliary dataset a trial recycles, drawn by the trial's seed
 RUNS = 1 + AUX_PER_TRIAL * len(AUX_DATASETS)  # Ratatouille: one run from the base, one per drawn fine-tune
-STEPS, EVAL_EVERY, WARMUP, BATCH = 200, 50, 50, 16
+STEPS, EVAL_EVERY, WARMUP, BATCH = 120, 40, 40, 16
 LP_STEPS = 5001
 TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
 HUB_STYLE_TRIALS = (0,)  # the Trainer group's experiment: one trial (3 more runs per domain)
@@ -91,12 +93,18 @@ ROWS = (  # (row, cell whose results hold it, the scores in its results record)
 
 PROTOCOL = f"""\
 Protocol (what is scaled down from METHOD.md, and why). METHOD.md's budget is 20 runs x 5001 steps of 32
-images per domain at 224 px, per strategy and test domain, on GPUs; here three complete trials must fit in
-about 9 hours of 2 CPU cores. A run here is about 150x cheaper than METHOD.md's (5001/200 steps, 32/16
-images, (224/128)^2 pixels) on a backbone of about a tenth of ResNet-50's FLOPs. The previous protocol's trial measured about 2 minutes per 200-step run at 128 px
-(training, 4 validations, predictions), so a trial can afford about 20 runs per test domain: {RUNS} for ERM
-and Soups (shared), {RUNS - 1} more for Ratatouille (its run 0 is theirs), {RUNS} for Fusing. Nothing below
-was chosen by looking at a test domain.
+images per domain at 224 px, per strategy and test domain, on GPUs. Here the budget is what one working
+session of this project leaves: at most 3 hours on 2 CPU cores, keeping only what is committed. So the
+ingredients and three complete trials (per trial, 4 test domains x ERM, Soups, Ratatouille, Fusing) were
+sized for about 2 hours, and each finished cell is committed (pacs-cells/: its results and what its runs
+cost), so that a stopped benchmark resumes in a later session after rebuilding the ingredients from
+their seeds (their sha256 must match the first build's). Measured here before choosing (2 threads,
+channels-last fp32, EfficientNet-Lite0): one training step of 48 images costs 0.50 s at 128 px, 0.36 s
+at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs per
+domain) of {STEPS} steps then costs about 30 minutes at 64 px and about 60 at 128 px. Resolution was cut
+before the number of runs, since averaging needs several runs and the comparison is between methods at
+an equal budget; the price is lower absolute accuracy (the one earlier trial at 128 px is in git
+history). Nothing below was chosen by looking at a test domain.
 Kept as in METHOD.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
 (seeded by trial), model selection on training-domain validation only, the shared linear probe
 ({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only warm-up then a fresh Adam for runs from
@@ -105,23 +113,22 @@ hparams drawn from {{1e-5, 3e-5, 5e-5}} x {{1e-4, 1e-6}} x {{0, 0.1, 0.5}} (run 
 validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - backbone: EfficientNet-Lite0 (ImageNet, 4.7M parameters), the only real ImageNet backbone offline
   here, instead of ResNet-50; so absolute numbers are not comparable with the paper's, only orderings;
-- resolution {IMAGE_SIZE} px (the PACS copy's native size) instead of 224;
-- ingredients, made once and recycled by every trial (their cost is the community's, not the user's):
-  {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
-  (METHOD.md: 5001; 300 steps had moved them only 1.5-1.9% from the base), hparams drawn as for target
-  runs, on caltech101 (PACS-overlapping classes removed), clothing and cifar10 (upsampled from 32 px)
-  instead of the other DomainBed datasets;
+- resolution {IMAGE_SIZE} px (PACS is stored at 128) instead of 224, for every stage, ingredients included;
+- ingredients, made once per session and recycled by every trial (their cost is the community's, not the
+  user's): {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
+  (METHOD.md: 5001), hparams drawn as for target runs, on caltech101 (PACS-overlapping classes removed),
+  clothing and cifar10 (upsampled from 32 px) instead of the other DomainBed datasets;
 - {RUNS} runs per strategy instead of 20. Ratatouille = 1 run from the base + 1 from each of
   {AUX_PER_TRIAL * len(AUX_DATASETS)} fine-tunes ({AUX_PER_TRIAL} per auxiliary dataset, drawn per trial from its {AUX_RUNS}, so the
-  datasets weigh equally and the trials between them recycle most of the {AUX_RUNS * len(AUX_DATASETS)}; paper: 4 + 16);
-  Fusing mixes the base with one drawn fine-tune per dataset, as METHOD.md;
+  datasets weigh equally and the three trials recycle different fine-tunes; paper: 4 + 16);
+  Fusing mixes the base with the same drawn fine-tunes (one per dataset, as METHOD.md);
 - {STEPS} steps per run instead of 5001, {BATCH} images per training domain per step instead of 32,
   validation every {EVAL_EVERY} steps, head-only warm-up {WARMUP} steps instead of 200;
 - channels-last memory layout (1.4-2x faster on CPU; equal up to float rounding); fp32 throughout.
 The Trainer group (one fine-tune per auxiliary dataset made with transformers' Trainer: AdamW at lr
 {TRAINER_LR:g}, linear decay, BatchNorm in train mode, no augmentation, {TRAINER_STEPS} steps x {TRAINER_BATCH}) is recycled in
-trial {", ".join(map(str, HUB_STYLE_TRIALS))} only, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the Ratatouille cell's own,
-once with each BatchNorm policy (`average`, `reestimate`).
+trial {", ".join(map(str, HUB_STYLE_TRIALS))} only, after the three trials, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the
+Ratatouille cell's own, once with each BatchNorm policy (`average`, `reestimate`).
 """
 
 
@@ -157,19 +164,28 @@ def run_trials(trials: list[int], domains: list[str], ingredients_only: bool = F
 
         torch.set_num_threads(os.cpu_count() or 1)
         seed_hub(hub)
-        timings = load_json(WORK / "timings.json", {})
-        made = intertrain_auxiliaries(timings) | trainer_finetunes(timings)
-        print(f"auxiliary fine-tunes on the local Hub: {', '.join(made)}")
+        timings = load_json(DURABLE / "timings.json", {})
+        made = intertrain_auxiliaries(timings)
         describe_ingredients(made)
-        if ingredients_only:
-            return
-        for trial in trials:
-            cells = CELLS + (HUB_STYLE_CELLS if trial in HUB_STYLE_TRIALS else ())
-            for domain in domains:
-                for cell in cells:
-                    run_cell(trial, domain, cell, timings)
-            if trial == TRIALS[0]:
-                diagnose_domain(trial, DIAGNOSED_DOMAIN if DIAGNOSED_DOMAIN in domains else domains[0])
+        # The main table first, trial by trial, so that a stopped session leaves complete trials behind;
+        # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
+        if not ingredients_only:
+            for trial in trials:
+                for domain in domains:
+                    for cell in CELLS:
+                        run_cell(trial, domain, cell, timings)
+            if TRIALS[0] in trials:
+                diagnose_domain(TRIALS[0], DIAGNOSED_DOMAIN if DIAGNOSED_DOMAIN in domains else domains[0])
+        hub_style = [t for t in trials if t in HUB_STYLE_TRIALS]
+        if ingredients_only or any(
+            not cell_path(t, d, c.name).exists() for t in hub_style for d in domains for c in HUB_STYLE_CELLS
+        ):
+            describe_ingredients(trainer_finetunes(timings))
+        if not ingredients_only:
+            for trial in hub_style:
+                for domain in domains:
+                    for cell in HUB_STYLE_CELLS:
+                        run_cell(trial, domain, cell, timings)
 
 
 def seed_hub(hub) -> None:
@@ -208,7 +224,7 @@ def intertrain_auxiliaries(timings: dict) -> dict[str, Path]:
         key = f"intertrain/{name}x{AUX_RUNS}x{AUX_STEPS}"
         if key not in timings:
             timings[key] = round(time.time() - started, 1)
-            save_json(WORK / "timings.json", timings)
+            save_json(DURABLE / "timings.json", timings)
         for run, folder in enumerate(folders):
             repo_id = recipe_finetune_id(name, run)
             push_folder(folder, repo_id)
@@ -308,7 +324,7 @@ def trainer_finetunes(timings: dict) -> dict[str, Path]:
                 atomic_write_json(staging / "results.json", results)
                 (staging / DONE).touch()
             timings[f"trainer/{name}x{TRAINER_STEPS}"] = round(time.time() - started, 1)
-            save_json(WORK / "timings.json", timings)
+            save_json(DURABLE / "timings.json", timings)
         push_folder(folder, repo_id)
         made[repo_id] = folder
     return made
@@ -316,13 +332,20 @@ def trainer_finetunes(timings: dict) -> dict[str, Path]:
 
 def describe_ingredients(made: dict[str, Path]) -> None:
     """Each fine-tune's distance to the base (vetting's measure) and its accuracy on 1000 of its own
-    training images, once: WORK/ingredients.json."""
+    training images, once, with the sha256 of its weights: a later session rebuilds the ingredients from
+    their seeds and must get the same bytes to resume (DURABLE/ingredients.json)."""
     from ratatouille_hub.discover import head_names_of, local_signature
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.vetting import distance_to_base
 
-    path = WORK / "ingredients.json"
+    path = DURABLE / "ingredients.json"
     described = load_json(path, {})
+    for repo_id, folder in made.items():
+        if repo_id in described and described[repo_id]["sha256"] != weights_sha256(folder):
+            raise SystemExit(
+                f"{repo_id} was rebuilt with other weights than the finished cells recycled "
+                f"({described[repo_id]['sha256'][:12]}...); move {DURABLE} aside to start over"
+            )
     if set(made) <= set(described):
         return
     base = resolve_model(BASE_ID)
@@ -334,24 +357,41 @@ def describe_ingredients(made: dict[str, Path]) -> None:
                 "distance_to_base": distance_to_base(base, resolve_model(repo_id), signature, heads),
                 "train_accuracy": own["train_accuracy"],
                 "hparams": own.get("hparams", {"lr": TRAINER_LR, "optimizer": "AdamW (Trainer)"}),
+                "sha256": weights_sha256(folder),
             }
     save_json(path, described)
 
 
+def weights_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
 def cell_path(trial: int, domain: str, cell: str) -> Path:
-    return WORK / f"trial{trial}" / "results" / f"{domain}-{cell}.json"
+    return DURABLE / f"trial{trial}" / f"{domain}-{cell}.json"
 
 
 def run_cell(trial: int, domain: str, cell: Cell, timings: dict) -> None:
     """`recycle --base <hub base> --target PACS --strategy S --aux ...` for one test domain (skipped when
     finished). Every cell of a trial and domain shares one output folder, so runs with the same init,
     hparams and seed (run 0 of every strategy but Fusing; the hub-style cells' first RUNS) train once."""
-    from ratatouille_hub.config import RecipeConfig
-    from ratatouille_hub.recipe import recycle
-
     destination = cell_path(trial, domain, cell.name)
     if destination.exists():
         return
+    started, printed = time.time(), []
+    output, results = recycle_cell(trial, domain, cell, printed.append)
+    timings[f"trial{trial}/{domain}/{cell.name}"] = round(time.time() - started, 1)
+    save_json(DURABLE / "timings.json", timings)
+    verdicts = [line for line in printed if line.startswith(("[vet]", "[merge] greedy", "[diagnose]"))]
+    save_json(destination.with_suffix(".cost.json"), cell_cost(output, results) | {"printed": verdicts})
+    results.save(destination)  # last: its presence marks the cell finished
+
+
+def recycle_cell(trial: int, domain: str, cell: Cell, keep=lambda line: None) -> tuple[Path, Results]:
+    """The cell's recycle, into its trial and domain's scratch folder (where finished runs are reused);
+    `keep` sees every line it prints."""
+    from ratatouille_hub.config import RecipeConfig
+    from ratatouille_hub.recipe import recycle
+
     aux = recycled_in(trial, cell.group) if cell.strategy in ("ratatouille", "fusing") else ()
     print(f"\n== trial {trial}, test domain {domain}, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
     config = RecipeConfig(
@@ -371,13 +411,12 @@ def run_cell(trial: int, domain: str, cell: Cell, timings: dict) -> None:
         seed=trial,
         output=str(WORK / f"trial{trial}" / domain),
     )
-    started = time.time()
-    results = recycle(config, echo=lambda line: print(line, flush=True))
-    timings[f"trial{trial}/{domain}/{cell.name}"] = round(time.time() - started, 1)
-    save_json(WORK / "timings.json", timings)
-    if cell.strategy == "ratatouille":
-        shutil.copyfile(Path(config.output) / "soup" / "diagnostics.png", destination.with_suffix(".png"))
-    results.save(destination)
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        keep(line)
+
+    return Path(config.output), recycle(config, echo=echo)
 
 
 def diagnose_domain(trial: int, domain: str) -> None:
@@ -385,12 +424,14 @@ def diagnose_domain(trial: int, domain: str) -> None:
     from ratatouille_hub.config import RecipeConfig
     from ratatouille_hub.diagnose import diagnose_models, format_diagnosis, plot_paths
 
-    destination = WORK / f"trial{trial}" / "results" / f"diagnose-{domain}.json"
+    destination = DURABLE / f"trial{trial}" / f"diagnose-{domain}.json"
     if destination.exists():
         return
     results = Results.load(cell_path(trial, domain, "ratatouille"))
     output = WORK / f"trial{trial}" / domain
     folders = [str(output / run.folder / "model") for run in results.runs]
+    if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain its runs
+        recycle_cell(trial, domain, next(c for c in CELLS if c.name == "ratatouille"))
     config = RecipeConfig(base=folders[0], target="PACS", test_domain=domain, image_size=IMAGE_SIZE, seed=trial)
     diagnosis = diagnose_models(folders, config)
     print(format_diagnosis(diagnosis))
@@ -431,7 +472,7 @@ def auxiliary_distances(results: Results) -> dict[str, float]:
 
 
 def report() -> None:
-    trials = sorted(int(p.name.removeprefix("trial")) for p in WORK.glob("trial*") if (p / "results").is_dir())
+    trials = sorted(int(p.name.removeprefix("trial")) for p in DURABLE.glob("trial*") if p.is_dir())
     table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
     val_table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
     complete_trials, costs, diversity, hub_style = [], {}, {}, {}
@@ -446,21 +487,25 @@ def report() -> None:
             for domain in DOMAINS:
                 table[row][domain].append(scores_of(cells[(domain, cell)]).test_accuracy)
                 val_table[row][domain].append(scores_of(cells[(domain, cell)]).val_accuracy)
-        costs[trial] = {row: row_cost(trial, [cells[(d, cell)] for d in DOMAINS]) for row, cell, _ in ROWS}
+        costs[trial] = {row: row_cost(trial, cell) for row, cell, _ in ROWS}
         diversity[trial] = {
             d: {c: pair_summary(cells[(d, c)]) for c in ("soup", "ratatouille", "hub-style") if cells.get((d, c))}
             for d in DOMAINS
         }
         if trial in HUB_STYLE_TRIALS:
             hub_style[trial] = {
-                d: {c.name: hub_style_summary(cells[(d, c.name)]) for c in HUB_STYLE_CELLS if cells[(d, c.name)]}
+                d: {
+                    c.name: hub_style_summary(cells[(d, c.name)], cell_path(trial, d, c.name))
+                    for c in HUB_STYLE_CELLS
+                    if cells[(d, c.name)]
+                }
                 for d in DOMAINS
             }
     summary = {
         row: {d: _stats(values) for d, values in by_domain.items()} | {"average": _average_stats(by_domain)}
         for row, by_domain in table.items()
     }
-    diagnoses = {p.stem: load_json(p, None) for p in sorted(WORK.glob("trial*/results/diagnose-*.json"))}
+    diagnoses = {p.stem: load_json(p, None) for p in sorted(DURABLE.glob("trial*/diagnose-*.json"))}
     payload = {
         "protocol": PROTOCOL,
         "trials": trials,
@@ -471,16 +516,16 @@ def report() -> None:
         "goal": goal(table),
         "cost_per_trial": costs,
         "diversity": diversity,
-        "ingredients": load_json(WORK / "ingredients.json", {}),
+        "ingredients": load_json(DURABLE / "ingredients.json", {}),
         "hub_style": hub_style,
         "diagnose": diagnoses,
-        "timings_s": load_json(WORK / "timings.json", {}),
+        "timings_s": load_json(DURABLE / "timings.json", {}),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_json(RESULTS / "pacs.json", payload)
-    for png in WORK.glob(f"trial*/results/diagnose-{DIAGNOSED_DOMAIN}.png"):
-        shutil.copyfile(png, RESULTS / f"pacs-diagnose-{DIAGNOSED_DOMAIN}-{png.parent.parent.name}.png")
+    for png in DURABLE.glob(f"trial*/diagnose-{DIAGNOSED_DOMAIN}.png"):
+        shutil.copyfile(png, RESULTS / f"pacs-diagnose-{DIAGNOSED_DOMAIN}-{png.parent.name}.png")
     (RESULTS / "pacs.md").write_text(markdown(payload))
     print((RESULTS / "pacs.md").read_text())
 
@@ -489,20 +534,30 @@ def load_results(path: Path) -> Results | None:
     return Results.load(path) if path.exists() else None
 
 
-def row_cost(trial: int, per_domain: list[Results]) -> dict:
-    """What a row cost over the 4 test domains: its runs, their optimisation steps, and the seconds of the
-    shared linear probe and of those runs as their run folders recorded them (shared runs counted in
-    full for every row that uses them; the ingredients are recycled, so not counted)."""
+def cell_cost(output: Path, results: Results) -> dict:
+    """What a cell's runs cost as their run folders recorded them, and its share of the linear probe:
+    kept beside the cell's results (with the verdicts it printed), since the run folders stay behind in
+    the session's scratch."""
+    runs = []
+    for run in results.runs:
+        metrics = json.loads((output / run.folder / "metrics.json").read_text())
+        runs.append({"steps": results.recipe["steps"] + metrics["warmup_steps"], "seconds": metrics.get("seconds")})
+    probe = [json.loads(p.read_text()).get("seconds") for p in output.glob("lp/*/metrics.json")]
+    return {"runs": runs, "linear_probe_seconds": sum(s for s in probe if s is not None)}
+
+
+def row_cost(trial: int, cell: str) -> dict:
+    """What a row cost over the 4 test domains: its runs, their optimisation steps, and the seconds of those
+    runs and of the shared linear probe (shared runs counted in full for every row that uses them; the
+    ingredients are recycled, so not counted)."""
     runs = steps = seconds = 0.0
-    for domain, results in zip(DOMAINS, per_domain, strict=True):
-        output = WORK / f"trial{trial}" / domain
-        for lp in output.glob("lp/*/metrics.json"):
-            seconds += json.loads(lp.read_text()).get("seconds", math.nan)
-        for run in results.runs:
-            metrics = json.loads((output / run.folder / "metrics.json").read_text())
+    for domain in DOMAINS:
+        cost = load_json(cell_path(trial, domain, cell).with_suffix(".cost.json"), None)
+        seconds += cost["linear_probe_seconds"]
+        for run in cost["runs"]:
             runs += 1
-            steps += results.recipe["steps"] + metrics["warmup_steps"]
-            seconds += metrics.get("seconds", math.nan)
+            steps += run["steps"]
+            seconds += math.nan if run["seconds"] is None else run["seconds"]
     return {"runs": int(runs), "steps": int(steps), "seconds": seconds}
 
 
@@ -517,10 +572,11 @@ def pair_summary(results: Results) -> dict:
     }
 
 
-def hub_style_summary(results: Results) -> dict:
+def hub_style_summary(results: Results, path: Path) -> dict:
     inits = [run.init.split("@")[0] for run in results.runs]
     return {
         "bn_policy": results.bn_policy,
+        "printed": load_json(path.with_suffix(".cost.json"), {}).get("printed", []),
         "runs": [
             {"init": init, "val_accuracy": run.val_accuracy, "test_accuracy": run.test_accuracy}
             for init, run in zip(inits, results.runs, strict=True)
@@ -731,6 +787,19 @@ def _hub_style_section(hub_style: dict) -> list[str]:
                     + ", ".join(_short(m) for m in averages["greedy"]["members"])
                     + " |"
                 )
+    first = next(
+        (c for per_domain in hub_style.values() for by_cell in per_domain.values() for c in by_cell.values()), None
+    )
+    if first and first["printed"]:
+        lines += [
+            "",
+            "What the product printed about them (vetting, greedy's choice, the barriers), trial "
+            f"{next(iter(hub_style))}, test domain {next(iter(next(iter(hub_style.values()))))}, BN policy {first['bn_policy']}:",
+            "",
+            "```text",
+            *first["printed"],
+            "```",
+        ]
     return lines
 
 
