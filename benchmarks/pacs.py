@@ -695,6 +695,9 @@ def markdown(payload: dict) -> str:
             "",
             "## Wall time of each stage (s, 2 cores; other work may have shared the cores)",
             "",
+            "Measured by the process that finished the stage: a stage resumed after a restart counts only "
+            "what was left of it; a cell counts only the runs no earlier cell of its trial and domain trained.",
+            "",
             "| stage | seconds |",
             "|---|---|",
             *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
