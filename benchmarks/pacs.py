@@ -31,7 +31,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ratatouille_hub.results import Results
@@ -433,10 +433,13 @@ def diagnose_domain(trial: int, domain: str) -> None:
     if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain its runs
         recycle_cell(trial, domain, next(c for c in CELLS if c.name == "ratatouille"))
     config = RecipeConfig(base=folders[0], target="PACS", test_domain=domain, image_size=IMAGE_SIZE, seed=trial)
-    diagnosis = diagnose_models(folders, config)
+    inits = [run.init.split("@")[0] for run in results.runs]
+    # Named by their inits, as the soup card names its runs, not by their scratch folders.
+    diagnosis = replace(
+        diagnose_models(folders, config), names=tuple(f"run {i} from {_short(init)}" for i, init in enumerate(inits))
+    )
     print(format_diagnosis(diagnosis))
     plot_paths(diagnosis, destination.with_suffix(".png"))
-    inits = [run.init.split("@")[0] for run in results.runs]
     save_json(
         destination,
         {
