@@ -56,7 +56,7 @@ def test_vetting_measures_each_fine_tune_and_flags_trained_statistics_and_outlie
         return change
 
     careful = [_variant(base_folder, tmp_path / f"careful{k}", moved(1.0 + 0.1 * k)) for k in range(3)]
-    careless = _variant(base_folder, tmp_path / "careless", moved(5.0, statistics=1.5))
+    careless = _variant(base_folder, tmp_path / "careless", moved(8.0, statistics=1.5))
     report = vet_ingredients(base, [*careful, careless])
 
     base_state = load_file(base_folder / "model.safetensors")
@@ -79,6 +79,10 @@ def test_vetting_measures_each_fine_tune_and_flags_trained_statistics_and_outlie
         f"it moved {ratio:.1f}x as far from the base as the median of the others",
     )
     assert "BatchNorm statistics unchanged" in report[0].describe()
+    # The spread a learning-rate grid gives (distance grows about with the rate) is not flagged: 4.5x the
+    # smallest and 2.25x the others' median here.
+    spread = [_variant(base_folder, tmp_path / f"grid{k}", moved(scale)) for k, scale in enumerate((1, 2, 2.5, 4.5))]
+    assert [v.warnings for v in vet_ingredients(base, spread)] == [()] * 4
     assert f"BatchNorm statistics moved {report[3].batchnorm_shift:.3f}" in report[3].describe()
 
 
