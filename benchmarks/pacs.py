@@ -143,6 +143,7 @@ def main() -> None:
         "--ingredients-only", action="store_true", help="make and push the auxiliary fine-tunes, then stop"
     )
     args = parser.parse_args()
+    os.chdir(ROOT)  # run folders are named relative to the repository, so committed results name no machine
     from ratatouille_hub.allocator import tune_allocator
 
     tune_allocator()  # what the command does at start-up: PyTorch on CPU is 2-5x slower without it
@@ -409,7 +410,7 @@ def recycle_cell(trial: int, domain: str, cell: Cell, keep=lambda line: None) ->
         batch_size=BATCH,
         image_size=IMAGE_SIZE,
         seed=trial,
-        output=str(WORK / f"trial{trial}" / domain),
+        output=str((WORK / f"trial{trial}" / domain).relative_to(ROOT)),
     )
 
     def echo(line: str) -> None:
@@ -793,14 +794,20 @@ def _hub_style_section(hub_style: dict) -> list[str]:
                     + ", ".join(_short(m) for m in averages["greedy"]["members"])
                     + " |"
                 )
-    first = next(
-        (c for per_domain in hub_style.values() for by_cell in per_domain.values() for c in by_cell.values()), None
+    trial, domain, first = next(
+        (
+            (t, d, c)
+            for t, per_domain in hub_style.items()
+            for d, by_cell in per_domain.items()
+            for c in by_cell.values()
+        ),
+        (None, None, None),
     )
     if first and first["printed"]:
         lines += [
             "",
             "What the product printed about them (vetting, greedy's choice, the barriers), trial "
-            f"{next(iter(hub_style))}, test domain {next(iter(next(iter(hub_style.values()))))}, BN policy {first['bn_policy']}:",
+            f"{trial}, test domain {domain}, BN policy {first['bn_policy']}:",
             "",
             "```text",
             *first["printed"],
