@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 import typing
 from pathlib import Path
 
@@ -393,17 +394,19 @@ def merge_output_files() -> tuple[str, ...]:
 
 def check_merge_output(output: Path, inputs: list[Path]) -> None:
     """The output is replaced whole, so it must be new, empty or an earlier merge; never an input."""
+    from .errors import RecipeError
+
     if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is not a folder")
+        raise RecipeError(f"output {output} exists and is not a folder")
     resolved = output.resolve()
     for model in inputs:
         if resolved == model.resolve() or resolved in model.resolve().parents:
-            raise ValueError(f"output {output} is (or contains) the input {model}; choose another folder")
+            raise RecipeError(f"output {output} is (or contains) the input {model}; choose another folder")
     if output.is_dir():
         known = merge_output_files()
         foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in known)
         if foreign:
-            raise ValueError(
+            raise RecipeError(
                 f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
             )
 
@@ -557,7 +560,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; 2 with one `error:` line for bad input (a `RatatouilleError`, an I/O or Hub
+    failure); 1 with the traceback and a request to report it for anything else, which is a bug."""
     from .allocator import tune_allocator
+    from .safe_text import terminal_safe
 
     tune_allocator()  # before torch allocates anything: PyTorch on CPU is 2-5x slower without it
     args = build_parser().parse_args(argv)
@@ -567,21 +573,38 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:
-        if args.debug or not _is_user_facing(error):
+        if args.debug:
             raise
-        print(f"error: {_first_line(error)}", file=sys.stderr)
+        if not _is_user_facing(error):
+            traceback.print_exc()
+            print(bug_report(error), file=sys.stderr)
+            return 1
+        print(f"error: {terminal_safe(_first_line(error))}", file=sys.stderr)
         return 2
     return 0
 
 
 def _is_user_facing(error: Exception) -> bool:
-    """Our errors (ValueError subclasses), I/O errors that name their file, and network failures."""
-    if isinstance(error, (ValueError, OSError)):
+    """Our refusals, I/O errors (a full disk, a permission) and network or Hub failures; never a bug."""
+    from .errors import RatatouilleError
+
+    if isinstance(error, (RatatouilleError, OSError)):
         return True
     return type(error).__module__.split(".")[0] in ("httpx2", "httpx", "huggingface_hub")
 
 
+def bug_report(error: Exception) -> str:
+    from . import __version__
+
+    return (
+        f"error: internal error ({type(error).__name__}): this is a bug in ratatouille-hub {__version__}, not a "
+        "problem with your input. Please report it with the traceback above and the command you ran."
+    )
+
+
 def _first_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"  # `[Errno 28] No space left...` names no file by itself
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
 

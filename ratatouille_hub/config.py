@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import RatatouilleError
 from .merge_methods import MERGE_METHODS, recycle_methods
 from .strategies import STRATEGIES
 
@@ -35,7 +36,7 @@ PRECISIONS = ("auto", "no", "bf16")
 BN_POLICIES = ("average", "reestimate")
 
 
-class ConfigError(ValueError):
+class ConfigError(RatatouilleError, ValueError):
     """A recipe that cannot run: unknown keys, impossible values."""
 
 

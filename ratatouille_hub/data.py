@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import RatatouilleError
 
-class DataError(ValueError):
+
+class DataError(RatatouilleError, ValueError):
     """A target dataset that cannot be used as asked."""
 
 

@@ -109,13 +109,14 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     The target is prepared exactly as `recycle` prepares it (same split from `config.seed`), and only
     its training-domain validation images are used.
     """
+    from .errors import InputError
     from .evaluation import predict_logits
     from .fetch import resolve_model
     from .models import load_classifier
     from .target import prepare_target
 
     if len(models) < 2:
-        raise ValueError("diagnose needs at least two models")
+        raise InputError("diagnose needs at least two models")
     ingredients = [resolve_model(model, token=token) for model in models]
     target = prepare_target(config, ingredients[0], token)
     expected = list(target.id2label.values())
@@ -123,7 +124,7 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     for ingredient in ingredients:
         saved = _label_names(ingredient.path)
         if saved != expected:
-            raise ValueError(
+            raise InputError(
                 f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}..."
             )
         states.append(load_classifier(ingredient.path, target.id2label).state_dict())

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RatatouilleError
+
 TensorSignature = tuple[str, tuple[int, ...]]  # (dtype, shape)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -33,7 +35,7 @@ NOT_FINETUNE_RELATIONS = {
 ACCEPTED = "backbone matches the base"
 
 
-class DiscoverError(ValueError):
+class DiscoverError(RatatouilleError, ValueError):
     """The base itself cannot be vetted: missing, not safetensors, or an unknown architecture."""
 
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RatatouilleError
+
 WEIGHT_PATTERNS = (
     "*.safetensors",
     "model.safetensors.index.json",
@@ -22,7 +24,7 @@ WEIGHT_PATTERNS = (
 )
 
 
-class FetchError(ValueError):
+class FetchError(RatatouilleError, ValueError):
     """A model reference that cannot be resolved to usable files."""
 
 

@@ -23,6 +23,8 @@ import torch
 from huggingface_hub import constants
 from torch import Tensor
 
+from .errors import RatatouilleError
+
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # transformers' SAFE_WEIGHTS_NAME, without importing transformers
 WEIGHTS_INDEX_NAME = constants.SAFETENSORS_INDEX_FILE
 COPIED_CONFIGS = ("config.json", "preprocessor_config.json")
@@ -49,7 +51,7 @@ _ITEMSIZE = {
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class MergeError(ValueError):
+class MergeError(RatatouilleError, ValueError):
     """Inputs that cannot be averaged: corrupt files, models that differ, non-finite weights."""
 
 
@@ -72,18 +74,20 @@ class TensorInfo:
 def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     """Mixing weights that sum to one; None means the uniform soup."""
     if n < 1:
-        raise ValueError("nothing to merge: need at least one input")
+        raise MergeError("nothing to merge: need at least one input")
     if weights is None:
         return [1.0 / n] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise ValueError(f"got {len(weights)} weights for {n} inputs")
+        raise MergeError(f"got {len(weights)} weights for {n} inputs")
     for index, weight in enumerate(weights):
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weights must be finite and non-negative (weight {index} is {weight})")
+            raise MergeError(f"weights must be finite and non-negative (weight {index} is {weight})")
     total = sum(weights)
     if total == 0:
-        raise ValueError("weights sum to zero")
+        raise MergeError("weights sum to zero")
+    if not math.isfinite(total):
+        raise MergeError(f"--weights sum past the largest float ({weights}): give them on a smaller scale")
     return [w / total for w in weights]
 
 

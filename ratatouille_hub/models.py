@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .errors import RatatouilleError
 from .registry import Registry
 
 if TYPE_CHECKING:
     from .data import Normalization
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(RatatouilleError, ValueError):
     """A model whose head or layout this tool does not know how to handle."""
 
 

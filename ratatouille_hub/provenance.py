@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RatatouilleError
 from .hashing import stable_hash
 
 RUN_FILE = "ratatouille.json"
@@ -26,7 +27,7 @@ FINGERPRINT_KEY = "ratatouille.fingerprint"  # the recipe fingerprint its runs s
 HASH_CHUNK = 1 << 20
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(RatatouilleError, ValueError):
     """Runs or soups whose recorded provenance does not allow what was asked."""
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RatatouilleError
 from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .provenance import RUN_FILE
 
@@ -36,7 +37,7 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_WAITS_S = (2.0, 4.0, 8.0)
 
 
-class HubError(ValueError):
+class HubError(RatatouilleError, ValueError):
     """A push that failed, in one line: what was being done, the Hub's status, and what to do."""
 
 
@@ -128,7 +129,7 @@ def _validate_card(card: str) -> None:
     try:
         ModelCard(card).validate()
     except (ValueError, yaml.YAMLError) as error:  # a 400 from the Hub, or YAML that does not parse
-        raise ValueError(f"the model card's metadata is invalid: {_card_problem(error)}") from None
+        raise HubError(f"the model card's metadata is invalid: {_card_problem(error)}") from None
 
 
 def _card_problem(error: Exception) -> str:

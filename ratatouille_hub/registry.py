@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import RatatouilleError
+
 T = TypeVar("T")
 
 
-class UnknownEntryError(ValueError):
+class UnknownEntryError(RatatouilleError, ValueError):
     """A name that no entry of the registry answers to."""
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .discover import backbone_mismatch, head_names_of, local_signature
+from .errors import RatatouilleError
 from .fetch import Ingredient
 
 MAX_DISTANCE_TO_BASE = 1.0
@@ -82,7 +83,7 @@ class Vetted:
 CODE_CONFIGS = ("config.json", "preprocessor_config.json")
 
 
-class IngredientError(ValueError):
+class IngredientError(RatatouilleError, ValueError):
     """A checkpoint that cannot join the soup of this base."""
 
 

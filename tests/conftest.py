@@ -124,3 +124,11 @@ def tiny_world(tmp_path_factory, tiny_checkpoints):
     return SimpleNamespace(
         base=tiny_checkpoints["base"], aux=(tiny_checkpoints["aux1"], tiny_checkpoints["aux2"]), target=target
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With RATATOUILLE_WRITE_ERRORS_MD set, docs/errors.md's table is rewritten from the refusals seen."""
+    if os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
+        import refusals
+
+        refusals.write_docs()

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import refusals
 import torch
 import yaml
 from datasets import ClassLabel, Value
@@ -34,7 +35,6 @@ from ratatouille_hub.testing import make_results, tiny_resnet, tiny_vit
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.vetting import IngredientError
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
 TINY = [
     "--runs",
@@ -54,7 +54,6 @@ TINY = [
 ]
 SECRET = "hf_ratatouilleSecretToken0123456789"
 HOSTILE_DOMAIN = "cartoon | evil\n---\nlicense: evil-license\n# Injected <script>x</script>"
-SEEN: dict[str, tuple[str, str]] = {}  # case -> (what, normalised error line), for docs/errors.md
 
 
 # -- the tiny world -----------------------------------------------------------------------------------
@@ -194,49 +193,18 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
 # -- running a command and checking its failure ---------------------------------------------------------
 
 
-def _normalise(line: str, world, out: Path) -> str:
-    line = line.replace(str(out), "<out>").replace(str(world.root), "<world>").replace(str(world.base.parent), "<ckpt>")
-    return line.replace(constants.HF_HUB_CACHE, "<hf-cache>")
-
-
-def _snapshot(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+def placeholders(world) -> dict:
+    return {"<world>": world.root, "<ckpt>": world.base.parent, "<hf-cache>": constants.HF_HUB_CACHE}
 
 
 @pytest.fixture
 def refused(world, capsys):
-    """refused(case, what, argv, culprit, out): run `argv` and demand a clean refusal (see fails_cleanly)."""
+    """refused(case, what, argv, culprit, out): run `argv` and demand a clean refusal (refusals.fails_cleanly)."""
     return lambda case, what, argv, culprit, out: fails_cleanly(case, what, argv, culprit, world, out, capsys)
 
 
 def fails_cleanly(case: str, what: str, argv: list[str], culprit: str, world, out: Path, capsys) -> str:
-    """Run `argv`; demand exit 2, one `error:` line naming `culprit`, no traceback, `out` untouched."""
-    before, siblings = _snapshot(out), sorted(p.name for p in out.parent.iterdir())
-    assert cli.main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert culprit in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    assert _snapshot(out) == before  # nothing written (or, for a folder that existed, nothing changed)
-    assert sorted(p.name for p in out.parent.iterdir()) == siblings  # no staging folder left beside it
-    line = _normalise(lines[0], world, out)
-    SEEN[case] = (what, line)
-    if not os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
-        assert f"`{line}`" in DOCS.read_text(encoding="utf-8"), f"docs/errors.md lacks: {line}"
-    return lines[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_docs_when_asked():
-    yield
-    if os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
-        rows = "\n".join(f"| {case} | {what} | `{line}` |" for case, (what, line) in SEEN.items())
-        text = DOCS.read_text(encoding="utf-8")
-        start, end = text.index("<!-- cases -->") + len("<!-- cases -->"), text.index("<!-- /cases -->")
-        DOCS.write_text(text[:start] + "\n| case | input | error line |\n|---|---|---|\n" + rows + "\n" + text[end:])
+    return refusals.fails_cleanly(case, what, argv, culprit, out, capsys, placeholders(world))
 
 
 # -- merge: every input checked before anything is written ---------------------------------------------

@@ -1,0 +1,28 @@
+"""Strings that come from someone else (a dataset, a Hub repo, a card, a contributor) made safe for the
+places we put them: the terminal and the file system. Card text has its own quoting (card.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_COMPONENT = 64  # short enough that any staging or lock name built from it stays under NAME_MAX (255)
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, line breaks, bidi overrides)
+    written as its Python escape, so a hostile name can neither clear the screen nor forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def path_component(name: str) -> str:
+    """A folder name for `name` that never leaves its parent: letters, digits, `.`, `_` and `-` only, not
+    hidden, at most 64 characters; a name that had to change carries a hash of the original, so two
+    different names never share a folder."""
+    slug = _UNSAFE_IN_NAMES.sub("_", name).strip("._-")[: MAX_COMPONENT - 9]
+    if slug == name and slug:
+        return slug
+    return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}".lstrip("-")
