@@ -42,6 +42,10 @@ _USER_SETTINGS = (  # the user's token, caches and offline switches must not lea
 )
 for _name in _USER_SETTINGS:
     os.environ.pop(_name, None)
+# The session Hub keeps the real Hub's rules (a write needs a valid token; a user writes only into their own
+# namespace): the clients write as its admin, unless a test names another token.
+SESSION_ADMIN = "hf_session_admin"
+os.environ["HF_TOKEN"] = SESSION_ADMIN
 
 import pytest  # noqa: E402
 
@@ -55,7 +59,7 @@ CONTRIBUTORS = {"tok-alice": "alice", "tok-bob": "bob", "tok-carol": "carol"}  #
 @pytest.fixture(scope="session")
 def local_hub(tmp_path_factory):
     """The session's LocalHub, at HF_ENDPOINT: the unmodified HF clients talk to it."""
-    with LocalHub(tmp_path_factory.mktemp("local-hub"), port=HUB_PORT, users=CONTRIBUTORS) as hub:
+    with LocalHub(tmp_path_factory.mktemp("local-hub"), port=HUB_PORT, token=SESSION_ADMIN, users=CONTRIBUTORS) as hub:
         yield hub
 
 

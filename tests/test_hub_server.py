@@ -4,13 +4,18 @@ Every client here reaches the session's LocalHub through HF_ENDPOINT (set in con
 tests show that the project's Hub code paths work against a Hub-compatible server, offline.
 """
 
+import base64
 import hashlib
+import http.client
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+import refusals
 import torch
 import yaml
 from huggingface_hub import (
@@ -30,7 +35,9 @@ from huggingface_hub.errors import (
 from PIL import Image
 from transformers import AutoModelForImageClassification
 
-from ratatouille_hub.localhub.server import LocalHub
+from ratatouille_hub import cli
+from ratatouille_hub.localhub import server
+from ratatouille_hub.localhub.server import _ROUTES, LocalHub, read_users_file
 from ratatouille_hub.localhub.store import LOCAL_USER
 from ratatouille_hub.testing import tiny_resnet, write_hub_dataset
 
@@ -311,3 +318,257 @@ def test_the_store_survives_a_restart(tmp_path, tiny_model):
         info = HfApi(endpoint=hub.url).model_info("team/kept")
         assert (info.sha, info.downloads) == (sha, 7)
         assert hf_hub_download("team/kept", "config.json", endpoint=hub.url, cache_dir=tmp_path / "cache")
+
+
+# -- authorization and paths, as on the Hub -----------------------------------------------------------------
+
+ADMIN = "hf_admin_secret"
+USERS = {"tok-alice": "alice", "tok-bob": "bob"}
+
+
+@dataclass
+class RawAnswer:
+    status: int
+    body: bytes
+
+
+def raw(hub: LocalHub, method: str, path: str, body: bytes = b"", token: str | None = None) -> RawAnswer:
+    """A request sent byte for byte (no client validation, no URL normalisation): what a hostile client sends."""
+    connection = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return RawAnswer(response.status, response.read())
+    finally:
+        connection.close()
+
+
+def ndjson(*operations: dict) -> bytes:
+    """A commit payload: the header line, then one line per operation."""
+    lines = [{"key": "header", "value": {"summary": "raw commit"}}, *operations]
+    return b"\n".join(json.dumps(line).encode() for line in lines)
+
+
+def add_file(path: str, content: bytes) -> dict:
+    return {"key": "file", "value": {"path": path, "content": base64.b64encode(content).decode(), "encoding": "base64"}}
+
+
+@pytest.fixture(scope="module")
+def users_hub(tmp_path_factory):
+    """A hub with per-user tokens and no admin token; alice owns alice/model (config.json on main)."""
+    with LocalHub(tmp_path_factory.mktemp("users-hub"), users=USERS) as hub:
+        alice = HfApi(endpoint=hub.url, token="tok-alice")
+        alice.create_repo("alice/model")
+        alice.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/model")
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def open_hub(tmp_path_factory):
+    """A hub without tokens (the local-development mode) holding team/model."""
+    with LocalHub(tmp_path_factory.mktemp("open-hub")) as hub:
+        HfApi(endpoint=hub.url, token=False).create_repo("team/model")
+        yield hub
+
+
+def head(hub: LocalHub, repo_id: str, branch: str = "main") -> str:
+    return hub.store.get_repo("model", repo_id).resolve(branch).oid
+
+
+def model_ids(hub: LocalHub) -> set[str]:
+    return {repo.repo_id for repo in hub.store.repos("model")}
+
+
+def test_a_private_repo_is_read_only_by_its_owner_and_the_admin(tmp_path):
+    with LocalHub(tmp_path / "store", token=ADMIN, users=USERS) as hub:
+        alice, admin = HfApi(endpoint=hub.url, token="tok-alice"), HfApi(endpoint=hub.url, token=ADMIN)
+        bob, anonymous = HfApi(endpoint=hub.url, token="tok-bob"), HfApi(endpoint=hub.url, token=False)
+        unknown = HfApi(endpoint=hub.url, token="tok-nobody")
+        alice.create_repo("alice/secret", private=True)
+        alice.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/secret")
+        alice.create_repo("alice/secret-data", repo_type="dataset", private=True)
+        alice.create_repo("alice/public")
+
+        assert alice.model_info("alice/secret").private and admin.model_info("alice/secret").private
+        for reader, status in ((bob, 404), (anonymous, 401), (unknown, 401)):
+            with pytest.raises(RepositoryNotFoundError) as hidden:
+                reader.model_info("alice/secret")
+            assert hidden.value.response.status_code == status
+            with pytest.raises(RepositoryNotFoundError):
+                reader.hf_hub_download("alice/secret", "config.json", cache_dir=tmp_path / "cache")
+            with pytest.raises(RepositoryNotFoundError):
+                list(reader.list_repo_tree("alice/secret"))
+            with pytest.raises(RepositoryNotFoundError):
+                reader.get_paths_info("alice/secret", ["config.json"])
+        with pytest.raises(RepositoryNotFoundError) as missing:
+            bob.model_info("alice/no-such-repo")
+        with pytest.raises(RepositoryNotFoundError) as hidden:
+            bob.model_info("alice/secret")
+        assert (hidden.value.response.status_code, hidden.value.response.json()) == (
+            missing.value.response.status_code,
+            {"error": missing.value.response.json()["error"].replace("no-such-repo", "secret")},
+        )  # another user cannot tell a private repo from a missing one
+
+        def listed(api: HfApi) -> set[str]:
+            return {m.id for m in api.list_models(search="alice/")} | {d.id for d in api.list_datasets(author="alice")}
+
+        assert listed(alice) == listed(admin) == {"alice/secret", "alice/secret-data", "alice/public"}
+        assert listed(bob) == listed(anonymous) == listed(unknown) == {"alice/public"}
+
+
+def test_with_users_every_write_needs_a_valid_token(users_hub):
+    before = head(users_hub, "alice/model")
+    for token in (False, "tok-nobody"):
+        api = HfApi(endpoint=users_hub.url, token=token)
+        with pytest.raises(HfHubHTTPError) as refused:
+            api.create_repo("alice/made-without-a-token")
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.headers["X-Error-Code"] == "Unauthorized"
+        with pytest.raises(HfHubHTTPError) as refused_upload:
+            api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/model")
+        assert refused_upload.value.response.status_code == 401
+    assert (
+        raw(users_hub, "GET", "/api/whoami-v2").status
+        == raw(users_hub, "GET", "/api/whoami-v2", token="x").status
+        == 401
+    )
+    bob = HfApi(endpoint=users_hub.url, token="tok-bob")
+    with pytest.raises(HfHubHTTPError) as forbidden:
+        bob.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/model")
+    assert forbidden.value.response.status_code == 403
+    assert head(users_hub, "alice/model") == before
+    assert "alice/made-without-a-token" not in model_ids(users_hub)
+    assert bob.create_repo("bob/own").repo_id == "bob/own"  # a user's token writes into the user's namespace
+
+
+WRITES = [  # one request per write route of the local Hub, each against alice's repo
+    ("POST", "/api/repos/create", json.dumps({"name": "new", "organization": "alice"}).encode()),
+    ("POST", "/api/models/alice/model/preupload/main", json.dumps({"files": []}).encode()),
+    ("POST", "/api/models/alice/model/commit/main", ndjson(add_file("x.txt", b"x"))),
+    ("POST", "/api/models/alice/model/branch/dev", b"{}"),
+    ("POST", "/alice/model.git/info/lfs/objects/batch", json.dumps({"operation": "upload", "objects": []}).encode()),
+    ("POST", "/alice/model.git/info/lfs/objects/verify", json.dumps({"oid": "0" * 64, "size": 1}).encode()),
+]
+
+
+@pytest.mark.parametrize(("token", "status"), [(None, 401), ("tok-nobody", 401), ("tok-bob", 403)])
+def test_every_write_route_refuses_all_but_the_namespace_owner(users_hub, token, status):
+    before = head(users_hub, "alice/model")
+    answers = [raw(users_hub, method, path, body, token).status for method, path, body in WRITES]
+    assert answers == [status] * len(WRITES)
+    write_routes = {name for _, _, name, is_write in _ROUTES if is_write}
+    assert {r.route for r in users_hub.requests[-len(WRITES) :]} == write_routes  # WRITES covers them all
+    assert head(users_hub, "alice/model") == before
+    assert set(users_hub.store.get_repo("model", "alice/model").refs) == {"main"}
+    assert "alice/new" not in model_ids(users_hub)
+
+
+UNSAFE_PATHS = ["../escape.txt", "a/../../escape.txt", "/abs.txt", "a\\b.txt", "a//b.txt", "./a.txt", "a/./b.txt"]
+UNSAFE_PATHS += ["a/..", "..", "", "a\x00b.txt", "folder/"]
+
+
+@pytest.mark.parametrize("path", UNSAFE_PATHS)
+def test_a_commit_with_an_unsafe_path_is_refused_before_anything_is_stored(open_hub, path):
+    before, content = head(open_hub, "team/model"), f"sent as {path!r}".encode()
+    answer = raw(open_hub, "POST", "/api/models/team/model/commit/main", ndjson(add_file(path, content)))
+    assert answer.status == 400, answer.body
+    assert head(open_hub, "team/model") == before
+    assert not open_hub.store.has_blob(hashlib.sha256(content).hexdigest())
+
+
+@pytest.mark.parametrize(
+    ("key", "path"), [("deletedFile", "../repo.json"), ("deletedFolder", "../"), ("lfsFile", "../weights.bin")]
+)
+def test_deletions_and_lfs_files_with_unsafe_paths_are_refused(open_hub, key, path):
+    before, blob = head(open_hub, "team/model"), open_hub.store.put_bytes(b"uploaded weights")
+    value = (
+        {"path": path, "algo": "sha256", "oid": blob.sha256, "size": blob.size} if key == "lfsFile" else {"path": path}
+    )
+    assert (
+        raw(open_hub, "POST", "/api/models/team/model/commit/main", ndjson({"key": key, "value": value})).status == 400
+    )
+    assert head(open_hub, "team/model") == before
+
+
+def test_an_lfs_oid_that_is_not_a_sha256_never_reaches_the_filesystem(tmp_path):
+    """`blobs/{oid[:2]}/{oid}` with oid `../outside/secret.txt` would be `outside/secret.txt` beside the store."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("not the hub's")
+    with LocalHub(tmp_path / "store") as hub:
+        HfApi(endpoint=hub.url, token=False).create_repo("team/model")
+        before, oid = head(hub, "team/model"), "../outside/secret.txt"
+        steal = ndjson({"key": "lfsFile", "value": {"path": "stolen.txt", "algo": "sha256", "oid": oid}})
+        assert raw(hub, "POST", "/api/models/team/model/commit/main", steal).status == 400
+        assert head(hub, "team/model") == before
+        for route, body in (
+            ("batch", {"operation": "upload", "objects": [{"oid": oid, "size": 1}]}),
+            ("verify", {"oid": oid, "size": 13}),
+        ):
+            assert (
+                raw(hub, "POST", f"/team/model.git/info/lfs/objects/{route}", json.dumps(body).encode()).status == 400
+            )
+        assert oid not in hub._announced_uploads
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/models/team/..%2F..%2Fescape"),
+        ("GET", "/api/models/..%2Fteam/model/tree/main"),
+        ("GET", "/team/model/resolve/..%2F..%2Fmain/config.json"),
+        ("GET", "/api/models/team/model/tree/%2E%2E"),
+        ("POST", "/api/models/team/model/branch/..%2Fescape"),
+        ("POST", "/api/models/team/model/commit/main%2F..%2F..%2Fescape"),
+        ("POST", "/api/models/team/..%2Fmodel/preupload/main"),
+    ],
+)
+def test_dot_dot_in_a_repo_id_or_revision_is_refused(open_hub, method, path):
+    assert raw(open_hub, method, path, b"{}").status == 400
+    assert set(open_hub.store.get_repo("model", "team/model").refs) == {"main"}
+
+
+def test_local_hub_users_file_gives_each_user_a_token(tmp_path, monkeypatch):
+    users_file = tmp_path / "users"
+    users_file.write_text("# token user\ntok-alice alice\n\n  tok-bob   bob  \n")
+    users_file.chmod(0o600)
+    assert read_users_file(users_file) == USERS
+
+    served = {}
+    monkeypatch.setattr(server, "serve", lambda root, port, token=None, users=None: served.update(users=users))
+    assert cli.main(["local-hub", "--root", str(tmp_path / "hub"), "--users-file", str(users_file)]) == 0
+    assert served["users"] == USERS
+
+
+USERS_FILE_CASES = {  # case: (what, file text, line, problem)
+    "local-hub-users-file-token-only": ("a users-file line without a user", "tok-alice alice\ntok-secret-only\n", 2, "expected 'TOKEN USER'"),
+    "local-hub-users-file-three-fields": ("a users-file line of three fields", "tok-alice alice\ntok-bob bob carol\n", 2, "expected 'TOKEN USER'"),
+    "local-hub-users-file-token-twice": ("a users file giving one token twice", "tok-alice alice\ntok-alice bob\n", 2, "a token given twice"),
+    "local-hub-users-file-bad-user": ("a users file naming user `../alice`", "tok-alice ../alice\n", 1, "not a valid user name"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(USERS_FILE_CASES))
+def test_a_malformed_users_file_is_refused_naming_its_line(case, tmp_path, capsys):
+    what, text, line, problem = USERS_FILE_CASES[case]
+    users_file = tmp_path / "users"
+    users_file.write_text(text)
+    users_file.chmod(0o600)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(users_file))}:{line}: .*{re.escape(problem)}") as refused:
+        read_users_file(users_file)
+    assert "tok-" not in str(refused.value).replace(str(users_file), "")  # never the secret
+    argv = ["local-hub", "--root", str(tmp_path / "hub"), "--users-file", str(users_file)]
+    printed = refusals.fails_cleanly(case, what, argv, str(users_file), tmp_path / "hub", capsys, {"<tmp>": tmp_path})
+    assert printed == f"error: {refused.value}"
+
+
+def test_a_users_file_others_can_read_or_without_users_is_refused(tmp_path):
+    users_file = tmp_path / "users"
+    users_file.write_text("tok-alice alice\n")
+    users_file.chmod(0o644)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(users_file))}: .*chmod 600"):
+        read_users_file(users_file)
+    users_file.write_text("# nobody yet\n")
+    users_file.chmod(0o600)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(users_file))}: no 'TOKEN USER' line"):
+        read_users_file(users_file)

@@ -116,6 +116,7 @@ def test_a_sharded_soup_pushes_index_and_shards(hub_namespace, tmp_path):
 
 def test_a_hub_that_needs_a_token_gets_one_line_without_the_token(local_hub, hub_namespace, soup, monkeypatch):
     monkeypatch.setattr(local_hub, "token", "hf_local_secret")
+    monkeypatch.delenv("HF_TOKEN")
     repo_id = f"{hub_namespace}/private-soup"
     with pytest.raises(HubError) as anonymous:
         push_folder(soup, repo_id)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
+from ratatouille_hub.errors import InputError
 from ratatouille_hub.localhub.store import (
     LOCAL_USER,
     REPO_TYPES,
@@ -33,9 +34,12 @@ from ratatouille_hub.localhub.store import (
     HubStore,
     Repo,
     RepoNotFound,
+    check_relative,
+    check_repo_id,
     derive_tags,
     git_blob_oid,
     parse_front_matter,
+    valid_name,
     wants_lfs,
 )
 
@@ -62,7 +66,7 @@ class RequestRecord(NamedTuple):
 
 
 class Unauthorized(HubError):
-    """A write, or a private read, without the token the hub was started with."""
+    """A write without a valid token (the admin's or a user's) on a hub that has tokens."""
 
     status, code = 401, "Unauthorized"
 
@@ -83,11 +87,13 @@ class _Fault:
 class LocalHub:
     """The local Hub on 127.0.0.1: a store under `root` served from a daemon thread.
 
-    `port=0` picks a free port. With `token` set, writes and reads of private repos need
-    `Authorization: Bearer <token>`. `page_size` caps list and tree pages (the client follows the
-    `Link` header to the next page). With `users` (token -> name), each of those tokens also authenticates,
-    as that user, who may write only into their own namespace (403 elsewhere, as on the Hub); `token` stays
-    the local user's, who may write anywhere. Use as a context manager, or call `start()` and `stop()`.
+    `port=0` picks a free port. `token` is the admin's (the local user's), who reads and writes anything;
+    `users` (token -> name) gives each user a token that writes only into that user's namespace (403
+    elsewhere) and reads only that user's private repos. With either, the Hub's rules hold: every write
+    needs a valid `Authorization: Bearer <token>` (401 otherwise), and a private repo is hidden from everyone
+    else (401/404 RepoNotFound, and left out of listings). With neither, the hub is open to all, for local
+    development. `page_size` caps list and tree pages (the client follows the `Link` header to the next
+    page). Use as a context manager, or call `start()` and `stop()`.
     """
 
     def __init__(
@@ -174,27 +180,70 @@ class LocalHub:
                     return status
         return None
 
-    def _authorized(self, authorization: str | None) -> bool:
-        if self.token is None:  # an open hub; a user's token still confines its writes to the user's namespace
-            return True
-        return _bearer(authorization, self.token) or self.caller(authorization) is not None
+    @property
+    def is_open(self) -> bool:
+        """No token and no users: the local-development mode, where anyone reads and writes anything."""
+        return self.token is None and not self.users
+
+    def is_admin(self, authorization: str | None) -> bool:
+        return self.token is not None and _bearer(authorization, self.token)
+
+    def authenticated(self, authorization: str | None) -> bool:
+        """Whether the request may write at all: on an open hub always, otherwise only with a valid token."""
+        return self.is_open or self.is_admin(authorization) or self.caller(authorization) is not None
 
     def caller(self, authorization: str | None) -> str | None:
-        """The user of `users` whose token the request carries (None for the local user's or none)."""
+        """The user of `users` whose token the request carries (None for the admin's, an unknown one or none)."""
         return next((name for token, name in self.users.items() if _bearer(authorization, token)), None)
+
+    def can_read(self, repo: Repo, authorization: str | None) -> bool:
+        """A private repo is its owner's and the admin's alone, as on the Hub (anyone's on an open hub)."""
+        if not repo.private or self.is_open or self.is_admin(authorization):
+            return True
+        return self.caller(authorization) == repo.author
 
 
 def _bearer(authorization: str | None, token: str) -> bool:
     return authorization is not None and hmac.compare_digest(authorization, f"Bearer {token}")
 
 
-def serve(root: Path, port: int, token: str | None = None) -> None:
+def read_users_file(path: Path) -> dict[str, str]:
+    """Per-user tokens from a file of `TOKEN USER` lines (blank lines and `# comments` skipped), so that no
+    token shows on a command line, where `ps` shows it to everyone. A file others may read or change is
+    refused, and so is one without users (the hub would be open); no error repeats a line: it holds a secret."""
+    path = Path(path)
+    if path.stat().st_mode & 0o077:
+        raise InputError(f"{path}: other users may read or change it and it holds tokens: chmod 600 {path}")
+    users, first_line = {}, {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise InputError(f"{path}:{number}: expected 'TOKEN USER' (2 fields), found {len(fields)} fields")
+        token, user = fields
+        if token in users:
+            raise InputError(f"{path}:{number}: a token given twice (first on line {first_line[token]})")
+        if not valid_name(user):
+            raise InputError(f"{path}:{number}: {user!r} is not a valid user name (letters, digits, '.', '_', '-')")
+        users[token], first_line[token] = user, number
+    if not users:
+        raise InputError(f"{path}: no 'TOKEN USER' line, so the hub would be open to all")
+    return users
+
+
+def serve(root: Path, port: int, token: str | None = None, users: dict[str, str] | None = None) -> None:
     """Run the local Hub in the foreground until Ctrl-C."""
-    with LocalHub(root, port=port, token=token) as hub:
+    with LocalHub(root, port=port, token=token, users=users) as hub:
+        access = (
+            "open: anyone may read and write anything"
+            if hub.is_open
+            else f"writes need a token ({len(hub.users)} user tokens{', and the admin token' if token else ''})"
+        )
         print(
-            f"Local Hub at {hub.url} (store: {Path(root).resolve()})\n"
+            f"Local Hub at {hub.url} (store: {Path(root).resolve()}; {access})\n"
             "This is a local stand-in for the Hugging Face Hub, for tests and offline work. It is not a\n"
-            "production registry: loopback only, no accounts, no access control beyond one optional token.\n"
+            "production registry: loopback only, and its only accounts are the tokens it was given.\n"
             "Point the Hugging Face libraries at it before Python starts:\n"
             f"  export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1\n"
             "Ctrl-C stops it.",
@@ -272,7 +321,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 self._route_name = "injected failure"
                 raise HubError(f"Injected failure ({fault}) for {self.command} {self.url_path}", status=fault)
             self._route_name, handler, parts, is_write = self._route()
-            if is_write:
+            if is_write:  # every write route, before its handler reads the body or touches the store
                 self._require_token()
                 self._require_namespace(parts.get("repo_id"))
             handler(**parts)
@@ -295,6 +344,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 parts = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
                 if "kind" in match.groupdict():
                     parts["repo_type"] = _repo_type(parts.pop("kind", None))
+                if "repo_id" in parts:
+                    check_repo_id(parts["repo_id"])
+                for ref in ("revision", "branch"):
+                    if ref in parts:
+                        check_relative(parts[ref], "revision")
                 return name, getattr(self, name), parts, is_write
         logger.warning("Local Hub has no route for %s %s", self.command, self.path)
         raise HubError(f"The local Hub does not implement {self.command} {self.url_path}", status=404)
@@ -305,7 +359,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             raise Forbidden(f"You don't have the rights to write to {repo_id} (signed in as {user})")
 
     def _require_token(self) -> None:
-        if self.hub._authorized(self.headers.get("Authorization")):
+        if self.hub.authenticated(self.headers.get("Authorization")):
             return
         if self.headers.get("Authorization"):
             raise Unauthorized("Invalid credentials in Authorization header")
@@ -402,10 +456,13 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         return (self._param(name) or "").lower() in ("1", "true")
 
     def _readable_repo(self, repo_type: str, repo_id: str) -> Repo:
-        """A repo this request may read: a private one needs the token (401 RepoNotFound otherwise, as on the Hub)."""
+        """A repo this request may read. Anyone else is told a private repo does not exist, as on the Hub: 401
+        without a valid token, and for another user the very 404 of a missing repo."""
         repo = self.hub.store.get_repo(repo_type, repo_id)
-        if repo.private and not self.hub._authorized(self.headers.get("Authorization")):
-            raise RepoNotFound(f"Repository '{repo_id}' not found.", status=401)
+        authorization = self.headers.get("Authorization")
+        if not self.hub.can_read(repo, authorization):
+            status = 404 if self.hub.caller(authorization) else 401
+            raise RepoNotFound(f"{repo_type.capitalize()} repository '{repo_id}' not found.", status=status)
         return repo
 
     def _refuse_pull_requests(self) -> None:
@@ -457,10 +514,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if sort is not None and sort not in _SORT_KEYS:
             raise HubError(f"Unsupported sort '{sort}' (one of {', '.join(_SORT_KEYS)})")
         full, with_card = self._flag("full"), self._flag("full") or self._flag("cardData")
-        authorized = self.hub._authorized(self.headers.get("Authorization"))
+        authorization = self.headers.get("Authorization")
         rows = []
         for repo in self.hub.store.repos(repo_type):
-            if (repo.private and not authorized) or search not in repo.repo_id.lower():
+            if not self.hub.can_read(repo, authorization) or search not in repo.repo_id.lower():
                 continue
             if author and repo.author.lower() != author:
                 continue
@@ -627,15 +684,18 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self._refuse_pull_requests()
         store = self.hub.store
         repo = store.get_repo(repo_type, repo_id)
-        header, additions, deletions = None, {}, []
-        for line in b"".join(self._body).splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            key, value = item.get("key"), item.get("value", {})
-            if key == "header":
-                header = value
-            elif key == "file":
+        items = [json.loads(line) for line in b"".join(self._body).splitlines() if line.strip()]
+        headers = [item.get("value", {}) for item in items if item.get("key") == "header"]
+        if not headers:
+            raise HubError("The commit payload has no header line.")
+        operations = [(item.get("key"), item.get("value", {})) for item in items if item.get("key") != "header"]
+        for key, value in operations:  # the whole payload is checked before any of its content is stored
+            if key not in ("file", "lfsFile", "deletedFile", "deletedFolder"):
+                raise HubError(f"Unknown commit operation '{key}'.")
+            check_relative(value["path"].rstrip("/") if key == "deletedFolder" else value["path"], "path in repo")
+        additions, deletions = {}, []
+        for key, value in operations:
+            if key == "file":
                 content = value["content"]
                 data = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
                 additions[value["path"]] = store.put_bytes(data)
@@ -647,12 +707,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 additions[value["path"]] = FileEntry.large(oid, int(size))
             elif key == "deletedFile":
                 deletions.append(value["path"])
-            elif key == "deletedFolder":
-                deletions.append(value["path"].rstrip("/") + "/")
             else:
-                raise HubError(f"Unknown commit operation '{key}'.")
-        if header is None:
-            raise HubError("The commit payload has no header line.")
+                deletions.append(value["path"].rstrip("/") + "/")
+        header = headers[-1]
         commit = store.commit(
             repo,
             revision,

@@ -56,6 +56,7 @@ GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for p
 _FRONT_MATTER = re.compile(r"^\s*---[\r\n]+([\S\s]*?)[\r\n]+---(?:\r\n|\n|$)")
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HubError(Exception):
@@ -89,6 +90,28 @@ class Conflict(HubError):
 
 class PreconditionFailed(HubError):
     status = 412
+
+
+def valid_name(name: str) -> bool:
+    """A namespace or repo name the Hub accepts; the store joins them into paths, so none holds `..`."""
+    return bool(_REPO_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_repo_id(repo_id: str) -> None:
+    namespace, _, name = repo_id.partition("/")
+    if not (valid_name(namespace) and valid_name(name)):
+        raise HubError(f"Invalid repo id '{repo_id}': expected 'namespace/name'.")
+
+
+def check_relative(value: str, what: str) -> None:
+    """Refuse (400, as the Hub does) a file path or revision that is not plain '/'-separated names: a client
+    joins file paths into folders on disk, so '..', '.', empty segments, '\\' and control characters never pass."""
+    if (
+        any(segment in ("", ".", "..") for segment in value.split("/"))
+        or "\\" in value
+        or any(ord(char) < 32 for char in value)
+    ):
+        raise HubError(f"Invalid {what} {value!r}: expected '/'-separated names without '', '.' or '..' segments.")
 
 
 def now_iso() -> str:
@@ -222,9 +245,7 @@ class HubStore:
 
     def create_repo(self, repo_type: str, repo_id: str, private: bool = False) -> Repo:
         """A new repo starts, as on the Hub, with one commit holding the default .gitattributes."""
-        namespace, _, name = repo_id.partition("/")
-        if not (_REPO_NAME.match(namespace) and _REPO_NAME.match(name)) or ".." in repo_id:
-            raise HubError(f"Invalid repo id '{repo_id}': expected 'namespace/name'.")
+        check_repo_id(repo_id)
         with self._lock:
             if (repo_type, repo_id) in self._repos:
                 raise Conflict(f"You already created this {repo_type} repo: {repo_id}")
@@ -251,6 +272,8 @@ class HubStore:
         parent_commit: str | None = None,
     ) -> Commit:
         """Move `branch` to a new commit. A deletion ending in '/' removes a folder."""
+        for path in [*additions, *(path.removesuffix("/") for path in deletions)]:
+            check_relative(path, "path in repo")
         with self._lock:
             head = repo.commits[repo.refs[branch]] if branch in repo.refs else None
             if head is None and repo.refs:
@@ -298,6 +321,9 @@ class HubStore:
     # Blobs
 
     def blob_path(self, sha256: str) -> Path:
+        """Where a blob lives; only a sha256 names one, so no oid a client sends can point outside the store."""
+        if not _SHA256.fullmatch(sha256):
+            raise HubError(f"Invalid object id {sha256!r}: expected a sha256 (64 hex digits).")
         return self.root / "blobs" / sha256[:2] / sha256
 
     def has_blob(self, sha256: str, size: int | None = None) -> bool:
