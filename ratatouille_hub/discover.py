@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
+from .fetch import TRIES, FetchError, gated, hub_reason, is_transient, reaching_the_hub, with_retries
+from .safe_text import terminal_safe
 
 TensorSignature = tuple[str, tuple[int, ...]]  # (dtype, shape)
 
@@ -48,6 +50,11 @@ class Candidate:
     downloads: int
     accepted: bool
     reason: str
+    readable: bool = True  # False: the Hub did not answer about it (its verdict is unknown, not a refusal)
+
+    @property
+    def verdict(self) -> str:
+        return "accepted" if self.accepted else "refused" if self.readable else "unreadable"
 
 
 def local_signature(folder: Path) -> dict[str, TensorSignature]:
@@ -124,8 +131,6 @@ def discover_finetunes(
     """
     from huggingface_hub import HfApi, constants
 
-    from .fetch import FetchError, reaching_the_hub
-
     if constants.HF_HUB_OFFLINE:
         raise FetchError(f"{base}: discovery lists fine-tunes on the Hub, and HF_HUB_OFFLINE is set; pass --aux")
     api = HfApi(token=token)
@@ -136,10 +141,11 @@ def discover_finetunes(
 
 
 def format_candidates(candidates: list[Candidate]) -> str:
-    """A plain-text table of the verdicts, most downloaded first, for the terminal."""
+    """A plain-text table of the verdicts, most downloaded first, for the terminal. Every cell is written
+    terminal-safe: reasons quote configs and file names from strangers' repos."""
     header = ("id", "revision", "downloads", "verdict", "reason")
     rows = [
-        (c.repo_id, c.revision[:8], str(c.downloads), "accepted" if c.accepted else "refused", c.reason)
+        tuple(terminal_safe(cell) for cell in (c.repo_id, c.revision[:8], str(c.downloads), c.verdict, c.reason))
         for c in candidates
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
@@ -154,49 +160,103 @@ def format_candidates(candidates: list[Candidate]) -> str:
 
 def _vet_base(api, base: str) -> _Base:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        NotASafetensorsRepoError,
+        RepositoryNotFoundError,
+    )
 
     from .models import ArchitectureError
 
-    try:
+    def read() -> tuple[str, Path, dict[str, TensorSignature]]:
         sha = api.model_info(base).sha
         config_file = Path(hf_hub_download(base, "config.json", revision=sha, token=api.token))
-        signature = hub_signature(api, base, sha)
-        head_names = head_names_of(config_file)
+        return sha, config_file, hub_signature(api, base, sha)
+
+    try:
+        sha, config_file, signature = with_retries(read)
+    except GatedRepoError:
+        raise DiscoverError(f"base {gated(base)}") from None
     except RepositoryNotFoundError:
         raise DiscoverError(f"base {base}: not found on the Hub (404), or private without a token") from None
     except HfHubHTTPError as error:
-        raise DiscoverError(f"base {base}: {_first_line(error)}") from None
+        raise DiscoverError(f"base {base}: {hub_reason(error)}") from None
     except NotASafetensorsRepoError:
         raise DiscoverError(f"base {base} has no safetensors weights (model.safetensors or an index)") from None
-    except (ArchitectureError, ValueError) as error:  # transformers: unknown model_type; models: no linear head
+    except ValueError as error:  # e.g. an id the clients refuse
         raise DiscoverError(f"base {base}: {_first_line(error)}") from None
+    try:
+        head_names = head_names_of(config_file)
+    except (ArchitectureError, ValueError) as error:  # transformers: unknown model_type; models: no linear head
+        cached = str(config_file.parent)  # transformers names the folder in the HF cache, not the repo
+        raise DiscoverError(f"base {base}: {_first_line(error).replace(cached, f'{base}@{sha}')}") from None
     model_type = json.loads(config_file.read_text()).get("model_type")
     return _Base(model_type, signature, head_names)
 
 
 def _vet(api, base: _Base, listed, target: str | None) -> Candidate:
-    """One candidate's verdict; a repo that cannot be read (gated, private, broken) is refused, not fatal."""
+    """One candidate's verdict, asked again while the Hub fails transiently; a repo that still cannot be read
+    (gated, private, failing) is marked unreadable, not fatal, and not silently dropped."""
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
-    tags = list(listed.tags or [])
+    def judge() -> tuple[str, str | None]:
+        info = api.model_info(listed.id, files_metadata=True)
+        try:
+            return info.sha, _refusal(api, base, info, [*(listed.tags or []), *(info.tags or [])], target)
+        except NotASafetensorsRepoError:
+            return info.sha, "safetensors files but no model.safetensors or model.safetensors.index.json"
+        except SafetensorsParsingError as error:
+            return info.sha, f"corrupt safetensors header: {_first_line(error)}"
+
     downloads = listed.downloads or 0
     try:
-        info = api.model_info(listed.id, files_metadata=True)
-        reason = _refusal(api, base, info, [*tags, *(info.tags or [])], target)
-    except HfHubHTTPError as error:
-        return Candidate(listed.id, listed.sha or "", downloads, False, f"unreadable: {_first_line(error)}")
-    except NotASafetensorsRepoError:
-        reason = "safetensors files but no model.safetensors or model.safetensors.index.json"
-    except SafetensorsParsingError as error:
-        reason = f"corrupt safetensors header: {_first_line(error)}"
-    return Candidate(listed.id, info.sha, downloads, reason is None, reason or ACCEPTED)
+        sha, reason = with_retries(judge)
+    except Exception as error:
+        if not (isinstance(error, HfHubHTTPError) or is_transient(error)):
+            raise
+        return Candidate(listed.id, listed.sha or "", downloads, False, _unreadable(listed.id, error), readable=False)
+    return Candidate(listed.id, sha, downloads, reason is None, reason or ACCEPTED)
+
+
+def _unreadable(repo_id: str, error: BaseException) -> str:
+    """Why the Hub gave no verdict on a candidate, and whether asking again may help."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return f"gated: accept its conditions at {constants.ENDPOINT}/{repo_id}, then pass --token"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no longer visible (private or deleted since it was listed)"
+    if isinstance(error, HfHubHTTPError):
+        cause = f"{error.response.status_code} {error.response.reason_phrase}".strip()
+    else:
+        cause = f"{type(error).__name__}: {_first_line(error)}"
+    return f"{cause}, still after {TRIES} tries" if is_transient(error) else cause
+
+
+def unsafe_file_name(name: str) -> str | None:
+    """Why a file name listed by a repo could write outside the download folder or act on a terminal (None:
+    it cannot). The clients refuse some of these only once downloading, which would stop the whole recipe."""
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return "absolute"
+    if "\\" in name:
+        return "backslash"
+    if ".." in name.split("/"):
+        return "'..' in it"
+    if not name.isprintable():
+        return "control character"
+    return None
 
 
 def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str | None:
     """Why this fine-tune cannot be recycled (None when it can), cheapest evidence first."""
     from huggingface_hub import hf_hub_download
 
+    from .card import RUN_TAG
+
+    if RUN_TAG in tags:  # contributed by `ratatouille-hub contribute`: trained on some recipe's target domains
+        return "a ratatouille run, not a community fine-tune"
     for relation, reason in NOT_FINETUNE_RELATIONS.items():
         if any(tag.startswith(f"base_model:{relation}:") for tag in tags):
             return reason
@@ -208,6 +268,9 @@ def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str
         if leaked:
             return f"trained on the target dataset (card lists {leaked}): leakage"
     files = {sibling.rfilename for sibling in info.siblings or []}
+    unsafe = next((name for name in sorted(files) if unsafe_file_name(name)), None)
+    if unsafe is not None:
+        return f"unsafe file name {unsafe!r} ({unsafe_file_name(unsafe)}): nothing is downloaded from it"
     if "adapter_config.json" in files:
         return NOT_FINETUNE_RELATIONS["adapter"]
     if not any(name.endswith(".safetensors") for name in files):
@@ -220,8 +283,10 @@ def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str
     config_file = hf_hub_download(info.id, "config.json", revision=info.sha, token=api.token)
     try:
         config = json.loads(Path(config_file).read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         return "config.json is not valid JSON"
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
     if "auto_map" in config:
         return remote_code
     if config.get("model_type") != base.model_type:
@@ -233,7 +298,7 @@ def _lists_dataset(info, tags: list[str], target: str) -> str | None:
     """The dataset the card lists that is the target (by name: any copy of it leaks), or None."""
     card = info.card_data.to_dict() if info.card_data is not None else {}
     listed = card.get("datasets") or []
-    listed = [listed] if isinstance(listed, str) else list(listed)
+    listed = listed if isinstance(listed, list) else [listed]
     listed += [tag.removeprefix("dataset:") for tag in tags if tag.startswith("dataset:")]
     wanted = _dataset_key(target)
     return next((str(name) for name in listed if _dataset_key(str(name)) == wanted), None)

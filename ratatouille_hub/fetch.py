@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,13 @@ WEIGHT_PATTERNS = (
     "preprocessor_config.json",
     "README.md",
 )
+
+
+# Answers worth asking again: those huggingface_hub's own `http_backoff` retries (timeouts, rate limits, 5xx).
+TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
+TRIES = 4  # the first and three more, after 1, 2 and 4 s (http_backoff: 1, 2, 4, 8, 8)
+FIRST_WAIT_S = 1.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class FetchError(RatatouilleError, ValueError):
@@ -78,7 +86,7 @@ def reaching_the_hub(repo: str):
 
 def resolve_model(source: str, revision: str | None = None, token: str | bool | None = None) -> Ingredient:
     """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit (with
-    HF_HUB_OFFLINE set: the commit the local cache holds)."""
+    HF_HUB_OFFLINE set: the commit the local cache holds), every LFS file checked against its sha256."""
     folder = Path(source)
     if folder.is_dir():
         return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
@@ -87,7 +95,7 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
     if not is_hub_id(source):
         raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = list(WEIGHT_PATTERNS)
     if constants.HF_HUB_OFFLINE:
@@ -100,18 +108,100 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
             ) from None
         sha = path.name  # snapshots/<commit sha>
     else:
-        with reaching_the_hub(source):
-            try:
-                sha = HfApi(token=token).model_info(source, revision=revision).sha
-            except RepositoryNotFoundError:
-                raise FetchError(
-                    f"{source}: no such model folder, and no Hub model of that name is visible "
-                    "(a private one needs --token)"
-                ) from None
-            path = Path(snapshot_download(source, revision=sha, allow_patterns=patterns, token=token))
+
+        def download() -> tuple[str, Path]:
+            pinned = HfApi(token=token).model_info(source, revision=revision).sha
+            return pinned, Path(snapshot_download(source, revision=pinned, allow_patterns=patterns, token=token))
+
+        with reaching_the_hub(source), answered_by_the_hub(source, revision):
+            sha, path = with_retries(download)
+    verify_download(source, sha, path)
     if not any(path.glob("*.safetensors")):
         raise FetchError(f"{source}@{sha}: no safetensors weights (pickle checkpoints are never loaded)")
     return Ingredient(source, sha, path)
+
+
+def verify_download(source: str, sha: str, snapshot: Path) -> None:
+    """Every LFS file of a cached snapshot must hash to the sha256 the Hub listed for it. huggingface_hub
+    names an LFS blob by that sha256 (blobs/<sha256>) but checks only its size, so bytes altered on the way
+    (or in the cache since) would be loaded, and reused by every later run, online or offline. A file that
+    fails is removed from the cache (link and blob), so the next run downloads it afresh. A cache without
+    symlinks (some Windows setups) keeps no blob names, and is not checked."""
+    for file in sorted(snapshot.rglob("*")):
+        blob = file.resolve()
+        if not file.is_symlink() or not _SHA256.fullmatch(blob.name):
+            continue
+        with open(blob, "rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() == blob.name:
+                continue
+        file.unlink()
+        blob.unlink(missing_ok=True)
+        raise FetchError(
+            f"{source}@{sha}: {file.relative_to(snapshot).as_posix()} does not match the sha256 the Hub lists for "
+            "it (corrupted or altered on the way or in the cache); removed from the cache: run again to download "
+            "it afresh"
+        )
+
+
+def with_retries(call):
+    """`call()`, asked again after 1, 2 and 4 s while the Hub fails transiently (5xx, 429, timeouts, dropped
+    connections): huggingface_hub retries listings and downloads' metadata, not `model_info` or header reads,
+    and one lost answer must not silently change which fine-tunes a soup holds."""
+    wait = FIRST_WAIT_S
+    for attempt in range(1, TRIES + 1):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == TRIES or not is_transient(error):
+                raise
+        time.sleep(wait)
+        wait *= 2
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that asking again may cure: an HTTP status the Hub's clients retry, or a connection that
+    timed out or dropped (not one refused: nothing listens there)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return error.response.status_code in TRANSIENT_STATUSES
+    names = {cls.__name__ for cls in type(error).__mro__}  # httpx's (or httpx2's) exceptions, by name
+    return bool(names & {"TimeoutException", "NetworkError", "RemoteProtocolError"}) and "ConnectError" not in names
+
+
+@contextmanager
+def answered_by_the_hub(repo: str, revision: str | None = None):
+    """The Hub's refusals as one line naming the repo and what to do (the clients' own first line is
+    e.g. `403 Client Error.`, which names neither)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
+    except GatedRepoError:
+        raise FetchError(gated(repo)) from None
+    except RepositoryNotFoundError:
+        raise FetchError(
+            f"{repo}: no such model folder, and no Hub model of that name is visible (a private one needs --token)"
+        ) from None
+    except RevisionNotFoundError:
+        raise FetchError(f"{repo}: no revision {revision!r} on the Hub") from None
+    except HfHubHTTPError as error:
+        raise FetchError(f"{repo}: {hub_reason(error)}") from None
+
+
+def gated(repo: str) -> str:
+    """What to do about a gated repo, in one line."""
+    from huggingface_hub import constants
+
+    return (
+        f"{repo} is gated: the Hub shares its files only with accounts that accepted its conditions; accept them "
+        f"at {constants.ENDPOINT}/{repo}, then pass --token with a token of that account"
+    )
+
+
+def hub_reason(error: BaseException) -> str:
+    """A Hub error in one line: huggingface_hub puts the status on the first line and the why on the next."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def dataset_revision(target: str, token) -> str | None:
@@ -124,7 +214,7 @@ def dataset_revision(target: str, token) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return None
     with reaching_the_hub(target):
-        return HfApi(token=token).dataset_info(target).sha
+        return with_retries(lambda: HfApi(token=token).dataset_info(target).sha)
 
 
 def weights_digest(folder: Path) -> str:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,35 +88,28 @@ class IngredientError(RatatouilleError, ValueError):
     """A checkpoint that cannot join the soup of this base."""
 
 
-def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> list[Vetted]:
+def vet_ingredients(
+    base: Ingredient, aux: list[Ingredient], refuse: Callable[[Ingredient, IngredientError], None] | None = None
+) -> list[Vetted]:
     """Refuse, with one line naming the checkpoint, anything that is not a usable fine-tune of `base`;
-    report on the rest (module docstring)."""
+    report on the rest (module docstring). With `refuse`, a refused fine-tune is handed to it and left out
+    instead: discovered fine-tunes are strangers' repos, and one of them must not stop every recipe."""
     base_config = read_config(base)
-    base_signature = local_signature(base.path)  # validates every header (truncation, corruption, absurd shapes)
+    base_signature = signature_of(base)  # validates every header (truncation, corruption, absurd shapes)
     try:
         head_names = head_names_of(base.path / "config.json")  # a weightless model: no code, no memory
     except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
-        raise IngredientError(f"{base.source}: {_first_line(error)}") from None
+        raise IngredientError(f"{base.source}: {named(base, _first_line(error))}") from None
     check_finite(base, head_names)
     measured = []
     for ingredient in aux:
-        config = read_config(ingredient)
-        if config.get("model_type") != base_config.get("model_type"):
-            raise IngredientError(
-                f"{ingredient.source} is a {config.get('model_type')} model but the base {base.source} is "
-                f"{base_config.get('model_type')}: only fine-tunes of the base can be recycled"
-            )
-        signature = local_signature(ingredient.path)
-        problem = backbone_mismatch(base_signature, signature, head_names)
-        if problem:
-            raise IngredientError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
-        check_finite(ingredient, head_names)
-        distance = distance_to_base(base, ingredient, base_signature, head_names)
-        if not distance <= MAX_DISTANCE_TO_BASE:
-            raise IngredientError(
-                f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
-                f"distance {distance:.2f} from the base's (fine-tunes stay below {MAX_DISTANCE_TO_BASE:g})"
-            )
+        try:
+            distance = _distance_of_a_finetune(base, base_config, base_signature, head_names, ingredient)
+        except IngredientError as error:
+            if refuse is None:
+                raise
+            refuse(ingredient, error)
+            continue
         measured.append((ingredient.source, distance, batchnorm_shift(base, ingredient)))
     return [
         Vetted(
@@ -123,6 +117,45 @@ def vet_ingredients(base: Ingredient, aux: list[Ingredient]) -> list[Vetted]:
         )
         for i, (source, distance, shift) in enumerate(measured)
     ]
+
+
+def _distance_of_a_finetune(
+    base: Ingredient, base_config: dict, base_signature: dict, head_names: set[str], ingredient: Ingredient
+) -> float:
+    """`ingredient`'s distance to the base; IngredientError when it is not a usable fine-tune of it."""
+    config = read_config(ingredient)
+    if config.get("model_type") != base_config.get("model_type"):
+        raise IngredientError(
+            f"{ingredient.source} is a {config.get('model_type')} model but the base {base.source} is "
+            f"{base_config.get('model_type')}: only fine-tunes of the base can be recycled"
+        )
+    problem = backbone_mismatch(base_signature, signature_of(ingredient), head_names)
+    if problem:
+        raise IngredientError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
+    check_finite(ingredient, head_names)
+    distance = distance_to_base(base, ingredient, base_signature, head_names)
+    if not distance <= MAX_DISTANCE_TO_BASE:
+        raise IngredientError(
+            f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
+            f"distance {distance:.2f} from the base's (fine-tunes stay below {MAX_DISTANCE_TO_BASE:g})"
+        )
+    return distance
+
+
+def signature_of(ingredient: Ingredient) -> dict:
+    """The ingredient's tensor signature from its validated headers; a bad header is refused as `named`."""
+    from .merge import MergeError
+
+    try:
+        return local_signature(ingredient.path)
+    except MergeError as error:  # its line starts with the file's path
+        raise IngredientError(named(ingredient, str(error))) from None
+
+
+def named(ingredient: Ingredient, text: str) -> str:
+    """`text` (an error line) with a Hub model's folder written `org/name@sha`: its path inside the HF cache
+    names neither the repo nor how to get it again. A local folder stays the path the user gave."""
+    return text if ingredient.is_local else text.replace(str(ingredient.path), ingredient.reference)
 
 
 def _warnings(distance: float, shift: float, others: list[float]) -> tuple[str, ...]:
@@ -186,7 +219,7 @@ def check_finite(ingredient: Ingredient, skip: set[str]) -> None:
         if name in skip or not tensor.is_floating_point():
             continue
         if not torch.isfinite(tensor).all():
-            raise IngredientError(f"{file}: tensor {name!r} contains NaN or Inf")
+            raise IngredientError(f"{named(ingredient, str(file))}: tensor {name!r} contains NaN or Inf")
 
 
 def distance_to_base(base: Ingredient, ingredient: Ingredient, base_signature: dict, head_names: set[str]) -> float:
