@@ -36,9 +36,11 @@ def plain_text(text: object) -> str:
 
 
 def markdown_cell(text: object) -> str:
-    """Text safe inside a markdown table cell: no pipes, newlines, HTML or backticks."""
+    """Text safe inside a markdown table cell: no pipes, newlines, HTML, backticks or link brackets."""
     cleaned = re.sub(r"[\r\n\t]+", " ", str(text))
-    return cleaned.replace("|", "\\|").replace("`", "'").replace("<", "&lt;").replace(">", "&gt;")
+    for character, escaped in (("|", "\\|"), ("`", "'"), ("<", "&lt;"), (">", "&gt;"), ("[", "\\["), ("]", "\\]")):
+        cleaned = cleaned.replace(character, escaped)
+    return cleaned
 
 
 def _pct(value: float | None) -> str:
@@ -141,22 +143,26 @@ def base_tag(base: str) -> str:
 
 
 def run_card(provenance: dict, title: str) -> ModelCard:
-    """A contributed run's card: its init as `base_model` (finetune), its validation accuracy, its recipe."""
+    """A contributed run's card: its init as `base_model` (finetune), its validation accuracy, its recipe.
+    Its target, when a Hub dataset, is listed under `datasets`: discovery then refuses the run as a fine-tune
+    to recycle for that target (it was trained on the target's domains)."""
     recipe, run = provenance["recipe"], provenance["run"]
     init = run["init"].split("@")[0]
+    target = recipe["target"].split("@")[0]
     data = ModelCardData(
         base_model=init if is_hub_id(init) else None,
         base_model_relation="finetune" if is_hub_id(init) else None,
+        datasets=[target] if is_hub_id(target) else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=[
             "model-ratatouille",
             RUN_TAG,
-            base_tag(recipe["base"]),
-            f"ratatouille-recipe:{provenance['fingerprint']}",
+            plain_text(base_tag(recipe["base"])),
+            plain_text(f"ratatouille-recipe:{provenance['fingerprint']}"),
         ],
     )
-    rows = "\n".join(f"| {key} | {markdown_cell(json.dumps(value))} |" for key, value in recipe.items())
+    rows = "\n".join(f"| {markdown_cell(key)} | {markdown_cell(json.dumps(value))} |" for key, value in recipe.items())
     text = f"""# {markdown_cell(title)}
 
 One fine-tune of a [Model Ratatouille](https://arxiv.org/abs/2212.10445) recipe, contributed with
@@ -165,7 +171,7 @@ ratatouille-hub so that anyone can average it with the recipe's other runs witho
 
 - init: `{markdown_cell(run["init"])}`; hyperparameters {markdown_cell(json.dumps(run["hparams"]))}
 - training-domain validation accuracy: {_pct(run["val_accuracy"])}% (best step {run["best_step"]})
-- recipe fingerprint: `{provenance["fingerprint"]}`; runs with another fingerprint do not average with it
+- recipe fingerprint: `{markdown_cell(provenance["fingerprint"])}`; runs with another fingerprint do not average with it
 
 | recipe | value |
 |---|---|
@@ -200,13 +206,15 @@ def grown_soup_card(record, validation: float | None = None, dataset: str | None
         model_name="ratatouille-soup",
     )
     rows = "\n".join(
-        f"| {k} | `{markdown_cell(i.source)}` | `{i.sha256[:16]}` |" for k, i in enumerate(record.ingredients)
+        f"| {k} | `{markdown_cell(i.source)}` | `{markdown_cell(i.sha256[:16])}` |"
+        for k, i in enumerate(record.ingredients)
     )
     accuracy = "" if validation is None else f"\nTraining-domain validation accuracy: {_pct(validation)}%.\n"
+    fingerprint = markdown_cell(record.fingerprint or "unknown")
     text = f"""# ratatouille-soup
 
 A uniform **Model Ratatouille** soup ([Ramé et al., ICML 2023](https://arxiv.org/abs/2212.10445)) of
-{len(record.ingredients)} runs of one recipe (fingerprint `{record.fingerprint or "unknown"}`), grown with
+{len(record.ingredients)} runs of one recipe (fingerprint `{fingerprint}`), grown with
 ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, without merging again.
 {accuracy}
 | ingredient | source | sha256 |

@@ -9,10 +9,13 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .card import RUN_TAG, base_tag, grown_soup_card, run_card
-from .fetch import is_hub_id
+from .discover import backbone_mismatch, head_names_of
+from .errors import RatatouilleError
+from .fetch import Ingredient, is_hub_id, resolve_model
 from .merge import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
 from .provenance import (
     RUN_FILE,
@@ -22,14 +25,27 @@ from .provenance import (
     differences,
     file_sha256,
     fingerprint_id,
+    is_hex_digest,
     is_relative_source,
+    record_problem,
     run_provenance,
 )
 from .provenance import recipe_fingerprint as fingerprint_of
-from .publish import PushResult, push_folder
-from .update import RunFiles, local_run, update_folder
+from .publish import HeadMovedError, HubError, PushResult, push_folder
+from .safe_text import path_component, terminal_safe
+from .update import RunFiles, local_run, update_folder, update_local_folder
+from .vetting import (
+    MAX_DISTANCE_TO_BASE,
+    IngredientError,
+    _relative_distance,
+    check_finite,
+    distance_to_base,
+    read_config,
+    signature_of,
+)
 
 RUN_FILES = (WEIGHTS_NAME, *COPIED_CONFIGS, RUN_FILE)  # what a contributed run is made of
+UPDATE_TRIES = 3  # pushes of a Hub soup's update, each from the head it read, before giving up
 
 
 def contribute_runs(
@@ -46,31 +62,10 @@ def contribute_runs(
     for index in wanted:
         if not 0 <= index < len(work):
             raise ProvenanceError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
+    records = [_run_record(output, index, *work[index]) for index in wanted]  # all checked before any push
     pushed = []
-    for index in wanted:
-        plan, spec = work[index]
-        head_file = output / plan.lp.folder / "head.safetensors"
-        if not head_file.is_file():
-            raise ProvenanceError(f"{output}: the linear probe of {plan.target.test_domain} is not trained yet")
-        recipe = fingerprint_of(plan, head_file)
-        fingerprint = fingerprint_id(recipe)
-        folder = output / spec.folder
-        if not (folder / "done").is_file():
-            raise ProvenanceError(f"run {index} ({folder}) is not finished: train it first (run --index {index})")
-        metrics = json.loads((folder / "metrics.json").read_text())
-        provenance = {
-            "fingerprint": fingerprint,
-            "recipe": recipe,
-            "run": {
-                "index": index,
-                "init": metrics["init"],
-                "hparams": metrics["hparams"],
-                "best_step": metrics["best_step"],
-                "val_accuracy": metrics["val_accuracy"],
-            },
-            "weights_sha256": file_sha256(folder / "model" / WEIGHTS_NAME),
-        }
-        domain = f"-{plan.target.test_domain}" if len(plans) > 1 else ""
+    for index, (folder, provenance) in zip(wanted, records, strict=True):
+        domain = f"-{path_component(work[index][0].target.test_domain)}" if len(plans) > 1 else ""
         repo_id = f"{prefix}{domain}-run{index}"
         with tempfile.TemporaryDirectory() as staging:
             staging = Path(staging)
@@ -85,6 +80,33 @@ def contribute_runs(
         echo(f"[hub] run {index} -> {result.url if result.changed else repo_id + ' (unchanged)'}")
         pushed.append(result)
     return pushed
+
+
+def _run_record(output: Path, index: int, plan, spec) -> tuple[Path, dict]:
+    """(run folder, the `ratatouille.json` to push) of finished run `index`, checked as `assemble
+    --from-hub` will check it: its metrics.json is the output folder's, which others may share."""
+    head_file = output / plan.lp.folder / "head.safetensors"
+    if not head_file.is_file():
+        raise ProvenanceError(f"{output}: the linear probe of {plan.target.test_domain} is not trained yet")
+    recipe = fingerprint_of(plan, head_file)
+    folder = output / spec.folder
+    if not (folder / "done").is_file():
+        raise ProvenanceError(f"run {index} ({folder}) is not finished: train it first (run --index {index})")
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        run = {key: metrics[key] for key in ("init", "hparams", "best_step", "val_accuracy")}
+    except (ValueError, KeyError, TypeError, RecursionError):
+        run = None
+    provenance = {
+        "fingerprint": fingerprint_id(recipe),
+        "recipe": recipe,
+        "run": run and {"index": index, **run},
+        "weights_sha256": file_sha256(folder / "model" / WEIGHTS_NAME),
+    }
+    problem = record_problem(provenance)
+    if problem:
+        raise ProvenanceError(f"{folder / 'metrics.json'}: not the metrics of a finished run ({problem})")
+    return folder, provenance
 
 
 def hub_run(repo_id: str, token=None, revision: str | None = None) -> RunFiles:
@@ -107,39 +129,189 @@ def any_run(source: str, token=None) -> RunFiles:
 
 
 def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = print) -> list[RunFiles]:
-    """The contributed runs of the recipe of the run `reference`, found by their base's tag and checked by
-    fingerprint: one line for each run of another recipe, or whose files do not check out, which is left
-    out; the same weights count once. A run's provenance is read (and checked) before its weights."""
+    """The contributed runs of the recipe of the run `reference`, found by their base's tag, checked by
+    fingerprint and verified (`verify_run`): one line for each run of another recipe, or whose files do not
+    check out, which is left out; the same weights count once. A run's provenance is read (and checked)
+    before its weights. The named run itself must pass: the others are compared with it."""
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
-    provenance = run_provenance(Path(hf_hub_download(reference, RUN_FILE, token=token)), reference)
+    sha = api.model_info(reference, token=token).sha
+    provenance = run_provenance(Path(hf_hub_download(reference, RUN_FILE, revision=sha, token=token)), reference)
     recipe, fingerprint = provenance["recipe"], provenance["fingerprint"]
+    try:
+        named = _checked(_checkpoint(_pinned_run(reference, sha, provenance, token)))
+        yardstick = recipe_yardstick(recipe, named, token, echo)
+        verify_named_run(named, yardstick, recipe)
+        verify_run(named.checkpoint, named, yardstick)
+    except (RatatouilleError, OSError, ValueError, RecursionError) as error:  # OSError: HfHubHTTPError too
+        reason = _first_line(error).removeprefix(f"{reference}: ")
+        raise ProvenanceError(f"{reference}: {reason}; name another run of the recipe") from None
     found: dict[str, tuple[int, RunFiles]] = {}
-    for model in api.list_models(filter=[RUN_TAG, base_tag(str(recipe.get("base", "")))], token=token):
+    for model in api.list_models(filter=[RUN_TAG, base_tag(recipe["base"])], token=token):
         try:
             other = run_provenance(Path(hf_hub_download(model.id, RUN_FILE, revision=model.sha, token=token)), model.id)
             if other["fingerprint"] != fingerprint:
                 echo(
-                    f"refused {model.id}: a run of another recipe (differs in: {', '.join(differences(recipe, other['recipe']))})"
+                    terminal_safe(
+                        f"refused {model.id}: a run of another recipe "
+                        f"(differs in: {', '.join(differences(recipe, other['recipe']))})"
+                    )
                 )
                 continue
-            run = hub_run(model.id, token, model.sha)
-            if run.sha256 != other["weights_sha256"]:
-                raise ProvenanceError(f"{model.id}: its weights are not the ones its {RUN_FILE} names")
-        except (ProvenanceError, OSError, ValueError, HfHubHTTPError) as error:  # one bad repo is refused, not fatal
-            echo(f"refused {model.id}: {str(error).splitlines()[0].removeprefix(f'{model.id}: ')}")
+            run = _pinned_run(model.id, model.sha, other, token)
+            verify_run(_checkpoint(run), named, yardstick)  # even a copy of the named run's weights
+        except (RatatouilleError, OSError, ValueError, RecursionError) as error:  # one bad repo is refused, not fatal
+            echo(terminal_safe(f"refused {model.id}: {_first_line(error).removeprefix(f'{model.id}: ')}"))
             continue
         if run.sha256 in found:
-            echo(f"skipped {model.id}: the same weights as {found[run.sha256][1].source}")
+            echo(terminal_safe(f"skipped {model.id}: the same weights as {found[run.sha256][1].source}"))
             continue
         found[run.sha256] = (other["run"]["index"], run)
     if not found:
-        raise ProvenanceError(
-            f"{reference}: no run of its recipe found on the Hub (tag {base_tag(str(recipe.get('base', '')))})"
-        )
+        raise ProvenanceError(f"{reference}: no run of its recipe found on the Hub (tag {base_tag(recipe['base'])})")
     return [run for _, run in sorted(found.values(), key=lambda item: (item[0], item[1].source))]
+
+
+def _pinned_run(repo_id: str, sha: str, provenance: dict, token) -> RunFiles:
+    """The run's files at commit `sha`, once its weights are the ones its record names."""
+    run = hub_run(repo_id, token, sha)
+    if run.sha256 != provenance["weights_sha256"]:
+        raise ProvenanceError(f"{repo_id}: its weights are not the ones its {RUN_FILE} names")
+    return run
+
+
+def _checkpoint(run: RunFiles) -> Ingredient:
+    repo_id, _, sha = run.source.rpartition("@")
+    return Ingredient(repo_id, sha, run.folder)
+
+
+# What a run's config may hold otherwise than its base's: its labels (checked against the recipe instead), and
+# what the saving library writes about itself (the tensors' dtypes are compared from their headers).
+LABEL_KEYS = ("id2label", "label2id", "label_names")
+SAVING_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A checkpoint read for comparison, no code run: its config as transformers reads it (defaults filled
+    in, so files saved by other versions compare), its image processor's config and its tensors' signature."""
+
+    checkpoint: Ingredient
+    labels: object  # config.json's id2label, as written
+    config: dict
+    processor: dict | None
+    signature: dict
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """What contributed runs are measured against: the recipe's base when the Hub has it at the commit the
+    recipe names, else the run the user named."""
+
+    checked: Checked
+    name: str  # for lines: "the base org/name", "the named run org/name"
+    head_names: set[str]
+
+
+def _checked(checkpoint: Ingredient) -> Checked:
+    from transformers import AutoConfig
+
+    raw = read_config(checkpoint)  # refuses a config asking for custom code before transformers reads it
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False).to_dict()
+    except Exception as error:  # config classes raise anything on a malformed value (AttributeError, their own)
+        raise IngredientError(
+            f"{checkpoint.source}: config.json does not read as a model config ({_first_line(error)})"
+        ) from None
+    processor_file = checkpoint.path / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None  # JSON: read_config
+    return Checked(checkpoint, raw.get("id2label"), config, processor, signature_of(checkpoint))
+
+
+def recipe_yardstick(recipe: dict, named: Checked, token, echo: Callable[[str], None]) -> Yardstick:
+    """The recipe's base at the commit its record names, when the Hub has it; else the named run, with a line
+    saying so (a local base is on the contributor's disk only)."""
+    source, _, revision = recipe["base"].rpartition("@")
+    if is_hex_digest(revision, 40):  # a Hub id at a commit: run_provenance checked the id
+        try:
+            base = _checked(resolve_model(source, revision, token))
+            return Yardstick(base, f"the base {source}", head_names_of(base.checkpoint.path / "config.json"))
+        except (RatatouilleError, OSError, ValueError, ImportError) as error:
+            why = f"cannot be read ({_first_line(error)})"
+    else:
+        why = "is not on the Hub"
+    echo(
+        terminal_safe(
+            f"[verify] the recipe's base {recipe['base']} {why}: runs are measured against the named run "
+            f"{named.checkpoint.source}"
+        )
+    )
+    head_names = head_names_of(named.checkpoint.path / "config.json")
+    return Yardstick(named, f"the named run {named.checkpoint.source}", head_names)
+
+
+def verify_named_run(named: Checked, yardstick: Yardstick, recipe: dict) -> None:
+    """The run the user named must have the recipe's labels and head, and its base's config and tensors: the
+    other runs are then held to its own."""
+    labels = recipe["labels"]
+    if named.labels != labels:
+        raise IngredientError(f"{named.checkpoint.source}: its labels (config.json id2label) are not the recipe's")
+    for name in sorted(yardstick.head_names):
+        if named.signature.get(name, (None, ()))[1][:1] != (len(labels),):
+            raise IngredientError(
+                f"{named.checkpoint.source}: its head tensor {name} is not sized for the recipe's {len(labels)} labels"
+            )
+    if yardstick.checked is named:
+        return
+    differing = _differing(named.config, yardstick.checked.config, LABEL_KEYS + SAVING_KEYS)
+    if differing:
+        raise IngredientError(
+            f"{named.checkpoint.source}: its config.json differs from {yardstick.name}'s in: {differing}"
+        )
+    problem = backbone_mismatch(yardstick.checked.signature, named.signature, yardstick.head_names)
+    if problem:
+        raise IngredientError(f"{named.checkpoint.source}: it cannot be averaged with {yardstick.name}: {problem}")
+
+
+def verify_run(checkpoint: Ingredient, named: Checked, yardstick: Yardstick) -> None:
+    """A contributed run joins only if it is what the recipe trains, as far as weights show it: the named
+    run's config, image processor and tensors (names, shapes, dtypes), every tensor finite, and its backbone
+    near the yardstick's (docs/threat-model.md says what this does not catch)."""
+    checked = named if checkpoint == named.checkpoint else _checked(checkpoint)
+    source = checkpoint.source
+    differing = _differing(checked.config, named.config, SAVING_KEYS)
+    if differing:
+        raise IngredientError(f"{source}: its config.json differs from the named run's in: {differing}")
+    if checked.processor != named.processor:
+        raise IngredientError(f"{source}: its preprocessor_config.json differs from the named run's")
+    problem = backbone_mismatch(named.signature, checked.signature, set())
+    if problem:
+        raise IngredientError(f"{source}: it cannot be averaged with the named run: {problem}")
+    check_finite(checkpoint, set())
+    base, head_names = yardstick.checked.checkpoint, yardstick.head_names
+    distances = {
+        "backbone weights": distance_to_base(base, checkpoint, yardstick.checked.signature, head_names),
+        "backbone tensors (BatchNorm statistics and biases too)": _relative_distance(
+            base, checkpoint, lambda name, tensor: name not in head_names
+        ),
+    }
+    for what, distance in distances.items():
+        if not distance <= MAX_DISTANCE_TO_BASE:
+            raise IngredientError(
+                f"{source}: its {what} are at relative distance {distance:.2f} from {yardstick.name}'s (runs of "
+                f"the recipe stay below {MAX_DISTANCE_TO_BASE:g})"
+            )
+
+
+def _differing(config: dict, other: dict, ignored: tuple[str, ...]) -> str:
+    """The config keys whose values differ, comma-separated ("" when none)."""
+    return ", ".join(sorted(k for k in (config.keys() | other.keys()) - set(ignored) if config.get(k) != other.get(k)))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def assemble_from_hub(reference: str, destination: Path, token=None, echo: Callable[[str], None] = print) -> SoupRecord:
@@ -167,19 +339,12 @@ def update_soup(
     evaluate: Callable[[Path], float] | None = None,
     dataset: str | None = None,
 ) -> SoupRecord:
-    """Update the soup `soup` (a folder, or a Hub id: then only the soup and the named runs are downloaded,
-    and the result is pushed back in one commit unless `destination` is given)."""
+    """Update the soup `soup`: a folder (in place under its claim, so concurrent updates all land), or a Hub
+    id (only the soup and the named runs are downloaded, and the result is pushed back in one commit on top of
+    the revision read, read again when another update landed first), unless `destination` is given. The
+    outcome is printed once written or committed, never before."""
     on_hub = not Path(soup).is_dir()
-    if on_hub:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(
-            snapshot_download(
-                soup, allow_patterns=[WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml"], token=token
-            )
-        )
-    else:
-        folder = Path(soup)
+    folder = Path(soup)
 
     def resolve(ingredient: SoupIngredient) -> RunFiles:
         """The ingredient's folder (relative sources are seen from the soup), or its Hub repo. A Hub soup's
@@ -200,14 +365,47 @@ def update_soup(
 
     runs_added = [any_run(s, token) for s in add]
     runs_removed = [any_run(s, token) for s in remove]
-    with tempfile.TemporaryDirectory() as scratch:  # a Hub soup's update is staged here, kept on no failure
-        work = destination or (Path(scratch) / "soup" if on_hub else folder)
-        record = update_folder(
-            folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=not on_hub, echo=echo
+
+    def landed(record: SoupRecord, outcome: str) -> SoupRecord:
+        """The one line saying the update landed, printed only once it has (the Hub's answers escaped)."""
+        echo(
+            terminal_safe(
+                f"[update] {soup}: {len(record.ingredients)} ingredients (+{len(add)} -{len(remove)}), {outcome}"
+            )
         )
-        echo(f"[update] {soup}: {len(record.ingredients)} ingredients (+{len(add)} -{len(remove)})")
-        if on_hub and destination is None:
+        return record
+
+    if not on_hub:
+        work = destination or folder
+        return landed(
+            update_local_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, echo=echo),
+            f"written to {work}",
+        )
+    for _ in range(UPDATE_TRIES):
+        head, folder = _read_hub_soup(soup, token)
+        with tempfile.TemporaryDirectory() as scratch:  # the update is staged here, kept on no failure
+            work = destination or Path(scratch) / "soup"
+            record = update_folder(
+                folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=False, echo=echo
+            )
+            if destination is not None:
+                return landed(record, f"read at revision {head}, written to {work}")
             message = f"Update soup: +{len(add)} -{len(remove)} runs"
-            result = push_folder(work, soup, token=token, commit_message=message)
-            echo(f"[hub] pushed {result.url}")
-    return record
+            try:
+                result = push_folder(work, soup, token=token, commit_message=message, parent_commit=head)
+            except HeadMovedError:
+                echo(terminal_safe(f"[update] {soup} moved on since revision {head} was read: updating its new head"))
+                continue
+        return landed(record, f"pushed as commit {result.oid} on {result.revision} ({result.url})")
+    raise HubError(
+        f"update of {soup} failed: another update landed first {UPDATE_TRIES} times in a row; run the command again"
+    )
+
+
+def _read_hub_soup(soup: str, token) -> tuple[str, Path]:
+    """The head commit of the Hub soup and its files at that commit (only what an update reads)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    head = HfApi(token=token).model_info(soup).sha
+    patterns = [WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml"]
+    return head, Path(snapshot_download(soup, revision=head, allow_patterns=patterns, token=token))

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .hashing import stable_hash
+from .hashing import check_content_key, stable_hash
 
 RUN_FILE = "ratatouille.json"
 INGREDIENTS_KEY = "ratatouille.ingredients"  # JSON list of {"sha256", "source"}, in merge order
 FINGERPRINT_KEY = "ratatouille.fingerprint"  # the recipe fingerprint its runs share ("" if unknown)
 HASH_CHUNK = 1 << 20
+FINGERPRINT_LENGTH = 16  # hex digits of a recipe fingerprint
+SHA256_LENGTH = 64
 
 
 class ProvenanceError(RatatouilleError, ValueError):
@@ -65,7 +68,12 @@ def recipe_fingerprint(plan, head_file: Path) -> dict:
 
 
 def fingerprint_id(recipe: dict) -> str:
-    return stable_hash(recipe, length=16)
+    return stable_hash(recipe, length=FINGERPRINT_LENGTH)
+
+
+def is_hex_digest(value: object, length: int) -> bool:
+    """What `stable_hash` and sha256 write: `length` lowercase hex digits."""
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 def differences(a: dict, b: dict) -> list[str]:
@@ -99,29 +107,146 @@ class SoupRecord:
             )
         try:
             entries = json.loads(metadata[INGREDIENTS_KEY])
-            ingredients = tuple(SoupIngredient(str(e["sha256"]), str(e["source"])) for e in entries)
-        except (ValueError, KeyError, TypeError):
-            raise ProvenanceError(f"{where}: malformed {INGREDIENTS_KEY} metadata") from None
+            ingredients = tuple(SoupIngredient(e["sha256"], e["source"]) for e in entries)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            ingredients = None
+        if ingredients is None or not all(
+            is_hex_digest(i.sha256, SHA256_LENGTH) and isinstance(i.source, str) for i in ingredients
+        ):
+            raise ProvenanceError(f"{where}: malformed {INGREDIENTS_KEY} metadata (a list of sha256 and source)")
         if not ingredients:
             raise ProvenanceError(f"{where}: its record lists no ingredients")
-        return cls(ingredients, metadata.get(FINGERPRINT_KEY, ""))
+        fingerprint = metadata.get(FINGERPRINT_KEY, "")
+        if fingerprint != "" and not is_hex_digest(fingerprint, FINGERPRINT_LENGTH):
+            raise ProvenanceError(f"{where}: malformed {FINGERPRINT_KEY} metadata (not a recipe fingerprint)")
+        return cls(ingredients, fingerprint)
 
 
 def run_provenance(path: Path, where: str) -> dict:
     """A contributed run's `ratatouille.json`, checked before anything is read from it: it comes from
-    whoever pushed the run."""
+    whoever pushed the run, and its fields reach lines, tags and cards."""
     try:
         provenance = json.loads(Path(path).read_text())
-        ok = (
-            isinstance(provenance, dict)
-            and isinstance(provenance.get("fingerprint"), str)
-            and isinstance(provenance.get("recipe"), dict)
-            and isinstance(provenance.get("run"), dict)
-            and type(provenance["run"].get("index")) is int
-            and isinstance(provenance.get("weights_sha256"), str)
-        )
-    except (OSError, ValueError):
-        ok = False
-    if not ok:
-        raise ProvenanceError(f"{where}: no valid {RUN_FILE} (fingerprint, recipe, run index, weights_sha256)")
+    except (OSError, ValueError, RecursionError):  # a UnicodeDecodeError is a ValueError
+        provenance = None
+    problem = record_problem(provenance)
+    if problem:
+        raise ProvenanceError(f"{where}: no valid {RUN_FILE}: {problem}")
     return provenance
+
+
+def declared_fingerprint(path: Path, where: str) -> str:
+    """The fingerprint a run folder's record declares, all that `merge` keeps of it (for `update`); checked,
+    since it reaches the soup's metadata and card."""
+    try:
+        fingerprint = json.loads(Path(path).read_text()).get("fingerprint")
+    except (OSError, ValueError, RecursionError, AttributeError):  # unreadable, not JSON, not an object
+        fingerprint = None
+    if not is_hex_digest(fingerprint, FINGERPRINT_LENGTH):
+        raise ProvenanceError(
+            f"{where}: no valid {RUN_FILE}: fingerprint is not a {FINGERPRINT_LENGTH}-digit hex digest"
+        )
+    return fingerprint
+
+
+def record_problem(provenance: object) -> str | None:
+    """What is wrong with a run record (None: nothing). A fingerprint must be its recipe's hash, so a run
+    cannot claim a recipe it does not state."""
+    if not isinstance(provenance, dict):
+        return "not a JSON object"
+    if not is_hex_digest(provenance.get("fingerprint"), FINGERPRINT_LENGTH):
+        return f"fingerprint is not a {FINGERPRINT_LENGTH}-digit hex digest"
+    if not is_hex_digest(provenance.get("weights_sha256"), SHA256_LENGTH):
+        return "weights_sha256 is not a sha256 hex digest"
+    problem = _fields_problem("recipe", provenance.get("recipe"), RECIPE_FIELDS, exact=True) or _fields_problem(
+        "run", provenance.get("run"), RUN_FIELDS, exact=False
+    )
+    if problem:
+        return problem
+    if fingerprint_id(provenance["recipe"]) != provenance["fingerprint"]:
+        return "its fingerprint is not the hash of its recipe"
+    return None
+
+
+def _fields_problem(name: str, value: object, fields: dict, exact: bool) -> str | None:
+    """The first field of the object `value` that is missing or fails its check (with `exact`, an unknown
+    field is one too)."""
+    if not isinstance(value, dict):
+        return f"{name} is not an object"
+    if exact and value.keys() - fields.keys():
+        return f"{name} has fields other than {', '.join(fields)}"
+    for field, (check, expected) in fields.items():
+        if field not in value or not check(value[field]):
+            return f"{name}.{field} is not {expected}"
+    return None
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_reference(value: object, fused: bool = False) -> bool:
+    """`source@revision` as a recipe writes it: a Hub id at a commit, a folder at the sha256 of its weights,
+    or (for a run's init, with `fused`) a fusion of checkpoints."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(value, str):
+        return False
+    source, _, revision = value.rpartition("@")
+    if is_hex_digest(revision, 40):
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            return False
+        return True
+    if revision.startswith("sha256:"):
+        return _is_text(source) and is_hex_digest(revision.removeprefix("sha256:"), FINGERPRINT_LENGTH)
+    key = revision.removeprefix("fused:")
+    if not fused or revision == key or source != f"fusion:{key}":
+        return False
+    try:
+        check_content_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+RECIPE_FIELDS = {  # what `recipe_fingerprint` writes: field -> (check, what it must be)
+    "target": (_is_text, "a dataset name"),
+    "train_domains": (lambda v: isinstance(v, list) and v != [] and all(map(_is_text, v)), "a list of domains"),
+    "test_domain": (_is_text, "a domain"),
+    "split": (
+        lambda v: (
+            isinstance(v, dict)
+            and v.keys() == {"seed", "holdout_fraction"}
+            and type(v["seed"]) is int
+            and _is_number(v["holdout_fraction"])
+        ),
+        "a seed and a holdout fraction",
+    ),
+    "image_size": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "labels": (
+        lambda v: isinstance(v, dict) and v != {} and all(_is_text(k) and isinstance(x, str) for k, x in v.items()),
+        "an id -> label mapping",
+    ),
+    "base": (_is_reference, "a Hub id@commit or a folder@sha256:digest"),
+    "head_sha256": (lambda v: is_hex_digest(v, SHA256_LENGTH), "a sha256 hex digest"),
+}
+RUN_FIELDS = {  # what `contribute` writes about the run itself
+    "index": (_is_count, "a run index"),
+    "init": (lambda v: _is_reference(v, fused=True), "a Hub id@commit, a folder@sha256:digest or a fusion"),
+    "hparams": (
+        lambda v: isinstance(v, dict) and all(_is_text(k) and _is_number(x) for k, x in v.items()),
+        "a mapping of hyperparameters to finite numbers",
+    ),
+    "best_step": (_is_count, "a step count"),
+    "val_accuracy": (lambda v: _is_number(v) and 0 <= v <= 1, "an accuracy between 0 and 1"),
+}
