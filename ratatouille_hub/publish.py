@@ -41,6 +41,10 @@ class HubError(RatatouilleError, ValueError):
     """A push that failed, in one line: what was being done, the Hub's status, and what to do."""
 
 
+class HeadMovedError(HubError):
+    """A push made on top of `parent_commit` found the branch moved on (412): another commit landed first."""
+
+
 @dataclass(frozen=True)
 class PushResult:
     repo_id: str
@@ -76,9 +80,11 @@ def push_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    parent_commit: str | None = None,
 ) -> PushResult:
     """Create `repo_id` if needed (an existing repo keeps its visibility) and the branch `revision`
-    (default main), then commit the soup's files in one commit.
+    (default main), then commit the soup's files in one commit; with `parent_commit`, only on top of that
+    commit (HeadMovedError when the branch has moved on), so a push made from what was read loses no commit.
 
     The card's usage snippet placeholder is replaced by `repo_id` in the pushed copy only. The token
     comes from `token`, else HF_TOKEN or the saved login (`token=False`: anonymous).
@@ -108,6 +114,7 @@ def push_folder(
                 operations(),
                 commit_message=commit_message or "Upload Model Ratatouille soup (ratatouille-hub)",
                 revision=branch,
+                parent_commit=parent_commit,
             )
         )
     return PushResult(repo_id, branch, commit.oid, commit.commit_url, changed=commit.oid != head)
@@ -183,6 +190,8 @@ def _one_line_errors(repo_id: str, secret: str | None):
                 if secret
                 else "not authorised (401) — set HF_TOKEN or pass --token"
             )
+        elif status == 412:
+            raise HeadMovedError(f"{action} failed: another commit landed first (412): {detail}") from None
         elif status == 403:
             problem = f"forbidden (403) — the token cannot write to {repo_id.split('/')[0]}: use a write token"
         elif status in RETRY_STATUSES:

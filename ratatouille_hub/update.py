@@ -6,6 +6,9 @@ and stored in the soup's dtype. Against a fresh float32 merge of the same runs i
 the stored S carries one rounding (half an ulp) and the fresh merge n float32 additions, so the two agree
 within (n + 2) float32 epsilons of the largest weight, a bound the tests assert. Integer tensors follow the
 rule of `merge`: they are the first ingredient's.
+
+A local soup is updated under its claim (io.claimed_folder), and its record is read under it: two updates at
+once run one after the other, the second from the soup the first wrote, so neither run is lost.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import staged_folder
+from .io import claimed_folder, staged_folder
 from .merge import (
     COPIED_CONFIGS,
     WEIGHTS_NAME,
@@ -148,6 +151,35 @@ def _relocated(record: SoupRecord, soup_folder: Path, destination: Path) -> Soup
     return SoupRecord(moved, record.fingerprint)
 
 
+def checked_update(
+    soup_folder: Path, add: Sequence[RunFiles], remove: Sequence[RunFiles], where: str
+) -> tuple[SoupRecord, SoupRecord, bool]:
+    """The soup's record as it is now, its record after the update and whether its first ingredient changes,
+    once every run's config and tensors match the soup's."""
+    record = SoupRecord.from_metadata(read_safetensors_metadata(soup_folder / WEIGHTS_NAME), where)
+    for run in [*add, *remove]:
+        checked_headers([soup_folder, run.folder])
+    return (record, *updated_record(record, add, remove, where))
+
+
+def update_local_folder(
+    soup_folder: Path,
+    add: Sequence[RunFiles],
+    remove: Sequence[RunFiles],
+    destination: Path,
+    where: str,
+    resolve_ingredient: Callable[[SoupIngredient], RunFiles],
+    rewrite_card: Callable[[Path, SoupRecord], None],
+    echo: Callable[[str], None] = print,
+) -> SoupRecord:
+    """`update_folder` under the soup's claim, waiting for any other update of it: the record is read again
+    under the claim, so an update that landed meanwhile is kept. Bad input is refused before the claim,
+    whose lock file would otherwise be left beside the soup by a refused command."""
+    checked_update(soup_folder, add, remove, where)
+    with claimed_folder(soup_folder, wait=True):
+        return update_folder(soup_folder, add, remove, destination, where, resolve_ingredient, rewrite_card, echo=echo)
+
+
 def update_folder(
     soup_folder: Path,
     add: Sequence[RunFiles],
@@ -162,10 +194,7 @@ def update_folder(
     """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself). With
     `relocate`, relative sources are re-expressed from `destination` (a local soup's runs stay where they are)."""
     weights = soup_folder / WEIGHTS_NAME
-    record = SoupRecord.from_metadata(read_safetensors_metadata(weights), where)
-    for run in [*add, *remove]:
-        checked_headers([soup_folder, run.folder])
-    new_record, first_changes = updated_record(record, add, remove, where)
+    record, new_record, first_changes = checked_update(soup_folder, add, remove, where)
     first = None
     if first_changes:
         successor = new_record.ingredients[0]
