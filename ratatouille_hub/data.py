@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -48,22 +52,72 @@ class TargetSplits:
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.label_names))
 
+    @property
+    def domain_of_rows(self) -> dict[int, str]:
+        """Every row's domain (for error lines that name a row)."""
+        return {row: split.domain for split in (*self.train_domains, self.held_out) for row in split.train + split.val}
 
-def label_names_of(dataset, label_column: str) -> tuple[str, ...]:
+
+def label_names_of(dataset, label_column: str, *, name: str = "", domains=None) -> tuple[str, ...]:
+    """The class names: a ClassLabel's own, else the column's distinct values in sorted order (a row
+    without a value is refused, naming it: it would be no class, and None does not sort with the others)."""
     feature = dataset.features[label_column]
     if hasattr(feature, "names"):
         return tuple(feature.names)
-    values = sorted(set(dataset[label_column]))
-    return tuple(str(v) for v in values)
+    values = dataset[label_column]
+    _refuse_missing_labels(values, label_column, name=name, domains=domains)
+    return tuple(str(v) for v in sorted(set(values)))
 
 
-def label_ids_of(dataset, label_column: str, label_names: tuple[str, ...]) -> np.ndarray:
+def label_ids_of(
+    dataset, label_column: str, label_names: tuple[str, ...], *, name: str = "", domains=None
+) -> np.ndarray:
+    """Every row's class id. A row without a label (None, or a ClassLabel's -1, the datasets library's "no
+    label") or with a ClassLabel id outside its names is refused, naming it (`domains`: each row's domain,
+    for the message): training would fail on it mid-run, or score it as a class no model predicts."""
     feature = dataset.features[label_column]
     column = dataset[label_column]
-    if hasattr(feature, "names"):
-        return np.asarray(column, dtype=np.int64)
-    index = {name: i for i, name in enumerate(label_names)}
-    return np.asarray([index[str(v)] for v in column], dtype=np.int64)
+    _refuse_missing_labels(column, label_column, name=name, domains=domains)
+    if not hasattr(feature, "names"):
+        index = {label: i for i, label in enumerate(label_names)}
+        return np.asarray([index[str(v)] for v in column], dtype=np.int64)
+    ids = np.asarray(column, dtype=np.int64)
+    outside = np.flatnonzero((ids < 0) | (ids >= len(label_names)))
+    if outside.size:
+        row = int(outside[0])
+        value = int(ids[row])
+        if value == -1:
+            why = 'label -1, the datasets library\'s "no label"; every image needs a class'
+        else:
+            why = f"label {value}, not one of its {len(label_names)} ClassLabel names (ids 0 to {len(label_names) - 1})"
+        raise DataError(f"{row_at(name, row, label_column, _domain(domains, row))}: {why}{_more(outside.size)}")
+    return ids
+
+
+def _refuse_missing_labels(values, label_column: str, *, name: str, domains=None) -> None:
+    missing = [row for row, value in enumerate(values) if value is None]
+    if missing:
+        where = row_at(name, missing[0], label_column, _domain(domains, missing[0]))
+        raise DataError(f"{where}: no label (None); every image needs a class{_more(len(missing))}")
+
+
+def row_at(name: str, row: int, column: str, domain: str | None = None) -> str:
+    """Where a bad value is, for an error line: the dataset (`name`, when known), the row (as loaded, splits
+    joined in sorted order), its domain (when known), and the column."""
+    in_domain = f" (domain {domain!r})" if domain is not None else ""
+    return f"{_dataset(name)}: row {row}{in_domain}, column {column!r}"
+
+
+def _dataset(name: str) -> str:
+    return f"dataset {name}" if name else "dataset"
+
+
+def _domain(domains, row: int) -> str | None:
+    return domains[row] if domains is not None else None
+
+
+def _more(count: int) -> str:
+    return f" ({count - 1} more rows like it)" if count > 1 else ""
 
 
 def split_domains(
@@ -74,12 +128,14 @@ def split_domains(
     test_domain: str | None,
     holdout_fraction: float,
     seed: int,
+    name: str = "",
 ) -> TargetSplits:
-    """Leave-one-domain-out splits. The held-out domain's rows never enter train or validation."""
+    """Leave-one-domain-out splits (`name`: the dataset, for error lines). The held-out domain's rows never
+    enter train or validation."""
     for column in (domain_column, label_column):
         if column not in dataset.column_names:
             raise DataError(f"target dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
-    domains_of_rows = _domain_names(dataset, domain_column)
+    domains_of_rows = _domain_names(dataset, domain_column, name)
     empty = [row for row, domain in enumerate(domains_of_rows) if not domain.strip()]
     if empty:
         raise DataError(
@@ -96,8 +152,8 @@ def split_domains(
         if test_domain in declared:
             raise DataError(f"test domain {test_domain!r} has no images")
         raise DataError(f"unknown test domain {test_domain!r}; domains: {', '.join(domains)}")
-    label_names = label_names_of(dataset, label_column)
-    labels = label_ids_of(dataset, label_column, label_names)
+    label_names = label_names_of(dataset, label_column, name=name, domains=domains_of_rows)
+    labels = label_ids_of(dataset, label_column, label_names, name=name, domains=domains_of_rows)
 
     rows_by_domain: dict[str, list[int]] = {d: [] for d in domains}
     for row, domain in enumerate(domains_of_rows):
@@ -131,13 +187,20 @@ def domain_layout(rows_by_domain: dict[str, list[int]], holdout_fraction: float,
     return layout
 
 
-def _domain_names(dataset, domain_column: str) -> list[str]:
-    """The domain of every row as text: a ClassLabel column by its names; a missing value is ''."""
+def _domain_names(dataset, domain_column: str, name: str) -> list[str]:
+    """The domain of every row as text: a ClassLabel column by its names; a missing value (None, or the
+    ClassLabel's -1) is ''; a ClassLabel id outside its names is refused, naming the row."""
     names = getattr(dataset.features[domain_column], "names", None)
     values = dataset[domain_column]
-    if names is not None:
-        return ["" if v is None else names[v] for v in values]
-    return ["" if v is None else str(v) for v in values]
+    if names is None:
+        return ["" if v is None else str(v) for v in values]
+    for row, value in enumerate(values):
+        if value is not None and not -1 <= value < len(names):
+            raise DataError(
+                f"{row_at(name, row, domain_column)}: domain {value}, not one of its {len(names)} ClassLabel names "
+                f"(ids 0 to {len(names) - 1})"
+            )
+    return ["" if v is None or v == -1 else names[v] for v in values]
 
 
 def _domain_seed(seed: int, domain: str) -> int:
@@ -164,24 +227,135 @@ def evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
 DECODE_CHUNK = 256  # images decoded at a time: the PIL images of a whole split at once would not fit
 
 
+def image_entries(dataset, column: str, *, name: str = "", files=None, domains=None):
+    """`dataset` with `column` as an undecoded `datasets.Image` (each row: image bytes, or a path to read them
+    from), cast from whatever `datasets.Image()` accepts (an Image feature, image bytes, path strings);
+    anything else is refused, naming the column and its type. It reads the column, never an image: what
+    only decoding can find is `decode_images`'s to refuse.
+
+    A path in someone else's dataset may name any file (/etc/passwd). With `files` (a `sources.ImageFiles`)
+    a path is read only inside `files.folder`, and from a column of path strings only if `files.strings`
+    (never from the Hub); without it, path strings are refused and an Image feature's paths (the files
+    `datasets` itself found) are read as they are. A row without an image is refused, naming it
+    (`domains`: each row's domain, for the line)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    feature = dataset.features[column]
+    try:
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    except (TypeError, ValueError, pa.ArrowException):
+        raise DataError(
+            f"{_dataset(name)}: column {column!r} holds {feature}, which datasets.Image() cannot read as images "
+            "(it reads image bytes, file paths and Image features)"
+        ) from None
+    entries = dataset.with_format("arrow")[column]
+    has_bytes = pc.is_valid(pc.struct_field(entries, "bytes")).to_numpy(zero_copy_only=False)
+    paths = pc.struct_field(entries, "path")
+    missing = np.flatnonzero(~has_bytes & ~pc.is_valid(paths).to_numpy(zero_copy_only=False))
+    if missing.size:
+        row = int(missing[0])
+        where = row_at(name, row, column, _domain(domains, row))
+        raise DataError(f"{where}: no image (neither image bytes nor a path){_more(missing.size)}")
+    read = np.flatnonzero(~has_bytes)
+    strings = not isinstance(feature, datasets.Image)
+    if not read.size or (files is None and not strings):
+        return dataset
+    folder = os.path.abspath(files.folder) if files is not None else None
+    for row, path in zip(read.tolist(), paths.take(read).to_pylist()):
+        where = row_at(name, row, column, _domain(domains, row))
+        if strings and (files is None or not files.strings):
+            source = "a Hub dataset's" if files is not None else "this dataset's"
+            raise DataError(
+                f"{where}: a file path ({path!r}); {source} path strings are never read (they may name any file "
+                "here): its images must be in it, as bytes or an Image feature"
+            )
+        if _outside(path, folder):
+            raise DataError(
+                f"{where}: the path {path!r} leads outside the dataset's folder {files.folder}; only files inside "
+                "it are read"
+            )
+    return dataset
+
+
+def _outside(path: str, folder: str) -> bool:
+    """Whether `path` (relative to `folder`, an absolute path, or absolute) leads out of `folder`, or is a URL
+    `datasets` would fetch. By the names only: a symlink inside the folder is the folder owner's own."""
+    if ".." not in path and ":" not in path and (path.startswith(folder + os.sep) or not path.startswith(os.sep)):
+        return False  # no scheme, no way up: decided without normalising (DomainNet has 600k rows)
+    if urlparse(path).scheme:
+        return True
+    return os.path.commonpath([folder, os.path.normpath(os.path.join(folder, path))]) != folder
+
+
 def decode_images(
-    dataset, rows, *, image_column: str, label_column: str, label_names, size: int, into: torch.Tensor | None = None
+    dataset,
+    rows,
+    *,
+    image_column: str,
+    label_column: str,
+    label_names,
+    size: int,
+    into: torch.Tensor | None = None,
+    name: str = "",
+    domain: str | None = None,
+    root: Path | None = None,
 ) -> ImageTensors:
     """Decode `rows` into uint8 tensors resized to size x size (bilinear, as the image processors do),
-    into a new tensor or the given one (`into`, e.g. a slice of a memory-mapped cache)."""
+    into a new tensor or the given one (`into`, e.g. a slice of a memory-mapped cache). Relative image
+    paths are read in `root` (the dataset's folder). An image Pillow cannot decode (truncated, not an
+    image, over its decompression-bomb limit) is refused, naming its row (`name`, `domain`: the dataset and
+    the rows' domain, for that line)."""
+    import datasets
     from PIL import Image
 
     rows = list(rows)
-    labels = label_ids_of(dataset.select(rows), label_column, tuple(label_names))
+    labels = label_ids_of(dataset, label_column, tuple(label_names), name=name)[rows]
+    if dataset.features[image_column] != datasets.Image(decode=False):
+        dataset = image_entries(dataset, image_column, name=name)
+    decoder = datasets.Image()
     pixels = torch.empty((len(rows), 3, size, size), dtype=torch.uint8) if into is None else into
     for start in range(0, len(rows), DECODE_CHUNK):
-        chunk = dataset.select(rows[start : start + DECODE_CHUNK])[image_column]
-        for i, image in enumerate(chunk, start):
-            image = image.convert("RGB")
+        chunk = rows[start : start + DECODE_CHUNK]
+        for i, (row, entry) in enumerate(zip(chunk, dataset.select(chunk)[image_column]), start):
+            try:
+                image = _decode(decoder, entry, root)
+            except (
+                OSError,
+                ValueError,
+                SyntaxError,
+                EOFError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ) as error:
+                raise DataError(f"{row_at(name, row, image_column, domain)}: {_undecodable(error, entry)}") from None
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
             pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return ImageTensors(pixels, torch.from_numpy(labels))
+
+
+def _decode(decoder, entry: dict, root: Path | None):
+    """One row's image as RGB, by `datasets`' own decoder (EXIF orientation applied, as it always was)."""
+    from PIL import Image
+
+    if entry["bytes"] is None and root is not None:
+        entry = {"bytes": None, "path": os.path.join(root, entry["path"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # one line, not a warning then a decode
+        return decoder.decode_example(entry).convert("RGB")
+
+
+def _undecodable(error: Exception, entry: dict) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):  # its message holds an object address: say it in our words
+        what = "its bytes are" if entry["bytes"] is not None else f"the file {entry['path']} is"
+        return f"{what} not an image Pillow can read"
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error).strip().splitlines()[0]  # "image file is truncated (...)", Pillow's bomb limit, ...
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,11 @@ class ArchitectureError(RatatouilleError, ValueError):
 def load_classifier(source: str | Path, id2label: dict[int, str]):
     """Load a checkpoint as a classifier for `id2label`; a head of another size is re-initialised.
 
-    Never runs remote code: only architectures built into transformers load. `num_labels` is passed
-    too because the timm wrapper sizes its head from it, not from `id2label`.
+    Always in float32, whatever the checkpoint is stored in: training, the linear probe's float head and
+    averaging all work in float32, so a bfloat16 or float16 checkpoint trains (and its runs and soup are
+    saved) in float32 (see `precision_note`). Never runs remote code: only architectures built into
+    transformers load. `num_labels` is passed too because the timm wrapper sizes its head from it, not
+    from `id2label`.
     """
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
@@ -50,12 +53,29 @@ def load_classifier(source: str | Path, id2label: dict[int, str]):
             ignore_mismatched_sizes=True,
             trust_remote_code=False,
             use_safetensors=True,
+            dtype=torch.float32,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
     if hasattr(model.config, "label_names"):  # timm wrapper: saved label names would win over id2label
         model.config.label_names = [id2label[i] for i in sorted(id2label)]
     return model
+
+
+HALF_PRECISIONS = {"BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> torch name
+
+
+def precision_note(folder: Path, name: str = "base") -> str | None:
+    """What to tell about a half-precision checkpoint (`load_classifier` trains it in float32), from the
+    dtypes its safetensors store; None for float32."""
+    from safetensors import safe_open
+
+    stored = set()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            stored |= {handle.get_slice(key).get_dtype() for key in handle.keys()}
+    half = sorted(HALF_PRECISIONS[dtype] for dtype in stored & HALF_PRECISIONS.keys())
+    return f"{name} is {' and '.join(half)}: runs train and save in float32" if half else None
 
 
 def is_timm_wrapper(model_or_config) -> bool:

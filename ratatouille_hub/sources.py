@@ -9,8 +9,11 @@ as the registry promises: `datasets`, `data` (torch) and `card` (huggingface_hub
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
+from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,10 +66,67 @@ def load_dataset_source(reference: str | Path, revision: str | None = None, toke
     in sorted split order, so every image is used and the row order does not depend on how splits were saved."""
     import datasets
 
-    loaded = source_for(reference).load(str(reference), revision, token)
+    with _unreadable_refused(reference):
+        loaded = source_for(reference).load(str(reference), revision, token)
     if isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
     return loaded
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Where the image files a dataset's rows name may be read: inside `folder` only, and from a column of
+    path strings only if `strings`."""
+
+    folder: Path
+    strings: bool
+
+
+def image_files_of(reference: str | Path) -> ImageFiles:
+    """A local dataset's images may be files in its own folder (a parquet file's folder); a Hub dataset's,
+    only the files `datasets` downloaded into its folder of the Hub cache, never a path string of its rows,
+    which names no file the repo ships and may name any file here."""
+    if source_for(reference).name != "hub":
+        folder = Path(reference)
+        return ImageFiles(folder.absolute() if folder.is_dir() else folder.absolute().parent, strings=True)
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cached = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=str(reference), repo_type="dataset")
+    return ImageFiles(cached, strings=False)
+
+
+@contextmanager
+def _unreadable_refused(reference: str | Path):
+    """A file `datasets` cannot read (a malformed parquet or arrow file) refused in one line that names it:
+    `datasets` names the file only in the error it logs before raising, so that record becomes the line,
+    and its handlers print no error record meanwhile (the line says it)."""
+    import pyarrow
+    from datasets.exceptions import DatasetGenerationError
+
+    from .data import DataError
+
+    said = BufferingHandler(capacity=1 << 16)
+    said.setLevel(logging.ERROR)
+    library = logging.getLogger("datasets")
+    shown = list(library.handlers)
+    for handler in shown:
+        handler.addFilter(_below_error)
+    library.addHandler(said)
+    try:
+        yield
+    except (pyarrow.ArrowException, DatasetGenerationError) as error:
+        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+        detail = said.buffer[-1].getMessage() if said.buffer else f"{type(cause).__name__}: {cause}"
+        raise DataError(f"{reference}: not a readable dataset ({detail.strip().splitlines()[0]})") from None
+    finally:
+        library.removeHandler(said)
+        for handler in shown:
+            handler.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _load_refusing_scripts(reference: str, revision: str | None, token):

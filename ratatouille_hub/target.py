@@ -7,6 +7,7 @@ run folder of a recipe without the cost of decoding the target.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,13 +15,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, DomainSplit, ImageTensors, decode_images, normalization_of, resolution_of, split_domains
+from .data import (
+    DataError,
+    DomainSplit,
+    ImageTensors,
+    decode_images,
+    image_entries,
+    normalization_of,
+    resolution_of,
+    split_domains,
+)
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset
 from .hashing import stable_hash
 from .io import DONE, claimed_folder, staged_folder
 from .models import load_processor
-from .sources import load_dataset_source
+from .sources import image_files_of, load_dataset_source
 from .train import TargetData
 
 
@@ -62,19 +72,24 @@ class TargetPreparation:
         self.image_column = options.image_column
         revision = dataset_revision(target_id, token)
         self.reference = f"{target_id}@{revision}" if revision else target_id
-        self.dataset = load_dataset_source(target_id, revision=revision, token=token)
-        if self.image_column not in self.dataset.column_names:
+        dataset = load_dataset_source(target_id, revision=revision, token=token)
+        if self.image_column not in dataset.column_names:
             raise DataError(
-                f"target dataset has no column {self.image_column!r} (columns: {', '.join(self.dataset.column_names)})"
+                f"target dataset has no column {self.image_column!r} (columns: {', '.join(dataset.column_names)})"
             )
-        self.dataset_fingerprint = getattr(self.dataset, "_fingerprint", target_id)
+        self.dataset_fingerprint = getattr(dataset, "_fingerprint", target_id)
         self.splits = split_domains(
-            self.dataset,
+            dataset,
             domain_column=self.domain_column,
             label_column=self.label_column,
             test_domain=options.test_domain,
             holdout_fraction=options.holdout_fraction,
             seed=options.seed,
+            name=self.reference,
+        )
+        self.image_files = image_files_of(target_id)
+        self.dataset = image_entries(
+            dataset, self.image_column, name=self.reference, files=self.image_files, domains=self.splits.domain_of_rows
         )
         processor = load_processor(base.path, base.source)
         self.size = resolution_of(processor, options.image_size)
@@ -107,9 +122,10 @@ class TargetPreparation:
         """The decoded target; with `cache`, memory-mapped from the copy decoded there once (see `_mapped`)."""
         if cache is None:
             decoded = {
-                split.domain: tuple(self._decode(rows) for rows in (split.train, split.val)) for split in self._domains
+                split.domain: tuple(self._decode(split, rows) for rows in (split.train, split.val))
+                for split in self._domains
             }
-            test = self._decode(self.splits.test)
+            test = self._decode(self.splits.held_out, self.splits.test)
         else:
             decoded, test = self._mapped(cache)
         domains = self.splits.train_domains
@@ -132,7 +148,7 @@ class TargetPreparation:
     def _domains(self) -> list[DomainSplit]:
         return sorted([*self.splits.train_domains, self.splits.held_out], key=lambda split: split.domain)
 
-    def _decode(self, rows, into: torch.Tensor | None = None) -> ImageTensors:
+    def _decode(self, split: DomainSplit, rows, into: torch.Tensor | None = None) -> ImageTensors:
         return decode_images(
             self.dataset,
             rows,
@@ -141,6 +157,9 @@ class TargetPreparation:
             label_names=self.splits.label_names,
             size=self.size,
             into=into,
+            name=self.reference,
+            domain=split.domain,
+            root=self.image_files.folder,
         )
 
     def _mapped(self, cache: Path) -> tuple[dict[str, tuple[ImageTensors, ImageTensors]], ImageTensors]:
@@ -162,6 +181,7 @@ class TargetPreparation:
         total = sum(len(d.train) + len(d.val) for d in domains)
         with claimed_folder(folder, wait=True):
             if not (folder / DONE).exists():
+                _refuse_without_room(cache, total * (3 * self.size * self.size + np.dtype(np.int64).itemsize))
                 with staged_folder(folder) as staging:
                     pixels = np.lib.format.open_memmap(
                         staging / "pixels.npy", mode="w+", dtype=np.uint8, shape=(total, 3, self.size, self.size)
@@ -170,7 +190,7 @@ class TargetPreparation:
                     for split in tqdm(domains, desc="decoding the target", leave=False, disable=None):
                         rows = split.train + split.val
                         into = torch.from_numpy(pixels[start : start + len(rows)])
-                        labels.append(self._decode(rows, into=into).labels.numpy())
+                        labels.append(self._decode(split, rows, into=into).labels.numpy())
                         start += len(rows)
                     pixels.flush()
                     del pixels
@@ -189,6 +209,22 @@ class TargetPreparation:
                 test = ImageTensors(pixels[start:end], labels[start:end])
             start = end
         return decoded, test
+
+
+CACHE_OVERHEAD = 1 << 20  # the .npy headers, the done marker and file-system blocks, generously
+
+
+def _refuse_without_room(cache: Path, pixel_bytes: int) -> None:
+    """Refuse a target cache the disk has no room for before it is created: writing into a memory-mapped
+    file on a full disk kills the process (SIGBUS), with no line said. Called by the claimant only, so a
+    cache another process is filling does not count against it."""
+    needed = pixel_bytes + CACHE_OVERHEAD
+    free = shutil.disk_usage(cache).free
+    if free < needed:
+        raise DataError(
+            f"the decoded target needs {tqdm.format_sizeof(needed, 'B')} in {cache}, and "
+            f"{tqdm.format_sizeof(free, 'B')} is free there; free some space, or use an --output on a disk with room"
+        )
 
 
 def prepare_target(options, base: Ingredient, token=None) -> Target:
