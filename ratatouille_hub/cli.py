@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import traceback
 import typing
@@ -104,11 +103,19 @@ def add_options(parser: argparse.ArgumentParser, options: type[Options], groups:
 
 def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeConfig):
     """The options a command was given: --config's values (where the command has one), then its flags."""
+    from .config import ConfigError
+
     config_file = getattr(args, "config", None)
-    values = options.load_yaml(config_file).to_dict() if config_file else {}
+    values = options.read_yaml(config_file) if config_file else {}
     names = {f.name for f in dataclasses.fields(options)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return options.from_dict(values)
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        return options.from_dict({**values, **flags})
+    except ConfigError as error:
+        from_file = [k for k in values if k not in flags]
+        if any(problem.startswith(tuple(from_file)) for problem in str(error).split("; ")):
+            raise ConfigError(f"{config_file}: {error}") from None
+        raise
 
 
 def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
@@ -285,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--root", type=Path, required=True, help="folder that stores the repos")
     hub.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
     hub.add_argument("--require-token", metavar="TOKEN", help="refuse writes without this bearer token")
+    hub.add_argument(
+        "--users-file",
+        type=Path,
+        metavar="FILE",
+        help="per-user tokens, one 'TOKEN USER' line each (# comments allowed; refused unless chmod 600, and "
+        "kept off the command line, where ps shows it): each user writes and reads private repos only in "
+        "their own namespace, and every write needs a token",
+    )
     return parser
 
 
@@ -352,7 +367,8 @@ def run_assemble(args) -> None:
 
 
 def _print_results(results, output: Path, publish: PublishOptions, token) -> None:
-    from .results import LeaveOneDomainOut
+    from .results import LeaveOneDomainOut, soup_subfolder
+    from .safe_text import path_component, terminal_safe
 
     print()
     if isinstance(results, LeaveOneDomainOut):
@@ -360,11 +376,14 @@ def _print_results(results, output: Path, publish: PublishOptions, token) -> Non
         print(f"\nsoups: {output / 'soups'}/<domain>; table: {output / 'results.json'}")
         for domain in results.per_domain:
             if publish.push_to_hub:
-                _push(output / "soups" / domain, f"{publish.push_to_hub}-{domain}", publish, token)
+                _push(
+                    output / soup_subfolder(domain), f"{publish.push_to_hub}-{path_component(domain)}", publish, token
+                )
         return
+    held_out = terminal_safe(results.test_domain)
     for row in results.summary:
         print(
-            f"{row.name:<48} val {100 * row.val_accuracy:5.1f}%   {results.test_domain} {100 * row.test_accuracy:5.1f}%"
+            f"{terminal_safe(row.name):<48} val {100 * row.val_accuracy:5.1f}%   {held_out} {100 * row.test_accuracy:5.1f}%"
         )
     print(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
     _push_if_asked(publish, output / "soup", token)
@@ -454,13 +473,11 @@ def run_merge(args) -> None:
 def _uniform_record(models: list[Path], weights) -> dict[str, str] | None:
     """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly."""
     from .merge import WEIGHTS_NAME
-    from .provenance import RUN_FILE, SoupIngredient, SoupRecord, file_sha256
+    from .provenance import RUN_FILE, SoupIngredient, SoupRecord, declared_fingerprint, file_sha256
 
     if weights is not None or not all((m / WEIGHTS_NAME).is_file() for m in models):
         return None
-    fingerprints = {
-        json.loads((m / RUN_FILE).read_text())["fingerprint"] if (m / RUN_FILE).is_file() else "" for m in models
-    }
+    fingerprints = {declared_fingerprint(m / RUN_FILE, str(m)) if (m / RUN_FILE).is_file() else "" for m in models}
     ingredients = tuple(SoupIngredient(file_sha256(m / WEIGHTS_NAME), str(m.resolve())) for m in models)
     return SoupRecord(ingredients, fingerprints.pop() if len(fingerprints) == 1 else "").to_metadata()
 
@@ -537,9 +554,10 @@ def run_push(args) -> None:
 
 
 def run_local_hub(args) -> None:
-    from .localhub.server import serve
+    from .localhub.server import read_users_file, serve
 
-    serve(args.root, args.port, token=args.require_token)
+    users = read_users_file(args.users_file) if args.users_file else None
+    serve(args.root, args.port, token=args.require_token, users=users)
 
 
 COMMANDS = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 import typing
 from collections.abc import Callable
@@ -58,12 +59,17 @@ class Options:
 
     @classmethod
     def from_dict(cls, data: dict) -> Options:
+        return cls(**cls.coerced(data))
+
+    @classmethod
+    def coerced(cls, data: dict) -> dict:
+        """`data` with each value turned into its field's type; unknown keys refused."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown recipe keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown recipe keys: {', '.join(map(str, unknown))}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(hints[k], v, k) for k, v in data.items()})
+        return {k: _coerce(hints[k], v, k) for k, v in data.items()}
 
     def save_yaml(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -71,14 +77,41 @@ class Options:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: str | Path) -> Options:
-        data = yaml.safe_load(Path(path).read_text())
+    def read_yaml(cls, path: str | Path) -> dict:
+        """The option values saved at `path`, each of its field's type, not yet checked together (flags may
+        still override some). Anything that is not a readable YAML mapping of known options is refused naming
+        the file (safe_load: a `!!python/...` tag is an error, never an object)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); a recipe is a YAML file") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
-        return cls.from_dict(data)
+        try:
+            return cls.coerced(data)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> Options:
+        values = cls.read_yaml(path)
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
     def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where, on one line (its message spans several, quoting the offending text)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 # -- field checks: each returns a problem or None; a tuple field is checked item by item -----------
@@ -93,11 +126,22 @@ def unit_interval(name, v):
 
 
 def positive(name, v):
+    if not math.isfinite(v):
+        return f"{name} must be a finite number (got {v})"
     return None if v > 0 else f"{name} must be > 0 (got {v})"
 
 
 def non_negative(name, v):
+    if not math.isfinite(v):
+        return f"{name} must be a finite number (got {v})"
     return None if v >= 0 else f"{name} must be >= 0 (got {v})"
+
+
+MAX_SEED = 2**32 - 1  # what every generator the recipe seeds (torch, numpy, random) accepts
+
+
+def seed_range(name, v):
+    return None if 0 <= v <= MAX_SEED else f"{name} must be an integer from 0 to {MAX_SEED} (got {v})"
 
 
 def open_fraction(name, v):
@@ -152,7 +196,10 @@ class DataOptions(Options):
         None, "training resolution (default: the base's image processor size)", group="training", check=at_least(8)
     )
     seed: int = _opt(
-        0, "trial seed: data split, and each run's initialisation, batches and augmentation", group="target"
+        0,
+        "trial seed: data split, and each run's initialisation, batches and augmentation",
+        group="target",
+        check=seed_range,
     )
 
 
@@ -295,7 +342,7 @@ class IntertrainConfig(TrainingOptions):
         1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=at_least(1)
     )
     batch_size: int = _opt(32, "images per step", group="training", check=at_least(1))
-    seed: int = _opt(0, "seed of run 0; run r uses seed + r", group="target")
+    seed: int = _opt(0, "seed of run 0; run r uses seed + r", group="target", check=seed_range)
     output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)", group="output")
 
 

@@ -15,3 +15,10 @@ def stable_hash(payload: dict, length: int = 12) -> str:
 def stable_int(text: str) -> int:
     """A seed from a name (e.g. `"<trial seed>:<run index>:batches"`): the same in every process."""
     return int(stable_hash({"k": text}, length=15), 16)
+
+
+def check_content_key(key: str) -> None:
+    """A folder key must be what `stable_hash` makes (hex digits): a plan file edited by hand, or by someone
+    sharing the output folder, cannot name a folder outside it."""
+    if not (isinstance(key, str) and 8 <= len(key) <= 64 and all(c in "0123456789abcdef" for c in key)):
+        raise ValueError(f"folder key {key!r} is not a content hash")

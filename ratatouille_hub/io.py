@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -11,12 +13,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DONE = "done"  # the marker of a finished run folder: written last, inside the staged folder
+WRITER_LOCK = ".writer.lock"  # inside a staging folder: held by its writer, so a sweep knows it is alive
+
+
+def hidden_sibling_stem(name: str) -> str:
+    """`.<name>`, the prefix of what is written beside `name` (staging folders, temporary files, locks, the
+    retired copy); a long name is cut and a hash of it added, so those longer names stay legal (255 bytes)."""
+    if len(name.encode()) <= 180:
+        return f".{name}"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f".{name.encode('utf-8', 'surrogateescape')[:120].decode('utf-8', 'ignore')}-{digest}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden_sibling_stem(path.name)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -40,16 +52,25 @@ def atomic_write_json(path: str | Path, payload) -> None:
 def staged_folder(final: str | Path):
     """Yield a temporary sibling folder; on success it replaces `final` in one rename.
 
-    The previous content of `final` stays intact until the new folder is complete.
+    The previous content of `final` stays intact until the new folder is complete. What a killed writer of
+    `final` left (its staging folder, or `final` retired and never replaced) is cleared first: a staging
+    folder holds its writer's lock, so only the dead writers' are swept.
     """
-    final = Path(final)
+    from filelock import FileLock
+
+    final = Path(os.path.abspath(final))  # `.` has no name to stage beside
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    sweep_staging(final.parent, only=final.name)
+    stem = hidden_sibling_stem(final.name)
+    staging = final.with_name(f"{stem}.{uuid.uuid4().hex[:8]}.partial")
     staging.mkdir()  # unlike mkdtemp, honours the umask: the result is as readable as any folder
+    writer = FileLock(staging / WRITER_LOCK, timeout=0)
+    writer.acquire()
     try:
         yield staging
+        (staging / WRITER_LOCK).unlink()  # still held: gone before the folder is renamed into place
         if final.exists():
-            retired = final.with_name(f".{final.name}.old")
+            retired = final.with_name(f"{stem}.old")
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(final, retired)
             os.replace(staging, final)
@@ -59,26 +80,46 @@ def staged_folder(final: str | Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        writer.release()
+
+
+def claim_is_held(lock_file: Path) -> bool:
+    """Whether a live process holds the lock `lock_file` (the kernel drops a dead one's)."""
+    from filelock import FileLock, Timeout
+
+    if not lock_file.is_file():
+        return False
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def sweep_staging(folder: str | Path, only: str | None = None) -> None:
-    """Clear what a killed writer left in `folder` (of the entry `only`, when given): staging folders and
-    temporary files are deleted; a folder retired by `staged_folder` whose replacement never landed is put
-    back. Call it only under the lock of what it sweeps.
+    """Clear what a killed writer left in `folder` (of the entry `only`, when given): staging folders whose
+    writer is dead are deleted, and so are temporary files (call it under the lock of what it sweeps when
+    files are written there); a folder retired by `staged_folder` whose replacement never landed is put back.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return
+    stem = r"\..+" if only is None else re.escape(hidden_sibling_stem(only))
+    leftover = re.compile(stem.join(("(", r")\.(?:[0-9a-f]{8}\.partial|old|[^.]*\.tmp)")))
     for entry in sorted(folder.iterdir()):
-        name = entry.name
-        if not name.startswith(".") or (only is not None and not name.startswith(f".{only}.")):
+        match = leftover.fullmatch(entry.name)
+        if match is None or entry.is_symlink():
             continue
-        if name.endswith(".partial") and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        elif name.endswith(".tmp") and entry.is_file():
+        if entry.name.endswith(".partial") and entry.is_dir():
+            if not claim_is_held(entry / WRITER_LOCK):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.endswith(".tmp") and entry.is_file():
             entry.unlink(missing_ok=True)
-        elif name.endswith(".old") and entry.is_dir() and not entry.is_symlink():
-            final = entry.with_name(name[1 : -len(".old")])
+        elif entry.name.endswith(".old") and entry.is_dir():
+            final = folder / only if only is not None else folder / match.group(1)[1:]
             if final.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -94,9 +135,9 @@ def claimed_folder(final: str | Path, *, wait: bool):
     """
     from filelock import FileLock, Timeout
 
-    final = Path(final)
+    final = Path(os.path.abspath(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(final.with_name(f".{final.name}.lock"), timeout=-1 if wait else 0)
+    lock = FileLock(final.with_name(f"{hidden_sibling_stem(final.name)}.lock"), timeout=-1 if wait else 0)
     try:
         lock.acquire()
     except Timeout:

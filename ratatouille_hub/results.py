@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_write_json
+from .safe_text import path_component, terminal_safe
 
 AVERAGE_PREFIX = "soup_"  # results.json key of each merge method's average: soup_uniform, soup_greedy, ...
 
@@ -139,6 +140,12 @@ class Results:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def soup_subfolder(domain: str) -> str:
+    """Where `--test-domain all` puts the soup that holds `domain` out: the name comes from the dataset, so it
+    is made a safe folder name (an absolute path or `../x` as a domain stays inside the output folder)."""
+    return f"soups/{path_component(domain)}"
+
+
 @dataclass(frozen=True)
 class LeaveOneDomainOut:
     """`--test-domain all`: the results with each domain held out in turn, and the DomainBed table."""
@@ -165,16 +172,16 @@ class LeaveOneDomainOut:
         return {
             "test_domains": list(self.per_domain),
             "test_accuracy": self.table(),
-            "soups": {domain: f"soups/{domain}" for domain in self.per_domain},
+            "soups": {domain: soup_subfolder(domain) for domain in self.per_domain},
         }
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, self.to_dict())
 
     def format(self) -> str:
-        domains = [*self.per_domain, "average"]
+        domains = [terminal_safe(d) for d in (*self.per_domain, "average")]
         width = max(8, *(len(d) for d in domains))
         lines = [f"{'held-out accuracy':<34}" + "".join(f"{d:>{width + 2}}" for d in domains)]
         for name, cells in self.table().items():
-            lines.append(f"{name:<34}" + "".join(f"{100 * cells[d]:>{width + 1}.1f}%" for d in domains))
+            lines.append(f"{name:<34}" + "".join(f"{100 * cells[d]:>{width + 1}.1f}%" for d in cells))
         return "\n".join(lines)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .fetch import Ingredient
-from .hashing import stable_hash, stable_int
+from .hashing import check_content_key, stable_hash, stable_int
 from .registry import Registry
 
 
@@ -25,6 +25,9 @@ class FusionSpec:
     weights: tuple[float, ...]
     head_seed: int  # the members' re-initialised heads (replaced by the shared probe head anyway)
     key: str
+
+    def __post_init__(self) -> None:
+        check_content_key(self.key)
 
     @property
     def source(self) -> str:

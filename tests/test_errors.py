@@ -204,7 +204,7 @@ def refused(world, capsys):
 
 
 def fails_cleanly(case: str, what: str, argv: list[str], culprit: str, world, out: Path, capsys) -> str:
-    return refusals.fails_cleanly(case, what, argv, culprit, out, capsys, placeholders(world))
+    return refusals.fails_cleanly(case, what, argv, culprit, out, capsys, {**placeholders(world), "<tmp>": out.parent})
 
 
 # -- merge: every input checked before anything is written ---------------------------------------------
@@ -439,9 +439,8 @@ def _yaml(tmp_path: Path, values: dict) -> Path:
 
 def test_recycle_refuses_an_output_folder_of_another_recipe(world, tmp_path, refused):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "runs").mkdir()
-    (out / ".lock").touch()
+    (out / "runs" / "0123456789ab").mkdir(parents=True)  # a finished run of that recipe
+    (out / "runs" / "0123456789ab" / "done").touch()
     asked = cli.options_from_args(cli.build_parser().parse_args(recycle_argv(world, out)))
     asked.replace(steps=3).save_yaml(out / "recipe.yaml")
     refused(

@@ -34,10 +34,11 @@ from pathlib import Path
 from ..config import ALL_DOMAINS, RecipeConfig
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
-from ..fetch import Ingredient, is_hub_id, resolve_dataset, resolve_model
-from ..io import claimed_folder, sweep_staging
-from ..models import quiet_transformers
-from ..results import LeaveOneDomainOut, Results
+from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model
+from ..io import DONE, claim_is_held, claimed_folder, sweep_staging
+from ..models import precision_note, quiet_transformers
+from ..results import LeaveOneDomainOut, Results, soup_subfolder
+from ..safe_text import terminal_safe
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
 from ..vetting import vet_ingredients
@@ -96,7 +97,10 @@ def plan_recipe(
     for domain in held_out_domains(config, base, token):
         domain_config = config if domain == config.test_domain else replace(config, test_domain=domain)
         spec = TargetPreparation(domain_config, base, token).spec()
-        echo(f"[data] {spec.reference}: train domains {', '.join(spec.train_domains)}; held out: {spec.test_domain}")
+        domains = ", ".join(terminal_safe(d) for d in spec.train_domains)
+        echo(
+            f"[data] {terminal_safe(spec.reference)}: train domains {domains}; held out: {terminal_safe(spec.test_domain)}"
+        )
         plans.append(build_plan(domain_config, base, recycled, spec, trained_on))
     return plans
 
@@ -172,8 +176,8 @@ def indexed_runs(plans: list[RecipePlan]) -> list:
 
 
 def soup_folder(plans: list[RecipePlan], plan: RecipePlan, output: Path) -> Path:
-    """`soup/` for one held-out domain; `soups/<domain>/` for each, with several."""
-    return output / "soup" if len(plans) == 1 else output / "soups" / plan.target.test_domain
+    """`soup/` for one held-out domain; `soups/<domain>/` for each, with several (a safe name for it)."""
+    return output / "soup" if len(plans) == 1 else output / soup_subfolder(plan.target.test_domain)
 
 
 def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Results | LeaveOneDomainOut:
@@ -191,16 +195,36 @@ def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Resu
 
 
 def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, list[Ingredient]]:
-    """The base and the vetted fine-tunes to recycle, each pinned to the revision seen now."""
-    echo(f"[fetch] base {config.base}")
+    """The base and the vetted fine-tunes to recycle, each pinned to the revision seen now. A discovered
+    fine-tune that fails fetching or vetting is refused in the log and left out (anyone can tag a repo with
+    the base); one the user named with --aux fails the recipe."""
+    echo(f"[fetch] base {terminal_safe(config.base)}")
     base = resolve_model(config.base, token=token)
-    recycled = [resolve_model(*_pinned(source), token=token) for source in recycled_sources(config, token, echo)]
-    for ingredient in recycled:
-        echo(f"[fetch] recycled {ingredient.reference}")
-    for vetted in vet_ingredients(base, recycled):
-        echo(f"[vet] {vetted.describe()}")
+    if note := precision_note(base.path):
+        echo(f"[fetch] {note}")
+    discovered = not config.aux
+    recycled = []
+    for source in recycled_sources(config, token, echo):
+        try:
+            ingredient = resolve_model(*_pinned(source), token=token)
+        except FetchError as error:
+            if not discovered:
+                raise
+            echo(f"[fetch] refused: {terminal_safe(str(error))}")
+            continue
+        echo(f"[fetch] recycled {terminal_safe(ingredient.reference)}")
+        recycled.append(ingredient)
+    refused = []
+
+    def refuse(ingredient: Ingredient, error: Exception) -> None:
+        echo(f"[vet] refused: {terminal_safe(str(error))}")
+        refused.append(ingredient)
+
+    for vetted in vet_ingredients(base, recycled, refuse if discovered else None):
+        echo(f"[vet] {terminal_safe(vetted.describe())}")
         for warning in vetted.warnings:
             echo(f"[vet]   warning: {warning}; runs from it may not average with the others")
+    recycled = [ingredient for ingredient in recycled if ingredient not in refused]
     if STRATEGIES[config.strategy].needs_recycled and not recycled:
         raise RecipeError(
             f"--strategy {config.strategy} needs recycled fine-tunes (--aux, or a Hub base to discover them)"
@@ -209,7 +233,8 @@ def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, li
 
 
 def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
-    """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha."""
+    """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha. A
+    fine-tune the Hub did not answer about is named in a warning: the soup must not silently be another."""
     if not STRATEGIES[config.strategy].recycles:
         return []
     if config.aux or not is_hub_id(config.base):
@@ -218,6 +243,11 @@ def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
     target_id, _, _ = resolve_dataset(config.target, config.domain_column, config.label_column)
     candidates = discover_finetunes(config.base, target=target_id, limit=config.aux_limit, token=token)
     echo(format_candidates(candidates))
+    for unread in (c for c in candidates if not c.readable):
+        echo(
+            f"[discover] warning: {unread.repo_id} could not be read ({unread.reason}); this recipe recycles the "
+            "others only: rerun it to judge that one too"
+        )
     return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted]
 
 
@@ -262,13 +292,27 @@ REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy
 
 
 def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
-    """Refuse an output folder that holds another recipe's runs (mixing them would mislead)."""
+    """Refuse an output folder that holds another recipe's runs (mixing them would mislead). A folder whose
+    recipe finished nothing and trains nothing now (a command that failed after planning, say on an image
+    that does not decode) is no one's work: the corrected command takes it over."""
     if not saved.exists():
         return
     previous = RecipeConfig.load_yaml(saved).to_dict()
     changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v and k not in REUSABLE_CHANGES)
-    if changed:
+    if changed and holds_work(saved.parent):
         raise RecipeError(
             f"{saved.parent} holds the runs of another recipe (differs in: {', '.join(changed)}); "
             "use another --output, or replay it with --config " + str(saved)
         )
+
+
+WORK_FOLDERS = ("lp", "inits", "runs")  # what a plan's execution makes, each entry claimed while it is made
+
+
+def holds_work(output: Path) -> bool:
+    """Whether `output` holds a finished run or soup of its recipe, or an artefact a live process is making
+    now (its claim is held). A finished probe or fusion is not the recipe's own: it is named by its content
+    and serves any recipe that needs the same one."""
+    if (output / "soup").exists() or (output / "soups").exists() or any((output / "runs").glob(f"*/{DONE}")):
+        return True
+    return any(claim_is_held(lock) for kind in WORK_FOLDERS for lock in (output / kind).glob(".*.lock"))

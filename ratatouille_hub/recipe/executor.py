@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import RecipeError
 from ..evaluation import inference_batch
 from ..fetch import Ingredient
 from ..hashing import stable_int
@@ -147,6 +148,7 @@ def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: P
         accelerator=accelerator,
         inference_batch=inference_batch(plan.config.micro_batch),
     )
+    check_finite_weights({"weight": head.weight, "bias": head.bias}, f"the linear probe (lr {spec.lr:g})")
     with staged_folder(folder) as staging:
         save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
         metrics = {
@@ -156,6 +158,17 @@ def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: P
         }
         atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], what: str) -> None:
+    """A run whose training diverged is refused before it is saved: it is never marked done, and a rerun with
+    a smaller learning rate trains it afresh."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RecipeError(
+                f"{what} diverged: its trained weights are not finite (first: {name}); nothing was saved; "
+                "lower the learning rate (--lr, --lr-choices, --lp-lr)"
+            )
 
 
 def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Path, echo) -> Ingredient:
@@ -239,6 +252,7 @@ def execute_run(
         desc=f"{rank}{spec.label}",
         **common,
     )
+    check_finite_weights(outcome.state, f"{spec.label} from {init.source} (lr {hparams.lr:g})")
     model.load_state_dict(outcome.state)
     processor = serving_processor(model, target.test.pixels.shape[-1], data.normalize)
     predictions = predict_target(model, target, passes)

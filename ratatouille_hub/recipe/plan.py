@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..config import RecipeConfig, RunHParams, draw_hparams
-from ..errors import RecipeError
+from ..errors import RatatouilleError, RecipeError
 from ..evaluation import INFERENCE_BATCH, inference_batch
 from ..fetch import Ingredient, resolve_model
-from ..hashing import stable_hash
+from ..hashing import check_content_key, stable_hash
 from ..io import DONE, atomic_write_json
 from ..strategies import STRATEGIES, FusionSpec, Init, InitContext, Strategy
 from ..target import TargetSpec
@@ -32,6 +32,9 @@ class LPSpec:
     eval_every: int
     seed: int
     key: str
+
+    def __post_init__(self) -> None:
+        check_content_key(self.key)
 
     @property
     def folder(self) -> str:
@@ -56,6 +59,9 @@ class RunSpec:
     precision: str
     seed: int  # the trial seed; randomness depends on (seed, index) only, never on where the init lives
     key: str
+
+    def __post_init__(self) -> None:
+        check_content_key(self.key)
 
     @property
     def folder(self) -> str:
@@ -241,13 +247,12 @@ def save_plans(plans: list[RecipePlan], output: Path) -> None:
 
 def load_plans(output: Path, token=None) -> list[RecipePlan]:
     """The plans `save_plans` wrote; an ingredient whose cached path this machine lacks is fetched again at
-    its pinned revision."""
+    its pinned revision. A file that is not such a plan is refused naming it, before anything runs."""
     path = output / PLAN_FILE
     if not path.is_file():
         raise RecipeError(
             f"{output} holds no plan ({PLAN_FILE}); make one with: ratatouille-hub plan ... --output {output}"
         )
-    saved = json.loads(path.read_text())
     located: dict[tuple[str, str], Ingredient] = {}
 
     def ingredient(data: dict) -> Ingredient:
@@ -259,7 +264,17 @@ def load_plans(output: Path, token=None) -> list[RecipePlan]:
             located[key] = found
         return located[key]
 
-    return [_plan_from_dict(data, ingredient) for data in saved["plans"]]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        plans = [_plan_from_dict(data, ingredient) for data in saved["plans"]]
+    except RatatouilleError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON, shape or field types
+        problem = f"{type(error).__name__}: {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise RecipeError(
+            f"{path}: not a plan written by ratatouille-hub ({problem}); plan again with: ratatouille-hub plan ..."
+        ) from None
+    return plans
 
 
 def _ingredient_to_dict(ingredient: Ingredient) -> dict:
