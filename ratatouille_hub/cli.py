@@ -29,6 +29,7 @@ from .config import (
     RunOptions,
     UpdateOptions,
 )
+from .safe_text import say
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
 
@@ -310,7 +311,7 @@ def run_intertrain(args) -> None:
     publish = options_from_args(args, PublishOptions)
     folders = intertrain(config, token=args.token)
     for run, folder in enumerate(folders):
-        print(f"fine-tune {run}: {folder}")
+        say(f"fine-tune {run}: {folder}")
         if publish.push_to_hub:
             repo_id = publish.push_to_hub if len(folders) == 1 else f"{publish.push_to_hub}-{run}"
             _push(folder, repo_id, publish, args.token)
@@ -323,7 +324,7 @@ def run_recycle(args) -> None:
     config = options_from_args(args, RecipeConfig)
     output = Path(config.output)
     if args.dry_run:
-        print(format_plans(plan_recipe(config, token=args.token), output))
+        say(format_plans(plan_recipe(config, token=args.token), output))
         return
     results = recycle(config, token=args.token)
     if Worker.of_this_process().is_main:  # under accelerate launch: the tables print once
@@ -337,8 +338,8 @@ def run_plan(args) -> None:
     output = Path(config.output)
     plans = plan_output(config, token=args.token)
     runs = sum(len(plan.runs) for plan in plans)
-    print(format_plans(plans, output))
-    print(
+    say(format_plans(plans, output))
+    say(
         f"\nsaved the plan of {runs} runs in {output / 'plan.json'}: train them with "
         f"`ratatouille-hub run {output} --index I` for I in 0..{runs - 1}, then `ratatouille-hub assemble {output}`"
     )
@@ -349,7 +350,7 @@ def run_run(args) -> None:
 
     options = options_from_args(args, RunOptions)
     folder = run_index(Path(options.output), options.index, token=args.token)
-    print(f"run {options.index}: {folder}")
+    say(f"run {options.index}: {folder}")
 
 
 def run_assemble(args) -> None:
@@ -370,10 +371,10 @@ def _print_results(results, output: Path, publish: PublishOptions, token) -> Non
     from .results import LeaveOneDomainOut, soup_subfolder
     from .safe_text import path_component, terminal_safe
 
-    print()
+    say("")
     if isinstance(results, LeaveOneDomainOut):
-        print(results.format())
-        print(f"\nsoups: {output / 'soups'}/<domain>; table: {output / 'results.json'}")
+        say(results.format())
+        say(f"\nsoups: {output / 'soups'}/<domain>; table: {output / 'results.json'}")
         for domain in results.per_domain:
             if publish.push_to_hub:
                 _push(
@@ -382,10 +383,10 @@ def _print_results(results, output: Path, publish: PublishOptions, token) -> Non
         return
     held_out = terminal_safe(results.test_domain)
     for row in results.summary:
-        print(
+        say(
             f"{terminal_safe(row.name):<48} val {100 * row.val_accuracy:5.1f}%   {held_out} {100 * row.test_accuracy:5.1f}%"
         )
-    print(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
+    say(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
     _push_if_asked(publish, output / "soup", token)
 
 
@@ -399,9 +400,9 @@ def _push(folder: Path, repo_id: str, publish, token) -> None:
 
     result = push_folder(folder, repo_id, private=publish.private, revision=publish.revision, token=token)
     if result.changed:
-        print(f"pushed {folder} to {result.url}")
+        say(f"pushed {folder} to {result.url}")
     else:
-        print(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
+        say(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
 
 
 def merge_output_files() -> tuple[str, ...]:
@@ -446,7 +447,7 @@ def run_merge(args) -> None:
         inputs = validation_inputs(models, options, token=args.token)
     mixture = method.mix(inputs)
     if len(mixture.members) < len(models):
-        print(
+        say(
             f"{method.name} kept {len(mixture.members)} of {len(models)}: "
             + ", ".join(str(models[i]) for i in mixture.members)
         )
@@ -461,12 +462,12 @@ def run_merge(args) -> None:
             base = resolve_model(options.base, token=args.token)
             unanchored = merge_anchored_folders(models, base.path, staging, mixture.anchored)
             if unanchored:
-                print(
+                say(
                     f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
                     + ", ".join(unanchored[:4])
                     + (", ..." if len(unanchored) > 4 else "")
                 )
-    print(f"merged {len(models)} models into {output}")
+    say(f"merged {len(models)} models into {output}")
     _push_if_asked(options_from_args(args, PublishOptions), output, args.token)
 
 
@@ -488,7 +489,7 @@ def run_demo(args) -> None:
     from .localhub.server import LocalHub, hub_environment
 
     with LocalHub(args.output / "hub") as hub:
-        print(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
+        say(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
         # Before any HF library is imported: they read these once, at import time.
         os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
@@ -503,7 +504,7 @@ def run_discover(args) -> None:
 
     options = options_from_args(args, DiscoverOptions)
     target = resolve_dataset(options.target)[0] if options.target else None
-    print(format_candidates(discover_finetunes(options.base, target=target, limit=options.limit, token=args.token)))
+    say(format_candidates(discover_finetunes(options.base, target=target, limit=options.limit, token=args.token)))
 
 
 def run_diagnose(args) -> None:
@@ -511,10 +512,10 @@ def run_diagnose(args) -> None:
 
     options = options_from_args(args, DiagnoseOptions)
     diagnosis = diagnose_models(options.models, options, token=args.token)
-    print(format_diagnosis(diagnosis))
+    say(format_diagnosis(diagnosis))
     if options.plot:
         plot_paths(diagnosis, Path(options.plot))
-        print(f"plot: {options.plot}")
+        say(f"plot: {options.plot}")
 
 
 def run_contribute(args) -> None:

@@ -32,7 +32,7 @@ from .provenance import (
 )
 from .provenance import recipe_fingerprint as fingerprint_of
 from .publish import HeadMovedError, HubError, PushResult, push_folder
-from .safe_text import path_component, terminal_safe
+from .safe_text import path_component, say, terminal_safe
 from .update import RunFiles, local_run, update_folder, update_local_folder
 from .vetting import (
     MAX_DISTANCE_TO_BASE,
@@ -49,7 +49,7 @@ UPDATE_TRIES = 3  # pushes of a Hub soup's update, each from the head it read, b
 
 
 def contribute_runs(
-    output: Path, prefix: str, indices: Sequence[int] | None, token=None, echo: Callable[[str], None] = print
+    output: Path, prefix: str, indices: Sequence[int] | None, token=None, echo: Callable[[str], None] = say
 ) -> list[PushResult]:
     """Push the finished runs of the planned folder `output` (all, or the global `indices`) as Hub models
     `<prefix>-run<i>` (`<prefix>-<domain>-run<i>` with several held-out domains), one commit each."""
@@ -128,7 +128,7 @@ def any_run(source: str, token=None) -> RunFiles:
     return hub_run(repo_id, token, revision or None)
 
 
-def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = print) -> list[RunFiles]:
+def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = say) -> list[RunFiles]:
     """The contributed runs of the recipe of the run `reference`, found by their base's tag, checked by
     fingerprint and verified (`verify_run`): one line for each run of another recipe, or whose files do not
     check out, which is left out; the same weights count once. A run's provenance is read (and checked)
@@ -314,7 +314,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def assemble_from_hub(reference: str, destination: Path, token=None, echo: Callable[[str], None] = print) -> SoupRecord:
+def assemble_from_hub(reference: str, destination: Path, token=None, echo: Callable[[str], None] = say) -> SoupRecord:
     """The uniform soup of every contributed run of `reference`'s recipe, in run-index order, into
     `destination`, with its ingredients in the weights' metadata and a card naming them."""
     from .io import staged_folder
@@ -335,7 +335,7 @@ def update_soup(
     remove: Sequence[str],
     destination: Path | None,
     token=None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = say,
     evaluate: Callable[[Path], float] | None = None,
     dataset: str | None = None,
 ) -> SoupRecord:
@@ -343,6 +343,8 @@ def update_soup(
     id (only the soup and the named runs are downloaded, and the result is pushed back in one commit on top of
     the revision read, read again when another update landed first), unless `destination` is given. The
     outcome is printed once written or committed, never before."""
+    if not Path(soup).is_dir() and not is_hub_id(soup):
+        raise ProvenanceError(f"{soup}: no such soup folder (and not a Hub model id)")
     on_hub = not Path(soup).is_dir()
     folder = Path(soup)
 

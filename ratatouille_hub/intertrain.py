@@ -27,6 +27,7 @@ from .fetch import dataset_revision, is_hub_id, resolve_model
 from .hashing import stable_hash, stable_int
 from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
 from .models import load_classifier, load_processor, quiet_transformers, serving_processor
+from .safe_text import say
 from .sources import load_dataset_source
 from .train import DomainBatches, make_accelerator, optimize
 
@@ -47,7 +48,7 @@ one and starts target fine-tunes from them (Model Ratatouille, Ramé et al., ICM
 
 
 def intertrain(
-    config: IntertrainConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+    config: IntertrainConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
 ) -> list[Path]:
     """Make `config.runs` fine-tunes of the base on the dataset; returns their folders (finished ones are reused)."""
     quiet_transformers()

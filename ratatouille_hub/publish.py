@@ -57,6 +57,8 @@ class PushResult:
 def soup_files(folder: Path) -> list[str]:
     """The files of `folder` that make the published model: weights (one file, or index + shards) first."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise HubError(f"{folder}: no such soup folder")
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
@@ -90,8 +92,14 @@ def push_folder(
     comes from `token`, else HF_TOKEN or the saved login (`token=False`: anonymous).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if repo_id.count("/") != 1:
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
         raise HubError(f"push to {repo_id} failed: the repo id must be namespace/name (e.g. me/pacs-soup)")
     folder = Path(folder)
     branch = revision or "main"

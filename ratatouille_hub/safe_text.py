@@ -26,3 +26,9 @@ def path_component(name: str) -> str:
     if slug == name and slug:
         return slug
     return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}".lstrip("-")
+
+
+def say(text: str) -> None:
+    """Print a progress or report line (or a table of them): each line escaped, since lines name datasets,
+    repos and folders that others chose."""
+    print("\n".join(terminal_safe(line) for line in text.split("\n")), flush=True)

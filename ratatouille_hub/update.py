@@ -39,6 +39,7 @@ from .provenance import (
     is_relative_source,
     relative_source,
 )
+from .safe_text import say
 
 STALE_FILES = ("results.json", "diagnostics.png")  # a recycle soup's evaluation of its old ingredients
 
@@ -170,7 +171,7 @@ def update_local_folder(
     where: str,
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
     rewrite_card: Callable[[Path, SoupRecord], None],
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = say,
 ) -> SoupRecord:
     """`update_folder` under the soup's claim, waiting for any other update of it: the record is read again
     under the claim, so an update that landed meanwhile is kept. Bad input is refused before the claim,
@@ -189,7 +190,7 @@ def update_folder(
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
     rewrite_card: Callable[[Path, SoupRecord], None],
     relocate: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = say,
 ) -> SoupRecord:
     """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself). With
     `relocate`, relative sources are re-expressed from `destination` (a local soup's runs stay where they are)."""

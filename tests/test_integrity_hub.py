@@ -226,7 +226,16 @@ def test_a_discovered_finetune_that_fails_is_refused_and_the_recipe_goes_on(
         (base, shas[base]),
         (f"{ns}/good", shas[f"{ns}/good"]),
     ]
+    plan = json.loads((out / "plan.json").read_text())["plans"][0]
+    assert plan["left_out"] == [  # the plan says which discovered fine-tunes it left out, and why
+        [f"{ns}/escaping@{shas[f'{ns}/escaping']}", f"refused: {rows[f'{ns}/escaping'][4]}"],
+        [f"{ns}/corrupt@{shas[f'{ns}/corrupt']}", refused[0].replace("[fetch] refused: ", "refused: ")],
+        [f"{ns}/stranger@{shas[f'{ns}/stranger']}", refused[1].replace("[vet] refused: ", "refused: ")],
+        [f"{ns}/nan@{shas[f'{ns}/nan']}", refused[2].replace("[vet] refused: ", "refused: ")],
+    ]
     for file in (p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".md")):
+        if file.name == "plan.json":
+            continue
         text = file.read_text()
         assert not any(f"{ns}/{name}" in text for name in ("stranger", "escaping", "corrupt", "nan")), file
 
@@ -292,7 +301,9 @@ def test_a_transient_hub_failure_is_retried_and_a_lasting_one_is_said(
         "recipe recycles the others only: rerun it to judge that one too"
     ) in captured.out.splitlines()
     assert f"[fetch] recycled {ns}/good@{good_sha}" in captured.out
-    assert f"{ns}/other@" not in captured.out
+    named = [line for line in captured.out.splitlines() if f"{ns}/other@" in line]  # never fetched: only the plan
+    assert [line.split("@")[0] for line in named] == [f"left out: {ns}/other"]  # records it, and why
+    assert named[0].endswith(" (unreadable: 503 Service Unavailable, still after 4 tries)")
     statuses = [r.status for r in local_hub.requests if r.path.split("?")[0] == f"/api/models/{ns}/good"]
     assert statuses == [500, 200]
 

@@ -38,7 +38,7 @@ from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_
 from ..io import DONE, claim_is_held, claimed_folder, sweep_staging
 from ..models import precision_note, quiet_transformers
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
-from ..safe_text import terminal_safe
+from ..safe_text import say, terminal_safe
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
 from ..vetting import vet_ingredients
@@ -61,7 +61,7 @@ __all__ = [
 
 
 def recycle(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
 ) -> Results | LeaveOneDomainOut | None:
     """Run the whole recipe: the results written to `<output>/soup/results.json`, or with
     `test_domain="all"` every held-out domain's results and their DomainBed table.
@@ -82,7 +82,7 @@ def recycle(
 
 
 def plan_recipe(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
 ) -> list[RecipePlan]:
     """The recipe's plans (one per held-out domain), without training and without writing anything
     (`recycle --dry-run`)."""
@@ -91,7 +91,7 @@ def plan_recipe(
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
-    base, recycled = fetch_ingredients(config, token, echo)
+    base, recycled, left_out = fetch_ingredients(config, token, echo)
     echo(f"[data] {config.target}")
     plans = []
     for domain in held_out_domains(config, base, token):
@@ -101,7 +101,7 @@ def plan_recipe(
         echo(
             f"[data] {terminal_safe(spec.reference)}: train domains {domains}; held out: {terminal_safe(spec.test_domain)}"
         )
-        plans.append(build_plan(domain_config, base, recycled, spec, trained_on))
+        plans.append(build_plan(domain_config, base, recycled, spec, trained_on, left_out))
     return plans
 
 
@@ -114,7 +114,7 @@ def held_out_domains(config: RecipeConfig, base: Ingredient, token) -> list[str 
 
 
 def plan_output(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
 ) -> list[RecipePlan]:
     """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
     `assemble_output` (any process, any machine that shares the folder) find it."""
@@ -135,9 +135,7 @@ def decode_target(plan: RecipePlan, output: Path, token=None) -> Target:
     return preparation.decode(cache=output / "cache")
 
 
-def run_index(
-    output: Path, index: int, *, token: str | bool | None = None, echo: Callable[[str], None] = print
-) -> Path:
+def run_index(output: Path, index: int, *, token: str | bool | None = None, echo: Callable[[str], None] = say) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
     done; waits for it if another process holds it (and trains it if that process dies first)."""
     work = indexed_runs(load_plans(output, token))
@@ -154,7 +152,7 @@ def run_index(
 
 
 def assemble_output(
-    output: Path, *, token: str | bool | None = None, echo: Callable[[str], None] = print
+    output: Path, *, token: str | bool | None = None, echo: Callable[[str], None] = say
 ) -> Results | LeaveOneDomainOut:
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
     while some runs are missing."""
@@ -194,23 +192,27 @@ def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Resu
     return table
 
 
-def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, list[Ingredient]]:
-    """The base and the vetted fine-tunes to recycle, each pinned to the revision seen now. A discovered
-    fine-tune that fails fetching or vetting is refused in the log and left out (anyone can tag a repo with
-    the base); one the user named with --aux fails the recipe."""
+def fetch_ingredients(
+    config: RecipeConfig, token, echo
+) -> tuple[Ingredient, list[Ingredient], tuple[tuple[str, str], ...]]:
+    """The base, the vetted fine-tunes to recycle (each pinned to the revision seen now), and the discovered
+    fine-tunes left out with why. A discovered fine-tune that fails fetching or vetting is refused in the log
+    and left out (anyone can tag a repo with the base); one the user named with --aux fails the recipe."""
     echo(f"[fetch] base {terminal_safe(config.base)}")
     base = resolve_model(config.base, token=token)
     if note := precision_note(base.path):
         echo(f"[fetch] {note}")
     discovered = not config.aux
     recycled = []
-    for source in recycled_sources(config, token, echo):
+    sources, left_out = recycled_sources(config, token, echo)
+    for source in sources:
         try:
             ingredient = resolve_model(*_pinned(source), token=token)
         except FetchError as error:
             if not discovered:
                 raise
             echo(f"[fetch] refused: {terminal_safe(str(error))}")
+            left_out.append((source, f"refused: {error}"))
             continue
         echo(f"[fetch] recycled {terminal_safe(ingredient.reference)}")
         recycled.append(ingredient)
@@ -219,6 +221,7 @@ def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, li
     def refuse(ingredient: Ingredient, error: Exception) -> None:
         echo(f"[vet] refused: {terminal_safe(str(error))}")
         refused.append(ingredient)
+        left_out.append((ingredient.reference, f"refused: {error}"))
 
     for vetted in vet_ingredients(base, recycled, refuse if discovered else None):
         echo(f"[vet] {terminal_safe(vetted.describe())}")
@@ -229,16 +232,17 @@ def fetch_ingredients(config: RecipeConfig, token, echo) -> tuple[Ingredient, li
         raise RecipeError(
             f"--strategy {config.strategy} needs recycled fine-tunes (--aux, or a Hub base to discover them)"
         )
-    return base, recycled
+    return base, recycled, tuple(left_out)
 
 
-def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
-    """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha. A
-    fine-tune the Hub did not answer about is named in a warning: the soup must not silently be another."""
+def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list[tuple[str, str]]]:
+    """The --aux list, or (Hub base, no --aux) the fine-tunes discovery accepts, pinned as id@sha; and the
+    candidates it did not accept, with why (the plan records them). A fine-tune the Hub did not answer about
+    is named in a warning: the soup must not silently be another."""
     if not STRATEGIES[config.strategy].recycles:
-        return []
+        return [], []
     if config.aux or not is_hub_id(config.base):
-        return list(config.aux)
+        return list(config.aux), []
     echo(f"[discover] fine-tunes of {config.base} on the Hub")
     target_id, _, _ = resolve_dataset(config.target, config.domain_column, config.label_column)
     candidates = discover_finetunes(config.base, target=target_id, limit=config.aux_limit, token=token)
@@ -248,7 +252,8 @@ def recycled_sources(config: RecipeConfig, token, echo) -> list[str]:
             f"[discover] warning: {unread.repo_id} could not be read ({unread.reason}); this recipe recycles the "
             "others only: rerun it to judge that one too"
         )
-    return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted]
+    left_out = [(f"{c.repo_id}@{c.revision}", f"{c.verdict}: {c.reason}") for c in candidates if not c.accepted]
+    return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted], left_out
 
 
 def _pinned(source: str) -> tuple[str, str | None]:

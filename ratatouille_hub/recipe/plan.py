@@ -85,6 +85,7 @@ class RecipePlan:
     target: TargetSpec
     lp: LPSpec
     runs: tuple[RunSpec, ...]
+    left_out: tuple[tuple[str, str], ...] = ()  # discovered fine-tunes not recycled: (id@sha, why)
 
     @property
     def ingredients(self) -> list[Ingredient]:
@@ -104,9 +105,15 @@ def members_of(init: Init) -> tuple[Ingredient, ...]:
 
 
 def build_plan(
-    config: RecipeConfig, base: Ingredient, recycled: list[Ingredient], target: TargetSpec, datasets_of
+    config: RecipeConfig,
+    base: Ingredient,
+    recycled: list[Ingredient],
+    target: TargetSpec,
+    datasets_of,
+    left_out: tuple[tuple[str, str], ...] = (),
 ) -> RecipePlan:
-    """Every spec of the recipe; `datasets_of(ingredient)` names the dataset a fine-tune was trained on."""
+    """Every spec of the recipe; `datasets_of(ingredient)` names the dataset a fine-tune was trained on;
+    `left_out` records the discovered fine-tunes not recycled, so a replay can tell why its soup differs."""
     strategy = STRATEGIES[config.strategy]
     feature_passes = inference_batch(config.micro_batch)
     lp_key = stable_hash(
@@ -127,7 +134,7 @@ def build_plan(
     runs = tuple(
         _run_spec(config, index, init, base, lp_key, target) for index, init in enumerate(strategy.inits(context))
     )
-    return RecipePlan(config, strategy, base, tuple(recycled), target, lp, runs)
+    return RecipePlan(config, strategy, base, tuple(recycled), target, lp, runs, tuple(left_out))
 
 
 def _run_spec(config: RecipeConfig, index: int, init: Init, base: Ingredient, lp_key: str, target) -> RunSpec:
@@ -225,6 +232,8 @@ def format_plan(plan: RecipePlan, output: Path, first: int = 0) -> str:
             f"{spec.hparams.weight_decay:>8g}  {spec.hparams.dropout:>7g}  {steps:>11}  {trained:>10}  "
             f"{evaluated:>9}  {spec.folder}  from {describe_init(spec.init)}"
         )
+    if plan.left_out:
+        lines += ["", *(f"left out: {reference} ({why})" for reference, why in plan.left_out)]
     missing = plan.missing(output)
     lines += [
         "",
@@ -310,6 +319,7 @@ def _plan_to_dict(plan: RecipePlan) -> dict:
         "target": target,
         "lp": asdict(plan.lp),
         "runs": runs,
+        "left_out": [list(entry) for entry in plan.left_out],
     }
 
 
@@ -339,4 +349,5 @@ def _plan_from_dict(data: dict, ingredient) -> RecipePlan:
         target=TargetSpec(**target),
         lp=LPSpec(**data["lp"]),
         runs=runs,
+        left_out=tuple((str(reference), str(why)) for reference, why in data.get("left_out", ())),
     )
