@@ -54,18 +54,29 @@ def fails_cleanly(
     watched = watch if watch is not None else out.parent
     before, around = snapshot(out), snapshot(watched, folder_times=False)
     assert cli.main(argv) == 2
+    line = one_error_line(capsys, culprit)
+    assert snapshot(out) == before  # nothing written (or, for a folder that existed, nothing changed)
+    assert snapshot(watched, folder_times=False) == around  # no staging folder or stray file left beside it
+    record(case, what, line, {"<out>": out, **placeholders})
+    return line
+
+
+def one_error_line(capsys, culprit: str) -> str:
+    """What the command just printed: one `error:` line on stderr naming `culprit`, and no traceback."""
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert culprit in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
-    assert snapshot(out) == before  # nothing written (or, for a folder that existed, nothing changed)
-    assert snapshot(watched, folder_times=False) == around  # no staging folder or stray file left beside it
-    line = normalise(lines[0], {"<out>": out, **placeholders})
+    return lines[0]
+
+
+def record(case: str, what: str, line: str, placeholders: dict[str, Path | str]) -> None:
+    """Keep `line` (paths written as placeholders) for docs/errors.md, and demand it is documented there."""
+    line = normalise(line, placeholders)
     SEEN[case] = (what, line)
     if not os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
         assert f"`{line}`" in DOCS.read_text(encoding="utf-8"), f"docs/errors.md lacks: {line}"
-    return lines[0]
 
 
 def _rows(text: str) -> dict[str, tuple[str, str]]:

@@ -8,7 +8,6 @@ the disk has no room for is refused before it is written. After each refusal, th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import zlib
@@ -147,18 +146,11 @@ def refused_while_decoding(case: str, what: str, argv: list[str], culprit: str, 
     line naming the culprit, exit 2, no traceback, the line in docs/errors.md; planning never decodes, so the
     output folder holds the saved plan, and nothing decoded: no cache file, no staging folder (locks only)."""
     assert cli.main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert culprit in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
+    line = refusals.one_error_line(capsys, culprit)
     assert (out / "plan.json").is_file()
     assert [p.name for p in (out / "cache").rglob("*") if not p.name.endswith(".lock")] == []
-    line = refusals.normalise(lines[0], {"<out>": out, **placeholders(world)})
-    refusals.SEEN[case] = (what, line)
-    if not os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
-        assert f"`{line}`" in refusals.DOCS.read_text(encoding="utf-8"), f"docs/errors.md lacks: {line}"
-    return lines[0]
+    refusals.record(case, what, line, {"<out>": out, **placeholders(world)})
+    return line
 
 
 # -- labels: refused at planning, naming the row, its domain and the column --------------------------------
