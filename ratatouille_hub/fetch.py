@@ -94,7 +94,7 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
         raise FetchError(f"{source}: not a model folder")
     if not is_hub_id(source):
         raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = list(WEIGHT_PATTERNS)
@@ -110,8 +110,11 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
     else:
 
         def download() -> tuple[str, Path]:
-            pinned = HfApi(token=token).model_info(source, revision=revision).sha
-            return pinned, Path(snapshot_download(source, revision=pinned, allow_patterns=patterns, token=token))
+            """The snapshot folder is named by the commit it holds: that is the pin. Downloading by the name
+            asked (not by a sha looked up first) also records the branch in the cache (refs/main), so the same
+            reference resolves there offline."""
+            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns, token=token))
+            return path.name, path
 
         with reaching_the_hub(source), answered_by_the_hub(source, revision):
             sha, path = with_retries(download)

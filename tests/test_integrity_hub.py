@@ -395,3 +395,24 @@ def test_a_bad_hub_weight_is_named_by_repo_and_commit_not_by_cache_path(
     )
     assert line == f"error: {ns}/nan@{sha}/model.safetensors: tensor '{CONV}' contains NaN or Inf"
     assert constants.HF_HUB_CACHE not in line
+
+
+# -- offline, what recycle itself fetched ----------------------------------------------------------------
+
+
+def test_a_hub_base_recycle_fetched_resolves_offline(local_hub, hub_namespace, models, tiny_world, tmp_path, capsys):
+    """Fetched online by its name, the base resolves offline by the same name, to the same commit; and the
+    soup bytes are the same (HF_HUB_OFFLINE=1 as the README's offline journey sets it)."""
+    base = f"{hub_namespace}/base"
+    sha = seed(local_hub, base, models.base, 10)
+    online = tmp_path / "online"
+    assert cli.main(recycle_argv(base, tiny_world.target, online, "--strategy", "soup")) == 0
+    with pytest.MonkeyPatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert cli.main(recycle_argv(base, tiny_world.target, tmp_path / "offline", "--strategy", "soup")) == 0
+    capsys.readouterr()
+    for folder in (online, tmp_path / "offline"):
+        assert json.loads((folder / "plan.json").read_text())["plans"][0]["base"]["revision"] == sha
+    assert (online / "soup" / "model.safetensors").read_bytes() == (
+        tmp_path / "offline" / "soup" / "model.safetensors"
+    ).read_bytes()
