@@ -103,10 +103,11 @@ def add_options(parser: argparse.ArgumentParser, options: type[Options], groups:
 
 
 def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeConfig):
-    """The options a command was given: --config's values (where the command has one), then its flags."""
+    """The options a command was given: --config's values (where the command has one, and they are the
+    command's recipe: where to publish is never saved in one), then its flags."""
     from .config import ConfigError
 
-    config_file = getattr(args, "config", None)
+    config_file = getattr(args, "config", None) if options is not PublishOptions else None
     values = options.read_yaml(config_file) if config_file else {}
     names = {f.name for f in dataclasses.fields(options)}
     flags = {k: v for k, v in vars(args).items() if k in names}

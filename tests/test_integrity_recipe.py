@@ -294,3 +294,20 @@ def test_a_long_output_name_is_legal_for_every_file_written_beside_it(tiny_world
     long_recipe = tmp_path / ("r" * 250)
     assert cli.main(["plan", "--base", str(tiny_world.base), "--target", str(tiny_world.target), *TINY,
                      "--output", str(long_recipe)]) == 0  # fmt: skip
+
+
+def test_a_saved_recipe_replays_with_push_to_hub_as_the_card_says(tiny_world, shapes, tmp_path, capsys, hub_namespace):
+    """`recycle --config out/recipe.yaml` (the Quickstart's and every card's replay line), then the same with
+    --push-to-hub: both run to the end, the replay trains nothing again, and the soup lands on the Hub."""
+    out = tmp_path / "out"
+    assert cli.main(recycle_argv(tiny_world, shapes, out)) == 0
+    soup = (out / "soup" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    repo_id = f"{hub_namespace}/replayed"
+    assert cli.main(["recycle", "--config", str(out / "recipe.yaml"), "--push-to-hub", repo_id]) == 0
+    printed = capsys.readouterr().out
+    assert "[train] run 1/1: done earlier" in printed and f"pushed {out / 'soup'} to " in printed
+    assert (out / "soup" / "model.safetensors").read_bytes() == soup
+    from huggingface_hub import hf_hub_download
+
+    assert Path(hf_hub_download(repo_id, "model.safetensors")).read_bytes() == soup
