@@ -556,8 +556,11 @@ def run_push(args) -> None:
 
 
 def run_local_hub(args) -> None:
+    from .errors import InputError
     from .localhub.server import read_users_file, serve
 
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be from 1 to 65535 (got {args.port})")
     users = read_users_file(args.users_file) if args.users_file else None
     serve(args.root, args.port, token=args.require_token, users=users)
 

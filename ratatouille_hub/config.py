@@ -117,8 +117,38 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 # -- field checks: each returns a problem or None; a tuple field is checked item by item -----------
 
 
-def at_least(minimum: int) -> Callable:
-    return lambda name, v: None if v >= minimum else f"{name} must be at least {minimum} (got {v})"
+def int_range(minimum: int, most: int = 2**31 - 1) -> Callable:
+    """An integer from `minimum` to `most`: the default ceiling is what the step counters, progress bars and
+    torch's int32 indices hold, so a typo of many digits is refused before anything runs."""
+
+    def check(name, v):
+        if v < minimum:
+            return f"{name} must be at least {minimum} (got {v})"
+        return None if v <= most else f"{name} must be at most {most} (got {v})"
+
+    return check
+
+
+MAX_RUNS = 10_000  # a plan lists every run; the paper's recipes use 20 (a typo of many digits would fill memory)
+MAX_IMAGE_SIZE = 4096  # pixels a side; a decoded target holds every image at this size
+
+
+def utf8_path(name, v):
+    """Where we write must be a name every file format we write can hold (safetensors paths are UTF-8)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{name} must be a UTF-8 path (got {v!r})"
+    return None
+
+
+def png_file(name, v):
+    """A figure is a PNG written into a folder that exists: checked before the work that draws it."""
+    if not v.lower().endswith(".png"):
+        return f"{name} must name a .png file (got {v!r})"
+    if not Path(v).parent.is_dir():
+        return f"{name}: folder {str(Path(v).parent)!r} does not exist"
+    return utf8_path(name, v)
 
 
 def unit_interval(name, v):
@@ -193,7 +223,10 @@ class DataOptions(Options):
     label_column: str = _opt("label", "dataset column holding the class label", group="target")
     image_column: str = _opt("image", "dataset column holding the image", group="target")
     image_size: int | None = _opt(
-        None, "training resolution (default: the base's image processor size)", group="training", check=at_least(8)
+        None,
+        "training resolution (default: the base's image processor size)",
+        group="training",
+        check=int_range(8, MAX_IMAGE_SIZE),
     )
     seed: int = _opt(
         0,
@@ -222,9 +255,9 @@ class TrainingOptions(DataOptions):
     """How each fine-tune trains: shared by recycle's target runs and intertrain's auxiliary runs."""
 
     base: str = _opt("", "base model: a Hub id or a local transformers model folder", group="model", required=True)
-    runs: int = _opt(20, "target fine-tunes to average", group="runs", check=at_least(1))
-    steps: int = _opt(5001, "optimisation steps per fine-tune", group="training", check=at_least(1))
-    batch_size: int = _opt(32, "images per training domain per step", group="training", check=at_least(1))
+    runs: int = _opt(20, "target fine-tunes to average", group="runs", check=int_range(1, MAX_RUNS))
+    steps: int = _opt(5001, "optimisation steps per fine-tune", group="training", check=int_range(1))
+    batch_size: int = _opt(32, "images per training domain per step", group="training", check=int_range(1))
     lr: float = _opt(5e-5, "learning rate of run 0 (Adam, constant)", group="training", check=positive)
     lr_choices: tuple[float, ...] = _opt(
         (1e-5, 3e-5, 5e-5), "learning rates drawn by runs 1..N-1", group="training", check=positive
@@ -243,12 +276,12 @@ class TrainingOptions(DataOptions):
         "images per pass through the model: a step's gradient accumulates over its passes, and evaluation "
         "goes in passes of at most as many, so peak memory is one pass's (0: whole steps, evaluation by 64)",
         group="training",
-        check=at_least(0),
+        check=int_range(0),
     )
     precision: str = _opt(
         "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
     )
-    output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output")
+    output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output", check=utf8_path)
 
 
 ALL_DOMAINS = "all"  # recycle's --test-domain for leave-one-domain-out over every domain
@@ -276,7 +309,7 @@ class RecipeConfig(TargetOptions, TrainingOptions):
         group="runs",
     )
     aux_limit: int = _opt(
-        16, "with no --aux: how many discovered fine-tunes of the base to consider", group="runs", check=at_least(1)
+        16, "with no --aux: how many discovered fine-tunes of the base to consider", group="runs", check=int_range(1)
     )
     strategy: str = _opt(
         "ratatouille",
@@ -302,10 +335,10 @@ class RecipeConfig(TargetOptions, TrainingOptions):
         100,
         "evaluate on training-domain validation every N steps (and at the last)",
         group="training",
-        check=at_least(1),
+        check=int_range(1),
     )
     lp_steps: int = _opt(
-        5001, "steps of the shared linear probe on the frozen base", group="training", check=at_least(1)
+        5001, "steps of the shared linear probe on the frozen base", group="training", check=int_range(1)
     )
     lp_lr: float = _opt(5e-5, "learning rate of the linear probe", group="training", check=positive)
     warmup_steps: int = _opt(
@@ -339,11 +372,13 @@ class IntertrainConfig(TrainingOptions):
         check=hub_model_id,
     )
     runs: int = _opt(
-        1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=at_least(1)
+        1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=int_range(1, MAX_RUNS)
     )
-    batch_size: int = _opt(32, "images per step", group="training", check=at_least(1))
+    batch_size: int = _opt(32, "images per step", group="training", check=int_range(1))
     seed: int = _opt(0, "seed of run 0; run r uses seed + r", group="target", check=seed_range)
-    output: str = _opt("intertrain-output", "folder for the fine-tunes (one subfolder per run)", group="output")
+    output: str = _opt(
+        "intertrain-output", "folder for the fine-tunes (one subfolder per run)", group="output", check=utf8_path
+    )
 
 
 # -- the other commands ----------------------------------------------------------------------------
@@ -356,7 +391,7 @@ class MergeOptions(TargetOptions):
     models: tuple[str, ...] = _opt(
         (), "model folders holding model.safetensors", group="model", positional=True, required=True
     )
-    output: str = _opt("", "folder for the merged model", group="output", required=True)
+    output: str = _opt("", "folder for the merged model", group="output", required=True, check=utf8_path)
     method: str = _opt(
         "uniform",
         "; ".join(f"{name}: {entry.help}" for name, entry in MERGE_METHODS.items()),
@@ -413,7 +448,7 @@ class DiagnoseOptions(TargetOptions):
     target: str = _opt(
         "", "target dataset (folder, parquet, DomainBed folder or Hub id)", group="target", required=True
     )
-    plot: str | None = _opt(None, "write the interpolation paths as a PNG here", group="output")
+    plot: str | None = _opt(None, "write the interpolation paths as a PNG here", group="output", check=png_file)
 
 
 @dataclass(frozen=True)
@@ -422,7 +457,7 @@ class DiscoverOptions(Options):
     target: str | None = _opt(
         None, "target dataset (Hub id or alias such as PACS): fine-tunes trained on it are refused", group="target"
     )
-    limit: int = _opt(20, "how many fine-tunes to examine", group="model", check=at_least(1))
+    limit: int = _opt(20, "how many fine-tunes to examine", group="model", check=int_range(1))
 
 
 @dataclass(frozen=True)
@@ -441,7 +476,7 @@ class RunOptions(Options):
         "which run of the plan to train, from 0 (e.g. $SLURM_ARRAY_TASK_ID)",
         group="runs",
         required=True,
-        check=at_least(0),
+        check=int_range(0),
     )
 
 
@@ -476,7 +511,7 @@ class ContributeOptions(Options):
         "", "repo prefix ORG/PREFIX: run i goes to ORG/PREFIX-run<i>", group="hub", required=True, check=hub_model_id
     )
     index: tuple[int, ...] = _opt(
-        (), "the runs to push (default: every run)", group="runs", check=at_least(0), may_be_empty=True
+        (), "the runs to push (default: every run)", group="runs", check=int_range(0), may_be_empty=True
     )
 
 

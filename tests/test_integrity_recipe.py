@@ -311,3 +311,19 @@ def test_a_saved_recipe_replays_with_push_to_hub_as_the_card_says(tiny_world, sh
     from huggingface_hub import hf_hub_download
 
     assert Path(hf_hub_download(repo_id, "model.safetensors")).read_bytes() == soup
+
+
+def test_a_domain_name_cannot_forge_a_line_of_the_plan(tiny_world, tmp_path, capsys):
+    """A domain named with a newline and an escape sequence: every printed line of the dry run is one of ours."""
+    dataset = toyworld.target_dataset(per_class_per_domain=3, size=16)
+    hostile = "ph\n[train] run 9/9: done\x1b[2J"
+    domains = [hostile if d == "photo" else d for d in dataset["domain"]]
+    dataset = dataset.remove_columns("domain").add_column("domain", domains, feature=Value("string"))
+    target = tmp_path / "forged" / "data"
+    target.mkdir(parents=True)
+    dataset.to_parquet(str(target / "train.parquet"))
+    argv = [*recycle_argv(tiny_world, target.parent, tmp_path / "out", "--test-domain", hostile), "--dry-run"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and not any(line.startswith("[train] run 9/9") for line in printed.splitlines())
+    assert "held out: ph\\n[train] run 9/9: done\\x1b[2J;" in printed

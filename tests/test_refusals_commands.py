@@ -84,3 +84,52 @@ def test_intertrain_refuses_a_base_model_that_is_no_hub_id(tiny_world, tmp_path,
     refusals.fails_cleanly(
         "intertrain-bad-base-model", "intertrain --base-model x/y/z", argv, "x/y/z", out, capsys, places
     )
+
+
+LIMITS = {  # case: (what, extra flags, expected line)
+    "recycle-runs-huge": ("--runs 100000000000", ("--runs", "100000000000"), "error: runs must be at most 10000 (got 100000000000)"),
+    "recycle-steps-huge": (
+        "--steps past the int64 range",
+        ("--steps", "18446744073709551617"),
+        "error: steps must be at most 2147483647 (got 18446744073709551617)",
+    ),
+    "recycle-image-size-huge": ("--image-size 100000", ("--image-size", "100000"), "error: image_size must be at most 4096 (got 100000)"),
+    "recycle-output-not-utf8": (
+        "--output whose name is not UTF-8",
+        ("--output", "out-\udcff"),
+        "error: output must be a UTF-8 path (got 'out-\\udcff')",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LIMITS))
+def test_numbers_and_names_nothing_could_run_with_are_refused_before_any_work(case, tiny_world, tmp_path, capsys):
+    """Each is refused at once: before the fix, --runs allocated until memory ran out (--dry-run included),
+    --steps overflowed a progress bar after the probe had trained, a non-UTF-8 --output failed in safetensors."""
+    what, extra, expected = LIMITS[case]
+    out = tmp_path / "out"
+    places = {"<tmp>": tmp_path, "<ckpt>": tiny_world.base.parent, "<world>": tiny_world.target.parent}
+    argv = (
+        [*_argv(tiny_world, out, *extra), "--dry-run"]
+        if case == "recycle-runs-huge"
+        else _argv(tiny_world, out, *extra)
+    )
+    line = refusals.fails_cleanly(case, what, argv, extra[0][2:].replace("-", "_"), out, capsys, places, watch=tmp_path)
+    assert line == expected
+
+
+def test_diagnose_plot_and_local_hub_port_are_checked_before_any_work(tiny_world, tmp_path, capsys):
+    places = {"<tmp>": tmp_path, "<ckpt>": tiny_world.base.parent, "<world>": tiny_world.target.parent}
+    models = [str(tiny_world.aux[0]), str(tiny_world.aux[0]), "--target", str(tiny_world.target)]
+    for case, what, argv, expected in (
+        ("diagnose-plot-not-png", "diagnose --plot x.txt", ["diagnose", *models, "--plot", str(tmp_path / "x.txt")],
+         "error: plot must name a .png file (got '<tmp>/x.txt')"),
+        ("diagnose-plot-missing-folder", "diagnose --plot into a folder that does not exist",
+         ["diagnose", *models, "--plot", str(tmp_path / "none" / "x.png")],
+         "error: plot: folder '<tmp>/none' does not exist"),
+        ("local-hub-port-out-of-range", "local-hub --port 99999",
+         ["local-hub", "--root", str(tmp_path / "hub"), "--port", "99999"], "error: --port must be from 1 to 65535 (got 99999)"),
+    ):  # fmt: skip
+        culprit = "--port" if case.startswith("local-hub") else "plot"
+        line = refusals.fails_cleanly(case, what, argv, culprit, tmp_path / "hub", capsys, places)
+        assert refusals.normalise(line, places) == expected

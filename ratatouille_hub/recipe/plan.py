@@ -18,6 +18,7 @@ from ..evaluation import INFERENCE_BATCH, inference_batch
 from ..fetch import Ingredient, resolve_model
 from ..hashing import check_content_key, stable_hash
 from ..io import DONE, atomic_write_json
+from ..safe_text import terminal_safe
 from ..strategies import STRATEGIES, FusionSpec, Init, InitContext, Strategy
 from ..target import TargetSpec
 
@@ -210,9 +211,10 @@ def format_plans(plans: list[RecipePlan], output: Path) -> str:
 def format_plan(plan: RecipePlan, output: Path, first: int = 0) -> str:
     """One plan: every run (indexed from `first`), its init and hparams, done or pending, and its cost."""
     target = plan.target
+    train = ", ".join(terminal_safe(d) for d in target.train_domains)  # the dataset's names: one line each
     lines = [
-        f"plan: {len(plan.runs)} runs, strategy {plan.strategy.name}, on {target.reference} "
-        f"(train: {', '.join(target.train_domains)}; held out: {target.test_domain}; {target.image_size} px)",
+        f"plan: {len(plan.runs)} runs, strategy {plan.strategy.name}, on {terminal_safe(target.reference)} "
+        f"(train: {train}; held out: {terminal_safe(target.test_domain)}; {target.image_size} px)",
         f"output: {output}",
         f"linear probe {plan.lp.folder}: {'done' if plan.is_done(output, plan.lp) else 'pending'}, "
         f"{plan.lp.steps} steps on features of {sum(target.train_sizes) + target.val_size} images",
@@ -233,7 +235,7 @@ def format_plan(plan: RecipePlan, output: Path, first: int = 0) -> str:
             f"{evaluated:>9}  {spec.folder}  from {describe_init(spec.init)}"
         )
     if plan.left_out:
-        lines += ["", *(f"left out: {reference} ({why})" for reference, why in plan.left_out)]
+        lines += ["", *(f"left out: {reference} ({terminal_safe(why)})" for reference, why in plan.left_out)]
     missing = plan.missing(output)
     lines += [
         "",
