@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .fetch import TRIES, FetchError, gated, hub_reason, is_transient, reaching_the_hub, with_retries
+from .fetch import TRIES, FetchError, gated, hub_reason, is_transient, reaching_the_hub, weight_files, with_retries
 from .safe_text import terminal_safe
 
 TensorSignature = tuple[str, tuple[int, ...]]  # (dtype, shape)
@@ -58,12 +58,11 @@ class Candidate:
 
 
 def local_signature(folder: Path) -> dict[str, TensorSignature]:
-    """Tensor names -> (dtype, shape) of a local model folder, read from the headers only."""
+    """Tensor names -> (dtype, shape) of a local model folder's weights (`weight_files`), from the headers only."""
     from .merge import read_safetensors_header
 
     signature: dict[str, TensorSignature] = {}
-    files = sorted(Path(folder).glob("*.safetensors"))
-    for file in files:
+    for file in weight_files(Path(folder)):
         for name, info in read_safetensors_header(file).items():
             signature[name] = (info.dtype, tuple(info.shape))
     return signature

@@ -1,8 +1,9 @@
 """Fetch: turn a model reference (Hub id or local folder) into a pinned, local ingredient, and a
 dataset name (or a DomainBed alias) into the Hub dataset and its columns.
 
-Only weights in safetensors, configs and processor files are downloaded, at the exact revision
-sha seen when the ingredient was resolved, so a recipe replays on the same bytes.
+Only the weights transformers loads (model.safetensors, else the shards its index names), configs and
+processor files are downloaded, at the exact revision sha seen when the ingredient was resolved, so a recipe
+replays on the same bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from .errors import RatatouilleError
 
+# Downloaded first; an index's shards follow by name (`weight_files`): no other *.safetensors is fetched.
 WEIGHT_PATTERNS = (
-    "*.safetensors",
+    "model.safetensors",
     "model.safetensors.index.json",
     "config.json",
     "preprocessor_config.json",
@@ -72,9 +74,10 @@ def reaching_the_hub(repo: str):
     clients' own message is the socket's, e.g. `[Errno -2] Name or service not known`)."""
     try:
         yield
-    except Exception as error:
+    except Exception as raised:
+        error = raised.__cause__ if type(raised).__name__ == "LocalEntryNotFoundError" else raised
         if not any(cls.__name__ == "TransportError" for cls in type(error).__mro__):  # httpx's network errors
-            raise
+            raise  # (snapshot_download wraps them in LocalEntryNotFoundError when the cache has no copy either)
         from huggingface_hub import constants
 
         raise FetchError(
@@ -94,34 +97,41 @@ def resolve_model(source: str, revision: str | None = None, token: str | bool | 
         raise FetchError(f"{source}: not a model folder")
     if not is_hub_id(source):
         raise FetchError(f"{source}: no such model folder (and not a Hub model id)")
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = list(WEIGHT_PATTERNS)
     if constants.HF_HUB_OFFLINE:
         try:
-            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns, token=token))
+            sha, path = _download(source, revision, token)
         except LocalEntryNotFoundError:
             raise FetchError(
                 f"{source}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
                 "fetch it once online, or pass a local folder"
             ) from None
-        sha = path.name  # snapshots/<commit sha>
     else:
-
-        def download() -> tuple[str, Path]:
-            """The snapshot folder is named by the commit it holds: that is the pin. Downloading by the name
-            asked (not by a sha looked up first) also records the branch in the cache (refs/main), so the same
-            reference resolves there offline."""
-            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns, token=token))
-            return path.name, path
-
         with reaching_the_hub(source), answered_by_the_hub(source, revision):
-            sha, path = with_retries(download)
+            sha, path = with_retries(lambda: _download(source, revision, token))
     verify_download(source, sha, path)
-    if not any(path.glob("*.safetensors")):
-        raise FetchError(f"{source}@{sha}: no safetensors weights (pickle checkpoints are never loaded)")
     return Ingredient(source, sha, path)
+
+
+def _download(source: str, revision: str | None, token) -> tuple[str, Path]:
+    """(commit sha, snapshot folder) of the files a model loads from: the configs and model.safetensors or the
+    index, then the shards the index names, each by its exact name. The snapshot folder is named by the commit
+    it holds: that is the pin. Downloading by the name asked (not by a sha looked up first) also records the
+    branch in the cache (refs/main), so the same reference resolves there offline."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    path = Path(snapshot_download(source, revision=revision, allow_patterns=list(WEIGHT_PATTERNS), token=token))
+    sha = path.name  # snapshots/<commit sha>
+    try:
+        files = weight_files(path)
+    except RatatouilleError as error:  # its line names the folder inside the HF cache
+        raise FetchError(str(error).replace(str(path), f"{source}@{sha}")) from None
+    for file in files:  # plain .safetensors names in the snapshot (merge.index_shards): safe to ask for
+        if not file.is_file():
+            hf_hub_download(source, file.name, revision=sha, token=token)
+    return sha, path
 
 
 def verify_download(source: str, sha: str, snapshot: Path) -> None:
@@ -172,8 +182,12 @@ def is_transient(error: BaseException) -> bool:
     return bool(names & {"TimeoutException", "NetworkError", "RemoteProtocolError"}) and "ConnectError" not in names
 
 
+# What a reference names when it is not a Hub repo, by repo type.
+LOCAL_KINDS = {"model": "model folder", "dataset": "dataset folder or file"}
+
+
 @contextmanager
-def answered_by_the_hub(repo: str, revision: str | None = None):
+def answered_by_the_hub(repo: str, revision: str | None = None, repo_type: str = "model"):
     """The Hub's refusals as one line naming the repo and what to do (the clients' own first line is
     e.g. `403 Client Error.`, which names neither)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -181,10 +195,11 @@ def answered_by_the_hub(repo: str, revision: str | None = None):
     try:
         yield
     except GatedRepoError:
-        raise FetchError(gated(repo)) from None
+        raise FetchError(gated(repo, repo_type)) from None
     except RepositoryNotFoundError:
         raise FetchError(
-            f"{repo}: no such model folder, and no Hub model of that name is visible (a private one needs --token)"
+            f"{repo}: no such {LOCAL_KINDS[repo_type]}, and no Hub {repo_type} of that name is visible "
+            "(a private one needs --token)"
         ) from None
     except RevisionNotFoundError:
         raise FetchError(f"{repo}: no revision {revision!r} on the Hub") from None
@@ -192,13 +207,14 @@ def answered_by_the_hub(repo: str, revision: str | None = None):
         raise FetchError(f"{repo}: {hub_reason(error)}") from None
 
 
-def gated(repo: str) -> str:
+def gated(repo: str, repo_type: str = "model") -> str:
     """What to do about a gated repo, in one line."""
     from huggingface_hub import constants
 
+    page = f"{constants.ENDPOINT}/{constants.REPO_TYPES_URL_PREFIXES.get(repo_type, '')}{repo}"
     return (
         f"{repo} is gated: the Hub shares its files only with accounts that accepted its conditions; accept them "
-        f"at {constants.ENDPOINT}/{repo}, then pass --token with a token of that account"
+        f"at {page}, then pass --token with a token of that account"
     )
 
 
@@ -216,17 +232,25 @@ def dataset_revision(target: str, token) -> str | None:
 
     if constants.HF_HUB_OFFLINE:
         return None
-    with reaching_the_hub(target):
+    with reaching_the_hub(target), answered_by_the_hub(target, repo_type="dataset"):
         return with_retries(lambda: HfApi(token=token).dataset_info(target).sha)
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 of the folder's safetensors weights: names local checkpoints by content."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+def weight_files(folder: Path) -> list[Path]:
+    """The files a model folder's weights are, as transformers picks them (merge's rule: model.safetensors,
+    else the shards its index names). Any other *.safetensors beside them is ignored everywhere (never
+    downloaded, hashed, vetted or merged): transformers never loads it, so what is measured is what is trained."""
+    from .merge import WEIGHTS_INDEX_NAME, _weight_files
+
+    if not (folder / WEIGHTS_INDEX_NAME).is_file() and not any(folder.glob("*.safetensors")):
         raise FetchError(f"{folder}: no safetensors weights (pickle checkpoints are not loaded)")
+    return [folder / name for name in _weight_files(folder)]
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of the folder's weights (`weight_files`): names local checkpoints by content."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in weight_files(folder):
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)

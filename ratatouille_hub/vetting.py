@@ -51,7 +51,7 @@ from pathlib import Path
 
 from .discover import backbone_mismatch, head_names_of, local_signature
 from .errors import RatatouilleError
-from .fetch import Ingredient
+from .fetch import Ingredient, weight_files
 
 MAX_DISTANCE_TO_BASE = 1.0
 # A distance above this multiple of the others' median is flagged. Not less: distance grows about with the
@@ -197,15 +197,11 @@ def read_config(ingredient: Ingredient) -> dict:
     return configs["config.json"]
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.safetensors"))
-
-
 def _tensors(folder: Path):
-    """(file, name, tensor) for every tensor of a folder, one at a time (memory stays one tensor)."""
+    """(file, name, tensor) for every tensor of a folder's weights, one at a time (memory stays one tensor)."""
     from safetensors import safe_open
 
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 yield file, name, handle.get_tensor(name)
@@ -241,7 +237,7 @@ def _relative_distance(base: Ingredient, ingredient: Ingredient, selected) -> fl
     kept = 0
     with ExitStack() as stack:
         base_files = {}
-        for file in _weight_files(base.path):
+        for file in weight_files(base.path):
             handle = stack.enter_context(safe_open(str(file), framework="pt"))
             base_files.update((name, handle) for name in handle.keys())
         for _, name, tensor in _tensors(ingredient.path):

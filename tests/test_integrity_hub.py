@@ -416,3 +416,118 @@ def test_a_hub_base_recycle_fetched_resolves_offline(local_hub, hub_namespace, m
     assert (online / "soup" / "model.safetensors").read_bytes() == (
         tmp_path / "offline" / "soup" / "model.safetensors"
     ).read_bytes()
+
+
+# -- what is measured is what is trained ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoy(models) -> Path:
+    """The stranger (independently initialised, same shapes), with two copies of the base's weights beside its
+    model.safetensors: transformers loads model.safetensors only, so the copies must not make it look close."""
+    folder = models.stranger.parent / "decoy"
+    shutil.copytree(models.stranger, folder)
+    for i in range(2):
+        shutil.copyfile(models.base / "model.safetensors", folder / f"zz-decoy-{i}.safetensors")
+    return folder
+
+
+def stranger_line(name: str, models) -> str:
+    """The refusal of the stranger, by `name`, at its own distance (measured on model.safetensors alone)."""
+    from ratatouille_hub.vetting import read_config
+    from ratatouille_hub.vetting import signature_of as signature
+
+    base = fetch.Ingredient(str(models.base), "sha256:x", models.base)
+    stranger = fetch.Ingredient(str(models.stranger), "sha256:y", models.stranger)
+    heads = head_names_of(models.base / "config.json")
+    distance = distance_to_base(base, stranger, signature(base), heads)
+    assert distance > 1.0 and read_config(stranger)["model_type"] == "resnet"
+    return (
+        f"error: {name} is not a fine-tune of {models.base}: its backbone weights are at relative distance "
+        f"{distance:.2f} from the base's (fine-tunes stay below 1)"
+    )
+
+
+def test_decoy_weights_beside_model_safetensors_do_not_pass_vetting(decoy, models, tiny_world, tmp_path, capsys):
+    """Local: vetting, its finiteness check and the content digest read model.safetensors, as transformers does."""
+    out = tmp_path / "out"
+    line = refusals.fails_cleanly(
+        "vet-decoy-safetensors",
+        "--aux a stranger's folder with copies of the base's weights beside its model.safetensors",
+        recycle_argv(str(models.base), tiny_world.target, out, "--aux", str(decoy)),
+        str(decoy),
+        out,
+        capsys,
+        {"<world>": tiny_world.target.parent, "<ckpt>": models.base.parent, "<tmp>": decoy.parent},
+    )
+    assert line == stranger_line(str(decoy), models)
+    assert fetch.weights_digest(decoy) == fetch.weights_digest(models.stranger)  # the decoys are not hashed
+    assert local_signature(decoy) == local_signature(models.stranger)
+
+
+def test_decoy_weights_on_the_hub_are_never_downloaded(
+    local_hub, hub_namespace, decoy, models, tiny_world, tmp_path, capsys
+):
+    ns = hub_namespace
+    sha = seed(local_hub, f"{ns}/decoy", decoy, 10)
+    out = tmp_path / "out"
+    line = refusals.fails_cleanly(
+        "fetch-hub-decoy-safetensors",
+        "--aux a Hub model with copies of the base's weights beside its model.safetensors",
+        recycle_argv(str(models.base), tiny_world.target, out, "--aux", f"{ns}/decoy"),
+        f"{ns}/decoy",
+        out,
+        capsys,
+        placeholders(ns, tiny_world, **{"<ckpt>": models.base.parent, "<sha>": sha}),
+    )
+    assert line == stranger_line(f"{ns}/decoy", models)
+    assert not [p for p in cached(f"{ns}/decoy") if "decoy" in p.name]  # only what transformers loads
+
+
+def test_a_sharded_hub_model_downloads_the_shards_its_index_names_and_no_other(local_hub, hub_namespace, models):
+    from transformers import ResNetForImageClassification
+
+    sharded = models.good.parent / "good-sharded"
+    model = ResNetForImageClassification.from_pretrained(models.good)
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    shutil.copyfile(models.good / "preprocessor_config.json", sharded / "preprocessor_config.json")
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    shutil.copyfile(models.base / "model.safetensors", sharded / "zz-decoy.safetensors")
+    seed(local_hub, f"{hub_namespace}/sharded", sharded, 10)
+    ingredient = resolve_model(f"{hub_namespace}/sharded")
+    assert sorted(p.name for p in ingredient.path.glob("*.safetensors")) == shards
+    assert local_signature(ingredient.path) == local_signature(models.good)
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["weight_map"][CONV] = ".."
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    sha = seed(local_hub, f"{hub_namespace}/sharded-dotdot", sharded, 10)
+    with pytest.raises(fetch.FetchError) as refused:
+        resolve_model(f"{hub_namespace}/sharded-dotdot")
+    assert str(refused.value) == (
+        f"{hub_namespace}/sharded-dotdot@{sha}/model.safetensors.index.json: weight_map must map tensor names to "
+        ".safetensors files in the same folder"
+    )
+
+
+@pytest.mark.parametrize("command", ["recycle", "intertrain"])
+def test_a_missing_hub_dataset_is_named(command, local_hub, hub_namespace, models, tiny_world, tmp_path, capsys):
+    missing, out = f"{hub_namespace}/none", tmp_path / "out"
+    argv = {
+        "recycle": recycle_argv(str(models.base), missing, out),
+        "intertrain": ["intertrain", "--base", str(models.base), "--dataset", missing, "--output", str(out)],
+    }[command]
+    line = refusals.fails_cleanly(
+        f"fetch-{command}-missing-hub-dataset",
+        f"{command} naming a Hub dataset that does not exist",
+        argv,
+        missing,
+        out,
+        capsys,
+        placeholders(hub_namespace, tiny_world, **{"<ckpt>": models.base.parent}),
+    )
+    assert line == (
+        f"error: {missing}: no such dataset folder or file, and no Hub dataset of that name is visible "
+        "(a private one needs --token)"
+    )
