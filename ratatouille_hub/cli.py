@@ -407,15 +407,17 @@ def _push(folder: Path, repo_id: str, publish, token) -> None:
 
 
 def merge_output_files() -> tuple[str, ...]:
-    """What a previous `merge` writes: an output holding only these may be replaced by a new merge."""
+    """What a previous `merge` writes besides weight shards: an output holding only these may be replaced."""
     from .merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     return (*COPIED_CONFIGS, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 def check_merge_output(output: Path, inputs: list[Path]) -> None:
-    """The output is replaced whole, so it must be new, empty or an earlier merge; never an input."""
+    """The output is replaced whole, so it must be new, empty or an earlier merge (only the files a merge
+    writes, and weights carrying a merge's record); never an input, nor the base."""
     from .errors import RecipeError
+    from .io import foreign_entries
 
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
@@ -423,24 +425,47 @@ def check_merge_output(output: Path, inputs: list[Path]) -> None:
     for model in inputs:
         if resolved == model.resolve() or resolved in model.resolve().parents:
             raise RecipeError(f"output {output} is (or contains) the input {model}; choose another folder")
-    if output.is_dir():
-        known = merge_output_files()
-        foreign = sorted(p.name for p in output.iterdir() if not p.name.startswith("model-") and p.name not in known)
-        if foreign:
-            raise RecipeError(
-                f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
-            )
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    foreign = foreign_entries(output, merge_output_files())
+    if foreign:
+        raise RecipeError(
+            f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
+        )
+    if not _carries_merge_record(output):
+        raise RecipeError(
+            f"output {output} holds a model no merge wrote (its weights carry no merge record); it would be "
+            "replaced whole - choose an empty folder"
+        )
+
+
+def _carries_merge_record(folder: Path) -> bool:
+    """Whether every weights file of `folder` has the metadata a merge writes: its `ratatouille.merge` mark,
+    or the ingredients of a uniform soup (what `update --output` and `assemble --from-hub` write)."""
+    from .io import WEIGHTS_SHARD
+    from .merge import WEIGHTS_NAME, MergeError, read_safetensors_metadata
+    from .provenance import INGREDIENTS_KEY, MERGE_KEY
+
+    weights = [p for p in folder.iterdir() if p.name == WEIGHTS_NAME or WEIGHTS_SHARD.fullmatch(p.name)]
+    try:
+        return bool(weights) and all(
+            {MERGE_KEY, INGREDIENTS_KEY} & read_safetensors_metadata(path).keys() for path in weights
+        )
+    except MergeError:  # not even a safetensors file: nothing a merge wrote
+        return False
 
 
 def run_merge(args) -> None:
     from .io import staged_folder
     from .merge import merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
+    from .provenance import MERGE_KEY
 
     options = options_from_args(args, MergeOptions)
     models, output = [Path(m) for m in options.models], Path(options.output)
     method = MERGE_METHODS[options.method]
-    check_merge_output(output, models)
+    base_folder = [Path(options.base)] if options.base and Path(options.base).is_dir() else []  # not a Hub id
+    check_merge_output(output, [*models, *base_folder])
     inputs = MergeInputs(count=len(models), weights=options.weights or None, alpha=options.alpha)
     if "validation" in method.needs:  # ranks and selects on the target's training-domain validation
         from .recipe.assembly import validation_inputs
@@ -453,15 +478,16 @@ def run_merge(args) -> None:
             + ", ".join(str(models[i]) for i in mixture.members)
         )
     models, weights = [models[i] for i in mixture.members], mixture.weights
+    record = {MERGE_KEY: method.name, **(_uniform_record(models, weights) or {})}  # the mark check_merge_output reads
     with staged_folder(output) as staging:
         if mixture.anchored is None:
-            merge_model_folders(models, staging, weights=weights, metadata=_uniform_record(models, weights))
+            merge_model_folders(models, staging, weights=weights, metadata=record)
         else:
             from .fetch import resolve_model
             from .merge import merge_anchored_folders
 
             base = resolve_model(options.base, token=args.token)
-            unanchored = merge_anchored_folders(models, base.path, staging, mixture.anchored)
+            unanchored = merge_anchored_folders(models, base.path, staging, mixture.anchored, metadata=record)
             if unanchored:
                 say(
                     f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "

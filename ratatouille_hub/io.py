@@ -9,9 +9,15 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub import constants
+
+WEIGHTS_SHARD = re.compile(  # `model-00001-of-00002.safetensors`, as transformers and huggingface_hub name shards
+    r"-\d{5}-of-\d{5}".join(map(re.escape, constants.SAFETENSORS_WEIGHTS_FILE_PATTERN.split("{suffix}")))
+)
 DONE = "done"  # the marker of a finished run folder: written last, inside the staged folder
 WRITER_LOCK = ".writer.lock"  # inside a staging folder: held by its writer, so a sweep knows it is alive
 
@@ -23,6 +29,16 @@ def hidden_sibling_stem(name: str) -> str:
         return f".{name}"
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return f".{name.encode('utf-8', 'surrogateescape')[:120].decode('utf-8', 'ignore')}-{digest}"
+
+
+def foreign_entries(folder: Path, written: Collection[str]) -> list[str]:
+    """The entries of `folder` that are neither a file named in `written` nor a weights shard, sorted: what
+    a command that replaces the folder whole did not write, and so must never delete."""
+    return sorted(
+        entry.name
+        for entry in Path(folder).iterdir()
+        if not (entry.is_file() and (entry.name in written or WEIGHTS_SHARD.fullmatch(entry.name)))
+    )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

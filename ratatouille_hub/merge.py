@@ -475,14 +475,21 @@ def _weight_files(folder: Path) -> list[str]:
         if pickles:
             raise MergeError(f"{folder}: pickle weights only ({', '.join(pickles)}): never unpickled; use safetensors")
         raise MergeError(f"{folder}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} found")
+    return index_shards(index)
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard files a safetensors index names, each a plain file name in the index's folder: an index
+    comes with the weights, so a path in it (`/home/you/.ssh/id_rsa`) must never be read, nor pushed."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise MergeError(f"{index}: malformed index ({error!r})") from None
     if not isinstance(weight_map, dict) or not all(
-        isinstance(shard, str) and shard == Path(shard).name for shard in weight_map.values()
+        isinstance(shard, str) and shard == Path(shard).name and shard.endswith(".safetensors")
+        for shard in weight_map.values()
     ):
-        raise MergeError(f"{index}: weight_map must map tensor names to file names in the same folder")
+        raise MergeError(f"{index}: weight_map must map tensor names to .safetensors files in the same folder")
     return sorted(set(weight_map.values()))
 
 
@@ -608,7 +615,11 @@ def _toward(anchor: Tensor, target: Tensor, ratio: float) -> Tensor:
 
 
 def merge_anchored_folders(
-    inputs: Sequence[str | Path], base: str | Path, output_dir: str | Path, anchored
+    inputs: Sequence[str | Path],
+    base: str | Path,
+    output_dir: str | Path,
+    anchored,
+    metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
     """`merge_model_folders` for a method anchored at `base` (Model Stock, interpolation): inputs are loaded
     one at a time (two for Model Stock's pairs), the result written as one safetensors file. Returns the
@@ -630,7 +641,11 @@ def merge_anchored_folders(
     del first
     merged = anchored(lambda k: folder_state(folders[k]), len(folders), anchor)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in merged.items()}, output_dir / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in merged.items()},
+        output_dir / WEIGHTS_NAME,
+        metadata={"format": "pt", **(metadata or {})},
+    )
     for name in COPIED_CONFIGS:
         if (folders[0] / name).is_file():
             shutil.copyfile(folders[0] / name, output_dir / name)

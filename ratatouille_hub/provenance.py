@@ -24,6 +24,7 @@ from .hashing import check_content_key, stable_hash
 
 RUN_FILE = "ratatouille.json"
 INGREDIENTS_KEY = "ratatouille.ingredients"  # JSON list of {"sha256", "source"}, in merge order
+MERGE_KEY = "ratatouille.merge"  # the method of a `merge` command's output: marks a folder a merge may replace
 FINGERPRINT_KEY = "ratatouille.fingerprint"  # the recipe fingerprint its runs share ("" if unknown)
 HASH_CHUNK = 1 << 20
 FINGERPRINT_LENGTH = 16  # hex digits of a recipe fingerprint

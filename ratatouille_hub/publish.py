@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, MergeError, index_shards
 from .provenance import RUN_FILE
 
 SOUP_FILES = (
@@ -62,9 +62,9 @@ def soup_files(folder: Path) -> list[str]:
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise HubError(f"{index}: not a safetensors index (no weight_map)") from None
+            shards = index_shards(index)  # the check merge makes: a path in the index is never uploaded
+        except MergeError as error:
+            raise HubError(str(error)) from None
         weights = [WEIGHTS_INDEX_NAME, *shards]
     else:
         weights = [WEIGHTS_NAME]

@@ -39,9 +39,11 @@ from .provenance import (
     is_relative_source,
     relative_source,
 )
+from .recipe.assembly import DIAGNOSTICS_PLOT, SCORES_PLOT
 from .safe_text import say
 
-STALE_FILES = ("results.json", "diagnostics.png")  # a recycle soup's evaluation of its old ingredients
+STALE_FILES = ("results.json", DIAGNOSTICS_PLOT, SCORES_PLOT)  # a recycle soup's evaluation of its old ingredients
+COPIED_FILES = (*COPIED_CONFIGS, "README.md", "recipe.yaml")  # kept beside the new weights (the card rewritten)
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,17 @@ def update_folder(
             staging / WEIGHTS_NAME,
             metadata={"format": "pt", **new_record.to_metadata()},
         )
-        for name in (*COPIED_CONFIGS, "README.md", "recipe.yaml"):
+        for name in COPIED_FILES:
             if (soup_folder / name).is_file():
                 shutil.copyfile(soup_folder / name, staging / name)
+        # the update replaces the folder whole: the user's files in it (notes, images) are carried over as they are
+        for entry in soup_folder.iterdir():
+            if entry.name in (WEIGHTS_NAME, *COPIED_FILES, *STALE_FILES):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, staging / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
         stale = [name for name in STALE_FILES if (soup_folder / name).is_file()]
         if stale:
             echo(f"[update] not carried over, they describe the soup before the update: {', '.join(stale)}")

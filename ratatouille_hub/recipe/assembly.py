@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from ..card import build_card
 from ..diagnose import diagnose_loaded, plot_paths, plot_scores
+from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
-from ..io import staged_folder
-from ..merge import COPIED_CONFIGS, WEIGHTS_NAME, average_streamed, merge_model_folders
+from ..io import foreign_entries, staged_folder
+from ..merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, average_streamed, merge_model_folders
 from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
 from ..models import load_classifier, set_head
 from ..provenance import SoupIngredient, SoupRecord, file_sha256, fingerprint_id, recipe_fingerprint, relative_source
@@ -43,6 +44,16 @@ from .plan import RecipePlan
 
 DIAGNOSTICS_PLOT = "diagnostics.png"
 SCORES_PLOT = "accuracies.png"
+SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight shards, for a large model)
+    WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    *COPIED_CONFIGS,
+    "README.md",
+    "recipe.yaml",
+    "results.json",
+    DIAGNOSTICS_PLOT,
+    SCORES_PLOT,
+)
 
 
 class RunFolder:
@@ -67,6 +78,7 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
     """Score the finished runs, average them with every merge method recycle offers, and write the result
     folder `destination`: the weight average (averaging strategies) or the best run by validation."""
     config, strategy = plan.config, plan.strategy
+    check_replaceable_soup(destination)
     echo("[merge] averaging runs" if strategy.averages else "[merge] evaluating runs and their averages")
     runs = [RunFolder(output / spec.folder) for spec in plan.runs]
     run_predictions = [run.predictions() for run in runs]
@@ -173,6 +185,19 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
     for line in explain_selection(results, names):
         echo(line)
     return results
+
+
+def check_replaceable_soup(folder: Path) -> None:
+    """Refuse a soup folder holding anything a soup is not made of: it is replaced whole, and the output
+    folder may come from a downloaded recipe.yaml (`output: /home/you/thesis`)."""
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"{folder} exists and is not a soup folder; move it or choose another --output")
+    foreign = foreign_entries(folder, SOUP_FOLDER_FILES) if folder.is_dir() else []
+    if foreign:
+        raise RecipeError(
+            f"{folder} holds files a soup is not made of ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            "the soup is replaced whole - move them or choose another --output"
+        )
 
 
 def explain_selection(results: Results, names: Sequence[str]) -> list[str]:

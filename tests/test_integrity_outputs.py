@@ -1,0 +1,212 @@
+"""Folders a command replaces (issue 19, integrity): a command replaces a folder only when it is one it wrote (a
+merge output, a soup) holding nothing else, and never deletes a user's file; `push` uploads only the soup's own
+files, never a path its index names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import refusals
+from huggingface_hub import HfApi
+from safetensors import safe_open
+
+from ratatouille_hub import cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = [
+    *("--runs", "2", "--steps", "2", "--eval-every", "2", "--lp-steps", "2", "--warmup-steps", "1"),
+    *("--batch-size", "2", "--image-size", "16"),
+]
+
+
+def recycle_argv(world, out: Path) -> list[str]:
+    aux = [str(a) for a in world.aux]
+    return [
+        "recycle",
+        "--base",
+        str(world.base),
+        "--aux",
+        *aux,
+        "--target",
+        str(world.target),
+        *TINY,
+        "--output",
+        str(out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def recycled(tiny_world, tmp_path_factory) -> Path:
+    """One finished recycle output (two runs, a uniform soup); tests work on copies of it."""
+    out = tmp_path_factory.mktemp("outputs") / "out"
+    assert cli.main(recycle_argv(tiny_world, out)) == 0
+    return out
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def placeholders(tmp_path: Path, world) -> dict:
+    return {"<tmp>": tmp_path, "<ckpt>": world.base.parent}
+
+
+# -- push: only the soup's own files ---------------------------------------------------------------------
+
+
+def test_push_never_uploads_a_file_the_index_names_outside_the_soup(
+    recycled, tiny_world, hub_namespace, tmp_path, capsys
+):
+    soup = shutil.copytree(recycled / "soup", tmp_path / "soup")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET")
+    with safe_open(soup / "model.safetensors", "pt") as weights:
+        weight_map = dict.fromkeys(weights.keys(), "model.safetensors")
+    index = soup / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**weight_map, "x": str(secret)}}))
+    repo_id = f"{hub_namespace}/leak"
+    line = refusals.fails_cleanly(
+        "push-index-names-a-path",
+        "model.safetensors.index.json naming a file outside the soup",
+        ["push", str(soup), repo_id],
+        "model.safetensors.index.json",
+        soup,
+        capsys,
+        placeholders(tmp_path, tiny_world),
+    )
+    assert line == f"error: {index}: weight_map must map tensor names to .safetensors files in the same folder"
+    assert not HfApi().repo_exists(repo_id)  # nothing created, nothing uploaded
+
+    index.unlink()  # the corrected folder is pushed, without the secret
+    assert cli.main(["push", str(soup), repo_id]) == 0
+    assert sorted(HfApi().list_repo_files(repo_id)) == [".gitattributes", *sorted(p.name for p in soup.iterdir())]
+
+
+# -- merge: never the base, never a folder no merge wrote -----------------------------------------------
+
+
+def test_merge_refuses_the_base_as_its_output(tiny_world, tmp_path, capsys):
+    victim = shutil.copytree(tiny_world.base, tmp_path / "victim")
+    aux = str(tiny_world.aux[0])
+    argv = ["merge", aux, aux, "--method", "model-stock", "--base", str(victim)]
+    line = refusals.fails_cleanly(
+        "output-is-the-base",
+        "merge --output naming the --base of model-stock",
+        [*argv, "--output", str(victim)],
+        str(victim),
+        victim,
+        capsys,
+        placeholders(tmp_path, tiny_world),
+    )
+    assert line == f"error: output {victim} is (or contains) the input {victim}; choose another folder"
+    assert cli.main([*argv, "--output", str(tmp_path / "merged")]) == 0
+
+
+def test_merge_refuses_an_output_holding_anything_a_merge_does_not_write(tiny_world, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    (victim / "model-2023-photos").mkdir(parents=True)
+    (victim / "model-2023-photos" / "a.jpg").write_text("precious")
+    (victim / "config.json").write_text("{}")
+    line = refusals.fails_cleanly(
+        "output-holds-other-files",
+        "merge --output a folder holding a folder named model-...",
+        ["merge", str(tiny_world.aux[0]), "--output", str(victim)],
+        "model-2023-photos",
+        victim,
+        capsys,
+        placeholders(tmp_path, tiny_world),
+    )
+    assert line == (
+        f"error: output {victim} holds other files (model-2023-photos); it would be replaced whole - choose an empty folder"
+    )
+
+
+def test_merge_refuses_to_replace_a_model_no_merge_wrote(tiny_world, tmp_path, capsys):
+    victim = shutil.copytree(tiny_world.aux[1], tmp_path / "someones-finetune")  # not an input of the merge
+    line = refusals.fails_cleanly(
+        "output-is-a-model-no-merge-wrote",
+        "merge --output an existing fine-tune that is not an input",
+        ["merge", str(tiny_world.aux[0]), "--output", str(victim)],
+        str(victim),
+        victim,
+        capsys,
+        placeholders(tmp_path, tiny_world),
+    )
+    assert line == (
+        f"error: output {victim} holds a model no merge wrote (its weights carry no merge record); it would be "
+        "replaced whole - choose an empty folder"
+    )
+    assert cli.main(["merge", str(tiny_world.aux[0]), "--output", str(tmp_path / "empty")]) == 0
+
+
+def test_merge_replaces_its_own_earlier_output_whatever_the_method(tiny_world, tmp_path):
+    aux, out = str(tiny_world.aux[0]), tmp_path / "merged"
+    for method in (
+        ["--method", "weighted", "--weights", "1", "3"],
+        ["--method", "model-stock", "--base", str(tiny_world.base)],
+        [],
+    ):
+        assert cli.main(["merge", aux, aux, *method, "--output", str(out)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert weights.metadata()["ratatouille.merge"] == "uniform"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+# -- recycle: the soup folder holds only a soup ---------------------------------------------------------
+
+
+def test_recycle_replaces_its_own_soup_but_never_a_file_it_did_not_write(recycled, tiny_world, tmp_path, capsys):
+    out = shutil.copytree(recycled, tmp_path / "out")
+    soup = out / "soup"
+    assert cli.main(recycle_argv(tiny_world, out)) == 0  # the rerun replaces its own soup
+    capsys.readouterr()
+    (soup / "thesis.tex").write_text("my thesis draft")
+    line = refusals.fails_cleanly(
+        "output-soup-holds-other-files",
+        "recycle whose <output>/soup holds a user's file",
+        recycle_argv(tiny_world, out),
+        "thesis.tex",
+        out,  # refused at planning: nothing in the output folder changes, nothing trains
+        capsys,
+        placeholders(tmp_path, tiny_world),
+    )
+    assert line == (
+        f"error: {soup} holds files a soup is not made of (thesis.tex); the soup is replaced whole - move them or "
+        "choose another --output"
+    )
+    assert (soup / "thesis.tex").read_text() == "my thesis draft"
+
+
+# -- update: the user's files in the soup folder stay ---------------------------------------------------
+
+
+def test_update_in_place_carries_the_users_files_over_and_names_every_stale_one(recycled, tmp_path, capsys):
+    out = shutil.copytree(recycled, tmp_path / "out")
+    soup = out / "soup"
+    (soup / "NOTES.txt").write_text("my notes")
+    (soup / "eval-images").mkdir()
+    (soup / "eval-images" / "a.png").write_bytes(b"\x89PNG not really")
+    mine = {name: data for name, data in tree(soup).items() if name == "NOTES.txt" or name.startswith("eval-images")}
+    run = sorted((out / "runs").glob("*/model"))[0]
+    capsys.readouterr()
+    assert cli.main(["update", str(soup), "--remove", str(run)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (
+        "[update] not carried over, they describe the soup before the update: results.json, diagnostics.png, accuracies.png"
+        in printed
+    )
+    assert {name: data for name, data in tree(soup).items() if name in mine} == mine
+    assert sorted(p.name for p in soup.iterdir()) == [
+        "NOTES.txt",
+        "README.md",
+        "config.json",
+        "eval-images",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "recipe.yaml",
+    ]
