@@ -60,7 +60,7 @@ class TargetSplits:
 
 def label_names_of(dataset, label_column: str, *, name: str = "", domains=None) -> tuple[str, ...]:
     """The class names: a ClassLabel's own, else the column's distinct values in sorted order (a row
-    without a value is refused, naming it: it would be no class, and None does not sort with the others)."""
+    without a value, None or NaN, is refused, naming it: it would be no class, and None does not sort)."""
     feature = dataset.features[label_column]
     if hasattr(feature, "names"):
         return tuple(feature.names)
@@ -73,7 +73,7 @@ def label_ids_of(
     dataset, label_column: str, label_names: tuple[str, ...], *, name: str = "", domains=None
 ) -> np.ndarray:
     """Every row's class id. A row without a label (None, or a ClassLabel's -1, the datasets library's "no
-    label") or with a ClassLabel id outside its names is refused, naming it (`domains`: each row's domain,
+    label", NaN) or with a ClassLabel id outside its names is refused, naming it (`domains`: each row's domain,
     for the message): training would fail on it mid-run, or score it as a class no model predicts."""
     feature = dataset.features[label_column]
     column = dataset[label_column]
@@ -95,10 +95,14 @@ def label_ids_of(
 
 
 def _refuse_missing_labels(values, label_column: str, *, name: str, domains=None) -> None:
-    missing = [row for row, value in enumerate(values) if value is None]
+    """None and NaN (how pandas writes a missing value) are no label: NaN != NaN, so each would be a class."""
+    missing = [
+        row for row, value in enumerate(values) if value is None or (isinstance(value, float) and math.isnan(value))
+    ]
     if missing:
         where = row_at(name, missing[0], label_column, _domain(domains, missing[0]))
-        raise DataError(f"{where}: no label (None); every image needs a class{_more(len(missing))}")
+        value = "None" if values[missing[0]] is None else "NaN"
+        raise DataError(f"{where}: no label ({value}); every image needs a class{_more(len(missing))}")
 
 
 def row_at(name: str, row: int, column: str, domain: str | None = None) -> str:
@@ -409,28 +413,61 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return out
 
 
-def normalization_of(processor) -> Normalization:
-    """The mean/std the base was trained with: the processor's own, or a timm `data_config`'s."""
+def normalization_of(processor, model: str = "the base") -> Normalization:
+    """The mean/std the base was trained with: the processor's own, or a timm `data_config`'s (`model`: what the
+    user called the base, for error lines). Anything but 3 finite numbers, and a std that is not positive, is
+    refused, naming the file and key: it would fail or divide by zero only once training runs."""
     timm_config = getattr(processor, "data_config", None) or {}
     mean = getattr(processor, "image_mean", None) or timm_config.get("mean")
     std = getattr(processor, "image_std", None) or timm_config.get("std")
     if mean is None or std is None:
         raise DataError(f"{type(processor).__name__} declares no normalisation mean/std")
+    where, prefix = _processor_file(processor, model)
+    for key, values, positive in (("mean", mean, False), ("std", std, True)):
+        numbers = isinstance(values, (list, tuple)) and len(values) == 3 and all(map(_is_number, values))
+        if not numbers or (positive and min(values) <= 0):
+            what = "positive numbers" if positive else "numbers"
+            raise DataError(f"{where}: {prefix}{key} must be 3 {what} (got {_listed(values)})")
     return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
 
 
-def resolution_of(processor, override: int | None) -> int:
-    """Training resolution: the override, else what the base's image processor feeds the model."""
+def _processor_file(processor, model: str) -> tuple[str, str]:
+    """Where a processor's values come from, and the prefix of their keys there: a timm wrapper's from its
+    config.json's `pretrained_cfg`, any other's from preprocessor_config.json."""
+    if getattr(processor, "data_config", None):
+        return f"{model}/config.json", "pretrained_cfg."
+    return f"{model}/preprocessor_config.json", "image_"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _listed(values) -> str:
+    return repr(list(values)) if isinstance(values, (list, tuple)) else repr(values)
+
+
+def resolution_of(processor, override: int | None, model: str = "the base") -> int:
+    """Training resolution: the override, else what the base's image processor feeds the model (`model`: what
+    the user called the base); a size that is not a positive whole number is refused, naming the file and key."""
     if override:
         return override
+    where, _ = _processor_file(processor, model)
     timm_config = getattr(processor, "data_config", None) or {}
     if timm_config.get("input_size"):
-        return int(timm_config["input_size"][-1])
-    for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
+        return _positive_size(timm_config["input_size"][-1], where, "pretrained_cfg.input_size")
+    for name in ("crop_size", "size"):
+        size = getattr(processor, name, None)
         if isinstance(size, int):
-            return size
+            return _positive_size(size, where, name)
         for key in ("height", "shortest_edge"):
             value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-            if value:
-                return int(value)
+            if value is not None:
+                return _positive_size(value, where, f"{name}.{key}")
     raise DataError("cannot tell the training resolution from the image processor; pass --image-size")
+
+
+def _positive_size(value, where: str, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise DataError(f"{where}: {key} must be a positive whole number of pixels (got {value!r})")
+    return value

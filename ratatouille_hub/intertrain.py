@@ -26,9 +26,9 @@ from .evaluation import accuracy, predict_logits
 from .fetch import dataset_revision, is_hub_id, resolve_model
 from .hashing import stable_hash, stable_int
 from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
-from .models import load_classifier, load_processor, quiet_transformers, serving_processor
+from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
 from .safe_text import say
-from .sources import load_dataset_source
+from .sources import load_dataset_source, refuse_output_inside
 from .train import DomainBatches, make_accelerator, optimize
 
 CARD_TEMPLATE = """---
@@ -54,6 +54,7 @@ def intertrain(
     quiet_transformers()
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
+    refuse_output_inside(config.output, config.dataset)
     revision = dataset_revision(config.dataset, token)
     echo(f"[data] {config.dataset}")
     dataset = load_dataset_source(config.dataset, revision=revision, token=token)
@@ -62,12 +63,13 @@ def intertrain(
             raise DataError(
                 f"dataset {config.dataset} has no column {column!r} (columns: {', '.join(dataset.column_names)})"
             )
-    label_names = label_names_of(dataset, config.label_column)
+    label_names = label_names_of(dataset, config.label_column, name=config.dataset)
     if len(label_names) < 2:
         raise DataError(f"dataset {config.dataset} has {len(label_names)} class(es); a classifier needs 2 or more")
     processor = load_processor(base.path, base.source)
-    size = resolution_of(processor, config.image_size)
-    normalize = normalization_of(processor)
+    size = resolution_of(processor, config.image_size, base.source)
+    normalize = normalization_of(processor, base.source)
+    refuse_unbuildable(base.path, base.source)
     images = decode_images(
         dataset,
         range(len(dataset)),

@@ -10,6 +10,7 @@ works with no new code.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def load_classifier(source: str | Path, id2label: dict[int, str]):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the re-initialised head is intended, not worth a warning
     try:
-        model = AutoModelForImageClassification.from_pretrained(
+        model, loading = AutoModelForImageClassification.from_pretrained(
             str(source),
             id2label=dict(id2label),
             label2id=label2id,
@@ -54,12 +55,60 @@ def load_classifier(source: str | Path, id2label: dict[int, str]):
             trust_remote_code=False,
             use_safetensors=True,
             dtype=torch.float32,
+            output_loading_info=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    # ignore_mismatched_sizes re-initialises any tensor whose shape differs, not only the head's rows
+    refuse_mismatches(source, model, loading["mismatched_keys"])
     if hasattr(model.config, "label_names"):  # timm wrapper: saved label names would win over id2label
         model.config.label_names = [id2label[i] for i in sorted(id2label)]
     return model
+
+
+def refuse_mismatches(name: str | Path, model: nn.Module, shapes) -> None:
+    """Refuse a config.json that builds tensors of other shapes than its weights (`shapes`: (key, stored,
+    built) triples): only the head may differ, and only in its rows (the number of classes)."""
+    differing = sorted((key, list(stored), list(built)) for key, stored, built in shapes if list(stored) != list(built))
+    if not differing:
+        return
+    head = head_parameter_names(model)
+    wrong = [(key, stored, built) for key, stored, built in differing if key not in head or stored[1:] != built[1:]]
+    if wrong:
+        key, stored, built = wrong[0]
+        more = f" ({len(wrong) - 1} more tensors like it)" if len(wrong) > 1 else ""
+        raise ArchitectureError(
+            f"{name}: config.json does not match its weights: it builds tensor {key!r} as {built}, the weights hold "
+            f"{stored}{more}"
+        )
+
+
+def refuse_unbuildable(folder: Path, name: str) -> None:
+    """Refuse, at planning, a config.json that cannot make a classifier of its own weights for RGB images,
+    which `load_classifier` would only find once the output folder is taken: the model is built on the meta
+    device (no memory, no weights read) and its shapes compared with the weights' headers."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from .fetch import weight_files
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForImageClassification.from_config(config, trust_remote_code=False)
+    except ValueError as error:
+        raise ArchitectureError(
+            f"{name}/config.json: transformers cannot build a classifier from it ({error})"
+        ) from None
+    channels = getattr(config, "num_channels", 3)
+    if channels != 3:
+        raise ArchitectureError(f"{name}/config.json: num_channels is {channels!r}; images are fed as RGB (3 channels)")
+    built = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    shapes = []
+    for file in weight_files(Path(folder)):  # what transformers loads, never a decoy beside it
+        with safe_open(str(file), framework="pt") as handle:
+            shapes += [(key, handle.get_slice(key).get_shape(), built[key]) for key in handle.keys() if key in built]
+    refuse_mismatches(name, model, shapes)
 
 
 HALF_PRECISIONS = {"BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> torch name
@@ -70,8 +119,10 @@ def precision_note(folder: Path, name: str = "base") -> str | None:
     dtypes its safetensors store; None for float32."""
     from safetensors import safe_open
 
+    from .fetch import weight_files
+
     stored = set()
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    for file in weight_files(Path(folder)):  # what transformers loads, never a decoy beside it
         with safe_open(str(file), framework="pt") as handle:
             stored |= {handle.get_slice(key).get_dtype() for key in handle.keys()}
     half = sorted(HALF_PRECISIONS[dtype] for dtype in stored & HALF_PRECISIONS.keys())
@@ -262,6 +313,15 @@ def load_processor(source: str | Path, name: str | None = None):
 
     try:
         return AutoImageProcessor.from_pretrained(str(source), backend="pil")
+    except ValueError as error:  # its line lists every processor transformers has
+        if "Unrecognized image processor" not in str(error):
+            raise
+        file = Path(source) / "preprocessor_config.json"
+        declared = json.loads(file.read_text()).get("image_processor_type") if file.is_file() else None
+        raise ArchitectureError(
+            f"{name or source}/preprocessor_config.json: image_processor_type {declared!r} is no image processor "
+            "transformers has"
+        ) from None
     except OSError:  # transformers' message names a cache path and a download the user never asked for
         raise ArchitectureError(
             f"{name or source}: ships no image processor (preprocessor_config.json), so its input size and "

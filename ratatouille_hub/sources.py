@@ -70,7 +70,34 @@ def load_dataset_source(reference: str | Path, revision: str | None = None, toke
         loaded = source_for(reference).load(str(reference), revision, token)
     if isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.concatenate_datasets([loaded[name] for name in sorted(loaded)])
+    if len(loaded) == 0:
+        raise _empty(reference)
     return loaded
+
+
+def _empty(reference: str | Path):
+    from .data import DataError
+
+    return DataError(f"{reference}: an empty dataset (no rows)")
+
+
+def dataset_folder(reference: str | Path) -> Path | None:
+    """The local folder a dataset reference reads (resolved), or None for a file or a Hub dataset."""
+    path = Path(reference)
+    return path.resolve() if path.is_dir() else None
+
+
+def refuse_output_inside(output: str | Path, reference: str | Path) -> None:
+    """An output folder inside a local dataset's folder would add files to the dataset (DomainBed would read
+    them as domains): refused before anything is written."""
+    from .data import DataError
+
+    folder = dataset_folder(reference)
+    if folder is not None and Path(output).resolve().is_relative_to(folder):
+        raise DataError(
+            f"--output {output} is in the dataset folder {reference}; what it writes would become part of the "
+            "dataset: choose an output outside it"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,11 @@ def _unreadable_refused(reference: str | Path):
         cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
         detail = said.buffer[-1].getMessage() if said.buffer else f"{type(cause).__name__}: {cause}"
         raise DataError(f"{reference}: not a readable dataset ({detail.strip().splitlines()[0]})") from None
+    except ValueError as error:
+        # load_dataset of data files that hold no row: 'Instruction "train" corresponds to no data!'
+        if "corresponds to no data" not in str(error):
+            raise
+        raise _empty(reference) from None
     finally:
         library.removeHandler(said)
         for handler in shown:
@@ -164,7 +196,10 @@ def _load_parquet_file(reference: str, revision: str | None, token):
 def _load_datasets_folder(reference: str, revision: str | None, token):
     import datasets
 
-    return datasets.load_from_disk(reference)
+    try:
+        return datasets.load_from_disk(reference)
+    except IndexError:  # the folder of an empty Dataset holds no arrow file, and load_from_disk joins none
+        raise _empty(reference) from None
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -176,19 +211,27 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _domain_folders(root: Path) -> list[Path]:
+    """A DomainBed root's folders: a file beside them is no domain but the benchmark's metadata (Office-Home
+    ships ImageInfo.csv there), and is ignored; inside a domain folder every entry counts."""
+    return [entry for entry in _visible(root) if entry.is_dir()]
+
+
 def _claims_domainbed(reference: Path | str) -> bool:
     """Folders of folders with an image somewhere below: ROOT/<domain>/<class>/<image>.
 
     Top folders that are all split names (train/, test/) are the Hub's imagefolder layout, whose second
-    level is the class, not DomainBed's: those stay with `hub-layout-folder`.
+    level is the class, not DomainBed's, and so is a root with an imagefolder metadata file (metadata.csv):
+    those stay with `hub-layout-folder`.
     """
     from datasets.data_files import SPLIT_KEYWORDS
+    from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 
     root = Path(reference)
-    if not root.is_dir():
+    if not root.is_dir() or any((root / name).exists() for name in FolderBasedBuilder.METADATA_FILENAMES):
         return False
-    domains = _visible(root)
-    if not domains or not all(domain.is_dir() for domain in domains):
+    domains = _domain_folders(root)
+    if not domains:
         return False
     split_names = {keyword for keywords in SPLIT_KEYWORDS.values() for keyword in keywords}
     if all(domain.name.lower() in split_names for domain in domains):
@@ -209,8 +252,9 @@ def _load_domainbed_folder(reference: str, revision: str | None, token):
     folders, so a class one domain lacks keeps its id everywhere) and `domain`, rows sorted by
     (domain, class, file name).
 
-    A stray non-image entry or an empty class or domain folder is refused, naming that path, instead of
-    being skipped or handed on: the claim only looks at the two folder levels and one image, so such a
+    A file at the root is ignored (see `_domain_folders`). A stray non-image entry in a domain or class
+    folder, or an empty class or domain folder, is refused, naming that path, instead of being skipped or
+    handed on: the claim only looks at the two folder levels and one image, so such a
     folder is a DomainBed download with a defect, and `datasets.load_dataset` would read it as an
     imagefolder, labelled by class folder with every domain dropped.
 
@@ -223,7 +267,7 @@ def _load_domainbed_folder(reference: str, revision: str | None, token):
 
     root = Path(reference).absolute()
     rows: list[tuple[str, str, Path]] = []
-    for domain in _visible(root):
+    for domain in _domain_folders(root):
         class_folders = _visible(domain)
         if not class_folders:
             raise DataError(f"{domain}: empty domain folder; a DomainBed domain folder holds class folders")

@@ -29,7 +29,7 @@ from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset
 from .hashing import stable_hash
 from .io import DONE, claimed_folder, staged_folder
-from .models import load_processor
+from .models import load_processor, refuse_unbuildable
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
 
@@ -92,8 +92,9 @@ class TargetPreparation:
             dataset, self.image_column, name=self.reference, files=self.image_files, domains=self.splits.domain_of_rows
         )
         processor = load_processor(base.path, base.source)
-        self.size = resolution_of(processor, options.image_size)
-        self.normalize = normalization_of(processor)
+        self.size = resolution_of(processor, options.image_size, base.source)
+        self.normalize = normalization_of(processor, base.source)
+        refuse_unbuildable(base.path, base.source)
         self.fingerprint = stable_hash(
             {
                 "dataset": self.dataset_fingerprint,

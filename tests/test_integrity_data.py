@@ -70,6 +70,9 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
     labels = shapes["label"]
     w.int_labels = _folder(_with(shapes, "label", labels, Value("int64")), root / "int-labels")
     w.label_none = _folder(_with(shapes, "label", _replaced(labels, None), Value("int64")), root / "label-none")
+    floats = [float(label) for label in labels]  # how pandas writes an int column with a missing value
+    w.float_labels = _folder(_with(shapes, "label", floats, Value("float64")), root / "float-labels")
+    w.label_nan = _folder(_with(shapes, "label", _replaced(floats, float("nan")), Value("float64")), root / "label-nan")
     for name, value in (("unlabelled", -1), ("outside", 9), ("negative", -3)):
         bad = _with(shapes, "label", _replaced(labels, value), shapes.features["label"])
         setattr(w, f"label_{name}", _folder(bad, root / f"label-{name}"))
@@ -161,6 +164,13 @@ LABEL_CASES = {  # case: (what, bad target, corrected target, expected line)
         "label_none",
         "int_labels",
         "error: dataset <world>/label-none: row 4 (domain 'photo'), column 'label': no label (None); every image "
+        "needs a class",
+    ),
+    "data-label-nan": (
+        "a NaN in a float label column (pandas' missing value)",
+        "label_nan",
+        "float_labels",
+        "error: dataset <world>/label-nan: row 4 (domain 'photo'), column 'label': no label (NaN); every image "
         "needs a class",
     ),
     "data-label-unlabelled": (
@@ -418,3 +428,161 @@ def test_a_target_cache_the_disk_has_no_room_for_is_refused_before_it_is_written
         "an --output on a disk with room"
     )
     recycles(argv, capsys)  # the same command, with room: the saved plan is taken up
+
+
+# -- an empty dataset: one line naming it, whichever layout it comes in ------------------------------------------
+
+
+def test_an_empty_dataset_is_refused_naming_it(world, tmp_path, capsys):
+    empty = world.shapes.select([])
+    targets = {
+        "data-empty-hub-folder": (
+            "a Hub-layout folder whose parquet file has no rows",
+            _folder(empty, tmp_path / "hub"),
+        ),
+        "data-empty-parquet": ("a .parquet file with no rows", tmp_path / "empty.parquet"),
+        "data-empty-saved-dataset": ("a save_to_disk folder of an empty Dataset", tmp_path / "saved"),
+    }
+    empty.to_parquet(str(tmp_path / "empty.parquet"))
+    empty.save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "out"
+    places = {"<tmp>": tmp_path}
+    for case, (what, target) in targets.items():
+        line = refusals.fails_cleanly(case, what, recycle_argv(world, target, out), str(target), out, capsys, places)
+        assert line == f"error: {target}: an empty dataset (no rows)"
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(tmp_path / "hub"), "--steps", "2",
+            "--batch-size", "2", "--image-size", "16", "--output", str(out)]  # fmt: skip
+    line = refusals.fails_cleanly(
+        "data-empty-intertrain", "intertrain on a dataset with no rows", argv, "hub", out, capsys, places
+    )
+    assert line == f"error: {tmp_path / 'hub'}: an empty dataset (no rows)"
+    argv[argv.index("--dataset") + 1] = str(world.target)
+    recycles(argv, capsys)
+
+
+# -- the base's preprocessor_config.json and config.json: what the recipe reads is checked at planning -------------
+
+PROCESSOR_CASES = {  # case: (what, file, changes, expected line)
+    "processor-size-negative": (
+        "a negative size in the base's image processor",
+        "preprocessor_config.json",
+        {"size": {"height": -16, "width": -16}},
+        "error: <tmp>/base/preprocessor_config.json: size.height must be a positive whole number of pixels (got -16)",
+    ),
+    "processor-size-string": (
+        "a size given as a string",
+        "preprocessor_config.json",
+        {"size": {"height": "16", "width": "16"}},
+        "error: <tmp>/base/preprocessor_config.json: size.height must be a positive whole number of pixels (got '16')",
+    ),
+    "processor-mean-two-numbers": (
+        "an image_mean of 2 numbers",
+        "preprocessor_config.json",
+        {"image_mean": [0.5, 0.5]},
+        "error: <tmp>/base/preprocessor_config.json: image_mean must be 3 numbers (got [0.5, 0.5])",
+    ),
+    "processor-mean-strings": (
+        "an image_mean of strings",
+        "preprocessor_config.json",
+        {"image_mean": ["a", "b", "c"]},
+        "error: <tmp>/base/preprocessor_config.json: image_mean must be 3 numbers (got ['a', 'b', 'c'])",
+    ),
+    "processor-std-zero": (
+        "an image_std of zeros (a division by zero)",
+        "preprocessor_config.json",
+        {"image_std": [0, 0, 0]},
+        "error: <tmp>/base/preprocessor_config.json: image_std must be 3 positive numbers (got [0, 0, 0])",
+    ),
+    "processor-type-unknown": (
+        "an image_processor_type transformers does not have",
+        "preprocessor_config.json",
+        {"image_processor_type": "\x1b[2JEvilProcessor"},
+        "error: <tmp>/base/preprocessor_config.json: image_processor_type '\\x1b[2JEvilProcessor' is no image "
+        "processor transformers has",
+    ),
+    "processor-num-channels": (
+        "a config.json with num_channels 1",
+        "config.json",
+        {"num_channels": 1},
+        "error: <tmp>/base/config.json: num_channels is 1; images are fed as RGB (3 channels)",
+    ),
+    "processor-hidden-sizes": (
+        "a config.json whose hidden_sizes do not match its weights",
+        "config.json",
+        {"hidden_sizes": [8, 16, 32]},
+        "error: <tmp>/base: config.json does not match its weights: it builds tensor 'classifier.1.weight' as "
+        "[10, 32], the weights hold [10, 16]",
+    ),
+}
+
+
+def processor_resolution(argv: list[str]) -> list[str]:
+    """`argv` without --image-size: the resolution is then the base processor's, which is what is checked."""
+    at = argv.index("--image-size")
+    return argv[:at] + argv[at + 2 :]
+
+
+def _base_with(world, folder: Path, file: str, changes: dict) -> Path:
+    shutil.copytree(world.base, folder)
+    settings = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps({**settings, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR_CASES))
+def test_a_base_config_the_recipe_cannot_use_is_refused_at_planning(case, world, tmp_path, capsys):
+    what, file, changes, expected = PROCESSOR_CASES[case]
+    base = _base_with(world, tmp_path / "base", file, changes)
+    out = tmp_path / "out"
+    argv = processor_resolution(recycle_argv(world, world.target, out, base=base))
+    line = refusals.fails_cleanly(case, what, argv, f"{base}", out, capsys, {"<tmp>": tmp_path})
+    assert refusals.normalise(line, {"<tmp>": tmp_path}) == expected
+
+
+def test_the_corrected_base_recycles_and_loading_refuses_an_inconsistent_config(world, tmp_path, capsys):
+    """The corrected base (the processor's 16 px) recycles; a config that does not match its weights is refused
+    by load_classifier too (a recycled fine-tune is loaded only once its runs train), never re-initialised."""
+    from ratatouille_hub.models import ArchitectureError, load_classifier
+
+    recycles(processor_resolution(recycle_argv(world, world.target, tmp_path / "out")), capsys)
+    folder = _base_with(world, tmp_path / "channels", "config.json", {"num_channels": 1})
+    with pytest.raises(ArchitectureError) as refused:
+        load_classifier(folder, {0: "a", 1: "b"})
+    assert str(refused.value) == (
+        f"{folder}: config.json does not match its weights: it builds tensor "
+        "'resnet.embedder.embedder.convolution.weight' as [8, 1, 7, 7], the weights hold [8, 3, 7, 7]"
+    )
+
+
+# -- DomainBed folders: an --output inside the dataset is refused; a file at the root is metadata ----------------
+
+
+def _domainbed(world, root: Path) -> Path:
+    for row, example in enumerate(world.shapes):
+        folder = root / example["domain"] / toyworld.SHAPES[example["label"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        example["image"].save(folder / f"{row}.png")
+    return root
+
+
+def test_an_output_inside_a_dataset_folder_is_refused_and_root_files_of_domainbed_are_ignored(world, tmp_path, capsys):
+    dataset = _domainbed(world, tmp_path / "ShapesDB")
+    places = {"<tmp>": tmp_path}
+    for case, what, out in (
+        ("data-output-is-the-dataset", "recycle --output the target's folder", dataset),
+        ("data-output-inside-the-dataset", "recycle --output a folder inside the target's", dataset / "runs"),
+    ):
+        line = refusals.fails_cleanly(case, what, recycle_argv(world, dataset, out), "--output", out, capsys, places)
+        assert line == (
+            f"error: --output {out} is in the dataset folder {dataset}; what it writes would become part of the "
+            "dataset: choose an output outside it"
+        )
+    out = dataset / "intertrained"
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(dataset), "--output", str(out)]
+    refusals.fails_cleanly(
+        "data-intertrain-output-inside-the-dataset", "intertrain --output inside its dataset's folder", argv,
+        "--output", out, capsys, places,
+    )  # fmt: skip
+    (dataset / "ImageInfo.csv").write_text("image,label\n")  # Office-Home keeps its metadata at the root
+    printed = recycles(recycle_argv(world, dataset, tmp_path / "out"), capsys)
+    assert "[data] " + str(dataset) + ": train domains painting, photo, sketch; held out: cartoon\n" in printed

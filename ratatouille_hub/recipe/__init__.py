@@ -36,13 +36,14 @@ from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model
 from ..io import DONE, claim_is_held, claimed_folder, sweep_staging
-from ..models import precision_note, quiet_transformers
+from ..models import ArchitectureError, precision_note, quiet_transformers, refuse_unbuildable
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
 from ..safe_text import say, terminal_safe
+from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
 from ..vetting import vet_ingredients
-from .assembly import assemble
+from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
 from .plan import PLAN_FILE, RecipePlan, build_plan, format_plans, load_plans, save_plans
 
@@ -90,6 +91,7 @@ def plan_recipe(
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
+    refuse_output_inside(output, config.target)
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
     base, recycled, left_out = fetch_ingredients(config, token, echo)
     echo(f"[data] {config.target}")
@@ -102,6 +104,8 @@ def plan_recipe(
             f"[data] {terminal_safe(spec.reference)}: train domains {domains}; held out: {terminal_safe(spec.test_domain)}"
         )
         plans.append(build_plan(domain_config, base, recycled, spec, trained_on, left_out))
+    for plan in plans:  # a soup folder holding someone's files is refused now, not after the training
+        check_replaceable_soup(soup_folder(plans, plan, output))
     return plans
 
 
@@ -227,6 +231,13 @@ def fetch_ingredients(
         echo(f"[vet] {terminal_safe(vetted.describe())}")
         for warning in vetted.warnings:
             echo(f"[vet]   warning: {warning}; runs from it may not average with the others")
+    for ingredient in (i for i in recycled if i not in refused):  # headers vetted: does its config fit them?
+        try:
+            refuse_unbuildable(ingredient.path, ingredient.source)  # now, not once a run loads it
+        except ArchitectureError as error:
+            if not discovered:
+                raise
+            refuse(ingredient, error)
     recycled = [ingredient for ingredient in recycled if ingredient not in refused]
     if STRATEGIES[config.strategy].needs_recycled and not recycled:
         raise RecipeError(
