@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the plan (every run, its init, hparams, done or pending, the images it costs) and stop; "
-        "writes nothing",
+        "writes nothing to --output (the Hub clients still cache what they fetch, under HF_HOME)",
     )
     _command(
         commands,

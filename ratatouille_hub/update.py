@@ -115,26 +115,26 @@ def updated_record(
 def incremental_mean(
     soup: dict[str, torch.Tensor],
     count: int,
-    add: Sequence[Callable[[], dict[str, torch.Tensor]]],
-    remove: Sequence[Callable[[], dict[str, torch.Tensor]]],
+    add: Sequence[Path],
+    remove: Sequence[Path],
     first: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """(count x soup - sum(removed) + sum(added)) / count' per floating tensor, in float64, stored in each
-    tensor's dtype; runs are loaded one at a time. Integer tensors stay the soup's unless `first` (the new
-    first ingredient) is given."""
+    tensor's dtype; the runs' weight files are loaded one at a time. Integer tensors stay the soup's unless
+    `first` (the new first ingredient) is given."""
     total = count + len(add) - len(remove)
     for name, tensor in soup.items():
         if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
             # n x S would scale the soup's own rounding by n: exact only from a soup stored in 32 bits or more
             raise MergeError(f"tensor {name!r} is stored in {tensor.dtype}: an exact update needs float32; merge again")
     sums = {name: t.double() * count for name, t in soup.items() if t.is_floating_point()}
-    for loads, sign in ((add, 1.0), (remove, -1.0)):
-        for load in loads:
-            run = load()
+    for files, sign in ((add, 1.0), (remove, -1.0)):
+        for file in files:
+            run = load_file(file)
             for name, acc in sums.items():
                 tensor = run[name]
                 if not torch.isfinite(tensor).all():
-                    raise MergeError(f"a run to {'add' if sign > 0 else 'remove'}: tensor {name!r} contains NaN or Inf")
+                    raise MergeError(f"{file}: tensor {name!r} contains NaN or Inf")
                 acc.add_(tensor.double(), alpha=sign)
             del run
     integers = {name: t for name, t in (first() if first else soup).items() if not t.is_floating_point()}
@@ -210,8 +210,8 @@ def update_folder(
     state = incremental_mean(
         load_file(weights),
         len(record.ingredients),
-        [lambda run=run: load_file(run.folder / WEIGHTS_NAME) for run in add],
-        [lambda run=run: load_file(run.folder / WEIGHTS_NAME) for run in remove],
+        [run.folder / WEIGHTS_NAME for run in add],
+        [run.folder / WEIGHTS_NAME for run in remove],
         first,
     )
     with staged_folder(destination) as staging:
