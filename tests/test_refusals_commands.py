@@ -133,3 +133,17 @@ def test_diagnose_plot_and_local_hub_port_are_checked_before_any_work(tiny_world
         culprit = "--port" if case.startswith("local-hub") else "plot"
         line = refusals.fails_cleanly(case, what, argv, culprit, tmp_path / "hub", capsys, places)
         assert refusals.normalise(line, places) == expected
+
+
+def test_merge_weights_that_overflow_are_named_not_a_sum_of_zero(tiny_world, tmp_path, capsys):
+    """Two finite weights whose sum is past the largest float: the line says so (it said `weights sum to zero`)."""
+    out = tmp_path / "merged"
+    argv = ["merge", str(tiny_world.aux[0]), str(tiny_world.aux[0]), "--method", "weighted",
+            "--weights", "1e308", "1e308", "--output", str(out)]  # fmt: skip
+    line = refusals.fails_cleanly(
+        "merge-weights-overflow", "--weights 1e308 1e308", argv, "--weights", out, capsys, {"<tmp>": tmp_path}
+    )
+    assert line == "error: --weights sum past the largest float ([1e+308, 1e+308]): give them on a smaller scale"
+    argv[argv.index("1e308")] = "1"
+    argv[argv.index("1e308")] = "3"
+    assert cli.main(argv) == 0  # the corrected command
