@@ -527,10 +527,10 @@ def run_demo(args) -> None:
 
 def run_discover(args) -> None:
     from .discover import discover_finetunes, format_candidates
-    from .fetch import resolve_dataset
+    from .fetch import resolve_dataset, split_revision
 
     options = options_from_args(args, DiscoverOptions)
-    target = resolve_dataset(options.target)[0] if options.target else None
+    target = split_revision(resolve_dataset(options.target)[0])[0] if options.target else None
     say(format_candidates(discover_finetunes(options.base, target=target, limit=options.limit, token=args.token)))
 
 

@@ -87,9 +87,20 @@ def reaching_the_hub(repo: str):
         ) from None
 
 
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (org/name, rev); a local path (even one with an @ in it) and a plain id -> (it, None)."""
+    name, at, revision = reference.partition("@")
+    if at and revision and is_hub_id(name) and not Path(reference).exists():
+        return name, revision
+    return reference, None
+
+
 def resolve_model(source: str, revision: str | None = None, token: str | bool | None = None) -> Ingredient:
-    """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit (with
-    HF_HUB_OFFLINE set: the commit the local cache holds), every LFS file checked against its sha256."""
+    """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit (`org/name@rev` pins
+    one, as `revision` does; with HF_HUB_OFFLINE set: the commit the local cache holds), every LFS file checked
+    against its sha256."""
+    if revision is None:
+        source, revision = split_revision(source)
     folder = Path(source)
     if folder.is_dir():
         return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
@@ -223,17 +234,17 @@ def hub_reason(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
-def dataset_revision(target: str, token) -> str | None:
-    """The commit sha of a Hub dataset, so the data are read at one pinned revision (None: local, or
-    offline, where `datasets` reads its own cache)."""
+def dataset_revision(target: str, token, revision: str | None = None) -> str | None:
+    """The commit sha of a Hub dataset at `revision` (default: its main branch), so the data are read at one
+    pinned revision (None: local, or offline without a pin, where `datasets` reads its own cache)."""
     if not is_hub_id(target):
         return None
     from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        return None
-    with reaching_the_hub(target), answered_by_the_hub(target, repo_type="dataset"):
-        return with_retries(lambda: HfApi(token=token).dataset_info(target).sha)
+        return revision
+    with reaching_the_hub(target), answered_by_the_hub(target, revision, repo_type="dataset"):
+        return with_retries(lambda: HfApi(token=token).dataset_info(target, revision=revision).sha)
 
 
 def weight_files(folder: Path) -> list[Path]:

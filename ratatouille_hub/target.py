@@ -26,7 +26,7 @@ from .data import (
     split_domains,
 )
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
-from .fetch import Ingredient, dataset_revision, resolve_dataset
+from .fetch import Ingredient, dataset_revision, resolve_dataset, split_revision
 from .hashing import stable_hash
 from .io import DONE, claimed_folder, staged_folder
 from .models import load_processor, refuse_unbuildable
@@ -70,7 +70,8 @@ class TargetPreparation:
             options.target, options.domain_column, options.label_column
         )
         self.image_column = options.image_column
-        revision = dataset_revision(target_id, token)
+        target_id, pinned = split_revision(target_id)  # `org/name@rev` reads that revision, like --aux
+        revision = dataset_revision(target_id, token, pinned)
         self.reference = f"{target_id}@{revision}" if revision else target_id
         dataset = load_dataset_source(target_id, revision=revision, token=token)
         if self.image_column not in dataset.column_names:

@@ -23,7 +23,7 @@ import huggingface_hub
 import pytest
 import refusals
 import yaml
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
 from ratatouille_hub import cli, fetch
@@ -531,3 +531,35 @@ def test_a_missing_hub_dataset_is_named(command, local_hub, hub_namespace, model
         f"error: {missing}: no such dataset folder or file, and no Hub dataset of that name is visible "
         "(a private one needs --token)"
     )
+
+
+def test_base_and_target_pinned_by_revision_are_read_at_that_revision(local_hub, hub_namespace, models, tiny_world,
+                                                                      tmp_path, capsys):  # fmt: skip
+    """`--base id@sha` and `--target id@sha` work like `--aux id@sha`: after both moved on, the pinned recipe
+    plans (and trains) on the commits named, the unpinned one on the new heads."""
+    from ratatouille_hub import testing
+    from ratatouille_hub.toy import world as toyworld
+
+    base, target = f"{hub_namespace}/base", f"{hub_namespace}/shapes"
+    first_base = seed(local_hub, base, models.base, 1)
+    first_target = local_hub.seed_dataset(target, tiny_world.target)
+    seed(local_hub, base, models.good, 1)  # both move on
+    later = testing.write_hub_dataset(toyworld.target_dataset(per_class_per_domain=4, size=16), tmp_path / "later")
+    local_hub.seed_dataset(target, later)
+    heads = {repo: HfApi().repo_info(repo, repo_type=kind).sha for repo, kind in ((base, "model"), (target, "dataset"))}
+    assert first_base != heads[base] and first_target != heads[target]
+
+    def planned(out: Path, *pins: str) -> dict:
+        argv = ["recycle", "--base", f"{base}{pins[0]}", "--target", f"{target}{pins[1]}", *TINY,
+                "--strategy", "soup", "--output", str(out)]  # fmt: skip
+        assert cli.main(argv) == 0
+        return json.loads((out / "plan.json").read_text())["plans"][0]
+
+    pinned = planned(tmp_path / "pinned", f"@{first_base}", f"@{first_target}")
+    assert (pinned["base"]["source"], pinned["base"]["revision"]) == (base, first_base)
+    assert pinned["target"]["reference"] == f"{target}@{first_target}"
+    assert sum(pinned["target"]["train_sizes"]) + pinned["target"]["val_size"] + pinned["target"]["test_size"] == 144
+    head = planned(tmp_path / "head", "", "")
+    assert (head["base"]["revision"], head["target"]["reference"]) == (heads[base], f"{target}@{heads[target]}")
+    assert sum(head["target"]["train_sizes"]) + head["target"]["val_size"] + head["target"]["test_size"] == 96
+    capsys.readouterr()

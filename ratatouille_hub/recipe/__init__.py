@@ -34,7 +34,7 @@ from pathlib import Path
 from ..config import ALL_DOMAINS, RecipeConfig
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
-from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model
+from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
 from ..io import DONE, claim_is_held, claimed_folder, sweep_staging
 from ..models import ArchitectureError, precision_note, quiet_transformers, refuse_unbuildable
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
@@ -211,7 +211,7 @@ def fetch_ingredients(
     sources, left_out = recycled_sources(config, token, echo)
     for source in sources:
         try:
-            ingredient = resolve_model(*_pinned(source), token=token)
+            ingredient = resolve_model(source, token=token)
         except FetchError as error:
             if not discovered:
                 raise
@@ -252,11 +252,12 @@ def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list
     is named in a warning: the soup must not silently be another."""
     if not STRATEGIES[config.strategy].recycles:
         return [], []
-    if config.aux or not is_hub_id(config.base):
+    base = split_revision(config.base)[0]  # fine-tunes name the base without a revision; vetting uses the pin
+    if config.aux or not is_hub_id(base):
         return list(config.aux), []
-    echo(f"[discover] fine-tunes of {config.base} on the Hub")
-    target_id, _, _ = resolve_dataset(config.target, config.domain_column, config.label_column)
-    candidates = discover_finetunes(config.base, target=target_id, limit=config.aux_limit, token=token)
+    echo(f"[discover] fine-tunes of {base} on the Hub")
+    target_id = split_revision(resolve_dataset(config.target, config.domain_column, config.label_column)[0])[0]
+    candidates = discover_finetunes(base, target=target_id, limit=config.aux_limit, token=token)
     echo(format_candidates(candidates))
     for unread in (c for c in candidates if not c.readable):
         echo(
@@ -265,14 +266,6 @@ def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list
         )
     left_out = [(f"{c.repo_id}@{c.revision}", f"{c.verdict}: {c.reason}") for c in candidates if not c.accepted]
     return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted], left_out
-
-
-def _pinned(source: str) -> tuple[str, str | None]:
-    """`org/name@sha` -> (org/name, sha); folders and plain ids -> (source, None)."""
-    name, at, revision = source.partition("@")
-    if at and is_hub_id(name) and not Path(source).exists():
-        return name, revision
-    return source, None
 
 
 def trained_on(ingredient: Ingredient) -> str:
