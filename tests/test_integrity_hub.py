@@ -563,3 +563,26 @@ def test_base_and_target_pinned_by_revision_are_read_at_that_revision(local_hub,
     assert (head["base"]["revision"], head["target"]["reference"]) == (heads[base], f"{target}@{heads[target]}")
     assert sum(head["target"]["train_sizes"]) + head["target"]["val_size"] + head["target"]["test_size"] == 96
     capsys.readouterr()
+
+
+def test_run_and_assemble_read_the_target_the_plan_pinned(local_hub, hub_namespace, models, tiny_world, tmp_path,
+                                                           capsys):  # fmt: skip
+    """A commit pushed to the target between `plan` and `run` changes nothing: every array task and the
+    assembly read the revision the plan pinned (before, every task failed: 'not the one planned')."""
+    from ratatouille_hub import testing
+    from ratatouille_hub.toy import world as toyworld
+
+    target = f"{hub_namespace}/shapes"
+    planned_sha = local_hub.seed_dataset(target, tiny_world.target)
+    out = tmp_path / "out"
+    argv = ["plan", "--base", str(models.base), "--target", target, *TINY, "--runs", "2", "--strategy", "soup",
+            "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    later = testing.write_hub_dataset(toyworld.target_dataset(per_class_per_domain=4, size=16), tmp_path / "later")
+    assert local_hub.seed_dataset(target, later) != planned_sha
+    for index in (0, 1):
+        assert cli.main(["run", str(out), "--index", str(index)]) == 0
+    assert cli.main(["assemble", str(out)]) == 0
+    capsys.readouterr()
+    results = json.loads((out / "soup" / "results.json").read_text())
+    assert results["target"] == f"{target}@{planned_sha}"

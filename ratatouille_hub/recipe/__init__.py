@@ -129,8 +129,14 @@ def plan_output(
 
 
 def decode_target(plan: RecipePlan, output: Path, token=None) -> Target:
-    """The plan's target, decoded into (or read from) the output folder's cache."""
-    preparation = TargetPreparation(plan.config, plan.base, token)
+    """The plan's target at the revision the plan pinned (never the Hub's current one: a commit pushed between
+    `plan` and `run` must not change what an array task trains on), decoded into (or read from) the output
+    folder's cache."""
+    config = plan.config
+    dataset, domain_column, label_column = resolve_dataset(config.target, config.domain_column, config.label_column)
+    if "@" in plan.target.reference and split_revision(plan.target.reference)[0] == split_revision(dataset)[0]:
+        config = replace(config, target=plan.target.reference, domain_column=domain_column, label_column=label_column)
+    preparation = TargetPreparation(config, plan.base, token)
     if preparation.fingerprint != plan.target.fingerprint:
         raise RecipeError(
             f"the target {plan.target.reference} is not the one planned (its rows or preprocessing changed); "
