@@ -13,7 +13,6 @@ once run one after the other, the second from the soup the first wrote, so neith
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .provenance import (
     ProvenanceError,
     SoupIngredient,
     SoupRecord,
+    declared_fingerprint,
     file_sha256,
     is_relative_source,
     relative_source,
@@ -56,17 +56,9 @@ class RunFiles:
 
     @property
     def fingerprint(self) -> str | None:
-        """The recipe fingerprint its `ratatouille.json` declares (None without one)."""
+        """The recipe fingerprint its `ratatouille.json` declares (None without one), checked."""
         path = self.folder / RUN_FILE
-        if not path.is_file():
-            return None
-        try:
-            fingerprint = json.loads(path.read_text()).get("fingerprint")
-        except (ValueError, AttributeError):
-            fingerprint = None
-        if not isinstance(fingerprint, str):
-            raise ProvenanceError(f"{self.source}: {RUN_FILE} declares no fingerprint")
-        return fingerprint
+        return declared_fingerprint(path, self.source) if path.is_file() else None
 
 
 def local_run(folder: str | Path) -> RunFiles:
@@ -91,7 +83,12 @@ def updated_record(
                 f"{run.source}: already in {where} (ingredient {hashes.index(run.sha256)} has the same weights)"
             )
         seen.add(run.sha256)
-        if record.fingerprint and run.fingerprint is not None and run.fingerprint != record.fingerprint:
+        if record.fingerprint and run.fingerprint is None:
+            raise ProvenanceError(
+                f"{run.source}: carries no recipe fingerprint ({RUN_FILE}), so nothing says it is a run of {where}'s "
+                "recipe; add runs that recycle, run or contribute wrote"
+            )
+        if record.fingerprint and run.fingerprint != record.fingerprint:
             raise ProvenanceError(
                 f"{run.source}: a run of another recipe (fingerprint {run.fingerprint}, {where} has "
                 f"{record.fingerprint}): runs of one soup share target, split, labels, base and head"

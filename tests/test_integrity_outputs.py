@@ -210,3 +210,43 @@ def test_update_in_place_carries_the_users_files_over_and_names_every_stale_one(
         "preprocessor_config.json",
         "recipe.yaml",
     ]
+
+
+# -- update: a local run says which recipe it belongs to ---------------------------------------------------
+
+
+def test_update_adds_only_local_runs_of_the_soups_recipe(recycled, tiny_world, tmp_path, capsys):
+    """Run folders carry their recipe fingerprint (as contributed runs do): a run of another recipe, or a folder
+    that declares none, is refused; a run of the soup's own recipe is taken back in."""
+    other = tmp_path / "other"
+    assert cli.main([*recycle_argv(tiny_world, other), "--seed", "1"]) == 0  # another split: another recipe
+    capsys.readouterr()
+    runs = json.loads((recycled / "soup" / "results.json").read_text())["runs"]
+    own = [recycled / run["folder"] / "model" for run in runs]
+    stranger = other / json.loads((other / "soup" / "results.json").read_text())["runs"][0]["folder"] / "model"
+    fingerprints = {json.loads((run / "ratatouille.json").read_text())["fingerprint"] for run in own}
+    assert (
+        len(fingerprints) == 1
+        and json.loads((stranger / "ratatouille.json").read_text())["fingerprint"] not in fingerprints
+    )
+
+    smaller = tmp_path / "smaller"
+    assert cli.main(["update", str(recycled / "soup"), "--remove", str(own[1]), "--output", str(smaller)]) == 0
+    anonymous = shutil.copytree(own[1], tmp_path / "anonymous")
+    (anonymous / "ratatouille.json").unlink()
+    own_fingerprint, other_fingerprint = fingerprints.pop(), json.loads((stranger / "ratatouille.json").read_text())
+    places = {
+        **placeholders(tmp_path, tiny_world),
+        "<own>": own_fingerprint,
+        "<other>": other_fingerprint["fingerprint"],
+        "<other-run>": stranger,  # its key names the target's path
+    }
+    for case, what, run, expected in (
+        ("update-run-of-another-recipe", "--add a local run of another recipe", stranger, "a run of another recipe"),
+        ("update-run-without-fingerprint", "--add a folder that declares no recipe", anonymous,
+         f"carries no recipe fingerprint (ratatouille.json), so nothing says it is a run of {smaller}'s recipe"),
+    ):  # fmt: skip
+        argv = ["update", str(smaller), "--add", str(run), "--output", str(tmp_path / "grown")]
+        line = refusals.fails_cleanly(case, what, argv, str(run), tmp_path / "grown", capsys, places)
+        assert expected in line
+    assert cli.main(["update", str(smaller), "--add", str(own[1]), "--output", str(tmp_path / "grown")]) == 0

@@ -26,7 +26,15 @@ from ..io import foreign_entries, staged_folder
 from ..merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, average_streamed, merge_model_folders
 from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
 from ..models import load_classifier, set_head
-from ..provenance import SoupIngredient, SoupRecord, file_sha256, fingerprint_id, recipe_fingerprint, relative_source
+from ..provenance import (
+    RUN_FILE,
+    SoupIngredient,
+    SoupRecord,
+    file_sha256,
+    fingerprint_id,
+    recipe_fingerprint,
+    relative_source,
+)
 from ..results import (
     Average,
     BestRun,
@@ -51,6 +59,7 @@ SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight s
     "README.md",
     "recipe.yaml",
     "results.json",
+    RUN_FILE,  # a best-run soup (erm, fusing) is its run's model folder, fingerprint included
     DIAGNOSTICS_PLOT,
     SCORES_PLOT,
 )

@@ -26,6 +26,7 @@ from ..hashing import stable_int
 from ..io import DONE, atomic_write_json, claimed_folder, staged_folder
 from ..merge import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
+from ..provenance import RUN_FILE, fingerprint_id, recipe_fingerprint
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
@@ -116,7 +117,10 @@ class RunExecutor:
         if plan.lp.key not in self.heads:
             self.heads[plan.lp.key] = shared_linear_probe(plan, target, self.accelerator, self.output, self.echo)
         head = self.heads[plan.lp.key]
-        return execute_run(plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name)
+        fingerprint = fingerprint_id(recipe_fingerprint(plan, self.output / plan.lp.folder / "head.safetensors"))
+        return execute_run(
+            plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name, fingerprint
+        )
 
 
 def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> LinearHead:
@@ -198,10 +202,19 @@ def _build_fusion(plan: RecipePlan, spec: RunSpec, init: FusionSpec, target: Tar
 
 
 def execute_run(
-    plan: RecipePlan, spec: RunSpec, head: LinearHead, target: Target, accelerator, output: Path, echo, rank: str = ""
+    plan: RecipePlan,
+    spec: RunSpec,
+    head: LinearHead,
+    target: Target,
+    accelerator,
+    output: Path,
+    echo,
+    rank: str = "",
+    fingerprint: str | None = None,
 ) -> Path:
     """One target fine-tune from (init featurizer, shared head), by the process that claimed its folder;
-    returns at once when already done. `rank` names this process in its progress bars."""
+    returns at once when already done. `rank` names this process in its progress bars; `fingerprint`, the
+    recipe's (from the shared probe's file), is written beside the run's weights."""
     folder = output / spec.folder
     if (folder / DONE).exists():
         echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
@@ -269,6 +282,8 @@ def execute_run(
         model.save_pretrained(staging / "model")
         if processor is not None:
             processor.save_pretrained(staging / "model")
+        if fingerprint is not None:  # which recipe it belongs to: `update --add` and `merge` check it as Hub runs
+            atomic_write_json(staging / "model" / RUN_FILE, {"fingerprint": fingerprint})
         save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
         atomic_write_json(staging / "metrics.json", metrics)
         (staging / DONE).touch()
