@@ -144,6 +144,14 @@ def recycles(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
+def refused_by_plan_and_recycle(case, what, target, culprit: str, expected: str, world, out: Path, capsys) -> None:
+    """What planning can see is refused by `plan` and by `recycle` alike, with the same line, nothing written."""
+    for command in ("plan", "recycle"):
+        argv = recycle_argv(world, target, out, command=command)
+        line = refusals.fails_cleanly(case, what, argv, culprit, out, capsys, placeholders(world))
+        assert refusals.normalise(line, placeholders(world)) == expected
+
+
 def refused_while_decoding(case: str, what: str, argv: list[str], culprit: str, out: Path, capsys, world) -> str:
     """The refusal contract for what only decoding sees (an image's bytes, the disk a cache needs): one `error:`
     line naming the culprit, exit 2, no traceback, the line in docs/errors.md; planning never decodes, so the
@@ -208,10 +216,7 @@ LABEL_CASES = {  # case: (what, bad target, corrected target, expected line)
 def test_a_row_without_a_usable_label_is_refused_at_planning(case, world, tmp_path, capsys):
     what, bad, corrected, expected = LABEL_CASES[case]
     out = tmp_path / "out"
-    for command in ("plan", "recycle"):
-        argv = recycle_argv(world, getattr(world, bad), out, command=command)
-        line = refusals.fails_cleanly(case, what, argv, "row 4", out, capsys, placeholders(world))
-        assert refusals.normalise(line, placeholders(world)) == expected
+    refused_by_plan_and_recycle(case, what, getattr(world, bad), "row 4", expected, world, out, capsys)
     recycles(recycle_argv(world, getattr(world, corrected), out), capsys)
 
 
@@ -256,10 +261,7 @@ IMAGE_CASES = {  # case: (what, bad target, expected line)
 def test_an_image_column_that_is_not_images_or_leaves_its_folder_is_refused_at_planning(case, world, tmp_path, capsys):
     what, bad, expected = IMAGE_CASES[case]
     out = tmp_path / "out"
-    for command in ("plan", "recycle"):
-        argv = recycle_argv(world, getattr(world, bad), out, command=command)
-        line = refusals.fails_cleanly(case, what, argv, "column 'image'", out, capsys, placeholders(world))
-        assert refusals.normalise(line, placeholders(world)) == expected
+    refused_by_plan_and_recycle(case, what, getattr(world, bad), "column 'image'", expected, world, out, capsys)
 
 
 @pytest.mark.parametrize("column", ["bytes_column", "paths"])
@@ -381,10 +383,8 @@ UNREADABLE_CASES = {  # case: (what, bad target, expected line)
 def test_a_dataset_file_datasets_cannot_read_is_one_line_naming_it(case, world, tmp_path, capsys):
     what, bad, expected = UNREADABLE_CASES[case]
     out = tmp_path / "out"
-    for command in ("plan", "recycle"):
-        argv = recycle_argv(world, getattr(world, bad), out, command=command)
-        line = refusals.fails_cleanly(case, what, argv, str(getattr(world, bad)), out, capsys, placeholders(world))
-        assert refusals.normalise(line, placeholders(world)) == expected
+    target = getattr(world, bad)
+    refused_by_plan_and_recycle(case, what, target, str(target), expected, world, out, capsys)
 
 
 # -- half precision: trains and saves in float32 ------------------------------------------------------------
