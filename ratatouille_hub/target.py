@@ -29,7 +29,7 @@ from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset, split_revision
 from .hashing import stable_hash
 from .io import DONE, claimed_folder, staged_folder
-from .models import load_processor, refuse_unbuildable
+from .models import load_processor
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
 
@@ -95,7 +95,6 @@ class TargetPreparation:
         processor = load_processor(base.path, base.source)
         self.size = resolution_of(processor, options.image_size, base.source)
         self.normalize = normalization_of(processor, base.source)
-        refuse_unbuildable(base.path, base.source)
         self.fingerprint = stable_hash(
             {
                 "dataset": self.dataset_fingerprint,

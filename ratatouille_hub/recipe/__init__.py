@@ -210,6 +210,7 @@ def fetch_ingredients(
     and left out (anyone can tag a repo with the base); one the user named with --aux fails the recipe."""
     echo(f"[fetch] base {terminal_safe(config.base)}")
     base = resolve_model(config.base, token=token)
+    refuse_unbuildable(base.path, base.source)  # once, at planning: every process trusts the plan's base after
     if note := precision_note(base.path):
         echo(f"[fetch] {note}")
     discovered = not config.aux
