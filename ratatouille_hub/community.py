@@ -140,7 +140,8 @@ def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = s
     provenance = run_provenance(Path(hf_hub_download(reference, RUN_FILE, revision=sha, token=token)), reference)
     recipe, fingerprint = provenance["recipe"], provenance["fingerprint"]
     try:
-        named = _checked(_checkpoint(_pinned_run(reference, sha, provenance, token)))
+        named_run = _pinned_run(reference, sha, provenance, token)
+        named = _checked(_checkpoint(named_run))
         yardstick = recipe_yardstick(recipe, named, token, echo)
         verify_named_run(named, yardstick, recipe)
         verify_run(named.checkpoint, named, yardstick)
@@ -149,6 +150,9 @@ def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = s
         raise ProvenanceError(f"{reference}: {reason}; name another run of the recipe") from None
     found: dict[str, tuple[int, RunFiles]] = {}
     for model in api.list_models(filter=[RUN_TAG, base_tag(recipe["base"])], token=token):
+        if (model.id, model.sha) == (reference, sha):  # the named run: fetched and verified above
+            found.setdefault(named_run.sha256, (provenance["run"]["index"], named_run))
+            continue
         try:
             other = run_provenance(Path(hf_hub_download(model.id, RUN_FILE, revision=model.sha, token=token)), model.id)
             if other["fingerprint"] != fingerprint:

@@ -220,8 +220,9 @@ def update_folder(
         for name in COPIED_FILES:
             if (soup_folder / name).is_file():
                 shutil.copyfile(soup_folder / name, staging / name)
-        # the update replaces the folder whole: the user's files in it (notes, images) are carried over as they are
-        for entry in soup_folder.iterdir():
+        # the update replaces a local soup whole: the user's files in it (notes, images) are carried over as they
+        # are (a Hub soup's folder is a cache snapshot of what was asked for, its links pointing into the cache)
+        for entry in soup_folder.iterdir() if relocate else ():
             if entry.name in (WEIGHTS_NAME, *COPIED_FILES, *STALE_FILES):
                 continue
             if entry.is_dir() and not entry.is_symlink():
