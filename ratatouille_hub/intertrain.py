@@ -20,7 +20,15 @@ import torch
 
 from .card import plain_text
 from .config import IntertrainConfig, draw_hparams
-from .data import DataError, decode_images, evenly_spaced, label_names_of, normalization_of, resolution_of
+from .data import (
+    DataError,
+    decode_images,
+    evenly_spaced,
+    image_entries,
+    label_names_of,
+    normalization_of,
+    resolution_of,
+)
 from .errors import RecipeError
 from .evaluation import accuracy, predict_logits
 from .fetch import dataset_revision, is_hub_id, resolve_model
@@ -28,7 +36,7 @@ from .hashing import stable_hash, stable_int
 from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
 from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
 from .safe_text import say
-from .sources import load_dataset_source, refuse_output_inside
+from .sources import image_files_of, load_dataset_source, refuse_output_inside
 from .train import DomainBatches, make_accelerator, optimize
 
 CARD_TEMPLATE = """---
@@ -70,6 +78,8 @@ def intertrain(
     size = resolution_of(processor, config.image_size, base.source)
     normalize = normalization_of(processor, base.source)
     refuse_unbuildable(base.path, base.source)
+    files = image_files_of(config.dataset)  # a path in the dataset is read only inside its own folder, as for targets
+    dataset = image_entries(dataset, config.image_column, name=config.dataset, files=files)
     images = decode_images(
         dataset,
         range(len(dataset)),
@@ -77,6 +87,7 @@ def intertrain(
         label_column=config.label_column,
         label_names=label_names,
         size=size,
+        root=files.folder,
     )
     echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
     data_reference = f"{config.dataset}@{revision}" if revision else config.dataset

@@ -586,3 +586,22 @@ def test_an_output_inside_a_dataset_folder_is_refused_and_root_files_of_domainbe
     (dataset / "ImageInfo.csv").write_text("image,label\n")  # Office-Home keeps its metadata at the root
     printed = recycles(recycle_argv(world, dataset, tmp_path / "out"), capsys)
     assert "[data] " + str(dataset) + ": train domains painting, photo, sketch; held out: cartoon\n" in printed
+
+
+def test_intertrain_reads_image_paths_only_inside_the_dataset_folder(world, tmp_path, capsys):
+    """intertrain decodes its dataset under the same rule as a target: an Image feature's path to /etc/passwd
+    is refused, not opened."""
+    out = tmp_path / "inter"
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.feature_path), "--steps", "1",
+            "--batch-size", "2", "--image-size", "16", "--output", str(out)]  # fmt: skip
+    line = refusals.fails_cleanly(
+        "data-intertrain-image-feature-path",
+        "intertrain on an Image feature whose path is /etc/passwd",
+        argv,
+        "column 'image'",
+        out,
+        capsys,
+        placeholders(world),
+        watch=tmp_path,
+    )
+    assert "the path '/etc/passwd' leads outside the dataset's folder" in line
