@@ -125,7 +125,12 @@ def any_run(source: str, token=None) -> RunFiles:
     repo_id, _, revision = source.partition("@")
     if not is_hub_id(repo_id):
         raise ProvenanceError(f"{source}: no such run folder (and not a Hub model id)")
-    return hub_run(repo_id, token, revision or None)
+    run = hub_run(repo_id, token, revision or None)
+    if (run.folder / RUN_FILE).is_file():  # a record is checked whole, and must name these weights
+        provenance = run_provenance(run.folder / RUN_FILE, run.source)
+        if run.sha256 != provenance["weights_sha256"]:
+            raise ProvenanceError(f"{run.source}: its weights are not the ones its {RUN_FILE} names")
+    return run
 
 
 def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = say) -> list[RunFiles]:

@@ -417,3 +417,27 @@ def test_contribute_checks_every_run_record_before_pushing_any(contributed, tmp_
         "(run.val_accuracy is not an accuracy between 0 and 1)"
     )
     assert [model.id for model in HfApi().list_models(author="alice", search="contrib-tampered")] == []
+
+
+def test_update_refuses_a_hub_run_whose_record_names_other_weights(contributed, tmp_path, capsys):
+    """A Hub run offered to `update --add` carrying a copy of an honest record over other weights: the record
+    must name the weights it sits beside (as assemble --from-hub demands)."""
+    soup = tmp_path / "soup"
+    assert cli.main(["merge", str(contributed.runs[0]), str(contributed.runs[1]), "--output", str(soup)]) == 0
+    copy = shutil.copytree(Path(snapshot_download(f"{HONEST}-run2")), tmp_path / "forged", symlinks=False)
+    tensors = load_file(copy / "model.safetensors")
+    one_nan(tensors)
+    tensors[FIRST_CONV].view(-1)[0] = 0.5  # finite, just not the recorded weights
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    sha = push(copy, "carol/contrib-forged", CAROL)
+    capsys.readouterr()
+    line = refusals.fails_cleanly(
+        "contrib-update-record-of-other-weights",
+        "update --add a Hub run whose ratatouille.json is an honest run's, over other weights",
+        ["update", str(soup), "--add", "carol/contrib-forged", "--output", str(tmp_path / "grown")],
+        "carol/contrib-forged",
+        tmp_path / "grown",
+        capsys,
+        {"<tmp>": tmp_path, "<sha>": sha},
+    )
+    assert line == f"error: carol/contrib-forged@{sha}: its weights are not the ones its ratatouille.json names"
