@@ -68,6 +68,11 @@ def recipe_fingerprint(plan, head_file: Path) -> dict:
     }
 
 
+def plan_fingerprint(plan, output: Path) -> str:
+    """The fingerprint of a plan executed in `output` (its shared probe's head is part of it)."""
+    return fingerprint_id(recipe_fingerprint(plan, output / plan.lp.folder / "head.safetensors"))
+
+
 def fingerprint_id(recipe: dict) -> str:
     return stable_hash(recipe, length=FINGERPRINT_LENGTH)
 

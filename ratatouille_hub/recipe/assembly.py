@@ -31,8 +31,7 @@ from ..provenance import (
     SoupIngredient,
     SoupRecord,
     file_sha256,
-    fingerprint_id,
-    recipe_fingerprint,
+    plan_fingerprint,
     relative_source,
 )
 from ..results import (
@@ -401,7 +400,7 @@ def is_plain_mean(config, mixture: Mixture) -> bool:
 
 def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], soup: Path) -> SoupRecord:
     """The soup's ingredients (content hashes, in merge order) and the fingerprint of the recipe they share."""
-    fingerprint = fingerprint_id(recipe_fingerprint(plan, output / plan.lp.folder / "head.safetensors"))
+    fingerprint = plan_fingerprint(plan, output)
     # sources relative to the soup folder: the same runs give the same soup bytes wherever the output lives
     return SoupRecord(
         tuple(SoupIngredient(file_sha256(f / WEIGHTS_NAME), relative_source(f, soup)) for f in model_folders),

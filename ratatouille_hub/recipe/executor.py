@@ -26,7 +26,7 @@ from ..hashing import stable_int
 from ..io import DONE, atomic_write_json, claimed_folder, staged_folder
 from ..merge import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
-from ..provenance import RUN_FILE, fingerprint_id, recipe_fingerprint
+from ..provenance import RUN_FILE, plan_fingerprint
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
@@ -117,7 +117,7 @@ class RunExecutor:
         if plan.lp.key not in self.heads:
             self.heads[plan.lp.key] = shared_linear_probe(plan, target, self.accelerator, self.output, self.echo)
         head = self.heads[plan.lp.key]
-        fingerprint = fingerprint_id(recipe_fingerprint(plan, self.output / plan.lp.folder / "head.safetensors"))
+        fingerprint = None if plan.is_done(self.output, spec) else plan_fingerprint(plan, self.output)
         return execute_run(
             plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name, fingerprint
         )
