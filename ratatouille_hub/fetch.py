@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
+from .hashing import is_hex_digest
 
 # Downloaded first; an index's shards follow by name (`weight_files`): no other *.safetensors is fetched.
 WEIGHT_PATTERNS = (
@@ -31,7 +32,6 @@ WEIGHT_PATTERNS = (
 TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
 TRIES = 4  # the first and three more, after 1, 2 and 4 s (http_backoff: 1, 2, 4, 8, 8)
 FIRST_WAIT_S = 1.0
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class FetchError(RatatouilleError, ValueError):
@@ -153,7 +153,7 @@ def verify_download(source: str, sha: str, snapshot: Path) -> None:
     symlinks (some Windows setups) keeps no blob names, and is not checked."""
     for file in sorted(snapshot.rglob("*")):
         blob = file.resolve()
-        if not file.is_symlink() or not _SHA256.fullmatch(blob.name):
+        if not file.is_symlink() or not is_hex_digest(blob.name, 64):
             continue
         with open(blob, "rb") as handle:
             if hashlib.file_digest(handle, "sha256").hexdigest() == blob.name:

@@ -17,8 +17,18 @@ def stable_int(text: str) -> int:
     return int(stable_hash({"k": text}, length=15), 16)
 
 
+def is_hex_digest(value: object, length: int | None = None) -> bool:
+    """What `stable_hash` and sha256 write: lowercase hex digits (`length` of them, when given)."""
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and (length is None or len(value) == length)
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
 def check_content_key(key: str) -> None:
     """A folder key must be what `stable_hash` makes (hex digits): a plan file edited by hand, or by someone
     sharing the output folder, cannot name a folder outside it."""
-    if not (isinstance(key, str) and 8 <= len(key) <= 64 and all(c in "0123456789abcdef" for c in key)):
+    if not (is_hex_digest(key) and 8 <= len(key) <= 64):
         raise ValueError(f"folder key {key!r} is not a content hash")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .hashing import check_content_key, stable_hash
+from .hashing import check_content_key, is_hex_digest, stable_hash
 
 RUN_FILE = "ratatouille.json"
 INGREDIENTS_KEY = "ratatouille.ingredients"  # JSON list of {"sha256", "source"}, in merge order
@@ -75,11 +75,6 @@ def plan_fingerprint(plan, output: Path) -> str:
 
 def fingerprint_id(recipe: dict) -> str:
     return stable_hash(recipe, length=FINGERPRINT_LENGTH)
-
-
-def is_hex_digest(value: object, length: int) -> bool:
-    """What `stable_hash` and sha256 write: `length` lowercase hex digits."""
-    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 def differences(a: dict, b: dict) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RatatouilleError
+from .fetch import TRANSIENT_STATUSES
 from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, MergeError, index_shards
 from .provenance import RUN_FILE
 
@@ -33,7 +34,7 @@ SOUP_FILES = (
 )
 REQUIRED_FILES = ("config.json", "README.md")  # a soup without its card would lose its lineage
 USAGE_PLACEHOLDER = '"path/to/soup"'  # card.build_card's usage snippet when no repo id was known
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset(TRANSIENT_STATUSES)  # what fetching retries, pushing retries too
 RETRY_WAITS_S = (2.0, 4.0, 8.0)
 
 
