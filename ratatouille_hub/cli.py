@@ -76,6 +76,8 @@ def add_options(parser: argparse.ArgumentParser, options: type[Options], groups:
     groups = {} if groups is None else groups
     hints = typing.get_type_hints(options)
     for f in sorted(dataclasses.fields(options), key=lambda f: list(GROUPS).index(f.metadata["group"])):
+        if f.metadata.get("cli") is False:  # recorded by the tool in recipe.yaml, never typed
+            continue
         hint = hints[f.name]
         help_text = f.metadata.get("help", "")
         if f.default is not False and f.default not in ("", None, ()):

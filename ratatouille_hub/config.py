@@ -311,6 +311,19 @@ class RecipeConfig(TargetOptions, TrainingOptions):
     aux_limit: int = _opt(
         16, "with no --aux: how many discovered fine-tunes of the base to consider", group="runs", check=int_range(1)
     )
+    discovered: tuple[str, ...] = _opt(
+        (),
+        "the fine-tunes discovery chose (id@sha), frozen by the plan: a replay of the saved recipe recycles "
+        "exactly these; written into recipe.yaml, not a flag",
+        group="runs",
+        cli=False,
+    )
+    rediscover: bool = _opt(
+        False,
+        "with --config: discover the base's fine-tunes on the Hub again instead of recycling the ones the recipe "
+        "pinned (finished runs are reused)",
+        group="runs",
+    )
     strategy: str = _opt(
         "ratatouille",
         "how runs start and what the result is; "

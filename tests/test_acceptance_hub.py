@@ -238,7 +238,8 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
     } <= set(seen["files"])
 
     recipe, results = yaml.safe_load(seen["recipe"]), Results.from_dict(json.loads(seen["results"]))
-    assert recipe["base"] == BASE and recipe["target"] == TARGET and recipe["runs"] == 2
+    pinned = (f"{BASE}@{world[BASE]}", f"{TARGET}@{world[TARGET]}", [f"{GOOD}@{world[GOOD]}"])
+    assert (recipe["base"], recipe["target"], recipe["discovered"]) == pinned and recipe["runs"] == 2
     assert results.test_domain == "sketch" and len(results.runs) == 2
     assert [i.source for i in results.ingredients] == [BASE, GOOD]
     assert not [key for key in recipe if "token" in key] and not [key for key in results.recipe if "token" in key]

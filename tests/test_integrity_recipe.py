@@ -250,7 +250,7 @@ def test_a_folder_with_finished_runs_still_refuses_another_recipe(tiny_world, sh
     assert cli.main(recycle_argv(tiny_world, shapes, out)) == 0
     capsys.readouterr()
     assert cli.main(recycle_argv(tiny_world, shapes, out, "--lr", "1e-3")) == 2
-    assert "holds the runs of another recipe (differs in: lr)" in capsys.readouterr().err
+    assert "holds the runs of another recipe (differs in: lr: 5e-05 -> 0.001)" in capsys.readouterr().err
 
 
 # -- killed writers and long names ---------------------------------------------------------------------------

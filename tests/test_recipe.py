@@ -268,7 +268,7 @@ def test_a_second_identical_call_trains_nothing_and_gives_the_same_soup(done, mo
 
 def test_another_recipe_in_the_same_output_is_refused(done):
     saved = (done.output / "recipe.yaml").read_text()
-    with pytest.raises(recipe.RecipeError, match="differs in: steps"):
+    with pytest.raises(recipe.RecipeError, match="differs in: steps: 4 -> 5"):
         recipe.recycle(done.config.replace(steps=5), echo=quiet)
     assert (done.output / "recipe.yaml").read_text() == saved
 

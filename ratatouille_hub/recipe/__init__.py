@@ -94,6 +94,7 @@ def plan_recipe(
     refuse_output_inside(output, config.target)
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
     base, recycled, left_out = fetch_ingredients(config, token, echo)
+    config = replace(config, **ingredient_pins(config, base, recycled))
     echo(f"[data] {config.target}")
     plans = []
     for domain in held_out_domains(config, base, token):
@@ -104,6 +105,7 @@ def plan_recipe(
             f"[data] {terminal_safe(spec.reference)}: train domains {domains}; held out: {terminal_safe(spec.test_domain)}"
         )
         plans.append(build_plan(domain_config, base, recycled, spec, trained_on, left_out))
+    plans = [replace(plan, config=replace(plan.config, **target_pins(plan))) for plan in plans]
     for plan in plans:  # a soup folder holding someone's files is refused now, not after the training
         check_replaceable_soup(soup_folder(plans, plan, output))
     return plans
@@ -123,6 +125,8 @@ def plan_output(
     """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
     `assemble_output` (any process, any machine that shares the folder) find it."""
     plans = plan_recipe(config, token=token, echo=echo)
+    # the recipe with what it read pinned (--rediscover, once checked against the folder, is not saved)
+    config = replace(plans[0].config, test_domain=config.test_domain, rediscover=config.rediscover)
     with claimed_output(Path(config.output), config):  # every input checked: only now is anything written
         save_plans(plans, Path(config.output))
     return plans
@@ -213,7 +217,7 @@ def fetch_ingredients(
     refuse_unbuildable(base.path, base.source)  # once, at planning: every process trusts the plan's base after
     if note := precision_note(base.path):
         echo(f"[fetch] {note}")
-    discovered = not config.aux
+    discovered = discovers(config)
     recycled = []
     sources, left_out = recycled_sources(config, token, echo)
     for source in sources:
@@ -260,8 +264,8 @@ def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list
     if not STRATEGIES[config.strategy].recycles:
         return [], []
     base = split_revision(config.base)[0]  # fine-tunes name the base without a revision; vetting uses the pin
-    if config.aux or not is_hub_id(base):
-        return list(config.aux), []
+    if not discovers(config):
+        return list(config.aux or config.discovered), []
     echo(f"[discover] fine-tunes of {base} on the Hub")
     target_id = split_revision(resolve_dataset(config.target, config.domain_column, config.label_column)[0])[0]
     candidates = discover_finetunes(base, target=target_id, limit=config.aux_limit, token=token)
@@ -273,6 +277,41 @@ def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list
         )
     left_out = [(f"{c.repo_id}@{c.revision}", f"{c.verdict}: {c.reason}") for c in candidates if not c.accepted]
     return [f"{c.repo_id}@{c.revision}" for c in candidates if c.accepted], left_out
+
+
+def discovers(config: RecipeConfig) -> bool:
+    """Whether this recipe asks the Hub for the base's fine-tunes: a Hub base, no --aux, and no list a
+    previous plan froze (unless --rediscover). A frozen list is replayed as if named: one that fails fails."""
+    if config.aux or not is_hub_id(split_revision(config.base)[0]):
+        return False
+    return config.rediscover or not config.discovered
+
+
+def ingredient_pins(config: RecipeConfig, base: Ingredient, recycled: list[Ingredient]) -> dict:
+    """The recipe's ingredients as the plan pinned them: a Hub base and every Hub fine-tune at its commit
+    sha, and the fine-tunes discovery chose frozen, so a replay of the saved recipe trains the same runs
+    whatever was pushed since."""
+
+    def pinned(ingredient: Ingredient, named: str) -> str:
+        return named if ingredient.is_local else ingredient.reference
+
+    chosen = tuple(ingredient.reference for ingredient in recycled)
+    return {
+        "base": pinned(base, config.base),
+        "aux": tuple(pinned(ingredient, named) for ingredient, named in zip(recycled, config.aux)),
+        "discovered": () if config.aux else chosen,
+        "rediscover": False,
+    }
+
+
+def target_pins(plan: RecipePlan) -> dict:
+    """The target as the plan read it: a Hub dataset (or an alias of one) at its commit sha, with the columns
+    the alias stands for."""
+    config = plan.config
+    dataset, domain_column, label_column = resolve_dataset(config.target, config.domain_column, config.label_column)
+    if not is_hub_id(split_revision(dataset)[0]):
+        return {}
+    return {"target": plan.target.reference, "domain_column": domain_column, "label_column": label_column}
 
 
 def trained_on(ingredient: Ingredient) -> str:
@@ -298,28 +337,66 @@ def claimed_output(output: Path, config: RecipeConfig):
     with claimed_folder(output / "recipe.yaml", wait=True):
         check_same_recipe(output / "recipe.yaml", config)
         sweep_staging(output, only=PLAN_FILE)
-        config.save_yaml(output / "recipe.yaml")
+        replace(config, rediscover=False).save_yaml(output / "recipe.yaml")
         yield
 
 
 # A changed value of these keeps every finished run valid (a run's folder is named after its own
-# init, so strategy and aux only choose which runs exist); any other change is another recipe.
-REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit"})
+# init, so strategy and aux only choose which runs exist); any other change is another recipe. What
+# discovery chose changes only by --rediscover: a Hub that changed under a rerun is said, never followed.
+REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover"})
+PINNED = ("base", "target")  # saved as id@sha: a command naming them without a revision means the same ones
 
 
 def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
-    """Refuse an output folder that holds another recipe's runs (mixing them would mislead). A folder whose
-    recipe finished nothing and trains nothing now (a command that failed after planning, say on an image
-    that does not decode) is no one's work: the corrected command takes it over."""
+    """Refuse an output folder that holds another recipe's runs (mixing them would mislead), naming each
+    difference. A folder whose recipe finished nothing and trains nothing now (a command that failed after
+    planning, say on an image that does not decode) is no one's work: the corrected command takes it over."""
     if not saved.exists():
         return
-    previous = RecipeConfig.load_yaml(saved).to_dict()
-    changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v and k not in REUSABLE_CHANGES)
+    previous = RecipeConfig.load_yaml(saved)
+    changed = recipe_differences(previous, config)
     if changed and holds_work(saved.parent):
         raise RecipeError(
-            f"{saved.parent} holds the runs of another recipe (differs in: {', '.join(changed)}); "
-            "use another --output, or replay it with --config " + str(saved)
+            f"{saved.parent} holds the runs of another recipe (differs in: {'; '.join(changed)}); replay it exactly with "
+            f"--config {saved}, or use another --output"
+            + ("; --rediscover plans the fine-tunes the Hub lists now into it" if "discovered" in changed[0] else "")
         )
+
+
+def recipe_differences(previous: RecipeConfig, config: RecipeConfig) -> list[str]:
+    """`name: before -> now` for each option that makes `config` another recipe than `previous` (a pinned
+    base or target matches the same id named without a revision; the discovered list is compared only once
+    this command has discovered, and not under --rediscover or --aux)."""
+    before, now = previous.to_dict(), config.to_dict()
+    skip = set(REUSABLE_CHANGES)
+    if config.rediscover or config.aux or not discovers(replace(config, discovered=())) or not config.discovered:
+        skip.add("discovered")
+    changed = []
+    for name, value in now.items():
+        old = before.get(name)
+        if name in skip or old == value or (name in PINNED and _same_unpinned(name, old, value, config)):
+            continue
+        if name == "discovered":
+            added = [terminal_safe(v) for v in value if v not in old]
+            gone = [terminal_safe(v) for v in old if v not in value]
+            changed.insert(0, f"discovered fine-tunes: + {', '.join(added) or 'none'}; - {', '.join(gone) or 'none'}")
+        else:
+            changed.append(f"{name}: {terminal_safe(str(old))} -> {terminal_safe(str(value))}")
+    return changed
+
+
+def _same_unpinned(name: str, old, value, config: RecipeConfig) -> bool:
+    """Whether a base or target named with and without a revision (an alias: by the dataset it stands for)
+    is the same one."""
+
+    def identity(reference: str) -> tuple[str, str | None]:
+        if name == "target":
+            reference = resolve_dataset(reference, config.domain_column, config.label_column)[0]
+        return split_revision(reference)
+
+    (old_id, old_revision), (new_id, new_revision) = identity(str(old)), identity(str(value))
+    return old_id == new_id and (old_revision is None or new_revision is None)
 
 
 WORK_FOLDERS = ("lp", "inits", "runs")  # what a plan's execution makes, each entry claimed while it is made

@@ -1,0 +1,100 @@
+"""Issue 20, item 2: the plan pins everything it reads, and a saved recipe replays exactly what was planned.
+
+A tiny world on the session's local Hub (a base, a fine-tune naming it, a target dataset) is recycled with
+discovery; then the Hub changes under it (a new fine-tune of the base, new commits on the base and on the
+target). The same command into the same folder must say what changed instead of following it; the saved
+recipe must replay the same runs and the same soup bytes, in that folder and in a fresh one; and
+re-discovering is a flag the user passes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ratatouille_hub import cli
+from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_resnet, write_hub_dataset
+from ratatouille_hub.toy.world import target_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["--runs", "2", "--steps", "2", "--eval-every", "2", "--lp-steps", "2", "--warmup-steps", "1"]
+TINY += ["--batch-size", "2", "--image-size", "16", "--test-domain", "sketch"]
+
+
+def seed_model(local_hub, repo_id: str, folder: Path, downloads: int, base: str | None = None) -> str:
+    copy = folder.parent / f"{folder.name}-{repo_id.replace('/', '--')}-{downloads}"
+    shutil.copytree(folder, copy)
+    card = {"library_name": "transformers", **({"base_model": base} if base else {})}
+    (copy / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n# {folder.name}\n")
+    return local_hub.seed_model(repo_id, copy, downloads)
+
+
+def finetune(root: Path, base_folder: Path, name: str, seed: int) -> Path:
+    from transformers import ResNetForImageClassification
+
+    base = ResNetForImageClassification.from_pretrained(base_folder)
+    model = finetune_of(base, tiny_resnet(seed, num_labels=4), seed, integer_value=seed)
+    return save_tiny_checkpoint(root / name, model, processor=tiny_processor(16))
+
+
+def snapshot(out: Path) -> tuple[bytes, list[str]]:
+    return (out / "soup" / "model.safetensors").read_bytes(), sorted(p.name for p in (out / "runs").iterdir())
+
+
+def test_a_saved_recipe_replays_what_was_planned_whatever_the_hub_holds_now(
+    local_hub, hub_namespace, tiny_checkpoints, tiny_world, tmp_path, capsys
+):
+    ns = hub_namespace
+    base_id, first, second, target_id = f"{ns}/base", f"{ns}/ft-first", f"{ns}/ft-second", f"{ns}/shapes"
+    base_sha = seed_model(local_hub, base_id, tiny_checkpoints["base"], 100)
+    first_sha = seed_model(local_hub, first, finetune(tmp_path, tiny_checkpoints["base"], "first", 2001), 10, base_id)
+    target_sha = local_hub.seed_dataset(target_id, tiny_world.target)
+    out = tmp_path / "out"
+    command = ["recycle", "--base", base_id, "--target", target_id, *TINY, "--output", str(out)]
+    assert cli.main(command) == 0
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (saved["base"], saved["target"]) == (f"{base_id}@{base_sha}", f"{target_id}@{target_sha}")
+    assert saved["discovered"] == [f"{first}@{first_sha}"] and saved["aux"] == [] and saved["rediscover"] is False
+    soup_recipe = yaml.safe_load((out / "soup" / "recipe.yaml").read_text())
+    assert {k: soup_recipe[k] for k in ("base", "target", "discovered")} == {
+        k: saved[k] for k in ("base", "target", "discovered")
+    }
+    planned = snapshot(out)
+
+    # someone publishes another fine-tune of the base: the same command says so instead of planning it
+    second_sha = seed_model(
+        local_hub, second, finetune(tmp_path, tiny_checkpoints["base"], "second", 2002), 50, base_id
+    )
+    capsys.readouterr()
+    assert cli.main(command) == 2
+    error = capsys.readouterr().err
+    assert f"differs in: discovered fine-tunes: + {second}@{second_sha}; - none" in error
+    assert f"replay it exactly with --config {out / 'recipe.yaml'}" in error and "--rediscover" in error
+
+    # ... and the base and the target get new commits: a replay still reads what the plan read
+    seed_model(local_hub, base_id, tiny_checkpoints["aux1"], 100)
+    new_rows = write_hub_dataset(
+        target_dataset(per_class_per_domain=2, size=16),
+        tmp_path / "shapes-v2",
+        card="---\nlicense: apache-2.0\n---\n# shapes v2\n",
+    )
+    local_hub.seed_dataset(target_id, new_rows)
+    capsys.readouterr()
+    assert cli.main(command) == 2
+    assert "base: " in capsys.readouterr().err  # the base moved: another recipe, said with its revisions
+
+    assert cli.main(["recycle", "--config", str(out / "recipe.yaml")]) == 0
+    assert snapshot(out) == planned  # nothing trained again, the soup rewritten with the same bytes
+    elsewhere = tmp_path / "elsewhere"
+    assert cli.main(["recycle", "--config", str(out / "recipe.yaml"), "--output", str(elsewhere)]) == 0
+    assert snapshot(elsewhere) == planned  # whoever replays it, wherever: the same runs, the same soup
+
+    # re-discovering is the user's explicit choice; the pinned base and target stay pinned
+    assert cli.main(["recycle", "--config", str(out / "recipe.yaml"), "--rediscover"]) == 0
+    rediscovered = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert rediscovered["discovered"] == [f"{second}@{second_sha}", f"{first}@{first_sha}"]  # most downloaded first
+    assert (rediscovered["base"], rediscovered["target"]) == (saved["base"], saved["target"])
