@@ -1,0 +1,227 @@
+"""Every journey the README shows is a test: each `ratatouille-hub` command block of README.md runs end to end,
+in order, as a user types it (the rules are in tests/journeys.py), through the real CLI on tiny models over
+the session's local Hub; and the how-to-reproduce commands of the cards the commands write run too.
+A README command that no journey runs fails `test_every_readme_command_is_run_by_a_journey`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import journeys
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from safetensors.torch import load_file
+
+from ratatouille_hub import cli, testing
+from ratatouille_hub.toy import world as toyworld
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+JOURNEYS = ("Quickstart", "Scaling out", "Soups that grow on the Hub")  # README sections with command blocks
+VLCS_DOMAINS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
+
+
+def domainbed_folder(dataset, root: Path, domains) -> Path:
+    """`dataset`'s images in DomainBed's layout ROOT/<domain>/<class>/<image>, its domains renamed to `domains`."""
+    names = dataset.features["label"].names
+    renamed = dict(zip(sorted(set(dataset["domain"])), domains))
+    for k, row in enumerate(dataset):
+        folder = root / renamed[row["domain"]] / names[row["label"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{k:04d}.png")
+    return root
+
+
+def with_card(folder: Path, root: Path, **metadata) -> Path:
+    """A copy of a checkpoint folder with a Hub card carrying `metadata`."""
+    shutil.copytree(folder, root)
+    ModelCard(f"---\n{json.dumps({'library_name': 'transformers', **metadata})}\n---\n# model\n").save(
+        root / "README.md"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(local_hub, new_hub_namespace, tiny_world, tiny_checkpoints, tmp_path_factory):
+    """What the README presumes: on the Hub, the base with two community fine-tunes and PACS; on disk, a base,
+    three fine-tunes of it, a DomainBed VLCS and an auxiliary dataset, under the names the README types."""
+    ns, root = new_hub_namespace(), tmp_path_factory.mktemp("journeys")
+    base = journeys.substitute("org/base", ns)
+    local_hub.seed_model(base, with_card(tiny_checkpoints["base"], root / "hub-base"), downloads=100)
+    for k in (1, 2):
+        finetune = with_card(tiny_checkpoints[f"aux{k}"], root / f"hub-ft{k}", base_model=base)
+        local_hub.seed_model(f"{ns}-community/finetune-{k}", finetune, downloads=10 * k)
+    local_hub.seed_dataset(journeys.substitute("PACS", ns), tiny_world.target)
+
+    disk = root / "disk"
+    shutil.copytree(tiny_checkpoints["base"], disk / "my-base")
+    for name, source in (("finetune-a", "aux1"), ("finetune-b", "aux2")):
+        shutil.copytree(tiny_checkpoints[source], disk / name)
+    base_model = testing.tiny_resnet(0, names=[f"digit-{i}" for i in range(10)])
+    third = testing.finetune_of(base_model, testing.tiny_resnet(3, num_labels=5), 103)
+    testing.save_tiny_checkpoint(disk / "finetune-c", third, processor=testing.tiny_processor(16))
+    domainbed_folder(toyworld.target_dataset(per_class_per_domain=4, size=16), disk / "VLCS", VLCS_DOMAINS)
+    stripes = toyworld.aux_datasets(per_class=4, size=16)["stripes"]
+    testing.write_hub_dataset(stripes, disk / "caltech101")
+    return ns, disk
+
+
+class Terminal:
+    """A user's shell in a fresh working folder holding the world's local folders: runs the CLI in-process."""
+
+    def __init__(self, world, folder: Path, capsys, start_from: Path | None = None):
+        ns, disk = world
+        shutil.copytree(start_from or disk, folder)
+        self.folder, self.capsys = folder, capsys
+        self.shell = journeys.Shell(ns, folder, self.run, port=_free_port())
+
+    def run(self, argv: list[str]) -> str:
+        if argv[0] == "local-hub":
+            return serve_briefly(argv, self.folder)
+        cwd = os.getcwd()
+        os.chdir(self.folder)
+        try:
+            code = cli.main(argv)
+        finally:
+            os.chdir(cwd)
+        captured = self.capsys.readouterr()
+        output = captured.out + captured.err
+        assert code == 0, f"`{' '.join(argv)}` exited {code}:\n{output}"
+        return output
+
+    def block(self, section: str, before: dict | None = None) -> list[str]:
+        """Types every line of the README block under `section`; `before[line]` is typed just before `line`."""
+        (block,) = [b for b in journeys.readme_blocks() if b.section == section]
+        outputs = []
+        for line in block.lines:
+            if journeys.by_reference(line):
+                continue
+            for earlier in (before or {}).get(line, ()):
+                self.shell.type(earlier)
+            outputs += self.shell.type(line)
+        return outputs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_briefly(argv: list[str], folder: Path) -> str:
+    """`local-hub` serves until stopped: start it, see it answer the Hub API, stop it."""
+    port = argv[argv.index("--port") + 1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ratatouille_hub", *argv],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(journeys.ROOT)},
+    )
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models") as answer:
+                    assert json.loads(answer.read()) == []
+                    break
+            except OSError:
+                assert server.poll() is None, server.communicate()[0]
+                time.sleep(0.1)
+        else:
+            raise AssertionError("local-hub never answered")
+    finally:
+        server.terminate()
+    return server.communicate(timeout=30)[0]
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_readme_command_is_run_by_a_journey():
+    """A README command block outside the journeys' sections, or a line no rule can type, fails here."""
+    blocks = [b for b in journeys.readme_blocks() if journeys.program_commands(b.lines)]
+    assert [b.section for b in blocks] == list(JOURNEYS)
+    for block in blocks:
+        for line in block.lines:
+            for command in journeys.commands_of(line):
+                assert command.startswith(journeys.PROGRAM + " ") or journeys.by_reference(command), command
+    for command in journeys.BY_REFERENCE.values():
+        assert (journeys.ROOT / command).exists(), command
+
+
+def test_the_coverage_check_sees_a_command_outside_the_journeys():
+    text = journeys.README.read_text() + "\n## Something new\n\n```bash\nratatouille-hub merge a b --output c\n```\n"
+    blocks = [b for b in journeys.readme_blocks(text) if journeys.program_commands(b.lines)]
+    assert blocks[-1].section == "Something new" and [b.section for b in blocks] != list(JOURNEYS)
+
+
+def test_quickstart(world, tmp_path, capsys):
+    ns = world[0]
+    terminal = Terminal(world, tmp_path / "quickstart", capsys)
+    outputs = terminal.block("Quickstart")
+    assert f"{ns}-community/finetune-1" in outputs[0] and f"{ns}-community/finetune-2" in outputs[0]
+    pushed = terminal.folder / "ratatouille-output" / "soup" / "model.safetensors"
+    api = HfApi()
+    assert api.model_info(f"{ns}-me/base-caltech101").card_data.base_model == f"{ns}-org/base"
+    soup = snapshot_download(f"{ns}-me/pacs-soup")
+    assert same_tensors(Path(soup) / "model.safetensors", terminal.folder / "out" / "soup" / "model.safetensors")
+    assert not same_tensors(pushed, terminal.folder / "out" / "soup" / "model.safetensors")
+    assert (terminal.folder / "paths.png").stat().st_size > 0
+    runs = journeys.BUDGET_RUNS
+    assert len(list((terminal.folder / "out" / "runs").glob("*/done"))) == runs + runs - 1  # soup's run 0 is shared
+
+
+def test_scaling_out(world, tmp_path, capsys):
+    terminal = Terminal(world, tmp_path / "scaling", capsys)
+    outputs = terminal.block("Scaling out")
+    assert f"saved the plan of {journeys.BUDGET_RUNS} runs" in outputs[0]
+    out = terminal.folder / "out"
+    assert (out / "soup" / "model.safetensors").exists()
+    soups = sorted(p.parent.name for p in (out.parent / "out-all" / "soups").glob("*/model.safetensors"))
+    assert soups == ["cartoon", "painting", "photo", "sketch"]
+
+
+@pytest.fixture(scope="module")
+def sketch_recipe(world, tmp_path_factory):
+    """What the Hub journeys presume: a finished PACS recipe in out/, held out on sketch (the Quickstart's Hub
+    recycle, with --output out)."""
+    folder = tmp_path_factory.mktemp("sketch") / "work"
+    terminal = Terminal(world, folder, _NoCapture())
+    terminal.shell.type("ratatouille-hub recycle --base org/base --target PACS --test-domain sketch --output out")
+    return folder
+
+
+class _NoCapture:
+    def readouterr(self):
+        return type("Captured", (), {"out": "", "err": ""})()
+
+
+def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path, capsys):
+    """The block as written; meanwhile bob contributes runs 2 and 3 of the same recipe, as alice did 0 and 1."""
+    ns = world[0]
+    terminal = Terminal(world, tmp_path / "grow", capsys, start_from=sketch_recipe)
+    folder = terminal.folder
+    bob = "ratatouille-hub contribute out --to bob/pacs-sketch --index 2 3"
+    terminal.block("Soups that grow on the Hub", before={_line("--add bob/pacs-sketch-run2"): [bob]})
+    api = HfApi()
+    assert api.model_info(f"{ns}-alice/pacs-sketch-run1").card_data.datasets == [f"{ns}-data/pacs"]
+    card = ModelCard.load(f"{ns}-me/pacs-soup")
+    assert "4 runs of one recipe" in card.text and card.data.eval_results[0].metric_name.startswith("training")
+    smaller = load_file(folder / "smaller-soup" / "model.safetensors")
+    assert smaller.keys() == load_file(folder / "out" / "soup" / "model.safetensors").keys()
+
+
+def _line(fragment: str) -> str:
+    (line,) = [line for b in journeys.readme_blocks() for line in b.lines if fragment in line]
+    return line
