@@ -2,22 +2,26 @@
 each line as a user would, on tiny models over the session's local Hub.
 
 A README line is typed after these rules, and no others:
-- SUBSTITUTIONS: each placeholder Hub id (and the PACS alias) becomes a repo of the journeys' own
-  namespace on the local Hub. Local paths (./my-base, ./VLCS, out, soup, ...) stay as typed: the
-  journey's working folder holds folders of those names.
+- NAMESPACES, ALIASES: each Hub id the README types (org/base, me/pacs-soup, alice/..., bob/..., and the
+  PACS alias) becomes the same name in the journeys' own namespaces on the local Hub. Local paths
+  (./my-base, ./VLCS, out, soup, ...) stay as typed: the working folder holds folders of those names.
 - BUDGET: every command of a subcommand that trains gets that subcommand's small-budget flags appended
   (the last value of a flag wins, so `--runs 20` becomes `--runs 4`); nothing else is appended.
 - `...` stands for the arguments of the block's previous line of the same subcommand.
-- `$SLURM_ARRAY_TASK_ID`: the line runs once per array task, for each index of the plan.
+- `$SLURM_ARRAY_TASK_ID`: the line runs once per array task, for each index of the plan (0..BUDGET_RUNS-1).
 - `<key>`: the key of the first run of the soup (out/runs/<key>/model).
 - `--port 8080` takes a free port instead (the session may not own 8080).
 - `*` expands as bash expands it (sorted; left as typed when nothing matches); `a && b` runs a, then b.
-Lines of other programs are run by the tests BY_REFERENCE names.
+Lines of other programs in these blocks are run by the tests BY_REFERENCE names.
+
+A card's how-to-reproduce command is typed as it stands in the card, in the folder the card was downloaded
+to, with CARD_PLACEHOLDERS filled in (and no budget: the recipe it replays carries its own).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -28,15 +32,10 @@ README = ROOT / "README.md"
 PROGRAM = "ratatouille-hub"
 ARRAY_TASK = "$SLURM_ARRAY_TASK_ID"
 
-# README id -> the journeys' repo; `{ns}` is the journeys' namespace of the session Hub.
-SUBSTITUTIONS = {
-    "PACS": "{ns}-data/pacs",
-    "org/base": "{ns}-org/base",
-    "me/pacs-soup": "{ns}-me/pacs-soup",
-    "me/base-caltech101": "{ns}-me/base-caltech101",
-    "alice/pacs-sketch": "{ns}-alice/pacs-sketch",
-    "bob/pacs-sketch": "{ns}-bob/pacs-sketch",
-}
+# The README's Hub namespaces -> the journeys' own on the session Hub (`{ns}`: a namespace no other test uses),
+# and the dataset the PACS alias names -> the journeys' tiny PACS.
+NAMESPACES = {name: "{ns}-" + name for name in ("org", "me", "alice", "bob")}
+ALIASES = {"PACS": "{ns}-data/pacs"}
 BUDGET_RUNS = 4  # one run from the base and one from each of the three local fine-tunes of the Quickstart
 _TRAINING = ("--steps", "4", "--batch-size", "4", "--image-size", "16", "--lr", "1e-3", "--lr-choices", "1e-3", "2e-3")
 _RECIPE = (*_TRAINING, "--runs", str(BUDGET_RUNS), "--eval-every", "2", "--lp-steps", "5", "--lp-lr", "1e-2")
@@ -45,10 +44,17 @@ BUDGET = {
     "plan": (*_RECIPE, "--warmup-steps", "2"),
     "intertrain": _TRAINING,
 }
-# Lines of other programs, and the tests that run them.
+# A card's placeholders, and what each stands for.
+CARD_PLACEHOLDERS = {
+    "SOUP": "the soup: a folder to write, or the soup repo the card is on",
+    "<this repo>": "the repo the card is on",
+    "RUN": "a contributed run of the same recipe that is not in the soup yet",
+}
+# The README sections whose command blocks are journeys (one test each), and the commands of the cards.
+JOURNEY_SECTIONS = ("Quickstart", "Scaling out", "Soups that grow on the Hub")
+CARD_SOURCES = (ROOT / "model_card_template.md", ROOT / "ratatouille_hub" / "card.py")
+# Lines of other programs in the journeys' blocks, and the tests that run them.
 BY_REFERENCE = {
-    "make demo": "tests/test_toyworld.py",
-    "make test": ".ci/run",
     "accelerate launch": "tests/test_scale_out.py",
     "bash examples/slurm_array.sh": "tests/test_slurm_example.py",
 }
@@ -76,14 +82,8 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 
 def _drop_comment(line: str) -> str:
     """The line's words without its comment, each command quoted as the shell reads it, joined by ` && `."""
-    commands, words = [], []
-    for word in [*shlex.split(line, comments=True), "&&"]:
-        if word == "&&":
-            commands.append(shlex.join(words)) if words else None
-            words = []
-        else:
-            words.append(word)
-    return " && ".join(commands)
+    words = " ".join(shlex.quote(word) for word in shlex.split(line, comments=True))
+    return " && ".join(command.strip() for command in words.split(" '&&' "))
 
 
 def commands_of(line: str) -> list[str]:
@@ -91,9 +91,26 @@ def commands_of(line: str) -> list[str]:
     return line.split(" && ")
 
 
-def program_commands(lines) -> list[str]:
-    """The `ratatouille-hub` commands among `lines`, in order."""
-    return [c for line in lines for c in commands_of(line) if c.startswith(PROGRAM + " ")]
+def is_program(command: str) -> bool:
+    return command.startswith(PROGRAM + " ")
+
+
+def unrun_commands(text: str) -> list[str]:
+    """The README's commands no journey runs: `ratatouille-hub` blocks outside JOURNEY_SECTIONS, and lines
+    of other programs in the journeys' blocks that no test BY_REFERENCE runs."""
+    unrun = []
+    for block in readme_blocks(text):
+        commands = [command for line in block.lines for command in commands_of(line)]
+        if block.section not in JOURNEY_SECTIONS:
+            unrun += [command for command in commands if is_program(command)]
+        else:
+            unrun += [command for command in commands if not is_program(command) and not by_reference(command)]
+    return unrun
+
+
+def card_source_commands() -> list[str]:
+    """The `ratatouille-hub` commands the cards' sources (template and card.py) write into cards."""
+    return [command for source in CARD_SOURCES for command in card_commands(source.read_text())]
 
 
 def card_commands(text: str) -> list[str]:
@@ -101,26 +118,34 @@ def card_commands(text: str) -> list[str]:
     return re.findall(rf"`({PROGRAM} [^`]+)`", text)
 
 
+def fill(command: str, values: dict[str, str]) -> str:
+    """A card command with its CARD_PLACEHOLDERS (whole words) replaced by `values`; every one must be given."""
+    assert set(values) <= set(CARD_PLACEHOLDERS), values
+    for placeholder, value in values.items():
+        command = re.sub(rf"(?<![\w-]){re.escape(placeholder)}(?![\w-])", value, command)
+    assert not any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", command) for p in CARD_PLACEHOLDERS), command
+    return command
+
+
 def by_reference(command: str) -> str | None:
     return next((test for prefix, test in BY_REFERENCE.items() if command.startswith(prefix)), None)
 
 
 def substitute(command: str, ns: str) -> str:
-    """The README's placeholder ids replaced by the journeys' repos (whole ids only, longest first)."""
-    for placeholder in sorted(SUBSTITUTIONS, key=len, reverse=True):
-        command = re.sub(
-            rf"(?<![\w./-]){re.escape(placeholder)}(?![\w])", SUBSTITUTIONS[placeholder].format(ns=ns), command
-        )
+    """The README's Hub ids moved into the journeys' namespaces (whole words only: ./org/x is a path)."""
+    for alias, dataset in ALIASES.items():
+        command = re.sub(rf"(?<![\w./-]){alias}(?![\w./-])", dataset.format(ns=ns), command)
+    for name, namespace in NAMESPACES.items():
+        command = re.sub(rf"(?<![\w./-]){name}/", namespace.format(ns=ns) + "/", command)
     return command
 
 
 class Shell:
     """Types a block's commands as a user would, in one working folder, after the module docstring's rules."""
 
-    def __init__(self, ns: str, cwd: Path, run, *, port: int = 0, array_tasks: int = BUDGET_RUNS):
-        self.ns, self.cwd, self.run, self.port, self.array_tasks = ns, cwd, run, port, array_tasks
+    def __init__(self, ns: str, cwd: Path, run, *, port: int = 0, budget: dict = BUDGET):
+        self.ns, self.cwd, self.run, self.port, self.budget = ns, cwd, run, port, budget
         self.previous: dict[str, list[str]] = {}  # subcommand -> its last arguments
-        self.typed: list[str] = []  # the README commands typed so far, as the README shows them
 
     def argvs(self, command: str) -> list[list[str]]:
         """What `command` (one README command) runs: one argv, or one per array task."""
@@ -132,10 +157,10 @@ class Shell:
         argv = [expanded for word in words for expanded in self._expand(word)]
         if self.port and "--port" in argv:
             argv[argv.index("--port") + 1] = str(self.port)
-        self.previous[subcommand] = [w for w in argv[1:] if w != "--dry-run"]
-        argv += BUDGET.get(subcommand, ())
+        self.previous[subcommand] = argv[1:]
+        argv += self.budget.get(subcommand, ())
         if ARRAY_TASK in argv:
-            return [[str(task) if w == ARRAY_TASK else w for w in argv] for task in range(self.array_tasks)]
+            return [[str(task) if w == ARRAY_TASK else w for w in argv] for task in range(BUDGET_RUNS)]
         return [argv]
 
     def _expand(self, word: str) -> list[str]:
@@ -149,16 +174,12 @@ class Shell:
         """Run every command of one README line; returns the outputs. A failing command fails the journey."""
         outputs = []
         for command in commands_of(line):
-            for argv in self.argvs(command):
-                outputs.append(self.run(argv))
-            self.typed.append(command)
+            outputs += [self.run(argv) for argv in self.argvs(command)]
         return outputs
 
 
 def first_soup_run(cwd: Path) -> str:
     """The key of the soup's first run, as the user reads it in out/soup/results.json."""
-    import json
-
     results = json.loads((cwd / "out" / "soup" / "results.json").read_text())
     member = results["soup"]["members"][0]
     return next(run["folder"] for run in results["runs"] if run["index"] == member).split("/")[-1]

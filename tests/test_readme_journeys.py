@@ -25,7 +25,11 @@ from ratatouille_hub import cli, testing
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-JOURNEYS = ("Quickstart", "Scaling out", "Soups that grow on the Hub")  # README sections with command blocks
+CARD_COMMANDS = {  # what each kind of card tells its reader to type; the card journey types each
+    "recycled soup": "ratatouille-hub recycle --config recipe.yaml",
+    "contributed run": "ratatouille-hub assemble SOUP --from-hub <this repo>",
+    "grown soup": "ratatouille-hub update SOUP --add RUN",
+}
 VLCS_DOMAINS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
 
 
@@ -77,11 +81,13 @@ def world(local_hub, new_hub_namespace, tiny_world, tiny_checkpoints, tmp_path_f
 class Terminal:
     """A user's shell in a fresh working folder holding the world's local folders: runs the CLI in-process."""
 
-    def __init__(self, world, folder: Path, capsys, start_from: Path | None = None):
+    def __init__(self, world, folder: Path, capsys, start_from: Path | None = None, budget=journeys.BUDGET):
+        """A copy of `start_from` (default: the world's local folders) at `folder`, unless it exists."""
         ns, disk = world
-        shutil.copytree(start_from or disk, folder)
+        if not folder.exists():
+            shutil.copytree(start_from or disk, folder)
         self.folder, self.capsys = folder, capsys
-        self.shell = journeys.Shell(ns, folder, self.run, port=_free_port())
+        self.shell = journeys.Shell(ns, folder, self.run, port=_free_port(), budget=budget)
 
     def run(self, argv: list[str]) -> str:
         if argv[0] == "local-hub":
@@ -149,21 +155,16 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def test_every_readme_command_is_run_by_a_journey():
-    """A README command block outside the journeys' sections, or a line no rule can type, fails here."""
-    blocks = [b for b in journeys.readme_blocks() if journeys.program_commands(b.lines)]
-    assert [b.section for b in blocks] == list(JOURNEYS)
-    for block in blocks:
-        for line in block.lines:
-            for command in journeys.commands_of(line):
-                assert command.startswith(journeys.PROGRAM + " ") or journeys.by_reference(command), command
-    for command in journeys.BY_REFERENCE.values():
-        assert (journeys.ROOT / command).exists(), command
+    assert journeys.unrun_commands(journeys.README.read_text()) == []
+    assert all((journeys.ROOT / test).exists() for test in journeys.BY_REFERENCE.values())
+    assert sorted(journeys.card_source_commands()) == sorted(CARD_COMMANDS.values())
 
 
-def test_the_coverage_check_sees_a_command_outside_the_journeys():
-    text = journeys.README.read_text() + "\n## Something new\n\n```bash\nratatouille-hub merge a b --output c\n```\n"
-    blocks = [b for b in journeys.readme_blocks(text) if journeys.program_commands(b.lines)]
-    assert blocks[-1].section == "Something new" and [b.section for b in blocks] != list(JOURNEYS)
+def test_a_command_no_journey_runs_is_found():
+    extra = "\n## Something new\n\n```bash\nratatouille-hub merge a b --output c  # new\n```\n"
+    assert journeys.unrun_commands(journeys.README.read_text() + extra) == ["ratatouille-hub merge a b --output c"]
+    foreign = journeys.README.read_text().replace("ratatouille-hub assemble out\n", "python -m foo out\n")
+    assert journeys.unrun_commands(foreign) == ["python -m foo out"]
 
 
 def test_quickstart(world, tmp_path, capsys):
@@ -225,3 +226,43 @@ def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path, capsys):
 def _line(fragment: str) -> str:
     (line,) = [line for b in journeys.readme_blocks() for line in b.lines if fragment in line]
     return line
+
+
+def card_command(repo_id: str, kind: str) -> str:
+    """The one command the card of `repo_id` shows, which must be that kind of card's."""
+    assert journeys.card_commands(ModelCard.load(repo_id).text) == [CARD_COMMANDS[kind]]
+    return CARD_COMMANDS[kind]
+
+
+def test_the_cards_how_to_reproduce_commands(world, tmp_path, capsys):
+    """Each card a command writes (a recycled soup, a contributed run, a grown soup) names the command that
+    reproduces or grows it; typed from the card, each does what the card says."""
+    ns = world[0]
+    terminal = Terminal(world, tmp_path / "cards", capsys)
+    for line in (
+        "ratatouille-hub recycle --base org/base --target PACS --test-domain cartoon --output out",
+        "ratatouille-hub push out/soup me/cartoon-soup",
+        "ratatouille-hub contribute out --to me/pacs-cartoon --index 0 1 2",
+    ):
+        terminal.shell.type(line)
+    soup_repo, runs = f"{ns}-me/cartoon-soup", f"{ns}-me/pacs-cartoon"
+
+    # the recycled soup's card: its recipe, downloaded beside it, replays to the same weights
+    downloaded = Path(snapshot_download(soup_repo, local_dir=tmp_path / "downloaded"))
+    replay = card_command(soup_repo, "recycled soup")
+    Terminal(world, downloaded, capsys, budget={}).shell.type(replay)
+    assert same_tensors(downloaded / "out" / "soup" / "model.safetensors", downloaded / "model.safetensors")
+
+    # a contributed run's card: assembles the soup of its recipe's runs from the Hub
+    assemble = card_command(f"{runs}-run0", "contributed run")
+    terminal.shell.type(journeys.fill(assemble, {"SOUP": "grown", "<this repo>": f"{runs}-run0"}))
+    merged = load_file(terminal.folder / "grown" / "model.safetensors")
+    terminal.shell.type("ratatouille-hub push grown me/cartoon-grown")
+
+    # the grown soup's card: a run added exactly
+    terminal.shell.type("ratatouille-hub contribute out --to me/pacs-cartoon --index 3")
+    update = card_command(f"{ns}-me/cartoon-grown", "grown soup")
+    terminal.shell.type(journeys.fill(update, {"SOUP": f"{ns}-me/cartoon-grown", "RUN": f"{runs}-run3"}))
+    assert "4 runs of one recipe" in ModelCard.load(f"{ns}-me/cartoon-grown").text
+    grown = load_file(snapshot_download(f"{ns}-me/cartoon-grown") + "/model.safetensors")
+    assert grown.keys() == merged.keys() and not all(torch.equal(grown[k], merged[k]) for k in grown)
