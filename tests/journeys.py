@@ -24,6 +24,7 @@ import glob
 import json
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +184,65 @@ def first_soup_run(cwd: Path) -> str:
     results = json.loads((cwd / "out" / "soup" / "results.json").read_text())
     member = results["soup"]["members"][0]
     return next(run["folder"] for run in results["runs"] if run["index"] == member).split("/")[-1]
+
+
+# -- the world the README presumes ----------------------------------------------------------------------
+
+VLCS_DOMAINS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
+
+
+@dataclass(frozen=True)
+class World:
+    ns: str  # the journeys' namespace: README ids are substituted into it
+    disk: Path  # the local folders the README types, copied into each working folder
+    shas: dict[str, str]  # Hub repo id -> its seeded commit
+
+
+def build_world(local_hub, ns: str, tiny_world, tiny_checkpoints, tmp_path_factory) -> World:
+    """On the Hub, the base org/base with two community fine-tunes naming it, and PACS (the tiny 4-domain
+    target); on disk, ./my-base, three fine-tunes of it, a DomainBed ./VLCS and an auxiliary ./caltech101."""
+    from ratatouille_hub import testing
+    from ratatouille_hub.toy import world as toyworld
+
+    root = tmp_path_factory.mktemp("journeys")
+    base, pacs = substitute("org/base", ns), substitute("PACS", ns)
+    shas = {base: local_hub.seed_model(base, _with_card(tiny_checkpoints["base"], root / "hub-base"), downloads=100)}
+    for k in (1, 2):
+        finetune = _with_card(tiny_checkpoints[f"aux{k}"], root / f"hub-ft{k}", base_model=base)
+        shas[f"{ns}-community/finetune-{k}"] = local_hub.seed_model(
+            f"{ns}-community/finetune-{k}", finetune, downloads=10 * k
+        )
+    shas[pacs] = local_hub.seed_dataset(pacs, tiny_world.target)
+
+    disk = root / "disk"
+    shutil.copytree(tiny_checkpoints["base"], disk / "my-base")
+    for name, source in (("finetune-a", "aux1"), ("finetune-b", "aux2")):
+        shutil.copytree(tiny_checkpoints[source], disk / name)
+    base_model = testing.tiny_resnet(0, names=[f"digit-{i}" for i in range(10)])
+    third = testing.finetune_of(base_model, testing.tiny_resnet(3, num_labels=5), 103)
+    testing.save_tiny_checkpoint(disk / "finetune-c", third, processor=testing.tiny_processor(16))
+    _domainbed_folder(toyworld.target_dataset(per_class_per_domain=4, size=16), disk / "VLCS", VLCS_DOMAINS)
+    testing.write_hub_dataset(toyworld.aux_datasets(per_class=4, size=16)["stripes"], disk / "caltech101")
+    return World(ns, disk, shas)
+
+
+def _domainbed_folder(dataset, root: Path, domains) -> Path:
+    """`dataset`'s images in DomainBed's layout ROOT/<domain>/<class>/<image>, its domains renamed to `domains`."""
+    names = dataset.features["label"].names
+    renamed = dict(zip(sorted(set(dataset["domain"])), domains, strict=True))
+    for k, row in enumerate(dataset):
+        folder = root / renamed[row["domain"]] / names[row["label"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{k:04d}.png")
+    return root
+
+
+def _with_card(folder: Path, root: Path, **metadata) -> Path:
+    """A copy of a checkpoint folder with a Hub card carrying `metadata`."""
+    from huggingface_hub import ModelCard
+
+    shutil.copytree(folder, root)
+    ModelCard(f"---\n{json.dumps({'library_name': 'transformers', **metadata})}\n---\n# model\n").save(
+        root / "README.md"
+    )
+    return root

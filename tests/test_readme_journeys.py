@@ -21,8 +21,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
-from ratatouille_hub import cli, testing
-from ratatouille_hub.toy import world as toyworld
+from ratatouille_hub import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CARD_COMMANDS = {  # what each kind of card tells its reader to type; the card journey types each
@@ -30,52 +29,11 @@ CARD_COMMANDS = {  # what each kind of card tells its reader to type; the card j
     "contributed run": "ratatouille-hub assemble SOUP --from-hub <this repo>",
     "grown soup": "ratatouille-hub update SOUP --add RUN",
 }
-VLCS_DOMAINS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
-
-
-def domainbed_folder(dataset, root: Path, domains) -> Path:
-    """`dataset`'s images in DomainBed's layout ROOT/<domain>/<class>/<image>, its domains renamed to `domains`."""
-    names = dataset.features["label"].names
-    renamed = dict(zip(sorted(set(dataset["domain"])), domains))
-    for k, row in enumerate(dataset):
-        folder = root / renamed[row["domain"]] / names[row["label"]]
-        folder.mkdir(parents=True, exist_ok=True)
-        row["image"].save(folder / f"{k:04d}.png")
-    return root
-
-
-def with_card(folder: Path, root: Path, **metadata) -> Path:
-    """A copy of a checkpoint folder with a Hub card carrying `metadata`."""
-    shutil.copytree(folder, root)
-    ModelCard(f"---\n{json.dumps({'library_name': 'transformers', **metadata})}\n---\n# model\n").save(
-        root / "README.md"
-    )
-    return root
 
 
 @pytest.fixture(scope="module")
-def world(local_hub, new_hub_namespace, tiny_world, tiny_checkpoints, tmp_path_factory):
-    """What the README presumes: on the Hub, the base with two community fine-tunes and PACS; on disk, a base,
-    three fine-tunes of it, a DomainBed VLCS and an auxiliary dataset, under the names the README types."""
-    ns, root = new_hub_namespace(), tmp_path_factory.mktemp("journeys")
-    base = journeys.substitute("org/base", ns)
-    local_hub.seed_model(base, with_card(tiny_checkpoints["base"], root / "hub-base"), downloads=100)
-    for k in (1, 2):
-        finetune = with_card(tiny_checkpoints[f"aux{k}"], root / f"hub-ft{k}", base_model=base)
-        local_hub.seed_model(f"{ns}-community/finetune-{k}", finetune, downloads=10 * k)
-    local_hub.seed_dataset(journeys.substitute("PACS", ns), tiny_world.target)
-
-    disk = root / "disk"
-    shutil.copytree(tiny_checkpoints["base"], disk / "my-base")
-    for name, source in (("finetune-a", "aux1"), ("finetune-b", "aux2")):
-        shutil.copytree(tiny_checkpoints[source], disk / name)
-    base_model = testing.tiny_resnet(0, names=[f"digit-{i}" for i in range(10)])
-    third = testing.finetune_of(base_model, testing.tiny_resnet(3, num_labels=5), 103)
-    testing.save_tiny_checkpoint(disk / "finetune-c", third, processor=testing.tiny_processor(16))
-    domainbed_folder(toyworld.target_dataset(per_class_per_domain=4, size=16), disk / "VLCS", VLCS_DOMAINS)
-    stripes = toyworld.aux_datasets(per_class=4, size=16)["stripes"]
-    testing.write_hub_dataset(stripes, disk / "caltech101")
-    return ns, disk
+def world(local_hub, new_hub_namespace, tiny_world, tiny_checkpoints, tmp_path_factory) -> journeys.World:
+    return journeys.build_world(local_hub, new_hub_namespace(), tiny_world, tiny_checkpoints, tmp_path_factory)
 
 
 class Terminal:
@@ -83,11 +41,10 @@ class Terminal:
 
     def __init__(self, world, folder: Path, capsys, start_from: Path | None = None, budget=journeys.BUDGET):
         """A copy of `start_from` (default: the world's local folders) at `folder`, unless it exists."""
-        ns, disk = world
         if not folder.exists():
-            shutil.copytree(start_from or disk, folder)
+            shutil.copytree(start_from or world.disk, folder)
         self.folder, self.capsys = folder, capsys
-        self.shell = journeys.Shell(ns, folder, self.run, port=_free_port(), budget=budget)
+        self.shell = journeys.Shell(world.ns, folder, self.run, port=_free_port(), budget=budget)
 
     def run(self, argv: list[str]) -> str:
         if argv[0] == "local-hub":
@@ -168,7 +125,7 @@ def test_a_command_no_journey_runs_is_found():
 
 
 def test_quickstart(world, tmp_path, capsys):
-    ns = world[0]
+    ns = world.ns
     terminal = Terminal(world, tmp_path / "quickstart", capsys)
     outputs = terminal.block("Quickstart")
     assert f"{ns}-community/finetune-1" in outputs[0] and f"{ns}-community/finetune-2" in outputs[0]
@@ -210,7 +167,7 @@ class _NoCapture:
 
 def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path, capsys):
     """The block as written; meanwhile bob contributes runs 2 and 3 of the same recipe, as alice did 0 and 1."""
-    ns = world[0]
+    ns = world.ns
     terminal = Terminal(world, tmp_path / "grow", capsys, start_from=sketch_recipe)
     folder = terminal.folder
     bob = "ratatouille-hub contribute out --to bob/pacs-sketch --index 2 3"
@@ -237,7 +194,7 @@ def card_command(repo_id: str, kind: str) -> str:
 def test_the_cards_how_to_reproduce_commands(world, tmp_path, capsys):
     """Each card a command writes (a recycled soup, a contributed run, a grown soup) names the command that
     reproduces or grows it; typed from the card, each does what the card says."""
-    ns = world[0]
+    ns = world.ns
     terminal = Terminal(world, tmp_path / "cards", capsys)
     for line in (
         "ratatouille-hub recycle --base org/base --target PACS --test-domain cartoon --output out",
