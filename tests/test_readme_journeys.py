@@ -5,6 +5,8 @@ A README command that no journey runs fails `test_every_readme_command_is_run_by
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,6 +24,8 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli
+from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.provenance import INGREDIENTS_KEY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CARD_COMMANDS = {  # what each kind of card tells its reader to type; the card journey types each
@@ -39,24 +43,24 @@ def world(local_hub, new_hub_namespace, tiny_world, tiny_checkpoints, tmp_path_f
 class Terminal:
     """A user's shell in a fresh working folder holding the world's local folders: runs the CLI in-process."""
 
-    def __init__(self, world, folder: Path, capsys, start_from: Path | None = None, budget=journeys.BUDGET):
+    def __init__(self, world, folder: Path, start_from: Path | None = None, budget=journeys.BUDGET):
         """A copy of `start_from` (default: the world's local folders) at `folder`, unless it exists."""
         if not folder.exists():
             shutil.copytree(start_from or world.disk, folder)
-        self.folder, self.capsys = folder, capsys
+        self.folder = folder
         self.shell = journeys.Shell(world.ns, folder, self.run, port=_free_port(), budget=budget)
 
     def run(self, argv: list[str]) -> str:
         if argv[0] == "local-hub":
             return serve_briefly(argv, self.folder)
-        cwd = os.getcwd()
+        cwd, printed = os.getcwd(), io.StringIO()
         os.chdir(self.folder)
         try:
-            code = cli.main(argv)
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                code = cli.main(argv)
         finally:
             os.chdir(cwd)
-        captured = self.capsys.readouterr()
-        output = captured.out + captured.err
+        output = printed.getvalue()
         assert code == 0, f"`{' '.join(argv)}` exited {code}:\n{output}"
         return output
 
@@ -124,24 +128,23 @@ def test_a_command_no_journey_runs_is_found():
     assert journeys.unrun_commands(foreign) == ["python -m foo out"]
 
 
-def test_quickstart(world, tmp_path, capsys):
+def test_quickstart(world, tmp_path):
     ns = world.ns
-    terminal = Terminal(world, tmp_path / "quickstart", capsys)
+    terminal = Terminal(world, tmp_path / "quickstart")
     outputs = terminal.block("Quickstart")
     assert f"{ns}-community/finetune-1" in outputs[0] and f"{ns}-community/finetune-2" in outputs[0]
-    pushed = terminal.folder / "ratatouille-output" / "soup" / "model.safetensors"
-    api = HfApi()
-    assert api.model_info(f"{ns}-me/base-caltech101").card_data.base_model == f"{ns}-org/base"
-    soup = snapshot_download(f"{ns}-me/pacs-soup")
-    assert same_tensors(Path(soup) / "model.safetensors", terminal.folder / "out" / "soup" / "model.safetensors")
-    assert not same_tensors(pushed, terminal.folder / "out" / "soup" / "model.safetensors")
+    soup, first_push = terminal.folder / "out" / "soup", terminal.folder / "ratatouille-output" / "soup"
+    assert same_tensors(Path(snapshot_download(f"{ns}-me/pacs-soup")) / "model.safetensors", soup / "model.safetensors")
+    assert not same_tensors(first_push / "model.safetensors", soup / "model.safetensors")
+    assert "no changes" in terminal.shell.type(_line("ratatouille-hub push out/soup"))[0]  # the rerun the line promises
+    assert HfApi().model_info(f"{ns}-me/base-caltech101").card_data.base_model == f"{ns}-org/base"
     assert (terminal.folder / "paths.png").stat().st_size > 0
     runs = journeys.BUDGET_RUNS
     assert len(list((terminal.folder / "out" / "runs").glob("*/done"))) == runs + runs - 1  # soup's run 0 is shared
 
 
-def test_scaling_out(world, tmp_path, capsys):
-    terminal = Terminal(world, tmp_path / "scaling", capsys)
+def test_scaling_out(world, tmp_path):
+    terminal = Terminal(world, tmp_path / "scaling")
     outputs = terminal.block("Scaling out")
     assert f"saved the plan of {journeys.BUDGET_RUNS} runs" in outputs[0]
     out = terminal.folder / "out"
@@ -155,20 +158,15 @@ def sketch_recipe(world, tmp_path_factory):
     """What the Hub journeys presume: a finished PACS recipe in out/, held out on sketch (the Quickstart's Hub
     recycle, with --output out)."""
     folder = tmp_path_factory.mktemp("sketch") / "work"
-    terminal = Terminal(world, folder, _NoCapture())
+    terminal = Terminal(world, folder)
     terminal.shell.type("ratatouille-hub recycle --base org/base --target PACS --test-domain sketch --output out")
     return folder
 
 
-class _NoCapture:
-    def readouterr(self):
-        return type("Captured", (), {"out": "", "err": ""})()
-
-
-def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path, capsys):
+def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path):
     """The block as written; meanwhile bob contributes runs 2 and 3 of the same recipe, as alice did 0 and 1."""
     ns = world.ns
-    terminal = Terminal(world, tmp_path / "grow", capsys, start_from=sketch_recipe)
+    terminal = Terminal(world, tmp_path / "grow", start_from=sketch_recipe)
     folder = terminal.folder
     bob = "ratatouille-hub contribute out --to bob/pacs-sketch --index 2 3"
     terminal.block("Soups that grow on the Hub", before={_line("--add bob/pacs-sketch-run2"): [bob]})
@@ -176,8 +174,8 @@ def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path, capsys):
     assert api.model_info(f"{ns}-alice/pacs-sketch-run1").card_data.datasets == [f"{ns}-data/pacs"]
     card = ModelCard.load(f"{ns}-me/pacs-soup")
     assert "4 runs of one recipe" in card.text and card.data.eval_results[0].metric_name.startswith("training")
-    smaller = load_file(folder / "smaller-soup" / "model.safetensors")
-    assert smaller.keys() == load_file(folder / "out" / "soup" / "model.safetensors").keys()
+    smaller = read_safetensors_metadata(folder / "smaller-soup" / "model.safetensors")
+    assert len(json.loads(smaller[INGREDIENTS_KEY])) == journeys.BUDGET_RUNS - 1
 
 
 def _line(fragment: str) -> str:
@@ -191,11 +189,11 @@ def card_command(repo_id: str, kind: str) -> str:
     return CARD_COMMANDS[kind]
 
 
-def test_the_cards_how_to_reproduce_commands(world, tmp_path, capsys):
+def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     """Each card a command writes (a recycled soup, a contributed run, a grown soup) names the command that
     reproduces or grows it; typed from the card, each does what the card says."""
     ns = world.ns
-    terminal = Terminal(world, tmp_path / "cards", capsys)
+    terminal = Terminal(world, tmp_path / "cards")
     for line in (
         "ratatouille-hub recycle --base org/base --target PACS --test-domain cartoon --output out",
         "ratatouille-hub push out/soup me/cartoon-soup",
@@ -207,7 +205,7 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path, capsys):
     # the recycled soup's card: its recipe, downloaded beside it, replays to the same weights
     downloaded = Path(snapshot_download(soup_repo, local_dir=tmp_path / "downloaded"))
     replay = card_command(soup_repo, "recycled soup")
-    Terminal(world, downloaded, capsys, budget={}).shell.type(replay)
+    Terminal(world, downloaded, budget={}).shell.type(replay)
     assert same_tensors(downloaded / "out" / "soup" / "model.safetensors", downloaded / "model.safetensors")
 
     # a contributed run's card: assembles the soup of its recipe's runs from the Hub
