@@ -221,3 +221,24 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     assert "4 runs of one recipe" in ModelCard.load(f"{ns}-me/cartoon-grown").text
     grown = load_file(snapshot_download(f"{ns}-me/cartoon-grown") + "/model.safetensors")
     assert grown.keys() == merged.keys() and not all(torch.equal(grown[k], merged[k]) for k in grown)
+
+
+def test_pinned_references_as_the_quickstart_describes(world, tmp_path):
+    """`--base id@rev`, `--target id@rev` and `--aux id@rev` (the Quickstart's prose): the Hub recycle with every
+    reference pinned to the commit the Hub holds gives the soup of the unpinned command."""
+    ns, base, pacs = world.ns, f"{world.ns}-org/base", f"{world.ns}-data/pacs"
+    terminal = Terminal(world, tmp_path / "pinned")
+    aux = [f"{ns}-community/finetune-{k}" for k in (2, 1)]  # discovery's order: most downloaded first
+    terminal.shell.type("ratatouille-hub recycle --base org/base --target PACS --test-domain sketch --output unpinned")
+    pinned = " ".join(f"{a}@{world.shas[a]}" for a in aux)
+    terminal.shell.type(
+        f"ratatouille-hub recycle --base {base}@{world.shas[base]} --target {pacs}@{world.shas[pacs]} "
+        f"--aux {pinned} --test-domain sketch --output pinned"
+    )
+    folder = terminal.folder
+    assert same_tensors(
+        folder / "pinned" / "soup" / "model.safetensors", folder / "unpinned" / "soup" / "model.safetensors"
+    )
+    results = json.loads((folder / "pinned" / "soup" / "results.json").read_text())
+    assert {i["source"]: i["revision"] for i in results["ingredients"]} == {r: world.shas[r] for r in (base, *aux)}
+    assert results["target"] == f"{pacs}@{world.shas[pacs]}"
