@@ -225,16 +225,15 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
 
 def test_pinned_references_as_the_quickstart_describes(world, tmp_path):
     """`--base id@rev`, `--target id@rev` and `--aux id@rev` (the Quickstart's prose): the Hub recycle with every
-    reference pinned to the commit the Hub holds gives the soup of the unpinned command."""
+    reference pinned to the commit the Hub holds gives the soup of the same command unpinned."""
     ns, base, pacs = world.ns, f"{world.ns}-org/base", f"{world.ns}-data/pacs"
+    aux = [f"{ns}-community/finetune-{k}" for k in (1, 2)]
     terminal = Terminal(world, tmp_path / "pinned")
-    aux = [f"{ns}-community/finetune-{k}" for k in (2, 1)]  # discovery's order: most downloaded first
-    terminal.shell.type("ratatouille-hub recycle --base org/base --target PACS --test-domain sketch --output unpinned")
-    pinned = " ".join(f"{a}@{world.shas[a]}" for a in aux)
-    terminal.shell.type(
-        f"ratatouille-hub recycle --base {base}@{world.shas[base]} --target {pacs}@{world.shas[pacs]} "
-        f"--aux {pinned} --test-domain sketch --output pinned"
-    )
+    for output, pin in (("unpinned", lambda repo: repo), ("pinned", lambda repo: f"{repo}@{world.shas[repo]}")):
+        terminal.shell.type(
+            f"ratatouille-hub recycle --base {pin(base)} --target {pin(pacs)} --aux {' '.join(map(pin, aux))} "
+            f"--test-domain sketch --output {output}"
+        )
     folder = terminal.folder
     assert same_tensors(
         folder / "pinned" / "soup" / "model.safetensors", folder / "unpinned" / "soup" / "model.safetensors"
