@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +47,12 @@ def markdown_cell(text: object) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
+
+
+def pinned(source: str, results: Results) -> str:
+    """`source` at the revision the recipe read it, for a Hub ingredient (a local folder has none)."""
+    revision = next((i.revision for i in results.ingredients if i.source == source and i.is_hub), None)
+    return f"{source}@{revision}" if revision else source
 
 
 def build_card(
@@ -108,8 +116,8 @@ def build_card(
         template_path=str(template_path()),
         model_name=markdown_cell(model_name),
         repo_id=repo_id or "path/to/soup",
-        base_model=markdown_cell(recipe["base"]),
-        dataset=markdown_cell(target),
+        base_model=markdown_cell(pinned(recipe["base"], results)),
+        dataset=markdown_cell(results.target),  # at the revision the runs trained on
         train_domains=", ".join(markdown_cell(d) for d in results.train_domains),
         test_domain=markdown_cell(test_domain),
         n_runs=len(results.runs),
@@ -132,6 +140,59 @@ def build_card(
     if card.data.to_dict() != data.to_dict():  # the front matter must read back exactly as we wrote it
         raise ValueError("the model card's front matter does not read back as written: refusing to save it")
     return card
+
+
+LINEAGE_KEY = "ratatouille.lineage"  # a grown soup's weights metadata: its Lineage, carried across updates
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a soup comes from beyond its runs: the recipe's base and target at the revisions the runs trained
+    on, and the Hub checkpoints the runs started from. Cards name them (`base_model`, `datasets`); a soup
+    assembled or updated carries them in its weights' metadata, so every later update keeps them."""
+
+    base: str  # id@revision, or a local folder
+    target: str  # id@revision, or a local dataset
+    parents: tuple[str, ...] = ()  # Hub ids the runs started from: the base and the recycled fine-tunes
+
+    @classmethod
+    def of_recipe(cls, recipe: dict, inits: Sequence[str] = ()) -> Lineage:
+        """From a contributed run's checked record: its recipe, and the inits of the runs."""
+        return cls(recipe["base"], recipe["target"], _hub_ids([recipe["base"], *inits]))
+
+    @classmethod
+    def of_results(cls, results: Results) -> Lineage:
+        """From a recycled soup's results: its base, its target and its Hub ingredients, each at its revision."""
+        return cls(
+            pinned(results.recipe["base"], results),
+            results.target,
+            _hub_ids(i.source for i in results.ingredients if i.is_hub),
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        return {LINEAGE_KEY: json.dumps({"base": self.base, "target": self.target, "parents": list(self.parents)})}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> Lineage | None:
+        """The lineage a soup's weights carry (None when they carry none, or anything but one)."""
+        try:
+            plain = json.loads(metadata[LINEAGE_KEY])
+            lineage = cls(plain["base"], plain["target"], tuple(plain["parents"]))
+        except (KeyError, ValueError, TypeError, RecursionError):
+            return None
+        texts = (lineage.base, lineage.target, *lineage.parents)
+        if not all(isinstance(t, str) for t in texts) or list(lineage.parents) != list(_hub_ids(lineage.parents)):
+            return None
+        return lineage
+
+    def with_inits(self, inits: Sequence[str]) -> Lineage:
+        return Lineage(self.base, self.target, _hub_ids([*self.parents, *inits]))
+
+
+def _hub_ids(sources) -> tuple[str, ...]:
+    """The Hub model ids among `sources` (revisions dropped), each once, in order."""
+    ids = (source.split("@")[0] for source in sources)
+    return tuple(dict.fromkeys(i for i in ids if is_hub_id(i)))
 
 
 RUN_TAG = "ratatouille-run"  # every contributed run carries it; with the base's tag, assemble --from-hub finds them
@@ -180,14 +241,19 @@ ratatouille-hub so that anyone can average it with the recipe's other runs witho
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
 
 
-def grown_soup_card(record, validation: float | None = None, dataset: str | None = None) -> ModelCard:
-    """The card of a soup assembled from contributed runs or updated: its ingredients and, when a target
-    was given, its training-domain validation accuracy (no held-out number: that needs the whole recipe)."""
-    sources = [i.source.split("@")[0] for i in record.ingredients]
-    hub_ids = [s for s in sources if is_hub_id(s) and not Path(s).exists()]
+def grown_soup_card(
+    record, validation: float | None = None, dataset: str | None = None, lineage: Lineage | None = None
+) -> ModelCard:
+    """The card of a soup assembled from contributed runs or updated: its lineage (base, target, the checkpoints
+    its runs started from), its ingredients and, when a target was given, its training-domain validation
+    accuracy (no held-out number: that needs the whole recipe)."""
+    hub_ids = list(_hub_ids([*(lineage.parents if lineage else ()), *(i.source for i in record.ingredients)]))
+    target_id, _, target_revision = (lineage.target if lineage else "").partition("@")
+    scored_on = dataset.split("@")[0] if dataset else None
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
+        datasets=[target_id] if is_hub_id(target_id) else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["model-ratatouille", "weight-averaging", "merge", "ratatouille-hub"],
@@ -196,8 +262,9 @@ def grown_soup_card(record, validation: float | None = None, dataset: str | None
         else [
             EvalResult(
                 task_type="image-classification",
-                dataset_type=dataset if dataset and is_hub_id(dataset) else "local",
+                dataset_type=scored_on if scored_on and is_hub_id(scored_on) else "local",
                 dataset_name=plain_text(f"{Path(dataset or 'target').name} (training-domain validation)"),
+                dataset_revision=plain_text(target_revision) if scored_on == target_id and target_revision else None,
                 metric_type="accuracy",
                 metric_name="training-domain validation accuracy",
                 metric_value=round(validation, 4),
@@ -210,13 +277,18 @@ def grown_soup_card(record, validation: float | None = None, dataset: str | None
         for k, i in enumerate(record.ingredients)
     )
     accuracy = "" if validation is None else f"\nTraining-domain validation accuracy: {_pct(validation)}%.\n"
+    recipe = (
+        ""
+        if lineage is None
+        else f"\nIts runs fine-tuned `{markdown_cell(lineage.base)}` on `{markdown_cell(lineage.target)}`.\n"
+    )
     fingerprint = markdown_cell(record.fingerprint or "unknown")
     text = f"""# ratatouille-soup
 
 A uniform **Model Ratatouille** soup ([Ramé et al., ICML 2023](https://arxiv.org/abs/2212.10445)) of
 {len(record.ingredients)} runs of one recipe (fingerprint `{fingerprint}`), grown with
 ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, without merging again.
-{accuracy}
+{recipe}{accuracy}
 | ingredient | source | sha256 |
 |---|---|---|
 {rows}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .card import RUN_TAG, base_tag, grown_soup_card, run_card
+from .card import RUN_TAG, Lineage, base_tag, grown_soup_card, run_card
 from .discover import backbone_mismatch, head_names_of
 from .errors import RatatouilleError
 from .fetch import Ingredient, is_hub_id, resolve_model
@@ -329,11 +329,15 @@ def assemble_from_hub(reference: str, destination: Path, token=None, echo: Calla
     from .io import staged_folder
 
     runs = find_recipe_runs(reference, token, echo)
-    fingerprint = run_provenance(runs[0].folder / RUN_FILE, runs[0].source)["fingerprint"]
+    records = [run_provenance(run.folder / RUN_FILE, run.source) for run in runs]
+    fingerprint = records[0]["fingerprint"]
     record = SoupRecord(tuple(SoupIngredient(run.sha256, run.source) for run in runs), fingerprint)
+    lineage = Lineage.of_recipe(records[0]["recipe"], [r["run"]["init"] for r in records])
     with staged_folder(destination) as staging:
-        merge_model_folders([run.folder for run in runs], staging, metadata=record.to_metadata())
-        grown_soup_card(record).save(staging / "README.md")
+        merge_model_folders(
+            [run.folder for run in runs], staging, metadata={**record.to_metadata(), **lineage.to_metadata()}
+        )
+        grown_soup_card(record, lineage=lineage).save(staging / "README.md")
     echo(f"[merge] {len(runs)} runs of recipe {fingerprint} -> {destination}")
     return record
 
@@ -368,9 +372,9 @@ def update_soup(
         local = folder / source if is_relative_source(source) else Path(source)
         return local_run(local) if local.is_dir() else any_run(source, token)
 
-    def rewrite_card(staging: Path, record: SoupRecord) -> None:
+    def rewrite_card(staging: Path, record: SoupRecord, lineage: Lineage | None) -> None:
         validation = evaluate(staging) if evaluate else None
-        grown_soup_card(record, validation, dataset).save(staging / "README.md")
+        grown_soup_card(record, validation, dataset, lineage).save(staging / "README.md")
         if validation is not None:
             echo(f"[eval] training-domain validation {100 * validation:.1f}%")
 
@@ -418,5 +422,5 @@ def _read_hub_soup(soup: str, token) -> tuple[str, Path]:
     from huggingface_hub import HfApi, snapshot_download
 
     head = HfApi(token=token).model_info(soup).sha
-    patterns = [WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml"]
+    patterns = [WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml", "results.json"]  # results: lineage
     return head, Path(snapshot_download(soup, revision=head, allow_patterns=patterns, token=token))

@@ -305,8 +305,8 @@ def _lists_dataset(info, tags: list[str], target: str) -> str | None:
 
 def _dataset_key(name: str) -> str:
     """`flwrlabs/office-home`, `someone/Office_Home`, the alias `OfficeHome` and a local folder
-    `./officehome` all name one dataset: a fine-tune on any copy of the target leaks."""
-    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
+    `./officehome` all name one dataset, at any revision (`id@sha`): a fine-tune on any copy of the target leaks."""
+    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].split("@")[0].lower())
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .card import Lineage
 from .io import claimed_folder, staged_folder
 from .merge import (
     COPIED_CONFIGS,
@@ -38,8 +39,10 @@ from .provenance import (
     file_sha256,
     is_relative_source,
     relative_source,
+    run_provenance,
 )
 from .recipe.assembly import DIAGNOSTICS_PLOT, SCORES_PLOT
+from .results import Results
 from .safe_text import say
 
 STALE_FILES = ("results.json", DIAGNOSTICS_PLOT, SCORES_PLOT)  # a recycle soup's evaluation of its old ingredients
@@ -169,7 +172,7 @@ def update_local_folder(
     destination: Path,
     where: str,
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
-    rewrite_card: Callable[[Path, SoupRecord], None],
+    rewrite_card: Callable[[Path, SoupRecord, Lineage | None], None],
     echo: Callable[[str], None] = say,
 ) -> SoupRecord:
     """`update_folder` under the soup's claim, waiting for any other update of it: the record is read again
@@ -180,6 +183,26 @@ def update_local_folder(
         return update_folder(soup_folder, add, remove, destination, where, resolve_ingredient, rewrite_card, echo=echo)
 
 
+def soup_lineage(soup_folder: Path, add: Sequence[RunFiles]) -> Lineage | None:
+    """The soup's lineage, with the inits of the runs added: what its weights carry, else (a recycled soup) what
+    its results.json says, else what the added runs' records say (None when nothing says it)."""
+    lineage = Lineage.from_metadata(read_safetensors_metadata(soup_folder / WEIGHTS_NAME))
+    if lineage is None and (soup_folder / "results.json").is_file():
+        try:
+            lineage = Lineage.of_results(Results.load(soup_folder / "results.json"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # another's file
+            lineage = None
+    records = []
+    for run in add:
+        try:
+            records.append(run_provenance(run.folder / RUN_FILE, run.source))
+        except ProvenanceError:  # a local run's record holds its fingerprint alone
+            continue
+    if lineage is None and records:
+        return Lineage.of_recipe(records[0]["recipe"], [r["run"]["init"] for r in records])
+    return lineage and lineage.with_inits([r["run"]["init"] for r in records])
+
+
 def update_folder(
     soup_folder: Path,
     add: Sequence[RunFiles],
@@ -187,7 +210,7 @@ def update_folder(
     destination: Path,
     where: str,
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
-    rewrite_card: Callable[[Path, SoupRecord], None],
+    rewrite_card: Callable[[Path, SoupRecord, Lineage | None], None],
     relocate: bool = True,
     echo: Callable[[str], None] = say,
 ) -> SoupRecord:
@@ -211,11 +234,12 @@ def update_folder(
         [run.folder / WEIGHTS_NAME for run in remove],
         first,
     )
+    lineage = soup_lineage(soup_folder, add)
     with staged_folder(destination) as staging:
         save_file(
             {k: v.contiguous() for k, v in state.items()},
             staging / WEIGHTS_NAME,
-            metadata={"format": "pt", **new_record.to_metadata()},
+            metadata={"format": "pt", **new_record.to_metadata(), **(lineage.to_metadata() if lineage else {})},
         )
         for name in COPIED_FILES:
             if (soup_folder / name).is_file():
@@ -232,5 +256,5 @@ def update_folder(
         stale = [name for name in STALE_FILES if (soup_folder / name).is_file()]
         if stale:
             echo(f"[update] not carried over, they describe the soup before the update: {', '.join(stale)}")
-        rewrite_card(staging, new_record)
+        rewrite_card(staging, new_record, lineage)
     return new_record
