@@ -56,7 +56,7 @@ from .safe_text import path_component, say, terminal_safe
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
 COST_FILE = "cost.json"
-SWEEP_CHANGES = REUSABLE_CHANGES | {"trials"}  # more trials or strategies leave every finished run valid
+SWEEP_CHANGES = REUSABLE_CHANGES | {"trials", "seed"}  # each trial has its own folder, named by its seed
 
 
 @dataclass(frozen=True)
