@@ -34,8 +34,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ratatouille_hub.results import Results
+if TYPE_CHECKING:  # imported where used: it imports huggingface_hub, which reads HF_ENDPOINT once, at import
+    from ratatouille_hub.results import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -398,7 +400,7 @@ def run_trial(trial: int, timings: dict) -> None:
     """One trial of the table (skipped when its cells are kept): one sweep, trial by trial so that a stopped
     session leaves complete trials behind; each cell's results and costs are kept in DURABLE."""
     from ratatouille_hub.recipe.plan import load_plans
-    from ratatouille_hub.results import soup_subfolder
+    from ratatouille_hub.results import Results, soup_subfolder
     from ratatouille_hub.sweep import cells_of, sweep
 
     if all(cell_path(trial, d, s).exists() for d in DOMAINS for s in STRATEGIES):
@@ -466,6 +468,7 @@ def diagnose_domain(trial: int, domain: str) -> None:
     """The three criteria on every pair of the Ratatouille runs of one test domain (validation only)."""
     from ratatouille_hub.config import RecipeConfig
     from ratatouille_hub.diagnose import diagnose_models, format_diagnosis, plot_paths
+    from ratatouille_hub.results import Results
 
     destination = DURABLE / f"trial{trial}" / f"diagnose-{domain}.json"
     if destination.exists():
@@ -581,6 +584,8 @@ def report() -> None:
 
 
 def load_results(path: Path) -> Results | None:
+    from ratatouille_hub.results import Results
+
     return Results.load(path) if path.exists() else None
 
 
