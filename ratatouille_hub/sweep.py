@@ -49,7 +49,7 @@ from .io import atomic_write_json, claimed_folder
 from .recipe import REUSABLE_CHANGES, decode_target, plan_recipe, train_run
 from .recipe.assembly import assemble, check_replaceable_soup
 from .recipe.executor import Worker, execute
-from .recipe.plan import RecipePlan, load_plans, save_plans
+from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
 from .safe_text import path_component, say, terminal_safe
 
@@ -143,7 +143,7 @@ def load_sweep(output: Path, token=None) -> list[tuple[Cell, list[RecipePlan]]]:
     return [(cell, load_plans(cell.folder, token)) for cell in cells_of(SweepConfig.load_yaml(output / SWEEP_FILE))]
 
 
-def flat_runs(loaded: list[tuple[Cell, list[RecipePlan]]]) -> list[tuple[Path, RecipePlan, object]]:
+def flat_runs(loaded: list[tuple[Cell, list[RecipePlan]]]) -> list[tuple[Path, RecipePlan, RunSpec]]:
     """(trial folder, plan, run) of every distinct run, in `sweep --index` order: a run shared by several
     strategies of a trial is listed once, where it first appears."""
     seen, runs = set(), []

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import refusals
 import yaml
 
 from ratatouille_hub import cli, testing
@@ -128,10 +129,30 @@ def test_spread_over_index_tasks_the_sweep_writes_the_same_table(swept, sweep_re
     assert "18 distinct runs (18 pending)" in capsys.readouterr().out
     assert not list(out.glob("trial-*/runs"))  # planned, nothing trained
     saved = ["sweep", "--config", str(out / "sweep.yaml")]
-    assert cli.main([*saved, "--assemble"]) == 2
-    assert "18 runs of the sweep" in capsys.readouterr().err
+    places = {"<tmp>": out.parent}
+    what = "sweep --assemble before every run is done"
+    refusals.fails_cleanly(
+        "sweep-unfinished", what, [*saved, "--assemble"], "18 runs of the sweep", out, capsys, places
+    )
     for index in reversed(range(18)):  # any order: each task trains its own run (and the probe it needs)
         assert cli.main([*saved, "--index", str(index)]) == 0
-    assert cli.main([*saved, "--index", "18"]) == 2
+    capsys.readouterr()
+    what = "sweep --index past the sweep's flat run list"
+    refusals.fails_cleanly(
+        "sweep-index-past-the-end", what, [*saved, "--index", "18"], "--index 18", out, capsys, places
+    )
     assert cli.main([*saved, "--assemble"]) == 0
     assert (out / "results.json").read_bytes() == (swept / "results.json").read_bytes()
+
+
+def test_a_sweep_that_cannot_run_is_refused_before_anything_is_written(swept, sweep_recipe, tmp_path, capsys):
+    recipe = ["sweep", "--config", str(sweep_recipe)]
+    places = {"<tmp>": sweep_recipe.parent}
+    for case, what, argv, culprit, out in (
+        ("sweep-unknown-strategy", "sweep --strategy naming no strategy", [*recipe, "--strategy", "erm", "best"], "(got 'best')", tmp_path / "new"),
+        ("sweep-no-trials", "sweep --trials 0", [*recipe, "--trials", "0"], "trials must be at least 1", tmp_path / "new"),
+        ("sweep-another-sweep", "sweep into a folder holding a sweep of other options", [*recipe, "--strategy", *STRATEGIES, "--steps", "5"], "differs in: steps", swept),
+        ("sweep-unplanned", "sweep --index on a folder holding no sweep", [*recipe, "--index", "0"], "holds no sweep", tmp_path / "none"),
+    ):  # fmt: skip
+        argv = [*argv, "--output", str(out)]
+        refusals.fails_cleanly(case, what, argv, culprit, out, capsys, places, watch=tmp_path)
