@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,18 @@ def test_a_sweep_that_cannot_run_is_refused_before_anything_is_written(swept, sw
     ):  # fmt: skip
         argv = [*argv, "--output", str(out)]
         refusals.fails_cleanly(case, what, argv, culprit, out, capsys, places, watch=tmp_path)
+
+
+def test_accelerate_launch_on_two_processes_trains_each_run_once_and_writes_the_same_table(swept, sweep_recipe):
+    from test_scale_out import ACCELERATE, ENV, TIMEOUT
+
+    out = sweep_recipe.parent / "launched"
+    argv = ["sweep", "--config", str(sweep_recipe), "--strategy", *STRATEGIES, "--trials", "2", "--output", str(out)]
+    done = subprocess.run([*ACCELERATE, *argv], capture_output=True, text=True, env=ENV, timeout=4 * TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = [
+        line for line in done.stdout.splitlines() if re.match(r"\[rank [01]/2\] \[train\] run \d+/\d+ from ", line)
+    ]
+    assert len(started) == 18  # each distinct run once (tiny runs: rank 0 may take over all of them)
+    assert done.stdout.count("held-out accuracy (%)") == 1  # the table prints once
+    assert (out / "results.json").read_bytes() == (swept / "results.json").read_bytes()
