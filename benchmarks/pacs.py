@@ -1,6 +1,6 @@
 """PACS benchmark: every method of METHOD.md side by side, on real images, through the local Hub.
 
-    python benchmarks/pacs.py [--trials 0 1 2] [--domains art_painting cartoon photo sketch]
+    python benchmarks/pacs.py [--trials 0 1 2]
 
 One command runs the whole table from scratch, and resumes where it stopped:
 1. a local Hub (benchmarks/scratch/pacs/hub) is seeded with the real base (EfficientNet-Lite0, ImageNet)
