@@ -8,6 +8,7 @@ import math
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,35 @@ def test_accelerate_launch_on_two_processes_trains_each_run_once_and_writes_the_
     assert len(started) == 18  # each distinct run once (tiny runs: rank 0 may take over all of them)
     assert done.stdout.count("held-out accuracy (%)") == 1  # the table prints once
     assert (out / "results.json").read_bytes() == (swept / "results.json").read_bytes()
+
+
+def test_the_pacs_benchmarks_sweep_plans_the_committed_cells_recipes(monkeypatch):
+    """benchmarks/pacs.py became a sweep: each committed cell (benchmarks/results/pacs-cells) must be the
+    recipe the sweep plans for it, but for `output`, which no run key reads, so its runs keep their keys."""
+    import importlib.util
+    from dataclasses import replace
+
+    from ratatouille_hub.results import Results
+    from ratatouille_hub.sweep import cell_recipe, cells_of
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "pacs.py"
+    spec = importlib.util.spec_from_file_location("pacs_benchmark", script)
+    pacs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, pacs)  # its dataclasses look their module up there
+    spec.loader.exec_module(pacs)
+    checked = 0
+    for trial in pacs.TRIALS:
+        config = pacs.sweep_config(trial)
+        recipes = {cell.strategy: pacs.draw_finetunes(cell_recipe(config, cell)) for cell in cells_of(config)}
+        for cell in pacs.HUB_STYLE_CELLS if trial in pacs.HUB_STYLE_TRIALS else ():
+            aux = pacs.recycled_in(trial, "hub-style")
+            recipes[cell.name] = replace(recipes["ratatouille"], aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy)
+        for name, recipe in recipes.items():
+            for domain in pacs.DOMAINS:
+                committed = Results.load(pacs.cell_path(trial, domain, name)).recipe
+                ours = replace(recipe, test_domain=domain).to_dict()
+                assert sorted(k for k in committed.keys() | ours.keys() if committed.get(k) != ours.get(k)) == [
+                    "output"
+                ]
+                checked += 1
+    assert checked == 3 * 4 * 4 + 2 * 4
