@@ -1,6 +1,6 @@
 """PACS benchmark: every method of METHOD.md side by side, on real images, through the local Hub.
 
-    python benchmarks/pacs.py [--trials 0 1 2] [--domains art_painting cartoon photo sketch]
+    python benchmarks/pacs.py [--trials 0 1 2]
 
 One command runs the whole table from scratch, and resumes where it stopped:
 1. a local Hub (benchmarks/scratch/pacs/hub) is seeded with the real base (EfficientNet-Lite0, ImageNet)
@@ -8,14 +8,15 @@ One command runs the whole table from scratch, and resumes where it stopped:
 2. the ingredients, made once and reused by every trial: `intertrain` fine-tunes the base 4 times on each
    auxiliary dataset (caltech101, clothing, cifar10), and transformers' Trainer once per dataset (the
    way most Hub fine-tunes are made); all are pushed to the Hub with community-style cards;
-3. per trial and test domain, `recycle --base <hub base> --target PACS` runs every strategy (erm, soup,
-   ratatouille, fusing) over fine-tunes it downloads from the Hub at pinned revisions, sharing the
-   linear probe and the runs between strategies; in trial 0 a further Ratatouille recycles the Trainer
-   group too, with either BatchNorm policy;
+3. per trial, the product's `sweep` (ratatouille_hub/sweep.py) runs every strategy (erm, soup,
+   ratatouille, fusing) with every test domain held out in turn, over fine-tunes it downloads from the
+   Hub at pinned revisions, sharing the linear probe and the runs between strategies; in trial 0 a further
+   `recycle --test-domain all` recycles the Trainer group too, with either BatchNorm policy;
 4. the tables go to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
 Each stage is a folder with a `done` marker (the project's own run folders), so a rerun skips finished
-work. The command applies the malloc settings of ../shared/STACK.md itself (ratatouille_hub/allocator.py).
+work. What the sweep's options cannot say is here: making the ingredients, the fine-tunes each trial draws
+(`draw_finetunes`), the Trainer group's experiment, the diagnosis, and the report's PACS-specific sections. The command applies the malloc settings of ../shared/STACK.md itself (ratatouille_hub/allocator.py).
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ratatouille_hub.results import Results
+if TYPE_CHECKING:  # imported where used: it imports huggingface_hub, which reads HF_ENDPOINT once, at import
+    from ratatouille_hub.results import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 WORK = ROOT / "benchmarks" / "scratch" / "pacs"  # run folders and the local Hub: rebuilt in each session
+SWEEP = WORK / "sweep"  # the sweep's output: trial-<seed>/ holds every strategy's runs of that trial
 RESULTS = ROOT / "benchmarks" / "results"
 DURABLE = RESULTS / "pacs-cells"  # what a finished cell leaves: committed, so a later session resumes from it
 BASE_FOLDER = SHARED / "models" / "efficientnet-lite0-imagenet"
@@ -60,21 +64,18 @@ TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the 
 HUB_STYLE_TRIALS = (0,)  # the Trainer group's experiment: one trial (3 more runs per domain)
 
 
+STRATEGIES = ("erm", "soup", "ratatouille", "fusing")  # the sweep's; each one's results: <domain>-<strategy>.json
+
+
 @dataclass(frozen=True)
-class Cell:
-    """One `recycle` per trial and test domain: its strategy, the fine-tunes it recycles, its BN policy."""
+class HubStyleCell:
+    """A Ratatouille of the drawn fine-tunes and the Trainer group, with one BN policy."""
 
     name: str  # results/<domain>-<name>.json
-    strategy: str
-    group: str = "recipe"  # "recipe": the drawn intertrain fine-tunes; "hub-style": those + the Trainer group
-    bn_policy: str = "average"
+    bn_policy: str
 
 
-CELLS = (Cell("erm", "erm"), Cell("soup", "soup"), Cell("ratatouille", "ratatouille"), Cell("fusing", "fusing"))
-HUB_STYLE_CELLS = (
-    Cell("hub-style", "ratatouille", "hub-style"),
-    Cell("hub-style-reestimate", "ratatouille", "hub-style", "reestimate"),
-)
+HUB_STYLE_CELLS = (HubStyleCell("hub-style", "average"), HubStyleCell("hub-style-reestimate", "reestimate"))
 
 ROWS = (  # (row, cell whose results hold it, the scores in its results record)
     ("ERM (LP init)", "erm", lambda r: r.soup),
@@ -137,7 +138,6 @@ def main() -> None:
     parser.add_argument(
         "--trials", type=int, nargs="+", default=list(TRIALS), help="trial seeds: splits, drawn fine-tunes, runs"
     )
-    parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="test domains to run")
     parser.add_argument("--report-only", action="store_true", help="rebuild pacs.json/pacs.md from finished results")
     parser.add_argument(
         "--ingredients-only", action="store_true", help="make and push the auxiliary fine-tunes, then stop"
@@ -148,12 +148,12 @@ def main() -> None:
 
     tune_allocator()  # what the command does at start-up: PyTorch on CPU is 2-5x slower without it
     if not args.report_only:
-        run_trials(args.trials, args.domains, ingredients_only=args.ingredients_only)
+        run_trials(args.trials, ingredients_only=args.ingredients_only)
     if not args.ingredients_only:
         report()
 
 
-def run_trials(trials: list[int], domains: list[str], ingredients_only: bool = False) -> None:
+def run_trials(trials: list[int], ingredients_only: bool = False) -> None:
     from ratatouille_hub.localhub.server import LocalHub, hub_environment
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -172,21 +172,18 @@ def run_trials(trials: list[int], domains: list[str], ingredients_only: bool = F
         # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
         if not ingredients_only:
             for trial in trials:
-                for domain in domains:
-                    for cell in CELLS:
-                        run_cell(trial, domain, cell, timings)
+                run_trial(trial, timings)
             if TRIALS[0] in trials:
-                diagnose_domain(TRIALS[0], DIAGNOSED_DOMAIN if DIAGNOSED_DOMAIN in domains else domains[0])
+                diagnose_domain(TRIALS[0], DIAGNOSED_DOMAIN)
         hub_style = [t for t in trials if t in HUB_STYLE_TRIALS]
         if ingredients_only or any(
-            not cell_path(t, d, c.name).exists() for t in hub_style for d in domains for c in HUB_STYLE_CELLS
+            not cell_path(t, d, c.name).exists() for t in hub_style for d in DOMAINS for c in HUB_STYLE_CELLS
         ):
             describe_ingredients(trainer_finetunes(timings))
         if not ingredients_only:
             for trial in hub_style:
-                for domain in domains:
-                    for cell in HUB_STYLE_CELLS:
-                        run_cell(trial, domain, cell, timings)
+                for cell in HUB_STYLE_CELLS:
+                    run_hub_style(trial, cell, timings)
 
 
 def seed_hub(hub) -> None:
@@ -371,68 +368,118 @@ def cell_path(trial: int, domain: str, cell: str) -> Path:
     return DURABLE / f"trial{trial}" / f"{domain}-{cell}.json"
 
 
-def run_cell(trial: int, domain: str, cell: Cell, timings: dict) -> None:
-    """`recycle --base <hub base> --target PACS --strategy S --aux ...` for one test domain (skipped when
-    finished). Every cell of a trial and domain shares one output folder, so runs with the same init,
-    hparams and seed (run 0 of every strategy but Fusing; the hub-style cells' first RUNS) train once."""
-    destination = cell_path(trial, domain, cell.name)
-    if destination.exists():
-        return
-    started, printed = time.time(), []
-    output, results = recycle_cell(trial, domain, cell, printed.append)
-    timings[f"trial{trial}/{domain}/{cell.name}"] = round(time.time() - started, 1)
-    save_json(DURABLE / "timings.json", timings)
-    verdicts = [line for line in printed if line.startswith(("[vet]", "[merge] greedy", "[diagnose]"))]
-    save_json(destination.with_suffix(".cost.json"), cell_cost(output, results) | {"printed": verdicts})
-    results.save(destination)  # last: its presence marks the cell finished
+def sweep_config(trial: int):
+    """The table's protocol for one trial, as the product's sweep: every strategy, every test domain."""
+    from ratatouille_hub.config import SweepConfig
 
-
-def recycle_cell(trial: int, domain: str, cell: Cell, keep=lambda line: None) -> tuple[Path, Results]:
-    """The cell's recycle, into its trial and domain's scratch folder (where finished runs are reused);
-    `keep` sees every line it prints."""
-    from ratatouille_hub.config import RecipeConfig
-    from ratatouille_hub.recipe import recycle
-
-    aux = recycled_in(trial, cell.group) if cell.strategy in ("ratatouille", "fusing") else ()
-    print(f"\n== trial {trial}, test domain {domain}, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
-    config = RecipeConfig(
+    return SweepConfig(
         base=BASE_ID,
         target="PACS",
-        test_domain=domain,
-        strategy=cell.strategy,
-        aux=aux,
-        bn_policy=cell.bn_policy,
-        runs=1 + len(aux) if cell.strategy == "ratatouille" else RUNS,
+        strategy=STRATEGIES,
+        seed=trial,
+        trials=1,
+        runs=RUNS,
         steps=STEPS,
         eval_every=EVAL_EVERY,
         lp_steps=LP_STEPS,
         warmup_steps=WARMUP,
         batch_size=BATCH,
         image_size=IMAGE_SIZE,
-        seed=trial,
-        output=str((WORK / f"trial{trial}" / domain).relative_to(ROOT)),
+        output=str(SWEEP.relative_to(ROOT)),
     )
+
+
+def draw_finetunes(recipe):
+    """The sweep's `per_cell`: a recycling strategy recycles the fine-tunes its trial draws (a sweep's options
+    name one --aux list for every trial; PACS draws one per auxiliary dataset and trial)."""
+    recycles = recipe.strategy in ("ratatouille", "fusing")
+    return replace(recipe, aux=recycled_in(recipe.seed, "recipe") if recycles else ())
+
+
+def run_trial(trial: int, timings: dict) -> None:
+    """One trial of the table (skipped when its cells are kept): one sweep, trial by trial so that a stopped
+    session leaves complete trials behind; each cell's results and costs are kept in DURABLE."""
+    from ratatouille_hub.recipe.plan import load_plans
+    from ratatouille_hub.results import Results, soup_subfolder
+    from ratatouille_hub.sweep import cells_of, sweep
+
+    if all(cell_path(trial, d, s).exists() for d in DOMAINS for s in STRATEGIES):
+        return
+    print(f"\n== trial {trial}: {', '.join(STRATEGIES)} x {', '.join(DOMAINS)}", flush=True)
+    config, started = sweep_config(trial), time.time()
+    sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
+    timings[f"trial{trial}/sweep"] = round(time.time() - started, 1)
+    save_json(DURABLE / "timings.json", timings)
+    for cell in cells_of(config):
+        for plan in load_plans(cell.folder):
+            domain = plan.target.test_domain
+            destination = cell_path(trial, domain, cell.strategy)
+            if not destination.exists():  # a kept cell stays as it was committed
+                save_json(destination.with_suffix(".cost.json"), cell_cost(cell.work, plan))
+                Results.load(cell.folder / soup_subfolder(domain) / "results.json").save(destination)
+
+
+def run_hub_style(trial: int, cell: HubStyleCell, timings: dict) -> None:
+    """`recycle --test-domain all --strategy ratatouille` of the drawn fine-tunes and the Trainer group into
+    the sweep's folder of the trial, so its first RUNS runs are the Ratatouille cell's own (reused, not
+    retrained); each test domain's results are kept with the verdicts printed about them."""
+    from ratatouille_hub.recipe import recycle
+    from ratatouille_hub.recipe.plan import load_plans
+    from ratatouille_hub.sweep import cell_recipe, cells_of
+
+    if all(cell_path(trial, d, cell.name).exists() for d in DOMAINS):
+        return
+    aux = recycled_in(trial, "hub-style")
+    print(f"\n== trial {trial}, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
+    sweep = sweep_config(trial)
+    ratatouille = next(c for c in cells_of(sweep) if c.strategy == "ratatouille")
+    config = replace(cell_recipe(sweep, ratatouille), aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy)
+    started, printed = time.time(), []
 
     def echo(line: str) -> None:
         print(line, flush=True)
-        keep(line)
+        printed.append(line)
 
-    return Path(config.output), recycle(config, echo=echo)
+    table = recycle(config, echo=echo)
+    timings[f"trial{trial}/{cell.name}"] = round(time.time() - started, 1)
+    save_json(DURABLE / "timings.json", timings)
+    planning, *per_domain = split_at_assembly(printed)  # assembly goes domain by domain, in the plans' order
+    for plan, assembly in zip(load_plans(Path(config.output)), per_domain, strict=True):
+        domain = plan.target.test_domain
+        verdicts = [line for line in planning + assembly if line.startswith(("[vet]", "[merge] greedy", "[diagnose]"))]
+        save_json(
+            cell_path(trial, domain, cell.name).with_suffix(".cost.json"),
+            cell_cost(Path(config.output), plan) | {"printed": verdicts},
+        )
+        table.per_domain[domain].save(cell_path(trial, domain, cell.name))
+
+
+def split_at_assembly(lines: list[str]) -> list[list[str]]:
+    """`lines` cut before each line with which assembly starts a held-out domain."""
+    parts = [[]]
+    for line in lines:
+        if line.startswith("[merge] averaging runs"):
+            parts.append([])
+        parts[-1].append(line)
+    return parts
 
 
 def diagnose_domain(trial: int, domain: str) -> None:
     """The three criteria on every pair of the Ratatouille runs of one test domain (validation only)."""
     from ratatouille_hub.config import RecipeConfig
     from ratatouille_hub.diagnose import diagnose_models, format_diagnosis, plot_paths
+    from ratatouille_hub.results import Results
 
     destination = DURABLE / f"trial{trial}" / f"diagnose-{domain}.json"
     if destination.exists():
         return
     results = Results.load(cell_path(trial, domain, "ratatouille"))
-    output = WORK / f"trial{trial}" / domain
+    output = SWEEP / f"trial-{trial}"
     folders = [str(output / run.folder / "model") for run in results.runs]
     if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain its runs
-        recycle_cell(trial, domain, next(c for c in CELLS if c.name == "ratatouille"))
+        from ratatouille_hub.sweep import sweep
+
+        sweep(sweep_config(trial), echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
     config = RecipeConfig(base=folders[0], target="PACS", test_domain=domain, image_size=IMAGE_SIZE, seed=trial)
     inits = [run.init.split("@")[0] for run in results.runs]
     # Named by their inits, as the soup card names its runs, not by their scratch folders.
@@ -482,9 +529,11 @@ def report() -> None:
     complete_trials, costs, diversity, hub_style = [], {}, {}, {}
     for trial in trials:
         cells = {
-            (d, c.name): load_results(cell_path(trial, d, c.name)) for d in DOMAINS for c in CELLS + HUB_STYLE_CELLS
+            (d, c): load_results(cell_path(trial, d, c))
+            for d in DOMAINS
+            for c in (*STRATEGIES, *(h.name for h in HUB_STYLE_CELLS))
         }
-        if not all(cells[(d, c.name)] for d in DOMAINS for c in CELLS):
+        if not all(cells[(d, c)] for d in DOMAINS for c in STRATEGIES):
             continue  # only complete trials enter the tables: a partial one would weigh some domains more
         complete_trials.append(trial)
         for row, cell, scores_of in ROWS:
@@ -535,19 +584,20 @@ def report() -> None:
 
 
 def load_results(path: Path) -> Results | None:
+    from ratatouille_hub.results import Results
+
     return Results.load(path) if path.exists() else None
 
 
-def cell_cost(output: Path, results: Results) -> dict:
-    """What a cell's runs cost as their run folders recorded them, and its share of the linear probe:
-    kept beside the cell's results (with the verdicts it printed), since the run folders stay behind in
-    the session's scratch."""
+def cell_cost(output: Path, plan) -> dict:
+    """What a cell's runs (of one test domain's plan) cost as their run folders recorded them, and its
+    linear probe: kept beside the cell's results, since the run folders stay behind in the session's scratch."""
     runs = []
-    for run in results.runs:
-        metrics = json.loads((output / run.folder / "metrics.json").read_text())
-        runs.append({"steps": results.recipe["steps"] + metrics["warmup_steps"], "seconds": metrics.get("seconds")})
-    probe = [json.loads(p.read_text()).get("seconds") for p in output.glob("lp/*/metrics.json")]
-    return {"runs": runs, "linear_probe_seconds": sum(s for s in probe if s is not None)}
+    for spec in plan.runs:
+        metrics = json.loads((output / spec.folder / "metrics.json").read_text())
+        runs.append({"steps": spec.steps + spec.warmup_steps, "seconds": metrics.get("seconds")})
+    probe = json.loads((output / plan.lp.folder / "metrics.json").read_text()).get("seconds")
+    return {"runs": runs, "linear_probe_seconds": probe or 0}
 
 
 def row_cost(trial: int, cell: str) -> dict:
@@ -622,11 +672,9 @@ def _per_trial_average(by_domain: dict[str, list[float]]) -> list[float]:
 
 
 def _stats(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    mean = statistics.fmean(values)
-    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": mean, "stderr": stderr, "n": len(values)}
+    from ratatouille_hub.sweep import mean_and_stderr
+
+    return mean_and_stderr(values) if values else None
 
 
 def _average_stats(by_domain: dict[str, list[float]]) -> dict | None:

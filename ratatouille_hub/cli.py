@@ -27,6 +27,7 @@ from .config import (
     PushOptions,
     RecipeConfig,
     RunOptions,
+    SweepConfig,
     UpdateOptions,
 )
 from .safe_text import say
@@ -67,6 +68,19 @@ examples:
   ratatouille-hub intertrain --base me/base --dataset someone/cars --push-to-hub me/base-cars
 Rerunning the same command reuses finished fine-tunes.
 {METHOD_DOC}
+"""
+
+
+EPILOG_SWEEP = """\
+examples:
+  ratatouille-hub sweep --base ./base --target ./pacs --aux ./ft-a ./ft-b --strategy erm ratatouille --trials 3
+  ratatouille-hub sweep --config out/sweep.yaml --trials 5     # two more trials; the first three are reused
+spread over a job scheduler (one task per distinct run, on any machines that share the output):
+  ratatouille-hub sweep --base ./base --target ./pacs --output out --plan-only   # prints: N distinct runs
+  ratatouille-hub sweep --config out/sweep.yaml --index $SLURM_ARRAY_TASK_ID    # one task per run
+  ratatouille-hub sweep --config out/sweep.yaml --assemble                      # once all are done
+or over K processes or GPUs: accelerate launch --num_processes K -m ratatouille_hub sweep ...
+Rerunning the same command resumes: finished runs and soups are reused, never recomputed.
 """
 
 
@@ -236,6 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers. With "
         "--push-to-hub ID and --runs N > 1, fine-tune r goes to ID-r.",
         epilog=EPILOG_INTERTRAIN,
+    )
+    sweep = _command(
+        commands,
+        "sweep",
+        SweepConfig,
+        config=True,
+        help="the recipe over trials x strategies x held-out domains: one table, mean ± standard error",
+        description="DomainBed's unit of evidence in one command: the recipe for every trial (seed, seed + 1, "
+        "...) and strategy, with every domain held out in turn (--test-domain all), into OUTPUT/trial-<seed>/ "
+        "(strategies of a trial share the runs they have in common); then one table of held-out accuracy, "
+        "rows strategy: method, columns the domains and their average, each cell the mean ± standard error "
+        "over the trials, and what the runs cost (OUTPUT/results.json, OUTPUT/cost.json).",
+        epilog=EPILOG_SWEEP,
+    )
+    mode = sweep.add_mutually_exclusive_group()
+    mode.add_argument("--plan-only", action="store_true", help="plan every cell, save the plans and stop")
+    mode.add_argument(
+        "--index", type=int, metavar="I", help="train run I of the saved sweep's flat run list (an array task)"
+    )
+    mode.add_argument(
+        "--assemble", action="store_true", help="build the table from the saved sweep's runs, all of them done"
     )
     _command(
         commands,
@@ -593,8 +628,25 @@ def run_local_hub(args) -> None:
     serve(args.root, args.port, token=args.require_token, users=users)
 
 
+def run_sweep(args) -> None:
+    from .recipe.executor import Worker
+    from .sweep import collect, format_sweep_plan, plan_sweep, run_sweep_index, sweep
+
+    config = options_from_args(args, SweepConfig)
+    output = Path(config.output)
+    if args.index is not None:
+        say(f"run {args.index}: {run_sweep_index(output, args.index, token=args.token)}")
+    elif args.plan_only:
+        say(format_sweep_plan(plan_sweep(config, token=args.token), output))
+    else:
+        table = collect(output, token=args.token) if args.assemble else sweep(config, token=args.token)
+        if Worker.of_this_process().is_main:  # under accelerate launch: the table prints once
+            say(f"\n{table.format()}\n\ntable: {output / 'results.json'}; cost: {output / 'cost.json'}")
+
+
 COMMANDS = {
     "recycle": run_recycle,
+    "sweep": run_sweep,
     "plan": run_plan,
     "run": run_run,
     "assemble": run_assemble,

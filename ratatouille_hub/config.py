@@ -571,6 +571,50 @@ class PushOptions(Options):
     revision: str | None = _opt(None, "branch to push to (created if missing; default main)", group="hub")
 
 
+def strategy_name(name, v):
+    return None if v in STRATEGIES else f"{name} must name strategies among {', '.join(STRATEGIES.names())} (got {v!r})"
+
+
+MAX_TRIALS = 1000  # a sweep lists every trial's runs; DomainBed's sweeps use 3
+
+
+@dataclass(frozen=True)
+class SweepConfig(RecipeConfig):
+    """A sweep (DomainBed's unit of evidence): the recipe for every trial seed x strategy x held-out domain,
+    each cell an ordinary plan; summarised as mean +- standard error over the trials."""
+
+    test_domain: str | None = _opt(
+        ALL_DOMAINS,
+        f"held-out domain; {ALL_DOMAINS!r}: every domain in turn, one column each (DomainBed's protocol)",
+        group="target",
+    )
+    seed: int = _opt(0, "seed of trial 0; trial t uses seed + t", group="target", check=seed_range)
+    strategy: tuple[str, ...] = _opt(
+        STRATEGIES.names(),
+        "the strategies compared, one group of rows each, sharing every run they have in common: "
+        + ", ".join(STRATEGIES.names()),
+        group="runs",
+        check=strategy_name,
+    )
+    trials: int = _opt(
+        3,
+        "trials (DomainBed's --n_trials): each draws its own split, hyperparameters and seeds",
+        group="runs",
+        check=int_range(1, MAX_TRIALS),
+    )
+    output: str = _opt(
+        "ratatouille-sweep", "folder for every trial's runs and the table", group="output", check=utf8_path
+    )
+
+    def _problems(self) -> list[str]:
+        problems = [
+            f"strategy names {name} twice" for name in dict.fromkeys(self.strategy) if self.strategy.count(name) > 1
+        ]
+        if self.seed + self.trials - 1 > MAX_SEED:
+            problems.append(f"seed + trials - 1 must be at most {MAX_SEED} (got {self.seed + self.trials - 1})")
+        return problems
+
+
 @dataclass(frozen=True)
 class RunHParams:
     """Hyperparameters of one target fine-tune."""

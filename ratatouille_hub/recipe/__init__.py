@@ -155,7 +155,12 @@ def run_index(output: Path, index: int, *, token: str | bool | None = None, echo
     work = indexed_runs(load_plans(output, token))
     if not 0 <= index < len(work):
         raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
-    plan, spec = work[index]
+    return train_run(output, *work[index], token=token, echo=echo)
+
+
+def train_run(output: Path, plan: RecipePlan, spec, *, token=None, echo: Callable[[str], None] = say) -> Path:
+    """Train one run of `plan` into `output` unless it is done; waits for it if another process holds it
+    (and trains it if that process dies first). What `run --index` and `sweep --index` do."""
     executor = RunExecutor(plan.config.precision, output, echo)
     with claimed_folder(output / spec.folder, wait=False) as mine:
         if mine:
