@@ -270,10 +270,11 @@ def trainer_finetunes(timings: dict) -> dict[str, Path]:
     from huggingface_hub import ModelCard, ModelCardData
     from transformers import Trainer, TrainingArguments
 
+    from ratatouille_hub.artifacts import DONE
     from ratatouille_hub.data import decode_images, evenly_spaced, label_names_of, normalization_of, resolution_of
     from ratatouille_hub.evaluation import accuracy, predict_logits
     from ratatouille_hub.fetch import resolve_model
-    from ratatouille_hub.io import DONE, atomic_write_json, staged_folder
+    from ratatouille_hub.io import atomic_write_json, staged_folder
     from ratatouille_hub.models import load_classifier, load_processor, serving_processor
     from ratatouille_hub.publish import push_folder
     from ratatouille_hub.sources import load_dataset_source

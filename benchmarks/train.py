@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--threads 2 [1 ...]] [--repeats 3] [--models efficientnet-lite0 tiny-resnet]
 
-Ours is `ratatouille_hub.train.optimize` called as `recipe/executor.py::execute_run` calls it for a run's
+Ours is `ratatouille_hub.train.optimize` called as `recipe/executor.py::train_run` calls it for a run's
 fine-tune: every parameter, augmentation on, BatchNorm statistics frozen, dropout 0, fp32 through
 `make_accelerator("no")`, here without validation. The bare loop is what one writes by hand on the same model
 (a deep copy of one load, so the same init), channels_last as the product makes it, Adam with the same lr and
@@ -249,7 +249,7 @@ class Pair:
 
 
 def paired_call(ours, bare, pool, steps: int, normalize, accelerator) -> Pair:
-    """One `optimize` call of `steps` steps on `ours`, as execute_run makes it for a run's fine-tune, with the
+    """One `optimize` call of `steps` steps on `ours`, as train_run makes it for a run's fine-tune, with the
     bare loop's `steps` steps on `bare` interleaved."""
     from ratatouille_hub.train import optimize
 

@@ -344,10 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_intertrain(args) -> None:
     from .intertrain import intertrain
+    from .recipe.executor import Worker
 
     config = options_from_args(args, IntertrainConfig)
     publish = options_from_args(args, PublishOptions)
     folders = intertrain(config, token=args.token)
+    if not Worker.of_this_process().is_main:  # under accelerate launch: every rank trains, the main one reports
+        return
     for run, folder in enumerate(folders):
         say(f"fine-tune {run}: {folder}")
         if publish.push_to_hub:

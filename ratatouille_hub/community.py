@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import ProbeRecord, RunRecord
 from .card import RUN_TAG, Lineage, base_tag, grown_soup_card, run_card
 from .discover import backbone_mismatch, head_names_of
 from .errors import RatatouilleError
@@ -64,14 +65,14 @@ def contribute_runs(
             raise ProvenanceError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
     records = [_run_record(output, index, *work[index]) for index in wanted]  # all checked before any push
     pushed = []
-    for index, (folder, provenance) in zip(wanted, records, strict=True):
+    for index, (run, provenance) in zip(wanted, records, strict=True):
         domain = f"-{path_component(work[index][0].target.test_domain)}" if len(plans) > 1 else ""
         repo_id = f"{prefix}{domain}-run{index}"
         with tempfile.TemporaryDirectory() as staging:
             staging = Path(staging)
             for name in (WEIGHTS_NAME, *COPIED_CONFIGS):
-                if (folder / "model" / name).is_file():
-                    shutil.copyfile(folder / "model" / name, staging / name)
+                if (run.model_folder / name).is_file():
+                    shutil.copyfile(run.model_folder / name, staging / name)
             (staging / RUN_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             run_card(provenance, repo_id).save(staging / "README.md")
             result = push_folder(
@@ -82,31 +83,31 @@ def contribute_runs(
     return pushed
 
 
-def _run_record(output: Path, index: int, plan, spec) -> tuple[Path, dict]:
-    """(run folder, the `ratatouille.json` to push) of finished run `index`, checked as `assemble
-    --from-hub` will check it: its metrics.json is the output folder's, which others may share."""
-    head_file = output / plan.lp.folder / "head.safetensors"
-    if not head_file.is_file():
+def _run_record(output: Path, index: int, plan, spec) -> tuple[RunRecord, dict]:
+    """(finished run `index`, the `ratatouille.json` to push), checked as `assemble --from-hub` will check
+    it: its metrics.json is the output folder's, which others may share."""
+    probe = ProbeRecord(output / plan.lp.folder)
+    if not probe.head_file.is_file():
         raise ProvenanceError(f"{output}: the linear probe of {plan.target.test_domain} is not trained yet")
-    recipe = fingerprint_of(plan, head_file)
-    folder = output / spec.folder
-    if not (folder / "done").is_file():
-        raise ProvenanceError(f"run {index} ({folder}) is not finished: train it first (run --index {index})")
+    recipe = fingerprint_of(plan, probe.head_file)
+    run = RunRecord(output / spec.folder)
+    if not run.is_done:
+        raise ProvenanceError(f"run {index} ({run.folder}) is not finished: train it first (run --index {index})")
     try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-        run = {key: metrics[key] for key in ("init", "hparams", "best_step", "val_accuracy")}
+        metrics = run.metrics
+        summary = {key: metrics[key] for key in ("init", "hparams", "best_step", "val_accuracy")}
     except (ValueError, KeyError, TypeError, RecursionError):
-        run = None
+        summary = None
     provenance = {
         "fingerprint": fingerprint_id(recipe),
         "recipe": recipe,
-        "run": run and {"index": index, **run},
-        "weights_sha256": file_sha256(folder / "model" / WEIGHTS_NAME),
+        "run": summary and {"index": index, **summary},
+        "weights_sha256": file_sha256(run.weights_file),
     }
     problem = record_problem(provenance)
     if problem:
-        raise ProvenanceError(f"{folder / 'metrics.json'}: not the metrics of a finished run ({problem})")
-    return folder, provenance
+        raise ProvenanceError(f"{run.metrics_file}: not the metrics of a finished run ({problem})")
+    return run, provenance
 
 
 def hub_run(repo_id: str, token=None, revision: str | None = None) -> RunFiles:

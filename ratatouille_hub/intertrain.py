@@ -5,6 +5,9 @@ What comes out is a community-style checkpoint: a transformers folder whose card
 and recycles. As in the reference code, the last-step weights are kept: there is no model selection
 on an auxiliary task.
 
+Each fine-tune is an artifact (artifacts.IntertrainRecord), claimed on its own: several processes
+(accelerate ranks, two launches) make the fine-tunes of one output together, each exactly once.
+
     output/
       recipe.yaml        the options, replayable with --config
       runs/<hash>/       one fine-tune: config.json, model.safetensors, README.md, results.json, done
@@ -13,15 +16,18 @@ on an auxiliary task.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .artifacts import IntertrainRecord, builds, materialize, materialize_all
 from .card import plain_text
 from .config import IntertrainConfig, draw_hparams
 from .data import (
     DataError,
+    ImageTensors,
+    Normalization,
     decode_images,
     evenly_spaced,
     image_entries,
@@ -31,10 +37,10 @@ from .data import (
 )
 from .errors import RecipeError
 from .evaluation import accuracy, predict_logits
-from .fetch import dataset_revision, is_hub_id, resolve_model
+from .fetch import Ingredient, dataset_revision, is_hub_id, resolve_model
 from .hashing import stable_hash, stable_int
-from .io import DONE, atomic_write_json, exclusive_lock, staged_folder, sweep_staging
 from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
+from .recipe.executor import Worker
 from .safe_text import say
 from .sources import image_files_of, load_dataset_source, refuse_output_inside
 from .train import DomainBatches, make_accelerator, optimize
@@ -91,82 +97,113 @@ def intertrain(
     )
     echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
     data_reference = f"{config.dataset}@{revision}" if revision else config.dataset
-    id2label = dict(enumerate(label_names))
 
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(output / ".lock", f"{output} is in use by another ratatouille-hub process"):
-        sweep_staging(output / "runs")
-        config.save_yaml(output / "recipe.yaml")
-        accelerator = make_accelerator(config.precision)
-        folders = []
-        for run in range(config.runs):
-            hparams = draw_hparams(config, config.seed + run)
-            key = stable_hash(
-                {
-                    "base": base.revision,
-                    "data": data_reference,
-                    "size": size,
-                    "steps": config.steps,
-                    "batch": config.batch_size,
-                    "augment": config.augment,
-                    "hparams": asdict(hparams),
-                    "seed": config.seed + run,
-                    "precision": config.precision,
-                    "labels": label_names,
-                    # only a split batch changes the bytes, so whole-batch runs keep the keys they had
-                    **({"micro_batch": config.micro_batch} if 0 < config.micro_batch < config.batch_size else {}),
-                }
-            )
-            folder = output / "runs" / key
-            label = f"intertrain {run + 1}/{config.runs}"
-            if (folder / DONE).exists():
-                echo(f"[train] {label}: done earlier, reused ({folder})")
-            else:
-                echo(
-                    f"[train] {label} on {config.dataset}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}"
-                )
-                seed = f"intertrain:{config.seed + run}"
-                torch.manual_seed(stable_int(seed + ":head"))
-                model = load_classifier(base.path, id2label).to(accelerator.device)
-                outcome = optimize(
-                    model,
-                    DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
-                    parameters=list(model.parameters()),
-                    steps=config.steps,
-                    lr=hparams.lr,
-                    weight_decay=hparams.weight_decay,
-                    accelerator=accelerator,
-                    normalize=normalize,
-                    augment_seed=stable_int(seed + ":augment") if config.augment else None,
-                    dropout=hparams.dropout,
-                    micro_batch=config.micro_batch or None,
-                    desc=label,
-                )
-                model.load_state_dict(outcome.state)
-                processor = serving_processor(model, size, normalize)
-                sample = evenly_spaced(images, 1000)
-                results = {
-                    "base": base.reference,
-                    "dataset": data_reference,
-                    "hparams": asdict(hparams),
-                    "steps": config.steps,
-                    "image_size": size,
-                    "n_images": len(images),
-                    "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels),
-                }
-                with staged_folder(folder) as staging:
-                    model.save_pretrained(staging)
-                    if processor is not None:
-                        processor.save_pretrained(staging)
-                    atomic_write_json(staging / "results.json", results)
-                    aux_card(config, base.source, label_names, results).save(staging / "README.md")
-                    (staging / DONE).touch()
-                echo(f"[train] {label}: {100 * results['train_accuracy']:.1f}% on its training images -> {folder}")
-            folders.append(folder)
+    config.save_yaml(output / "recipe.yaml")  # in one rename: every process writes the same file
+    worker = Worker.of_this_process()
+    worker.wait_for_everyone_then_part()  # every rank saves runs of its own
+    job = Intertraining(
+        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision)
+    )
+    echo = worker.echo(echo)
+    folders = [output / "runs" / job.key(run) for run in range(config.runs)]
+    pending = []
+    for run, folder in enumerate(folders):
+        if IntertrainRecord(folder).is_done:
+            echo(f"[train] {job.label(run)}: done earlier, reused ({folder})")
+        else:
+            pending.append(run)
+
+    def make(run: int, wait: bool) -> IntertrainRecord | None:
+        return materialize(IntertrainRecord, folders[run], job, run, echo, wait=wait)
+
+    def waiting(run: int) -> None:
+        if not IntertrainRecord(folders[run]).is_done:
+            echo(f"[train] {job.label(run)}: claimed by another process; waiting for it")
+
+    materialize_all(worker.first(pending), make, waiting)
     return folders
+
+
+@dataclass(frozen=True)
+class Intertraining:
+    """What every fine-tune of one intertrain output shares: the base, the decoded dataset, the device."""
+
+    config: IntertrainConfig
+    base: Ingredient
+    data_reference: str
+    label_names: list[str]
+    images: ImageTensors
+    size: int
+    normalize: Normalization
+    accelerator: object
+
+    def label(self, run: int) -> str:
+        return f"intertrain {run + 1}/{self.config.runs}"
+
+    def key(self, run: int) -> str:
+        """The content key naming fine-tune `run`'s folder."""
+        config = self.config
+        return stable_hash(
+            {
+                "base": self.base.revision,
+                "data": self.data_reference,
+                "size": self.size,
+                "steps": config.steps,
+                "batch": config.batch_size,
+                "augment": config.augment,
+                "hparams": asdict(draw_hparams(config, config.seed + run)),
+                "seed": config.seed + run,
+                "precision": config.precision,
+                "labels": self.label_names,
+                # only a split batch changes the bytes, so whole-batch runs keep the keys they had
+                **({"micro_batch": config.micro_batch} if 0 < config.micro_batch < config.batch_size else {}),
+            }
+        )
+
+
+@builds(IntertrainRecord)
+def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[[str], None]) -> None:
+    config, label, images, normalize = job.config, job.label(run), job.images, job.normalize
+    hparams = draw_hparams(config, config.seed + run)
+    echo(
+        f"[train] {label} on {config.dataset}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}"
+    )
+    seed = f"intertrain:{config.seed + run}"
+    torch.manual_seed(stable_int(seed + ":head"))
+    model = load_classifier(job.base.path, dict(enumerate(job.label_names))).to(job.accelerator.device)
+    outcome = optimize(
+        model,
+        DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
+        parameters=list(model.parameters()),
+        steps=config.steps,
+        lr=hparams.lr,
+        weight_decay=hparams.weight_decay,
+        accelerator=job.accelerator,
+        normalize=normalize,
+        augment_seed=stable_int(seed + ":augment") if config.augment else None,
+        dropout=hparams.dropout,
+        micro_batch=config.micro_batch or None,
+        desc=label,
+    )
+    model.load_state_dict(outcome.state)
+    processor = serving_processor(model, job.size, normalize)
+    sample = evenly_spaced(images, 1000)
+    results = {
+        "base": job.base.reference,
+        "dataset": job.data_reference,
+        "hparams": asdict(hparams),
+        "steps": config.steps,
+        "image_size": job.size,
+        "n_images": len(images),
+        "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels),
+    }
+    card = aux_card(config, job.base.source, job.label_names, results)
+    IntertrainRecord(staging).write(model, processor, results, card)
+    echo(f"[train] {label}: {100 * results['train_accuracy']:.1f}% on its training images")
 
 
 def aux_card(config: IntertrainConfig, base_source: str, label_names, results: dict):

@@ -18,7 +18,6 @@ from huggingface_hub import constants
 WEIGHTS_SHARD = re.compile(  # `model-00001-of-00002.safetensors`, as transformers and huggingface_hub name shards
     r"-\d{5}-of-\d{5}".join(map(re.escape, constants.SAFETENSORS_WEIGHTS_FILE_PATTERN.split("{suffix}")))
 )
-DONE = "done"  # the marker of a finished run folder: written last, inside the staged folder
 WRITER_LOCK = ".writer.lock"  # inside a staging folder: held by its writer, so a sweep knows it is alive
 
 
@@ -167,29 +166,3 @@ def claimed_folder(final: str | Path, *, wait: bool):
     finally:
         if held:
             lock.release()
-
-
-class FolderBusyError(OSError):
-    """Another process holds the folder's lock."""
-
-
-@contextmanager
-def exclusive_lock(path: str | Path, busy_message: str):
-    """Hold an advisory lock on `path` for the block; a second holder fails at once with `busy_message`.
-
-    filelock's lock is the kernel's (flock on POSIX): it drops when the process dies, so a killed run
-    never leaves a stale lock.
-    """
-    from filelock import FileLock, Timeout
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise FolderBusyError(busy_message) from None
-    try:
-        yield
-    finally:
-        lock.release()

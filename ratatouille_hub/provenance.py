@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import ProbeRecord
 from .errors import RatatouilleError
 from .hashing import check_content_key, is_hex_digest, stable_hash
 
@@ -70,7 +71,7 @@ def recipe_fingerprint(plan, head_file: Path) -> dict:
 
 def plan_fingerprint(plan, output: Path) -> str:
     """The fingerprint of a plan executed in `output` (its shared probe's head is part of it)."""
-    return fingerprint_id(recipe_fingerprint(plan, output / plan.lp.folder / "head.safetensors"))
+    return fingerprint_id(recipe_fingerprint(plan, ProbeRecord(output / plan.lp.folder).head_file))
 
 
 def fingerprint_id(recipe: dict) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import TargetCache, builds, materialize
 from .data import (
     DataError,
     DomainSplit,
@@ -28,7 +29,6 @@ from .data import (
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset, split_revision
 from .hashing import stable_hash
-from .io import DONE, claimed_folder, staged_folder
 from .models import load_processor
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
@@ -123,10 +123,10 @@ class TargetPreparation:
         """The decoded target; with `cache`, memory-mapped from the copy decoded there once (see `_mapped`)."""
         if cache is None:
             decoded = {
-                split.domain: tuple(self._decode(split, rows) for rows in (split.train, split.val))
+                split.domain: tuple(self.decode_rows(split, rows) for rows in (split.train, split.val))
                 for split in self._domains
             }
-            test = self._decode(self.splits.held_out, self.splits.test)
+            test = self.decode_rows(self.splits.held_out, self.splits.test)
         else:
             decoded, test = self._mapped(cache)
         domains = self.splits.train_domains
@@ -149,7 +149,7 @@ class TargetPreparation:
     def _domains(self) -> list[DomainSplit]:
         return sorted([*self.splits.train_domains, self.splits.held_out], key=lambda split: split.domain)
 
-    def _decode(self, split: DomainSplit, rows, into: torch.Tensor | None = None) -> ImageTensors:
+    def decode_rows(self, split: DomainSplit, rows, into: torch.Tensor | None = None) -> ImageTensors:
         return decode_images(
             self.dataset,
             rows,
@@ -178,27 +178,8 @@ class TargetPreparation:
                 "size": self.size,
             }
         )
-        folder = cache / key
-        total = sum(len(d.train) + len(d.val) for d in domains)
-        with claimed_folder(folder, wait=True):
-            if not (folder / DONE).exists():
-                _refuse_without_room(cache, total * (3 * self.size * self.size + np.dtype(np.int64).itemsize))
-                with staged_folder(folder) as staging:
-                    pixels = np.lib.format.open_memmap(
-                        staging / "pixels.npy", mode="w+", dtype=np.uint8, shape=(total, 3, self.size, self.size)
-                    )
-                    labels, start = [], 0
-                    for split in tqdm(domains, desc="decoding the target", leave=False, disable=None):
-                        rows = split.train + split.val
-                        into = torch.from_numpy(pixels[start : start + len(rows)])
-                        labels.append(self._decode(split, rows, into=into).labels.numpy())
-                        start += len(rows)
-                    pixels.flush()
-                    del pixels
-                    np.save(staging / "labels.npy", np.concatenate(labels))
-                    (staging / DONE).touch()
-        pixels = torch.from_numpy(np.load(folder / "pixels.npy", mmap_mode="c"))  # copy-on-write: never written back
-        labels = torch.from_numpy(np.load(folder / "labels.npy"))
+        cached = materialize(TargetCache, cache / key, self, domains)
+        pixels, labels = cached.pixels(), cached.labels()
         decoded, start = {}, 0
         for split in domains:
             cut, end = start + len(split.train), start + len(split.train) + len(split.val)
@@ -210,6 +191,25 @@ class TargetPreparation:
                 test = ImageTensors(pixels[start:end], labels[start:end])
             start = end
         return decoded, test
+
+
+@builds(TargetCache)
+def _decode_into_cache(staging: Path, preparation: TargetPreparation, domains: list[DomainSplit]) -> None:
+    """Decode `domains` (train then val rows, domain after domain) into one array, straight into the file."""
+    size = preparation.size
+    total = sum(len(d.train) + len(d.val) for d in domains)
+    _refuse_without_room(staging.parent, total * (3 * size * size + np.dtype(np.int64).itemsize))
+    cache = TargetCache(staging)
+    pixels = np.lib.format.open_memmap(cache.pixels_file, mode="w+", dtype=np.uint8, shape=(total, 3, size, size))
+    labels, start = [], 0
+    for split in tqdm(domains, desc="decoding the target", leave=False, disable=None):
+        rows = split.train + split.val
+        into = torch.from_numpy(pixels[start : start + len(rows)])
+        labels.append(preparation.decode_rows(split, rows, into=into).labels.numpy())
+        start += len(rows)
+    pixels.flush()
+    del pixels
+    cache.write_labels(np.concatenate(labels))
 
 
 CACHE_OVERHEAD = 1 << 20  # the .npy headers, the done marker and file-system blocks, generously

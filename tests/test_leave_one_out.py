@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import recycle
+from ratatouille_hub.artifacts import TargetCache, replaced_builder
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the tiny world's
 
 
-def test_the_cache_holds_the_same_pixels_decoded_once_for_every_held_out_domain(tiny_world, tmp_path, monkeypatch):
+def test_the_cache_holds_the_same_pixels_decoded_once_for_every_held_out_domain(tiny_world, tmp_path):
     base = resolve_model(str(tiny_world.base))
     cache = tmp_path / "cache"
     for domain in ("cartoon", "sketch"):
@@ -37,11 +38,13 @@ def test_the_cache_holds_the_same_pixels_decoded_once_for_every_held_out_domain(
             assert torch.equal(got.pixels, expected.pixels) and torch.equal(got.labels, expected.labels)
     assert len(list(cache.iterdir())) == 2  # one decoded copy (and its claim), whichever domain is held out
 
-    def no_decoding(*args, **kwargs):
+    def no_decoding(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr("ratatouille_hub.target.decode_images", no_decoding)
-    again = TargetPreparation(tiny_recipe(tiny_world, tmp_path / "out", test_domain="photo"), base).decode(cache=cache)
+    with replaced_builder(TargetCache, no_decoding):
+        again = TargetPreparation(tiny_recipe(tiny_world, tmp_path / "out", test_domain="photo"), base).decode(
+            cache=cache
+        )
     assert len(again.test) == len(fresh.data.train[1]) + len(fresh.data.val[1])  # photo, read from the cache
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from ratatouille_hub import recipe
+from ratatouille_hub.artifacts import ProbeRecord, RunRecord, replaced_builder
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge import average_state_dicts
@@ -77,12 +78,20 @@ def recording_optimize(monkeypatch, calls: list, fail_on: str | None = None):
     monkeypatch.setattr(executor, "optimize", recording)
 
 
-def forbid_training(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
+@pytest.fixture
+def no_training():
+    """The probe and every run are refused a build: a recipe that would train one fails."""
+
+    def refuse(staging, *inputs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(executor, "optimize", refuse)
-    monkeypatch.setattr(executor, "linear_probe", refuse)
+    with replaced_builder(ProbeRecord, refuse), replaced_builder(RunRecord, refuse):
+        yield
+
+
+def probe_is_reused():
+    """Building the linear probe again fails the test."""
+    return replaced_builder(ProbeRecord, lambda *a: pytest.fail("the linear probe ran again"))
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +267,8 @@ def test_soup_card_front_matter(done):
 # -- resume -----------------------------------------------------------------------------------------
 
 
-def test_a_second_identical_call_trains_nothing_and_gives_the_same_soup(done, monkeypatch):
+def test_a_second_identical_call_trains_nothing_and_gives_the_same_soup(done, no_training):
     before = {name: (done.soup / name).read_bytes() for name in SOUP_FILES}
-    forbid_training(monkeypatch)
     again = recipe.recycle(done.config, echo=quiet)
     assert again == done.results
     assert {name: (done.soup / name).read_bytes() for name in SOUP_FILES} == before
@@ -277,20 +285,16 @@ class ReachedTraining(Exception):
     pass
 
 
-def _stop_at_the_linear_probe(monkeypatch) -> None:
-    def stop(*args, **kwargs):
-        raise ReachedTraining
-
-    monkeypatch.setattr(executor, "linear_probe", stop)
+def _stop(*args):
+    raise ReachedTraining
 
 
-def test_a_typo_in_a_failed_first_attempt_does_not_lock_the_output_folder(world, tmp_path, monkeypatch):
+def test_a_typo_in_a_failed_first_attempt_does_not_lock_the_output_folder(world, tmp_path):
     good = make_config(world, tmp_path / "out")
     with pytest.raises(ValueError):
         recipe.recycle(good.replace(base=str(tmp_path / "bsae")), echo=quiet)
     assert not (tmp_path / "out" / "recipe.yaml").exists()  # a failed check writes nothing
-    _stop_at_the_linear_probe(monkeypatch)
-    with pytest.raises(ReachedTraining):  # the corrected command gets as far as training
+    with replaced_builder(ProbeRecord, _stop), pytest.raises(ReachedTraining):  # it gets as far as training
         recipe.recycle(good, echo=quiet)
 
 
@@ -318,8 +322,8 @@ def test_more_runs_reuse_the_finished_ones(done, tmp_path, monkeypatch):
     output = copy_output(done, tmp_path / "more")
     calls: list = []
     recording_optimize(monkeypatch, calls)
-    monkeypatch.setattr(executor, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
-    results = recipe.recycle(done.config.replace(runs=4, output=str(output)), echo=quiet)
+    with probe_is_reused():
+        results = recipe.recycle(done.config.replace(runs=4, output=str(output)), echo=quiet)
     assert [c["desc"] for c in calls] == ["run 4/4"]  # run 4 starts from the base again: no warm-up
     assert [Path(r.folder).name for r in results.runs[:3]] == [f.name for f in run_folders(done.results)]
     assert results.soup.members == [0, 1, 2, 3]
@@ -340,8 +344,8 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
 
     resumed: list = []
     recording_optimize(monkeypatch, resumed)
-    monkeypatch.setattr(executor, "linear_probe", lambda *a, **k: pytest.fail("the linear probe ran again"))
-    results = recipe.recycle(config, echo=quiet)
+    with probe_is_reused():
+        results = recipe.recycle(config, echo=quiet)
     assert [c["desc"] for c in resumed] == CALLS[1:]  # only the unfinished runs
 
     soup = tmp_path / "out" / "soup"
@@ -362,10 +366,10 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
 # -- soup variants on the same runs -----------------------------------------------------------------
 
 
-def test_greedy_soup_adds_runs_best_first_and_keeps_those_that_do_not_lower_validation(done, tmp_path, monkeypatch):
+def test_greedy_soup_adds_runs_best_first_and_keeps_those_that_do_not_lower_validation(done, tmp_path, no_training):
     output = copy_output(done, tmp_path / "greedy")
     config = done.config.replace(method="greedy", output=str(output))
-    forbid_training(monkeypatch)  # the method only changes the average: every run is reused
+    # every run is reused (no_training): the method only changes the average
     results = recipe.recycle(config, echo=quiet)
 
     # replay the spec independently: own validation accuracy, best first, keep if pooled accuracy does not drop
@@ -397,7 +401,7 @@ def test_greedy_soup_adds_runs_best_first_and_keeps_those_that_do_not_lower_vali
     assert yaml.safe_load((output / "soup" / "recipe.yaml").read_text())["method"] == "greedy"
 
 
-def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_path, monkeypatch):
+def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_path, monkeypatch, no_training):
     # Tiny runs sit near chance and rarely disagree, so script the pooled-validation score of each
     # candidate average: adding the second-best run lowers it, adding the third ties (and is kept).
     output = copy_output(done, tmp_path / "greedy-scripted")
@@ -410,7 +414,6 @@ def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_p
         asked.append(list(subset))
         return 0.4 if order[1] in subset else 0.5
 
-    forbid_training(monkeypatch)
     monkeypatch.setattr(assembly.RunAverager, "validation_accuracy", scripted)
     results = recipe.recycle(config, echo=quiet)
     assert asked == [[order[0]], [order[0], order[1]], [order[0], order[2]]]
@@ -424,10 +427,9 @@ def test_a_run_that_lowers_validation_is_left_out_of_the_greedy_soup(done, tmp_p
     assert in_soup == {i: "yes" if i in members else "no" for i in range(3)}
 
 
-def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done, tmp_path, monkeypatch):
+def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done, tmp_path, no_training):
     output = copy_output(done, tmp_path / "reestimate")
     config = done.config.replace(bn_policy="reestimate", output=str(output))
-    forbid_training(monkeypatch)
     recipe.recycle(config, echo=quiet)
     soup, averaged = load_file(output / "soup" / "model.safetensors"), load_file(done.soup / "model.safetensors")
     for name, tensor in averaged.items():  # only BatchNorm statistics differ from the plain average

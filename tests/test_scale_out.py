@@ -159,3 +159,30 @@ def test_run_index_outside_the_plan_is_refused(world, tmp_path):
     refused = subprocess.run([*CLI, "run", str(out), "--index", "3"], capture_output=True, text=True, env=ENV)
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [f"error: --index 3: the plan in {out} has runs 0 to 2"]
+
+
+def test_accelerate_launch_makes_each_intertrain_run_once_as_one_process_makes_it(world, tmp_path):
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.target), "--runs", "3", "--steps", "2"]
+    argv += ["--batch-size", "4", "--image-size", "16"]
+    alone = subprocess.run([*CLI, *argv, "--output", str(tmp_path / "alone")], capture_output=True, text=True, env=ENV)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    launched = subprocess.run(
+        [*ACCELERATE, *argv, "--output", str(tmp_path / "launched")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=2 * TIMEOUT,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    lines = launched.stdout.splitlines()
+    started: dict[int, list[str]] = {}
+    for line in lines:
+        found = re.match(r"\[(rank \d/\d)\] \[train\] intertrain (\d+)/3 on ", line)
+        if found:
+            started.setdefault(int(found[2]), []).append(found[1])
+    assert sorted(started) == [1, 2, 3] and all(len(ranks) == 1 for ranks in started.values()), started
+    assert sum(line.startswith("fine-tune ") for line in lines) == 3  # the main rank reports them
+    runs = {name: sorted((tmp_path / name / "runs").glob("[!.]*")) for name in ("alone", "launched")}
+    assert [f.name for f in runs["launched"]] == [f.name for f in runs["alone"]] and len(runs["alone"]) == 3
+    for mine, reference in zip(runs["launched"], runs["alone"]):
+        assert sha256(mine / "model.safetensors") == sha256(reference / "model.safetensors")

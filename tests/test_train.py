@@ -3,8 +3,6 @@ best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px image
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,6 +10,7 @@ from torch import nn
 from torch.optim.adam import Adam
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from ratatouille_hub.artifacts import RunRecord, materialize
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.data import ImageTensors, Normalization
 from ratatouille_hub.fetch import resolve_model
@@ -23,7 +22,6 @@ from ratatouille_hub.models import (
     set_head,
 )
 from ratatouille_hub.recipe import executor
-from ratatouille_hub.recipe.executor import execute_run
 from ratatouille_hub.recipe.plan import build_plan
 from ratatouille_hub.target import Target, TargetSpec
 from ratatouille_hub.train import (
@@ -329,7 +327,8 @@ def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_fir
     plan = build_plan(config, base, [aux], described, datasets_of=lambda ingredient: ingredient.reference)
     assert [spec.init for spec in plan.runs] == [base, aux]  # run 0 from the base, run 1 recycled
     recorder = Recorder(monkeypatch)
-    records = [execute_run(plan, spec, head, target, accelerator, tmp_path, lambda line: None) for spec in plan.runs]
+    inputs = (head, target, accelerator, tmp_path, lambda line: None)
+    records = [materialize(RunRecord, tmp_path / spec.folder, plan, spec, *inputs) for spec in plan.runs]
 
     assert [c["desc"] for c in recorder.calls] == ["run 1/2", "run 2/2 head warm-up", "run 2/2"]
     from_base, warmup, full = recorder.calls
@@ -365,11 +364,11 @@ def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_fir
 
     # BatchNorm statistics of each run are those of its init checkpoint; the run folder says what happened
     aux_file = load_file(tiny_checkpoints["aux1"] / "model.safetensors")
-    saved = load_file(records[1] / "model" / "model.safetensors")
+    saved = load_file(records[1].weights_file)
     for name, tensor in saved.items():
         if name.endswith(BN_STATS):
             assert torch.equal(tensor, aux_file[name]), name
-    metrics = json.loads((records[1] / "metrics.json").read_text())
+    metrics = records[1].metrics
     assert metrics["warmup_steps"] == 3 and [step for step, _ in metrics["history"]] == [2, 4]
     assert metrics["hparams"] == vars(draw_hparams(config, 1)) and metrics["hparams"]["lr"] == 1e-2
-    assert json.loads((records[0] / "metrics.json").read_text())["warmup_steps"] == 0
+    assert records[0].metrics["warmup_steps"] == 0

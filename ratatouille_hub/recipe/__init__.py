@@ -8,8 +8,8 @@
     assemble  average, score, diagnose and write the result folder from finished run folders
 
 Every expensive artefact lives in a folder named after a hash of what produced it, written whole or not
-at all, with a `done` marker, and claimed by a lock beside it while it is written: rerunning an
-interrupted recipe redoes only what is missing, and no two processes ever train the same run.
+at all, with a `done` marker, and claimed by a lock beside it while it is written (artifacts.py): rerunning
+an interrupted recipe redoes only what is missing, and no two processes ever train the same run.
 
     output/
       recipe.yaml        the config, replayable with --config
@@ -31,11 +31,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from ..artifacts import RunRecord
 from ..config import ALL_DOMAINS, RecipeConfig
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
-from ..io import DONE, claim_is_held, claimed_folder, sweep_staging
+from ..io import claim_is_held, claimed_folder, sweep_staging
 from ..models import ArchitectureError, precision_note, quiet_transformers, refuse_unbuildable
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
 from ..safe_text import say, terminal_safe
@@ -161,13 +162,8 @@ def run_index(output: Path, index: int, *, token: str | bool | None = None, echo
 def train_run(output: Path, plan: RecipePlan, spec, *, token=None, echo: Callable[[str], None] = say) -> Path:
     """Train one run of `plan` into `output` unless it is done; waits for it if another process holds it
     (and trains it if that process dies first). What `run --index` and `sweep --index` do."""
-    executor = RunExecutor(plan.config.precision, output, echo)
-    with claimed_folder(output / spec.folder, wait=False) as mine:
-        if mine:
-            return executor.run(plan, spec, decode_target(plan, output, token))
-    echo(f"[train] {spec.label}: claimed by another process; waiting for it")
-    with claimed_folder(output / spec.folder, wait=True):
-        return executor.run(plan, spec, decode_target(plan, output, token))
+    RunExecutor(plan.config.precision, output, echo).run_all([(plan, spec, decode_target(plan, output, token))])
+    return output / spec.folder
 
 
 def assemble_output(
@@ -201,9 +197,7 @@ def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Resu
     plans = [plan for plan, _ in jobs]
     per_domain = {}
     for plan, target in jobs:
-        folder = soup_folder(plans, plan, output)
-        with claimed_folder(folder, wait=True):  # two launches finishing together assemble one at a time
-            per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, folder)
+        per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, soup_folder(plans, plan, output))
     if len(plans) == 1:
         return per_domain[plans[0].target.test_domain]
     table = LeaveOneDomainOut(per_domain)
@@ -411,6 +405,7 @@ def holds_work(output: Path) -> bool:
     """Whether `output` holds a finished run or soup of its recipe, or an artefact a live process is making
     now (its claim is held). A finished probe or fusion is not the recipe's own: it is named by its content
     and serves any recipe that needs the same one."""
-    if (output / "soup").exists() or (output / "soups").exists() or any((output / "runs").glob(f"*/{DONE}")):
+    finished = (RunRecord(folder).is_done for folder in (output / "runs").glob("*"))
+    if (output / "soup").exists() or (output / "soups").exists() or any(finished):
         return True
     return any(claim_is_held(lock) for kind in WORK_FOLDERS for lock in (output / kind).glob(".*.lock"))

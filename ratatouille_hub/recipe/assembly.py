@@ -1,13 +1,12 @@
 """Assembling a plan's finished runs into the result: every run scored, each merge method's average, the
 ensemble, diagnostics, and the result folder (model, card, recipe.yaml, results.json), written atomically.
 
-Assembly reads run folders only (model/, metrics.json, predictions.safetensors): it never trains, so the
-runs can come from any executor.
+Assembly reads finished runs only, through their records (artifacts.RunRecord): it never trains, so the
+runs can come from any executor. The soup folder is an artifact like the runs (artifacts.SoupFolder).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 from collections.abc import Callable, Sequence
@@ -17,12 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card
 from ..diagnose import diagnose_loaded, plot_paths, plot_scores
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
-from ..io import foreign_entries, staged_folder
+from ..io import foreign_entries
 from ..merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, average_streamed, merge_model_folders
 from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
 from ..models import load_classifier, set_head
@@ -57,38 +57,27 @@ SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight s
     *COPIED_CONFIGS,
     "README.md",
     "recipe.yaml",
-    "results.json",
+    SoupFolder.RESULTS,
     RUN_FILE,  # a best-run soup (erm, fusing) is its run's model folder, fingerprint included
     DIAGNOSTICS_PLOT,
     SCORES_PLOT,
 )
 
 
-class RunFolder:
-    """A finished run as assembly reads it."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    @property
-    def metrics(self) -> dict:
-        return json.loads((self.folder / "metrics.json").read_text())
-
-    @property
-    def model_folder(self) -> Path:
-        return self.folder / "model"
-
-    def predictions(self) -> dict[str, torch.Tensor]:
-        return load_file(self.folder / "predictions.safetensors")
-
-
 def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> Results:
     """Score the finished runs, average them with every merge method recycle offers, and write the result
     folder `destination`: the weight average (averaging strategies) or the best run by validation."""
+    return materialize(SoupFolder, destination, plan, output, target, echo, destination).results()
+
+
+@builds(SoupFolder)
+def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> None:
+    """The soup folder, written into `staging`; `destination` is where it lands (anything foreign there is
+    refused, and a soup's ingredient sources are relative to it)."""
     config, strategy = plan.config, plan.strategy
     check_replaceable_soup(destination)
     echo("[merge] averaging runs" if strategy.averages else "[merge] evaluating runs and their averages")
-    runs = [RunFolder(output / spec.folder) for spec in plan.runs]
+    runs = [RunRecord(output / spec.folder) for spec in plan.runs]
     run_predictions = [run.predictions() for run in runs]
     run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
     ranking = sorted(range(len(runs)), key=lambda i: (-run_scores[i]["val_accuracy"], i))
@@ -103,96 +92,93 @@ def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: 
     )
     inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy, alpha=config.alpha)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
-
-    with staged_folder(destination) as staging:
-        average_scores = {}
-        if strategy.averages:
-            mixture = mixtures[config.method]
-            members = list(mixture.members)
-            if mixture.anchored is None:
-                folders = [runs[i].model_folder for i in members]
-                record = soup_record(plan, output, folders, destination) if is_plain_mean(config, mixture) else None
-                merge_model_folders(folders, staging, metadata=record and record.to_metadata())  # run 0's processor
-            else:
-                write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
-            soup_model = load_classifier(staging, target.id2label)
-            if config.bn_policy == "reestimate":
-                averager.reestimate(soup_model)
-                soup_model.save_pretrained(staging)
-            average_scores[config.method] = score_predictions(predict_target(soup_model, target, passes), target)
-            soup = Outcome(method=config.method, members=members, **average_scores[config.method])
+    average_scores = {}
+    if strategy.averages:
+        mixture = mixtures[config.method]
+        members = list(mixture.members)
+        if mixture.anchored is None:
+            folders = [runs[i].model_folder for i in members]
+            record = soup_record(plan, output, folders, destination) if is_plain_mean(config, mixture) else None
+            merge_model_folders(folders, staging, metadata=record and record.to_metadata())  # run 0's processor
         else:
-            for file in runs[best].model_folder.iterdir():
-                shutil.copyfile(file, staging / file.name)
-            soup = Outcome(method="best-run", members=[best], **run_scores[best])
-        for method, mixture in mixtures.items():
-            if method not in average_scores:
-                model = averager.model(mixture)
-                average_scores[method] = score_predictions(predict_target(model, target, passes), target)
-        ensemble = score_predictions(
-            {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}, target
-        )
-        averages = {
-            m: Average(members=list(mixtures[m].members), parameters=dict(mixtures[m].parameters), **average_scores[m])
-            for m in mixtures
-        }
-        results = Results(
-            recipe=config.to_dict(),
-            target=target.reference,
-            test_domain=target.test_domain,
-            train_domains=list(target.train_domains),
-            id2label={str(k): v for k, v in target.id2label.items()},
-            ingredients=[
-                IngredientRecord(i.source, i.revision, not i.is_local and is_hub_id(i.source)) for i in plan.ingredients
-            ],
-            runs=[
-                RunResult(
-                    index=spec.index,
-                    init=metrics["init"],
-                    hparams=asdict(spec.hparams),
-                    best_step=metrics["best_step"],
-                    folder=spec.folder,
-                    **scores,
-                )
-                for spec, metrics, scores in zip(plan.runs, (run.metrics for run in runs), run_scores)
-            ],
-            soup=soup,
-            best_run=BestRun(index=best, **run_scores[best]),
-            averages=averages,
-            greedy_order=ranking,
-            ensemble=Scores(**ensemble),
-            summary=summary_rows(
-                strategy.averages,
-                config.method,
-                best,
-                Scores(**run_scores[best]),
-                averages,
-                Scores(**ensemble),
-                len(runs),
+            write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
+        soup_model = load_classifier(staging, target.id2label)
+        if config.bn_policy == "reestimate":
+            averager.reestimate(soup_model)
+            soup_model.save_pretrained(staging)
+        average_scores[config.method] = score_predictions(predict_target(soup_model, target, passes), target)
+        soup = Outcome(method=config.method, members=members, **average_scores[config.method])
+    else:
+        for file in runs[best].model_folder.iterdir():
+            shutil.copyfile(file, staging / file.name)
+        soup = Outcome(method="best-run", members=[best], **run_scores[best])
+    for method, mixture in mixtures.items():
+        if method not in average_scores:
+            model = averager.model(mixture)
+            average_scores[method] = score_predictions(predict_target(model, target, passes), target)
+    ensemble = score_predictions(
+        {k: ensemble_probabilities([p[k] for p in run_predictions]) for k in run_predictions[0]}, target
+    )
+    averages = {
+        m: Average(members=list(mixtures[m].members), parameters=dict(mixtures[m].parameters), **average_scores[m])
+        for m in mixtures
+    }
+    results = Results(
+        recipe=config.to_dict(),
+        target=target.reference,
+        test_domain=target.test_domain,
+        train_domains=list(target.train_domains),
+        id2label={str(k): v for k, v in target.id2label.items()},
+        ingredients=[
+            IngredientRecord(i.source, i.revision, not i.is_local and is_hub_id(i.source)) for i in plan.ingredients
+        ],
+        runs=[
+            RunResult(
+                index=spec.index,
+                init=metrics["init"],
+                hparams=asdict(spec.hparams),
+                best_step=metrics["best_step"],
+                folder=spec.folder,
+                **scores,
+            )
+            for spec, metrics, scores in zip(plan.runs, (run.metrics for run in runs), run_scores)
+        ],
+        soup=soup,
+        best_run=BestRun(index=best, **run_scores[best]),
+        averages=averages,
+        greedy_order=ranking,
+        ensemble=Scores(**ensemble),
+        summary=summary_rows(
+            strategy.averages,
+            config.method,
+            best,
+            Scores(**run_scores[best]),
+            averages,
+            Scores(**ensemble),
+            len(runs),
+        ),
+        bn_policy=config.bn_policy,
+        diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
+    )
+    results.save(SoupFolder(staging).results_file)
+    config.save_yaml(staging / "recipe.yaml")
+    names = run_names(runs)
+    plot_scores(
+        [
+            *(
+                (f"r{i}", n, r.val_accuracy, r.test_accuracy, "run")
+                for i, (n, r) in enumerate(zip(names, results.runs))
             ),
-            bn_policy=config.bn_policy,
-            diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
-        )
-        results.save(staging / "results.json")
-        config.save_yaml(staging / "recipe.yaml")
-        names = run_names(runs)
-        plot_scores(
-            [
-                *(
-                    (f"r{i}", n, r.val_accuracy, r.test_accuracy, "run")
-                    for i, (n, r) in enumerate(zip(names, results.runs))
-                ),
-                *((m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup") for m, a in averages.items()),
-                ("ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"),
-            ],
-            target.test_domain,
-            staging / SCORES_PLOT,
-        )
-        figures = {"figure": DIAGNOSTICS_PLOT if len(runs) > 1 else None, "scores_figure": SCORES_PLOT}
-        build_card(results, **figures).save(staging / "README.md")
+            *((m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup") for m, a in averages.items()),
+            ("ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"),
+        ],
+        target.test_domain,
+        staging / SCORES_PLOT,
+    )
+    figures = {"figure": DIAGNOSTICS_PLOT if len(runs) > 1 else None, "scores_figure": SCORES_PLOT}
+    build_card(results, **figures).save(staging / "README.md")
     for line in explain_selection(results, names):
         echo(line)
-    return results
 
 
 def check_replaceable_soup(folder: Path) -> None:
@@ -377,7 +363,7 @@ def base_with_head(plan: RecipePlan, output: Path) -> dict[str, torch.Tensor]:
     """The point every run started from before its own init: the base's featurizer with the shared
     linear-probe head. What Model Stock and interpolation anchor at."""
     model = load_classifier(plan.base.path, plan.target.id2label)
-    head = load_file(output / plan.lp.folder / "head.safetensors")
+    head = load_file(ProbeRecord(output / plan.lp.folder).head_file)
     set_head(model, head["weight"], head["bias"])
     return model.state_dict()
 
@@ -408,6 +394,6 @@ def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], s
     )
 
 
-def run_names(runs: Sequence[RunFolder]) -> list[str]:
+def run_names(runs: Sequence[RunRecord]) -> list[str]:
     """Runs as figures name them: index and the checkpoint each started from (`run 2 from aux-1`)."""
     return [f"run {i} from {Path(run.metrics['init'].split('@')[0]).name}" for i, run in enumerate(runs)]

@@ -1,38 +1,33 @@
 """Executing plans: the only place the recipe trains.
 
-Each spec is executed into its own folder, written under a staging name and marked `done` last, so an
-executor may run specs in any order, skip finished ones and be killed at any point without losing one.
-Any number of processes may execute the same plans on one output folder at once (accelerate ranks,
-scheduler array tasks, a second launch): a process claims a spec by a lock beside its folder before
-training it, so each run is trained by exactly one of them, and a run whose claimant dies is trained by
-whichever process next waits for it.
+Each spec is an artifact (artifacts.py): the probe, a fusion init and a run are each materialized into
+their own folder, so an executor may run specs in any order, skip finished ones and be killed at any point
+without losing one. Any number of processes may execute the same plans on one output folder at once
+(accelerate ranks, scheduler array tasks, a second launch): each run is trained by exactly one of them, and
+a run whose claimant dies is trained by whichever process next waits for it.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..artifacts import FusionRecord, ProbeRecord, RunRecord, builds, materialize, materialize_all
 from ..errors import RecipeError
 from ..evaluation import inference_batch
 from ..fetch import Ingredient
 from ..hashing import stable_int
-from ..io import DONE, atomic_write_json, claimed_folder, staged_folder
 from ..merge import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
-from ..provenance import RUN_FILE, plan_fingerprint
+from ..provenance import plan_fingerprint
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
 from .plan import RecipePlan, RunSpec
-
-FUSION_FILE = "fusion.json"
 
 
 @dataclass(frozen=True)
@@ -87,22 +82,7 @@ def execute(jobs: Sequence[tuple[RecipePlan, Target]], output: Path, echo, worke
     """Train every run the plans still miss that no other process is training; then wait for the runs
     others claimed (training any whose claimant died), so every run is done when this returns."""
     executor = RunExecutor(jobs[0][0].config.precision, output, worker.echo(echo), worker)
-    work = worker.first([(plan, spec, target) for plan, target in jobs for spec in plan.runs])
-    claimed_elsewhere = []
-    for plan, spec, target in work:
-        if plan.is_done(output, spec):
-            executor.echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
-            continue
-        with claimed_folder(output / spec.folder, wait=False) as mine:
-            if mine:
-                executor.run(plan, spec, target)
-            else:
-                claimed_elsewhere.append((plan, spec, target))
-    for plan, spec, target in claimed_elsewhere:
-        if not plan.is_done(output, spec):
-            executor.echo(f"[train] {spec.label}: claimed by another process; waiting for it")
-        with claimed_folder(output / spec.folder, wait=True):
-            executor.run(plan, spec, target)  # returns at once unless its claimant died before finishing
+    executor.run_all(worker.first([(plan, spec, target) for plan, target in jobs for spec in plan.runs]))
 
 
 class RunExecutor:
@@ -113,30 +93,38 @@ class RunExecutor:
         self.output, self.echo, self.worker = output, echo, worker
         self.heads: dict[str, LinearHead] = {}
 
-    def run(self, plan: RecipePlan, spec: RunSpec, target: Target) -> Path:
+    def run_all(self, work: Sequence[tuple[RecipePlan, RunSpec, Target]]) -> None:
+        """Every run of `work` done, in its order, those no other process is training first."""
+        pending = []
+        for plan, spec, target in work:
+            if RunRecord(self.output / spec.folder).is_done:
+                self.echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
+            else:
+                pending.append((plan, spec, target))
+
+        def waiting(item) -> None:
+            if not RunRecord(self.output / item[1].folder).is_done:
+                self.echo(f"[train] {item[1].label}: claimed by another process; waiting for it")
+
+        materialize_all(pending, lambda item, wait: self.run(*item, wait=wait), waiting)
+
+    def run(self, plan: RecipePlan, spec: RunSpec, target: Target, *, wait: bool = True) -> RunRecord | None:
         if plan.lp.key not in self.heads:
             self.heads[plan.lp.key] = shared_linear_probe(plan, target, self.accelerator, self.output, self.echo)
         head = self.heads[plan.lp.key]
-        fingerprint = None if plan.is_done(self.output, spec) else plan_fingerprint(plan, self.output)
-        return execute_run(
-            plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name, fingerprint
-        )
+        inputs = (plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name, True)
+        return materialize(RunRecord, self.output / spec.folder, *inputs, wait=wait)
 
 
 def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> LinearHead:
     """The target head trained once on the frozen base; every run starts from it (so heads average)."""
-    spec = plan.lp
-    folder = output / spec.folder
-    with claimed_folder(folder, wait=True):  # trained by the first process to need it; the others wait
-        if not (folder / DONE).exists():
-            _train_linear_probe(plan, target, accelerator, folder, echo)
-    tensors = load_file(folder / "head.safetensors")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    echo(f"[train] linear probe: validation {100 * metrics['val_accuracy']:.1f}% (step {metrics['step']})")
-    return LinearHead(tensors["weight"], tensors["bias"], metrics["step"], metrics["val_accuracy"])
+    head = materialize(ProbeRecord, output / plan.lp.folder, plan, target, accelerator, echo).head()
+    echo(f"[train] linear probe: validation {100 * head.val_accuracy:.1f}% (step {head.step})")
+    return head
 
 
-def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: Path, echo) -> None:
+@builds(ProbeRecord)
+def _train_linear_probe(staging: Path, plan: RecipePlan, target: Target, accelerator, echo) -> None:
     spec = plan.lp
     echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
     started = time.monotonic()
@@ -153,15 +141,7 @@ def _train_linear_probe(plan: RecipePlan, target: Target, accelerator, folder: P
         inference_batch=inference_batch(plan.config.micro_batch),
     )
     check_finite_weights({"weight": head.weight, "bias": head.bias}, f"the linear probe (lr {spec.lr:g})")
-    with staged_folder(folder) as staging:
-        save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, staging / "head.safetensors")
-        metrics = {
-            "step": head.step,
-            "val_accuracy": head.val_accuracy,
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        atomic_write_json(staging / "metrics.json", metrics)
-        (staging / DONE).touch()
+    ProbeRecord(staging).write(head, round(time.monotonic() - started, 1))
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], what: str) -> None:
@@ -180,28 +160,24 @@ def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Pat
     init = spec.init
     if not isinstance(init, FusionSpec):
         return init
-    folder = output / "inits" / init.key
-    with claimed_folder(folder, wait=True):
-        if not (folder / DONE).exists():
-            _build_fusion(plan, spec, init, target, folder, echo)
-    return Ingredient(init.source, init.revision, folder)
+    fusion = materialize(FusionRecord, output / "inits" / init.key, plan, spec, init, target, echo)
+    return Ingredient(init.source, init.revision, fusion.folder)
 
 
-def _build_fusion(plan: RecipePlan, spec: RunSpec, init: FusionSpec, target: Target, folder: Path, echo) -> None:
+@builds(FusionRecord)
+def _build_fusion(staging: Path, plan: RecipePlan, spec: RunSpec, init: FusionSpec, target: Target, echo) -> None:
     mix = ", ".join(f"{w:.2f} x {m.source}" for w, m in zip(init.weights, init.members))
     echo(f"[fusing] run {spec.index + 1}: {mix}")
     torch.manual_seed(init.head_seed)
     states = [load_classifier(m.path, target.id2label).state_dict() for m in init.members]
     model = load_classifier(plan.base.path, target.id2label)
     model.load_state_dict(average_state_dicts(states, init.weights))
-    with staged_folder(folder) as staging:
-        model.save_pretrained(staging)
-        fusion = {"members": [m.reference for m in init.members], "weights": list(init.weights)}
-        atomic_write_json(staging / FUSION_FILE, fusion)
-        (staging / DONE).touch()
+    FusionRecord(staging).write(model, [m.reference for m in init.members], init.weights)
 
 
-def execute_run(
+@builds(RunRecord)
+def train_run(
+    staging: Path,
     plan: RecipePlan,
     spec: RunSpec,
     head: LinearHead,
@@ -210,15 +186,11 @@ def execute_run(
     output: Path,
     echo,
     rank: str = "",
-    fingerprint: str | None = None,
-) -> Path:
-    """One target fine-tune from (init featurizer, shared head), by the process that claimed its folder;
-    returns at once when already done. `rank` names this process in its progress bars; `fingerprint`, the
-    recipe's (from the shared probe's file), is written beside the run's weights."""
-    folder = output / spec.folder
-    if (folder / DONE).exists():
-        echo(f"[train] {spec.label}: done earlier (from {spec.init.source}), reused")
-        return folder
+    fingerprinted: bool = False,
+) -> None:
+    """One target fine-tune from (init featurizer, shared head), written into `staging`. `rank` names this
+    process in its progress bars; `fingerprinted` writes the recipe's fingerprint (from the shared probe's
+    file) beside the run's weights."""
     started = time.monotonic()
     init = init_checkpoint(plan, spec, target, output, echo)
     hparams = spec.hparams
@@ -278,14 +250,6 @@ def execute_run(
         "history": outcome.history,
         "seconds": round(time.monotonic() - started, 1),  # what the run cost: benchmarks add these up
     }
-    with staged_folder(folder) as staging:
-        model.save_pretrained(staging / "model")
-        if processor is not None:
-            processor.save_pretrained(staging / "model")
-        if fingerprint is not None:  # which recipe it belongs to: `update --add` and `merge` check it as Hub runs
-            atomic_write_json(staging / "model" / RUN_FILE, {"fingerprint": fingerprint})
-        save_file({k: v.contiguous() for k, v in predictions.items()}, staging / "predictions.safetensors")
-        atomic_write_json(staging / "metrics.json", metrics)
-        (staging / DONE).touch()
+    fingerprint = plan_fingerprint(plan, output) if fingerprinted else None
+    RunRecord(staging).write(model, processor, fingerprint, predictions, metrics)
     echo(f"[train] {spec.label}: best validation {100 * outcome.val_accuracy:.1f}% at step {outcome.step}")
-    return folder

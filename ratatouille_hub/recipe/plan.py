@@ -12,12 +12,13 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..artifacts import Artifact
 from ..config import RecipeConfig, RunHParams, draw_hparams
 from ..errors import RatatouilleError, RecipeError
 from ..evaluation import INFERENCE_BATCH, inference_batch
 from ..fetch import Ingredient, resolve_model
 from ..hashing import check_content_key, stable_hash
-from ..io import DONE, atomic_write_json
+from ..io import atomic_write_json
 from ..safe_text import terminal_safe
 from ..strategies import STRATEGIES, FusionSpec, Init, InitContext, Strategy
 from ..target import TargetSpec
@@ -95,7 +96,7 @@ class RecipePlan:
         return [self.base, *(i for i in self.recycled if i in used)]
 
     def is_done(self, output: Path, spec: RunSpec | LPSpec) -> bool:
-        return (output / spec.folder / DONE).exists()
+        return Artifact(output / spec.folder).is_done
 
     def missing(self, output: Path) -> list[RunSpec]:
         return [spec for spec in self.runs if not self.is_done(output, spec)]
