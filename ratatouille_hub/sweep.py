@@ -35,7 +35,6 @@ cost.json:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import ProbeRecord, RunRecord, SoupFolder
 from .config import RecipeConfig, SweepConfig
 from .errors import RecipeError
 from .io import atomic_write_json, claimed_folder
@@ -214,11 +214,10 @@ def assembled_cell(cell: Cell, plans: list[RecipePlan], token, echo) -> LeaveOne
     per_domain = {}
     for plan in plans:
         folder = cell.folder / soup_subfolder(plan.target.test_domain)
-        with claimed_folder(folder, wait=True):  # two processes collecting together assemble one at a time
-            results = current_results(folder, plan)
-            if results is None:
-                echo(f"[sweep] trial {cell.seed}, {cell.strategy}: held out {terminal_safe(plan.target.test_domain)}")
-                results = assemble(plan, cell.work, decode_target(plan, cell.work, token), echo, folder)
+        results = current_results(folder, plan)
+        if results is None:  # assembling claims the soup: two processes collecting together write it in turn
+            echo(f"[sweep] trial {cell.seed}, {cell.strategy}: held out {terminal_safe(plan.target.test_domain)}")
+            results = assemble(plan, cell.work, decode_target(plan, cell.work, token), echo, folder)
         per_domain[plan.target.test_domain] = results
     table = LeaveOneDomainOut(per_domain)
     table.save(cell.folder / RESULTS_FILE)
@@ -227,10 +226,10 @@ def assembled_cell(cell: Cell, plans: list[RecipePlan], token, echo) -> LeaveOne
 
 def current_results(folder: Path, plan: RecipePlan) -> Results | None:
     """The soup's results if it was assembled from exactly this plan's recipe and runs; else None."""
-    path = folder / RESULTS_FILE
-    if not path.is_file():
+    soup = SoupFolder(folder)
+    if not soup.results_file.is_file():
         return None
-    results = Results.load(path)
+    results = soup.results()
     same_runs = [run.folder for run in results.runs] == [spec.folder for spec in plan.runs]
     return results if same_runs and results.recipe == plan.config.to_dict() else None
 
@@ -265,8 +264,10 @@ def sweep_cost(loaded: list[tuple[Cell, list[RecipePlan]]]) -> dict:
         runs = [spec for plan in plans for spec in plan.runs]
         spent = per_strategy.setdefault(cell.strategy, {"runs": [], "run_seconds": [], "linear_probe_seconds": []})
         spent["runs"].append(len(runs))
-        spent["run_seconds"].append(sum(_seconds(cell.work / spec.folder) for spec in runs))
-        spent["linear_probe_seconds"].append(sum(_seconds(cell.work / plan.lp.folder) for plan in plans))
+        spent["run_seconds"].append(sum(RunRecord(cell.work / spec.folder).metrics["seconds"] for spec in runs))
+        spent["linear_probe_seconds"].append(
+            sum(ProbeRecord(cell.work / plan.lp.folder).metrics["seconds"] for plan in plans)
+        )
     return {
         strategy: {
             "runs": spent["runs"][0],
@@ -275,10 +276,6 @@ def sweep_cost(loaded: list[tuple[Cell, list[RecipePlan]]]) -> dict:
         }
         for strategy, spent in per_strategy.items()
     }
-
-
-def _seconds(folder: Path) -> float:
-    return json.loads((folder / "metrics.json").read_text())["seconds"]
 
 
 @dataclass(frozen=True)

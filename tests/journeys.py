@@ -8,7 +8,8 @@ A README line is typed after these rules, and no others:
 - BUDGET: every command of a subcommand that trains gets that subcommand's small-budget flags appended
   (the last value of a flag wins, so `--runs 20` becomes `--runs 4`); nothing else is appended.
 - `...` stands for the arguments of the block's previous line of the same subcommand.
-- `$SLURM_ARRAY_TASK_ID`: the line runs once per array task, for each index of the plan (0..BUDGET_RUNS-1).
+- `$SLURM_ARRAY_TASK_ID`: the line runs once per array task, for each index of the plan the block's last
+  planning command announced (`saved the plan of N runs`, `N distinct runs`): 0..N-1.
 - `<key>`: the key of the first run of the soup (out/runs/<key>/model).
 - `--port 8080` takes a free port instead (the session may not own 8080).
 - `*` expands as bash expands it (sorted; left as typed when nothing matches); `a && b` runs a, then b.
@@ -38,12 +39,14 @@ ARRAY_TASK = "$SLURM_ARRAY_TASK_ID"
 NAMESPACES = {name: "{ns}-" + name for name in ("org", "me", "alice", "bob")}
 ALIASES = {"PACS": "{ns}-data/pacs"}
 BUDGET_RUNS = 4  # one run from the base and one from each of the three local fine-tunes of the Quickstart
+SWEEP_RUNS = 2
 _TRAINING = ("--steps", "4", "--batch-size", "4", "--image-size", "16", "--lr", "1e-3", "--lr-choices", "1e-3", "2e-3")
 _RECIPE = (*_TRAINING, "--runs", str(BUDGET_RUNS), "--eval-every", "2", "--lp-steps", "5", "--lp-lr", "1e-2")
 BUDGET = {
     "recycle": (*_RECIPE, "--warmup-steps", "2"),
     "plan": (*_RECIPE, "--warmup-steps", "2"),
     "intertrain": _TRAINING,
+    "sweep": (*_RECIPE, "--warmup-steps", "2", "--runs", str(SWEEP_RUNS)),  # trials x strategies x domains: fewer
 }
 # A card's placeholders, and what each stands for.
 CARD_PLACEHOLDERS = {
@@ -52,7 +55,12 @@ CARD_PLACEHOLDERS = {
     "RUN": "a contributed run of the same recipe that is not in the soup yet",
 }
 # The README sections whose command blocks are journeys (one test each), and the commands of the cards.
-JOURNEY_SECTIONS = ("Quickstart", "Scaling out", "Soups that grow on the Hub")
+JOURNEY_SECTIONS = (
+    "Quickstart",
+    "Scaling out",
+    "Sweeps: trials x strategies x held-out domains",
+    "Soups that grow on the Hub",
+)
 CARD_SOURCES = (ROOT / "model_card_template.md", ROOT / "ratatouille_hub" / "card.py")
 # Lines of other programs in the journeys' blocks, and the tests that run them.
 BY_REFERENCE = {
@@ -147,6 +155,7 @@ class Shell:
     def __init__(self, ns: str, cwd: Path, run, *, port: int = 0, budget: dict = BUDGET):
         self.ns, self.cwd, self.run, self.port, self.budget = ns, cwd, run, port, budget
         self.previous: dict[str, list[str]] = {}  # subcommand -> its last arguments
+        self.array_tasks = 0  # runs in the plan the last planning command announced
 
     def argvs(self, command: str) -> list[list[str]]:
         """What `command` (one README command) runs: one argv, or one per array task."""
@@ -161,7 +170,7 @@ class Shell:
         self.previous[subcommand] = argv[1:]
         argv += self.budget.get(subcommand, ())
         if ARRAY_TASK in argv:
-            return [[str(task) if w == ARRAY_TASK else w for w in argv] for task in range(BUDGET_RUNS)]
+            return [[str(task) if w == ARRAY_TASK else w for w in argv] for task in range(self.array_tasks)]
         return [argv]
 
     def _expand(self, word: str) -> list[str]:
@@ -175,7 +184,10 @@ class Shell:
         """Run every command of one README line; returns the outputs. A failing command fails the journey."""
         outputs = []
         for command in commands_of(line):
-            outputs += [self.run(argv) for argv in self.argvs(command)]
+            for argv in self.argvs(command):
+                outputs.append(self.run(argv))
+                if announced := re.search(r"saved the plan of (\d+) runs|^(\d+) distinct runs", outputs[-1], re.M):
+                    self.array_tasks = int(announced.group(1) or announced.group(2))
         return outputs
 
 

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -151,6 +152,17 @@ def test_scaling_out(world, tmp_path):
     assert (out / "soup" / "model.safetensors").exists()
     soups = sorted(p.parent.name for p in (out.parent / "out-all" / "soups").glob("*/model.safetensors"))
     assert soups == ["cartoon", "painting", "photo", "sketch"]
+
+
+def test_sweeps(world, tmp_path):
+    terminal = Terminal(world, tmp_path / "sweeps")
+    outputs = terminal.block("Sweeps: trials x strategies x held-out domains")
+    swept, spread = terminal.folder / "sweep", terminal.folder / "sweep-spread"
+    assert (swept / "results.json").read_bytes() == (spread / "results.json").read_bytes()
+    table = json.loads((swept / "results.json").read_text())
+    assert "erm" in outputs[0] and "ratatouille" in outputs[0] and table  # printed and written
+    tasks = [output for output in outputs if re.search(r"^run \d+: ", output, re.M)]
+    assert len(tasks) == len(list(spread.glob("trial-*/runs/*/done"))) > 0  # one array task per distinct run
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import refusals
 import yaml
 
 from ratatouille_hub import cli, testing
+from ratatouille_hub.artifacts import ProbeRecord, RunRecord, replaced_builder
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,12 +115,11 @@ def test_a_rerun_trains_and_assembles_nothing_and_writes_the_same_table(swept, s
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr("ratatouille_hub.recipe.executor.execute_run", refuse)
-    monkeypatch.setattr("ratatouille_hub.recipe.executor.shared_linear_probe", refuse)
     monkeypatch.setattr("ratatouille_hub.sweep.assemble", refuse)
     before = (swept / "results.json").read_bytes()
     argv = ["sweep", "--config", str(sweep_recipe), "--strategy", *STRATEGIES, "--trials", "2", "--output", str(swept)]
-    assert cli.main(argv) == 0
+    with replaced_builder(RunRecord, refuse), replaced_builder(ProbeRecord, refuse):
+        assert cli.main(argv) == 0
     assert (swept / "results.json").read_bytes() == before
     printed = capsys.readouterr().out
     assert "erm: soup, uniform" in printed and "ratatouille: ensemble (reference)" in printed
