@@ -366,10 +366,11 @@ def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
 def recipe_differences(previous: RecipeConfig, config: RecipeConfig) -> list[str]:
     """`name: before -> now` for each option that makes `config` another recipe than `previous` (a pinned
     base or target matches the same id named without a revision; the discovered list is compared only once
-    this command has discovered, and not under --rediscover or --aux)."""
+    both recipes have discovered, and not under --rediscover or --aux)."""
     before, now = previous.to_dict(), config.to_dict()
     skip = set(REUSABLE_CHANGES)
-    if config.rediscover or config.aux or not discovers(replace(config, discovered=())) or not config.discovered:
+    unplanned = not config.discovered or not previous.discovered  # either side has not discovered (yet)
+    if unplanned or config.rediscover or config.aux or not discovers(replace(config, discovered=())):
         skip.add("discovered")
     changed = []
     for name, value in now.items():
