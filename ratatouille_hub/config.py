@@ -370,8 +370,9 @@ class RecipeConfig(TargetOptions, TrainingOptions):
 class IntertrainConfig(TrainingOptions):
     """Auxiliary fine-tunes of a base on one dataset (METHOD.md step 2): what `recycle` later recycles.
 
-    Hyperparameters are drawn per run exactly as for target runs (run 0 takes the defaults); the
-    last-step weights are kept, as the reference code does (no validation split).
+    Hyperparameters are drawn per run exactly as for target runs (run 0 takes the defaults, run r draws by
+    r, whatever the seed), and a value given (`--lr`, `--weight-decay`, `--dropout`) holds for every run;
+    the last-step weights are kept, as the reference code does (no validation split).
     """
 
     dataset: str = _opt(
@@ -386,6 +387,22 @@ class IntertrainConfig(TrainingOptions):
     )
     runs: int = _opt(
         1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=int_range(1, MAX_RUNS)
+    )
+    lr: float | None = _opt(
+        None,
+        "learning rate of every run (Adam, constant); default: run 0 takes 5e-05 and runs 1..N-1 draw from "
+        "--lr-choices, as recycle's runs do",
+        group="training",
+        check=positive,
+    )
+    weight_decay: float | None = _opt(
+        None, "weight decay of every run; default: run 0 takes 0, the others draw", group="training", check=non_negative
+    )
+    dropout: float | None = _opt(
+        None,
+        "feature dropout before the head, every run; default: run 0 takes 0, the others draw",
+        group="training",
+        check=dropout_rate,
     )
     batch_size: int = _opt(32, "images per step", group="training", check=int_range(1))
     seed: int = _opt(0, "seed of run 0; run r uses seed + r", group="target", check=seed_range)
@@ -624,23 +641,28 @@ class RunHParams:
     dropout: float
 
 
-def draw_hparams(config: RecipeConfig | IntertrainConfig, run_seed: int) -> RunHParams:
-    """Run 0 takes the defaults; others draw each hparam from an RNG seeded by (seed, name).
+HPARAMS = ("lr", "weight_decay", "dropout")  # each drawn from its `<name>_choices` grid
+
+
+def draw_hparams(config: RecipeConfig | IntertrainConfig, index: int) -> RunHParams:
+    """Run `index`'s hyperparameters, the same way in recycle and intertrain: run 0 takes the given values
+    (the method's defaults), the others draw each hparam from its grid with an RNG seeded by (index, name);
+    an intertrain value given explicitly holds for every run. Never the trial seed: a run's hparams depend
+    on its place in the plan alone.
 
     Seeding per name means adding a new hparam never reshuffles the existing ones (DomainBed).
     """
-    if run_seed == 0:
-        return RunHParams(config.lr, config.weight_decay, config.dropout)
 
-    def draw(name: str, choices: tuple[float, ...]) -> float:
-        digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "little")).choice(list(choices))
+    def value(name: str) -> float:
+        given = getattr(config, name)
+        if given is not None and (index == 0 or isinstance(config, IntertrainConfig)):
+            return given
+        if index == 0:
+            return next(f.default for f in dataclasses.fields(TrainingOptions) if f.name == name)
+        digest = hashlib.sha256(f"{index}:{name}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "little")).choice(list(getattr(config, f"{name}_choices")))
 
-    return RunHParams(
-        lr=draw("lr", config.lr_choices),
-        weight_decay=draw("weight_decay", config.weight_decay_choices),
-        dropout=draw("dropout", config.dropout_choices),
-    )
+    return RunHParams(*(value(name) for name in HPARAMS))
 
 
 def _plain(value):

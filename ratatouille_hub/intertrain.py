@@ -23,7 +23,7 @@ import torch
 
 from .artifacts import IntertrainRecord, builds, materialize, materialize_all
 from .card import plain_text
-from .config import IntertrainConfig, draw_hparams
+from .config import IntertrainConfig, RunHParams, draw_hparams
 from .data import (
     DataError,
     ImageTensors,
@@ -144,6 +144,11 @@ class Intertraining:
     def label(self, run: int) -> str:
         return f"intertrain {run + 1}/{self.config.runs}"
 
+    def hparams(self, run: int) -> RunHParams:
+        """Drawn by the run's index as recycle draws its runs' (never the seed: `--seed 1` does not turn run 0
+        into a draw), what the user gave held for every run."""
+        return draw_hparams(self.config, run)
+
     def key(self, run: int) -> str:
         """The content key naming fine-tune `run`'s folder."""
         config = self.config
@@ -155,7 +160,7 @@ class Intertraining:
                 "steps": config.steps,
                 "batch": config.batch_size,
                 "augment": config.augment,
-                "hparams": asdict(draw_hparams(config, config.seed + run)),
+                "hparams": asdict(self.hparams(run)),
                 "seed": config.seed + run,
                 "precision": config.precision,
                 "labels": self.label_names,
@@ -168,7 +173,7 @@ class Intertraining:
 @builds(IntertrainRecord)
 def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[[str], None]) -> None:
     config, label, images, normalize = job.config, job.label(run), job.images, job.normalize
-    hparams = draw_hparams(config, config.seed + run)
+    hparams = job.hparams(run)
     echo(
         f"[train] {label} on {config.dataset}: lr {hparams.lr:g}, wd {hparams.weight_decay:g}, dropout {hparams.dropout:g}"
     )

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from ratatouille_hub.config import ConfigError, RecipeConfig, RunHParams, draw_hparams
+from ratatouille_hub.config import ConfigError, IntertrainConfig, RecipeConfig, RunHParams, draw_hparams
 
 REQUIRED = {"base": "org/base", "target": "org/dataset"}
 
@@ -228,3 +228,14 @@ def test_changing_one_choice_list_never_reshuffles_the_others(changed, unchanged
         a, b = draw_hparams(before, seed), draw_hparams(after, seed)
         for name in unchanged:
             assert getattr(a, name) == getattr(b, name), (seed, name)
+
+
+def test_intertrain_draws_as_recycle_does_and_honours_what_it_is_given():
+    recipe = config()
+    intertrain = IntertrainConfig(base="org/base", dataset="org/data", seed=7)
+    assert draw_hparams(intertrain, 0) == RunHParams(lr=5e-5, weight_decay=0.0, dropout=0.0)  # the method's defaults
+    assert [draw_hparams(intertrain, i) for i in range(1, 30)] == [draw_hparams(recipe, i) for i in range(1, 30)]
+    given = IntertrainConfig(base="org/base", dataset="org/data", seed=1, lr=1e-3, dropout=0.25)
+    drawn = [draw_hparams(given, i) for i in range(30)]
+    assert {(h.lr, h.dropout) for h in drawn} == {(1e-3, 0.25)}  # every run, whatever its seed or index
+    assert {h.weight_decay for h in drawn} == {0.0, *given.weight_decay_choices}  # not given: drawn

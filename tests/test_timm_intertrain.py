@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load, load_file
@@ -120,6 +121,26 @@ def test_intertrain_runs_draw_their_own_hyperparameters(timm_world, tmp_path):
     hparams = [json.loads((f / "results.json").read_text())["hparams"] for f in (first, second)]
     assert hparams[0] == {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0}  # run 0: the defaults
     assert load_file(first / "model.safetensors").keys() == load_file(second / "model.safetensors").keys()
+
+
+def test_intertrain_trains_at_what_it_is_given_whatever_the_seed(timm_world, tmp_path, capsys):
+    """`intertrain --seed 1 --lr 1e-3` trained at a drawn lr (5e-05, dropout 0.5) while recipe.yaml said 0.001."""
+    out = tmp_path / "given"
+    argv = ["intertrain", "--base", str(timm_world.base), "--dataset", str(timm_world.stripes), "--steps", "2"]
+    argv += ["--batch-size", "8", "--seed", "1", "--lr", "1e-3", "--runs", "2", "--output", str(out)]
+    assert cli.main(argv) == 0
+    folders = [
+        Path(line.split(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("fine-tune")
+    ]
+    hparams = [json.loads((f / "results.json").read_text())["hparams"] for f in folders]
+    assert hparams[0] == {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0}  # run 0: the lr given, the defaults
+    assert hparams[1]["lr"] == 1e-3  # every run at the lr given; what was not given is drawn
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["lr"] == 1e-3
+    seedless = ["intertrain", "--base", str(timm_world.base), "--dataset", str(timm_world.stripes), "--steps", "2"]
+    assert cli.main([*seedless, "--batch-size", "8", "--seed", "1", "--output", str(tmp_path / "defaults")]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fine-tune")]
+    results = json.loads((Path(line.split(": ", 1)[1]) / "results.json").read_text())
+    assert results["hparams"] == {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0}  # run 0 of seed 1: the defaults
 
 
 def test_intertrain_push_is_discoverable_as_a_finetune_of_the_hub_base(
