@@ -48,6 +48,7 @@ from .results import Results
 from .train import LinearHead
 
 DONE = "done"  # written last inside a staged artifact: a folder without it was never finished
+RUN_FILE = "ratatouille.json"  # beside a run's weights: which recipe it belongs to (also a contributed run's record)
 
 
 class Artifact:
@@ -201,17 +202,16 @@ class RunRecord(Artifact):
         return load_file(self.folder / self.PREDICTIONS)
 
     def write(
-        self, model, processor, fingerprint: str | None, predictions: dict[str, torch.Tensor], metrics: dict
+        self, model, processor, identity: dict | None, predictions: dict[str, torch.Tensor], metrics: dict
     ) -> None:
-        """`fingerprint`, the recipe's, is written beside the weights: `update --add` and `merge` check it
-        as they check a Hub run's."""
-        from .provenance import RUN_FILE  # provenance reads probes through ProbeRecord
-
+        """`identity` (the recipe's fingerprint, the run's index and init) is written beside the weights:
+        `update --add` and `merge` check the fingerprint as they check a Hub run's, and `diagnose` names and
+        orders runs by it."""
         model.save_pretrained(self.model_folder)
         if processor is not None:
             processor.save_pretrained(self.model_folder)
-        if fingerprint is not None:
-            atomic_write_json(self.model_folder / RUN_FILE, {"fingerprint": fingerprint})
+        if identity is not None:
+            atomic_write_json(self.model_folder / RUN_FILE, identity)
         save_file({k: v.contiguous() for k, v in predictions.items()}, self.folder / self.PREDICTIONS)
         atomic_write_json(self.metrics_file, metrics)
 

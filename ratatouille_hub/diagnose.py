@@ -113,11 +113,18 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     from .evaluation import predict_logits
     from .fetch import resolve_model
     from .models import load_classifier
+    from .provenance import declared_run, run_name
     from .target import prepare_target
 
     if len(models) < 2:
         raise InputError("diagnose needs at least two models")
     ingredients = [resolve_model(model, token=token) for model in models]
+    names = [ingredient.reference for ingredient in ingredients]
+    runs = [declared_run(ingredient.path) for ingredient in ingredients]
+    if all(runs) and len({run[0] for run in runs}) == 1 and len({run[1] for run in runs}) == len(runs):
+        order = sorted(range(len(runs)), key=lambda i: runs[i][1])  # runs of one recipe: in its plan's order
+        ingredients = [ingredients[i] for i in order]
+        names = [run_name(runs[i][1], runs[i][2]) for i in order]
     target = prepare_target(config, ingredients[0], token)
     expected = list(target.id2label.values())
     states = []
@@ -135,7 +142,7 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
         model.load_state_dict(state)
         return predict_logits(model, validation, target.data.normalize).argmax(dim=1)
 
-    return diagnose_states([i.reference for i in ingredients], states, predict, validation.labels)
+    return diagnose_states(names, states, predict, validation.labels)
 
 
 def _label_names(folder: Path) -> list[str]:

@@ -142,7 +142,7 @@ class Intertraining:
     accelerator: object
 
     def label(self, run: int) -> str:
-        return f"intertrain {run + 1}/{self.config.runs}"
+        return f"intertrain run {run} of {self.config.runs}"
 
     def hparams(self, run: int) -> RunHParams:
         """Drawn by the run's index as recycle draws its runs' (never the seed: `--seed 1` does not turn run 0

@@ -19,11 +19,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import ProbeRecord
+from .artifacts import RUN_FILE, ProbeRecord
 from .errors import RatatouilleError
 from .hashing import check_content_key, is_hex_digest, stable_hash
 
-RUN_FILE = "ratatouille.json"
 INGREDIENTS_KEY = "ratatouille.ingredients"  # JSON list of {"sha256", "source"}, in merge order
 MERGE_KEY = "ratatouille.merge"  # the method of a `merge` command's output: marks a folder a merge may replace
 FINGERPRINT_KEY = "ratatouille.fingerprint"  # the recipe fingerprint its runs share ("" if unknown)
@@ -135,6 +134,25 @@ def run_provenance(path: Path, where: str) -> dict:
     if problem:
         raise ProvenanceError(f"{where}: no valid {RUN_FILE}: {problem}")
     return provenance
+
+
+def run_name(index: int, init: str) -> str:
+    """A run as every line, table and figure names it: its index in the plan and the checkpoint it started
+    from (`run 2 from aux-1`)."""
+    return f"run {index} from {Path(init.split('@')[0]).name}"
+
+
+def declared_run(folder: Path) -> tuple[str, int, str] | None:
+    """(fingerprint, index, init) a recipe's run folder declares in its `ratatouille.json`; None for any
+    other model folder, or a record that does not hold all three well formed."""
+    try:
+        record = json.loads((Path(folder) / RUN_FILE).read_text())
+        fingerprint, index, init = record["fingerprint"], record["index"], record["init"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    if not is_hex_digest(fingerprint, FINGERPRINT_LENGTH) or type(index) is not int or index < 0:
+        return None
+    return (fingerprint, index, init) if isinstance(init, str) else None
 
 
 def declared_fingerprint(path: Path, where: str) -> str:

@@ -188,12 +188,12 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
         ("during the linear probe", lambda p: p.saw("[train] linear probe on"), rng.uniform(0.02, 0.15), (0, 0)),
         (
             "during run 1",
-            lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 1/3 from"),
+            lambda p: done_count(out, "lp") == 1 and p.saw("[train] run 0 of 3 from"),
             rng.uniform(0.02, 0.15),
             (1, 0),
         ),
         ("right after run 1's done", lambda p: done_count(out, "runs") >= 1, 0.0, (1, 1)),
-        ("during a later run", lambda p: p.saw("[train] run 3/3 from"), rng.uniform(0.02, 0.15), (1, 2)),
+        ("during a later run", lambda p: p.saw("[train] run 2 of 3 from"), rng.uniform(0.02, 0.15), (1, 2)),
         (
             "while the merge evaluates subsets",
             lambda p: p.saw("[merge] averaging runs"),
@@ -238,12 +238,12 @@ def test_a_second_recycle_on_a_folder_in_use_trains_only_what_is_unclaimed(world
     first, second = Watched(world, out), None
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not first.saw("[train] run 1/3 from"):  # run 1 claimed
+        while not first.saw("[train] run 0 of 3 from"):  # run 1 claimed
             assert first.process.poll() is None and time.monotonic() < deadline, first.lines
             time.sleep(0.002)
         first.process.send_signal(signal.SIGSTOP)  # frozen while holding run 1's claim
         second = Watched(world, out)
-        while not second.saw("run 1/3: claimed by another process; waiting for it"):
+        while not second.saw("run 0 of 3: claimed by another process; waiting for it"):
             assert second.process.poll() is None and time.monotonic() < deadline, second.lines
             time.sleep(0.01)
         assert first.process.poll() is None, "the first process ended before the second one was tried"
@@ -259,7 +259,7 @@ def test_a_second_recycle_on_a_folder_in_use_trains_only_what_is_unclaimed(world
     for run in (1, 2, 3):
         trained_by = [w for w in (first, second) if w.saw(f"[train] run {run}/3 from")]
         assert len(trained_by) == 1, f"run {run} trained by {len(trained_by)} processes"
-    assert second.saw("[train] run 2/3 from") and second.saw("[train] run 3/3 from")
+    assert second.saw("[train] run 1 of 3 from") and second.saw("[train] run 2 of 3 from")
     assert sha256(out / "soup" / "model.safetensors") == reference.weights
 
 

@@ -1,6 +1,7 @@
 """diagnose: the three criteria of METHOD.md, as pure functions and through the CLI on real runs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -86,10 +87,13 @@ def two_runs(tiny_world, tiny_checkpoints, tmp_path_factory):
 def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
     target, models = two_runs
     plot = tmp_path / "paths.png"
-    code = cli.main(["diagnose", *map(str, models), "--target", str(target), "--image-size", "16", "--plot", str(plot)])
+    given = [str(m) for m in reversed(models)]  # as a glob of out/runs/*/model may list them: not in plan order
+    code = cli.main(["diagnose", *given, "--target", str(target), "--image-size", "16", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "[0]-[1]" in out and str(models[0]) in out
+    listed = [line.split("%  ", 1)[1] for line in out.splitlines() if re.match(r"  \[\d+\] ", line)]
+    assert listed == ["run 0 from base", "run 1 from aux1"]  # named and numbered as planned
+    assert "[0]-[1]" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -232,7 +232,7 @@ def test_a_diverged_run_is_never_done_and_the_corrected_recipe_takes_the_folder(
     assert cli.main(recycle_argv(tiny_world, shapes, out, "--lr", "1e30")) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"error: run 1/1 from {tiny_world.base} (lr 1e+30) diverged: its trained weights are not finite "
+        f"error: run 0 of 1 from {tiny_world.base} (lr 1e+30) diverged: its trained weights are not finite "
         "(first: resnet.embedder.embedder.convolution.weight); nothing was saved; lower the learning rate "
         "(--lr, --lr-choices, --lp-lr)"
     ], err
@@ -306,7 +306,7 @@ def test_a_saved_recipe_replays_with_push_to_hub_as_the_card_says(tiny_world, sh
     repo_id = f"{hub_namespace}/replayed"
     assert cli.main(["recycle", "--config", str(out / "recipe.yaml"), "--push-to-hub", repo_id]) == 0
     printed = capsys.readouterr().out
-    assert "[train] run 1/1: done earlier" in printed and f"pushed {out / 'soup'} to " in printed
+    assert "[train] run 0 of 1: done earlier" in printed and f"pushed {out / 'soup'} to " in printed
     assert (out / "soup" / "model.safetensors").read_bytes() == soup
     from huggingface_hub import hf_hub_download
 

@@ -39,7 +39,7 @@ SOUP_FILES = {
     "accuracies.png",
 }
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-CALLS = ["run 1/3", "run 2/3 head warm-up", "run 2/3", "run 3/3 head warm-up", "run 3/3"]
+CALLS = ["run 0 of 3", "run 1 of 3 head warm-up", "run 1 of 3", "run 2 of 3 head warm-up", "run 2 of 3"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -324,7 +324,7 @@ def test_more_runs_reuse_the_finished_ones(done, tmp_path, monkeypatch):
     recording_optimize(monkeypatch, calls)
     with probe_is_reused():
         results = recipe.recycle(done.config.replace(runs=4, output=str(output)), echo=quiet)
-    assert [c["desc"] for c in calls] == ["run 4/4"]  # run 4 starts from the base again: no warm-up
+    assert [c["desc"] for c in calls] == ["run 3 of 4"]  # run 3 starts from the base again: no warm-up
     assert [Path(r.folder).name for r in results.runs[:3]] == [f.name for f in run_folders(done.results)]
     assert results.soup.members == [0, 1, 2, 3]
 
@@ -333,7 +333,7 @@ def test_an_interrupted_recycle_resumes_to_a_bit_identical_soup(done, world, tmp
     config = make_config(world, tmp_path / "out")
     interrupted: list = []
     with monkeypatch.context() as patch:
-        recording_optimize(patch, interrupted, fail_on="run 2/3")  # dies in run 2, after its head warm-up
+        recording_optimize(patch, interrupted, fail_on="run 1 of 3")  # dies in run 1, after its head warm-up
         with pytest.raises(RuntimeError, match="power cut"):
             recipe.recycle(config, echo=quiet)
     assert [c["desc"] for c in interrupted] == CALLS[:3]

@@ -92,10 +92,10 @@ def test_a_rank_killed_mid_run_then_a_relaunch_trains_the_rest_once(world, seque
                 assert launch.process.poll() is None and time.monotonic() < deadline, launch.lines
                 time.sleep(0.002)
 
-        wait_for("[rank 0/2] [train] run 1/3 from")
+        wait_for("[rank 0/2] [train] run 0 of 3 from")
         ranks = ranks_working_on(out)
         os.kill(ranks["0"], signal.SIGSTOP)  # rank 0 frozen in run 1, so rank 1 surely trains run 2
-        wait_for("[rank 1/2] [train] run 2/3 from")
+        wait_for("[rank 1/2] [train] run 1 of 3 from")
         os.kill(ranks["1"], signal.SIGKILL)  # rank 1 dies mid-run
         os.kill(ranks["0"], signal.SIGCONT)
         assert launch.process.wait(timeout=TIMEOUT) != 0  # the launcher stops the job

@@ -330,7 +330,7 @@ def test_runs_start_from_the_shared_head_and_recycled_inits_warm_up_the_head_fir
     inputs = (head, target, accelerator, tmp_path, lambda line: None)
     records = [materialize(RunRecord, tmp_path / spec.folder, plan, spec, *inputs) for spec in plan.runs]
 
-    assert [c["desc"] for c in recorder.calls] == ["run 1/2", "run 2/2 head warm-up", "run 2/2"]
+    assert [c["desc"] for c in recorder.calls] == ["run 0 of 2", "run 1 of 2 head warm-up", "run 1 of 2"]
     from_base, warmup, full = recorder.calls
     everything = set(from_base["before"]) - {n for n in from_base["before"] if n.endswith(BN_STATS)}
     head_names = {"classifier.1.weight", "classifier.1.bias"}

@@ -33,6 +33,7 @@ from ..provenance import (
     file_sha256,
     plan_fingerprint,
     relative_source,
+    run_name,
 )
 from ..results import (
     Average,
@@ -395,5 +396,5 @@ def soup_record(plan: RecipePlan, output: Path, model_folders: Sequence[Path], s
 
 
 def run_names(runs: Sequence[RunRecord]) -> list[str]:
-    """Runs as figures name them: index and the checkpoint each started from (`run 2 from aux-1`)."""
-    return [f"run {i} from {Path(run.metrics['init'].split('@')[0]).name}" for i, run in enumerate(runs)]
+    """The plan's runs (in plan order) as every line and figure names them."""
+    return [run_name(i, run.metrics["init"]) for i, run in enumerate(runs)]

@@ -167,7 +167,7 @@ def init_checkpoint(plan: RecipePlan, spec: RunSpec, target: Target, output: Pat
 @builds(FusionRecord)
 def _build_fusion(staging: Path, plan: RecipePlan, spec: RunSpec, init: FusionSpec, target: Target, echo) -> None:
     mix = ", ".join(f"{w:.2f} x {m.source}" for w, m in zip(init.weights, init.members))
-    echo(f"[fusing] run {spec.index + 1}: {mix}")
+    echo(f"[fusing] {spec.label}: {mix}")
     torch.manual_seed(init.head_seed)
     states = [load_classifier(m.path, target.id2label).state_dict() for m in init.members]
     model = load_classifier(plan.base.path, target.id2label)
@@ -190,7 +190,7 @@ def train_run(
 ) -> None:
     """One target fine-tune from (init featurizer, shared head), written into `staging`. `rank` names this
     process in its progress bars; `fingerprinted` writes the recipe's fingerprint (from the shared probe's
-    file) beside the run's weights."""
+    file), the run's index and its init beside the run's weights."""
     started = time.monotonic()
     init = init_checkpoint(plan, spec, target, output, echo)
     hparams = spec.hparams
@@ -250,6 +250,8 @@ def train_run(
         "history": outcome.history,
         "seconds": round(time.monotonic() - started, 1),  # what the run cost: benchmarks add these up
     }
-    fingerprint = plan_fingerprint(plan, output) if fingerprinted else None
-    RunRecord(staging).write(model, processor, fingerprint, predictions, metrics)
+    identity = None
+    if fingerprinted:  # which recipe it belongs to, and its place in it
+        identity = {"fingerprint": plan_fingerprint(plan, output), "index": spec.index, "init": init.reference}
+    RunRecord(staging).write(model, processor, identity, predictions, metrics)
     echo(f"[train] {spec.label}: best validation {100 * outcome.val_accuracy:.1f}% at step {outcome.step}")

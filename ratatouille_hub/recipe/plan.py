@@ -71,7 +71,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"run {self.index + 1}/{self.total}"
+        return f"run {self.index} of {self.total}"  # numbered from 0, as `run --index`, tables and cards number runs
 
     @property
     def run_seed(self) -> str:
