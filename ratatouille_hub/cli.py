@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pushed back in one commit with a rewritten card.",
         epilog=EPILOG_GROW,
     )
-    _command(
+    intertrain = _command(
         commands,
         "intertrain",
         IntertrainConfig,
@@ -250,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers. With "
         "--push-to-hub ID and --runs N > 1, fine-tune r goes to ID-r.",
         epilog=EPILOG_INTERTRAIN,
+    )
+    intertrain.add_argument(
+        "--index",
+        type=int,
+        metavar="I",
+        help="make fine-tune I only (0..runs-1): one scheduler array task each, then the same command without "
+        "--index reuses them all",
     )
     sweep = _command(
         commands,
@@ -348,13 +355,14 @@ def run_intertrain(args) -> None:
 
     config = options_from_args(args, IntertrainConfig)
     publish = options_from_args(args, PublishOptions)
-    folders = intertrain(config, token=args.token)
+    folders = intertrain(config, index=args.index, token=args.token)
     if not Worker.of_this_process().is_main:  # under accelerate launch: every rank trains, the main one reports
         return
-    for run, folder in enumerate(folders):
+    runs = range(config.runs) if args.index is None else [args.index]
+    for run, folder in zip(runs, folders):
         say(f"fine-tune {run}: {folder}")
         if publish.push_to_hub:
-            repo_id = publish.push_to_hub if len(folders) == 1 else f"{publish.push_to_hub}-{run}"
+            repo_id = publish.push_to_hub if config.runs == 1 else f"{publish.push_to_hub}-{run}"
             _push(folder, repo_id, publish, args.token)
 
 

@@ -37,7 +37,7 @@ from .data import (
 )
 from .errors import RecipeError
 from .evaluation import accuracy, predict_logits
-from .fetch import Ingredient, dataset_revision, is_hub_id, resolve_model
+from .fetch import Ingredient, dataset_revision, is_hub_id, resolve_model, split_revision
 from .hashing import stable_hash, stable_int
 from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
 from .recipe.executor import Worker
@@ -62,16 +62,25 @@ one and starts target fine-tunes from them (Model Ratatouille, Ramé et al., ICM
 
 
 def intertrain(
-    config: IntertrainConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    config: IntertrainConfig,
+    *,
+    index: int | None = None,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
 ) -> list[Path]:
-    """Make `config.runs` fine-tunes of the base on the dataset; returns their folders (finished ones are reused)."""
+    """Make `config.runs` fine-tunes of the base on the dataset (only fine-tune `index`, a scheduler's array
+    task, when given); returns their folders (finished ones are reused). The recipe.yaml it saves pins the
+    base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes."""
     quiet_transformers()
+    if index is not None and not 0 <= index < config.runs:
+        raise RecipeError(f"--index {index}: this intertrain makes fine-tunes 0 to {config.runs - 1}")
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
-    refuse_output_inside(config.output, config.dataset)
-    revision = dataset_revision(config.dataset, token)
+    dataset_id, pinned = split_revision(config.dataset)  # `org/name@rev` reads that revision, as --target does
+    refuse_output_inside(config.output, dataset_id)
+    revision = dataset_revision(dataset_id, token, pinned)
     echo(f"[data] {config.dataset}")
-    dataset = load_dataset_source(config.dataset, revision=revision, token=token)
+    dataset = load_dataset_source(dataset_id, revision=revision, token=token)
     for column in (config.image_column, config.label_column):
         if column not in dataset.column_names:
             raise DataError(
@@ -84,7 +93,7 @@ def intertrain(
     size = resolution_of(processor, config.image_size, base.source)
     normalize = normalization_of(processor, base.source)
     refuse_unbuildable(base.path, base.source)
-    files = image_files_of(config.dataset)  # a path in the dataset is read only inside its own folder, as for targets
+    files = image_files_of(dataset_id)  # a path in the dataset is read only inside its own folder, as for targets
     dataset = image_entries(dataset, config.image_column, name=config.dataset, files=files)
     images = decode_images(
         dataset,
@@ -96,13 +105,14 @@ def intertrain(
         root=files.folder,
     )
     echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
-    data_reference = f"{config.dataset}@{revision}" if revision else config.dataset
+    data_reference = f"{dataset_id}@{revision}" if revision else dataset_id
 
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(output / "recipe.yaml")  # in one rename: every process writes the same file
+    pinned_config = config.replace(base=config.base if base.is_local else base.reference, dataset=data_reference)
+    pinned_config.save_yaml(output / "recipe.yaml")  # in one rename: every process writes the same file
     worker = Worker.of_this_process()
     worker.wait_for_everyone_then_part()  # every rank saves runs of its own
     job = Intertraining(
@@ -112,6 +122,8 @@ def intertrain(
     folders = [output / "runs" / job.key(run) for run in range(config.runs)]
     pending = []
     for run, folder in enumerate(folders):
+        if index is not None and run != index:
+            continue
         if IntertrainRecord(folder).is_done:
             echo(f"[train] {job.label(run)}: done earlier, reused ({folder})")
         else:
@@ -125,7 +137,7 @@ def intertrain(
             echo(f"[train] {job.label(run)}: claimed by another process; waiting for it")
 
     materialize_all(worker.first(pending), make, waiting)
-    return folders
+    return folders if index is None else [folders[index]]
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,8 @@ def aux_card(config: IntertrainConfig, base_source: str, label_names, results: d
     """A community-style card: the lineage the Hub indexes (`base_model:finetune:<base>`) and the dataset."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    dataset_name = config.dataset if is_hub_id(config.dataset) else Path(config.dataset).name
+    dataset_id = split_revision(config.dataset)[0]
+    dataset_name = dataset_id if is_hub_id(dataset_id) else Path(dataset_id).name
     base_id = config.base_model or (base_source if is_hub_id(base_source) else None)
     data = ModelCardData(
         base_model=base_id,

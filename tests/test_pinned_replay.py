@@ -104,3 +104,48 @@ def test_a_saved_recipe_replays_what_was_planned_whatever_the_hub_holds_now(
     rediscovered = yaml.safe_load((out / "recipe.yaml").read_text())
     assert rediscovered["discovered"] == [f"{second}@{second_sha}", f"{first}@{first_sha}"]  # most downloaded first
     assert (rediscovered["base"], rediscovered["target"]) == (saved["base"], saved["target"])
+
+
+def test_intertrain_pins_what_it_read_and_spreads_over_array_tasks(
+    local_hub, hub_namespace, tiny_checkpoints, tmp_path, capsys
+):
+    """`intertrain --config recipe.yaml` replays the same fine-tunes after the base and the dataset moved on, and
+    `--index I` makes fine-tune I alone (one array task each), which the command without it then reuses."""
+    from ratatouille_hub.toy.world import aux_datasets
+
+    ns = hub_namespace
+    base_id, data_id = f"{ns}/base", f"{ns}/stripes"
+    base_sha = seed_model(local_hub, base_id, tiny_checkpoints["base"], 1)
+    stripes = aux_datasets(per_class=4, size=16)["stripes"]
+    data_sha = local_hub.seed_dataset(data_id, write_hub_dataset(stripes, tmp_path / "stripes", card=None))
+    out = tmp_path / "intertrain"
+    command = ["intertrain", "--base", base_id, "--dataset", data_id, "--runs", "2", "--steps", "2"]
+    command += ["--batch-size", "4", "--image-size", "16", "--output", str(out)]
+
+    def made(argv: list[str]) -> dict[int, Path]:
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        return {
+            int(line.split()[1][:-1]): Path(line.split(": ", 1)[1])
+            for line in printed.splitlines()
+            if line.startswith("fine-tune ")
+        }
+
+    second = made([*command, "--index", "1"])
+    assert list(second) == [1] and [p.parent for p in (out / "runs").glob("*/done")] == [second[1]]
+    first = made([*command, "--index", "0"])
+    both = made(command)
+    assert both == {0: first[0], 1: second[1]}  # both reused
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (saved["base"], saved["dataset"]) == (f"{base_id}@{base_sha}", f"{data_id}@{data_sha}")
+
+    seed_model(local_hub, base_id, tiny_checkpoints["aux1"], 1)  # the base and the dataset move on
+    local_hub.seed_dataset(
+        data_id, write_hub_dataset(aux_datasets(per_class=2, size=16)["dots"], tmp_path / "dots", card=None)
+    )
+    replayed = made(["intertrain", "--config", str(out / "recipe.yaml"), "--output", str(tmp_path / "replay")])
+    for run in (0, 1):
+        assert replayed[run].name == both[run].name  # the same keys: the same base, data and hparams
+        assert (replayed[run] / "model.safetensors").read_bytes() == (both[run] / "model.safetensors").read_bytes()
+    assert cli.main([*command, "--index", "2"]) == 2
+    assert "--index 2: this intertrain makes fine-tunes 0 to 1" in capsys.readouterr().err
