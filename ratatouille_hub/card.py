@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .fetch import is_hub_id
+from .fetch import is_hub_id, split_revision
 from .results import Results
 from .strategies import STRATEGIES
 
@@ -62,7 +62,7 @@ def build_card(
     the best run (lineage `finetune` when the base is its only parent)."""
     recipe = results.recipe
     hub_ids = [i.source for i in results.ingredients if i.is_hub]
-    target = recipe["target"]
+    target, target_revision = split_revision(recipe["target"])  # the recipe pins a Hub target at its commit
     test_domain = results.test_domain
     soup = results.soup
     averaged = results.is_average
@@ -87,6 +87,7 @@ def build_card(
                 dataset_type=target if is_hub_id(target) else "local",
                 dataset_name=plain_text(f"{Path(target).name} (held-out domain {test_domain})"),
                 dataset_split=plain_text(test_domain),
+                dataset_revision=target_revision,
                 metric_type="accuracy",
                 metric_name=plain_text(f"held-out domain accuracy ({test_domain})"),
                 metric_value=round(soup.test_accuracy, 4),

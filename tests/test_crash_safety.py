@@ -256,8 +256,8 @@ def test_a_second_recycle_on_a_folder_in_use_trains_only_what_is_unclaimed(world
                 watched.process.kill()
     first._reader.join(timeout=10)
     second._reader.join(timeout=10)
-    for run in (1, 2, 3):
-        trained_by = [w for w in (first, second) if w.saw(f"[train] run {run}/3 from")]
+    for run in (0, 1, 2):
+        trained_by = [w for w in (first, second) if w.saw(f"[train] run {run} of 3 from")]
         assert len(trained_by) == 1, f"run {run} trained by {len(trained_by)} processes"
     assert second.saw("[train] run 1 of 3 from") and second.saw("[train] run 2 of 3 from")
     assert sha256(out / "soup" / "model.safetensors") == reference.weights

@@ -62,10 +62,11 @@ def test_a_recycled_soup_names_base_ingredients_target_at_its_revision_and_score
 
 def test_every_run_folder_carries_its_recipe_fingerprint(hub_recipe):
     soup = read_safetensors_metadata(hub_recipe / "out" / "soup" / "model.safetensors")
-    runs = sorted((hub_recipe / "out" / "runs").glob("*/model"))
-    assert len(runs) == journeys.BUDGET_RUNS
-    for run in runs:
-        assert json.loads((run / RUN_FILE).read_text()) == {"fingerprint": soup[FINGERPRINT_KEY]}
+    results = json.loads((hub_recipe / "out" / "soup" / "results.json").read_text())
+    assert len(results["runs"]) == journeys.BUDGET_RUNS
+    for run in results["runs"]:  # the recipe's fingerprint, and the run's place in it and its start
+        declared = json.loads((hub_recipe / "out" / run["folder"] / "model" / RUN_FILE).read_text())
+        assert declared == {"fingerprint": soup[FINGERPRINT_KEY], "index": run["index"], "init": run["init"]}
 
 
 def test_merge_keeps_the_runs_fingerprint_and_sources(hub_recipe, tmp_path):

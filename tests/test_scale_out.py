@@ -42,7 +42,7 @@ def trainers(lines: list[str]) -> dict[int, list[str]]:
     """Run number -> the ranks whose log says they started training it."""
     started: dict[int, list[str]] = {}
     for line in lines:
-        found = re.match(r"(?:\[(rank \d/\d)\] )?\[train\] run (\d+)/\d+ from ", line)
+        found = re.match(r"(?:\[(rank \d/\d)\] )?\[train\] run (\d+) of \d+ from ", line)
         if found:
             started.setdefault(int(found[2]), []).append(found[1] or "alone")
     return started
@@ -56,7 +56,7 @@ def test_accelerate_launch_on_two_processes_gives_the_sequential_soup(world, seq
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     started = trainers(lines)
-    assert sorted(started) == [1, 2, 3] and all(len(ranks) == 1 for ranks in started.values()), started
+    assert sorted(started) == [0, 1, 2] and all(len(ranks) == 1 for ranks in started.values()), started
     assert {rank for ranks in started.values() for rank in ranks} <= {"rank 0/2", "rank 1/2"}
     assert sum(line.startswith("soup: ") for line in lines) == 1  # the tables print once
     assert sum("linear probe on the frozen base" in line for line in lines) == 1
@@ -177,10 +177,10 @@ def test_accelerate_launch_makes_each_intertrain_run_once_as_one_process_makes_i
     lines = launched.stdout.splitlines()
     started: dict[int, list[str]] = {}
     for line in lines:
-        found = re.match(r"\[(rank \d/\d)\] \[train\] intertrain (\d+)/3 on ", line)
+        found = re.match(r"\[(rank \d/\d)\] \[train\] intertrain run (\d+) of 3 on ", line)
         if found:
             started.setdefault(int(found[2]), []).append(found[1])
-    assert sorted(started) == [1, 2, 3] and all(len(ranks) == 1 for ranks in started.values()), started
+    assert sorted(started) == [0, 1, 2] and all(len(ranks) == 1 for ranks in started.values()), started
     assert sum(line.startswith("fine-tune ") for line in lines) == 3  # the main rank reports them
     runs = {name: sorted((tmp_path / name / "runs").glob("[!.]*")) for name in ("alone", "launched")}
     assert [f.name for f in runs["launched"]] == [f.name for f in runs["alone"]] and len(runs["alone"]) == 3
