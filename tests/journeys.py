@@ -12,6 +12,7 @@ A README line is typed after these rules, and no others:
   planning command announced (`saved the plan of N runs`, `N distinct runs`): 0..N-1.
 - `<key>`: the key of the first run of the soup (out/runs/<key>/model).
 - `--port 8080` takes a free port instead (the session may not own 8080).
+- `VAR=value ratatouille-hub ...` runs in a fresh process with VAR set (the HF clients read it at import).
 - `*` expands as bash expands it (sorted; left as typed when nothing matches); `a && b` runs a, then b.
 Lines of other programs in these blocks are run by the tests BY_REFERENCE names.
 
@@ -57,6 +58,7 @@ CARD_PLACEHOLDERS = {
 # The README sections whose command blocks are journeys (one test each), and the commands of the cards.
 JOURNEY_SECTIONS = (
     "Quickstart",
+    "Replay and offline use",
     "Scaling out",
     "Sweeps: trials x strategies x held-out domains",
     "Soups that grow on the Hub",
@@ -100,8 +102,17 @@ def commands_of(line: str) -> list[str]:
     return line.split(" && ")
 
 
+def split_environment(command: str) -> tuple[dict[str, str], str]:
+    """`VAR=value ... ratatouille-hub ...` -> ({VAR: value}, the command after the assignments)."""
+    words, environment = command.split(" "), {}
+    while words and re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        environment[name] = value
+    return environment, " ".join(words)
+
+
 def is_program(command: str) -> bool:
-    return command.startswith(PROGRAM + " ")
+    return split_environment(command)[1].startswith(PROGRAM + " ")
 
 
 def unrun_commands(text: str) -> list[str]:
@@ -184,8 +195,9 @@ class Shell:
         """Run every command of one README line; returns the outputs. A failing command fails the journey."""
         outputs = []
         for command in commands_of(line):
+            environment, command = split_environment(command)
             for argv in self.argvs(command):
-                outputs.append(self.run(argv))
+                outputs.append(self.run(argv, environment) if environment else self.run(argv))
                 if announced := re.search(r"saved the plan of (\d+) runs|^(\d+) distinct runs", outputs[-1], re.M):
                     self.array_tasks = int(announced.group(1) or announced.group(2))
         return outputs

@@ -21,6 +21,7 @@ from pathlib import Path
 import journeys
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
@@ -51,9 +52,21 @@ class Terminal:
         self.folder = folder
         self.shell = journeys.Shell(world.ns, folder, self.run, port=_free_port(), budget=budget)
 
-    def run(self, argv: list[str]) -> str:
+    def run(self, argv: list[str], environment: dict[str, str] | None = None) -> str:
         if argv[0] == "local-hub":
             return serve_briefly(argv, self.folder)
+        if environment:  # read at import by the HF clients: a fresh process, as the user's shell starts one
+            done = subprocess.run(
+                [sys.executable, "-m", "ratatouille_hub", *argv],
+                cwd=self.folder,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                # one thread, as the in-process commands run (one_torch_thread): the same kernels, the same bytes
+                env={**os.environ, "PYTHONPATH": str(journeys.ROOT), "OMP_NUM_THREADS": "1", **environment},
+            )
+            assert done.returncode == 0, f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stdout}{done.stderr}"
+            return done.stdout
         cwd, printed = os.getcwd(), io.StringIO()
         os.chdir(self.folder)
         try:
@@ -173,6 +186,20 @@ def sketch_recipe(world, tmp_path_factory):
     terminal = Terminal(world, folder)
     terminal.shell.type("ratatouille-hub recycle --base org/base --target PACS --test-domain sketch --output out")
     return folder
+
+
+def test_replay_and_offline_use(world, sketch_recipe, tmp_path):
+    """The Quickstart's Hub recipe replayed elsewhere, rediscovered in place and replayed offline: one soup."""
+    terminal = Terminal(world, tmp_path / "replay", start_from=sketch_recipe)
+    terminal.block("Replay and offline use")
+    soups = [terminal.folder / name / "soup" / "model.safetensors" for name in ("out", "replayed", "offline")]
+    assert [same_tensors(soups[0], soup) for soup in soups[1:]] == [True, True]
+    recipe = yaml.safe_load((terminal.folder / "out" / "recipe.yaml").read_text())
+    assert recipe["base"] == f"{world.ns}-org/base@{world.shas[f'{world.ns}-org/base']}"
+    community = {f"{world.ns}-community/finetune-{k}" for k in (1, 2)}
+    assert {f"{c}@{world.shas[c]}" for c in community} <= set(recipe["discovered"])  # pinned (and any pushed since)
+    replayed = yaml.safe_load((terminal.folder / "replayed" / "recipe.yaml").read_text())
+    assert replayed["discovered"] == recipe["discovered"]  # nothing new: rediscovering found the same
 
 
 def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path):
