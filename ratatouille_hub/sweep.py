@@ -46,12 +46,13 @@ from .artifacts import ProbeRecord, RunRecord, SoupFolder
 from .config import RecipeConfig, SweepConfig
 from .errors import RecipeError
 from .io import atomic_write_json, claimed_folder
-from .recipe import REUSABLE_CHANGES, decode_target, plan_recipe, train_run
+from .recipe import PINNED_FIELDS, REUSABLE_CHANGES, decode_target, plan_recipe, recipe_differences, train_run
 from .recipe.assembly import assemble, check_replaceable_soup
 from .recipe.executor import Worker, execute
 from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
 from .safe_text import path_component, say, terminal_safe
+from .strategies import STRATEGIES
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
@@ -106,6 +107,8 @@ def plan_sweep(
         for plan in plans:  # a soup folder holding someone's files is refused now, not after the training
             check_replaceable_soup(cell.folder / soup_subfolder(plan.target.test_domain))
         planned.append((cell, plans))
+    if per_cell is None:  # the sweep.yaml a replay reads pins what every cell's plan read
+        config = pinned_sweep(config, [plans[0].config for _, plans in planned])
     with claimed_sweep(output, config):  # every cell planned: only now is anything written
         for cell, plans in planned:
             cell.folder.mkdir(parents=True, exist_ok=True)
@@ -113,16 +116,25 @@ def plan_sweep(
     return planned
 
 
+def pinned_sweep(config: SweepConfig, recipes: list[RecipeConfig]) -> SweepConfig:
+    """`config` with the base, target and fine-tunes at the commits its cells' plans read (all the same ones:
+    a Hub that moved while the sweep was planned is said, never mixed into one table)."""
+    recycling = [recipe for recipe in recipes if STRATEGIES[recipe.strategy].recycles] or recipes  # they fetch aux
+    pins = {tuple(getattr(recipe, name) for name in PINNED_FIELDS) for recipe in recycling}
+    if len(pins) > 1:
+        raise RecipeError("the Hub changed while the sweep was planned (its cells read other commits); plan it again")
+    return config.replace(**dict(zip(PINNED_FIELDS, pins.pop())))
+
+
 def check_same_sweep(output: Path, config: SweepConfig) -> None:
     """Refuse a folder holding another sweep (other data, steps, ...): its tables would mix two protocols."""
     saved = output / SWEEP_FILE
     if not saved.exists():
         return
-    previous = SweepConfig.load_yaml(saved).to_dict()
-    changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v and k not in SWEEP_CHANGES)
+    changed = recipe_differences(SweepConfig.load_yaml(saved), config, SWEEP_CHANGES)
     if changed:
         raise RecipeError(
-            f"{output} holds another sweep (differs in: {', '.join(changed)}); use another --output, or replay it "
+            f"{output} holds another sweep (differs in: {'; '.join(changed)}); use another --output, or replay it "
             f"with --config {saved}"
         )
 
@@ -132,7 +144,7 @@ def claimed_sweep(output: Path, config: SweepConfig):
     output.mkdir(parents=True, exist_ok=True)
     with claimed_folder(output / SWEEP_FILE, wait=True):
         check_same_sweep(output, config)
-        config.save_yaml(output / SWEEP_FILE)
+        config.replace(rediscover=False).save_yaml(output / SWEEP_FILE)  # --rediscover is a choice, not a recipe
         yield
 
 

@@ -171,6 +171,9 @@ def test_sweeps(world, tmp_path):
     terminal = Terminal(world, tmp_path / "sweeps")
     outputs = terminal.block("Sweeps: trials x strategies x held-out domains")
     swept, spread = terminal.folder / "sweep", terminal.folder / "sweep-spread"
+    saved = yaml.safe_load((spread / "sweep.yaml").read_text())  # what `--config sweep.yaml` replays: pinned
+    base = f"{world.ns}-org/base"
+    assert saved["base"] == f"{base}@{world.shas[base]}" and saved["discovered"] and "@" in saved["target"]
     assert (swept / "results.json").read_bytes() == (spread / "results.json").read_bytes()
     table = json.loads((swept / "results.json").read_text())
     assert "erm" in outputs[0] and "ratatouille" in outputs[0] and table  # printed and written

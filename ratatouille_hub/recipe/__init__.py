@@ -49,6 +49,7 @@ from .executor import RunExecutor, Worker, execute
 from .plan import PLAN_FILE, RecipePlan, build_plan, format_plans, load_plans, save_plans
 
 __all__ = [
+    "PINNED_FIELDS",
     "RecipeError",
     "RecipePlan",
     "Results",
@@ -57,6 +58,7 @@ __all__ = [
     "format_plans",
     "plan_recipe",
     "plan_output",
+    "recipe_differences",
     "recycle",
     "run_index",
 ]
@@ -295,9 +297,10 @@ def ingredient_pins(config: RecipeConfig, base: Ingredient, recycled: list[Ingre
         return named if ingredient.is_local else ingredient.reference
 
     chosen = tuple(ingredient.reference for ingredient in recycled)
+    fetched = dict(zip(config.aux, recycled))  # empty for a strategy that recycles nothing: --aux kept as typed
     return {
         "base": pinned(base, config.base),
-        "aux": tuple(pinned(ingredient, named) for ingredient, named in zip(recycled, config.aux)),
+        "aux": tuple(pinned(fetched[named], named) if named in fetched else named for named in config.aux),
         "discovered": () if config.aux else chosen,
         "rediscover": False,
     }
@@ -345,6 +348,7 @@ def claimed_output(output: Path, config: RecipeConfig):
 # discovery chose changes only by --rediscover: a Hub that changed under a rerun is said, never followed.
 REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover"})
 PINNED = ("base", "target")  # saved as id@sha: a command naming them without a revision means the same ones
+PINNED_FIELDS = ("base", "target", "domain_column", "label_column", "aux", "discovered")  # what a plan pins
 
 
 def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
@@ -363,12 +367,15 @@ def check_same_recipe(saved: Path, config: RecipeConfig) -> None:
         )
 
 
-def recipe_differences(previous: RecipeConfig, config: RecipeConfig) -> list[str]:
+def recipe_differences(
+    previous: RecipeConfig, config: RecipeConfig, reusable: frozenset[str] = REUSABLE_CHANGES
+) -> list[str]:
     """`name: before -> now` for each option that makes `config` another recipe than `previous` (a pinned
     base or target matches the same id named without a revision; the discovered list is compared only once
-    both recipes have discovered, and not under --rediscover or --aux)."""
+    both recipes have discovered, and not under --rediscover or --aux); a change of a `reusable` option is
+    none."""
     before, now = previous.to_dict(), config.to_dict()
-    skip = set(REUSABLE_CHANGES)
+    skip = set(reusable)
     unplanned = not config.discovered or not previous.discovered  # either side has not discovered (yet)
     if unplanned or config.rediscover or config.aux or not discovers(replace(config, discovered=())):
         skip.add("discovered")
