@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_COMPONENT = 64  # short enough that any staging or lock name built from it stays under NAME_MAX (255)
@@ -31,4 +32,7 @@ def path_component(name: str) -> str:
 def say(text: str) -> None:
     """Print a progress or report line (or a table of them): each line escaped, since lines name datasets,
     repos and folders that others chose."""
-    print("\n".join(terminal_safe(line) for line in text.split("\n")), flush=True)
+    # one write of the whole text and its newline: print writes them apart, so unbuffered processes that share
+    # a stdout (accelerate's ranks under PYTHONUNBUFFERED) glued one rank's line onto another's
+    sys.stdout.write("\n".join(terminal_safe(line) for line in text.split("\n")) + "\n")
+    sys.stdout.flush()

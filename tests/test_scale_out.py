@@ -186,3 +186,22 @@ def test_accelerate_launch_makes_each_intertrain_run_once_as_one_process_makes_i
     assert [f.name for f in runs["launched"]] == [f.name for f in runs["alone"]] and len(runs["alone"]) == 3
     for mine, reference in zip(runs["launched"], runs["alone"]):
         assert sha256(mine / "model.safetensors") == sha256(reference / "model.safetensors")
+
+
+def test_a_line_reaches_a_shared_stdout_in_one_write(monkeypatch):
+    """Ranks share one stdout, unbuffered under PYTHONUNBUFFERED: a line written in two pieces (print writes its
+    text and its newline apart) let another rank's line land between them, gluing two lines into one."""
+    from ratatouille_hub.safe_text import say
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    say("[rank 1/2] [train] intertrain run 1 of 3 on data\nsecond line")
+    assert writes == ["[rank 1/2] [train] intertrain run 1 of 3 on data\nsecond line\n"]
