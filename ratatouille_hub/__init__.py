@@ -7,12 +7,24 @@ results = recycle(config)     # plan -> execute -> assemble; a typed Results rec
 
 from ratatouille_hub import IntertrainConfig, intertrain
 folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
+
+from ratatouille_hub import MergeOptions, merge
+result = merge(MergeOptions(models=("org/ft-a", "./ft-b"), output="merged"))  # card and merge.yaml beside it
 """
 
-from .config import IntertrainConfig, RecipeConfig
+from .config import IntertrainConfig, MergeOptions, RecipeConfig
 
 __version__ = "0.1.0"
-__all__ = ["IntertrainConfig", "RecipeConfig", "intertrain", "plan_recipe", "recycle", "__version__"]
+__all__ = [
+    "IntertrainConfig",
+    "MergeOptions",
+    "RecipeConfig",
+    "intertrain",
+    "merge",
+    "plan_recipe",
+    "recycle",
+    "__version__",
+]
 
 
 def recycle(config: RecipeConfig, **kwargs):
@@ -34,3 +46,10 @@ def intertrain(config: IntertrainConfig, **kwargs):
     from .intertrain import intertrain as run
 
     return run(config, **kwargs)
+
+
+def merge(options: MergeOptions, **kwargs):
+    """Merge checkpoints into a folder with its card and merge.yaml (see `ratatouille_hub.merging.merge`)."""
+    from .merging import merge as run
+
+    return run(options, **kwargs)
