@@ -297,9 +297,6 @@ ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, wit
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
 
 
-MERGE_REPLAY = "ratatouille-hub merge --config merge.yaml"  # what a merged model's card tells its reader to type
-
-
 def merge_card(result, repo_id: str | None = None) -> ModelCard:
     """A merged model's card (`result`: a merging.MergeResult): its parents as `base_model` (the Hub members and
     the Hub base, `base_model_relation: merge`), the method with its parameters, every member at its revision,
@@ -351,7 +348,7 @@ def merge_card(result, repo_id: str | None = None) -> ModelCard:
 
 A merge of {len(result.members)} of {len(result.candidates)} checkpoints made with ratatouille-hub, method
 **{markdown_cell(result.method)}**{f" ({parameters})" if parameters else ""}. Every Hub input is pinned at the
-commit it was read at; `{MERGE_REPLAY}` (beside this card) merges the same bytes again.
+commit it was read at; `ratatouille-hub merge --config merge.yaml` (beside this card) merges the same bytes again.
 {base}{accuracy}
 | input | revision | in the merge | validation with it (greedy) |
 |---|---|---|---|
