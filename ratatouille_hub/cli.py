@@ -73,7 +73,7 @@ Rerunning the same command reuses finished fine-tunes.
 EPILOG_MERGE = """\
 examples:
   ratatouille-hub merge ./run-a ./run-b --output soup
-  ratatouille-hub merge alice/run0 alice/run1@3f2c9a1 ./run-c --output soup --push-to-hub me/soup
+  ratatouille-hub merge alice/run0 alice/run1@v1.0 ./run-c --output soup --push-to-hub me/soup
   ratatouille-hub merge ./run-* --method greedy --target ./pacs --test-domain sketch --output soup
   ratatouille-hub merge --config soup/merge.yaml --output again   # the same bytes, wherever the Hub moved
 """

@@ -11,10 +11,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import MergeOptions, PublishOptions
 from .fetch import Ingredient
 from .safe_text import say
+
+if TYPE_CHECKING:  # publish imports the merge engine: loaded only when a merge pushes
+    from .publish import PushResult
 
 MERGE_CONFIG = "merge.yaml"  # beside the merged weights: `merge --config` replays it
 CARD_NAME = "README.md"
@@ -53,7 +57,7 @@ class MergeResult:
     trials: tuple[Trial, ...]  # greedy's steps, in the order it tried them (empty for other methods)
     validation: float | None  # the merged model's training-domain validation accuracy, when a target was given
     options: MergeOptions  # as saved in merge.yaml: every Hub reference pinned
-    pushed: object | None = None  # publish.PushResult when pushed
+    pushed: PushResult | None = None
 
 
 def merge(

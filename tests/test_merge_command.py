@@ -206,3 +206,26 @@ def test_refusals_of_hub_inputs(hub_world, tmp_path, capsys):
         capsys,
         {**placeholders, "<config>": config},
     )
+
+
+def test_a_hub_base_is_pinned_and_named_with_the_method_parameters(hub_world, tiny_checkpoints, tmp_path):
+    ns, shas, local = hub_world
+    base, first = f"{ns}/base", f"{ns}/ft-0"
+    hub_base, folder_base = tmp_path / "hub-base", tmp_path / "folder-base"
+    method = ["--method", "interpolate", "--alpha", "0.25"]
+    assert cli.main(["merge", first, str(local), *method, "--base", base, "--output", str(hub_base)]) == 0
+    assert (
+        cli.main(
+            ["merge", first, str(local), *method, "--base", str(tiny_checkpoints["base"]), "--output", str(folder_base)]
+        )
+        == 0
+    )
+    # the same tensors and record (safetensors' save_file orders an anchored merge's metadata at random, so
+    # not the same header bytes: the engine rewrite writes its own header, as the streaming merge does)
+    assert same_tensors(load_file(hub_base / "model.safetensors"), load_file(folder_base / "model.safetensors"))
+    metadata = [read_safetensors_metadata(out / "model.safetensors") for out in (hub_base, folder_base)]
+    assert metadata[0] == metadata[1] and metadata[0]["ratatouille.merge"] == "interpolate"
+    assert yaml.safe_load((hub_base / "merge.yaml").read_text())["base"] == f"{base}@{shas[base]}"
+    card = ModelCard.load(hub_base / "README.md")
+    assert card.data.base_model == [first, base] and card.data.base_model_relation == "merge"
+    assert "**interpolate** (alpha = 0.25)" in card.text and f"Base: `{base}@{shas[base]}`" in card.text
