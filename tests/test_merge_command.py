@@ -16,7 +16,8 @@ import yaml
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file
 
-from ratatouille_hub import MergeOptions, cli, merge
+import ratatouille_hub
+from ratatouille_hub import MergeOptions, cli
 from ratatouille_hub.merge import average_state_dicts, read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY
 from ratatouille_hub.recipe.assembly import validation_inputs
@@ -173,7 +174,9 @@ def test_the_python_api_writes_the_bytes_the_command_writes(hub_world, tmp_path)
     first = f"{ns}/ft-0"
     api_out, cli_out = tmp_path / "api", tmp_path / "cli"
     printed: list[str] = []
-    result = merge(MergeOptions(models=(first, str(local)), output=str(api_out)), echo=printed.append)
+    # the package's `merge`, called after the engine's submodule of the same name was imported (at the top)
+    result = ratatouille_hub.merge(MergeOptions(models=(first, str(local)), output=str(api_out)), echo=printed.append)
+    assert ratatouille_hub.merge.WEIGHTS_NAME == "model.safetensors"  # ... which it still reaches
     assert cli.main(["merge", first, str(local), "--output", str(cli_out)]) == 0
     for name in ("model.safetensors", "README.md", "config.json"):
         assert (api_out / name).read_bytes() == (cli_out / name).read_bytes()
