@@ -327,16 +327,15 @@ def merge_card(result, repo_id: str | None = None) -> ModelCard:
         ],
     )
     parameters = ", ".join(f"{markdown_cell(k)} = {markdown_cell(json.dumps(v))}" for k, v in result.parameters)
-    scores = {id(t.candidate): t for t in result.trials}
+    scores = {id(t.candidate): f"{_pct(t.validation)}%" for t in result.trials}  # greedy's, per candidate
 
     def row(candidate) -> str:
-        trial = scores.get(id(candidate))
         status = "merged" if candidate in result.members else "left out"
-        score = "" if trial is None else f"{_pct(trial.validation)}%"
-        revision = candidate.ingredient.revision
-        return f"| {markdown_cell(candidate.name)} | `{markdown_cell(revision)}` | {status} | {score} |"
+        cells = [markdown_cell(candidate.name), f"`{markdown_cell(candidate.ingredient.revision)}`", status]
+        return "| " + " | ".join(cells + ([scores.get(id(candidate), "-")] if scores else [])) + " |"
 
-    rows = "\n".join(row(c) for c in result.candidates)
+    header = "| input | revision | in the merge |" + (" validation with it added |" if scores else "")
+    rows = "\n".join([header, "|---" * header.count(" |") + "|", *(row(c) for c in result.candidates)])
     base = "" if result.base is None else f"\nBase: `{markdown_cell(result.base.ingredient.reference)}`.\n"
     accuracy = (
         ""
@@ -350,8 +349,6 @@ A merge of {len(result.members)} of {len(result.candidates)} checkpoints made wi
 **{markdown_cell(result.method)}**{f" ({parameters})" if parameters else ""}. Every Hub input is pinned at the
 commit it was read at; `ratatouille-hub merge --config merge.yaml` (beside this card) merges the same bytes again.
 {base}{accuracy}
-| input | revision | in the merge | validation with it (greedy) |
-|---|---|---|---|
 {rows}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")

@@ -153,9 +153,11 @@ def test_greedy_prints_each_candidate_by_name_with_its_score(hub_world, local_fi
     inputs = validation_inputs(folders, options)
     selected, best = [inputs.ranking[0]], inputs.score([inputs.ranking[0]])
     expected = [f"greedy: {names[selected[0]]}: validation {100 * best:.1f}% kept"]
+    tried = {names[selected[0]]: (best, True)}
     for candidate in inputs.ranking[1:]:
         trial = inputs.score([*selected, candidate])
         kept = trial >= best
+        tried[names[candidate]] = (trial, kept)
         expected.append(
             f"greedy: {names[candidate]}: validation {100 * trial:.1f}% "
             + ("kept" if kept else "left out (the average lost accuracy)")
@@ -167,6 +169,11 @@ def test_greedy_prints_each_candidate_by_name_with_its_score(hub_world, local_fi
     (result,) = card.data.eval_results
     assert result.metric_value == round(best, 4) and result.metric_name == "training-domain validation accuracy"
     assert card.data.base_model == ([hub_input] if 0 in selected else None)
+    rows = [line for line in card.text.splitlines() if line.startswith("| ") and "`" in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == names  # every input, in the order given
+    for row in rows:
+        score, kept = tried[row.split(" | ")[0][2:]]
+        assert row.endswith(f" | {'merged' if kept else 'left out'} | {100 * score:.1f}% |")
 
 
 def test_the_python_api_writes_the_bytes_the_command_writes(hub_world, tmp_path):
