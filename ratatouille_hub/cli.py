@@ -158,7 +158,12 @@ def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
 def _command(commands, name: str, options: type[Options], *, publish: bool = False, config: bool = False, **kwargs):
     parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     if config:
-        parser.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
+        parser.add_argument(
+            "--config",
+            type=Path,
+            help="the options an earlier run saved (recipe.yaml, sweep.yaml or merge.yaml) to start from; flags override "
+            "its values",
+        )
     groups = add_options(parser, options, config=config)
     if publish:
         add_options(parser, PublishOptions, groups)
