@@ -295,3 +295,60 @@ ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, wit
 {rows}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def merge_card(result, repo_id: str | None = None) -> ModelCard:
+    """A merged model's card (`result`: a merging.MergeResult): its parents as `base_model` (the Hub members and
+    the Hub base, `base_model_relation: merge`), the method with its parameters, every member at its revision,
+    greedy's scores and, when a target was given, the merged model's validation accuracy as `model-index`."""
+    sources = [m.ingredient.source for m in result.members] + ([result.base.ingredient.source] if result.base else [])
+    hub_ids = list(_hub_ids(sources))
+    target, _, target_revision = (result.options.target or "").partition("@")
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        datasets=[target] if is_hub_id(target) else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["merge", "weight-averaging", "ratatouille-hub", plain_text(f"merge-method:{result.method}")],
+        model_name=repo_id or "merged-model",
+        eval_results=None
+        if result.validation is None
+        else [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=target if is_hub_id(target) else "local",
+                dataset_name=plain_text(f"{Path(target).name} (training-domain validation)"),
+                dataset_revision=plain_text(target_revision) if target_revision else None,
+                metric_type="accuracy",
+                metric_name="training-domain validation accuracy",
+                metric_value=round(result.validation, 4),
+            )
+        ],
+    )
+    parameters = ", ".join(f"{markdown_cell(k)} = {markdown_cell(json.dumps(v))}" for k, v in result.parameters)
+    scores = {id(t.candidate): f"{_pct(t.validation)}%" for t in result.trials}  # greedy's, per candidate
+
+    def row(candidate) -> str:
+        status = "merged" if candidate in result.members else "left out"
+        cells = [markdown_cell(candidate.name), f"`{markdown_cell(candidate.ingredient.revision)}`", status]
+        return "| " + " | ".join(cells + ([scores.get(id(candidate), "-")] if scores else [])) + " |"
+
+    header = "| input | revision | in the merge |" + (" validation with it added |" if scores else "")
+    rows = "\n".join([header, "|---" * header.count(" |") + "|", *(row(c) for c in result.candidates)])
+    base = "" if result.base is None else f"\nBase: `{markdown_cell(result.base.ingredient.reference)}`.\n"
+    accuracy = (
+        ""
+        if result.validation is None
+        else f"\nTraining-domain validation accuracy on `{markdown_cell(result.options.target)}`: "
+        f"{_pct(result.validation)}%.\n"
+    )
+    text = f"""# {markdown_cell(repo_id or "merged-model")}
+
+A merge of {len(result.members)} of {len(result.candidates)} checkpoints made with ratatouille-hub, method
+**{markdown_cell(result.method)}**{f" ({parameters})" if parameters else ""}. Every Hub input is pinned at the
+commit it was read at; `ratatouille-hub merge --config merge.yaml` (beside this card) merges the same bytes again.
+{base}{accuracy}
+{rows}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")

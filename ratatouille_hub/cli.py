@@ -70,6 +70,14 @@ Rerunning the same command reuses finished fine-tunes.
 {METHOD_DOC}
 """
 
+EPILOG_MERGE = """\
+examples:
+  ratatouille-hub merge ./run-a ./run-b --output soup
+  ratatouille-hub merge alice/run0 alice/run1@v1.0 ./run-c --output soup --push-to-hub me/soup
+  ratatouille-hub merge ./run-* --method greedy --target ./pacs --test-domain sketch --output soup
+  ratatouille-hub merge --config soup/merge.yaml --output again   # the same bytes, wherever the Hub moved
+"""
+
 
 EPILOG_SWEEP = """\
 examples:
@@ -84,9 +92,12 @@ Rerunning the same command resumes: finished runs and soups are reused, never re
 """
 
 
-def add_options(parser: argparse.ArgumentParser, options: type[Options], groups: dict | None = None) -> dict:
+def add_options(
+    parser: argparse.ArgumentParser, options: type[Options], groups: dict | None = None, *, config: bool = False
+) -> dict:
     """One flag (or positional) per field of the options dataclass, in its `--help` group. Defaults are
-    suppressed, so values from --config are overlaid and the dataclass's own defaults fill the rest."""
+    suppressed, so values from --config are overlaid and the dataclass's own defaults fill the rest (with
+    --config, a positional list may be left out: the file gives it)."""
     groups = {} if groups is None else groups
     hints = typing.get_type_hints(options)
     for f in sorted(dataclasses.fields(options), key=lambda f: list(GROUPS).index(f.metadata["group"])):
@@ -100,7 +111,7 @@ def add_options(parser: argparse.ArgumentParser, options: type[Options], groups:
         kwargs: dict = {"default": argparse.SUPPRESS, "help": help_text}
         if typing.get_origin(hint) is tuple:
             metavar = "MODEL" if f.name in ("models", "aux") else "V"
-            kwargs.update(nargs="+", type=args[0], metavar=metavar)
+            kwargs.update(nargs="*" if config and f.metadata.get("positional") else "+", type=args[0], metavar=metavar)
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -147,8 +158,13 @@ def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
 def _command(commands, name: str, options: type[Options], *, publish: bool = False, config: bool = False, **kwargs):
     parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     if config:
-        parser.add_argument("--config", type=Path, help="recipe.yaml to start from; flags override its values")
-    groups = add_options(parser, options)
+        parser.add_argument(
+            "--config",
+            type=Path,
+            help="the options an earlier run saved (recipe.yaml, sweep.yaml or merge.yaml) to start from; flags override "
+            "its values",
+        )
+    groups = add_options(parser, options, config=config)
     if publish:
         add_options(parser, PublishOptions, groups)
     _add_token_flag(groups, parser)
@@ -284,11 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         MergeOptions,
         publish=True,
-        help="average compatible checkpoints without training",
-        description="Average transformers checkpoints tensor by tensor (streaming, float32 accumulation). "
+        config=True,
+        help="merge compatible checkpoints (folders or Hub ids) without training, with a card and merge.yaml",
+        description="Merge transformers checkpoints tensor by tensor (streaming, float32 accumulation): local "
+        "folders or Hub ids (id@rev pins a revision; each Hub input is pinned at the commit it resolves to). "
         "All inputs must share names, shapes, dtypes and labels. --method greedy ranks and selects on the "
-        "training-domain validation split of --target, as recycle splits it (same --seed, "
-        "--holdout-fraction and columns as the runs were trained with).",
+        "training-domain validation split of --target, as recycle splits it (same --seed, --holdout-fraction "
+        "and columns as the runs were trained with), and prints each candidate's score. OUTPUT gets the "
+        "weights, a card (base_model, base_model_relation: merge, the method, the members at their revisions) "
+        "and merge.yaml, which `merge --config OUTPUT/merge.yaml` replays to the same bytes.",
+        epilog=EPILOG_MERGE,
     )
     _command(
         commands,
@@ -409,6 +430,7 @@ def run_assemble(args) -> None:
     output = Path(options.output)
     if options.from_hub:
         from .community import assemble_from_hub
+        from .merging import check_merge_output
 
         check_merge_output(output, [])  # replaced whole: never a plan folder or anything else
         assemble_from_hub(options.from_hub, output, token=args.token)
@@ -454,108 +476,10 @@ def _push(folder: Path, repo_id: str, publish, token) -> None:
         say(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
 
 
-def merge_output_files() -> tuple[str, ...]:
-    """What a previous `merge` writes besides weight shards: an output holding only these may be replaced."""
-    from .merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
-    return (*COPIED_CONFIGS, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-
-
-def check_merge_output(output: Path, inputs: list[Path]) -> None:
-    """The output is replaced whole, so it must be new, empty or an earlier merge (only the files a merge
-    writes, and weights carrying a merge's record); never an input, nor the base."""
-    from .errors import RecipeError
-    from .io import foreign_entries
-
-    if output.exists() and not output.is_dir():
-        raise RecipeError(f"output {output} exists and is not a folder")
-    resolved = output.resolve()
-    for model in inputs:
-        if resolved == model.resolve() or resolved in model.resolve().parents:
-            raise RecipeError(f"output {output} is (or contains) the input {model}; choose another folder")
-    if not output.is_dir() or not any(output.iterdir()):
-        return
-    foreign = foreign_entries(output, merge_output_files())
-    if foreign:
-        raise RecipeError(
-            f"output {output} holds other files ({', '.join(foreign[:3])}); it would be replaced whole - choose an empty folder"
-        )
-    if not _carries_merge_record(output):
-        raise RecipeError(
-            f"output {output} holds a model no merge wrote (its weights carry no merge record); it would be "
-            "replaced whole - choose an empty folder"
-        )
-
-
-def _carries_merge_record(folder: Path) -> bool:
-    """Whether every weights file of `folder` has the metadata a merge writes: its `ratatouille.merge` mark,
-    or the ingredients of a uniform soup (what `update --output` and `assemble --from-hub` write)."""
-    from .io import WEIGHTS_SHARD
-    from .merge import WEIGHTS_NAME, MergeError, read_safetensors_metadata
-    from .provenance import INGREDIENTS_KEY, MERGE_KEY
-
-    weights = [p for p in folder.iterdir() if p.name == WEIGHTS_NAME or WEIGHTS_SHARD.fullmatch(p.name)]
-    try:
-        return bool(weights) and all(
-            {MERGE_KEY, INGREDIENTS_KEY} & read_safetensors_metadata(path).keys() for path in weights
-        )
-    except MergeError:  # not even a safetensors file: nothing a merge wrote
-        return False
-
-
 def run_merge(args) -> None:
-    from .io import staged_folder
-    from .merge import merge_model_folders
-    from .merge_methods import MERGE_METHODS, MergeInputs
-    from .provenance import MERGE_KEY
+    from .merging import merge
 
-    options = options_from_args(args, MergeOptions)
-    models, output = [Path(m) for m in options.models], Path(options.output)
-    method = MERGE_METHODS[options.method]
-    base_folder = [Path(options.base)] if options.base and Path(options.base).is_dir() else []  # not a Hub id
-    check_merge_output(output, [*models, *base_folder])
-    inputs = MergeInputs(count=len(models), weights=options.weights or None, alpha=options.alpha)
-    if "validation" in method.needs:  # ranks and selects on the target's training-domain validation
-        from .recipe.assembly import validation_inputs
-
-        inputs = validation_inputs(models, options, token=args.token)
-    mixture = method.mix(inputs)
-    if len(mixture.members) < len(models):
-        say(
-            f"{method.name} kept {len(mixture.members)} of {len(models)}: "
-            + ", ".join(str(models[i]) for i in mixture.members)
-        )
-    models, weights = [models[i] for i in mixture.members], mixture.weights
-    record = {MERGE_KEY: method.name, **(_uniform_record(models, weights) or {})}  # the mark check_merge_output reads
-    with staged_folder(output) as staging:
-        if mixture.anchored is None:
-            merge_model_folders(models, staging, weights=weights, metadata=record)
-        else:
-            from .fetch import resolve_model
-            from .merge import merge_anchored_folders
-
-            base = resolve_model(options.base, token=args.token)
-            unanchored = merge_anchored_folders(models, base.path, staging, mixture.anchored, metadata=record)
-            if unanchored:
-                say(
-                    f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
-                    + ", ".join(unanchored[:4])
-                    + (", ..." if len(unanchored) > 4 else "")
-                )
-    say(f"merged {len(models)} models into {output}")
-    _push_if_asked(options_from_args(args, PublishOptions), output, args.token)
-
-
-def _uniform_record(models: list[Path], weights) -> dict[str, str] | None:
-    """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly."""
-    from .merge import WEIGHTS_NAME
-    from .provenance import RUN_FILE, SoupIngredient, SoupRecord, declared_fingerprint, file_sha256
-
-    if weights is not None or not all((m / WEIGHTS_NAME).is_file() for m in models):
-        return None
-    fingerprints = {declared_fingerprint(m / RUN_FILE, str(m)) if (m / RUN_FILE).is_file() else "" for m in models}
-    ingredients = tuple(SoupIngredient(file_sha256(m / WEIGHTS_NAME), str(m.resolve())) for m in models)
-    return SoupRecord(ingredients, fingerprints.pop() if len(fingerprints) == 1 else "").to_metadata()
+    merge(options_from_args(args, MergeOptions), publish=options_from_args(args, PublishOptions), token=args.token)
 
 
 def run_demo(args) -> None:
@@ -606,6 +530,8 @@ def run_update(args) -> None:
     options = options_from_args(args, UpdateOptions)
     output = Path(options.output) if options.output else None
     if output is not None:
+        from .merging import check_merge_output
+
         check_merge_output(output, [Path(m) for m in (options.soup, *options.add, *options.remove) if Path(m).is_dir()])
     evaluate = None
     if options.target:

@@ -416,10 +416,15 @@ class IntertrainConfig(TrainingOptions):
 
 @dataclass(frozen=True)
 class MergeOptions(TargetOptions):
-    """`merge`: average checkpoints; `greedy` ranks them on the target split the target options define."""
+    """`merge`: merge checkpoints (folders or Hub ids) by a registered method; `greedy` ranks them on the target
+    split the target options define. Saved as OUTPUT/merge.yaml with every Hub reference pinned at its commit."""
 
     models: tuple[str, ...] = _opt(
-        (), "model folders holding model.safetensors", group="model", positional=True, required=True
+        (),
+        "the checkpoints: transformers folders or Hub ids (id@rev pins a revision)",
+        group="model",
+        positional=True,
+        required=True,
     )
     output: str = _opt("", "folder for the merged model", group="output", required=True, check=utf8_path)
     method: str = _opt(

@@ -27,6 +27,7 @@ SOUP_FILES = (
     "preprocessor_config.json",
     "README.md",
     "recipe.yaml",
+    "merge.yaml",  # a merged model's replayable config
     "results.json",
     "diagnostics.png",
     "accuracies.png",

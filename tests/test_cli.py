@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.merge import MergeError, average_state_dicts
+from ratatouille_hub.fetch import FetchError
+from ratatouille_hub.merge import average_state_dicts
 from ratatouille_hub.testing import perturbed_backbone, tiny_resnet
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
@@ -240,7 +241,7 @@ def test_bad_input_through_the_entry_point(tmp_path):
 
 
 def test_debug_shows_the_real_exception(checkpoints, tmp_path):
-    with pytest.raises(MergeError, match="no config.json"):
+    with pytest.raises(FetchError, match="no such model folder"):
         cli.main(["--debug", "merge", str(checkpoints[0]), str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
 
 

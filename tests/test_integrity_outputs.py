@@ -154,7 +154,13 @@ def test_merge_replaces_its_own_earlier_output_whatever_the_method(tiny_world, t
         assert cli.main(["merge", aux, aux, *method, "--output", str(out)]) == 0
     with safe_open(out / "model.safetensors", "pt") as weights:
         assert weights.metadata()["ratatouille.merge"] == "uniform"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "merge.yaml",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
 
 # -- recycle: the soup folder holds only a soup ---------------------------------------------------------

@@ -34,6 +34,7 @@ CARD_COMMANDS = {  # what each kind of card tells its reader to type; the card j
     "recycled soup": "ratatouille-hub recycle --config recipe.yaml",
     "contributed run": "ratatouille-hub assemble SOUP --from-hub <this repo>",
     "grown soup": "ratatouille-hub update SOUP --add RUN",
+    "merged model": "ratatouille-hub merge --config merge.yaml",  # typed in tests/test_merge_command.py
 }
 
 
@@ -218,6 +219,14 @@ def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path):
     assert "4 runs of one recipe" in card.text and card.data.eval_results[0].metric_name.startswith("training")
     smaller = read_safetensors_metadata(folder / "smaller-soup" / "model.safetensors")
     assert len(json.loads(smaller[INGREDIENTS_KEY])) == journeys.BUDGET_RUNS - 1
+    merged = ModelCard.load(f"{ns}-me/pacs-merged")  # the mergekit-style line: pushed with its card
+    assert merged.data.base_model_relation == "merge" and merged.data.base_model
+    assert set(merged.data.base_model) <= {f"{ns}-alice/pacs-sketch-run{k}" for k in (0, 1)}
+    assert merged.data.eval_results[0].metric_name == "training-domain validation accuracy"
+    saved = yaml.safe_load((folder / "merged" / "merge.yaml").read_text())
+    assert all(re.fullmatch(rf"{ns}-alice/pacs-sketch-run[01]@[0-9a-f]{{40}}", model) for model in saved["models"])
+    replayed = (folder / name / "model.safetensors" for name in ("merged", "merged-again"))
+    assert next(replayed).read_bytes() == next(replayed).read_bytes()
 
 
 def _line(fragment: str) -> str:
