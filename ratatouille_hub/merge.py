@@ -690,7 +690,8 @@ def toward(anchor: Tensor, target: Tensor, ratio: float) -> Tensor:
         return target
     dtype = _accumulator_dtype(target.dtype)
     start = anchor.to(dtype)
-    return (start + ratio * (target.to(dtype) - start)).to(target.dtype)
+    moved = target.to(dtype, copy=True).sub_(start).mul_(ratio).add_(start)  # in place: one temporary
+    return moved.to(target.dtype)
 
 
 def seeded_generator(seed: int, name: str, index: int) -> torch.Generator:

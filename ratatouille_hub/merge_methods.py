@@ -249,9 +249,9 @@ def _task_arithmetic(runs: Iterator[Tensor], base: Tensor, *, scaling: float = 1
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
     total = torch.zeros_like(start)
     for run in runs:
-        total += run.to(start.dtype) - start
+        total.add_(run).sub_(start)
         dtype = run.dtype
-    return (start + scaling * total).to(dtype)
+    return total.mul_(scaling).add_(start).to(dtype)
 
 
 @merge_method(
@@ -267,18 +267,17 @@ def _ties(all_runs: list[Tensor], base: Tensor, *, density: float = 0.2, scaling
     import torch
 
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
-    trimmed = []
-    for run in all_runs:
-        delta = (run.to(start.dtype) - start).flatten()
-        keep = int(density * delta.numel())
-        mask = torch.zeros_like(delta, dtype=torch.bool)
-        mask[torch.topk(delta.abs(), keep).indices] = True
-        trimmed.append(torch.where(mask, delta, torch.zeros_like(delta)))
-    stacked = torch.stack(trimmed)
+    stacked = torch.empty((len(all_runs), start.numel()), dtype=start.dtype)  # one row per run's delta
+    keep = int(density * start.numel())
+    for delta, run in zip(stacked, all_runs):
+        magnitude = delta.copy_(run.flatten()).sub_(start.flatten()).abs()
+        # the keep largest magnitudes (entries tied with the last one kept stay too); none when keep is 0
+        threshold = torch.kthvalue(magnitude, start.numel() - keep + 1).values if keep else torch.inf
+        delta.masked_fill_(magnitude < threshold, 0.0)
     elected = torch.sign(stacked.sum(dim=0))
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    merged = (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
-    return (start + scaling * merged.view(start.shape)).to(all_runs[0].dtype)
+    merged = stacked.mul_(agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    return merged.view(start.shape).mul_(scaling).add_(start).to(all_runs[0].dtype)
 
 
 @merge_method(
@@ -302,10 +301,11 @@ def _dare(
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
     total = torch.zeros_like(start)
     for index, run in enumerate(runs):
-        kept = torch.rand(start.shape, generator=seeded_generator(seed, name, index)) >= drop_rate
-        total += torch.where(kept, run.to(start.dtype) - start, 0.0) / (1 - drop_rate)
+        dropped = torch.rand(start.shape, generator=seeded_generator(seed, name, index)) < drop_rate
+        delta = run.to(start.dtype, copy=True).sub_(start).masked_fill_(dropped, 0.0)
+        total.add_(delta, alpha=1 / (1 - drop_rate))
         dtype = run.dtype
-    return (start + scaling * total).to(dtype)
+    return total.mul_(scaling).add_(start).to(dtype)
 
 
 MEAN = TensorRule(weighted_mean, frozenset({"runs", "weights"}))
