@@ -301,8 +301,8 @@ def _dare(
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
     total = torch.zeros_like(start)
     for index, run in enumerate(runs):
-        dropped = torch.rand(start.shape, generator=seeded_generator(seed, name, index)) < drop_rate
-        delta = run.to(start.dtype, copy=True).sub_(start).masked_fill_(dropped, 0.0)
+        kept = torch.rand(start.shape, generator=seeded_generator(seed, name, index)) >= drop_rate
+        delta = run.to(start.dtype, copy=True).sub_(start).mul_(kept)  # x 0, not a fill: NaN stays NaN
         total.add_(delta, alpha=1 / (1 - drop_rate))
         dtype = run.dtype
     return total.mul_(scaling).add_(start).to(dtype)
