@@ -1,8 +1,10 @@
-"""Weight averaging: small pure functions over tensors, with streaming safetensors I/O at the edges.
+"""The one merge engine: every method (merge_methods.py) run tensor by tensor over safetensors files or
+states, with the math its entries share and the file I/O at the edges.
 
 The file merge copies each tensor's bytes out of the inputs with plain reads into reusable buffers instead
 of memory-mapping them: N mapped files count toward RSS as their pages are touched, so peak memory would
-grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N.
+grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N
+(N of them for a method that compares the runs' tensors of one name).
 """
 
 from __future__ import annotations
@@ -710,13 +712,3 @@ def merge_anchored_folders(
 ) -> list[str]:
     """`merge_model_folders` with a rule anchored at `base` (Mixture.anchored): the same streaming engine."""
     return merge_model_folders(inputs, output_dir, metadata=metadata, rule=anchored, base=base)
-
-
-def folder_state(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a model folder's safetensors files (one file or shards), as stored."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for name in _weight_files(folder):
-        state.update(load_file(folder / name))
-    return state

@@ -294,3 +294,41 @@ def test_a_non_finite_input_is_named_by_every_method(toy, tmp_path):
     for method in MERGE_METHODS:
         with pytest.raises(MergeError, match=f"{folder}/model.safetensors: tensor 'layer3.weight' contains NaN"):
             _merge_folders(method, [toy["folders"][0], folder], toy["base_folder"], tmp_path / method)
+
+
+def test_the_scoring_path_merges_runs_whose_files_are_not_their_states(tmp_path):
+    """ViT in transformers 5 renames tensors on load: the averager saves each loaded run once to a scratch
+    file in the model's key space, the engine reads those, and the scratch goes with the averager."""
+    import gc
+    from types import SimpleNamespace
+
+    from ratatouille_hub.merge import average_state_dicts
+    from ratatouille_hub.merge_methods import Mixture
+    from ratatouille_hub.models import load_classifier
+    from ratatouille_hub.recipe.assembly import RunAverager
+    from ratatouille_hub.testing import perturbed_backbone, tiny_vit
+
+    id2label = {0: "a", 1: "b", 2: "c"}
+    base = tiny_vit(0, names=list(id2label.values()))
+    folders = []
+    for seed in range(3):
+        base.load_state_dict(
+            perturbed_backbone(tiny_vit(0, names=list(id2label.values())).state_dict(), seed, head=True)
+        )
+        base.save_pretrained(tmp_path / f"run{seed}")
+        folders.append(tmp_path / f"run{seed}")
+    states = [load_classifier(folder, id2label).state_dict() for folder in folders]
+    assert load_file(folders[0] / "model.safetensors").keys() != states[0].keys()  # the case under test
+    anchor = tiny_vit(0, names=list(id2label.values())).state_dict()
+    averager = RunAverager(folders, SimpleNamespace(id2label=id2label), "average", anchor=lambda: anchor)
+    mean = averager.state(Mixture((0, 1, 2)))
+    assert mean.keys() == states[0].keys()
+    assert all(torch.equal(mean[k], v) for k, v in average_state_dicts(states).items())
+    stock = MERGE_METHODS["model-stock"].mix(MergeInputs(count=3))
+    expected = merge_states(stock.tensor_rule, states, base=anchor)
+    assert all(torch.equal(averager.state(stock)[k], v) for k, v in expected.items())
+    scratch = averager._converted
+    assert sorted(p.name for p in scratch.iterdir()) == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    del averager
+    gc.collect()
+    assert not scratch.exists()
