@@ -300,6 +300,9 @@ class SafetensorsSource:
         paths = [folder / name for name in _weight_files(folder)]
         return cls(paths, [read_safetensors_header(path) for path in paths])
 
+    def names(self) -> list[str]:
+        return list(self._where)
+
     def signature(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         where = self._where.get(name)
         return None if where is None else (where[1].dtype, where[1].shape)
@@ -572,7 +575,7 @@ def _anchor_source(base: Path, first: SafetensorsSource, first_folder: Path) -> 
     anchor = SafetensorsSource.of_folder(base)
     if not any(
         first.is_floating(name) and anchor.signature(name) is not None and _shape(anchor, name) == _shape(first, name)
-        for name in first._where
+        for name in first.names()
     ):
         raise MergeError(f"{base}: shares no tensor with {first_folder}: not the model they were fine-tuned from")
     return anchor
