@@ -120,7 +120,7 @@ class MergeMethod:
 
     def mix(self, inputs: MergeInputs) -> Mixture:
         """The members (all, or the selection's), their weights and the rule with the user's parameters."""
-        from .merge import normalize_weights
+        from .merge_math import normalize_weights
 
         members = tuple(sorted(self.select(inputs))) if self.select else tuple(range(inputs.count))
         weights = tuple(normalize_weights(inputs.weights, inputs.count)) if "weights" in self.needs else None
@@ -177,7 +177,7 @@ def recycle_methods() -> tuple[str, ...]:
 
 def weighted_mean(runs: Iterator[Tensor], weights: Sequence[float]) -> Tensor:
     """sum(w_i x run_i), accumulated in float32 (float64 for float64 runs) in member order, cast back."""
-    from .merge import accumulator_for
+    from .merge_math import accumulator_for
 
     total = None
     for run, weight in zip(runs, weights):
@@ -187,7 +187,7 @@ def weighted_mean(runs: Iterator[Tensor], weights: Sequence[float]) -> Tensor:
 
 
 def _greedy(inputs: MergeInputs) -> list[int]:
-    from .merge import greedy_select
+    from .merge_math import greedy_select
 
     return greedy_select(inputs.ranking, inputs.score)
 
@@ -222,7 +222,7 @@ merge_method("weighted", help="the mean weighted by --weights (normalised to sum
     record=(("angle", "mean of the pairwise angles"),),
 )
 def _model_stock(all_runs: list[Tensor], weights: Sequence[float], base: Tensor) -> Tensor:
-    from .merge import model_stock_ratio_of, toward
+    from .merge_math import model_stock_ratio_of, toward
 
     return toward(base, weighted_mean(iter(all_runs), weights), model_stock_ratio_of(all_runs, base))
 
@@ -233,7 +233,7 @@ def _model_stock(all_runs: list[Tensor], weights: Sequence[float], base: Tensor)
     parameters={"alpha": ("from the base (0) to the uniform mean (1)", *_fraction(low_open=False))},
 )
 def _interpolate(runs: Iterator[Tensor], weights: Sequence[float], base: Tensor, *, alpha: float = 0.5) -> Tensor:
-    from .merge import toward
+    from .merge_math import toward
 
     return toward(base, weighted_mean(runs, weights), alpha)
 
@@ -296,7 +296,7 @@ def _dare(
 ) -> Tensor:
     import torch
 
-    from .merge import seeded_generator
+    from .merge_math import seeded_generator
 
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
     total = torch.zeros_like(start)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
-from ratatouille_hub.merge import merge_states, model_stock_ratio, model_stock_ratio_of
+from ratatouille_hub.merge import merge_states
+from ratatouille_hub.merge_math import model_stock_ratio, model_stock_ratio_of
 from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_recipe, tiny_resnet
 
