@@ -1,14 +1,19 @@
-"""Merge benchmark: wall time and peak RSS of averaging N ResNet-50-sized checkpoints, against a read floor.
+"""Merge benchmark: wall time and peak RSS of merging N ResNet-50-sized checkpoints with every registered
+method, against a read floor, the naive load-all average and mergekit.
 
     python benchmarks/merge.py [--sizes 8 20] [--repeats 3]
 
-Checkpoints (random fp32 ResNet-50 with the 1000-class ImageNet head, 102 MB each) are generated once into
-benchmarks/scratch/ and reused. Every candidate runs in a fresh child process, so the import of torch and the
-allocator are paid as a user pays them: ours is `python -m ratatouille_hub.cli merge`, floor and naive are
-this script with --child, mergekit is its raw-safetensors entry (installed with --no-deps into
+Checkpoints (random fp32 ResNet-50 with the 1000-class ImageNet head, 102 MB each) and a base (the anchor of
+model-stock, interpolate, task-arithmetic, ties and dare) are generated once into benchmarks/scratch/ and
+reused. Every candidate runs in a fresh child process, so the import of torch and the allocator are paid as
+a user pays them: ours is `python -m ratatouille_hub.cli merge --method M` for every method of the registry
+but greedy (it needs a target dataset; its merge is the uniform mean of the runs it keeps), with each
+method's default parameters; floor and naive are this script with --child; mergekit is its raw-safetensors
+entry with linear, model_stock, task_arithmetic and ties (installed with --no-deps into
 benchmarks/scratch/mergekit-pkgs, so the project's torch is untouched). Peak RSS is the child's own ru_maxrss
 as wait4 reports it. The page cache is warmed first, so the numbers measure CPU and memory work, not the
-disk. `make bench-merge` runs it with the project's malloc settings. Results: benchmarks/results/merge.json.
+disk. The goal a method meets: wall time within 1.10x of the floor's and peak RSS within the floor's + 50 MB.
+Results: benchmarks/results/merge.json.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ MERGEKIT_INSTALL = [
     "scipy==1.17.1",
 ]
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+BASE_SEED = 99  # the base checkpoint's seed, apart from the members' 0..N-1
+WALL_GOAL, RSS_GOAL_MIB = 1.10, 50.0  # within 1.10x the floor's wall time, and the floor's peak RSS + 50 MB
+# mergekit's methods beside ours, with the parameters of our defaults (ties: density 0.2, lambda 1)
+MERGEKIT_METHODS = {
+    "linear": ({"weight": 1.0}, False),
+    "model_stock": ({}, True),
+    "task_arithmetic": ({"weight": 1.0}, True),
+    "ties": ({"weight": 1.0, "density": 0.2}, True),
+}
 
 
 # -- candidates: each runs alone in a child process; ours is the project's CLI, `ratatouille-hub merge`
@@ -84,7 +98,7 @@ def generate_checkpoints(count: int) -> None:
 
     from ratatouille_hub.io import staged_folder
 
-    for folder in checkpoint_folders(count):
+    for folder in [*checkpoint_folders(count), base_folder()]:
         if not (folder / WEIGHTS).is_file():
             print(f"generating {folder.name}", flush=True)
             torch.manual_seed(int(folder.name.rsplit("-", 1)[1]))
@@ -95,6 +109,10 @@ def generate_checkpoints(count: int) -> None:
 
 def checkpoint_folders(count: int) -> list[Path]:
     return [CHECKPOINTS / f"resnet50-{seed:02d}" for seed in range(count)]
+
+
+def base_folder() -> Path:
+    return CHECKPOINTS / f"resnet50-{BASE_SEED:02d}"
 
 
 def print_max_abs_difference(first: Path, second: Path) -> None:
@@ -129,11 +147,15 @@ def ensure_mergekit() -> str | None:
     return None
 
 
-def mergekit_command(output: Path, inputs: list[Path]) -> list[str]:
-    """mergekit's raw-safetensors entry (mergekit-pytorch), linear method with equal weights, fp32."""
-    config = OUTPUTS / f"mergekit-{len(inputs)}.yml"
-    models = [{"model": str(folder / WEIGHTS), "parameters": {"weight": 1.0}} for folder in inputs]
-    config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": models}))
+def mergekit_command(method: str, output: Path, inputs: list[Path]) -> list[str]:
+    """mergekit's raw-safetensors entry (mergekit-pytorch), `method` with equal weights, fp32."""
+    parameters, anchored = MERGEKIT_METHODS[method]
+    config = OUTPUTS / f"mergekit-{method}-{len(inputs)}.yml"
+    models = [{"model": str(folder / WEIGHTS), "parameters": parameters} for folder in inputs]
+    spec = {"merge_method": method, "dtype": "float32", "models": models}
+    if anchored:
+        spec["base_model"] = str(base_folder() / WEIGHTS)
+    config.write_text(json.dumps(spec))
     script = "from mergekit.scripts.merge_raw_pytorch import main; main()"
     return [sys.executable, "-c", script, str(config), str(output)]
 
@@ -180,26 +202,49 @@ def run_benchmark(sizes: list[int], repeats: int) -> dict:
     }
 
 
+def our_command(method: str, output: Path, inputs: list[Path]) -> list[str]:
+    """`ratatouille-hub merge --method METHOD`, with what the method needs (the base, one weight per run)."""
+    from ratatouille_hub.merge_methods import MERGE_METHODS
+
+    needs = MERGE_METHODS[method].needs
+    argv = [sys.executable, "-m", "ratatouille_hub.cli", "merge", *map(str, inputs), "--output", str(output)]
+    argv += ["--method", method]
+    if "base" in needs:
+        argv += ["--base", str(base_folder())]
+    if "weights" in needs:
+        argv += ["--weights", *(str(1 + k % 3) for k in range(len(inputs)))]
+    return argv
+
+
+def our_methods() -> list[str]:
+    from ratatouille_hub.merge_methods import MERGE_METHODS
+
+    return [name for name, method in MERGE_METHODS.items() if "validation" not in method.needs]
+
+
 def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None) -> list[dict]:
-    """One row per method for N = len(inputs): median and best wall over the repeats, max peak RSS."""
+    """One row per method for N = len(inputs): median and best wall over the repeats, max peak RSS, and
+    whether it meets the goal against the floor."""
     n = len(inputs)
-    warm_page_cache(inputs)
+    warm_page_cache([*inputs, base_folder()])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cli = [sys.executable, "-m", "ratatouille_hub.cli", "merge"]
-    commands = {"ours": [*cli, *map(str, inputs), "--output", str(OUTPUTS / f"ours-{n}")]}
-    for name in CHILDREN:
-        commands[name] = [sys.executable, __file__, "--child", name, str(OUTPUTS / f"{name}-{n}"), *map(str, inputs)]
-    if mergekit_problem is None:
-        commands["mergekit"] = mergekit_command(OUTPUTS / f"mergekit-{n}", inputs)
+    commands = {"floor": [sys.executable, __file__, "--child", "floor", str(OUTPUTS / f"floor-{n}"), *map(str, inputs)]}
+    for method in our_methods():
+        commands[f"ours:{method}"] = our_command(method, OUTPUTS / f"ours-{method}-{n}", inputs)
+    commands["naive"] = [sys.executable, __file__, "--child", "naive", str(OUTPUTS / f"naive-{n}"), *map(str, inputs)]
+    for method in MERGEKIT_METHODS:
+        if mergekit_problem is None:
+            commands[f"mergekit:{method}"] = mergekit_command(method, OUTPUTS / f"mergekit-{method}-{n}", inputs)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    failures = {"mergekit": mergekit_problem} if mergekit_problem else {}
+    failures = {f"mergekit:{m}": mergekit_problem for m in MERGEKIT_METHODS} if mergekit_problem else {}
     for _ in range(repeats):  # interleaved, so drift in machine load hits every method alike
         for name, argv in commands.items():
             if name in failures:
                 continue
-            shutil.rmtree(OUTPUTS / f"{name}-{n}", ignore_errors=True)
-            log = OUTPUTS / f"{name}-{n}.log"
-            child_env = {**env, "PYTHONPATH": f"{MERGEKIT_PACKAGES}:{ROOT}"} if name == "mergekit" else env
+            folder = name.replace(":", "-")
+            shutil.rmtree(OUTPUTS / f"{folder}-{n}", ignore_errors=True)
+            log = OUTPUTS / f"{folder}-{n}.log"
+            child_env = {**env, "PYTHONPATH": f"{MERGEKIT_PACKAGES}:{ROOT}"} if name.startswith("mergekit") else env
             wall, rss, code = spawn_measured(argv, child_env, log)
             if code != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:]
@@ -207,41 +252,60 @@ def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None)
             else:
                 samples[name].append((wall, rss))
     floor_wall = statistics.median(w for w, _ in samples["floor"])
+    floor_rss = max(r for _, r in samples["floor"])
     rows = []
-    for name in ("ours", "floor", "naive", "mergekit"):
+    for name in commands:
         if name in failures:
             rows.append({"method": name, "n": n, "not_measured": failures[name]})
             continue
         walls = [w for w, _ in samples[name]]
+        wall_ratio, rss = statistics.median(walls) / floor_wall, max(r for _, r in samples[name])
         rows.append(
             {
                 "method": name,
                 "n": n,
                 "wall_s": round(statistics.median(walls), 3),
                 "best_wall_s": round(min(walls), 3),
-                "peak_rss_mib": round(max(r for _, r in samples[name]), 1),
-                "wall_over_floor": round(statistics.median(walls) / floor_wall, 3),
+                "peak_rss_mib": round(rss, 1),
+                "wall_over_floor": round(wall_ratio, 3),
+                "rss_over_floor_mib": round(rss - floor_rss, 1),
+                "meets_goal": wall_ratio <= WALL_GOAL and rss - floor_rss <= RSS_GOAL_MIB,
                 "wall_samples_s": [round(w, 3) for w in walls],
             }
         )
-    if "ours" not in failures and "naive" not in failures:
-        diff = helper("--compare", str(OUTPUTS / f"ours-{n}" / WEIGHTS), str(OUTPUTS / f"naive-{n}" / WEIGHTS))
+    if "ours:uniform" not in failures and "naive" not in failures:
+        ours = OUTPUTS / f"ours-uniform-{n}" / WEIGHTS
+        diff = helper("--compare", str(ours), str(OUTPUTS / f"naive-{n}" / WEIGHTS))
         rows.append({"method": "check", "n": n, "max_abs_diff_ours_vs_naive": json.loads(diff)})
     return rows
 
 
-def print_table(results: dict) -> None:
-    print(f"\n{'method':<10}{'N':>4}{'wall s':>9}{'best s':>9}{'peak RSS MiB':>14}{'wall/floor':>12}")
+def table_lines(results: dict) -> list[str]:
+    """The results as the README shows them: one row per method and N, the goal met or not."""
+    lines = [
+        "| method | N | wall s | best s | peak RSS MiB | wall / floor | RSS - floor MiB | goal |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for row in results["rows"]:
         if row["method"] == "check":
-            print(f"{'':<14}max |ours - naive| at N={row['n']}: {row['max_abs_diff_ours_vs_naive']:.3g}")
-        elif "not_measured" in row:
-            print(f"{row['method']:<10}{row['n']:>4}  not measured: {row['not_measured']}")
-        else:
-            print(
-                f"{row['method']:<10}{row['n']:>4}{row['wall_s']:>9.2f}{row['best_wall_s']:>9.2f}"
-                f"{row['peak_rss_mib']:>14.0f}{row['wall_over_floor']:>12.2f}"
-            )
+            continue
+        if "not_measured" in row:
+            lines.append(f"| {row['method']} | {row['n']} | not measured: {row['not_measured']} | | | | | |")
+            continue
+        goal = "-" if row["method"] == "floor" else ("yes" if row["meets_goal"] else "no")
+        lines.append(
+            f"| {row['method']} | {row['n']} | {row['wall_s']:.2f} | {row['best_wall_s']:.2f} | "
+            f"{row['peak_rss_mib']:.0f} | {row['wall_over_floor']:.2f} | {row['rss_over_floor_mib']:+.0f} | {goal} |"
+        )
+    checks = [row for row in results["rows"] if row["method"] == "check"]
+    lines += [
+        f"\nmax |ours:uniform - naive| at N={row['n']}: {row['max_abs_diff_ours_vs_naive']:.3g}" for row in checks
+    ]
+    return lines
+
+
+def print_table(results: dict) -> None:
+    print("\n" + "\n".join(table_lines(results)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the table of the saved results and exit")
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)  # --child: OUTPUT INPUT...
     args = parser.parse_args(argv)
     if args.child:
@@ -259,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         generate_checkpoints(args.generate)
     elif args.compare:
         print_max_abs_difference(*args.paths)
+    elif args.table:
+        print_table(json.loads(RESULTS.read_text()))
     else:
         results = run_benchmark(args.sizes, args.repeats)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

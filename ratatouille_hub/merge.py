@@ -1,8 +1,10 @@
-"""Weight averaging: small pure functions over tensors, with streaming safetensors I/O at the edges.
+"""The one merge engine: every method (merge_methods.py) run tensor by tensor over safetensors files or
+states, with the math its entries share and the file I/O at the edges.
 
 The file merge copies each tensor's bytes out of the inputs with plain reads into reusable buffers instead
 of memory-mapping them: N mapped files count toward RSS as their pages are touched, so peak memory would
-grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N.
+grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N
+(N of them for a method that compares the runs' tensors of one name).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shutil
 import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +24,9 @@ import torch
 from huggingface_hub import constants
 from torch import Tensor
 
-from .errors import RatatouilleError
+from .merge_math import MergeError, normalize_weights
+from .merge_math import greedy_select as greedy_select  # re-exported: callers find it here
+from .merge_methods import MEAN, TensorRule
 
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # transformers' SAFE_WEIGHTS_NAME, without importing transformers
 WEIGHTS_INDEX_NAME = constants.SAFETENSORS_INDEX_FILE
@@ -49,10 +52,18 @@ _ITEMSIZE = {
     "BOOL": 1,
 }
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class MergeError(RatatouilleError, ValueError):
-    """Inputs that cannot be averaged: corrupt files, models that differ, non-finite weights."""
+_STORED_DTYPES = {
+    **_FLOAT_DTYPES,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -71,105 +82,13 @@ class TensorInfo:
 # -- pure merge math -------------------------------------------------------------------------------
 
 
-def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    """Mixing weights that sum to one; None means the uniform soup."""
-    if n < 1:
-        raise MergeError("nothing to merge: need at least one input")
-    if weights is None:
-        return [1.0 / n] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise MergeError(f"got {len(weights)} weights for {n} inputs")
-    for index, weight in enumerate(weights):
-        if not math.isfinite(weight) or weight < 0:
-            raise MergeError(f"weights must be finite and non-negative (weight {index} is {weight})")
-    total = sum(weights)
-    if total == 0:
-        raise MergeError("weights sum to zero")
-    if not math.isfinite(total):
-        raise MergeError(f"--weights sum past the largest float ({weights}): give them on a smaller scale")
-    return [w / total for w in weights]
-
-
 def average_state_dicts(
     state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
 ) -> dict[str, Tensor]:
-    """Weighted mean of in-memory state dicts, with the same arithmetic as `merge_safetensors`.
-
-    Floating tensors are accumulated in float32 (float64 ones in float64) and cast back to their dtype;
-    integer and bool tensors (BatchNorm `num_batches_tracked`) are copied from the first input.
-    """
-    return average_streamed(state_dicts.__getitem__, len(state_dicts), weights)
-
-
-def average_streamed(
-    load: Callable[[int], Mapping[str, Tensor]], count: int, weights: Sequence[float] | None = None
-) -> dict[str, Tensor]:
-    """`average_state_dicts` of `load(0)`, ..., `load(count - 1)`, each input loaded when its turn comes.
-
-    Memory is a running sum plus one input, whatever `count`. Every tensor still accumulates the inputs in
-    the same order with the same operations, so the result is the same bit for bit, and so are the errors
-    (a non-finite sum reloads the inputs to name the culprit).
-    """
-    weights = normalize_weights(weights, count)
-    sums: dict[str, Tensor] = {}
-    signature: dict[str, tuple] = {}
-    for index, weight in enumerate(weights):
-        state_dict = load(index)
-        if index == 0:
-            signature = {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()}
-            sums = {name: _running_sum(name, t) for name, t in state_dict.items()}
-        else:
-            problem = _first_difference(signature, {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()})
-            if problem:
-                raise MergeError(f"state dict {index} does not match state dict 0: {problem}")
-        for name, tensor in state_dict.items():
-            if tensor.is_floating_point():
-                _accumulate(sums[name], tensor, weight)
-        del state_dict  # before loading the next input
-    merged = {}
-    for name, acc in sums.items():
-        dtype = signature[name][0]
-        if not acc.is_floating_point():
-            merged[name] = acc
-            continue
-        if not torch.isfinite(acc).all():
-            culprit = next((i for i in range(count) if not torch.isfinite(load(i)[name]).all()), None)
-            raise MergeError(_nonfinite_message(name, None if culprit is None else f"state dict {culprit}"))
-        merged[name] = acc.to(dtype)
-    return merged
-
-
-def _running_sum(name: str, first: Tensor) -> Tensor:
-    """Zeros in the accumulator dtype for a floating tensor; a copy of the first input for an integer one."""
-    if first.is_complex():
-        raise MergeError(f"tensor {name!r}: complex tensors are not supported")
-    if not first.is_floating_point():
-        return first.clone()
-    return torch.zeros(first.shape, dtype=_accumulator_dtype(first.dtype), device=first.device)
-
-
-def greedy_select(candidates: Sequence[int], score: Callable[[list[int]], float]) -> list[int]:
-    """Greedy soup: walk the best-first candidates, keep each one whose addition does not lower the score."""
-    if not candidates:
-        raise ValueError("greedy selection needs at least one candidate")
-    selected = [candidates[0]]
-    best = score(selected)
-    for candidate in candidates[1:]:
-        trial = score(selected + [candidate])
-        if trial >= best:
-            selected.append(candidate)
-            best = trial
-    return selected
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _accumulate(acc: Tensor, tensor: Tensor, weight: float) -> None:
-    """acc += weight * tensor in acc's dtype; both merge paths call this so that they agree bit for bit."""
-    acc.add_(tensor, alpha=weight)
+    """Weighted mean of in-memory state dicts: the engine's mean over states, so the same bits as a merge of
+    files. Floating tensors accumulate in float32 (float64 ones in float64) and are cast back to their dtype;
+    integer and bool tensors (BatchNorm `num_batches_tracked`) are copied from the first input."""
+    return merge_states(MEAN, state_dicts, weights)
 
 
 def _first_difference(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> str | None:
@@ -315,6 +234,171 @@ def _read_into(source: BinaryIO, info: TensorInfo, view: memoryview, path: Path)
         filled += count
 
 
+# -- the engine: one pass over the tensor names, each member's tensor read when the method asks for it --
+
+
+class SafetensorsSource:
+    """One model's tensors in safetensors files (one file or shards), each read on demand with plain reads
+    into a scratch buffer the engine owns: nothing is memory-mapped, so N inputs never count N files in RSS."""
+
+    def __init__(self, paths: Sequence[Path], headers: Sequence[Mapping[str, TensorInfo]]):
+        self.paths = list(paths)
+        self._where = {name: (index, info) for index, header in enumerate(headers) for name, info in header.items()}
+        self._handles: dict[int, BinaryIO] = {}
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> SafetensorsSource:
+        paths = [folder / name for name in _weight_files(folder)]
+        return cls(paths, [read_safetensors_header(path) for path in paths])
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def signature(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        where = self._where.get(name)
+        return None if where is None else (where[1].dtype, where[1].shape)
+
+    def is_floating(self, name: str) -> bool:
+        return self._where[name][1].dtype in _FLOAT_DTYPES
+
+    def describe(self, name: str) -> str:
+        return str(self.paths[self._where[name][0]])
+
+    def read(self, name: str, scratch: _ScratchBuffer) -> Tensor:
+        index, info = self._where[name]
+        dtype = _STORED_DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        if index not in self._handles:
+            self._handles[index] = open(self.paths[index], "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        raw = scratch.view(info.nbytes)
+        _read_into(self._handles[index], info, raw, self.paths[index])
+        return _as_tensor(raw, dtype, info.shape)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+class StateSource:
+    """A state dict already in memory (a base with its probe head, the two ends of a diagnosed path)."""
+
+    def __init__(self, state: Mapping[str, Tensor], label: str):
+        self.state, self.label = state, label
+
+    def signature(self, name: str) -> tuple[torch.dtype, tuple[int, ...]] | None:
+        tensor = self.state.get(name)
+        return None if tensor is None else (tensor.dtype, tuple(tensor.shape))
+
+    def is_floating(self, name: str) -> bool:
+        return self.state[name].is_floating_point()
+
+    def describe(self, name: str) -> str:
+        return self.label
+
+    def read(self, name: str, scratch: _ScratchBuffer) -> Tensor:
+        return self.state[name]
+
+    def close(self) -> None:
+        pass
+
+
+def merge_sources(
+    rule: TensorRule,
+    runs: Sequence[SafetensorsSource | StateSource],
+    names: Sequence[str],
+    emit: Callable[[str, Tensor], None],
+    weights: Sequence[float] | None = None,
+    base: SafetensorsSource | StateSource | None = None,
+) -> list[str]:
+    """The one merge engine: for each name in `names`, `emit(name, merged tensor)`; returns the floating
+    tensors the base lacks or shapes otherwise (they take the weighted mean instead of an anchored rule).
+
+    A method that streams (`runs`) sees each member's tensor in turn through one shared read buffer, so
+    memory is its running state plus one tensor, whatever N; one that compares the runs (`all_runs`) holds
+    N copies of one tensor, never N models. Integer and bool tensors are the first member's. A non-finite
+    result names the first input holding NaN or Inf (or the overflow)."""
+    weights = normalize_weights(weights, len(runs))
+    shared, base_scratch = _ScratchBuffer(), _ScratchBuffer()
+    own = [_ScratchBuffer() for _ in runs] if rule.holds_all_runs else []
+    unanchored = []
+    for name in names:
+        first = runs[0]
+        if not first.is_floating(name):
+            emit(name, first.read(name, shared))
+            continue
+        tensor_rule, anchor = rule, None
+        if rule.needs_base:
+            if (
+                base.signature(name) is not None
+                and _shape(base, name) == _shape(first, name)
+                and base.is_floating(name)
+            ):
+                anchor = base.read(name, base_scratch)
+            else:
+                tensor_rule = MEAN
+                unanchored.append(name)
+        if tensor_rule.holds_all_runs:
+            tensors = [run.read(name, scratch) for run, scratch in zip(runs, own)]
+        else:
+            tensors = (run.read(name, shared) for run in runs)
+        merged = tensor_rule(name, tensors, weights, anchor)
+        if not torch.isfinite(merged).all():
+            culprit = _find_nonfinite(name, [*runs, *([base] if anchor is not None else [])], shared)
+            raise MergeError(_nonfinite_message(name, culprit))
+        emit(name, merged)
+    return unanchored
+
+
+def _shape(source: SafetensorsSource | StateSource, name: str) -> tuple[int, ...]:
+    return tuple(source.signature(name)[1])
+
+
+def _find_nonfinite(
+    name: str, sources: Sequence[SafetensorsSource | StateSource], scratch: _ScratchBuffer
+) -> str | None:
+    """The first input whose tensor holds NaN or Inf (None when only the sum overflowed)."""
+    for source in sources:
+        if not torch.isfinite(source.read(name, scratch)).all():
+            return source.describe(name)
+    return None
+
+
+def merge_states(
+    rule: TensorRule,
+    states: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | None = None,
+    base: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The engine over state dicts in memory (checked to match the first), merged into a new state dict."""
+    signature = {name: (t.dtype, tuple(t.shape)) for name, t in states[0].items()}
+    for index, state in enumerate(states[1:], start=1):
+        problem = _first_difference(signature, {name: (t.dtype, tuple(t.shape)) for name, t in state.items()})
+        if problem:
+            raise MergeError(f"state dict {index} does not match state dict 0: {problem}")
+    runs = [StateSource(state, f"state dict {index}") for index, state in enumerate(states)]
+    anchor = None if base is None else StateSource(base, "the base")
+    return collect(rule, runs, list(signature), weights, anchor)
+
+
+def collect(
+    rule: TensorRule,
+    runs: Sequence[SafetensorsSource | StateSource],
+    names: Sequence[str],
+    weights: Sequence[float] | None = None,
+    base: SafetensorsSource | StateSource | None = None,
+) -> dict[str, Tensor]:
+    """`merge_sources` into a state dict (the scoring path: the model evaluated holds it anyway)."""
+    merged: dict[str, Tensor] = {}
+
+    def keep(name: str, tensor: Tensor) -> None:
+        merged[name] = tensor if tensor.is_floating_point() else tensor.clone()  # copied out of a read buffer
+
+    merge_sources(rule, runs, names, keep, weights, base)
+    return merged
+
+
 def merge_safetensors(
     inputs: Sequence[str | Path],
     output_file: str | Path,
@@ -327,86 +411,53 @@ def merge_safetensors(
     rename) or not at all. Integer and bool tensors are copied from the first input.
     """
     paths = [Path(p) for p in inputs]
-    weights = normalize_weights(weights, len(paths))
-    _write_merged_file(paths, _read_matching_headers(paths), Path(output_file), weights, metadata)
+    headers = _read_matching_headers(paths)
+    runs = [SafetensorsSource([path], [header]) for path, header in zip(paths, headers)]
+    try:
+        _write_merged_file(Path(output_file), headers[0], metadata, MEAN, runs, weights, None)
+    finally:
+        for run in runs:
+            run.close()
 
 
 def _write_merged_file(
-    paths: Sequence[Path],
-    headers: Sequence[Mapping[str, TensorInfo]],
     output_file: Path,
-    weights: Sequence[float],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Inputs already validated; write through a temp file so a crash never leaves half a file."""
+    layout: Mapping[str, TensorInfo],
+    metadata: Mapping[str, str] | None,
+    rule: TensorRule,
+    runs: Sequence[SafetensorsSource],
+    weights: Sequence[float] | None,
+    base: SafetensorsSource | None,
+) -> list[str]:
+    """One output file in `layout` (the first input's), written through a temp file: a crash never leaves
+    half a file. Returns the tensors left unanchored (`merge_sources`)."""
     output_file.parent.mkdir(parents=True, exist_ok=True)
     staging = output_file.with_name(f".{output_file.name}.{uuid.uuid4().hex}.tmp")
+    order = sorted(layout, key=lambda name: layout[name].offsets)
     try:
-        with ExitStack() as stack:
-            sink = stack.enter_context(open(staging, "xb"))
-            sources = [stack.enter_context(open(path, "rb", buffering=0)) for path in paths]
-            _stream_merged_tensors(sink, sources, paths, headers, weights, metadata)
+        with open(staging, "xb") as sink:
+            unanchored = _stream_merged_tensors(
+                sink,
+                _encode_header(layout, order, metadata),
+                lambda emit: merge_sources(rule, runs, [n for n in order if layout[n].nbytes], emit, weights, base),
+            )
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(staging, output_file)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+    return unanchored
 
 
-def _stream_merged_tensors(
-    sink: BinaryIO,
-    sources: Sequence[BinaryIO],
-    paths: Sequence[Path],
-    headers: Sequence[Mapping[str, TensorInfo]],
-    weights: Sequence[float],
-    metadata: Mapping[str, str] | None,
-) -> None:
+def _stream_merged_tensors(sink: BinaryIO, header: bytes, merge: Callable[[Callable], list[str]]) -> list[str]:
     """Header first (it depends only on the first input's layout), then each merged tensor in file order."""
-    layout = headers[0]
-    order = sorted(layout, key=lambda name: layout[name].offsets)
-    sink.write(_encode_header(layout, order, metadata))
-    read_buffer, acc_buffer, out_buffer = _ScratchBuffer(), _ScratchBuffer(), _ScratchBuffer()
-    for name in order:
-        info = layout[name]
-        if info.nbytes == 0:
-            continue
-        raw = read_buffer.view(info.nbytes)
-        if info.dtype not in _FLOAT_DTYPES:
-            _read_into(sources[0], info, raw, paths[0])
-            sink.write(raw)
-            continue
-        dtype = _FLOAT_DTYPES[info.dtype]
-        acc_dtype = _accumulator_dtype(dtype)
-        acc_bytes = acc_buffer.view(math.prod(info.shape) * acc_dtype.itemsize)
-        acc = _as_tensor(acc_bytes, acc_dtype, info.shape).zero_()
-        for source, path, header, weight in zip(sources, paths, headers, weights):
-            _read_into(source, header[name], raw, path)
-            _accumulate(acc, _as_tensor(raw, dtype, info.shape), weight)
-        if not torch.isfinite(acc).all():
-            raise MergeError(_nonfinite_message(name, _find_nonfinite(name, sources, paths, headers, raw, dtype)))
-        if dtype == acc_dtype:
-            sink.write(acc_bytes)
-        else:
-            out_bytes = out_buffer.view(info.nbytes)
-            _as_tensor(out_bytes, dtype, info.shape).copy_(acc)
-            sink.write(out_bytes)
+    sink.write(header)
+    return merge(lambda name, tensor: sink.write(_tensor_bytes(tensor)))
 
 
-def _find_nonfinite(
-    name: str,
-    sources: Sequence[BinaryIO],
-    paths: Sequence[Path],
-    headers: Sequence[Mapping[str, TensorInfo]],
-    raw: memoryview,
-    dtype: torch.dtype,
-) -> str | None:
-    """The first input whose tensor holds NaN or Inf (None when only the sum overflowed)."""
-    for source, path, header in zip(sources, paths, headers):
-        _read_into(source, header[name], raw, path)
-        if not torch.isfinite(_as_tensor(raw, dtype, header[name].shape)).all():
-            return str(path)
-    return None
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def _encode_header(
@@ -434,24 +485,51 @@ def merge_model_folders(
     output_dir: str | Path,
     weights: Sequence[float] | None = None,
     metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Average transformers model folders into `output_dir` (weights, config, image processor config).
+    rule: TensorRule | None = None,
+    base: str | Path | None = None,
+) -> list[str]:
+    """Merge transformers model folders into `output_dir` (weights, config, image processor config) with
+    `rule` (the weighted mean by default; a rule anchored at `base` needs it). Returns the floating tensors
+    the base lacks or shapes otherwise (a head for other labels): those take the weighted mean.
 
     Configs must agree on model type and labels, and every weight file on its tensors, before anything is
-    written. Sharded checkpoints are merged shard by shard when all inputs are sharded the same way.
+    written. Sharded checkpoints are merged shard by shard when all inputs are sharded the same way; each
+    output file is written atomically, with `metadata` (the provenance record) in its header.
     """
     folders = [Path(p) for p in inputs]
-    output_dir = Path(output_dir)
-    weights = normalize_weights(weights, len(folders))
+    output_dir, rule = Path(output_dir), rule or MEAN
     headers = checked_headers(folders)
     files = list(headers)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        _write_merged_file([folder / name for folder in folders], headers[name], output_dir / name, weights, metadata)
+    runs = [
+        SafetensorsSource([folder / name for name in files], [headers[name][k] for name in files])
+        for k, folder in enumerate(folders)
+    ]
+    anchor = _anchor_source(Path(base), runs[0], folders[0]) if rule.needs_base else None
+    unanchored = []
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            layout = headers[name][0]
+            unanchored += _write_merged_file(output_dir / name, layout, metadata, rule, runs, weights, anchor)
+    finally:
+        for source in [*runs, *([anchor] if anchor else [])]:
+            source.close()
     copied = COPIED_CONFIGS if files == [WEIGHTS_NAME] else (*COPIED_CONFIGS, WEIGHTS_INDEX_NAME)
     for name in copied:
         if (folders[0] / name).is_file():
             shutil.copyfile(folders[0] / name, output_dir / name)
+    return unanchored
+
+
+def _anchor_source(base: Path, first: SafetensorsSource, first_folder: Path) -> SafetensorsSource:
+    """The base's tensors, refused when it anchors none of the inputs' floating tensors."""
+    anchor = SafetensorsSource.of_folder(base)
+    if not any(
+        first.is_floating(name) and anchor.signature(name) is not None and _shape(anchor, name) == _shape(first, name)
+        for name in first.names()
+    ):
+        raise MergeError(f"{base}: shares no tensor with {first_folder}: not the model they were fine-tuned from")
+    return anchor
 
 
 def checked_headers(folders: Sequence[Path]) -> dict[str, list[dict[str, TensorInfo]]]:
@@ -529,134 +607,15 @@ def _config_difference(key: str, expected: object, actual: object) -> str:
     return f"{key} is {actual!r}, expected {expected!r}"
 
 
-# -- merges anchored at the base (Model Stock, interpolation) ----------------------------------------
-
-
-def model_stock_ratio(cosine: float, k: int) -> float:
-    """Model Stock's weight of the fine-tunes' mean against the base, t = k cos / (1 + (k - 1) cos)."""
-    return k * cosine / (1 + (k - 1) * cosine)
-
-
-def model_stock_streamed(
-    load: Callable[[int], Mapping[str, Tensor]], count: int, anchor: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Model Stock (Jang, Yun, Han, ECCV 2024) of `load(0..count-1)` around `anchor`: per floating tensor,
-    t * mean(w_i) + (1 - t) * w_0 with t from the angle between the deltas w_i - w_0, as the authors do for
-    more than two models: the mean of the pairwise angles (mergekit averages the pairwise cosines instead).
-
-    Returns the merged state and each tensor's t, in [0, 1] (a mean angle past 90 degrees gives the base).
-    Pairs whose delta is zero have no angle and are left out;
-    a tensor with no angle (one input, or no delta) takes the mean (t = 1), as do tensors the anchor lacks or
-    shapes otherwise (a head for other labels). Integer tensors are the first input's, as in the mean.
-    Memory is the anchor, a running sum and two inputs whatever `count`: each pair is loaded again
-    (count * (count + 1) / 2 loads), rather than holding every input.
-    """
-    mean = average_streamed(load, count)
-    anchored = {
-        name
-        for name, tensor in mean.items()
-        if tensor.is_floating_point() and name in anchor and tuple(anchor[name].shape) == tuple(tensor.shape)
-    }
-    angles = dict.fromkeys(anchored, 0.0)
-    pairs = dict.fromkeys(anchored, 0)
-    for i in range(count - 1):
-        first = _unit_deltas(load(i), anchor, anchored)
-        for j in range(i + 1, count):
-            second = _unit_deltas(load(j), anchor, anchored)
-            for name in anchored:
-                if first[name] is not None and second[name] is not None:
-                    cosine = torch.dot(first[name], second[name]).clamp(-1.0, 1.0).item()
-                    angles[name] += math.acos(cosine)
-                    pairs[name] += 1
-            del second
-    # a mean angle past 90 degrees (cos < 0) would give t < 0, and t -> infinity as cos -> -1/(k - 1): the
-    # formula assumes fine-tunes of one base whose deltas agree more than they oppose, so cos is kept >= 0
-    ratios = {
-        name: model_stock_ratio(max(0.0, math.cos(angles[name] / pairs[name])), count) if pairs[name] else 1.0
-        for name in anchored
-    }
-    merged = {
-        name: _toward(anchor[name], tensor, ratios[name]) if name in ratios else tensor for name, tensor in mean.items()
-    }
-    return merged, ratios
-
-
-def _unit_deltas(state: Mapping[str, Tensor], anchor: Mapping[str, Tensor], names) -> dict[str, Tensor | None]:
-    """Each tensor's w - w_0 flattened to unit length in float64 (None where it is zero)."""
-    units = {}
-    for name in names:
-        delta = state[name].double().flatten() - anchor[name].double().flatten()
-        norm = torch.linalg.vector_norm(delta)
-        units[name] = delta / norm if norm > 0 else None
-    return units
-
-
-def interpolate(anchor: Mapping[str, Tensor], soup: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
-    """WiSE-FT's (1 - alpha) * base + alpha * soup per floating tensor (alpha 1: the soup, 0: the base).
-    Tensors the anchor lacks or shapes otherwise (a head for other labels), and integer ones, are the soup's."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (got {alpha})")
-    return {
-        name: _toward(anchor[name], tensor, alpha)
-        if tensor.is_floating_point() and name in anchor and tuple(anchor[name].shape) == tuple(tensor.shape)
-        else tensor
-        for name, tensor in soup.items()
-    }
-
-
-def _toward(anchor: Tensor, target: Tensor, ratio: float) -> Tensor:
-    """anchor + ratio * (target - anchor), in the accumulator dtype, cast back to the target's dtype; ratio 1
-    is the target itself, bit for bit."""
-    if ratio == 1.0:
-        return target
-    dtype = _accumulator_dtype(target.dtype)
-    start = anchor.to(dtype)
-    return (start + ratio * (target.to(dtype) - start)).to(target.dtype)
+# -- compatible entry points ------------------------------------------------------------------------
 
 
 def merge_anchored_folders(
     inputs: Sequence[str | Path],
     base: str | Path,
     output_dir: str | Path,
-    anchored,
+    anchored: TensorRule,
     metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """`merge_model_folders` for a method anchored at `base` (Model Stock, interpolation): inputs are loaded
-    one at a time (two for Model Stock's pairs), the result written as one safetensors file. Returns the
-    floating tensors the base lacks or shapes otherwise (a head for other labels): those are the plain mean.
-    """
-    from safetensors.torch import save_file
-
-    folders, output_dir = [Path(p) for p in inputs], Path(output_dir)
-    checked_headers(folders)
-    anchor = folder_state(Path(base))
-    first = folder_state(folders[0])
-    unanchored = [
-        name
-        for name, tensor in first.items()
-        if tensor.is_floating_point() and (name not in anchor or anchor[name].shape != tensor.shape)
-    ]
-    if len(unanchored) == sum(t.is_floating_point() for t in first.values()):
-        raise MergeError(f"{base}: shares no tensor with {folders[0]}: not the model they were fine-tuned from")
-    del first
-    merged = anchored(lambda k: folder_state(folders[k]), len(folders), anchor)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in merged.items()},
-        output_dir / WEIGHTS_NAME,
-        metadata={"format": "pt", **(metadata or {})},
-    )
-    for name in COPIED_CONFIGS:
-        if (folders[0] / name).is_file():
-            shutil.copyfile(folders[0] / name, output_dir / name)
-    return unanchored
-
-
-def folder_state(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a model folder's safetensors files (one file or shards), as stored."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for name in _weight_files(folder):
-        state.update(load_file(folder / name))
-    return state
+    """`merge_model_folders` with a rule anchored at `base` (Mixture.anchored): the same streaming engine."""
+    return merge_model_folders(inputs, output_dir, metadata=metadata, rule=anchored, base=base)

@@ -11,10 +11,30 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
-from ratatouille_hub.merge import interpolate, model_stock_ratio, model_stock_streamed
+from ratatouille_hub.merge import merge_states
+from ratatouille_hub.merge_math import model_stock_ratio, model_stock_ratio_of
+from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_recipe, tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def model_stock_streamed(runs, anchor):
+    """The engine's Model Stock over states, and each anchored tensor's t computed on its own."""
+    rule = MERGE_METHODS["model-stock"].mix(MergeInputs(count=len(runs))).tensor_rule
+    ratios = {
+        name: model_stock_ratio_of([run[name] for run in runs], tensor)
+        for name, tensor in anchor.items()
+        if tensor.is_floating_point() and tensor.shape == runs[0][name].shape
+    }
+    return merge_states(rule, runs, base=anchor), ratios
+
+
+def interpolate(base, soup, alpha):
+    """The engine's interpolation of one run (the soup) toward the base."""
+    return merge_states(
+        MERGE_METHODS["interpolate"].mix(MergeInputs(count=1, alpha=alpha)).tensor_rule, [soup], base=base
+    )
 
 
 def test_model_stock_uses_the_mean_pairwise_angle_computed_by_hand():
@@ -25,7 +45,7 @@ def test_model_stock_uses_the_mean_pairwise_angle_computed_by_hand():
     runs = [
         {"w": torch.tensor(w), "steps": torch.tensor(s)} for w, s in (([1.0, 0.0], 1), ([0.0, 1.0], 2), ([1.0, 1.0], 3))
     ]
-    merged, ratios = model_stock_streamed(runs.__getitem__, 3, anchor)
+    merged, ratios = model_stock_streamed(runs, anchor)
     assert ratios == {"w": pytest.approx(0.75, abs=1e-12)}
     assert torch.allclose(merged["w"], torch.tensor([0.5, 0.5]), atol=1e-7, rtol=0)
     assert merged["w"].dtype == torch.float32
@@ -41,7 +61,7 @@ def test_model_stock_of_two_runs_and_the_tensors_without_an_angle():
         {"w": torch.tensor([2.0, 1.0]), "same": torch.ones(3), "head": torch.zeros(2)},
         {"w": torch.tensor([1.5, 1.0 + half]), "same": torch.ones(3), "head": torch.ones(2)},
     ]
-    merged, ratios = model_stock_streamed(runs.__getitem__, 2, anchor)
+    merged, ratios = model_stock_streamed(runs, anchor)
     mean = torch.tensor([1.75, 1.0 + half / 2])
     assert ratios["w"] == pytest.approx(2 / 3, abs=1e-6)
     assert torch.allclose(merged["w"], 1 + (2 / 3) * (mean - 1), atol=1e-6, rtol=0)
@@ -53,18 +73,18 @@ def test_model_stock_of_opposing_deltas_is_the_base_not_a_division_by_zero():
     # opposite deltas (180 degrees) would divide by 1 + cos = 0; three at 120 degrees would give t = -3e15
     anchor = {"w": torch.tensor([1.0, 1.0])}
     opposite = [{"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([0.0, 1.0])}]
-    merged, ratios = model_stock_streamed(opposite.__getitem__, 2, anchor)
+    merged, ratios = model_stock_streamed(opposite, anchor)
     assert ratios == {"w": 0.0} and torch.equal(merged["w"], anchor["w"])
     star = [
         {"w": anchor["w"] + torch.tensor([math.cos(a), math.sin(a)])} for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
     ]
-    merged, ratios = model_stock_streamed(star.__getitem__, 3, anchor)
+    merged, ratios = model_stock_streamed(star, anchor)
     assert ratios["w"] == 0.0 and torch.equal(merged["w"], anchor["w"])
 
 
 def test_model_stock_of_one_run_is_that_run():
     run = {"w": torch.tensor([3.0, -1.0])}
-    merged, ratios = model_stock_streamed([run].__getitem__, 1, {"w": torch.zeros(2)})
+    merged, ratios = model_stock_streamed([run], {"w": torch.zeros(2)})
     assert ratios == {"w": 1.0} and torch.equal(merged["w"], run["w"])
 
 
@@ -76,7 +96,7 @@ def test_interpolation_toward_the_base():
     assert torch.equal(merged["head"], soup["head"]) and merged["n"].item() == 5
     assert torch.equal(interpolate(base, soup, 1.0)["w"], soup["w"])
     assert torch.equal(interpolate(base, soup, 0.0)["w"], base["w"])
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match="interpolate: alpha must be in \\[0, 1\\] \\(got 1.5\\)"):
         interpolate(base, soup, 1.5)
 
 

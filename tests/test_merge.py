@@ -336,26 +336,14 @@ def test_non_finite_inputs_are_rejected(tmp_path, bad):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.safetensors", "second.safetensors"]
 
 
-def test_a_streamed_average_loads_one_input_at_a_time_and_equals_the_mean():
-    """Assembly's averages: each input loaded when its turn comes (memory flat in N), float32 accumulation,
-    integer buffers from the first input."""
-    import torch
-
-    from ratatouille_hub.merge import average_streamed
-
+def test_a_weighted_average_of_states_skips_zero_weights_and_keeps_dtypes():
+    """The engine over states: float32 accumulation, each dtype kept, integer buffers from the first input."""
     generator = torch.Generator().manual_seed(0)
     inputs = [
         {"w": torch.randn(3, 4, generator=generator), "n": torch.tensor(7 + k), "h": torch.randn(2).half()}
         for k in range(5)
     ]
-    live = []
-
-    def load(index):
-        live.append(index)
-        return inputs[index]
-
-    merged = average_streamed(load, 5, weights=[1, 1, 2, 0, 1])
-    assert live == [0, 1, 2, 3, 4]
+    merged = average_state_dicts(inputs, weights=[1, 1, 2, 0, 1])
     expected = (inputs[0]["w"] + inputs[1]["w"] + 2 * inputs[2]["w"] + inputs[4]["w"]) / 5
     assert torch.allclose(merged["w"], expected, atol=1e-6, rtol=0)
     assert merged["n"].item() == 7 and merged["h"].dtype == torch.float16

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
 from ratatouille_hub.config import ConfigError, MergeOptions, RecipeConfig
-from ratatouille_hub.merge_methods import MERGE_METHODS, Mixture, merge_method, recycle_methods
+from ratatouille_hub.merge_methods import MERGE_METHODS, merge_method, recycle_methods, weighted_mean
 from ratatouille_hub.strategies import STRATEGIES
 from ratatouille_hub.testing import tiny_recipe
 
@@ -18,16 +18,30 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def best_run_only():
     """A merge method that keeps the best run by validation: registered for one test, then taken back."""
 
-    @merge_method("best-only", help="the best run by validation, alone", needs=("validation",))
-    def best_only(inputs) -> Mixture:
-        return Mixture((inputs.ranking[0],))
+    @merge_method(
+        "best-only",
+        help="the best run by validation, alone",
+        needs=("validation",),
+        select=lambda inputs: inputs.ranking[:1],
+    )
+    def best_only(runs, weights):
+        return weighted_mean(runs, weights)
 
     yield "best-only"
     MERGE_METHODS.unregister("best-only")
 
 
 def test_the_registries_list_the_methods_and_strategies_of_the_method():
-    assert list(MERGE_METHODS) == ["uniform", "greedy", "weighted", "model-stock", "interpolate"]
+    assert list(MERGE_METHODS) == [
+        "uniform",
+        "greedy",
+        "weighted",
+        "model-stock",
+        "interpolate",
+        "task-arithmetic",
+        "ties",
+        "dare",
+    ]
     assert recycle_methods() == ("uniform", "greedy", "model-stock", "interpolate")  # not user weights
     assert list(STRATEGIES) == ["ratatouille", "soup", "erm", "fusing"]
     assert [name for name, s in STRATEGIES.items() if s.averages] == ["ratatouille", "soup"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card
@@ -23,7 +25,16 @@ from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
 from ..io import foreign_entries
-from ..merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, average_streamed, merge_model_folders
+from ..merge import (
+    COPIED_CONFIGS,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    SafetensorsSource,
+    StateSource,
+    collect,
+    merge_model_folders,
+    read_safetensors_header,
+)
 from ..merge_methods import MERGE_METHODS, MergeInputs, Mixture, recycle_methods
 from ..models import load_classifier, set_head
 from ..provenance import (
@@ -100,8 +111,9 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
         if mixture.anchored is None:
             folders = [runs[i].model_folder for i in members]
             record = soup_record(plan, output, folders, destination) if is_plain_mean(config, mixture) else None
-            merge_model_folders(folders, staging, metadata=record and record.to_metadata())  # run 0's processor
-        else:
+            metadata = record and record.to_metadata()
+            merge_model_folders(folders, staging, mixture.weights, metadata, mixture.tensor_rule)  # run 0's processor
+        else:  # anchored at the base with the runs' probe head, in the model's key space
             write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
         soup_model = load_classifier(staging, target.id2label)
         if config.bn_policy == "reestimate":
@@ -243,9 +255,10 @@ def summary_rows(
 class RunAverager:
     """Weight averages of any subset of the runs, with the soup's BatchNorm policy applied, and diagnostics.
 
-    Runs stay in their folders and are loaded one at a time when needed, so memory is the model being
-    evaluated, a running sum and one run, whatever the number of runs. Greedy's candidates are averaged from
-    scratch: re-weighting the accepted runs' running sum by k/(k+1) would round differently from the mean.
+    Every average is the merge engine's (merge.merge_sources) over the runs' weight files, read tensor by
+    tensor, so memory is the model being evaluated, the method's per-tensor state and one tensor per run
+    (N for a method that compares the runs), whatever the number of runs. Greedy's candidates are averaged
+    from scratch: re-weighting the accepted runs' running sum by k/(k+1) would round differently.
     """
 
     def __init__(
@@ -263,15 +276,16 @@ class RunAverager:
         self._anchor = anchor  # the base's state, built when a method anchored at it first needs it
         self._anchor_state: dict[str, torch.Tensor] | None = None
         self._model = load_classifier(self.model_folders[0], target.id2label)
-        self._names = frozenset(self._model.state_dict())
+        self._names = list(self._model.state_dict())
         self._files_are_states = self._loads_as_stored(self.model_folders[0])
+        self._converted: Path | None = None  # runs saved in the model's key space, where files are not
 
     def _stored_state(self, folder: Path) -> dict[str, torch.Tensor] | None:
         """The folder's weights file if it has the model's tensor names (None otherwise)."""
         if not (folder / WEIGHTS_NAME).is_file():
             return None
         stored = load_file(folder / WEIGHTS_NAME)
-        return stored if stored.keys() == self._names else None
+        return stored if stored.keys() == set(self._names) else None
 
     def _loads_as_stored(self, folder: Path) -> bool:
         """Whether loading `folder` left its stored tensors as they are (names, dtypes, values): then runs are
@@ -289,18 +303,36 @@ class RunAverager:
         stored = self._stored_state(folder) if self._files_are_states else None
         return stored if stored is not None else load_classifier(folder, self.target.id2label).state_dict()
 
+    def _run_file(self, index: int) -> Path:
+        """Run `index`'s weights in the model's key space: its own file, or (where loading converts tensors)
+        the loaded state saved once to a scratch file that lives as long as this averager."""
+        if self._files_are_states:
+            return self.model_folders[index] / WEIGHTS_NAME
+        if self._converted is None:
+            self._converted = Path(tempfile.mkdtemp(prefix="ratatouille-runs-"))
+            weakref.finalize(self, shutil.rmtree, self._converted, True)
+        converted = self._converted / f"{index}.safetensors"
+        if not converted.is_file():
+            state = self.run_state(index)
+            save_file({name: tensor.contiguous().clone() for name, tensor in state.items()}, converted)
+        return converted
+
     def state(self, mixture: Mixture) -> dict[str, torch.Tensor]:
-        """The mixture's weights: the members' mean, or the method's rule toward the base."""
-        members = mixture.members
-
-        def load(k: int) -> dict[str, torch.Tensor]:
-            return self.run_state(members[k])
-
-        if mixture.anchored is None:
-            return average_streamed(load, len(members), mixture.weights)
-        if self._anchor_state is None:
-            self._anchor_state = self._anchor()
-        return mixture.anchored(load, len(members), self._anchor_state)
+        """The mixture's weights: its method's rule over the members, run by the merge engine."""
+        rule = mixture.tensor_rule
+        runs = [
+            SafetensorsSource([path], [read_safetensors_header(path)]) for path in map(self._run_file, mixture.members)
+        ]
+        base = None
+        if rule.needs_base:
+            if self._anchor_state is None:
+                self._anchor_state = self._anchor()
+            base = StateSource(self._anchor_state, "the base")
+        try:
+            return collect(rule, runs, self._names, mixture.weights, base)
+        finally:
+            for run in runs:
+                run.close()
 
     def model(self, mixture: Mixture):
         self._model.load_state_dict(self.state(mixture))
