@@ -444,7 +444,9 @@ class MergeOptions(TargetOptions):
     )
     base: str | None = _opt(
         None,
-        "with --method model-stock or interpolate: the model the inputs were fine-tuned from (folder or Hub id); "
+        "with a method anchored at the base ("
+        + ", ".join(name for name, entry in MERGE_METHODS.items() if "base" in entry.needs)
+        + "): the model the inputs were fine-tuned from (folder or Hub id); "
         "its tensors of other shapes (a head for other labels) are not anchored",
         group="merging",
     )
@@ -454,10 +456,34 @@ class MergeOptions(TargetOptions):
         group="merging",
         check=unit_interval,
     )
+    parameters: tuple[str, ...] = _opt(
+        (),
+        "the method's typed parameters as NAME=VALUE (default: each one's default); "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{p.name}={p.default}" for p in entry.parameters if p.name != "alpha")
+            for name, entry in MERGE_METHODS.items()
+            if any(p.name != "alpha" for p in entry.parameters)
+        ),
+        group="merging",
+        may_be_empty=True,
+    )
+
+    @property
+    def method_parameters(self) -> dict[str, str]:
+        """`parameters` as {name: value}; the method binds each to its type and checks its range."""
+        return dict(item.partition("=")[::2] for item in self.parameters)
 
     def _problems(self) -> list[str]:
         needs = MERGE_METHODS[self.method].needs if self.method in MERGE_METHODS else frozenset()
         problems = []
+        known = {p.name for p in MERGE_METHODS[self.method].parameters} - {"alpha"} if needs else set()
+        for item in self.parameters:
+            name, equals, _ = item.partition("=")
+            if not equals or name not in known:
+                problems.append(
+                    f"--parameters {item}: --method {self.method} takes "
+                    + (", ".join(f"{n}=VALUE" for n in sorted(known)) or "no parameters")
+                )
         if ("weights" in needs) != bool(self.weights):
             problems.append(
                 f"--method {self.method} needs --weights, one per model"
@@ -468,7 +494,8 @@ class MergeOptions(TargetOptions):
             problems.append(
                 f"--method {self.method} needs --base, the model the inputs were fine-tuned from"
                 if "base" in needs
-                else "--base goes with --method model-stock or interpolate"
+                else "--base goes with a method that needs it: "
+                + ", ".join(name for name, entry in MERGE_METHODS.items() if "base" in entry.needs)
             )
         if ("validation" in needs) != bool(self.target):
             problems.append(f"--method {self.method} needs --target (and --target goes only with greedy)")

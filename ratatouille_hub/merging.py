@@ -155,13 +155,15 @@ def _run_engine(
 ) -> _EngineOutcome:
     """The one place that calls the merge engine: select (a method that needs validation scores candidate
     averages on the target), then merge the members into `staging`, its weights marked as a merge's."""
-    from .merge import merge_anchored_folders, merge_model_folders
+    from .merge import merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
     from .provenance import MERGE_KEY
 
     method = MERGE_METHODS[options.method]
     folders = [c.ingredient.path for c in candidates]
-    inputs = MergeInputs(count=len(folders), weights=options.weights or None, alpha=options.alpha)
+    inputs = MergeInputs(
+        count=len(folders), weights=options.weights or None, alpha=options.alpha, parameters=options.method_parameters
+    )
     scored: list[tuple[int, float]] = []  # (candidate tried, validation of the average with it), in order
     if "validation" in method.needs:
         from .recipe.assembly import validation_inputs
@@ -182,31 +184,34 @@ def _run_engine(
             + ("kept" if trial.kept else "left out (the average lost accuracy)")
         )
     members = [candidates[i] for i in mixture.members]
-    record = {MERGE_KEY: method.name, **(_uniform_record(members, mixture.weights) or {})}
-    if mixture.anchored is None:
-        merge_model_folders([m.ingredient.path for m in members], staging, weights=mixture.weights, metadata=record)
-    else:
-        unanchored = merge_anchored_folders(
-            [m.ingredient.path for m in members], base.ingredient.path, staging, mixture.anchored, metadata=record
+    plain_mean = mixture.rule is None and mixture.weights is None  # only it can be grown exactly by `update`
+    record = {MERGE_KEY: method.name, **((_uniform_record(members) if plain_mean else None) or {})}
+    unanchored = merge_model_folders(
+        [m.ingredient.path for m in members],
+        staging,
+        mixture.weights,
+        record,
+        rule=mixture.rule,
+        base=base.ingredient.path if mixture.anchored is not None else None,
+    )
+    if unanchored:
+        echo(
+            f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
+            + ", ".join(unanchored[:4])
+            + (", ..." if len(unanchored) > 4 else "")
         )
-        if unanchored:
-            echo(
-                f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
-                + ", ".join(unanchored[:4])
-                + (", ..." if len(unanchored) > 4 else "")
-            )
     parameters = mixture.parameters or ((("weights", list(mixture.weights)),) if mixture.weights is not None else ())
     return _EngineOutcome(mixture.members, parameters, trials)
 
 
-def _uniform_record(members: Sequence[Candidate], weights) -> dict[str, str] | None:
+def _uniform_record(members: Sequence[Candidate]) -> dict[str, str] | None:
     """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly. A Hub
     ingredient is recorded as id@sha, never as a path in the local cache: the same pins give the same bytes."""
     from .merge import WEIGHTS_NAME
     from .provenance import RUN_FILE, SoupIngredient, SoupRecord, declared_fingerprint, file_sha256
 
     folders = [m.ingredient.path for m in members]
-    if weights is not None or not all((f / WEIGHTS_NAME).is_file() for f in folders):
+    if not all((f / WEIGHTS_NAME).is_file() for f in folders):
         return None
     fingerprints = {declared_fingerprint(f / RUN_FILE, str(f)) if (f / RUN_FILE).is_file() else "" for f in folders}
     ingredients = tuple(

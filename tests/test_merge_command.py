@@ -239,3 +239,30 @@ def test_a_hub_base_is_pinned_and_named_with_the_method_parameters(hub_world, ti
     card = ModelCard.load(hub_base / "README.md")
     assert card.data.base_model == [first, base] and card.data.base_model_relation == "merge"
     assert "**interpolate** (alpha = 0.25)" in card.text and f"Base: `{base}@{shas[base]}`" in card.text
+
+
+def test_ties_takes_its_parameters_from_the_command_and_is_not_recorded_as_a_plain_mean(
+    hub_world, tiny_checkpoints, local_finetunes, tmp_path, capsys
+):
+    """`--parameters density=1 scaling=0.5`: with every entry kept, TIES is base + 0.5 x the mean of the task
+    vectors that agree with the elected sign (the sign of their sum), computed here by hand per entry."""
+    base = load_file(tiny_checkpoints["base"] / "model.safetensors")
+    models = [load_file(folder / "model.safetensors") for folder in local_finetunes[:2]]
+    out = tmp_path / "ties"
+    argv = ["merge", *map(str, local_finetunes[:2]), "--method", "ties", "--base", str(tiny_checkpoints["base"])]
+    assert cli.main([*argv, "--parameters", "density=1", "scaling=0.5", "--output", str(out)]) == 0
+    merged = load_file(out / "model.safetensors")
+    name = "resnet.embedder.embedder.convolution.weight"
+    a, b = (m[name].double() - base[name].double() for m in models)
+    sign = torch.sign(a + b)
+    agree_a, agree_b = (torch.sign(a) == sign), (torch.sign(b) == sign)
+    count = (agree_a.double() + agree_b.double()).clamp(min=1)
+    expected = base[name].double() + 0.5 * (a * agree_a + b * agree_b) / count
+    assert torch.allclose(merged[name].double(), expected, atol=1e-6)
+    assert INGREDIENTS_KEY not in read_safetensors_metadata(out / "model.safetensors")  # `update` cannot grow it
+    assert "density = 1" in ModelCard.load(out / "README.md").text.replace("density = 1.0", "density = 1")
+    capsys.readouterr()
+    assert cli.main([*argv, "--parameters", "density=2", "--output", str(tmp_path / "bad")]) == 2
+    assert "density must be" in capsys.readouterr().err
+    assert cli.main([*argv, "--parameters", "alpha=2", "--output", str(tmp_path / "bad")]) == 2
+    assert "--method ties takes density=VALUE, scaling=VALUE" in capsys.readouterr().err
