@@ -280,7 +280,8 @@ def test_a_merge_killed_mid_write_leaves_nothing_the_rerun_keeps(tiny_world, tmp
         assert cli.main(["merge", str(tiny_world.aux[0]), str(tiny_world.aux[0]), "--output", str(out)]) == 0
         assert live.is_dir() and (live / WRITER_LOCK).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    expected = ["README.md", "config.json", "merge.yaml", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == expected  # the merge card and merge.yaml beside the model
 
 
 def test_a_long_output_name_is_legal_for_every_file_written_beside_it(tiny_world, tmp_path, capsys):
