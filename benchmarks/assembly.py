@@ -85,7 +85,7 @@ def child(case: str, count: int) -> None:
     import transformers.models.resnet.modeling_resnet  # noqa: F401
 
     from ratatouille_hub.evaluation import accuracy
-    from ratatouille_hub.merge import average_state_dicts
+    from ratatouille_hub.merge_engine import average_state_dicts
     from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs, Mixture
     from ratatouille_hub.models import load_classifier
     from ratatouille_hub.recipe.assembly import RunAverager

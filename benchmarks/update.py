@@ -86,7 +86,7 @@ def generate_runs(folder: Path, count: int, smoke: bool) -> list[Path]:
 def publish(runs: list[Path], soup_folder: Path) -> None:
     """Push every run, then the uniform soup of all but the last, recording Hub ingredients as `merge` would."""
     from ratatouille_hub.card import grown_soup_card
-    from ratatouille_hub.merge import merge_model_folders
+    from ratatouille_hub.merge_engine import merge_model_folders
     from ratatouille_hub.provenance import SoupIngredient, SoupRecord, file_sha256
     from ratatouille_hub.publish import push_folder
 
@@ -110,7 +110,7 @@ def remerge_child(count: int, output: Path) -> None:
     import torch
     from huggingface_hub import snapshot_download
 
-    from ratatouille_hub.merge import merge_model_folders
+    from ratatouille_hub.merge_engine import merge_model_folders
 
     start = time.perf_counter()
     folders = [snapshot_download(run_repo(i), allow_patterns=list(DOWNLOADED_FILES)) for i in range(count)]
@@ -178,7 +178,7 @@ def run_benchmark(count: int, smoke: bool) -> dict:
             import torch
             from huggingface_hub import hf_hub_download
 
-            from ratatouille_hub.merge import read_safetensors_metadata
+            from ratatouille_hub.merge_engine import read_safetensors_metadata
             from ratatouille_hub.provenance import SoupRecord
 
             torch.set_num_threads(THREADS)

@@ -12,9 +12,6 @@ from ratatouille_hub import MergeOptions, merge
 result = merge(MergeOptions(models=("org/ft-a", "./ft-b"), output="merged"))  # card and merge.yaml beside it
 """
 
-import sys
-import types
-
 from .config import IntertrainConfig, MergeOptions, RecipeConfig
 
 __version__ = "0.1.0"
@@ -51,42 +48,9 @@ def intertrain(config: IntertrainConfig, **kwargs):
     return run(config, **kwargs)
 
 
-class _MergeEntry:
-    """`ratatouille_hub.merge` names two things: the API call, `merge(options)` (`ratatouille_hub.merging.merge`),
-    and the merge engine's submodule. Calling it merges; its attributes are the submodule's (imported on first
-    use, so `import ratatouille_hub` stays light), so `from ratatouille_hub import merge` serves both."""
+def merge(options: MergeOptions, **kwargs):
+    """Merge checkpoints (folders or Hub ids) by a registered method, with a card and merge.yaml (see
+    `ratatouille_hub.merging.merge`)."""
+    from .merging import merge as run
 
-    __slots__ = ()
-
-    @property
-    def __dict__(self) -> dict:  # the submodule's namespace, as monkeypatching and introspection read it
-        return vars(_engine())
-
-    def __call__(self, options: MergeOptions, **kwargs):
-        from .merging import merge as run
-
-        return run(options, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(_engine(), name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(_engine(), name, value)
-
-    def __delattr__(self, name: str) -> None:
-        delattr(_engine(), name)
-
-
-def _engine():
-    import importlib
-
-    return importlib.import_module(f"{__name__}.merge")
-
-
-class _Package(types.ModuleType):
-    # importing the submodule sets the package's `merge` to it: the entry stays, and reaches the submodule
-    merge = property(lambda package: _MERGE_ENTRY, lambda package, submodule: None)
-
-
-_MERGE_ENTRY = _MergeEntry()
-sys.modules[__name__].__class__ = _Package
+    return run(options, **kwargs)

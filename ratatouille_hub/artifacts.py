@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_write_json, claimed_folder, staged_folder
-from .merge import WEIGHTS_NAME
+from .merge_engine import WEIGHTS_NAME
 from .results import Results
 from .train import LinearHead
 

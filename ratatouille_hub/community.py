@@ -17,7 +17,7 @@ from .card import RUN_TAG, Lineage, base_tag, grown_soup_card, run_card
 from .discover import backbone_mismatch, head_names_of
 from .errors import RatatouilleError
 from .fetch import Ingredient, is_hub_id, resolve_model
-from .merge import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
+from .merge_engine import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
 from .provenance import (
     RUN_FILE,
     ProvenanceError,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .merge import average_state_dicts
+from .merge_engine import average_state_dicts
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

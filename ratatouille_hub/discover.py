@@ -59,7 +59,7 @@ class Candidate:
 
 def local_signature(folder: Path) -> dict[str, TensorSignature]:
     """Tensor names -> (dtype, shape) of a local model folder's weights (`weight_files`), from the headers only."""
-    from .merge import read_safetensors_header
+    from .merge_engine import read_safetensors_header
 
     signature: dict[str, TensorSignature] = {}
     for file in weight_files(Path(folder)):

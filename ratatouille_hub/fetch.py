@@ -139,7 +139,7 @@ def _download(source: str, revision: str | None, token) -> tuple[str, Path]:
         files = weight_files(path)
     except RatatouilleError as error:  # its line names the folder inside the HF cache
         raise FetchError(str(error).replace(str(path), f"{source}@{sha}")) from None
-    for file in files:  # plain .safetensors names in the snapshot (merge.index_shards): safe to ask for
+    for file in files:  # plain .safetensors names in the snapshot (merge_engine.index_shards): safe to ask for
         if not file.is_file():
             hf_hub_download(source, file.name, revision=sha, token=token)
     return sha, path
@@ -251,7 +251,7 @@ def weight_files(folder: Path) -> list[Path]:
     """The files a model folder's weights are, as transformers picks them (merge's rule: model.safetensors,
     else the shards its index names). Any other *.safetensors beside them is ignored everywhere (never
     downloaded, hashed, vetted or merged): transformers never loads it, so what is measured is what is trained."""
-    from .merge import WEIGHTS_INDEX_NAME, _weight_files
+    from .merge_engine import WEIGHTS_INDEX_NAME, _weight_files
 
     if not (folder / WEIGHTS_INDEX_NAME).is_file() and not any(folder.glob("*.safetensors")):
         raise FetchError(f"{folder}: no safetensors weights (pickle checkpoints are not loaded)")

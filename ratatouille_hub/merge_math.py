@@ -1,6 +1,6 @@
 """The tensor math merge methods share (merge_methods.py's entries call it), and the errors of merging:
-pure functions of tensors, no files. Apart from merge.py so that the registry imports it lazily without an
-import cycle (merge.py runs the registry's rules)."""
+pure functions of tensors, no files. Apart from merge_engine.py so that the registry imports it lazily without an
+import cycle (merge_engine.py runs the registry's rules)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Merge methods: one `@merge_method` entry each, a function of ONE tensor name that the streaming engine
-(merge.merge_sources) calls for every floating tensor of the model.
+(merge_engine.merge_sources) calls for every floating tensor of the model.
 
 The function's signature declares what it needs, as mergekit's `easy_define` and PEFT's `merge_utils` do:
 - `runs`: the members' tensors as a one-pass iterator, each read when the loop reaches it (memory flat in
@@ -100,7 +100,7 @@ class Mixture:
 
     @property
     def anchored(self) -> TensorRule | None:
-        """The rule when it needs the base (then `merge.merge_anchored_folders` runs it), else None."""
+        """The rule when it needs the base (then `merge_engine.merge_anchored_folders` runs it), else None."""
         return self.rule if self.rule is not None and self.rule.needs_base else None
 
 

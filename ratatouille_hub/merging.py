@@ -155,7 +155,7 @@ def _run_engine(
 ) -> _EngineOutcome:
     """The one place that calls the merge engine: select (a method that needs validation scores candidate
     averages on the target), then merge the members into `staging`, its weights marked as a merge's."""
-    from .merge import merge_model_folders
+    from .merge_engine import merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
     from .provenance import MERGE_KEY
 
@@ -207,7 +207,7 @@ def _run_engine(
 def _uniform_record(members: Sequence[Candidate]) -> dict[str, str] | None:
     """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly. A Hub
     ingredient is recorded as id@sha, never as a path in the local cache: the same pins give the same bytes."""
-    from .merge import WEIGHTS_NAME
+    from .merge_engine import WEIGHTS_NAME
     from .provenance import RUN_FILE, SoupIngredient, SoupRecord, declared_fingerprint, file_sha256
 
     folders = [m.ingredient.path for m in members]
@@ -235,7 +235,7 @@ def _write_card(result: MergeResult, folder: Path, repo_id: str | None) -> None:
 
 def merge_output_files() -> tuple[str, ...]:
     """What a previous `merge` writes besides weight shards: an output holding only these may be replaced."""
-    from .merge import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    from .merge_engine import COPIED_CONFIGS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     return (*COPIED_CONFIGS, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CARD_NAME, MERGE_CONFIG)
 
@@ -270,7 +270,7 @@ def _carries_merge_record(folder: Path) -> bool:
     """Whether every weights file of `folder` has the metadata a merge writes: its `ratatouille.merge` mark,
     or the ingredients of a uniform soup (what `update --output` and `assemble --from-hub` write)."""
     from .io import WEIGHTS_SHARD
-    from .merge import WEIGHTS_NAME, MergeError, read_safetensors_metadata
+    from .merge_engine import WEIGHTS_NAME, MergeError, read_safetensors_metadata
     from .provenance import INGREDIENTS_KEY, MERGE_KEY
 
     weights = [p for p in folder.iterdir() if p.name == WEIGHTS_NAME or WEIGHTS_SHARD.fullmatch(p.name)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import RatatouilleError
 from .fetch import TRANSIENT_STATUSES
-from .merge import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, MergeError, index_shards
+from .merge_engine import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, MergeError, index_shards
 from .provenance import RUN_FILE
 
 SOUP_FILES = (

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .card import Lineage
 from .io import claimed_folder, staged_folder
-from .merge import (
+from .merge_engine import (
     COPIED_CONFIGS,
     WEIGHTS_NAME,
     MergeError,

@@ -144,7 +144,7 @@ def _distance_of_a_finetune(
 
 def signature_of(ingredient: Ingredient) -> dict:
     """The ingredient's tensor signature from its validated headers; a bad header is refused as `named`."""
-    from .merge import MergeError
+    from .merge_engine import MergeError
 
     try:
         return local_signature(ingredient.path)

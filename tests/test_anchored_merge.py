@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
-from ratatouille_hub.merge import merge_states
+from ratatouille_hub.merge_engine import merge_states
 from ratatouille_hub.merge_math import model_stock_ratio, model_stock_ratio_of
 from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_recipe, tiny_resnet
@@ -114,7 +114,7 @@ def _angle_ratio(anchor, runs, name):
     angles = [
         math.acos(np.clip(units[i] @ units[j], -1, 1)) for i in range(len(units)) for j in range(i + 1, len(units))
     ]
-    c = max(0.0, math.cos(sum(angles) / len(angles)))  # past 90 degrees: the base (merge.py)
+    c = max(0.0, math.cos(sum(angles) / len(angles)))  # past 90 degrees: the base (merge_engine.py)
     return len(runs) * c / (1 + (len(runs) - 1) * c)
 
 

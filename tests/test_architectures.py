@@ -9,7 +9,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, ViTImag
 
 from ratatouille_hub import cli, recycle
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.merge import average_state_dicts
+from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import ARCHITECTURES, architecture_of, head_linear, load_classifier
 from ratatouille_hub.testing import labels, perturbed_backbone
 

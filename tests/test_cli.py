@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.fetch import FetchError
-from ratatouille_hub.merge import average_state_dicts
+from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.testing import perturbed_backbone, tiny_resnet
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ratatouille_hub import cli, merge
+from ratatouille_hub import cli, merge_engine
 from ratatouille_hub.results import Results
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
@@ -269,7 +269,7 @@ def test_disk_full_while_writing_the_soup_keeps_the_previous_soup(world, referen
     previous = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "soup").rglob("*") if p.is_file()}
     assert "model.safetensors" in {Path(k).name for k in previous}
 
-    real_write = merge._stream_merged_tensors
+    real_write = merge_engine._stream_merged_tensors
     writes = {"n": 0}
 
     def disk_full(sink, *args, **kwargs):
@@ -282,7 +282,7 @@ def test_disk_full_while_writing_the_soup_keeps_the_previous_soup(world, referen
 
         return real_write(Full(), *args, **kwargs)
 
-    monkeypatch.setattr(merge, "_stream_merged_tensors", disk_full)
+    monkeypatch.setattr(merge_engine, "_stream_merged_tensors", disk_full)
     code = cli.main(recycle_argv(world, out))
     stderr = capsys.readouterr().err
     assert code == 2

@@ -149,7 +149,7 @@ def test_cli_merge_greedy_selects_on_validation_and_merges_the_kept_models(two_r
     from safetensors.torch import load_file
 
     from ratatouille_hub.config import RecipeConfig
-    from ratatouille_hub.merge import average_state_dicts
+    from ratatouille_hub.merge_engine import average_state_dicts
     from ratatouille_hub.merge_methods import MERGE_METHODS
     from ratatouille_hub.recipe.assembly import validation_inputs
 

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
-from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY, RUN_FILE
 from ratatouille_hub.results import Results
 from ratatouille_hub.testing import tiny_recipe

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ratatouille_hub import cli, community
 from ratatouille_hub.card import grown_soup_card
-from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY, SoupRecord, file_sha256
 from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_resnet
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ratatouille_hub import recycle
 from ratatouille_hub.artifacts import TargetCache, replaced_builder
 from ratatouille_hub.fetch import resolve_model
-from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY
 from ratatouille_hub.recipe import plan_recipe
 from ratatouille_hub.target import TargetPreparation

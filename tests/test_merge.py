@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, ResNetForImageClassification
 
-from ratatouille_hub.merge import (
+from ratatouille_hub.merge_engine import (
     WEIGHTS_NAME,
     MergeError,
     average_state_dicts,

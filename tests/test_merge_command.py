@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import ratatouille_hub
 from ratatouille_hub import MergeOptions, cli
-from ratatouille_hub.merge import average_state_dicts, read_safetensors_metadata
+from ratatouille_hub.merge_engine import average_state_dicts, read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY
 from ratatouille_hub.recipe.assembly import validation_inputs
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_resnet
@@ -183,7 +183,7 @@ def test_the_python_api_writes_the_bytes_the_command_writes(hub_world, tmp_path)
     printed: list[str] = []
     # the package's `merge`, called after the engine's submodule of the same name was imported (at the top)
     result = ratatouille_hub.merge(MergeOptions(models=(first, str(local)), output=str(api_out)), echo=printed.append)
-    assert ratatouille_hub.merge.WEIGHTS_NAME == "model.safetensors"  # ... which it still reaches
+    assert ratatouille_hub.merge_engine.WEIGHTS_NAME == "model.safetensors"  # ... which it still reaches
     assert cli.main(["merge", first, str(local), "--output", str(cli_out)]) == 0
     for name in ("model.safetensors", "README.md", "config.json"):
         assert (api_out / name).read_bytes() == (cli_out / name).read_bytes()

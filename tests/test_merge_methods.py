@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ratatouille_hub import cli
-from ratatouille_hub.merge import MergeError, merge_model_folders, merge_states
+from ratatouille_hub.merge_engine import MergeError, merge_model_folders, merge_states
 from ratatouille_hub.merge_methods import MERGE_METHODS, MergeInputs, MergeParameterError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -302,7 +302,7 @@ def test_the_scoring_path_merges_runs_whose_files_are_not_their_states(tmp_path)
     import gc
     from types import SimpleNamespace
 
-    from ratatouille_hub.merge import average_state_dicts
+    from ratatouille_hub.merge_engine import average_state_dicts
     from ratatouille_hub.merge_methods import Mixture
     from ratatouille_hub.models import load_classifier
     from ratatouille_hub.recipe.assembly import RunAverager

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ratatouille_hub.merge import (
+from ratatouille_hub.merge_engine import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     merge_anchored_folders,

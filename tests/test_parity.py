@@ -72,7 +72,7 @@ def test_soup_bytes_are_pinned(tiny_world, output, name):
 
 def without_provenance(path: Path) -> bytes:
     """The file as it was before soups carried provenance: `ratatouille.*` metadata dropped, header re-encoded
-    compactly and padded with spaces to 8 bytes, as the safetensors writer of merge.py always has."""
+    compactly and padded with spaces to 8 bytes, as the safetensors writer of merge_engine.py always has."""
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + length])

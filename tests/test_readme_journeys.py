@@ -26,7 +26,7 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli
-from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -20,7 +20,7 @@ from ratatouille_hub import recipe
 from ratatouille_hub.artifacts import ProbeRecord, RunRecord, replaced_builder
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.fetch import resolve_model
-from ratatouille_hub.merge import average_state_dicts
+from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import head_linear
 from ratatouille_hub.recipe import assembly, executor
 from ratatouille_hub.results import Results

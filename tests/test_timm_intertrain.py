@@ -24,7 +24,7 @@ from ratatouille_hub import cli
 from ratatouille_hub.config import IntertrainConfig, RecipeConfig
 from ratatouille_hub.data import Normalization, label_names_of, normalization_of, resolution_of
 from ratatouille_hub.intertrain import intertrain
-from ratatouille_hub.merge import average_state_dicts
+from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, serving_processor
 from ratatouille_hub.recipe import recycle
 from ratatouille_hub.sources import load_dataset_source

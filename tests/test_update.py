@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli
-from ratatouille_hub.merge import read_safetensors_metadata
+from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY, RUN_FILE, file_sha256
 from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_resnet, tiny_vit
 

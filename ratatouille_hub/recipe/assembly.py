@@ -25,7 +25,7 @@ from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
 from ..io import foreign_entries
-from ..merge import (
+from ..merge_engine import (
     COPIED_CONFIGS,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
@@ -255,7 +255,7 @@ def summary_rows(
 class RunAverager:
     """Weight averages of any subset of the runs, with the soup's BatchNorm policy applied, and diagnostics.
 
-    Every average is the merge engine's (merge.merge_sources) over the runs' weight files, read tensor by
+    Every average is the merge engine's (merge_engine.merge_sources) over the runs' weight files, read tensor by
     tensor, so memory is the model being evaluated, the method's per-tensor state and one tensor per run
     (N for a method that compares the runs), whatever the number of runs. Greedy's candidates are averaged
     from scratch: re-weighting the accepted runs' running sum by k/(k+1) would round differently.

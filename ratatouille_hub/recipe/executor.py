@@ -21,7 +21,7 @@ from ..errors import RecipeError
 from ..evaluation import inference_batch
 from ..fetch import Ingredient
 from ..hashing import stable_int
-from ..merge import average_state_dicts
+from ..merge_engine import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
 from ..provenance import plan_fingerprint
 from ..strategies import FusionSpec
