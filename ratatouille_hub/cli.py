@@ -467,13 +467,9 @@ def _push_if_asked(publish: PublishOptions, folder: Path, token) -> None:
 
 
 def _push(folder: Path, repo_id: str, publish, token) -> None:
-    from .publish import push_folder
+    from .publish import push_and_say
 
-    result = push_folder(folder, repo_id, private=publish.private, revision=publish.revision, token=token)
-    if result.changed:
-        say(f"pushed {folder} to {result.url}")
-    else:
-        say(f"no changes: {repo_id}@{result.oid[:8]} already has these files")
+    push_and_say(folder, repo_id, publish, token)
 
 
 def run_merge(args) -> None:

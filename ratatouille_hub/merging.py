@@ -97,17 +97,9 @@ def merge(
         pinned.save_yaml(staging / MERGE_CONFIG)
     echo(f"merged {len(result.members)} models into {output}")
     if publish is not None and publish.push_to_hub:
-        from .publish import push_folder
+        from .publish import push_and_say
 
-        pushed = push_folder(
-            output, publish.push_to_hub, private=publish.private, revision=publish.revision, token=token
-        )
-        echo(
-            f"pushed {output} to {pushed.url}"
-            if pushed.changed
-            else f"no changes: {publish.push_to_hub}@{pushed.oid[:8]} already has these files"
-        )
-        result = dataclasses.replace(result, pushed=pushed)
+        result = dataclasses.replace(result, pushed=push_and_say(output, publish.push_to_hub, publish, token, echo))
     return result
 
 

@@ -130,6 +130,20 @@ def push_folder(
     return PushResult(repo_id, branch, commit.oid, commit.commit_url, changed=commit.oid != head)
 
 
+def push_and_say(folder: Path, repo_id: str, options, token, echo=None) -> PushResult:
+    """Push `folder` in one commit as `options` (PublishOptions or PushOptions: private, branch) ask, and say
+    what landed: the commit's address, or that the repo already had these files."""
+    from .safe_text import say
+
+    result = push_folder(folder, repo_id, private=options.private, revision=options.revision, token=token)
+    (echo or say)(
+        f"pushed {folder} to {result.url}"
+        if result.changed
+        else f"no changes: {repo_id}@{result.oid[:8]} already has these files"
+    )
+    return result
+
+
 def _prepare(api, repo_id: str, branch: str, private: bool) -> str:
     """Make sure the repo and branch exist; returns the branch head before the push."""
     api.create_repo(repo_id, private=private, exist_ok=True)
