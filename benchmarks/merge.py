@@ -1,7 +1,7 @@
 """Merge benchmark: wall time and peak RSS of merging N ResNet-50-sized checkpoints with every registered
 method, against a read floor, the naive load-all average and mergekit.
 
-    python benchmarks/merge.py [--sizes 8 20] [--repeats 3]
+    python benchmarks/merge.py [--sizes 8 20 100] [--repeats 3]
 
 Checkpoints (random fp32 ResNet-50 with the 1000-class ImageNet head, 102 MB each) and a base (the anchor of
 model-stock, interpolate, task-arithmetic, ties and dare) are generated once into benchmarks/scratch/ and
@@ -46,7 +46,7 @@ MERGEKIT_INSTALL = [
     "scipy==1.17.1",
 ]
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-BASE_SEED = 99  # the base checkpoint's seed, apart from the members' 0..N-1
+BASE_SEED = 1000  # the base checkpoint's seed, apart from the members' 0..N-1 (N up to 100)
 WALL_GOAL, RSS_GOAL_MIB = 1.10, 50.0  # within 1.10x the floor's wall time, and the floor's peak RSS + 50 MB
 # mergekit's methods beside ours, with the parameters of our defaults (ties: density 0.2, lambda 1)
 MERGEKIT_METHODS = {
@@ -108,7 +108,7 @@ def generate_checkpoints(count: int) -> None:
 
 
 def checkpoint_folders(count: int) -> list[Path]:
-    return [CHECKPOINTS / f"resnet50-{seed:02d}" for seed in range(count)]
+    return [CHECKPOINTS / f"resnet50-{seed:02d}" for seed in range(count)]  # seeds 0..count-1
 
 
 def base_folder() -> Path:
@@ -178,28 +178,39 @@ def helper(*args: str) -> str:
     return subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True).stdout
 
 
-def run_benchmark(sizes: list[int], repeats: int) -> dict:
-    print(f"checkpoints: {CHECKPOINTS.relative_to(ROOT)} (generated once, about 20 s)", flush=True)
+def run_benchmark(sizes: list[int], repeats: int, saved: dict) -> dict:
+    """Measure each size in `sizes` into `saved` (the results so far): rows of other sizes are kept, so sizes
+    can be measured in separate sessions (N=100 alone takes about 20 minutes on 2 cores)."""
+    print(f"checkpoints: {CHECKPOINTS.relative_to(ROOT)} (generated once, about 1 s each)", flush=True)
     helper("--generate", str(max(sizes)))
     folders = checkpoint_folders(max(sizes))
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     mergekit_problem = ensure_mergekit()
-    load_before = os.getloadavg()
-    rows = []
+    results = {"machine": {}, "repeats": {}, "rows": [], **saved}
+    results["checkpoint_mb"] = round((folders[0] / WEIGHTS).stat().st_size / 1e6, 1)
+    results.pop("not_measured", None)
     for n in sizes:
         print(f"measuring N={n}", flush=True)
-        rows += measure_size(folders[:n], repeats, mergekit_problem)
-    return {
-        "machine": {
+        load_before = os.getloadavg()
+        rows = measure_size(folders[:n], repeats, mergekit_problem)
+        results["rows"] = sorted([row for row in results["rows"] if row["n"] != n] + rows, key=lambda row: row["n"])
+        results["repeats"][str(n)] = repeats
+        results["machine"][str(n)] = {
             "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
             "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
             "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
-        "checkpoint_mb": round((folders[0] / WEIGHTS).stat().st_size / 1e6, 1),
-        "repeats": repeats,
-        "rows": rows,
-    }
+        }
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # each size as it lands
+    return results
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def our_command(method: str, output: Path, inputs: list[Path]) -> list[str]:
@@ -310,12 +321,19 @@ def print_table(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 20], help="numbers of checkpoints to merge")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[8, 20, 100],
+        help="numbers of checkpoints to merge (each replaces its saved rows)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per method and size")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the table of the saved results and exit")
+    parser.add_argument("--fresh", action="store_true", help="drop the saved rows of other sizes")
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)  # --child: OUTPUT INPUT...
     args = parser.parse_args(argv)
     if args.child:
@@ -327,9 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.table:
         print_table(json.loads(RESULTS.read_text()))
     else:
-        results = run_benchmark(args.sizes, args.repeats)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.fresh else {}
+        results = run_benchmark(args.sizes, args.repeats, saved)
         print_table(results)
         print(f"\nwrote {RESULTS.relative_to(ROOT)}")
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .hashing import is_hex_digest
+from .hashing import file_sha256, is_hex_digest
 
 # Downloaded first; an index's shards follow by name (`weight_files`): no other *.safetensors is fetched.
 WEIGHT_PATTERNS = (
@@ -27,6 +28,11 @@ WEIGHT_PATTERNS = (
     "README.md",
 )
 
+
+SINGLE_WEIGHTS_FILE = "model.safetensors"  # huggingface_hub's SAFETENSORS_SINGLE_FILE, without importing it
+# Hashing beside other Python work: each chunk takes the GIL back once (up to the 5 ms switch interval while
+# another thread computes), so chunks are large enough for that wait to be small against the hash itself.
+HASH_CHUNK_BESIDE_WORK = 16 << 20
 
 # Answers worth asking again: those huggingface_hub's own `http_backoff` retries (timeouts, rate limits, 5xx).
 TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -53,6 +59,12 @@ class Ingredient:
     @property
     def is_local(self) -> bool:
         return self.revision.startswith("sha256:")
+
+    def with_digest(self, file_digests: Sequence[str]) -> Ingredient:
+        """A local ingredient named by its weight files' sha256 as a merge computed them (`weights_digest`'s
+        name when there is one file; a sharded folder is hashed again, its name being over all shards)."""
+        digest = file_digests[0][:16] if len(file_digests) == 1 else weights_digest(self.path)
+        return replace(self, revision=f"sha256:{digest}")
 
 
 def is_hub_id(reference: str) -> bool:
@@ -95,15 +107,18 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     return reference, None
 
 
-def resolve_model(source: str, revision: str | None = None, token: str | bool | None = None) -> Ingredient:
+def resolve_model(
+    source: str, revision: str | None = None, token: str | bool | None = None, *, hash_local: bool = True
+) -> Ingredient:
     """A local transformers folder as it is, or a Hub repo downloaded at a pinned commit (`org/name@rev` pins
     one, as `revision` does; with HF_HUB_OFFLINE set: the commit the local cache holds), every LFS file checked
-    against its sha256."""
+    against its sha256. `hash_local=False` leaves a folder's digest to a caller that reads its weights anyway
+    (`merge` hashes them as it streams them): its revision is then `sha256:` alone until `with_digest`."""
     if revision is None:
         source, revision = split_revision(source)
     folder = Path(source)
     if folder.is_dir():
-        return Ingredient(source, f"sha256:{weights_digest(folder)}", folder)
+        return Ingredient(source, f"sha256:{weights_digest(folder) if hash_local else ''}", folder)
     if folder.exists():
         raise FetchError(f"{source}: not a model folder")
     if not is_hub_id(source):
@@ -256,6 +271,14 @@ def weight_files(folder: Path) -> list[Path]:
     if not (folder / WEIGHTS_INDEX_NAME).is_file() and not any(folder.glob("*.safetensors")):
         raise FetchError(f"{folder}: no safetensors weights (pickle checkpoints are not loaded)")
     return [folder / name for name in _weight_files(folder)]
+
+
+def weight_file_digests(folder: Path) -> tuple[str, ...]:
+    """sha256 (hex) of each of the folder's weight files (`weight_files`), as soup records name them. A single
+    file is found without importing the merge engine (and torch), so hashing can start while torch loads."""
+    single = folder / SINGLE_WEIGHTS_FILE
+    files = [single] if single.is_file() else weight_files(folder)
+    return tuple(file_sha256(file, chunk=HASH_CHUNK_BESIDE_WORK) for file in files)
 
 
 def weights_digest(folder: Path) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+HASH_CHUNK = 1 << 20
 
 
 def stable_hash(payload: dict, length: int = 12) -> str:
@@ -32,3 +35,13 @@ def check_content_key(key: str) -> None:
     sharing the output folder, cannot name a folder outside it."""
     if not (is_hex_digest(key) and 8 <= len(key) <= 64):
         raise ValueError(f"folder key {key!r} is not a content hash")
+
+
+def file_sha256(path: Path, chunk: int = HASH_CHUNK) -> str:
+    """sha256 (hex) of a file's bytes: how weights are named by content in soup records."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(buffer[:count])
+    return digest.hexdigest()

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 from huggingface_hub import constants
@@ -420,6 +420,15 @@ def merge_safetensors(
             run.close()
 
 
+class LateRecord(Protocol):
+    """Header metadata known only once the merge has run (the inputs' digests, hashed meanwhile on another
+    thread): written first as `placeholder()`, then rewritten in place as `final()`, of the same length."""
+
+    def placeholder(self) -> Mapping[str, str]: ...
+
+    def final(self) -> Mapping[str, str]: ...
+
+
 def _write_merged_file(
     output_file: Path,
     layout: Mapping[str, TensorInfo],
@@ -428,19 +437,27 @@ def _write_merged_file(
     runs: Sequence[SafetensorsSource],
     weights: Sequence[float] | None,
     base: SafetensorsSource | None,
+    late: LateRecord | None = None,
 ) -> list[str]:
     """One output file in `layout` (the first input's), written through a temp file: a crash never leaves
     half a file. Returns the tensors left unanchored (`merge_sources`)."""
     output_file.parent.mkdir(parents=True, exist_ok=True)
     staging = output_file.with_name(f".{output_file.name}.{uuid.uuid4().hex}.tmp")
     order = sorted(layout, key=lambda name: layout[name].offsets)
+    header = _encode_header(layout, order, {**(metadata or {}), **(late.placeholder() if late else {})})
     try:
         with open(staging, "xb") as sink:
             unanchored = _stream_merged_tensors(
                 sink,
-                _encode_header(layout, order, metadata),
+                header,
                 lambda emit: merge_sources(rule, runs, [n for n in order if layout[n].nbytes], emit, weights, base),
             )
+            if late is not None:
+                final = _encode_header(layout, order, {**(metadata or {}), **late.final()})
+                if len(final) != len(header):
+                    raise ValueError("a late record must encode to the length of its placeholder")
+                sink.seek(0)
+                sink.write(final)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(staging, output_file)
@@ -487,6 +504,7 @@ def merge_model_folders(
     metadata: Mapping[str, str] | None = None,
     rule: TensorRule | None = None,
     base: str | Path | None = None,
+    late: LateRecord | None = None,
 ) -> list[str]:
     """Merge transformers model folders into `output_dir` (weights, config, image processor config) with
     `rule` (the weighted mean by default; a rule anchored at `base` needs it). Returns the floating tensors
@@ -494,12 +512,15 @@ def merge_model_folders(
 
     Configs must agree on model type and labels, and every weight file on its tensors, before anything is
     written. Sharded checkpoints are merged shard by shard when all inputs are sharded the same way; each
-    output file is written atomically, with `metadata` (the provenance record) in its header.
+    output file is written atomically, with `metadata` (the provenance record) in its header, and `late`'s
+    final record too (a single-file merge only).
     """
     folders = [Path(p) for p in inputs]
     output_dir, rule = Path(output_dir), rule or MEAN
     headers = checked_headers(folders)
     files = list(headers)
+    if late is not None and len(files) != 1:
+        raise MergeError(f"{folders[0]}: a late record is written into single-file models; these are sharded")
     runs = [
         SafetensorsSource([folder / name for name in files], [headers[name][k] for name in files])
         for k, folder in enumerate(folders)
@@ -510,7 +531,7 @@ def merge_model_folders(
         output_dir.mkdir(parents=True, exist_ok=True)
         for name in files:
             layout = headers[name][0]
-            unanchored += _write_merged_file(output_dir / name, layout, metadata, rule, runs, weights, anchor)
+            unanchored += _write_merged_file(output_dir / name, layout, metadata, rule, runs, weights, anchor, late)
     finally:
         for source in [*runs, *([anchor] if anchor else [])]:
             source.close()

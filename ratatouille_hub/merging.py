@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,13 +76,18 @@ def merge(
     output = Path(options.output)
     local = [Path(m) for m in (*options.models, options.base or "") if m and Path(m).is_dir()]
     check_merge_output(output, local)  # before anything is downloaded
-    candidates = tuple(_candidate(resolve_model(model, token=token)) for model in options.models)
+    ingredients = [resolve_model(model, token=token, hash_local=False) for model in options.models]
+    digests = _ContentDigests(ingredients)  # hashed on a thread while torch loads and the merge runs
+    candidates = tuple(_candidate(ingredient) for ingredient in ingredients)
     base = _candidate(resolve_model(options.base, token=token)) if options.base else None
     pinned = options.replace(
         models=tuple(c.pin for c in candidates), base=base.pin if base else None, **_pinned_target(options, token)
     )
     with staged_folder(output) as staging:
-        outcome = _run_engine(pinned, candidates, base, staging, token=token, echo=echo)
+        outcome = _run_engine(pinned, candidates, base, staging, digests, token=token, echo=echo)
+        named = {id(c): digests.named(k, c) for k, c in enumerate(candidates)}
+        candidates = tuple(named.values())
+        trials = tuple(dataclasses.replace(t, candidate=named[id(t.candidate)]) for t in outcome.trials)
         result = MergeResult(
             output=output,
             method=options.method,
@@ -89,8 +95,8 @@ def merge(
             members=tuple(candidates[i] for i in outcome.members),
             candidates=candidates,
             base=base,
-            trials=outcome.trials,
-            validation=max((t.validation for t in outcome.trials if t.kept), default=None),  # greedy's last kept
+            trials=trials,
+            validation=max((t.validation for t in trials if t.kept), default=None),  # greedy's last kept
             options=pinned,
         )
         _write_card(result, staging, repo_id=publish.push_to_hub if publish else None)
@@ -111,6 +117,29 @@ def _candidate(ingredient: Ingredient) -> Candidate:
     declared = declared_run(ingredient.path)
     name = run_name(declared[1], declared[2]) if declared else ingredient.path.resolve().name
     return Candidate(ingredient, name)
+
+
+class _ContentDigests:
+    """sha256 of every input's weight files, hashed on one thread from the moment the inputs are resolved, so
+    the hashing overlaps the import of torch and the merge itself instead of adding a pass over the inputs.
+    The merge's record names its ingredients by them; a local input is named by them in the card."""
+
+    def __init__(self, ingredients: Sequence[Ingredient]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .fetch import weight_file_digests
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._files = [pool.submit(weight_file_digests, ingredient.path) for ingredient in ingredients]
+        pool.shutdown(wait=False)  # the queued digests still run; the thread ends after the last
+
+    def files(self, index: int) -> tuple[str, ...]:
+        return self._files[index].result()
+
+    def named(self, index: int, candidate: Candidate) -> Candidate:
+        if not candidate.ingredient.is_local:
+            return candidate
+        return dataclasses.replace(candidate, ingredient=candidate.ingredient.with_digest(self.files(index)))
 
 
 def _pinned_target(options: MergeOptions, token) -> dict:
@@ -141,13 +170,14 @@ def _run_engine(
     candidates: Sequence[Candidate],
     base: Candidate | None,
     staging: Path,
+    digests: _ContentDigests,
     *,
     token,
     echo: Callable[[str], None],
 ) -> _EngineOutcome:
     """The one place that calls the merge engine: select (a method that needs validation scores candidate
     averages on the target), then merge the members into `staging`, its weights marked as a merge's."""
-    from .merge_engine import merge_model_folders
+    from .merge_engine import WEIGHTS_NAME, merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
     from .provenance import MERGE_KEY
 
@@ -177,14 +207,15 @@ def _run_engine(
         )
     members = [candidates[i] for i in mixture.members]
     plain_mean = mixture.rule is None and mixture.weights is None  # only it can be grown exactly by `update`
-    record = {MERGE_KEY: method.name, **((_uniform_record(members) if plain_mean else None) or {})}
+    single_files = plain_mean and all((m.ingredient.path / WEIGHTS_NAME).is_file() for m in members)
     unanchored = merge_model_folders(
         [m.ingredient.path for m in members],
         staging,
         mixture.weights,
-        record,
+        {MERGE_KEY: method.name},
         rule=mixture.rule,
         base=base.ingredient.path if mixture.anchored is not None else None,
+        late=_UniformRecord(members, [partial(digests.files, i) for i in mixture.members]) if single_files else None,
     )
     if unanchored:
         echo(
@@ -196,24 +227,34 @@ def _run_engine(
     return _EngineOutcome(mixture.members, parameters, trials)
 
 
-def _uniform_record(members: Sequence[Candidate]) -> dict[str, str] | None:
-    """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly. A Hub
-    ingredient is recorded as id@sha, never as a path in the local cache: the same pins give the same bytes."""
-    from .merge_engine import WEIGHTS_NAME
-    from .provenance import RUN_FILE, SoupIngredient, SoupRecord, declared_fingerprint, file_sha256
+class _UniformRecord:
+    """A plain mean of single-file models records its ingredients, so that `update` can grow it exactly: each
+    by the sha256 of its weights, which may still be hashing when the merge starts (merge_engine.LateRecord).
+    A Hub ingredient is recorded as id@sha, never as a path in the local cache: the same pins give the same
+    bytes."""
 
-    folders = [m.ingredient.path for m in members]
-    if not all((f / WEIGHTS_NAME).is_file() for f in folders):
-        return None
-    fingerprints = {declared_fingerprint(f / RUN_FILE, str(f)) if (f / RUN_FILE).is_file() else "" for f in folders}
-    ingredients = tuple(
-        SoupIngredient(
-            file_sha256(m.ingredient.path / WEIGHTS_NAME),
-            str(m.ingredient.path.resolve()) if m.ingredient.is_local else m.ingredient.reference,
-        )
-        for m in members
-    )
-    return SoupRecord(ingredients, fingerprints.pop() if len(fingerprints) == 1 else "").to_metadata()
+    def __init__(self, members: Sequence[Candidate], digests: Sequence[Callable[[], tuple[str, ...]]]):
+        from .provenance import RUN_FILE, declared_fingerprint
+
+        folders = [m.ingredient.path for m in members]
+        fingerprints = {declared_fingerprint(f / RUN_FILE, str(f)) if (f / RUN_FILE).is_file() else "" for f in folders}
+        self._fingerprint = fingerprints.pop() if len(fingerprints) == 1 else ""
+        self._sources = [
+            str(f.resolve()) if m.ingredient.is_local else m.ingredient.reference for f, m in zip(folders, members)
+        ]
+        self._digests = digests
+
+    def placeholder(self) -> dict[str, str]:
+        return self._record(["0" * 64] * len(self._sources))
+
+    def final(self) -> dict[str, str]:
+        return self._record([files()[0] for files in self._digests])
+
+    def _record(self, digests: Sequence[str]) -> dict[str, str]:
+        from .provenance import SoupIngredient, SoupRecord
+
+        ingredients = tuple(SoupIngredient(digest, source) for digest, source in zip(digests, self._sources))
+        return SoupRecord(ingredients, self._fingerprint).to_metadata()
 
 
 def _write_card(result: MergeResult, folder: Path, repo_id: str | None) -> None:
