@@ -120,18 +120,24 @@ def _candidate(ingredient: Ingredient) -> Candidate:
 
 
 class _ContentDigests:
-    """sha256 of every input's weight files, hashed on one thread from the moment the inputs are resolved, so
-    the hashing overlaps the import of torch and the merge itself instead of adding a pass over the inputs.
-    The merge's record names its ingredients by them; a local input is named by them in the card."""
+    """sha256 of every input's weight files, hashed by a forked worker process from the moment the inputs are
+    resolved, so the hashing overlaps the import of torch and the merge itself instead of adding a pass over
+    the inputs (a thread would fight the import for the GIL at every chunk; where fork is unsafe, one is
+    used anyway). The merge's record names its ingredients by them; a local input is named by them in the card."""
 
     def __init__(self, ingredients: Sequence[Ingredient]):
-        from concurrent.futures import ThreadPoolExecutor
+        import multiprocessing
+        import sys
+        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
         from .fetch import weight_file_digests
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        if sys.platform == "linux" and "torch" not in sys.modules:  # fork before torch starts its threads
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        else:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._files = [pool.submit(weight_file_digests, ingredient.path) for ingredient in ingredients]
-        pool.shutdown(wait=False)  # the queued digests still run; the thread ends after the last
+        pool.shutdown(wait=False)  # the queued digests still run; the worker ends after the last
 
     def files(self, index: int) -> tuple[str, ...]:
         return self._files[index].result()
