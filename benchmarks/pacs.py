@@ -41,10 +41,9 @@ if TYPE_CHECKING:  # imported where used: it imports huggingface_hub, which read
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-WORK = ROOT / "benchmarks" / "scratch" / "pacs"  # run folders and the local Hub: rebuilt in each session
-SWEEP = WORK / "sweep"  # the sweep's output: trial-<seed>/ holds every strategy's runs of that trial
-RESULTS = ROOT / "benchmarks" / "results"
-DURABLE = RESULTS / "pacs-cells"  # what a finished cell leaves: committed, so a later session resumes from it
+# Every stage at one resolution (--image-size); each resolution keeps its own folders, so the 64 px trials
+# stay beside the 128 px ones. `configure` sets these four from it.
+WORK = SWEEP = RESULTS = DURABLE = Path()
 BASE_FOLDER = SHARED / "models" / "efficientnet-lite0-imagenet"
 BASE_ID = "bench/efficientnet-lite0-imagenet"
 PACS_FOLDER = SHARED / "data" / "pacs"
@@ -53,8 +52,23 @@ DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 DIAGNOSED_DOMAIN = "art_painting"
 TRIALS = (0, 1, 2)
 
-# The scaled-down protocol (written at the top of pacs.md; see PROTOCOL below).
-IMAGE_SIZE = 64
+# The scaled-down protocol (written at the top of pacs.md; see protocol() below).
+IMAGE_SIZE = 128  # PACS as stored in ../shared (its own resolution); 64 px was the earlier, cheaper protocol
+
+
+def configure(image_size: int) -> None:
+    """Point the benchmark at one resolution's folders: run folders and the local Hub (WORK, rebuilt in each
+    session), the sweep's output (SWEEP: trial-<seed>/ holds every strategy's runs of that trial), the report
+    (RESULTS) and what a finished cell leaves (DURABLE: committed, so a later session resumes from it)."""
+    global IMAGE_SIZE, WORK, SWEEP, RESULTS, DURABLE
+    IMAGE_SIZE = image_size
+    WORK = ROOT / "benchmarks" / "scratch" / f"pacs-{image_size}px"
+    SWEEP = WORK / "sweep"
+    RESULTS = ROOT / "benchmarks" / "results" / f"pacs-{image_size}px"
+    DURABLE = RESULTS / "cells"
+
+
+configure(IMAGE_SIZE)
 AUX_RUNS, AUX_STEPS, AUX_BATCH = 4, 500, 32  # the paper's 4 per dataset
 AUX_PER_TRIAL = 1  # fine-tunes of each auxiliary dataset a trial recycles, drawn by the trial's seed
 RUNS = 1 + AUX_PER_TRIAL * len(AUX_DATASETS)  # Ratatouille: one run from the base, one per drawn fine-tune
@@ -83,7 +97,7 @@ ROWS = (  # (row, cell whose results hold it, the scores in its results record)
     ("Soups, greedy", "soup", lambda r: r.averages["greedy"]),
     ("Soups runs, Model Stock", "soup", lambda r: r.averages["model-stock"]),
     ("Soups runs, interpolated to the base (alpha 0.5)", "soup", lambda r: r.averages["interpolate"]),
-    ("Inter-training", "ratatouille", lambda r: r.best_run),
+    ("Inter-training", "ratatouille", lambda r: r.best_recycled_run),  # the best run from a recycled init
     ("Fusing", "fusing", lambda r: r.soup),
     ("Ratatouille, uniform", "ratatouille", lambda r: r.averages["uniform"]),
     ("Ratatouille, greedy", "ratatouille", lambda r: r.averages["greedy"]),
@@ -92,20 +106,22 @@ ROWS = (  # (row, cell whose results hold it, the scores in its results record)
     ("Ensemble (of the Ratatouille runs)", "ratatouille", lambda r: r.ensemble),
 )
 
-PROTOCOL = f"""\
+
+def protocol() -> str:
+    return f"""\
 Protocol (what is scaled down from METHOD.md, and why). METHOD.md's budget is 20 runs x 5001 steps of 32
-images per domain at 224 px, per strategy and test domain, on GPUs. Here the budget is what one working
-session of this project leaves: at most 3 hours on 2 CPU cores, keeping only what is committed. So the
-ingredients and three complete trials (per trial, 4 test domains x ERM, Soups, Ratatouille, Fusing) were
-sized for about 2 hours, and each finished cell is committed (pacs-cells/: its results and what its runs
-cost), so that a stopped benchmark resumes in a later session after rebuilding the ingredients from
-their seeds (their sha256 must match the first build's). Measured here before choosing (2 threads,
-channels-last fp32, EfficientNet-Lite0): one training step of 48 images costs 0.50 s at 128 px, 0.36 s
-at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs per
-domain) of {STEPS} steps then costs about 30 minutes at 64 px and about 60 at 128 px. Resolution was cut
-before the number of runs, since averaging needs several runs and the comparison is between methods at
-an equal budget; the price is lower absolute accuracy (the one earlier trial at 128 px is in git
-history). Nothing below was chosen by looking at a test domain.
+images per domain at 224 px, per strategy and test domain, on GPUs. Here the budget is 2 CPU cores and
+working sessions of at most 3 hours, keeping only what is committed: each finished cell is committed
+(cells/: its results and what its runs cost), so a stopped benchmark resumes in a later session after
+rebuilding the ingredients from their seeds (their sha256 must match the first build's). Measured here
+(2 threads, channels-last fp32, EfficientNet-Lite0): one training step of 48 images costs 0.50 s at 128 px,
+0.36 s at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs
+per domain) of {STEPS} steps costs about 30 minutes at 64 px and about 60-70 at 128 px, and the ingredients
+about 13 and 28. This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
+before the number of runs or steps; at 128 px, PACS's stored resolution, the backbone sees the objects, and
+everything else is kept as at 64 px ({STEPS} steps, {RUNS} runs per strategy), so that the two tables differ
+by resolution alone; more steps per run would double a budget of about 4 hours of 2-core compute that
+already spans two sessions. Nothing below was chosen by looking at a test domain.
 Kept as in METHOD.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
 (seeded by trial), model selection on training-domain validation only, the shared linear probe
 ({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only warm-up then a fresh Adam for runs from
@@ -142,7 +158,11 @@ def main() -> None:
     parser.add_argument(
         "--ingredients-only", action="store_true", help="make and push the auxiliary fine-tunes, then stop"
     )
+    parser.add_argument(
+        "--image-size", type=int, default=IMAGE_SIZE, help=f"pixels per side, every stage (default {IMAGE_SIZE})"
+    )
     args = parser.parse_args()
+    configure(args.image_size)
     os.chdir(ROOT)  # run folders are named relative to the repository, so committed results name no machine
     from ratatouille_hub.allocator import tune_allocator
 
@@ -561,7 +581,7 @@ def report() -> None:
     }
     diagnoses = {p.stem: load_json(p, None) for p in sorted(DURABLE.glob("trial*/diagnose-*.json"))}
     payload = {
-        "protocol": PROTOCOL,
+        "protocol": protocol(),
         "trials": trials,
         "complete_trials": complete_trials,
         "test_accuracy": summary,
@@ -703,7 +723,7 @@ def markdown(payload: dict) -> str:
         "",
         "Generated by `benchmarks/pacs.py` (`make bench-pacs`); numbers in `pacs.json`.",
         "",
-        PROTOCOL,
+        protocol(),
         f"Complete trials: {', '.join(map(str, complete)) or 'none'} (started: {', '.join(map(str, payload['trials'])) or 'none'}). "
         "Held-out domain accuracy (%), mean ± standard error over the complete trials; model selection on "
         "training-domain validation only. Cost: per trial (all 4 test domains), the runs a row needs, their "

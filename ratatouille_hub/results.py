@@ -28,6 +28,7 @@ class RunResult(Scores):
     hparams: dict[str, float]
     best_step: int
     folder: str  # relative to the output folder
+    recycled: bool = False  # starts from another checkpoint than the base (results.json before it: unknown)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +86,8 @@ class Results:
     runs: list[RunResult]
     soup: Outcome  # the model in the result folder
     best_run: BestRun
+    # METHOD.md's Inter-training: the best run by validation among those from a recycled init (None: no run is)
+    best_recycled_run: BestRun | None
     averages: dict[str, Average]  # by merge method
     greedy_order: list[int]  # runs best first by their own validation accuracy
     ensemble: Scores
@@ -95,6 +98,10 @@ class Results:
     @property
     def best_single(self) -> RunResult:
         return self.runs[self.best_run.index]
+
+    @property
+    def best_recycled_single(self) -> RunResult | None:
+        return None if self.best_recycled_run is None else self.runs[self.best_recycled_run.index]
 
     @property
     def is_average(self) -> bool:
@@ -125,6 +132,7 @@ class Results:
                 "runs": [RunResult(**run) for run in plain["runs"]],
                 "soup": Outcome(**plain["soup"]),
                 "best_run": BestRun(**plain["best_run"]),
+                "best_recycled_run": BestRun(**plain["best_recycled_run"]) if plain.get("best_recycled_run") else None,
                 "averages": averages,
                 "ensemble": Scores(**plain["ensemble"]),
                 "summary": [SummaryRow(**row) for row in plain["summary"]],

@@ -251,6 +251,7 @@ def make_results(
         ],
         soup=Outcome(method=method, members=members, **scores(*soup, train_domains)),
         best_run=BestRun(index=best, **scores(*runs[best], train_domains)),
+        best_recycled_run=None,
         averages={} if method == "best-run" else {method: Average(members=members, **scores(*soup, train_domains))},
         greedy_order=sorted(range(n), key=lambda i: (-runs[i][0], i)),
         ensemble=Scores(**scores(*soup, train_domains)),

@@ -177,7 +177,7 @@ def test_accelerate_launch_on_two_processes_trains_each_run_once_and_writes_the_
 
 
 def test_the_pacs_benchmarks_sweep_plans_the_committed_cells_recipes(monkeypatch):
-    """benchmarks/pacs.py became a sweep: each committed cell (benchmarks/results/pacs-cells) must be the
+    """benchmarks/pacs.py became a sweep: each committed cell (benchmarks/results/pacs-*px/cells) must be the
     recipe the sweep plans for it, but for `output`, which no run key reads, so its runs keep their keys."""
     import importlib.util
     from dataclasses import replace
@@ -191,18 +191,27 @@ def test_the_pacs_benchmarks_sweep_plans_the_committed_cells_recipes(monkeypatch
     pacs = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, pacs)  # its dataclasses look their module up there
     spec.loader.exec_module(pacs)
-    checked = 0
-    for trial in pacs.TRIALS:
-        config = pacs.sweep_config(trial)
-        recipes = {cell.strategy: pacs.draw_finetunes(cell_recipe(config, cell)) for cell in cells_of(config)}
-        for cell in pacs.HUB_STYLE_CELLS if trial in pacs.HUB_STYLE_TRIALS else ():
-            aux = pacs.recycled_in(trial, "hub-style")
-            recipes[cell.name] = replace(recipes["ratatouille"], aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy)
-        for name, recipe in recipes.items():
-            for domain in pacs.DOMAINS:
-                committed = Results.load(pacs.cell_path(trial, domain, name)).recipe  # options added since: defaults
-                assert RecipeConfig.from_dict(committed | {"output": recipe.output}) == replace(
-                    recipe, test_domain=domain
+    committed_cells = {64: 3 * 4 * 4 + 2 * 4}  # the three 64 px trials are complete; 128 px: what has landed
+    for image_size in (64, 128):
+        pacs.configure(image_size)
+        checked = 0
+        for trial in pacs.TRIALS:
+            config = pacs.sweep_config(trial)
+            recipes = {cell.strategy: pacs.draw_finetunes(cell_recipe(config, cell)) for cell in cells_of(config)}
+            for cell in pacs.HUB_STYLE_CELLS if trial in pacs.HUB_STYLE_TRIALS else ():
+                aux = pacs.recycled_in(trial, "hub-style")
+                recipes[cell.name] = replace(
+                    recipes["ratatouille"], aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy
                 )
-                checked += 1
-    assert checked == 3 * 4 * 4 + 2 * 4
+            for name, recipe in recipes.items():
+                for domain in pacs.DOMAINS:
+                    if not pacs.cell_path(trial, domain, name).is_file():
+                        continue
+                    committed = Results.load(pacs.cell_path(trial, domain, name)).recipe  # options added: defaults
+                    assert RecipeConfig.from_dict(committed | {"output": recipe.output}) == replace(
+                        recipe, test_domain=domain
+                    )
+                    checked += 1
+        cells = [p for p in pacs.DURABLE.glob("trial*/*.json") if not p.name.endswith(".cost.json")]
+        cells = [p for p in cells if not p.name.startswith("diagnose-")]
+        assert checked == committed_cells.get(image_size, len(cells))  # every committed cell was checked

@@ -256,6 +256,11 @@ def test_ratatouille_starts_run_one_from_the_intertrained_checkpoint(strategies,
     results = strategies.ratatouille.results
     assert results.runs[0].init == strategies.soup.results.runs[0].init  # run 0: the base, shared
     assert results.runs[1].init.startswith(str(timm_world.aux) + "@sha256:")
+    assert [run.recycled for run in results.runs] == [False, True]
+    # Inter-training is run 1 whichever run wins validation: the only one from a recycled init
+    assert results.best_recycled_run.index == 1 and results.best_recycled_single == results.runs[1]
+    assert results.best_recycled_run.test_accuracy == results.runs[1].test_accuracy
+    assert strategies.soup.results.best_recycled_run is None  # no run of a soup is recycled
     assert any("run 0 of 2: done earlier" in line for line in strategies.ratatouille.lines)
 
 

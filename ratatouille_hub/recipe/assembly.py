@@ -152,12 +152,16 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
                 hparams=asdict(spec.hparams),
                 best_step=metrics["best_step"],
                 folder=spec.folder,
+                recycled=spec.recycled,
                 **scores,
             )
             for spec, metrics, scores in zip(plan.runs, (run.metrics for run in runs), run_scores)
         ],
         soup=soup,
         best_run=BestRun(index=best, **run_scores[best]),
+        best_recycled_run=next(
+            (BestRun(index=i, **run_scores[i]) for i in ranking if plan.runs[i].recycled), None
+        ),  # the ranking's order: validation first, the lower index on a tie, as best_run
         averages=averages,
         greedy_order=ranking,
         ensemble=Scores(**ensemble),
