@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -275,6 +275,18 @@ class SafetensorsSource:
         _read_into(self._handles[index], info, raw, self.paths[index])
         return _as_tensor(raw, dtype, info.shape)
 
+    def read_slice(self, name: str, start: int, stop: int, scratch: _ScratchBuffer) -> Tensor:
+        """Elements [start, stop) of the flattened tensor, read alone."""
+        index, info = self._where[name]
+        itemsize = _ITEMSIZE[info.dtype]
+        begin = info.offsets[0] + start * itemsize
+        piece = TensorInfo(info.dtype, (stop - start,), (begin, begin + (stop - start) * itemsize))
+        if index not in self._handles:
+            self._handles[index] = open(self.paths[index], "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        raw = scratch.view(piece.nbytes)
+        _read_into(self._handles[index], piece, raw, self.paths[index])
+        return _as_tensor(raw, _STORED_DTYPES[info.dtype], piece.shape)
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
@@ -300,8 +312,44 @@ class StateSource:
     def read(self, name: str, scratch: _ScratchBuffer) -> Tensor:
         return self.state[name]
 
+    def read_slice(self, name: str, start: int, stop: int, scratch: _ScratchBuffer) -> Tensor:
+        return self.state[name].reshape(-1)[start:stop]
+
     def close(self) -> None:
         pass
+
+
+CHUNK_BYTES = 16 << 20  # what `RunTensors.chunks` holds across all members at once, whatever N
+
+
+class RunTensors:
+    """Every member's tensor of one name, for a method that compares the runs (`all_runs`): re-readable and
+    never all in memory. Iterating reads the members again, one at a time, through one buffer (TIES takes
+    two passes); `chunks` gives the same slice of elements from every member at once (Model Stock's
+    pairwise angles), the slice sized so that all of them together stay within CHUNK_BYTES."""
+
+    def __init__(self, runs: Sequence[SafetensorsSource | StateSource], name: str, scratch: list[_ScratchBuffer]):
+        self._runs, self._name, self._scratch = runs, name, scratch
+        dtype, shape = runs[0].signature(name)
+        self.shape = tuple(shape)
+        self.numel = math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for run in self._runs:
+            yield run.read(self._name, self._scratch[0])
+
+    def chunks(self, itemsize: int = 8) -> Iterator[list[Tensor]]:
+        """Flat slices [start, stop) of every member, `itemsize` the bytes per element the caller will hold
+        per member (8: a float64 copy), so N slices fit CHUNK_BYTES."""
+        step = max(1, CHUNK_BYTES // (itemsize * len(self._runs)))
+        buffers = self._scratch[1:] + [_ScratchBuffer() for _ in range(len(self._runs) + 1 - len(self._scratch))]
+        self._scratch[1:] = buffers
+        for start in range(0, self.numel, step):
+            stop = min(self.numel, start + step)
+            yield [run.read_slice(self._name, start, stop, buffer) for run, buffer in zip(self._runs, buffers)]
 
 
 def merge_sources(
@@ -316,12 +364,12 @@ def merge_sources(
     tensors the base lacks or shapes otherwise (they take the weighted mean instead of an anchored rule).
 
     A method that streams (`runs`) sees each member's tensor in turn through one shared read buffer, so
-    memory is its running state plus one tensor, whatever N; one that compares the runs (`all_runs`) holds
-    N copies of one tensor, never N models. Integer and bool tensors are the first member's. A non-finite
+    memory is its running state plus one tensor, whatever N; one that compares the runs (`all_runs`) gets
+    them re-readable (RunTensors): a pass at a time, or N slices of CHUNK_BYTES in all; never N tensors. Integer and bool tensors are the first member's. A non-finite
     result names the first input holding NaN or Inf (or the overflow)."""
     weights = normalize_weights(weights, len(runs))
     shared, base_scratch = _ScratchBuffer(), _ScratchBuffer()
-    own = [_ScratchBuffer() for _ in runs] if rule.holds_all_runs else []
+    held = [_ScratchBuffer()]  # RunTensors' buffers: one to iterate, and N slices of CHUNK_BYTES in all
     unanchored = []
     for name in names:
         first = runs[0]
@@ -340,7 +388,7 @@ def merge_sources(
                 tensor_rule = MEAN
                 unanchored.append(name)
         if tensor_rule.holds_all_runs:
-            tensors = [run.read(name, scratch) for run, scratch in zip(runs, own)]
+            tensors = RunTensors(runs, name, held)
         else:
             tensors = (run.read(name, shared) for run in runs)
         merged = tensor_rule(name, tensors, weights, anchor)
@@ -421,7 +469,7 @@ def merge_safetensors(
 
 
 class LateRecord(Protocol):
-    """Header metadata known only once the merge has run (the inputs' digests, hashed meanwhile on another
+    """Header metadata known only once the merge has run (the inputs' digests, hashed meanwhile by another
     thread): written first as `placeholder()`, then rewritten in place as `final()`, of the same length."""
 
     def placeholder(self) -> Mapping[str, str]: ...

@@ -69,27 +69,27 @@ def model_stock_ratio(cosine: float, k: int) -> float:
 
 
 def model_stock_ratio_of(all_runs: Sequence[Tensor], base: Tensor) -> float:
-    """Model Stock's t for one tensor, from the mean of the pairwise angles between the deltas w_i - w_0, as
-    the authors do for more than two models (mergekit averages the pairwise cosines instead). Pairs whose
-    delta is zero have no angle and are left out; no angle at all (one input, no delta) gives t = 1, the
-    mean. A mean angle past 90 degrees (cos < 0) would give t < 0, and t -> infinity as cos -> -1/(k - 1):
-    the formula assumes fine-tunes of one base whose deltas agree more than they oppose, so cos is kept
-    >= 0 (the base)."""
-    units = [_unit_delta(run, base) for run in all_runs]
-    angle, pairs = 0.0, 0
-    for i in range(len(units) - 1):
-        for j in range(i + 1, len(units)):
-            if units[i] is not None and units[j] is not None:
-                angle += math.acos(torch.dot(units[i], units[j]).clamp(-1.0, 1.0).item())
-                pairs += 1
-    return model_stock_ratio(max(0.0, math.cos(angle / pairs)), len(units)) if pairs else 1.0
+    """Model Stock's t for one tensor from the runs in memory (the engine accumulates the same Gram matrix
+    chunk by chunk: `model_stock_ratio_from_gram`)."""
+    deltas = torch.stack([run.double().flatten() - base.double().flatten() for run in all_runs])
+    return model_stock_ratio_from_gram(deltas @ deltas.T)
 
 
-def _unit_delta(run: Tensor, base: Tensor) -> Tensor | None:
-    """w - w_0 flattened to unit length in float64 (None where it is zero)."""
-    delta = run.double().flatten() - base.double().flatten()
-    norm = torch.linalg.vector_norm(delta)
-    return delta / norm if norm > 0 else None
+def model_stock_ratio_from_gram(gram: Tensor) -> float:
+    """Model Stock's t from the Gram matrix of the deltas w_i - w_0 (float64), by the mean of the pairwise
+    angles, as the authors do for more than two models (mergekit averages the pairwise cosines instead).
+    Pairs whose delta is zero have no angle and are left out; no angle at all (one input, no delta) gives
+    t = 1, the mean. A mean angle past 90 degrees (cos < 0) would give t < 0, and t -> infinity as
+    cos -> -1/(k - 1): the formula assumes fine-tunes of one base whose deltas agree more than they oppose,
+    so cos is kept >= 0 (the base)."""
+    count = len(gram)
+    norms = gram.diagonal().sqrt()
+    pairs = torch.triu(torch.ones_like(gram, dtype=torch.bool), diagonal=1) & (norms[:, None] > 0) & (norms > 0)
+    if not pairs.any():
+        return 1.0
+    cosines = (gram / (norms[:, None] * norms[None, :]))[pairs].clamp(-1.0, 1.0)
+    mean_angle = torch.acos(cosines).mean().item()
+    return model_stock_ratio(max(0.0, math.cos(mean_angle)), count)
 
 
 def toward(anchor: Tensor, target: Tensor, ratio: float) -> Tensor:

@@ -3,8 +3,9 @@
 
 The function's signature declares what it needs, as mergekit's `easy_define` and PEFT's `merge_utils` do:
 - `runs`: the members' tensors as a one-pass iterator, each read when the loop reaches it (memory flat in
-  N); `all_runs` instead: a list of every member's tensor for this name (N copies of one tensor, for
-  rules that compare the runs, such as sign election or pairwise angles);
+  N); `all_runs` instead, for rules that compare the runs (sign election, pairwise angles): a re-readable
+  `merge_engine.RunTensors`, iterated once per pass (the members read again, one at a time) or taken in
+  `chunks` (the same slice of every member at once, CHUNK_BYTES in all): memory stays flat in N too;
 - `weights`: the mixing weights, one per member, summing to one;
 - `base`: the base model's tensor (the method is anchored: it needs --base; tensors the base lacks or
   shapes otherwise, such as a head for other labels, take the weighted mean instead);
@@ -29,6 +30,8 @@ from .registry import Registry
 
 if TYPE_CHECKING:  # torch stays unimported until a merge runs: config and --help read this table
     from torch import Tensor
+
+    from .merge_engine import RunTensors
 
 RECYCLE_PROVIDES = frozenset({"validation", "base", "alpha"})
 TENSOR_ARGUMENTS = ("runs", "all_runs", "weights", "base", "name")
@@ -221,10 +224,23 @@ merge_method("weighted", help="the mean weighted by --weights (normalised to sum
     "angle of the runs' deltas (the authors' choice; mergekit averages cosines)",
     record=(("angle", "mean of the pairwise angles"),),
 )
-def _model_stock(all_runs: list[Tensor], weights: Sequence[float], base: Tensor) -> Tensor:
-    from .merge_math import model_stock_ratio_of, toward
+def _model_stock(all_runs: RunTensors, weights: Sequence[float], base: Tensor) -> Tensor:
+    import torch
 
-    return toward(base, weighted_mean(iter(all_runs), weights), model_stock_ratio_of(all_runs, base))
+    from .merge_math import model_stock_ratio_from_gram, toward
+
+    flat_base = base.reshape(-1).double()
+    gram = torch.zeros((len(all_runs), len(all_runs)), dtype=torch.float64)  # the deltas' dot products
+    mean, start = None, 0
+    for pieces in all_runs.chunks(itemsize=8):
+        stop = start + pieces[0].numel()
+        deltas = torch.stack([piece.double() - flat_base[start:stop] for piece in pieces])
+        gram += deltas @ deltas.T
+        piece_mean = weighted_mean(iter(pieces), weights)  # elementwise: the same bytes as over whole tensors
+        mean = torch.empty(all_runs.numel, dtype=piece_mean.dtype) if mean is None else mean
+        mean[start:stop] = piece_mean
+        start = stop
+    return toward(base, mean.view(all_runs.shape), model_stock_ratio_from_gram(gram))
 
 
 @merge_method(
@@ -263,21 +279,34 @@ def _task_arithmetic(runs: Iterator[Tensor], base: Tensor, *, scaling: float = 1
         "scaling": SCALING,
     },
 )
-def _ties(all_runs: list[Tensor], base: Tensor, *, density: float = 0.2, scaling: float = 1.0) -> Tensor:
+def _ties(all_runs: RunTensors, base: Tensor, *, density: float = 0.2, scaling: float = 1.0) -> Tensor:
+    """Two passes over the runs, one delta in memory at a time: the first finds each delta's threshold and
+    sums the trimmed deltas (the sign election), the second averages the trimmed entries that agree."""
     import torch
 
-    start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
-    stacked = torch.empty((len(all_runs), start.numel()), dtype=start.dtype)  # one row per run's delta
+    start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32).reshape(-1)
     keep = int(density * start.numel())
-    for delta, run in zip(stacked, all_runs):
-        magnitude = delta.copy_(run.flatten()).sub_(start.flatten()).abs()
+
+    def trimmed(run: Tensor, threshold: Tensor | float) -> Tensor:
+        delta = run.reshape(-1).to(start.dtype, copy=True).sub_(start)
+        return delta.masked_fill_(delta.abs() < threshold, 0.0)
+
+    thresholds, elected = [], torch.zeros_like(start)
+    for run in all_runs:
+        magnitude = run.reshape(-1).to(start.dtype, copy=True).sub_(start).abs_()
         # the keep largest magnitudes (entries tied with the last one kept stay too); none when keep is 0
-        threshold = torch.kthvalue(magnitude, start.numel() - keep + 1).values if keep else torch.inf
-        delta.masked_fill_(magnitude < threshold, 0.0)
-    elected = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    merged = stacked.mul_(agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
-    return merged.view(start.shape).mul_(scaling).add_(start).to(all_runs[0].dtype)
+        thresholds.append(torch.kthvalue(magnitude, start.numel() - keep + 1).values if keep else torch.inf)
+        elected.add_(trimmed(run, thresholds[-1]))
+        dtype = run.dtype
+    elected = torch.sign(elected)
+    total, agreeing = torch.zeros_like(start), torch.zeros_like(start)
+    for run, threshold in zip(all_runs, thresholds):
+        delta = trimmed(run, threshold)
+        agree = (torch.sign(delta) == elected) & (delta != 0)
+        total.add_(delta.mul_(agree))
+        agreeing.add_(agree)
+    merged = total.div_(agreeing.clamp_(min=1))
+    return merged.view(all_runs.shape).mul_(scaling).add_(start.view(all_runs.shape)).to(dtype)
 
 
 @merge_method(
