@@ -21,6 +21,7 @@ rows come from this table; `recycle` offers every method it can feed (validation
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -287,7 +288,7 @@ def _ties(all_runs: RunTensors, base: Tensor, *, density: float = 0.2, scaling: 
     start = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32).reshape(-1)
     keep = int(density * start.numel())
 
-    def trimmed(run: Tensor, threshold: Tensor | float) -> Tensor:
+    def trimmed(run: Tensor, threshold: float) -> Tensor:
         delta = run.reshape(-1).to(start.dtype, copy=True).sub_(start)
         return delta.masked_fill_(delta.abs() < threshold, 0.0)
 
@@ -295,7 +296,7 @@ def _ties(all_runs: RunTensors, base: Tensor, *, density: float = 0.2, scaling: 
     for run in all_runs:
         magnitude = run.reshape(-1).to(start.dtype, copy=True).sub_(start).abs_()
         # the keep largest magnitudes (entries tied with the last one kept stay too); none when keep is 0
-        thresholds.append(torch.kthvalue(magnitude, start.numel() - keep + 1).values if keep else torch.inf)
+        thresholds.append(torch.kthvalue(magnitude, start.numel() - keep + 1).values.item() if keep else math.inf)
         elected.add_(trimmed(run, thresholds[-1]))
         dtype = run.dtype
     elected = torch.sign(elected)
