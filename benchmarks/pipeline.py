@@ -157,11 +157,6 @@ def check_parity(domains, before_data, before_train, steps: int = 3) -> None:
             raise SystemExit(f"after differs from before at step {step}: the benchmark compares unequal work")
 
 
-def cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def machine_busy_seconds() -> float:
     with open("/proc/stat") as handle:
         fields = [int(v) for v in handle.readline().split()[1:]]
@@ -178,11 +173,11 @@ def measure(path, seconds: float, repeats: int) -> dict:
     steps = max(3, round(seconds / max(time.perf_counter() - start, 1e-6)))
     per_cpu, per_wall, others = [], [], []
     for _ in range(repeats):
-        wall, cpu, machine = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
+        wall, cpu, machine = time.perf_counter(), time.process_time(), machine_busy_seconds()
         for _ in range(steps):
             path.step()
         getattr(path, "finish", lambda: None)()
-        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         images = steps * DOMAINS * PER_DOMAIN
         per_cpu.append(images / cpu)
         per_wall.append(images / wall)
