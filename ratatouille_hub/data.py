@@ -1,8 +1,8 @@
 """Target data, DomainBed style: leave one domain out, split each training domain 80/20 with a seed.
 
 Images are decoded once into uint8 tensors at the training resolution; augmentation then runs on
-whole batches of tensors, which is far cheaper on a CPU than per-image PIL pipelines and needs no
-torchvision.
+whole batches of tensors on the training device, which is far cheaper than per-image PIL pipelines on the
+host and needs no torchvision. The host only draws the random numbers, a few per image.
 """
 
 from __future__ import annotations
@@ -368,25 +368,33 @@ class Normalization:
     std: tuple[float, float, float]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise floats in [0, 1]."""
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        """Normalise floats in [0, 1], on their device."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def from_uint8(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         return self(pixels_uint8.float().div_(255.0))
 
 
-def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """DomainBed training augmentation on a uint8 batch; returns floats in [0, 1].
+@dataclass(frozen=True)
+class AugmentationDraws:
+    """One batch's random augmentation, per image (host tensors, a few numbers each): the crop as an affine
+    map, the rows to flip and to grey, and the brightness, contrast and saturation factors."""
 
-    RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3), horizontal flip, ColorJitter(0.3 brightness,
-    contrast, saturation; hue omitted), RandomGrayscale(0.1).
-    """
-    n = pixels_uint8.shape[0]
-    x = pixels_uint8.float().div_(255.0)
+    theta: torch.Tensor  # n x 2 x 3, for affine_grid
+    flip_rows: torch.Tensor
+    jitter: torch.Tensor  # n x 3 x 1 x 1 x 1
+    gray_rows: torch.Tensor
+
+
+def draw_augmentation(n: int, generator: torch.Generator) -> AugmentationDraws:
+    """Every random draw of a batch's augmentation, from `generator` (a CPU generator) in one fixed order, so a
+    run's augmentation is the same on every device: RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3), horizontal
+    flip, ColorJitter(0.3 brightness, contrast, saturation; hue omitted), RandomGrayscale(0.1)."""
     u = torch.rand((n, 6), generator=generator)
-    # Crop box as fractions of the image, then one batched affine resample back to full size.
+    jitter = 1.0 + (torch.rand((n, 3, 1, 1, 1), generator=generator) * 0.6 - 0.3)
+    # Crop box as fractions of the image, resampled back to full size by one batched affine map.
     area = 0.7 + 0.3 * u[:, 0]
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
     crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
@@ -396,21 +404,36 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
     theta = torch.zeros((n, 2, 3))
     theta[:, 0, 0], theta[:, 0, 2] = crop_w, 2 * center_x - 1
     theta[:, 1, 1], theta[:, 1, 2] = crop_h, 2 * center_y - 1
+    flip_rows = torch.nonzero(u[:, 4] < 0.5).squeeze(1)
+    gray_rows = torch.nonzero(u[:, 5] < 0.1).squeeze(1)
+    return AugmentationDraws(theta, flip_rows, jitter, gray_rows)
+
+
+def apply_augmentation(pixels_uint8: torch.Tensor, draws: AugmentationDraws) -> torch.Tensor:
+    """The per-pixel work of `draws` on a uint8 batch, as batched ops on the batch's device; returns floats in
+    [0, 1]. Rows are picked by index, not by mask: a mask on a GPU would make the host wait for the device."""
+    device = pixels_uint8.device
+    theta, jitter = draws.theta.to(device, non_blocking=True), draws.jitter.to(device, non_blocking=True)
+    flip_rows, gray_rows = draws.flip_rows.to(device, non_blocking=True), draws.gray_rows.to(device, non_blocking=True)
+    x = pixels_uint8.float().div_(255.0)
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    flip = u[:, 4] < 0.5
-    out[flip] = out[flip].flip(-1)
-    jitter = 1.0 + (torch.rand((n, 3, 1, 1, 1), generator=generator) * 0.6 - 0.3)
+    out[flip_rows] = out[flip_rows].flip(-1)
     out = (out * jitter[:, 0]).clamp_(0, 1)  # brightness
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = ((out - mean) * jitter[:, 1] + mean).clamp_(0, 1)  # contrast
     gray = 0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3]
     out = ((out - gray) * jitter[:, 2] + gray).clamp_(0, 1)  # saturation
-    to_gray = u[:, 5] < 0.1
-    if to_gray.any():
-        g = 0.299 * out[to_gray, 0:1] + 0.587 * out[to_gray, 1:2] + 0.114 * out[to_gray, 2:3]
-        out[to_gray] = g.expand(-1, 3, -1, -1)
+    if len(draws.gray_rows):  # known on the host: no wait for the device
+        g = 0.299 * out[gray_rows, 0:1] + 0.587 * out[gray_rows, 1:2] + 0.114 * out[gray_rows, 2:3]
+        out[gray_rows] = g.expand(-1, 3, -1, -1)
     return out
+
+
+def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DomainBed training augmentation of a uint8 batch on its device, drawn from `generator` (see
+    `draw_augmentation`); returns floats in [0, 1]."""
+    return apply_augmentation(pixels_uint8, draw_augmentation(pixels_uint8.shape[0], generator))
 
 
 def normalization_of(processor, model: str = "the base") -> Normalization:

@@ -49,7 +49,7 @@ def predict_logits(
     outputs = []
     to_channels_last(model)
     for start in range(0, len(images), batch_size):
-        pixels = normalize.from_uint8(images.pixels[start : start + batch_size]).to(device)
+        pixels = normalize.from_uint8(images.pixels[start : start + batch_size].to(device))
         with autocast() if autocast else contextlib.nullcontext():
             logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
         outputs.append(logits.float().cpu())

@@ -37,12 +37,16 @@ def make_accelerator(precision: str):
 
 
 class DomainBatches:
-    """Endless batches of `batch_size` images per domain, reshuffled every epoch, from one seed."""
+    """Endless batches of `batch_size` images per domain, reshuffled every epoch, from one seed.
 
-    def __init__(self, domains: list[ImageTensors], batch_size: int, seed: int):
+    Each batch is gathered from the domains' rows straight into one tensor, in pinned memory where CUDA is
+    present (`pin_memory`, by default), so that its copy to the device is one asynchronous transfer."""
+
+    def __init__(self, domains: list[ImageTensors], batch_size: int, seed: int, pin_memory: bool | None = None):
         self.domains = domains
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._orders = [torch.empty(0, dtype=torch.long) for _ in domains]
 
     def _take(self, index: int) -> torch.Tensor:
@@ -56,12 +60,21 @@ class DomainBatches:
         return torch.cat(taken)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, labels = [], []
-        for index, domain in enumerate(self.domains):
-            rows = self._take(index)
-            pixels.append(domain.pixels[rows])
-            labels.append(domain.labels[rows])
-        return torch.cat(pixels), torch.cat(labels)
+        rows = [self._take(index) for index in range(len(self.domains))]
+        pixels = self._gather([domain.pixels for domain in self.domains], rows)
+        return pixels, self._gather([domain.labels for domain in self.domains], rows)
+
+    def _gather(self, sources: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
+        """`rows` of each source, one after the other, copied once into a new tensor. The pinned memory
+        comes from torch's caching host allocator, which keeps a block until its copy to the device is done."""
+        first = sources[0]
+        shape = (sum(len(taken) for taken in rows), *first.shape[1:])
+        batch = torch.empty(shape, dtype=first.dtype, pin_memory=self.pin_memory)
+        start = 0
+        for source, taken in zip(sources, rows):
+            torch.index_select(source, 0, taken, out=batch[start : start + len(taken)])
+            start += len(taken)
+        return batch
 
     def __iter__(self):
         return self
@@ -144,16 +157,14 @@ def optimize(
                 train_mode_frozen_bn(model)
             else:
                 model.train()
-            pixels, labels = next(batches)
-            x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
-            x = normalize(x)
+            x, labels = device_batch(next(batches), accelerator.device, normalize, generator)
             passes = _passes(len(labels), micro_batch)
             loss = 0.0
             for rows in passes:
-                chunk = x[rows].to(accelerator.device).contiguous(memory_format=torch.channels_last)
+                chunk = x[rows].contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
                     logits = model(pixel_values=chunk).logits
-                    chunk_loss = loss_fn(logits.float(), labels[rows].to(accelerator.device))
+                    chunk_loss = loss_fn(logits.float(), labels[rows])
                 if len(passes) > 1:  # the mean over the whole batch, as one pass would take it
                     chunk_loss = chunk_loss * (len(logits) / len(labels))
                 accelerator.backward(chunk_loss)
@@ -171,6 +182,20 @@ def optimize(
         return TrainOutcome(_clone_state(model), steps, None, history)
     best.history = history
     return best
+
+
+def device_batch(
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    normalize: Normalization,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 batch and its labels copied to `device` as they are (asynchronously from pinned memory), then
+    augmented with `generator`'s draws (None: not augmented) and normalised there: the host's share of a
+    step is the gather, the copy and a few random numbers per image, whatever the resolution."""
+    pixels, labels = (tensor.to(device, non_blocking=True) for tensor in batch)
+    x = augment(pixels, generator) if generator is not None else pixels.float().div_(255.0)
+    return normalize(x), labels
 
 
 @torch.no_grad()
@@ -197,7 +222,7 @@ def reestimate_batchnorm(
         norm.train()
     device = next(model.parameters()).device
     for start in range(0, len(sample), batch_size):
-        model(pixel_values=normalize.from_uint8(sample.pixels[start : start + batch_size]).to(device))
+        model(pixel_values=normalize.from_uint8(sample.pixels[start : start + batch_size].to(device)))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
@@ -230,7 +255,7 @@ def _features(model, images: ImageTensors, normalize: Normalization, batch_size:
     to_channels_last(model)
     with capture_features(model) as captured:
         for start in range(0, len(images), batch_size):
-            pixels = normalize.from_uint8(images.pixels[start : start + batch_size]).to(device)
+            pixels = normalize.from_uint8(images.pixels[start : start + batch_size].to(device))
             model(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
     to_contiguous(model)
     return torch.cat(captured).float().cpu()

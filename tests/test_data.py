@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,52 @@ def test_augment_flips_half_and_greys_a_tenth():
     grey = (out.max(dim=1).values - out.min(dim=1).values).amax(dim=(1, 2)) < 1e-6
     assert 0.45 < flipped.float().mean().item() < 0.55
     assert 0.07 < grey.float().mean().item() < 0.13
+
+
+def _augment_on_the_host(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation as the training loop ran it on the host before it moved to the device (commit cce991c):
+    boolean masks, the jitter drawn after the crop. The device version must give its bytes on a CPU."""
+    n = pixels_uint8.shape[0]
+    x = pixels_uint8.float().div_(255.0)
+    u = torch.rand((n, 6), generator=generator)
+    area = 0.7 + 0.3 * u[:, 0]
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    crop_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
+    crop_h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+    center_x = (1 - crop_w) * u[:, 2] + crop_w / 2
+    center_y = (1 - crop_h) * u[:, 3] + crop_h / 2
+    theta = torch.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w, 2 * center_x - 1
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, 2 * center_y - 1
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    flip = u[:, 4] < 0.5
+    out[flip] = out[flip].flip(-1)
+    jitter = 1.0 + (torch.rand((n, 3, 1, 1, 1), generator=generator) * 0.6 - 0.3)
+    out = (out * jitter[:, 0]).clamp_(0, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - mean) * jitter[:, 1] + mean).clamp_(0, 1)
+    gray = 0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3]
+    out = ((out - gray) * jitter[:, 2] + gray).clamp_(0, 1)
+    to_gray = u[:, 5] < 0.1
+    if to_gray.any():
+        g = 0.299 * out[to_gray, 0:1] + 0.587 * out[to_gray, 1:2] + 0.114 * out[to_gray, 2:3]
+        out[to_gray] = g.expand(-1, 3, -1, -1)
+    return out
+
+
+def test_augment_on_a_cpu_gives_the_host_augmentations_bytes_and_draws():
+    pixels = _batch(n=300, size=20)  # 300 images: flips and greyed rows both occur
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(3):  # the generator advances the same way, batch after batch
+        assert torch.equal(augment(pixels, ours), _augment_on_the_host(pixels, theirs))
+    assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_on_a_gpu_matches_the_cpu_up_to_rounding_from_the_same_draws():
+    pixels = _batch(n=300, size=20)
+    on_gpu = augment(pixels.cuda(), torch.Generator().manual_seed(7))
+    on_cpu = augment(pixels, torch.Generator().manual_seed(7))
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-4)

@@ -28,6 +28,7 @@ from ratatouille_hub.train import (
     DomainBatches,
     LinearHead,
     TargetData,
+    device_batch,
     linear_probe,
     make_accelerator,
     optimize,
@@ -111,6 +112,16 @@ def test_domain_batches_take_batch_size_from_every_domain_and_cover_each_epoch()
         return [next(batches)[1].tolist() for _ in range(6)]
 
     assert sequence(0) == sequence(0) != sequence(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_are_pinned_and_augmented_on_the_gpu(data):
+    pixels, labels = next(DomainBatches(data.train, 4, seed=0))
+    assert pixels.is_pinned() and labels.is_pinned() and pixels.dtype == torch.uint8
+    x, on_gpu = device_batch((pixels, labels), torch.device("cuda"), NORMALIZE, torch.Generator().manual_seed(0))
+    on_cpu, _ = device_batch((pixels, labels), torch.device("cpu"), NORMALIZE, torch.Generator().manual_seed(0))
+    assert x.device.type == on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), labels)
+    torch.testing.assert_close(x.cpu(), on_cpu, rtol=0, atol=1e-3)
 
 
 # -- heads ------------------------------------------------------------------------------------------
