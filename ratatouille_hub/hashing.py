@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+HASH_CHUNK = 1 << 20
 
 
 def stable_hash(payload: dict, length: int = 12) -> str:
     """Short content hash of a JSON-able mapping: names run folders after their arguments."""
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def stable_int(text: str) -> int:

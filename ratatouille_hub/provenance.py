@@ -12,7 +12,6 @@ and the hashes are all an exact incremental mean needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,26 +20,17 @@ from pathlib import Path
 
 from .artifacts import RUN_FILE, ProbeRecord
 from .errors import RatatouilleError
-from .hashing import check_content_key, is_hex_digest, stable_hash
+from .hashing import check_content_key, file_sha256, is_hex_digest, stable_hash
 
 INGREDIENTS_KEY = "ratatouille.ingredients"  # JSON list of {"sha256", "source"}, in merge order
 MERGE_KEY = "ratatouille.merge"  # the method of a `merge` command's output: marks a folder a merge may replace
 FINGERPRINT_KEY = "ratatouille.fingerprint"  # the recipe fingerprint its runs share ("" if unknown)
-HASH_CHUNK = 1 << 20
 FINGERPRINT_LENGTH = 16  # hex digits of a recipe fingerprint
 SHA256_LENGTH = 64
 
 
 class ProvenanceError(RatatouilleError, ValueError):
     """Runs or soups whose recorded provenance does not allow what was asked."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def relative_source(folder: Path, soup: Path) -> str:
