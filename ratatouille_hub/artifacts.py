@@ -15,19 +15,23 @@ beside it, dropped when its holder dies) -> return if a finished copy is there -
 sibling with the kind's builder -> mark it `done` last -> rename it into place. A process killed at any
 point leaves the finished folder or nothing that counts, and of all the processes that ask for one folder
 (accelerate ranks, `run --index` array tasks, two launches, contributors), one builds it and the others
-reuse it. Executors only schedule: `materialize_all` makes a list of artifacts, those no one else is making
-first. Each kind's builder is registered once, beside the code that trains it (`@builds(Kind)`);
-`replaced_builder` swaps one for a block, which is how tests stop or forbid a stage.
+reuse it. The one thing a killed build leaves that counts is the progress it saved in its staging folder
+(a fine-tune's checkpoint, checkpoint.py): the next build of that folder adopts the staging folder and
+resumes from it (io.staged_folder). Executors only schedule: `materialize_all` makes a list of artifacts,
+those no one else is making first. Each kind's builder is registered once, beside the code that trains it
+(`@builds(Kind)`); `replaced_builder` swaps one for a block, which is how tests stop or forbid a stage.
 
 Dependencies are not declared (as mergekit's task graph declares them, for an executor to order): like
 DomainBed's sweep, where a job is a folder named by its arguments' hash and done is a file in it, a builder
 materializes what it needs under that artifact's own claim (a run its probe and its fusion), so any process
 may start anywhere in a plan and they never wait on one another for long.
 
-The soup is the one kind without a `done` marker, and it is never skipped: it is a transformers folder that
-users publish as it is (anything beside the files a soup is made of is refused as someone else's), and
-every assembly rebuilds it, since the method and the BatchNorm policy choose what it holds without naming
-its folder. It is claimed and staged like every other kind.
+The soup is the one kind whose folder is not named by what made it: it is a transformers folder that users
+publish as it is (anything beside the files a soup is made of is refused as someone else's), and the method
+and the BatchNorm policy choose what it holds. So its `done` marker lives beside it (`.soup.done`) and names
+the key of what produced it (the recipe, the target, every run's weights digest) and the digest of each file
+the soup holds: the same command reuses it, a change of method or policy, of a run or of the soup's own files
+rebuilds it. It is claimed and staged like every other kind.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write_json, claimed_folder, staged_folder
+from .hashing import file_sha256
+from .io import atomic_write_json, claimed_folder, hidden_sibling_stem, staged_folder
 from .merge_engine import WEIGHTS_NAME
 from .results import Results
 from .train import LinearHead
@@ -54,14 +59,24 @@ RUN_FILE = "ratatouille.json"  # beside a run's weights: which recipe it belongs
 class Artifact:
     """A folder one builder writes whole; a subclass names its files and reads them back."""
 
-    marked: ClassVar[bool] = True  # holds a `done` marker, and a finished one is reused
-
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.built = False  # set by `materialize` when this process built it rather than reused it
 
     @property
     def is_done(self) -> bool:
         return (self.folder / DONE).is_file()
+
+    def is_done_for(self, key: str | None) -> bool:
+        """Whether a finished copy made from what `key` names is there (a folder named by its content: any)."""
+        return self.is_done
+
+    def mark_staged(self, staging: Path) -> None:
+        """Mark a built copy finished: the last file written into it before it is renamed into place."""
+        (staging / DONE).touch()
+
+    def mark_placed(self, key: str | None) -> None:
+        """Called once a built copy is in place (the soup's marker lives beside its folder)."""
 
 
 Kind = TypeVar("Kind", bound=Artifact)
@@ -92,19 +107,23 @@ def replaced_builder(kind: type[Artifact], build: Callable[..., None]) -> Iterat
             _BUILDERS[kind] = previous
 
 
-def materialize(kind: type[Kind], folder: str | Path, *inputs, wait: bool = True) -> Kind | None:
-    """The finished `kind` artifact in `folder`, built from `inputs` unless a finished one is there. With
-    `wait=False`, None at once when another process is making it; else that process is waited for (and
-    should it die first, this one builds it)."""
+def materialize(
+    kind: type[Kind], folder: str | Path, *inputs, wait: bool = True, key: str | None = None
+) -> Kind | None:
+    """The finished `kind` artifact in `folder`, built from `inputs` unless a finished one is there (made from
+    what `key` names, for a kind whose folder is not named by it). With `wait=False`, None at once when
+    another process is making it; else that process is waited for (and should it die first, this one builds
+    it, from the progress it saved)."""
     record = kind(folder)
     with claimed_folder(record.folder, wait=wait) as mine:
         if not mine:
             return None
-        if not (kind.marked and record.is_done):
+        if not record.is_done_for(key):
             with staged_folder(record.folder) as staging:
                 _BUILDERS[kind](staging, *inputs)
-                if kind.marked:
-                    (staging / DONE).touch()
+                record.mark_staged(staging)
+            record.mark_placed(key)
+            record.built = True
     return record
 
 
@@ -234,14 +253,44 @@ class IntertrainRecord(Artifact):
 
 
 class SoupFolder(Artifact):
-    """An assembled soup: rebuilt by every assembly, and free of any file users would not expect."""
+    """An assembled soup, free of any file users would not expect: its `done` marker is beside it."""
 
-    marked = False
     RESULTS = "results.json"
 
     @property
     def results_file(self) -> Path:
         return self.folder / self.RESULTS
 
+    @property
+    def marker(self) -> Path:
+        return self.folder.with_name(f"{hidden_sibling_stem(self.folder.name)}.{DONE}")
+
     def results(self) -> Results:
         return Results.load(self.results_file)
+
+    def is_done_for(self, key: str | None) -> bool:
+        """Whether the marker names `key` and the folder holds exactly the files it was written with (a soup
+        updated or edited in place is another soup)."""
+        try:
+            marker = json.loads(self.marker.read_text())
+        except (OSError, ValueError):  # none, or not one this tool wrote
+            return False
+        if key is None or not isinstance(marker, dict) or marker.get("key") != key:
+            return False
+        return self.folder.is_dir() and marker.get("files") == self._file_digests()
+
+    def mark_staged(self, staging: Path) -> None:
+        """Nothing inside: the folder holds only what a soup is made of."""
+
+    def mark_placed(self, key: str | None) -> None:
+        if key is None:
+            self.marker.unlink(missing_ok=True)
+        else:
+            atomic_write_json(self.marker, {"key": key, "files": self._file_digests()})
+
+    def _file_digests(self) -> dict[str, str] | None:
+        """sha256 of each file in the folder by name; None if it holds anything but files."""
+        entries = sorted(self.folder.iterdir())
+        if not all(entry.is_file() and not entry.is_symlink() for entry in entries):
+            return None
+        return {entry.name: file_sha256(entry) for entry in entries}

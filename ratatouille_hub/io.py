@@ -19,6 +19,10 @@ WEIGHTS_SHARD = re.compile(  # `model-00001-of-00002.safetensors`, as transforme
     r"-\d{5}-of-\d{5}".join(map(re.escape, constants.SAFETENSORS_WEIGHTS_FILE_PATTERN.split("{suffix}")))
 )
 WRITER_LOCK = ".writer.lock"  # inside a staging folder: held by its writer, so a sweep knows it is alive
+# Inside a staging folder: what its build had done when it last saved (a fine-tune's checkpoint). A dead writer's
+# staging folder holding it is kept by sweeps while its final folder is missing, and the next writer of that
+# folder adopts it (`staged_folder`) instead of starting afresh; it never lands in the final folder.
+PROGRESS = "progress.safetensors"
 
 
 def hidden_sibling_stem(name: str) -> str:
@@ -40,19 +44,27 @@ def foreign_entries(folder: Path, written: Collection[str]) -> list[str]:
     )
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextmanager
+def replaced_atomically(path: str | Path):
+    """Yield a temporary path beside `path` for the block to write; once it has, the file is synced to disk
+    and renamed onto `path` (for writers that want a path rather than bytes, such as safetensors')."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden_sibling_stem(path.name)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -69,7 +81,9 @@ def staged_folder(final: str | Path):
 
     The previous content of `final` stays intact until the new folder is complete. What a killed writer of
     `final` left (its staging folder, or `final` retired and never replaced) is cleared first: a staging
-    folder holds its writer's lock, so only the dead writers' are swept.
+    folder holds its writer's lock, so only the dead writers' are swept. A dead writer's staging folder that
+    holds saved `PROGRESS` is adopted instead, emptied of all but that file, so the build resumes from it; a
+    build that fails keeps its progress for the next one, and the file is deleted before the rename.
     """
     from filelock import FileLock
 
@@ -77,12 +91,15 @@ def staged_folder(final: str | Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_staging(final.parent, only=final.name)
     stem = hidden_sibling_stem(final.name)
-    staging = final.with_name(f"{stem}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir()  # unlike mkdtemp, honours the umask: the result is as readable as any folder
-    writer = FileLock(staging / WRITER_LOCK, timeout=0)
-    writer.acquire()
+    writer, staging = _adopted_staging(final)
+    if staging is None:
+        staging = final.with_name(f"{stem}.{uuid.uuid4().hex[:8]}.partial")
+        staging.mkdir()  # unlike mkdtemp, honours the umask: the result is as readable as any folder
+        writer = FileLock(staging / WRITER_LOCK, timeout=0)
+        writer.acquire()
     try:
         yield staging
+        (staging / PROGRESS).unlink(missing_ok=True)
         (staging / WRITER_LOCK).unlink()  # still held: gone before the folder is renamed into place
         if final.exists():
             retired = final.with_name(f"{stem}.old")
@@ -93,10 +110,39 @@ def staged_folder(final: str | Path):
         else:
             os.replace(staging, final)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (staging / PROGRESS).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         writer.release()
+
+
+def _adopted_staging(final: Path):
+    """(its writer lock, now held; the folder) for a dead writer's staging folder of `final` that holds saved
+    `PROGRESS` (the latest saved, if several do), emptied of everything else; (None, None) when there is none."""
+    from filelock import FileLock, Timeout
+
+    pattern = re.compile(re.escape(hidden_sibling_stem(final.name)) + r"\.[0-9a-f]{8}\.partial")
+    candidates = [
+        entry
+        for entry in final.parent.iterdir()
+        if pattern.fullmatch(entry.name) and not entry.is_symlink() and (entry / PROGRESS).is_file()
+    ]
+    for staging in sorted(candidates, key=lambda entry: (entry / PROGRESS).stat().st_mtime_ns, reverse=True):
+        writer = FileLock(staging / WRITER_LOCK, timeout=0)
+        try:
+            writer.acquire()
+        except Timeout:  # its writer is alive
+            continue
+        for entry in staging.iterdir():  # what the build wrote after its last save is written again
+            if entry.name in (PROGRESS, WRITER_LOCK):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return writer, staging  # any other is swept once `final` lands
+    return None, None
 
 
 def claim_is_held(lock_file: Path) -> bool:
@@ -116,8 +162,9 @@ def claim_is_held(lock_file: Path) -> bool:
 
 def sweep_staging(folder: str | Path, only: str | None = None) -> None:
     """Clear what a killed writer left in `folder` (of the entry `only`, when given): staging folders whose
-    writer is dead are deleted, and so are temporary files (call it under the lock of what it sweeps when
-    files are written there); a folder retired by `staged_folder` whose replacement never landed is put back.
+    writer is dead are deleted (unless they hold saved `PROGRESS` and their final folder is missing: the next
+    writer resumes from it), and so are temporary files (call it under the lock of what it sweeps when files
+    are written there); a folder retired by `staged_folder` whose replacement never landed is put back.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -129,7 +176,9 @@ def sweep_staging(folder: str | Path, only: str | None = None) -> None:
         if match is None or entry.is_symlink():
             continue
         if entry.name.endswith(".partial") and entry.is_dir():
-            if not claim_is_held(entry / WRITER_LOCK):
+            final = folder / (only if only is not None else match.group(1)[1:])
+            resumable = (entry / PROGRESS).is_file() and not final.exists()
+            if not resumable and not claim_is_held(entry / WRITER_LOCK):
                 shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.endswith(".tmp") and entry.is_file():
             entry.unlink(missing_ok=True)

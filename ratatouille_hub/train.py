@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpoint
 from .data import ImageTensors, Normalization, augment, evenly_spaced
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .models import (
@@ -79,6 +80,14 @@ class DomainBatches:
     def __iter__(self):
         return self
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Where the batches are: the generator's state and what is left of each domain's permutation."""
+        return {"generator": self.generator.get_state(), **{f"order.{i}": o for i, o in enumerate(self._orders)}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self._orders = [state[f"order.{i}"] for i in range(len(self.domains))]
+
 
 @dataclass
 class TargetData:
@@ -132,6 +141,7 @@ def optimize(
     dropout: float = 0.0,
     micro_batch: int | None = None,
     desc: str = "train",
+    checkpoint: Checkpoint | None = None,
 ) -> TrainOutcome:
     """Adam over `parameters` for `steps` steps, with a fresh optimizer state.
 
@@ -140,6 +150,8 @@ def optimize(
     `micro_batch` images go through each forward and backward pass and a step's gradient accumulates
     over its passes: peak memory is that of one pass, the gradient the whole batch's up to rounding
     (BatchNorm statistics are frozen; with `freeze_bn=False` each pass normalises over its own images).
+    With `checkpoint` (and `validate`), the progress is saved at evaluations, and progress saved earlier is
+    resumed from: the steps after it go as they would have gone without the interruption.
     """
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     # Neither is accelerator.prepare()d: among several processes the model would be wrapped for data-parallel
@@ -149,8 +161,14 @@ def optimize(
     generator = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
     best: TrainOutcome | None = None
     history: list[tuple[int, float]] = []
+    done = 0
+    if checkpoint is not None and checkpoint.saved_step is not None:
+        done, saved_best, history = checkpoint.restore(model, optimizer, batches, generator)
+        best = None if saved_best is None else TrainOutcome(*saved_best)
     loss_fn = nn.CrossEntropyLoss()
-    progress = tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    progress = tqdm(
+        range(done + 1, steps + 1), initial=done, total=steps, desc=desc, leave=False, dynamic_ncols=True, disable=None
+    )
     with feature_dropout(model, dropout):
         for step in progress:
             if freeze_bn:
@@ -177,6 +195,8 @@ def optimize(
                 progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
                 if best is None or score > best.val_accuracy:
                     best = TrainOutcome(_clone_state(model), step, score)
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save(step, model, optimizer, batches, generator, best, history)
     to_contiguous(model)
     if best is None:
         return TrainOutcome(_clone_state(model), steps, None, history)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -24,8 +25,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from safetensors import SafetensorError, safe_open
 
 from ratatouille_hub import cli, merge_engine
+from ratatouille_hub.artifacts import SoupFolder, replaced_builder
+from ratatouille_hub.checkpoint import HEADER
+from ratatouille_hub.io import PROGRESS
+from ratatouille_hub.recipe import assembly
 from ratatouille_hub.results import Results
 
 ENTRY_POINT = Path(sys.executable).with_name("ratatouille-hub")
@@ -229,6 +235,105 @@ def test_kill_9_at_any_stage_then_rerun_gives_the_same_soup(world, reference, tm
     process = Watched(world, out, extra=["--method", "greedy"])
     process.kill_when(lambda: bool(soup_staging(out)))
     assert {p.name: p.read_bytes() for p in (out / "soup").iterdir()} == soup
+
+
+def saved_progress(out: Path) -> dict[str, int]:
+    """Each run whose staging folder holds saved progress (by its key) -> the step it was saved at."""
+    steps = {}
+    for file in (out / "runs").glob(f".*.partial/{PROGRESS}"):
+        try:
+            with safe_open(file, "pt") as saved:
+                steps[file.parent.name[1:].split(".")[0]] = json.loads(saved.metadata()[HEADER])["step"]
+        except (OSError, SafetensorError):  # its staging folder was renamed into place meanwhile
+            continue
+    return steps
+
+
+def run_files(out: Path, key: str) -> dict[str, object]:
+    """What a finished run holds, with the seconds it took left out of its metrics."""
+    folder = out / "runs" / key
+    metrics = json.loads((folder / "metrics.json").read_text())
+    del metrics["seconds"]
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {**{k: v for k, v in files.items() if k != "metrics.json"}, "metrics": metrics}
+
+
+def test_kill_9_mid_run_resumes_from_its_last_evaluation_to_the_same_bytes(world, reference, tmp_path):
+    """Runs are killed between evaluations (run 0 once it saved its progress at step 10 of 60, then again
+    after it resumed; then run 1, whose init is recycled, and run 2): each rerun resumes the killed run at
+    the step it saved, and every run, the soup and the results equal an uninterrupted run's."""
+    out = tmp_path / "resumed"
+    Watched(world, out).kill_when(lambda: any(step >= 10 for step in saved_progress(out).values()))
+    [(run0, first_step)] = saved_progress(out).items()
+    assert done_count(out, "runs") == 0
+
+    for later_kill in (
+        lambda: saved_progress(out).get(run0, 0) > first_step,  # run 0 again, once it saved after resuming
+        lambda: done_count(out, "runs") == 1 and len(saved_progress(out)) == 1,  # in run 1
+        lambda: done_count(out, "runs") == 2 and len(saved_progress(out)) == 1,  # in run 2
+    ):
+        [step] = saved_progress(out).values()
+        process = Watched(world, out)
+        process.kill_when(later_kill)
+        assert process.saw(f": resuming at step {step} of 60, from the progress it saved")
+        assert len(saved_progress(out)) == 1, "killed before its run saved any progress"
+
+    [step] = saved_progress(out).values()
+    result = run_to_completion(world, out)
+    assert f": resuming at step {step} of 60, from the progress it saved" in result.stdout
+    assert done_count(out, "runs") == 3
+    assert not list(out.rglob("*.partial")) and not list(out.rglob(PROGRESS)), "progress left behind"
+
+    for run in published(reference.out, "runs"):
+        assert run_files(out, run.name) == run_files(reference.out, run.name), f"run {run.name} differs"
+    assert sha256(out / "soup" / "model.safetensors") == reference.weights
+    assert accuracies(Results.load(out / "soup" / "results.json")) == accuracies(reference.results)
+
+
+def test_a_rerun_whose_soup_is_done_prints_its_results_without_merging_or_evaluating(
+    world, reference, tmp_path, capsys, monkeypatch
+):
+    """The soup is reused when the same command runs again; a change of method or BatchNorm policy rebuilds
+    it (and changing back rebuilds it again); its `done` marker is beside the folder, never in it."""
+    out = tmp_path / "again"
+    shutil.copytree(reference.out, out, symlinks=True)
+    builds, scored = [], []
+    build_soup, score = assembly._write_soup, assembly.score_predictions
+
+    def counted_build(staging, *inputs):
+        builds.append(inputs[0].config.method)
+        build_soup(staging, *inputs)
+
+    monkeypatch.setattr(assembly, "score_predictions", lambda *a, **k: scored.append(1) or score(*a, **k))
+
+    def recycle(*extra: str) -> list[str]:
+        capsys.readouterr()
+        assert cli.main(recycle_argv(world, out, extra)) == 0
+        return capsys.readouterr().out.splitlines()
+
+    def table(lines: list[str]) -> list[str]:
+        return lines[lines.index("") :]
+
+    with replaced_builder(SoupFolder, counted_build):
+        built = recycle()  # a copy names another output (results.json records it): another soup
+        assert builds == ["uniform"] and scored
+        soup_files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "soup").iterdir()}
+        scored.clear()
+        reused = recycle()
+        assert builds == ["uniform"] and not scored  # nothing merged, nothing evaluated
+        assert "[merge] the soup of these runs with this recipe is done: reused, nothing merged or evaluated" in reused
+        assert table(reused) == table(built)
+        explained = [line for line in built if line.startswith(("[merge] greedy kept", "[diagnose]"))]
+        assert explained and [line for line in reused if line.startswith(("[merge] greedy", "[diagnose]"))] == explained
+        assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "soup").iterdir()} == soup_files
+
+        recycle("--method", "greedy")
+        recycle("--method", "greedy")
+        recycle("--method", "greedy", "--bn-policy", "reestimate")
+        assert table(recycle()) == table(built)  # back to the first command: rebuilt, the same results
+        assert builds == ["uniform", "greedy", "greedy", "uniform"]
+    assert sha256(out / "soup" / "model.safetensors") == reference.weights
+    assert ".soup.done" not in {p.name for p in (out / "soup").iterdir()} and (out / ".soup.done").is_file()
 
 
 def test_a_second_recycle_on_a_folder_in_use_trains_only_what_is_unclaimed(world, reference, tmp_path):

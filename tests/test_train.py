@@ -3,6 +3,9 @@ best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px image
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +13,7 @@ from torch import nn
 from torch.optim.adam import Adam
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from ratatouille_hub import checkpoint
 from ratatouille_hub.artifacts import RunRecord, materialize
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.data import ImageTensors, Normalization
@@ -242,6 +246,50 @@ def test_without_validation_the_last_state_is_returned(data, accelerator):
     outcome = run_optimize(model, data, accelerator, steps=2)
     assert (outcome.step, outcome.val_accuracy, outcome.history) == (2, None, [])
     assert all(torch.equal(outcome.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_fine_tune_stopped_after_a_save_resumes_to_the_uninterrupted_outcome(
+    data, accelerator, tmp_path, monkeypatch
+):
+    """Stopped at its evaluation of step 6, before saving there: resumed from the save at step 4 in a fresh
+    model, optimizer and batch iterator (and another global generator state), it ends with the best state,
+    step, history and last weights of a run never stopped, dropout and augmentation included."""
+    monkeypatch.setattr(checkpoint, "SAVE_SHARE", math.inf)  # a save at every evaluation
+
+    def accuracy(model) -> float:
+        return validation_accuracy(model, data.pooled_val, NORMALIZE)
+
+    settings = dict(steps=9, eval_every=2, dropout=0.5, validate=accuracy)
+    reference = tiny_model()
+    uninterrupted = run_optimize(reference, data, accelerator, **settings)
+
+    class PowerCut(Exception):
+        pass
+
+    def cut_at_step_6(model) -> float:
+        evaluations.append(1)
+        if len(evaluations) == 3:
+            raise PowerCut
+        return accuracy(model)
+
+    evaluations: list[int] = []
+    progress = checkpoint.Checkpoint(tmp_path, started=time.monotonic())
+    with pytest.raises(PowerCut):
+        run_optimize(tiny_model(), data, accelerator, **{**settings, "validate": cut_at_step_6}, checkpoint=progress)
+    assert progress.saved_step == 4
+
+    torch.manual_seed(99)  # what the stopped process drew since is not the resumed one's
+    resumed_model = tiny_model(seed=7)  # its own init: every weight comes from the save
+    resumed = run_optimize(
+        resumed_model, data, accelerator, **settings, checkpoint=checkpoint.Checkpoint(tmp_path, time.monotonic())
+    )
+    assert (resumed.step, resumed.val_accuracy, resumed.history) == (
+        uninterrupted.step,
+        uninterrupted.val_accuracy,
+        uninterrupted.history,
+    )
+    assert all(torch.equal(resumed.state[k], v) for k, v in uninterrupted.state.items())
+    assert all(torch.equal(resumed_model.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 
 def step_gradients(monkeypatch, model, data, accelerator, **kwargs):

@@ -9,7 +9,8 @@
 
 Every expensive artefact lives in a folder named after a hash of what produced it, written whole or not
 at all, with a `done` marker, and claimed by a lock beside it while it is written (artifacts.py): rerunning
-an interrupted recipe redoes only what is missing, and no two processes ever train the same run.
+an interrupted recipe redoes only what is missing (a run killed mid-way resumes from the progress it saved
+at its last evaluation, checkpoint.py), and no two processes ever train the same run.
 
     output/
       recipe.yaml        the config, replayable with --config
@@ -18,8 +19,10 @@ an interrupted recipe redoes only what is missing, and no two processes ever tra
       lp/<hash>/         a shared linear-probe head (one per held-out domain)
       inits/<hash>/      fusing only: one run's starting point, a convex combination of checkpoints
       runs/<hash>/       one target fine-tune: model/, metrics.json, predictions.safetensors, done
+      runs/.<hash>.*.partial/   a fine-tune being trained, or killed: progress.safetensors, its last save
       soup/              the result as a transformers model folder (+ README.md, recipe.yaml, results.json):
                          the weight average (ratatouille, soup) or the best run by validation (erm, fusing)
+      .soup.done         the soup's done marker: what produced it, and the digest of each of its files
       soups/<domain>/    with --test-domain all: one such folder per held-out domain, and results.json
                          beside recipe.yaml holds the DomainBed table
 """

@@ -23,7 +23,8 @@ from ..card import build_card
 from ..diagnose import diagnose_loaded, plot_paths, plot_scores
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
-from ..fetch import is_hub_id, resolve_model
+from ..fetch import is_hub_id, resolve_model, weights_digest
+from ..hashing import stable_hash
 from ..io import foreign_entries
 from ..merge_engine import (
     COPIED_CONFIGS,
@@ -78,8 +79,25 @@ SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight s
 
 def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> Results:
     """Score the finished runs, average them with every merge method recycle offers, and write the result
-    folder `destination`: the weight average (averaging strategies) or the best run by validation."""
-    return materialize(SoupFolder, destination, plan, output, target, echo, destination).results()
+    folder `destination`: the weight average (averaging strategies) or the best run by validation. A soup
+    made there from the same recipe and runs is returned as it is: nothing merged or evaluated again."""
+    key = soup_key(plan, output)
+    soup = materialize(SoupFolder, destination, plan, output, target, echo, destination, key=key)
+    results = soup.results()
+    if not soup.built:
+        echo("[merge] the soup of these runs with this recipe is done: reused, nothing merged or evaluated")
+        runs = [RunRecord(output / spec.folder) for spec in plan.runs]
+        for line in explain_selection(results, run_names(runs)):
+            echo(line)
+    return results
+
+
+def soup_key(plan: RecipePlan, output: Path) -> str:
+    """What a soup is made from: every option of the recipe (method, BatchNorm policy, alpha, strategy, the
+    output it names, ...), the target as planned, and every run by its folder and the digest of its weights."""
+    runs = [(spec.folder, weights_digest(RunRecord(output / spec.folder).model_folder)) for spec in plan.runs]
+    target = {"reference": plan.target.reference, "fingerprint": plan.target.fingerprint}
+    return stable_hash({"recipe": plan.config.to_dict(), "target": target, "runs": runs}, length=64)
 
 
 @builds(SoupFolder)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import FusionRecord, ProbeRecord, RunRecord, builds, materialize, materialize_all
+from ..checkpoint import Checkpoint
 from ..errors import RecipeError
 from ..evaluation import inference_batch
 from ..fetch import Ingredient
@@ -188,10 +189,11 @@ def train_run(
     rank: str = "",
     fingerprinted: bool = False,
 ) -> None:
-    """One target fine-tune from (init featurizer, shared head), written into `staging`. `rank` names this
-    process in its progress bars; `fingerprinted` writes the recipe's fingerprint (from the shared probe's
-    file), the run's index and its init beside the run's weights."""
-    started = time.monotonic()
+    """One target fine-tune from (init featurizer, shared head), written into `staging`, resumed from the
+    progress a killed build of it saved there. `rank` names this process in its progress bars; `fingerprinted`
+    writes the recipe's fingerprint (from the shared probe's file), the run's index and its init beside the
+    run's weights."""
+    progress = Checkpoint(staging, started=time.monotonic())
     init = init_checkpoint(plan, spec, target, output, echo)
     hparams = spec.hparams
     echo(
@@ -212,7 +214,8 @@ def train_run(
         dropout=hparams.dropout,
         micro_batch=spec.micro_batch,
     )
-    if spec.warmup_steps:
+    resumed_at = progress.saved_step
+    if spec.warmup_steps and resumed_at is None:  # a saved progress is past the head's warm-up
         head_params = list(head_linear(model).parameters())
         for param in model.parameters():
             param.requires_grad_(any(param is p for p in head_params))
@@ -226,6 +229,8 @@ def train_run(
         )
         for param in model.parameters():
             param.requires_grad_(True)
+    if resumed_at is not None:
+        echo(f"[train] {spec.label}: resuming at step {resumed_at} of {spec.steps}, from the progress it saved")
     pooled_val, passes = data.pooled_val, inference_batch(spec.micro_batch)
     outcome = optimize(
         model,
@@ -235,6 +240,7 @@ def train_run(
         validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
         eval_every=spec.eval_every,
         desc=f"{rank}{spec.label}",
+        checkpoint=progress,
         **common,
     )
     check_finite_weights(outcome.state, f"{spec.label} from {init.source} (lr {hparams.lr:g})")
@@ -248,7 +254,7 @@ def train_run(
         "best_step": outcome.step,
         "val_accuracy": outcome.val_accuracy,
         "history": outcome.history,
-        "seconds": round(time.monotonic() - started, 1),  # what the run cost: benchmarks add these up
+        "seconds": round(progress.seconds(), 1),  # what the run cost: benchmarks add these up
     }
     identity = None
     if fingerprinted:  # which recipe it belongs to, and its place in it
