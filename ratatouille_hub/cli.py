@@ -419,7 +419,8 @@ def run_run(args) -> None:
     from .recipe import run_index
 
     options = options_from_args(args, RunOptions)
-    folder = run_index(Path(options.output), options.index, token=args.token)
+    tracking = {"report_to": options.report_to, "project_name": options.project_name}
+    folder = run_index(Path(options.output), options.index, token=args.token, **tracking)
     say(f"run {options.index}: {folder}")
 
 
@@ -568,7 +569,8 @@ def run_sweep(args) -> None:
     config = options_from_args(args, SweepConfig)
     output = Path(config.output)
     if args.index is not None:
-        say(f"run {args.index}: {run_sweep_index(output, args.index, token=args.token)}")
+        tracking = {"report_to": config.report_to, "project_name": config.project_name}  # sweep.yaml's, or the flags'
+        say(f"run {args.index}: {run_sweep_index(output, args.index, token=args.token, **tracking)}")
     elif args.plan_only:
         say(format_sweep_plan(plan_sweep(config, token=args.token), output))
     else:

@@ -23,6 +23,7 @@ import yaml
 from .errors import RatatouilleError
 from .merge_methods import MERGE_METHODS, recycle_methods
 from .strategies import STRATEGIES
+from .tracking import REPORT_TO, valid_project_name
 
 GROUPS = {  # --help sections, in this order
     "model": "model",
@@ -193,7 +194,7 @@ def _field_problems(options, f: dataclasses.Field) -> list[str]:
     if meta.get("required") and value in ("", None, ()):
         return [f"{f.name} is required"]
     choices = meta.get("choices")
-    if choices is not None:
+    if choices is not None and value is not None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
             return [f"{f.name} must be one of {', '.join(allowed)} (got {value!r})"]
@@ -250,8 +251,25 @@ class TargetOptions(DataOptions):
     )
 
 
+REPORT_TO_HELP = (
+    "experiment tracker (accelerate's log_with) for every run's loss and validation accuracy per evaluation "
+    "(and each step's loss), the linear probe's and the soup's scores: tensorboard writes <output>/tensorboard/ "
+    "(pip install 'ratatouille-hub[tracking]'); trackio, wandb and mlflow log to their own stores and need "
+    "their package"
+)
+PROJECT_NAME_HELP = "the tracker's project, which groups the runs (default: the output folder's name)"
+
+
 @dataclass(frozen=True)
-class TrainingOptions(DataOptions):
+class TrackingOptions(Options):
+    """Where the commands that train report their runs: never part of what a run is (no folder key has it)."""
+
+    report_to: str = _opt("none", REPORT_TO_HELP, group="output", choices=REPORT_TO)
+    project_name: str | None = _opt(None, PROJECT_NAME_HELP, group="output", check=valid_project_name)
+
+
+@dataclass(frozen=True)
+class TrainingOptions(DataOptions, TrackingOptions):
     """How each fine-tune trains: shared by recycle's target runs and intertrain's auxiliary runs."""
 
     base: str = _opt("", "base model: a Hub id or a local transformers model folder", group="model", required=True)
@@ -539,6 +557,15 @@ class RunOptions(Options):
         group="runs",
         required=True,
         check=int_range(0),
+    )
+    report_to: str | None = _opt(
+        None, f"{REPORT_TO_HELP} (default: the plan's: plan --report-to)", group="output", choices=REPORT_TO
+    )
+    project_name: str | None = _opt(
+        None,
+        "the tracker's project, which groups the runs (default: the plan's)",
+        group="output",
+        check=valid_project_name,
     )
 
 

@@ -46,13 +46,22 @@ from .artifacts import ProbeRecord, RunRecord, SoupFolder
 from .config import RecipeConfig, SweepConfig
 from .errors import RecipeError
 from .io import atomic_write_json, claimed_folder
-from .recipe import PINNED_FIELDS, REUSABLE_CHANGES, decode_target, plan_recipe, recipe_differences, train_run
+from .recipe import (
+    PINNED_FIELDS,
+    REUSABLE_CHANGES,
+    decode_target,
+    plan_recipe,
+    recipe_differences,
+    reported_as,
+    train_run,
+)
 from .recipe.assembly import assemble, check_replaceable_soup
 from .recipe.executor import Worker, execute
 from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
 from .safe_text import path_component, say, terminal_safe
 from .strategies import STRATEGIES
+from .tracking import check_tracker, default_project
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
@@ -81,9 +90,12 @@ def cells_of(config: SweepConfig) -> list[Cell]:
 
 
 def cell_recipe(config: SweepConfig, cell: Cell) -> RecipeConfig:
-    """The recipe of one cell: the sweep's options with its strategy and seed, into the trial's folder."""
+    """The recipe of one cell: the sweep's options with its strategy and seed, into the trial's folder, its
+    runs reported in the sweep's project."""
     values = {k: v for k, v in config.to_dict().items() if k != "trials"}
-    return RecipeConfig.from_dict(values | {"strategy": cell.strategy, "seed": cell.seed, "output": str(cell.work)})
+    project = config.project_name or default_project(config.output)
+    cell_values = {"strategy": cell.strategy, "seed": cell.seed, "output": str(cell.work), "project_name": project}
+    return RecipeConfig.from_dict(values | cell_values)
 
 
 def plan_sweep(
@@ -97,6 +109,7 @@ def plan_sweep(
     is planned (benchmarks/pacs.py draws the fine-tunes each trial recycles)."""
     output = Path(config.output)
     check_same_sweep(output, config)
+    check_tracker(config.report_to)
     planned = []
     for cell in cells_of(config):
         recipe = cell_recipe(config, cell)
@@ -168,13 +181,22 @@ def flat_runs(loaded: list[tuple[Cell, list[RecipePlan]]]) -> list[tuple[Path, R
     return runs
 
 
-def run_sweep_index(output: Path, index: int, *, token=None, echo: Callable[[str], None] = say) -> Path:
-    """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent."""
+def run_sweep_index(
+    output: Path,
+    index: int,
+    *,
+    token=None,
+    echo: Callable[[str], None] = say,
+    report_to: str | None = None,
+    project_name: str | None = None,
+) -> Path:
+    """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent. It is reported
+    where the sweep's plan says, or to `report_to` in `project_name` when given."""
     runs = flat_runs(load_sweep(output, token))
     if not 0 <= index < len(runs):
         raise RecipeError(f"--index {index}: the sweep in {output} has runs 0 to {len(runs) - 1}")
     work, plan, spec = runs[index]
-    return train_run(work, plan, spec, token=token, echo=echo)
+    return train_run(work, reported_as(plan, report_to, project_name), spec, token=token, echo=echo)
 
 
 def sweep(

@@ -3,6 +3,8 @@ best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px image
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -231,6 +233,42 @@ def test_without_validation_the_last_state_is_returned(data, accelerator):
     outcome = run_optimize(model, data, accelerator, steps=2)
     assert (outcome.step, outcome.val_accuracy, outcome.history) == (2, None, [])
     assert all(torch.equal(outcome.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_each_step_loss_is_logged_and_each_evaluation_records_their_mean(data, accelerator):
+    scores = iter([0.25, 0.75, 0.5])  # evaluations at steps 2, 4 and the last, 5
+    logged: list[tuple[int, dict]] = []
+    tracked = run_optimize(
+        tiny_model(),
+        data,
+        accelerator,
+        steps=5,
+        eval_every=2,
+        validate=lambda model: next(scores),
+        log=lambda values, step: logged.append((step, values)),
+    )
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+    step_losses = [values["train/step_loss"] for _, values in logged]
+    assert all(0 < loss < 10 for loss in step_losses)  # cross-entropy over 3 classes starts near ln 3
+    means = [statistics.fmean(step_losses[0:2]), statistics.fmean(step_losses[2:4]), step_losses[4]]
+    assert tracked.losses == [(2, means[0]), (4, means[1]), (5, means[2])]
+    evaluations = [
+        (step, values["train/loss"], values["validation/accuracy"]) for step, values in logged if len(values) > 1
+    ]
+    assert evaluations == [(2, means[0], 0.25), (4, means[1], 0.75), (5, means[2], 0.5)]
+    assert set(logged[0][1]) == {"train/step_loss"}
+    # logging reads the losses only: the same training untracked ends in the same bytes, with the same losses
+    scores = iter([0.25, 0.75, 0.5])
+    untracked = run_optimize(
+        tiny_model(), data, accelerator, steps=5, eval_every=2, validate=lambda model: next(scores)
+    )
+    assert untracked.losses == tracked.losses and untracked.step == tracked.step == 4
+    assert all(torch.equal(untracked.state[k], v) for k, v in tracked.state.items())
+
+
+def test_without_validation_the_loss_is_still_recorded_every_eval_every_steps(data, accelerator):
+    outcome = run_optimize(tiny_model(), data, accelerator, steps=5, eval_every=2)
+    assert [step for step, _ in outcome.losses] == [2, 4, 5] and outcome.history == []
 
 
 def step_gradients(monkeypatch, model, data, accelerator, **kwargs):

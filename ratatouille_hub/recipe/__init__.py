@@ -43,6 +43,7 @@ from ..safe_text import say, terminal_safe
 from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
+from ..tracking import check_tracker
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
@@ -127,6 +128,7 @@ def plan_output(
 ) -> list[RecipePlan]:
     """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
     `assemble_output` (any process, any machine that shares the folder) find it."""
+    check_tracker(config.report_to)  # before any work: the runs would fail on it
     plans = plan_recipe(config, token=token, echo=echo)
     # the recipe with what it read pinned (--rediscover, once checked against the folder, is not saved)
     config = replace(plans[0].config, test_domain=config.test_domain, rediscover=config.rediscover)
@@ -152,13 +154,32 @@ def decode_target(plan: RecipePlan, output: Path, token=None) -> Target:
     return preparation.decode(cache=output / "cache")
 
 
-def run_index(output: Path, index: int, *, token: str | bool | None = None, echo: Callable[[str], None] = say) -> Path:
+def run_index(
+    output: Path,
+    index: int,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    report_to: str | None = None,
+    project_name: str | None = None,
+) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
-    done; waits for it if another process holds it (and trains it if that process dies first)."""
+    done; waits for it if another process holds it (and trains it if that process dies first). It is
+    reported where the plan says, or to `report_to` in `project_name` when given."""
     work = indexed_runs(load_plans(output, token))
     if not 0 <= index < len(work):
         raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
-    return train_run(output, *work[index], token=token, echo=echo)
+    plan, spec = work[index]
+    return train_run(output, reported_as(plan, report_to, project_name), spec, token=token, echo=echo)
+
+
+def reported_as(plan: RecipePlan, report_to: str | None, project_name: str | None) -> RecipePlan:
+    """`plan` with its runs reported to `report_to` in `project_name` where given (a command's flags win over
+    what was planned; neither changes a run), checked before any work."""
+    given = {name: value for name, value in (("report_to", report_to), ("project_name", project_name)) if value}
+    plan = replace(plan, config=replace(plan.config, **given)) if given else plan
+    check_tracker(plan.config.report_to)
+    return plan
 
 
 def train_run(output: Path, plan: RecipePlan, spec, *, token=None, echo: Callable[[str], None] = say) -> Path:
@@ -174,6 +195,7 @@ def assemble_output(
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
     while some runs are missing."""
     plans = load_plans(output, token)
+    check_tracker(plans[0].config.report_to)  # the soup's scores are reported where the plan says
     work = indexed_runs(plans)
     missing = [i for i, (plan, spec) in enumerate(work) if not plan.is_done(output, spec)]
     if missing:
@@ -344,9 +366,12 @@ def claimed_output(output: Path, config: RecipeConfig):
 
 
 # A changed value of these keeps every finished run valid (a run's folder is named after its own
-# init, so strategy and aux only choose which runs exist); any other change is another recipe. What
+# init, so strategy and aux only choose which runs exist, and report_to and project_name only where they are
+# reported); any other change is another recipe. What
 # discovery chose changes only by --rediscover: a Hub that changed under a rerun is said, never followed.
-REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover"})
+REUSABLE_CHANGES = frozenset(
+    {"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover", "report_to", "project_name"}
+)
 PINNED = ("base", "target")  # saved as id@sha: a command naming them without a revision means the same ones
 PINNED_FIELDS = ("base", "target", "domain_column", "label_column", "aux", "discovered")  # what a plan pins
 

@@ -58,6 +58,7 @@ from ..results import (
     SummaryRow,
 )
 from ..target import Target, predict_target, prepare_target, score_predictions
+from ..tracking import TEST_ACCURACY, VAL_ACCURACY, Tracking, recipe_run
 from ..train import reestimate_batchnorm, validation_accuracy
 from .plan import RecipePlan
 
@@ -174,6 +175,10 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
         diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
     )
     results.save(SoupFolder(staging).results_file)
+    # beside the runs' curves, at their last step: this model's scores, then each average's, the ensemble's and the best run's
+    Tracking.of(config, output).record(
+        *recipe_run(plan, "soup"), values=tracked_scores(results), step=plan.runs[0].steps
+    )
     config.save_yaml(staging / "recipe.yaml")
     names = run_names(runs)
     plot_scores(
@@ -192,6 +197,15 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
     build_card(results, **figures).save(staging / "README.md")
     for line in explain_selection(results, names):
         echo(line)
+
+
+def tracked_scores(results: Results) -> dict[str, float]:
+    """The result folder's model's validation and held-out accuracy, and under `validation/<name>` and
+    `test/<name>` each merge method's average, the ensemble and the best run."""
+    scores = {VAL_ACCURACY: results.soup.val_accuracy, TEST_ACCURACY: results.soup.test_accuracy}
+    for name, score in {**results.averages, "ensemble": results.ensemble, "best-run": results.best_run}.items():
+        scores |= {f"validation/{name}": score.val_accuracy, f"test/{name}": score.test_accuracy}
+    return scores
 
 
 def check_replaceable_soup(folder: Path) -> None:

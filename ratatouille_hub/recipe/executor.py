@@ -23,9 +23,10 @@ from ..fetch import Ingredient
 from ..hashing import stable_int
 from ..merge_engine import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
-from ..provenance import plan_fingerprint
+from ..provenance import plan_fingerprint, run_name
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
+from ..tracking import Tracking, recipe_run
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
 from .plan import RecipePlan, RunSpec
 
@@ -118,28 +119,31 @@ class RunExecutor:
 
 def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> LinearHead:
     """The target head trained once on the frozen base; every run starts from it (so heads average)."""
-    head = materialize(ProbeRecord, output / plan.lp.folder, plan, target, accelerator, echo).head()
+    head = materialize(ProbeRecord, output / plan.lp.folder, plan, target, accelerator, output, echo).head()
     echo(f"[train] linear probe: validation {100 * head.val_accuracy:.1f}% (step {head.step})")
     return head
 
 
 @builds(ProbeRecord)
-def _train_linear_probe(staging: Path, plan: RecipePlan, target: Target, accelerator, echo) -> None:
+def _train_linear_probe(staging: Path, plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> None:
     spec = plan.lp
     echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
     started = time.monotonic()
     model = load_classifier(plan.base.path, target.id2label).to(accelerator.device)
-    head = linear_probe(
-        model,
-        target.data,
-        steps=spec.steps,
-        lr=spec.lr,
-        batch_size=spec.batch_size,
-        eval_every=spec.eval_every,
-        seed=spec.seed,
-        accelerator=accelerator,
-        inference_batch=inference_batch(plan.config.micro_batch),
-    )
+    tracked = {"steps": spec.steps, "lr": spec.lr, "batch_size": spec.batch_size, "seed": spec.seed}
+    with Tracking.of(plan.config, output).run(*recipe_run(plan, "linear probe"), config=tracked) as log:
+        head = linear_probe(
+            model,
+            target.data,
+            steps=spec.steps,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            eval_every=spec.eval_every,
+            seed=spec.seed,
+            accelerator=accelerator,
+            inference_batch=inference_batch(plan.config.micro_batch),
+            log=log,
+        )
     check_finite_weights({"weight": head.weight, "bias": head.bias}, f"the linear probe (lr {spec.lr:g})")
     ProbeRecord(staging).write(head, round(time.monotonic() - started, 1))
 
@@ -227,16 +231,20 @@ def train_run(
         for param in model.parameters():
             param.requires_grad_(True)
     pooled_val, passes = data.pooled_val, inference_batch(spec.micro_batch)
-    outcome = optimize(
-        model,
-        batches,
-        parameters=list(model.parameters()),
-        steps=spec.steps,
-        validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
-        eval_every=spec.eval_every,
-        desc=f"{rank}{spec.label}",
-        **common,
-    )
+    tracked = {"index": spec.index, "init": init.reference, **asdict(hparams), "steps": spec.steps, "seed": spec.seed}
+    tracked_name = recipe_run(plan, run_name(spec.index, init.reference))
+    with Tracking.of(plan.config, output).run(*tracked_name, config=tracked) as log:  # the steps after the warm-up
+        outcome = optimize(
+            model,
+            batches,
+            parameters=list(model.parameters()),
+            steps=spec.steps,
+            validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
+            eval_every=spec.eval_every,
+            desc=f"{rank}{spec.label}",
+            log=log,
+            **common,
+        )
     check_finite_weights(outcome.state, f"{spec.label} from {init.source} (lr {hparams.lr:g})")
     model.load_state_dict(outcome.state)
     processor = serving_processor(model, target.test.pixels.shape[-1], data.normalize)
@@ -248,6 +256,7 @@ def train_run(
         "best_step": outcome.step,
         "val_accuracy": outcome.val_accuracy,
         "history": outcome.history,
+        "loss_history": outcome.losses,  # (step, mean training loss since the previous evaluation)
         "seconds": round(time.monotonic() - started, 1),  # what the run cost: benchmarks add these up
     }
     identity = None
