@@ -194,7 +194,7 @@ def _field_problems(options, f: dataclasses.Field) -> list[str]:
     if meta.get("required") and value in ("", None, ()):
         return [f"{f.name} is required"]
     choices = meta.get("choices")
-    if choices is not None and value is not None:
+    if choices is not None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
             return [f"{f.name} must be one of {', '.join(allowed)} (got {value!r})"]
@@ -251,25 +251,8 @@ class TargetOptions(DataOptions):
     )
 
 
-REPORT_TO_HELP = (
-    "experiment tracker (accelerate's log_with) for every run's loss and validation accuracy per evaluation "
-    "(and each step's loss), the linear probe's and the soup's scores: tensorboard writes <output>/tensorboard/ "
-    "(pip install 'ratatouille-hub[tracking]'); trackio, wandb and mlflow log to their own stores and need "
-    "their package"
-)
-PROJECT_NAME_HELP = "the tracker's project, which groups the runs (default: the output folder's name)"
-
-
 @dataclass(frozen=True)
-class TrackingOptions(Options):
-    """Where the commands that train report their runs: never part of what a run is (no folder key has it)."""
-
-    report_to: str = _opt("none", REPORT_TO_HELP, group="output", choices=REPORT_TO)
-    project_name: str | None = _opt(None, PROJECT_NAME_HELP, group="output", check=valid_project_name)
-
-
-@dataclass(frozen=True)
-class TrainingOptions(DataOptions, TrackingOptions):
+class TrainingOptions(DataOptions):
     """How each fine-tune trains: shared by recycle's target runs and intertrain's auxiliary runs."""
 
     base: str = _opt("", "base model: a Hub id or a local transformers model folder", group="model", required=True)
@@ -558,15 +541,6 @@ class RunOptions(Options):
         required=True,
         check=int_range(0),
     )
-    report_to: str | None = _opt(
-        None, f"{REPORT_TO_HELP} (default: the plan's: plan --report-to)", group="output", choices=REPORT_TO
-    )
-    project_name: str | None = _opt(
-        None,
-        "the tracker's project, which groups the runs (default: the plan's)",
-        group="output",
-        check=valid_project_name,
-    )
 
 
 @dataclass(frozen=True)
@@ -637,6 +611,28 @@ class PublishOptions(Options):
     push_to_hub: str | None = _opt(None, "push the result to this Hub repo (namespace/name) in one commit", group="hub")
     private: bool = _opt(False, "create the repo private", group="hub")
     revision: str | None = _opt(None, "push to this branch (created if missing; default main)", group="hub")
+
+
+@dataclass(frozen=True)
+class TrackingOptions(Options):
+    """Where the commands that train (recycle, run, assemble, intertrain, sweep) report their runs; like where a
+    result is pushed, never saved in a recipe: no run depends on it."""
+
+    report_to: str = _opt(
+        "none",
+        "experiment tracker (accelerate's log_with) for every run's loss and validation accuracy per evaluation "
+        "(and each step's loss), the linear probe's and the soup's scores: tensorboard writes <output>/tensorboard/ "
+        "(pip install 'ratatouille-hub[tracking]'); trackio, wandb and mlflow log to their own stores and need "
+        "their package",
+        group="output",
+        choices=REPORT_TO,
+    )
+    project_name: str | None = _opt(
+        None,
+        "the tracker's project, which groups the runs (default: the output folder's name)",
+        group="output",
+        check=valid_project_name,
+    )
 
 
 @dataclass(frozen=True)

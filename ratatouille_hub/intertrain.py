@@ -23,7 +23,7 @@ import torch
 
 from .artifacts import IntertrainRecord, builds, materialize, materialize_all
 from .card import plain_text
-from .config import IntertrainConfig, RunHParams, draw_hparams
+from .config import IntertrainConfig, RunHParams, TrackingOptions, draw_hparams
 from .data import (
     DataError,
     ImageTensors,
@@ -69,14 +69,16 @@ def intertrain(
     index: int | None = None,
     token: str | bool | None = None,
     echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> list[Path]:
     """Make `config.runs` fine-tunes of the base on the dataset (only fine-tune `index`, a scheduler's array
     task, when given); returns their folders (finished ones are reused). The recipe.yaml it saves pins the
-    base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes."""
+    base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes.
+    `tracking` says where each fine-tune's losses are reported."""
     quiet_transformers()
     if index is not None and not 0 <= index < config.runs:
         raise RecipeError(f"--index {index}: this intertrain makes fine-tunes 0 to {config.runs - 1}")
-    tracking = Tracking.of(config, config.output)  # a missing tracker package is refused before any work
+    tracked = Tracking.of(tracking, config.output)  # a missing tracker package is refused before any work
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
     dataset_id, pinned = split_revision(config.dataset)  # `org/name@rev` reads that revision, as --target does
@@ -119,7 +121,7 @@ def intertrain(
     worker = Worker.of_this_process()
     worker.wait_for_everyone_then_part()  # every rank saves runs of its own
     job = Intertraining(
-        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision), tracking
+        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision), tracked
     )
     echo = worker.echo(echo)
     folders = [output / "runs" / job.key(run) for run in range(config.runs)]
@@ -201,9 +203,9 @@ def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[
     seed = f"intertrain:{config.seed + run}"
     torch.manual_seed(stable_int(seed + ":head"))
     model = load_classifier(job.base.path, dict(enumerate(job.label_names))).to(job.accelerator.device)
-    tracked = {"index": run, "init": job.base.reference, "dataset": job.data_reference, **asdict(hparams)}
-    tracked |= {"steps": config.steps, "seed": config.seed + run}
-    with job.tracking.run(job.tracked_name(run), config=tracked) as log:
+    hyperparameters = {"index": run, "init": job.base.reference, "dataset": job.data_reference, **asdict(hparams)}
+    hyperparameters |= {"steps": config.steps, "seed": config.seed + run}
+    with job.tracking.run(job.tracked_name(run), config=hyperparameters) as log:
         outcome = optimize(
             model,
             DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),

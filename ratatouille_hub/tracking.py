@@ -78,7 +78,10 @@ class Tracking:
 
     @classmethod
     def of(cls, options, output: Path | str) -> Tracking:
-        """The tracking `options` (report_to, project_name) ask for, for runs that live in `output`."""
+        """What the TrackingOptions `options` (None: none) ask for, for a command whose output is `output`;
+        a tracker whose package is missing is refused here, before the command's work."""
+        if options is None or options.report_to == "none":
+            return UNTRACKED
         check_tracker(options.report_to)
         return cls(options.report_to, options.project_name or default_project(output), Path(output))
 
@@ -121,9 +124,12 @@ class Tracking:
         return tracker(self.project, name=name)  # their init(project=..., name=...)
 
 
+UNTRACKED = Tracking("none", "", Path("."))
+
+
 def recipe_run(plan, name: str) -> tuple[str, ...]:
-    """The tracked name of `name` (a run, the probe, the soup) in a recipe's plan: its trial seed and held-out
-    domain first, so trials and held-out domains that share a project stay apart."""
+    """The tracked name of `name` (a run, the probe, a soup) in a recipe's plan: its trial seed and held-out
+    domain first, so the trials of a sweep and the held-out domains of `--test-domain all` stay apart."""
     return f"seed {plan.config.seed}", plan.target.test_domain, name
 
 

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..artifacts import RunRecord
-from ..config import ALL_DOMAINS, RecipeConfig
+from ..config import ALL_DOMAINS, RecipeConfig, TrackingOptions
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
@@ -43,7 +43,7 @@ from ..safe_text import say, terminal_safe
 from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
-from ..tracking import check_tracker
+from ..tracking import UNTRACKED, Tracking
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
@@ -66,24 +66,30 @@ __all__ = [
 
 
 def recycle(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    config: RecipeConfig,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut | None:
     """Run the whole recipe: the results written to `<output>/soup/results.json`, or with
-    `test_domain="all"` every held-out domain's results and their DomainBed table.
+    `test_domain="all"` every held-out domain's results and their DomainBed table. `tracking` says where the
+    probe, the runs and the soup are reported (TensorBoard, trackio, wandb, mlflow; none by default).
 
     Under `accelerate launch`, every process calls this: the main one plans, all of them train the runs
     between them (each run by one process) until every run is done, and the main one assembles and
     returns the results; the others return None.
     """
-    worker = Worker.of_this_process()
     output = Path(config.output)
+    tracked = Tracking.of(tracking, output)
+    worker = Worker.of_this_process()
     if worker.is_main:
         plan_output(config, token=token, echo=echo)
     worker.wait_for_everyone_then_part()
     plans = load_plans(output, token)
     jobs = [(plan, decode_target(plan, output, token)) for plan in plans]
-    execute(jobs, output, echo, worker)
-    return _assemble(jobs, output, echo) if worker.is_main else None
+    execute(jobs, output, echo, worker, tracked)
+    return _assemble(jobs, output, echo, tracked) if worker.is_main else None
 
 
 def plan_recipe(
@@ -128,7 +134,6 @@ def plan_output(
 ) -> list[RecipePlan]:
     """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
     `assemble_output` (any process, any machine that shares the folder) find it."""
-    check_tracker(config.report_to)  # before any work: the runs would fail on it
     plans = plan_recipe(config, token=token, echo=echo)
     # the recipe with what it read pinned (--rediscover, once checked against the folder, is not saved)
     config = replace(plans[0].config, test_domain=config.test_domain, rediscover=config.rediscover)
@@ -160,42 +165,45 @@ def run_index(
     *,
     token: str | bool | None = None,
     echo: Callable[[str], None] = say,
-    report_to: str | None = None,
-    project_name: str | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
-    done; waits for it if another process holds it (and trains it if that process dies first). It is
-    reported where the plan says, or to `report_to` in `project_name` when given."""
+    done; waits for it if another process holds it (and trains it if that process dies first). `tracking`
+    says where it (and the probe, if this task trains it) is reported."""
+    tracked = Tracking.of(tracking, output)
     work = indexed_runs(load_plans(output, token))
     if not 0 <= index < len(work):
         raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
-    plan, spec = work[index]
-    return train_run(output, reported_as(plan, report_to, project_name), spec, token=token, echo=echo)
+    return train_run(output, *work[index], token=token, echo=echo, tracking=tracked)
 
 
-def reported_as(plan: RecipePlan, report_to: str | None, project_name: str | None) -> RecipePlan:
-    """`plan` with its runs reported to `report_to` in `project_name` where given (a command's flags win over
-    what was planned; neither changes a run), checked before any work."""
-    given = {name: value for name, value in (("report_to", report_to), ("project_name", project_name)) if value}
-    plan = replace(plan, config=replace(plan.config, **given)) if given else plan
-    check_tracker(plan.config.report_to)
-    return plan
-
-
-def train_run(output: Path, plan: RecipePlan, spec, *, token=None, echo: Callable[[str], None] = say) -> Path:
+def train_run(
+    output: Path,
+    plan: RecipePlan,
+    spec,
+    *,
+    token=None,
+    echo: Callable[[str], None] = say,
+    tracking: Tracking = UNTRACKED,
+) -> Path:
     """Train one run of `plan` into `output` unless it is done; waits for it if another process holds it
     (and trains it if that process dies first). What `run --index` and `sweep --index` do."""
-    RunExecutor(plan.config.precision, output, echo).run_all([(plan, spec, decode_target(plan, output, token))])
+    executor = RunExecutor(plan.config.precision, output, echo, tracking=tracking)
+    executor.run_all([(plan, spec, decode_target(plan, output, token))])
     return output / spec.folder
 
 
 def assemble_output(
-    output: Path, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    output: Path,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut:
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
-    while some runs are missing."""
+    while some runs are missing. `tracking` says where the soups' scores are reported."""
+    tracked = Tracking.of(tracking, output)
     plans = load_plans(output, token)
-    check_tracker(plans[0].config.report_to)  # the soup's scores are reported where the plan says
     work = indexed_runs(plans)
     missing = [i for i, (plan, spec) in enumerate(work) if not plan.is_done(output, spec)]
     if missing:
@@ -204,7 +212,7 @@ def assemble_output(
             f"{len(missing)} of {len(work)} runs in {output} are not done (indices: {shown}); "
             f"train them with: ratatouille-hub run {output} --index I"
         )
-    return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo)
+    return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo, tracked)
 
 
 def indexed_runs(plans: list[RecipePlan]) -> list:
@@ -217,11 +225,14 @@ def soup_folder(plans: list[RecipePlan], plan: RecipePlan, output: Path) -> Path
     return output / "soup" if len(plans) == 1 else output / soup_subfolder(plan.target.test_domain)
 
 
-def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Results | LeaveOneDomainOut:
+def _assemble(
+    jobs: list[tuple[RecipePlan, Target]], output: Path, echo, tracking: Tracking = UNTRACKED
+) -> Results | LeaveOneDomainOut:
     plans = [plan for plan, _ in jobs]
     per_domain = {}
     for plan, target in jobs:
-        per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, soup_folder(plans, plan, output))
+        folder = soup_folder(plans, plan, output)
+        per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, folder, tracking)
     if len(plans) == 1:
         return per_domain[plans[0].target.test_domain]
     table = LeaveOneDomainOut(per_domain)
@@ -366,12 +377,9 @@ def claimed_output(output: Path, config: RecipeConfig):
 
 
 # A changed value of these keeps every finished run valid (a run's folder is named after its own
-# init, so strategy and aux only choose which runs exist, and report_to and project_name only where they are
-# reported); any other change is another recipe. What
+# init, so strategy and aux only choose which runs exist); any other change is another recipe. What
 # discovery chose changes only by --rediscover: a Hub that changed under a rerun is said, never followed.
-REUSABLE_CHANGES = frozenset(
-    {"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover", "report_to", "project_name"}
-)
+REUSABLE_CHANGES = frozenset({"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover"})
 PINNED = ("base", "target")  # saved as id@sha: a command naming them without a revision means the same ones
 PINNED_FIELDS = ("base", "target", "domain_column", "label_column", "aux", "discovered")  # what a plan pins
 

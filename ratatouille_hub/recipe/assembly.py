@@ -58,7 +58,7 @@ from ..results import (
     SummaryRow,
 )
 from ..target import Target, predict_target, prepare_target, score_predictions
-from ..tracking import TEST_ACCURACY, VAL_ACCURACY, Tracking, recipe_run
+from ..tracking import TEST_ACCURACY, UNTRACKED, VAL_ACCURACY, Tracking, recipe_run
 from ..train import reestimate_batchnorm, validation_accuracy
 from .plan import RecipePlan
 
@@ -77,14 +77,19 @@ SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight s
 )
 
 
-def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> Results:
+def assemble(
+    plan: RecipePlan, output: Path, target: Target, echo, destination: Path, tracking: Tracking = UNTRACKED
+) -> Results:
     """Score the finished runs, average them with every merge method recycle offers, and write the result
-    folder `destination`: the weight average (averaging strategies) or the best run by validation."""
-    return materialize(SoupFolder, destination, plan, output, target, echo, destination).results()
+    folder `destination`: the weight average (averaging strategies) or the best run by validation; its scores
+    are reported to `tracking`."""
+    return materialize(SoupFolder, destination, plan, output, target, echo, destination, tracking).results()
 
 
 @builds(SoupFolder)
-def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> None:
+def _write_soup(
+    staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path, tracking: Tracking
+) -> None:
     """The soup folder, written into `staging`; `destination` is where it lands (anything foreign there is
     refused, and a soup's ingredient sources are relative to it)."""
     config, strategy = plan.config, plan.strategy
@@ -175,10 +180,9 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
         diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
     )
     results.save(SoupFolder(staging).results_file)
-    # beside the runs' curves, at their last step: this model's scores, then each average's, the ensemble's and the best run's
-    Tracking.of(config, output).record(
-        *recipe_run(plan, "soup"), values=tracked_scores(results), step=plan.runs[0].steps
-    )
+    # beside the runs' curves, at their last step; named by the strategy, as a sweep's share seed and domain
+    tracked_name = recipe_run(plan, f"result {strategy.name}")
+    tracking.record(*tracked_name, values=tracked_scores(results), step=plan.runs[0].steps)
     config.save_yaml(staging / "recipe.yaml")
     names = run_names(runs)
     plot_scores(
