@@ -79,7 +79,9 @@ def main() -> None:
         for _ in range(args.repeats):
             checkpoint = Checkpoint(Path(folder), started=time.monotonic())
             began = time.monotonic()
-            checkpoint.save(200, model, optimizer, batches, augmentation, best, [(100, 0.5), (200, 0.4)])
+            checkpoint.save(
+                200, model, optimizer, batches, augmentation, best, [(100, 0.5), (200, 0.4)], [(100, 2.3), (200, 2.1)]
+            )
             saves.append(time.monotonic() - began)
             written = checkpoint.file.stat().st_size
             began = time.monotonic()

@@ -86,6 +86,7 @@ class Checkpoint:
         augmentation: torch.Generator | None,
         best: Best | None,
         history: list[tuple[int, float]],
+        losses: list[tuple[int, float]],
     ) -> None:
         began = time.monotonic()
         optimizer_state = optimizer.state_dict()
@@ -106,6 +107,7 @@ class Checkpoint:
             "seconds": self.seconds(),
             "best": None if best is None else {"step": best.step, "val_accuracy": best.val_accuracy},
             "history": history,
+            "losses": losses,
             "param_groups": optimizer_state["param_groups"],
             "channels_last": sorted(name for name, tensor in tensors.items() if _is_channels_last(tensor)),
         }
@@ -124,9 +126,11 @@ class Checkpoint:
         optimizer: torch.optim.Optimizer,
         batches: Stateful,
         augmentation: torch.Generator | None,
-    ) -> tuple[int, tuple[dict[str, torch.Tensor], int, float] | None, list[tuple[int, float]]]:
+    ) -> tuple[
+        int, tuple[dict[str, torch.Tensor], int, float] | None, list[tuple[int, float]], list[tuple[int, float]]
+    ]:
         """Put the saved progress back into the run's objects; returns its step, the best so far (state, step,
-        validation accuracy) and the validation history."""
+        validation accuracy), the validation history and the loss history."""
         header, saved = self._header(), load_file(self.file)
         channels_last = set(header["channels_last"])
 
@@ -153,7 +157,8 @@ class Checkpoint:
         if header["best"] is not None:
             state_of_best = _unprefixed(saved, "best") or _unprefixed(saved, "model")
             best = (state_of_best, header["best"]["step"], header["best"]["val_accuracy"])
-        return header["step"], best, [(step, score) for step, score in header["history"]]
+        history = [(step, score) for step, score in header["history"]]
+        return header["step"], best, history, [(step, loss) for step, loss in header["losses"]]
 
     def _header(self) -> dict:
         with safe_open(self.file, "pt") as saved:

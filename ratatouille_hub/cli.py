@@ -28,6 +28,7 @@ from .config import (
     RecipeConfig,
     RunOptions,
     SweepConfig,
+    TrackingOptions,
     UpdateOptions,
 )
 from .safe_text import say
@@ -131,10 +132,10 @@ def add_options(
 
 def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeConfig):
     """The options a command was given: --config's values (where the command has one, and they are the
-    command's recipe: where to publish is never saved in one), then its flags."""
+    command's recipe: where to publish or report is never saved in one), then its flags."""
     from .config import ConfigError
 
-    config_file = getattr(args, "config", None) if options is not PublishOptions else None
+    config_file = getattr(args, "config", None) if options not in (PublishOptions, TrackingOptions) else None
     values = options.read_yaml(config_file) if config_file else {}
     names = {f.name for f in dataclasses.fields(options)}
     flags = {k: v for k, v in vars(args).items() if k in names}
@@ -155,7 +156,16 @@ def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _command(commands, name: str, options: type[Options], *, publish: bool = False, config: bool = False, **kwargs):
+def _command(
+    commands,
+    name: str,
+    options: type[Options],
+    *,
+    publish: bool = False,
+    config: bool = False,
+    tracking: bool = False,
+    **kwargs,
+):
     parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     if config:
         parser.add_argument(
@@ -165,6 +175,8 @@ def _command(commands, name: str, options: type[Options], *, publish: bool = Fal
             "its values",
         )
     groups = add_options(parser, options, config=config)
+    if tracking:
+        add_options(parser, TrackingOptions, groups)
     if publish:
         add_options(parser, PublishOptions, groups)
     _add_token_flag(groups, parser)
@@ -186,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         RecipeConfig,
         publish=True,
         config=True,
+        tracking=True,
         help="fine-tune recycled checkpoints on a target and average them",
         description="Run the Model Ratatouille recipe: plan (every run, its init and hyperparameters), "
         "then the shared linear probe, one fine-tune per run (each from the base or a recycled fine-tune), "
@@ -214,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "run",
         RunOptions,
+        tracking=True,
         help="train one run of a saved plan (a scheduler's array task)",
         description="Train run --index of the plan saved in OUTPUT, on this process's device. Idempotent: a "
         "done run returns at once; a run another process is training is waited for (and trained if that "
@@ -224,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "assemble",
         AssembleOptions,
+        tracking=True,
         help="build the soup of a saved plan from its finished runs, or of a recipe's runs on the Hub",
         description="Average, score and diagnose the finished runs of the plan saved in OUTPUT and write its "
         "soup folder(s), as recycle does at its end; refuses, naming them, while some runs are missing. With "
@@ -260,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         IntertrainConfig,
         publish=True,
         config=True,
+        tracking=True,
         help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
         description="Inter-training (METHOD.md step 2): fine-tune --base on every image of --dataset and keep "
         "the last-step weights, as a transformers folder with a card naming the base and the dataset "
@@ -279,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         SweepConfig,
         config=True,
+        tracking=True,
         help="the recipe over trials x strategies x held-out domains: one table, mean ± standard error",
         description="DomainBed's unit of evidence in one command: the recipe for every trial (seed, seed + 1, "
         "...) and strategy, with every domain held out in turn (--test-domain all), into OUTPUT/trial-<seed>/ "
@@ -376,7 +393,7 @@ def run_intertrain(args) -> None:
 
     config = options_from_args(args, IntertrainConfig)
     publish = options_from_args(args, PublishOptions)
-    folders = intertrain(config, index=args.index, token=args.token)
+    folders = intertrain(config, index=args.index, token=args.token, tracking=options_from_args(args, TrackingOptions))
     if not Worker.of_this_process().is_main:  # under accelerate launch: every rank trains, the main one reports
         return
     runs = range(config.runs) if args.index is None else [args.index]
@@ -396,7 +413,7 @@ def run_recycle(args) -> None:
     if args.dry_run:
         say(format_plans(plan_recipe(config, token=args.token), output))
         return
-    results = recycle(config, token=args.token)
+    results = recycle(config, token=args.token, tracking=options_from_args(args, TrackingOptions))
     if Worker.of_this_process().is_main:  # under accelerate launch: the tables print once
         _print_results(results, output, options_from_args(args, PublishOptions), args.token)
 
@@ -419,7 +436,8 @@ def run_run(args) -> None:
     from .recipe import run_index
 
     options = options_from_args(args, RunOptions)
-    folder = run_index(Path(options.output), options.index, token=args.token)
+    tracking = options_from_args(args, TrackingOptions)
+    folder = run_index(Path(options.output), options.index, token=args.token, tracking=tracking)
     say(f"run {options.index}: {folder}")
 
 
@@ -435,7 +453,8 @@ def run_assemble(args) -> None:
         check_merge_output(output, [])  # replaced whole: never a plan folder or anything else
         assemble_from_hub(options.from_hub, output, token=args.token)
         return
-    _print_results(assemble_output(output, token=args.token), output, PublishOptions(), args.token)
+    results = assemble_output(output, token=args.token, tracking=options_from_args(args, TrackingOptions))
+    _print_results(results, output, PublishOptions(), args.token)
 
 
 def _print_results(results, output: Path, publish: PublishOptions, token) -> None:
@@ -566,13 +585,17 @@ def run_sweep(args) -> None:
     from .sweep import collect, format_sweep_plan, plan_sweep, run_sweep_index, sweep
 
     config = options_from_args(args, SweepConfig)
+    tracking = options_from_args(args, TrackingOptions)
     output = Path(config.output)
     if args.index is not None:
-        say(f"run {args.index}: {run_sweep_index(output, args.index, token=args.token)}")
+        say(f"run {args.index}: {run_sweep_index(output, args.index, token=args.token, tracking=tracking)}")
     elif args.plan_only:
         say(format_sweep_plan(plan_sweep(config, token=args.token), output))
     else:
-        table = collect(output, token=args.token) if args.assemble else sweep(config, token=args.token)
+        if args.assemble:
+            table = collect(output, token=args.token, tracking=tracking)
+        else:
+            table = sweep(config, token=args.token, tracking=tracking)
         if Worker.of_this_process().is_main:  # under accelerate launch: the table prints once
             say(f"\n{table.format()}\n\ntable: {output / 'results.json'}; cost: {output / 'cost.json'}")
 

@@ -23,6 +23,7 @@ import yaml
 from .errors import RatatouilleError
 from .merge_methods import MERGE_METHODS, recycle_methods
 from .strategies import STRATEGIES
+from .tracking import REPORT_TO, valid_project_name
 
 GROUPS = {  # --help sections, in this order
     "model": "model",
@@ -610,6 +611,28 @@ class PublishOptions(Options):
     push_to_hub: str | None = _opt(None, "push the result to this Hub repo (namespace/name) in one commit", group="hub")
     private: bool = _opt(False, "create the repo private", group="hub")
     revision: str | None = _opt(None, "push to this branch (created if missing; default main)", group="hub")
+
+
+@dataclass(frozen=True)
+class TrackingOptions(Options):
+    """Where the commands that train (recycle, run, assemble, intertrain, sweep) report their runs; like where a
+    result is pushed, never saved in a recipe: no run depends on it."""
+
+    report_to: str = _opt(
+        "none",
+        "experiment tracker (accelerate's log_with) for every run's loss and validation accuracy per evaluation "
+        "(and each step's loss), the linear probe's and the soup's scores: tensorboard writes <output>/tensorboard/ "
+        "(pip install 'ratatouille-hub[tracking]'); trackio, wandb and mlflow log to their own stores and need "
+        "their package",
+        group="output",
+        choices=REPORT_TO,
+    )
+    project_name: str | None = _opt(
+        None,
+        "the tracker's project, which groups the runs (default: the output folder's name)",
+        group="output",
+        check=valid_project_name,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,6 @@ def stable_hash(payload: dict, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stable_int(text: str) -> int:
     """A seed from a name (e.g. `"<trial seed>:<run index>:batches"`): the same in every process."""
     return int(stable_hash({"k": text}, length=15), 16)

@@ -23,7 +23,7 @@ import torch
 
 from .artifacts import IntertrainRecord, builds, materialize, materialize_all
 from .card import plain_text
-from .config import IntertrainConfig, RunHParams, draw_hparams
+from .config import IntertrainConfig, RunHParams, TrackingOptions, draw_hparams
 from .data import (
     DataError,
     ImageTensors,
@@ -40,9 +40,11 @@ from .evaluation import accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, is_hub_id, resolve_model, split_revision
 from .hashing import stable_hash, stable_int
 from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
+from .provenance import run_name
 from .recipe.executor import Worker
 from .safe_text import say
 from .sources import image_files_of, load_dataset_source, refuse_output_inside
+from .tracking import TRAIN_ACCURACY, Tracking
 from .train import DomainBatches, make_accelerator, optimize
 
 CARD_TEMPLATE = """---
@@ -67,13 +69,16 @@ def intertrain(
     index: int | None = None,
     token: str | bool | None = None,
     echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> list[Path]:
     """Make `config.runs` fine-tunes of the base on the dataset (only fine-tune `index`, a scheduler's array
     task, when given); returns their folders (finished ones are reused). The recipe.yaml it saves pins the
-    base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes."""
+    base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes.
+    `tracking` says where each fine-tune's losses are reported."""
     quiet_transformers()
     if index is not None and not 0 <= index < config.runs:
         raise RecipeError(f"--index {index}: this intertrain makes fine-tunes 0 to {config.runs - 1}")
+    tracked = Tracking.of(tracking, config.output)  # a missing tracker package is refused before any work
     echo(f"[fetch] base {config.base}")
     base = resolve_model(config.base, token=token)
     dataset_id, pinned = split_revision(config.dataset)  # `org/name@rev` reads that revision, as --target does
@@ -116,7 +121,7 @@ def intertrain(
     worker = Worker.of_this_process()
     worker.wait_for_everyone_then_part()  # every rank saves runs of its own
     job = Intertraining(
-        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision)
+        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision), tracked
     )
     echo = worker.echo(echo)
     folders = [output / "runs" / job.key(run) for run in range(config.runs)]
@@ -152,9 +157,15 @@ class Intertraining:
     size: int
     normalize: Normalization
     accelerator: object
+    tracking: Tracking
 
     def label(self, run: int) -> str:
         return f"intertrain run {run} of {self.config.runs}"
+
+    def tracked_name(self, run: int) -> str:
+        """The run as the tracker names it: its index, its init (the base) and its dataset."""
+        dataset = Path(split_revision(self.config.dataset)[0]).name
+        return f"{run_name(run, self.base.source)} on {dataset}"
 
     def hparams(self, run: int) -> RunHParams:
         """Drawn by the run's index as recycle draws its runs' (never the seed: `--seed 1` does not turn run 0
@@ -192,23 +203,30 @@ def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[
     seed = f"intertrain:{config.seed + run}"
     torch.manual_seed(stable_int(seed + ":head"))
     model = load_classifier(job.base.path, dict(enumerate(job.label_names))).to(job.accelerator.device)
-    outcome = optimize(
-        model,
-        DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
-        parameters=list(model.parameters()),
-        steps=config.steps,
-        lr=hparams.lr,
-        weight_decay=hparams.weight_decay,
-        accelerator=job.accelerator,
-        normalize=normalize,
-        augment_seed=stable_int(seed + ":augment") if config.augment else None,
-        dropout=hparams.dropout,
-        micro_batch=config.micro_batch or None,
-        desc=label,
-    )
-    model.load_state_dict(outcome.state)
-    processor = serving_processor(model, job.size, normalize)
-    sample = evenly_spaced(images, 1000)
+    hyperparameters = {"index": run, "init": job.base.reference, "dataset": job.data_reference, **asdict(hparams)}
+    hyperparameters |= {"steps": config.steps, "seed": config.seed + run}
+    with job.tracking.run(job.tracked_name(run), config=hyperparameters) as log:
+        outcome = optimize(
+            model,
+            DomainBatches([images], config.batch_size, seed=stable_int(seed + ":batches")),
+            parameters=list(model.parameters()),
+            steps=config.steps,
+            lr=hparams.lr,
+            weight_decay=hparams.weight_decay,
+            accelerator=job.accelerator,
+            normalize=normalize,
+            augment_seed=stable_int(seed + ":augment") if config.augment else None,
+            dropout=hparams.dropout,
+            micro_batch=config.micro_batch or None,
+            desc=label,
+            log=log,
+        )
+        model.load_state_dict(outcome.state)
+        processor = serving_processor(model, job.size, normalize)
+        sample = evenly_spaced(images, 1000)
+        train_accuracy = accuracy(predict_logits(model, sample, normalize), sample.labels)
+        if log is not None:
+            log({TRAIN_ACCURACY: train_accuracy}, config.steps)
     results = {
         "base": job.base.reference,
         "dataset": job.data_reference,
@@ -216,7 +234,8 @@ def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[
         "steps": config.steps,
         "image_size": job.size,
         "n_images": len(images),
-        "train_accuracy": accuracy(predict_logits(model, sample, normalize), sample.labels),
+        "train_accuracy": train_accuracy,
+        "loss_history": outcome.losses,  # (step, mean training loss since the previous; every 100 steps and the last)
     }
     card = aux_card(config, job.base.source, job.label_names, results)
     IntertrainRecord(staging).write(model, processor, results, card)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import ProbeRecord, RunRecord, SoupFolder
-from .config import RecipeConfig, SweepConfig
+from .config import RecipeConfig, SweepConfig, TrackingOptions
 from .errors import RecipeError
 from .io import atomic_write_json, claimed_folder
 from .recipe import PINNED_FIELDS, REUSABLE_CHANGES, decode_target, plan_recipe, recipe_differences, train_run
@@ -53,6 +53,7 @@ from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
 from .safe_text import path_component, say, terminal_safe
 from .strategies import STRATEGIES
+from .tracking import UNTRACKED, Tracking
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
@@ -168,13 +169,22 @@ def flat_runs(loaded: list[tuple[Cell, list[RecipePlan]]]) -> list[tuple[Path, R
     return runs
 
 
-def run_sweep_index(output: Path, index: int, *, token=None, echo: Callable[[str], None] = say) -> Path:
-    """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent."""
+def run_sweep_index(
+    output: Path,
+    index: int,
+    *,
+    token=None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
+) -> Path:
+    """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent. `tracking` says
+    where it is reported, in the sweep's project."""
+    tracked = Tracking.of(tracking, output)
     runs = flat_runs(load_sweep(output, token))
     if not 0 <= index < len(runs):
         raise RecipeError(f"--index {index}: the sweep in {output} has runs 0 to {len(runs) - 1}")
     work, plan, spec = runs[index]
-    return train_run(work, plan, spec, token=token, echo=echo)
+    return train_run(work, plan, spec, token=token, echo=echo, tracking=tracked)
 
 
 def sweep(
@@ -183,11 +193,14 @@ def sweep(
     token: str | bool | None = None,
     echo: Callable[[str], None] = say,
     per_cell: Callable[[RecipeConfig], RecipeConfig] | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> SweepTable | None:
     """Plan, train what is missing and assemble every cell, then write and return the table (results.json,
-    cost.json; None on processes other than the main one under `accelerate launch`)."""
-    worker = Worker.of_this_process()
+    cost.json; None on processes other than the main one under `accelerate launch`). `tracking` says where
+    the probes, runs and soups are reported, every trial in the sweep's project."""
     output = Path(config.output)
+    tracked = Tracking.of(tracking, output)
+    worker = Worker.of_this_process()
     if worker.is_main:
         plan_sweep(config, token=token, echo=echo, per_cell=per_cell)
     worker.wait_for_everyone_then_part()
@@ -196,13 +209,21 @@ def sweep(
         jobs = [
             (plan, decode_target(plan, work, token)) for cell, plans in loaded if cell.work == work for plan in plans
         ]
-        execute(jobs, work, echo, worker)
-    return collect(output, loaded, token=token, echo=echo) if worker.is_main else None
+        execute(jobs, work, echo, worker, tracked)
+    return collect(output, loaded, token=token, echo=echo, tracking=tracking) if worker.is_main else None
 
 
-def collect(output: Path, loaded=None, *, token=None, echo: Callable[[str], None] = say) -> SweepTable:
-    """Assemble the cells whose soups are missing or stale, and write results.json and cost.json from their
-    results; refuses, naming them, while some runs are missing."""
+def collect(
+    output: Path,
+    loaded=None,
+    *,
+    token=None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
+) -> SweepTable:
+    """Assemble the cells whose soups are missing or stale (reporting their scores to `tracking`), and write
+    results.json and cost.json from their results; refuses, naming them, while some runs are missing."""
+    tracked = Tracking.of(tracking, output)
     loaded = load_sweep(output, token) if loaded is None else loaded
     missing = [i for i, (work, plan, spec) in enumerate(flat_runs(loaded)) if not plan.is_done(work, spec)]
     if missing:
@@ -211,7 +232,7 @@ def collect(output: Path, loaded=None, *, token=None, echo: Callable[[str], None
             f"{len(missing)} runs of the sweep in {output} are not done (indices: {shown}); train them with: "
             f"ratatouille-hub sweep --config {output / SWEEP_FILE} --index I"
         )
-    tables = {(cell.seed, cell.strategy): assembled_cell(cell, plans, token, echo) for cell, plans in loaded}
+    tables = {(cell.seed, cell.strategy): assembled_cell(cell, plans, token, echo, tracked) for cell, plans in loaded}
     config = SweepConfig.load_yaml(output / SWEEP_FILE)
     seeds = list(range(config.seed, config.seed + config.trials))
     results = sweep_table(tables, seeds, list(config.strategy))
@@ -221,7 +242,9 @@ def collect(output: Path, loaded=None, *, token=None, echo: Callable[[str], None
     return table
 
 
-def assembled_cell(cell: Cell, plans: list[RecipePlan], token, echo) -> LeaveOneDomainOut:
+def assembled_cell(
+    cell: Cell, plans: list[RecipePlan], token, echo, tracking: Tracking = UNTRACKED
+) -> LeaveOneDomainOut:
     """The cell's results per held-out domain: its soups, assembled now unless one of this plan exists."""
     per_domain = {}
     for plan in plans:
@@ -229,7 +252,7 @@ def assembled_cell(cell: Cell, plans: list[RecipePlan], token, echo) -> LeaveOne
         results = current_results(folder, plan)
         if results is None:  # assembling claims the soup: two processes collecting together write it in turn
             echo(f"[sweep] trial {cell.seed}, {cell.strategy}: held out {terminal_safe(plan.target.test_domain)}")
-            results = assemble(plan, cell.work, decode_target(plan, cell.work, token), echo, folder)
+            results = assemble(plan, cell.work, decode_target(plan, cell.work, token), echo, folder, tracking)
         per_domain[plan.target.test_domain] = results
     table = LeaveOneDomainOut(per_domain)
     table.save(cell.folder / RESULTS_FILE)

@@ -8,6 +8,7 @@ frozen so every run keeps the statistics of the checkpoint it started from.
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from .models import (
     to_contiguous,
     train_mode_frozen_bn,
 )
+from .tracking import LOSS, VAL_ACCURACY, Log, log_steps
 
 
 def make_accelerator(precision: str):
@@ -116,6 +118,7 @@ class TrainOutcome:
     step: int
     val_accuracy: float | None
     history: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (evaluation step, mean loss since the last)
 
 
 def validation_accuracy(
@@ -142,6 +145,7 @@ def optimize(
     micro_batch: int | None = None,
     desc: str = "train",
     checkpoint: Checkpoint | None = None,
+    log: Log | None = None,
 ) -> TrainOutcome:
     """Adam over `parameters` for `steps` steps, with a fresh optimizer state.
 
@@ -152,6 +156,8 @@ def optimize(
     (BatchNorm statistics are frozen; with `freeze_bn=False` each pass normalises over its own images).
     With `checkpoint` (and `validate`), the progress is saved at evaluations, and progress saved earlier is
     resumed from: the steps after it go as they would have gone without the interruption.
+    Every `eval_every` steps and at the last, the mean training loss since the previous such step is
+    recorded (`losses`) and, with `log`, each step's loss and the evaluation are logged.
     """
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     # Neither is accelerator.prepare()d: among several processes the model would be wrapped for data-parallel
@@ -162,8 +168,10 @@ def optimize(
     best: TrainOutcome | None = None
     history: list[tuple[int, float]] = []
     done = 0
+    losses: list[tuple[int, float]] = []
+    window: list[torch.Tensor] = []  # the steps' losses since the last evaluation, read once there (no sync per step)
     if checkpoint is not None and checkpoint.saved_step is not None:
-        done, saved_best, history = checkpoint.restore(model, optimizer, batches, generator)
+        done, saved_best, history, losses = checkpoint.restore(model, optimizer, batches, generator)
         best = None if saved_best is None else TrainOutcome(*saved_best)
     loss_fn = nn.CrossEntropyLoss()
     progress = tqdm(
@@ -189,18 +197,27 @@ def optimize(
                 loss += chunk_loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if validate is not None and (step % eval_every == 0 or step == steps):
-                score = validate(model)
-                history.append((step, score))
-                progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
-                if best is None or score > best.val_accuracy:
-                    best = TrainOutcome(_clone_state(model), step, score)
-                if checkpoint is not None and checkpoint.due():
-                    checkpoint.save(step, model, optimizer, batches, generator, best, history)
+            window.append(loss)
+            if step % eval_every == 0 or step == steps:
+                step_losses = torch.stack(window).tolist()
+                window.clear()
+                losses.append((step, statistics.fmean(step_losses)))
+                values = {LOSS: losses[-1][1]}
+                if validate is not None:
+                    score = validate(model)
+                    history.append((step, score))
+                    values[VAL_ACCURACY] = score
+                    progress.set_postfix(loss=f"{step_losses[-1]:.3f}", val=f"{score:.3f}")
+                    if best is None or score > best.val_accuracy:
+                        best = TrainOutcome(_clone_state(model), step, score)
+                if log is not None:
+                    log_steps(log, step, step_losses, values)
+                if validate is not None and checkpoint is not None and checkpoint.due():
+                    checkpoint.save(step, model, optimizer, batches, generator, best, history, losses)
     to_contiguous(model)
     if best is None:
-        return TrainOutcome(_clone_state(model), steps, None, history)
-    best.history = history
+        return TrainOutcome(_clone_state(model), steps, None, history, losses)
+    best.history, best.losses = history, losses
     return best
 
 
@@ -292,11 +309,13 @@ def linear_probe(
     seed: int,
     accelerator,
     inference_batch: int = INFERENCE_BATCH,
+    log: Log | None = None,
 ) -> LinearHead:
     """Train only a new head on frozen base features; the best step on validation is kept.
 
     Features are computed once on un-augmented images (the featurizer is frozen, so they do not
-    change between steps): thousands of LP steps then cost seconds instead of hours.
+    change between steps): thousands of LP steps then cost seconds instead of hours. With `log`, each step's
+    loss and, at each evaluation, the mean loss since the last and the validation accuracy are logged.
     """
     torch.manual_seed(seed)
     train_features = [ImageTensors(_features(model, d, data.normalize, inference_batch), d.labels) for d in data.train]
@@ -309,15 +328,22 @@ def linear_probe(
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     batches = DomainBatches(train_features, batch_size, seed)
     best: LinearHead | None = None
+    window: list[torch.Tensor] = []  # with `log`: the steps' losses since the last evaluation
     for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=None):
         features, labels = next(batches)
         loss = nn.functional.cross_entropy(head(features.to(accelerator.device)), labels.to(accelerator.device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if log is not None:
+            window.append(loss.detach())
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
                 score = accuracy(head(val_features.to(accelerator.device)).cpu(), val.labels)
+            if log is not None:
+                step_losses = torch.stack(window).tolist()
+                window.clear()
+                log_steps(log, step, step_losses, {LOSS: statistics.fmean(step_losses), VAL_ACCURACY: score})
             if best is None or score > best.val_accuracy:
                 best = LinearHead(head.weight.detach().cpu().clone(), head.bias.detach().cpu().clone(), step, score)
     assert best is not None

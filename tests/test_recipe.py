@@ -237,6 +237,8 @@ def test_results_record_splits_hparams_and_members(done):
     for folder in run_folders(results):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert [step for step, _ in metrics["history"]] == [2, 4]
+        assert [step for step, _ in metrics["loss_history"]] == [2, 4]  # recorded untracked (report_to none) too
+        assert all(0 < loss < 10 for _, loss in metrics["loss_history"])
         assert (
             dict(metrics["history"])[metrics["best_step"]]
             == metrics["val_accuracy"]

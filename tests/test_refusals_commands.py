@@ -33,6 +33,7 @@ RECYCLE_FLAGS = {  # case: (what, extra flags, culprit)
     "dropout-one": ("--dropout 1", ("--dropout", "1"), "dropout must be in [0, 1)"),
     "dropout-choices-one": ("--dropout-choices 0.1 1.0", ("--dropout-choices", "0.1", "1.0"), "dropout_choices"),
     "alpha-above-one": ("--alpha 1.5", ("--alpha", "1.5"), "alpha must be between 0 and 1"),
+    "project-name-a-path": ("--project-name naming a path", ("--project-name", "../elsewhere"), "project_name must be letters"),
     "aux-missing-folder": ("--aux naming a folder that does not exist", ("--aux", "/nonexistent/ft"), "/nonexistent/ft"),
     "target-missing": ("--target naming nothing that exists", ("--target", "./no/such/dataset"), "./no/such/dataset"),
     "test-domain-of-another-dataset": ("--test-domain naming no domain of the target", ("--test-domain", "clipart"), "clipart"),

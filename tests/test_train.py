@@ -4,6 +4,7 @@ best-validation checkpoints. Tiny ResNets (~6k parameters) on random 16 px image
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import pytest
@@ -290,6 +291,42 @@ def test_a_fine_tune_stopped_after_a_save_resumes_to_the_uninterrupted_outcome(
     )
     assert all(torch.equal(resumed.state[k], v) for k, v in uninterrupted.state.items())
     assert all(torch.equal(resumed_model.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+def test_each_step_loss_is_logged_and_each_evaluation_records_their_mean(data, accelerator):
+    scores = iter([0.25, 0.75, 0.5])  # evaluations at steps 2, 4 and the last, 5
+    logged: list[tuple[int, dict]] = []
+    tracked = run_optimize(
+        tiny_model(),
+        data,
+        accelerator,
+        steps=5,
+        eval_every=2,
+        validate=lambda model: next(scores),
+        log=lambda values, step: logged.append((step, values)),
+    )
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+    step_losses = [values["train/step_loss"] for _, values in logged]
+    assert all(0 < loss < 10 for loss in step_losses)  # cross-entropy over 3 classes starts near ln 3
+    means = [statistics.fmean(step_losses[0:2]), statistics.fmean(step_losses[2:4]), step_losses[4]]
+    assert tracked.losses == [(2, means[0]), (4, means[1]), (5, means[2])]
+    evaluations = [
+        (step, values["train/loss"], values["validation/accuracy"]) for step, values in logged if len(values) > 1
+    ]
+    assert evaluations == [(2, means[0], 0.25), (4, means[1], 0.75), (5, means[2], 0.5)]
+    assert set(logged[0][1]) == {"train/step_loss"}
+    # logging reads the losses only: the same training untracked ends in the same bytes, with the same losses
+    scores = iter([0.25, 0.75, 0.5])
+    untracked = run_optimize(
+        tiny_model(), data, accelerator, steps=5, eval_every=2, validate=lambda model: next(scores)
+    )
+    assert untracked.losses == tracked.losses and untracked.step == tracked.step == 4
+    assert all(torch.equal(untracked.state[k], v) for k, v in tracked.state.items())
+
+
+def test_without_validation_the_loss_is_still_recorded_every_eval_every_steps(data, accelerator):
+    outcome = run_optimize(tiny_model(), data, accelerator, steps=5, eval_every=2)
+    assert [step for step, _ in outcome.losses] == [2, 4, 5] and outcome.history == []
 
 
 def step_gradients(monkeypatch, model, data, accelerator, **kwargs):

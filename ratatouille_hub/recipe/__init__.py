@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..artifacts import RunRecord
-from ..config import ALL_DOMAINS, RecipeConfig
+from ..config import ALL_DOMAINS, RecipeConfig, TrackingOptions
 from ..discover import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
@@ -46,6 +46,7 @@ from ..safe_text import say, terminal_safe
 from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
+from ..tracking import UNTRACKED, Tracking
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
@@ -68,24 +69,30 @@ __all__ = [
 
 
 def recycle(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    config: RecipeConfig,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut | None:
     """Run the whole recipe: the results written to `<output>/soup/results.json`, or with
-    `test_domain="all"` every held-out domain's results and their DomainBed table.
+    `test_domain="all"` every held-out domain's results and their DomainBed table. `tracking` says where the
+    probe, the runs and the soup are reported (TensorBoard, trackio, wandb, mlflow; none by default).
 
     Under `accelerate launch`, every process calls this: the main one plans, all of them train the runs
     between them (each run by one process) until every run is done, and the main one assembles and
     returns the results; the others return None.
     """
-    worker = Worker.of_this_process()
     output = Path(config.output)
+    tracked = Tracking.of(tracking, output)
+    worker = Worker.of_this_process()
     if worker.is_main:
         plan_output(config, token=token, echo=echo)
     worker.wait_for_everyone_then_part()
     plans = load_plans(output, token)
     jobs = [(plan, decode_target(plan, output, token)) for plan in plans]
-    execute(jobs, output, echo, worker)
-    return _assemble(jobs, output, echo) if worker.is_main else None
+    execute(jobs, output, echo, worker, tracked)
+    return _assemble(jobs, output, echo, tracked) if worker.is_main else None
 
 
 def plan_recipe(
@@ -155,27 +162,50 @@ def decode_target(plan: RecipePlan, output: Path, token=None) -> Target:
     return preparation.decode(cache=output / "cache")
 
 
-def run_index(output: Path, index: int, *, token: str | bool | None = None, echo: Callable[[str], None] = say) -> Path:
+def run_index(
+    output: Path,
+    index: int,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
+) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
-    done; waits for it if another process holds it (and trains it if that process dies first)."""
+    done; waits for it if another process holds it (and trains it if that process dies first). `tracking`
+    says where it (and the probe, if this task trains it) is reported."""
+    tracked = Tracking.of(tracking, output)
     work = indexed_runs(load_plans(output, token))
     if not 0 <= index < len(work):
         raise RecipeError(f"--index {index}: the plan in {output} has runs 0 to {len(work) - 1}")
-    return train_run(output, *work[index], token=token, echo=echo)
+    return train_run(output, *work[index], token=token, echo=echo, tracking=tracked)
 
 
-def train_run(output: Path, plan: RecipePlan, spec, *, token=None, echo: Callable[[str], None] = say) -> Path:
+def train_run(
+    output: Path,
+    plan: RecipePlan,
+    spec,
+    *,
+    token=None,
+    echo: Callable[[str], None] = say,
+    tracking: Tracking = UNTRACKED,
+) -> Path:
     """Train one run of `plan` into `output` unless it is done; waits for it if another process holds it
     (and trains it if that process dies first). What `run --index` and `sweep --index` do."""
-    RunExecutor(plan.config.precision, output, echo).run_all([(plan, spec, decode_target(plan, output, token))])
+    executor = RunExecutor(plan.config.precision, output, echo, tracking=tracking)
+    executor.run_all([(plan, spec, decode_target(plan, output, token))])
     return output / spec.folder
 
 
 def assemble_output(
-    output: Path, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    output: Path,
+    *,
+    token: str | bool | None = None,
+    echo: Callable[[str], None] = say,
+    tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut:
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
-    while some runs are missing."""
+    while some runs are missing. `tracking` says where the soups' scores are reported."""
+    tracked = Tracking.of(tracking, output)
     plans = load_plans(output, token)
     work = indexed_runs(plans)
     missing = [i for i, (plan, spec) in enumerate(work) if not plan.is_done(output, spec)]
@@ -185,7 +215,7 @@ def assemble_output(
             f"{len(missing)} of {len(work)} runs in {output} are not done (indices: {shown}); "
             f"train them with: ratatouille-hub run {output} --index I"
         )
-    return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo)
+    return _assemble([(plan, decode_target(plan, output, token)) for plan in plans], output, echo, tracked)
 
 
 def indexed_runs(plans: list[RecipePlan]) -> list:
@@ -198,11 +228,14 @@ def soup_folder(plans: list[RecipePlan], plan: RecipePlan, output: Path) -> Path
     return output / "soup" if len(plans) == 1 else output / soup_subfolder(plan.target.test_domain)
 
 
-def _assemble(jobs: list[tuple[RecipePlan, Target]], output: Path, echo) -> Results | LeaveOneDomainOut:
+def _assemble(
+    jobs: list[tuple[RecipePlan, Target]], output: Path, echo, tracking: Tracking = UNTRACKED
+) -> Results | LeaveOneDomainOut:
     plans = [plan for plan, _ in jobs]
     per_domain = {}
     for plan, target in jobs:
-        per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, soup_folder(plans, plan, output))
+        folder = soup_folder(plans, plan, output)
+        per_domain[plan.target.test_domain] = assemble(plan, output, target, echo, folder, tracking)
     if len(plans) == 1:
         return per_domain[plans[0].target.test_domain]
     table = LeaveOneDomainOut(per_domain)

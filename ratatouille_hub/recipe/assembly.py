@@ -59,6 +59,7 @@ from ..results import (
     SummaryRow,
 )
 from ..target import Target, predict_target, prepare_target, score_predictions
+from ..tracking import TEST_ACCURACY, UNTRACKED, VAL_ACCURACY, Tracking, recipe_run
 from ..train import reestimate_batchnorm, validation_accuracy
 from .plan import RecipePlan
 
@@ -77,12 +78,15 @@ SOUP_FOLDER_FILES = (  # what `assemble` writes into a soup folder (and weight s
 )
 
 
-def assemble(plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> Results:
+def assemble(
+    plan: RecipePlan, output: Path, target: Target, echo, destination: Path, tracking: Tracking = UNTRACKED
+) -> Results:
     """Score the finished runs, average them with every merge method recycle offers, and write the result
     folder `destination`: the weight average (averaging strategies) or the best run by validation. A soup
-    made there from the same recipe and runs is returned as it is: nothing merged or evaluated again."""
+    made there from the same recipe and runs is returned as it is: nothing merged or evaluated again. A
+    built soup's scores are reported to `tracking`."""
     key = soup_key(plan, output)
-    soup = materialize(SoupFolder, destination, plan, output, target, echo, destination, key=key)
+    soup = materialize(SoupFolder, destination, plan, output, target, echo, destination, tracking, key=key)
     results = soup.results()
     if not soup.built:
         echo("[merge] the soup of these runs with this recipe is done: reused, nothing merged or evaluated")
@@ -101,7 +105,9 @@ def soup_key(plan: RecipePlan, output: Path) -> str:
 
 
 @builds(SoupFolder)
-def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path) -> None:
+def _write_soup(
+    staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path, tracking: Tracking
+) -> None:
     """The soup folder, written into `staging`; `destination` is where it lands (anything foreign there is
     refused, and a soup's ingredient sources are relative to it)."""
     config, strategy = plan.config, plan.strategy
@@ -196,6 +202,9 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
         diagnostics=averager.diagnose_against(best, ranking[1:], staging / DIAGNOSTICS_PLOT, run_names(runs)),
     )
     results.save(SoupFolder(staging).results_file)
+    # beside the runs' curves, at their last step; named by the strategy, as a sweep's share seed and domain
+    tracked_name = recipe_run(plan, f"result {strategy.name}")
+    tracking.record(*tracked_name, values=tracked_scores(results), step=plan.runs[0].steps)
     config.save_yaml(staging / "recipe.yaml")
     names = run_names(runs)
     plot_scores(
@@ -214,6 +223,15 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
     build_card(results, **figures).save(staging / "README.md")
     for line in explain_selection(results, names):
         echo(line)
+
+
+def tracked_scores(results: Results) -> dict[str, float]:
+    """The result folder's model's validation and held-out accuracy, and under `validation/<name>` and
+    `test/<name>` each merge method's average, the ensemble and the best run."""
+    scores = {VAL_ACCURACY: results.soup.val_accuracy, TEST_ACCURACY: results.soup.test_accuracy}
+    for name, score in {**results.averages, "ensemble": results.ensemble, "best-run": results.best_run}.items():
+        scores |= {f"validation/{name}": score.val_accuracy, f"test/{name}": score.test_accuracy}
+    return scores
 
 
 def check_replaceable_soup(folder: Path) -> None:

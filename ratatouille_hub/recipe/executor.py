@@ -24,9 +24,10 @@ from ..fetch import Ingredient
 from ..hashing import stable_int
 from ..merge_engine import average_state_dicts
 from ..models import head_linear, load_classifier, serving_processor, set_head
-from ..provenance import plan_fingerprint
+from ..provenance import plan_fingerprint, run_name
 from ..strategies import FusionSpec
 from ..target import Target, predict_target
+from ..tracking import UNTRACKED, Tracking, recipe_run
 from ..train import DomainBatches, LinearHead, linear_probe, make_accelerator, optimize, validation_accuracy
 from .plan import RecipePlan, RunSpec
 
@@ -79,19 +80,25 @@ class Worker:
 ALONE = Worker()
 
 
-def execute(jobs: Sequence[tuple[RecipePlan, Target]], output: Path, echo, worker: Worker = ALONE) -> None:
+def execute(
+    jobs: Sequence[tuple[RecipePlan, Target]],
+    output: Path,
+    echo,
+    worker: Worker = ALONE,
+    tracking: Tracking = UNTRACKED,
+) -> None:
     """Train every run the plans still miss that no other process is training; then wait for the runs
     others claimed (training any whose claimant died), so every run is done when this returns."""
-    executor = RunExecutor(jobs[0][0].config.precision, output, worker.echo(echo), worker)
+    executor = RunExecutor(jobs[0][0].config.precision, output, worker.echo(echo), worker, tracking)
     executor.run_all(worker.first([(plan, spec, target) for plan, target in jobs for spec in plan.runs]))
 
 
 class RunExecutor:
     """Trains one claimed run at a time on this process's device, from its plan's shared linear probe."""
 
-    def __init__(self, precision: str, output: Path, echo, worker: Worker = ALONE):
+    def __init__(self, precision: str, output: Path, echo, worker: Worker = ALONE, tracking: Tracking = UNTRACKED):
         self.accelerator = make_accelerator(precision)
-        self.output, self.echo, self.worker = output, echo, worker
+        self.output, self.echo, self.worker, self.tracking = output, echo, worker, tracking
         self.heads: dict[str, LinearHead] = {}
 
     def run_all(self, work: Sequence[tuple[RecipePlan, RunSpec, Target]]) -> None:
@@ -111,36 +118,54 @@ class RunExecutor:
 
     def run(self, plan: RecipePlan, spec: RunSpec, target: Target, *, wait: bool = True) -> RunRecord | None:
         if plan.lp.key not in self.heads:
-            self.heads[plan.lp.key] = shared_linear_probe(plan, target, self.accelerator, self.output, self.echo)
+            self.heads[plan.lp.key] = shared_linear_probe(
+                plan, target, self.accelerator, self.output, self.echo, self.tracking
+            )
         head = self.heads[plan.lp.key]
-        inputs = (plan, spec, head, target, self.accelerator, self.output, self.echo, self.worker.name, True)
+        inputs = (
+            plan,
+            spec,
+            head,
+            target,
+            self.accelerator,
+            self.output,
+            self.echo,
+            self.worker.name,
+            True,
+            self.tracking,
+        )
         return materialize(RunRecord, self.output / spec.folder, *inputs, wait=wait)
 
 
-def shared_linear_probe(plan: RecipePlan, target: Target, accelerator, output: Path, echo) -> LinearHead:
+def shared_linear_probe(
+    plan: RecipePlan, target: Target, accelerator, output: Path, echo, tracking: Tracking = UNTRACKED
+) -> LinearHead:
     """The target head trained once on the frozen base; every run starts from it (so heads average)."""
-    head = materialize(ProbeRecord, output / plan.lp.folder, plan, target, accelerator, echo).head()
+    head = materialize(ProbeRecord, output / plan.lp.folder, plan, target, accelerator, echo, tracking).head()
     echo(f"[train] linear probe: validation {100 * head.val_accuracy:.1f}% (step {head.step})")
     return head
 
 
 @builds(ProbeRecord)
-def _train_linear_probe(staging: Path, plan: RecipePlan, target: Target, accelerator, echo) -> None:
+def _train_linear_probe(staging: Path, plan: RecipePlan, target: Target, accelerator, echo, tracking: Tracking) -> None:
     spec = plan.lp
     echo(f"[train] linear probe on the frozen base ({spec.steps} steps)")
     started = time.monotonic()
     model = load_classifier(plan.base.path, target.id2label).to(accelerator.device)
-    head = linear_probe(
-        model,
-        target.data,
-        steps=spec.steps,
-        lr=spec.lr,
-        batch_size=spec.batch_size,
-        eval_every=spec.eval_every,
-        seed=spec.seed,
-        accelerator=accelerator,
-        inference_batch=inference_batch(plan.config.micro_batch),
-    )
+    hyperparameters = {"steps": spec.steps, "lr": spec.lr, "batch_size": spec.batch_size, "seed": spec.seed}
+    with tracking.run(*recipe_run(plan, "linear probe"), config=hyperparameters) as log:
+        head = linear_probe(
+            model,
+            target.data,
+            steps=spec.steps,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            eval_every=spec.eval_every,
+            seed=spec.seed,
+            accelerator=accelerator,
+            inference_batch=inference_batch(plan.config.micro_batch),
+            log=log,
+        )
     check_finite_weights({"weight": head.weight, "bias": head.bias}, f"the linear probe (lr {spec.lr:g})")
     ProbeRecord(staging).write(head, round(time.monotonic() - started, 1))
 
@@ -188,11 +213,12 @@ def train_run(
     echo,
     rank: str = "",
     fingerprinted: bool = False,
+    tracking: Tracking = UNTRACKED,
 ) -> None:
     """One target fine-tune from (init featurizer, shared head), written into `staging`, resumed from the
     progress a killed build of it saved there. `rank` names this process in its progress bars; `fingerprinted`
     writes the recipe's fingerprint (from the shared probe's file), the run's index and its init beside the
-    run's weights."""
+    run's weights; `tracking` reports its fine-tuning steps."""
     progress = Checkpoint(staging, started=time.monotonic())
     init = init_checkpoint(plan, spec, target, output, echo)
     hparams = spec.hparams
@@ -232,17 +258,21 @@ def train_run(
     if resumed_at is not None:
         echo(f"[train] {spec.label}: resuming at step {resumed_at} of {spec.steps}, from the progress it saved")
     pooled_val, passes = data.pooled_val, inference_batch(spec.micro_batch)
-    outcome = optimize(
-        model,
-        batches,
-        parameters=list(model.parameters()),
-        steps=spec.steps,
-        validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
-        eval_every=spec.eval_every,
-        desc=f"{rank}{spec.label}",
-        checkpoint=progress,
-        **common,
-    )
+    hyperparameters = {"index": spec.index, "init": init.reference, **asdict(hparams), "steps": spec.steps}
+    tracked_name = recipe_run(plan, run_name(spec.index, init.reference))
+    with tracking.run(*tracked_name, config=hyperparameters | {"seed": spec.seed}) as log:  # after the warm-up
+        outcome = optimize(
+            model,
+            batches,
+            parameters=list(model.parameters()),
+            steps=spec.steps,
+            validate=lambda m: validation_accuracy(m, pooled_val, data.normalize, batch_size=passes),
+            eval_every=spec.eval_every,
+            desc=f"{rank}{spec.label}",
+            checkpoint=progress,
+            log=log,
+            **common,
+        )
     check_finite_weights(outcome.state, f"{spec.label} from {init.source} (lr {hparams.lr:g})")
     model.load_state_dict(outcome.state)
     processor = serving_processor(model, target.test.pixels.shape[-1], data.normalize)
@@ -254,6 +284,7 @@ def train_run(
         "best_step": outcome.step,
         "val_accuracy": outcome.val_accuracy,
         "history": outcome.history,
+        "loss_history": outcome.losses,  # (step, mean training loss since the previous evaluation)
         "seconds": round(progress.seconds(), 1),  # what the run cost: benchmarks add these up
     }
     identity = None
