@@ -134,7 +134,7 @@ class CommandLineParser(argparse.ArgumentParser):
     command's --help, and exit code 2 (argparse's own prints the usage and exits the process)."""
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 class ConfigFile(argparse.Action):

@@ -148,7 +148,7 @@ def test_a_bad_choice_is_refused_by_the_parser_in_one_line(capsys):
     assert cli.main(["recycle", "--base", "b", "--target", "t", "--method", "median"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: argument --method: invalid choice: 'median'")
-    assert line.endswith("(see `ratatouille-hub recycle --help`)")
+    assert line.endswith("(see ratatouille-hub recycle --help)")
 
 
 # -- merge ------------------------------------------------------------------------------------------

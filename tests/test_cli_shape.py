@@ -103,7 +103,7 @@ def test_env_reports_versions_devices_and_hub_settings_and_never_the_token(tmp_p
 def test_contribute_shows_to_as_required_and_names_it_by_its_flag(capsys, tmp_path):
     assert "--to TO" in usage(capsys, "contribute") and "[--to TO]" not in usage(capsys, "contribute")
     assert error_line(capsys, "contribute", str(tmp_path)) == (
-        "error: the following arguments are required: --to (see `ratatouille-hub contribute --help`)"
+        "error: the following arguments are required: --to (see ratatouille-hub contribute --help)"
     )
     assert error_line(capsys, "contribute", str(tmp_path), "--to", "not an id") == (
         "error: --to must be a Hub model id, namespace/name (got 'not an id')"
@@ -117,7 +117,7 @@ def test_recycle_shows_base_and_target_as_required_and_a_config_file_may_give_th
         assert f" {required} " in shown and f"[{required}]" not in shown
     assert "[--runs RUNS]" in shown
     assert error_line(capsys, "recycle", "--target", "org/pacs") == (
-        "error: the following arguments are required: --base (see `ratatouille-hub recycle --help`)"
+        "error: the following arguments are required: --base (see ratatouille-hub recycle --help)"
     )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("base: org/base\nruns: 0\n")
@@ -249,7 +249,7 @@ def test_hf_runs_it_as_an_installed_extension(tmp_path):
     refused = hf("ratatouille", "contribute", str(tmp_path))
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        "error: the following arguments are required: --to (see `hf ratatouille contribute --help`)"
+        "error: the following arguments are required: --to (see hf ratatouille contribute --help)"
     )
 
 
