@@ -1,5 +1,6 @@
-"""The `ratatouille-hub` command. Every command's flags are generated from its options dataclass
-(config.py): names, types, defaults, help and `--help` groups, so the CLI and the Python API agree.
+"""The `ratatouille-hub` command (also `hf ratatouille`, as an `hf` extension). Every command's flags are
+generated from its options dataclass (config.py): names, types, defaults, required, help and `--help`
+groups, so the CLI and the Python API agree, and a problem with an option is named by its flag.
 
 Heavy libraries (torch, transformers, evaluate) are imported inside the commands, so `--help`
 answers at once.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 import traceback
 import typing
 from pathlib import Path
@@ -31,7 +33,24 @@ from .config import (
     TrackingOptions,
     UpdateOptions,
 )
+from .errors import RatatouilleError
 from .safe_text import say
+
+PROGRAM = "ratatouille-hub"
+HF_EXTENSION = "hf-ratatouille"  # the console script `hf` runs for `hf ratatouille`
+COMMAND_GROUPS = {  # how the top-level --help lists the commands, in this order
+    "Recipe (train fine-tunes on a target, then average them)": (
+        "recycle",
+        "plan",
+        "run",
+        "assemble",
+        "sweep",
+        "intertrain",
+    ),
+    "Soups (merge and share checkpoints, no training)": ("merge", "update", "contribute", "push"),
+    "Inspect": ("discover", "diagnose"),
+    "Tools": ("local-hub", "demo", "env"),
+}
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
 
@@ -93,12 +112,78 @@ Rerunning the same command resumes: finished runs and soups are reused, never re
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (examples, the command list), except that an unindented line wider
+    than the help is wrapped: each description is one paragraph on one line. Indented lines are commands to
+    copy, and stay whole."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            if len(line) > width and not line[:1].isspace()
+            else indent + line
+            for line in text.splitlines()
+        )
+
+
+class UsageError(RatatouilleError, ValueError):
+    """A command line argparse cannot parse (an unknown flag, a missing one, a bad choice or number)."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, whose usage errors are refusals like any other: one `error:` line that points at the
+    command's --help, and exit code 2 (argparse's own prints the usage and exits the process)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class ConfigFile(argparse.Action):
+    """`--config FILE`: the saved options may hold the required ones, so once a file is given no flag is
+    required any more; the options' own check then names whatever is still missing, by its flag. (It changes
+    the parser it belongs to: main builds one parser per command line.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relaxes: list[argparse.Action] = []
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        for action in self.relaxes:
+            action.required = False
+
+
+class ShowVersions(argparse.Action):
+    """`--version`, read from the installed packages' metadata only when asked (argparse's version action
+    takes its text when the parser is built, which every command does)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .environment import version_lines
+
+        print(version_lines())
+        parser.exit()
+
+
+def flag(name: str) -> str:
+    """The command-line flag of the options field `name`."""
+    return "--" + name.replace("_", "-")
+
+
 def add_options(
-    parser: argparse.ArgumentParser, options: type[Options], groups: dict | None = None, *, config: bool = False
+    parser: argparse.ArgumentParser,
+    options: type[Options],
+    groups: dict | None = None,
+    *,
+    config: ConfigFile | None = None,
 ) -> dict:
-    """One flag (or positional) per field of the options dataclass, in its `--help` group. Defaults are
-    suppressed, so values from --config are overlaid and the dataclass's own defaults fill the rest (with
-    --config, a positional list may be left out: the file gives it)."""
+    """One flag (or positional) per field of the options dataclass, in its `--help` group; a required field is a
+    required flag. Defaults are suppressed, so values from --config are overlaid and the dataclass's own defaults
+    fill the rest (with `config`, the command's --config, a positional list may be left out and no flag is
+    required once a file is given: the file may hold them)."""
     groups = {} if groups is None else groups
     hints = typing.get_type_hints(options)
     for f in sorted(dataclasses.fields(options), key=lambda f: list(GROUPS).index(f.metadata["group"])):
@@ -108,11 +193,15 @@ def add_options(
         help_text = f.metadata.get("help", "")
         if f.default is not False and f.default not in ("", None, ()):
             help_text += f" (default: {f.default})"
+        positional = f.metadata.get("positional")
+        required = bool(f.metadata.get("required")) and not positional
+        if required:
+            help_text += " (required, or from --config)" if config is not None else " (required)"
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         kwargs: dict = {"default": argparse.SUPPRESS, "help": help_text}
         if typing.get_origin(hint) is tuple:
             metavar = "MODEL" if f.name in ("models", "aux") else "V"
-            kwargs.update(nargs="*" if config and f.metadata.get("positional") else "+", type=args[0], metavar=metavar)
+            kwargs.update(nargs="*" if config is not None and positional else "+", type=args[0], metavar=metavar)
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -120,32 +209,40 @@ def add_options(
         choices = f.metadata.get("choices")
         if choices is not None:
             kwargs["choices"] = choices() if callable(choices) else choices
-        if f.metadata.get("positional"):
+        if positional:
             parser.add_argument(f.name, **kwargs)
             continue
         group_name = f.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(GROUPS[group_name])
-        groups[group_name].add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+        action = groups[group_name].add_argument(flag(f.name), dest=f.name, required=required, **kwargs)
+        if required and config is not None:
+            config.relaxes.append(action)
     return groups
 
 
 def options_from_args(args: argparse.Namespace, options: type[Options] = RecipeConfig):
     """The options a command was given: --config's values (where the command has one, and they are the
-    command's recipe: where to publish or report is never saved in one), then its flags."""
+    command's recipe: where to publish or report is never saved in one), then its flags. A problem is named as
+    the user wrote it: by its key in the file (the file named first), else by its flag."""
     from .config import ConfigError
 
     config_file = getattr(args, "config", None) if options not in (PublishOptions, TrackingOptions) else None
     values = options.read_yaml(config_file) if config_file else {}
-    names = {f.name for f in dataclasses.fields(options)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    flags = {k: v for k, v in vars(args).items() if k in fields}
     try:
         return options.from_dict({**values, **flags})
     except ConfigError as error:
-        from_file = [k for k in values if k not in flags]
-        if any(problem.startswith(tuple(from_file)) for problem in str(error).split("; ")):
-            raise ConfigError(f"{config_file}: {error}") from None
-        raise
+        from_file = {name for name in values if name not in flags}
+
+        def name_of(option: str) -> str:
+            return option if option in from_file or fields[option].metadata.get("positional") else flag(option)
+
+        worded = error.worded(name_of)
+        if any(problem.option in from_file for problem in error.problems):
+            worded = f"{config_file}: {worded}"
+        raise ConfigError(worded) from None
 
 
 def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
@@ -156,8 +253,29 @@ def _add_token_flag(groups: dict, parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Commands:
+    """The subcommands being added, and the one line that lists each in the top-level --help."""
+
+    def __init__(self, subparsers, formatter_class):
+        self.subparsers = subparsers
+        self.formatter_class = formatter_class
+        self.lines: dict[str, str] = {}
+
+    def add_parser(self, name: str, *, help: str, **kwargs) -> argparse.ArgumentParser:
+        self.lines[name] = help
+        return self.subparsers.add_parser(name, formatter_class=self.formatter_class, **kwargs)
+
+    def grouped(self) -> str:
+        """The commands under their COMMAND_GROUPS headings, one line each."""
+        width = max(map(len, self.lines))
+        return "\n\n".join(
+            f"{heading}:\n" + "\n".join(f"  {name:<{width}}  {self.lines[name]}" for name in names)
+            for heading, names in COMMAND_GROUPS.items()
+        )
+
+
 def _command(
-    commands,
+    commands: Commands,
     name: str,
     options: type[Options],
     *,
@@ -166,15 +284,17 @@ def _command(
     tracking: bool = False,
     **kwargs,
 ):
-    parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser = commands.add_parser(name, **kwargs)
+    config_file = None
     if config:
-        parser.add_argument(
+        config_file = parser.add_argument(
             "--config",
             type=Path,
+            action=ConfigFile,
             help="the options an earlier run saved (recipe.yaml, sweep.yaml or merge.yaml) to start from; flags override "
             "its values",
         )
-    groups = add_options(parser, options, config=config)
+    groups = add_options(parser, options, config=config_file)
     if tracking:
         add_options(parser, TrackingOptions, groups)
     if publish:
@@ -183,14 +303,39 @@ def _command(
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ratatouille-hub",
-        description="Recycle fine-tunes of one base model into one weight-averaged model (Model Ratatouille).",
-        epilog=METHOD_DOC,
+def program_name() -> str:
+    """`hf ratatouille` when `hf` runs us as its extension (through the hf-ratatouille script), else ours."""
+    return "hf ratatouille" if Path(sys.argv[0]).stem == HF_EXTENSION else PROGRAM
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser, by name (argparse has no public way to reach them)."""
+    (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(subparsers.choices)
+
+
+def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.ArgumentParser:
+    """Every command and its flags; `width` fixes the help's line width (docs/cli.md), else the terminal's."""
+
+    def formatter_class(prog: str) -> argparse.HelpFormatter:
+        return HelpFormatter(prog, width=width)
+
+    parser = CommandLineParser(prog=prog, formatter_class=formatter_class, epilog=METHOD_DOC)
+    parser.add_argument(
+        "--version",
+        action=ShowVersions,
+        help="print the versions of ratatouille-hub, torch, transformers and huggingface_hub, and exit",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = Commands(
+        parser.add_subparsers(
+            dest="command",
+            required=True,
+            metavar="COMMAND",
+            help=f"one of the commands above; `{prog} COMMAND --help` lists its options",
+        ),
+        formatter_class,
+    )
 
     recycle = _command(
         commands,
@@ -384,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
         "kept off the command line, where ps shows it): each user writes and reads private repos only in "
         "their own namespace, and every write needs a token",
     )
+    commands.add_parser(
+        "env",
+        help="print versions, devices and Hub settings for a bug report (never the token)",
+        description="Print what a bug report needs, as `hf env` does: the versions of Python, torch, transformers, "
+        "datasets, huggingface_hub, safetensors and accelerate; CPU cores and CUDA/MPS devices; the Hub endpoint, "
+        "cache and offline mode; whether a Hub token is present (never the token); and the environment variables "
+        "that change what a run does.",
+    )
+    parser.description = (
+        "Recycle fine-tunes of one base model into one weight-averaged model (Model Ratatouille).\n\n"
+        + commands.grouped()
+    )
     return parser
 
 
@@ -409,13 +566,14 @@ def run_recycle(args) -> None:
     from .recipe.executor import Worker
 
     config = options_from_args(args, RecipeConfig)
+    publish = options_from_args(args, PublishOptions)  # checked before anything trains
     output = Path(config.output)
     if args.dry_run:
         say(format_plans(plan_recipe(config, token=args.token), output))
         return
     results = recycle(config, token=args.token, tracking=options_from_args(args, TrackingOptions))
     if Worker.of_this_process().is_main:  # under accelerate launch: the tables print once
-        _print_results(results, output, options_from_args(args, PublishOptions), args.token)
+        _print_results(results, output, publish, args.token)
 
 
 def run_plan(args) -> None:
@@ -600,6 +758,12 @@ def run_sweep(args) -> None:
             say(f"\n{table.format()}\n\ntable: {output / 'results.json'}; cost: {output / 'cost.json'}")
 
 
+def run_env(args) -> None:
+    from .environment import environment_report, format_report
+
+    say(format_report(environment_report()))
+
+
 COMMANDS = {
     "recycle": run_recycle,
     "sweep": run_sweep,
@@ -615,17 +779,28 @@ COMMANDS = {
     "push": run_push,
     "demo": run_demo,
     "local-hub": run_local_hub,
+    "env": run_env,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 on success; 2 with one `error:` line for bad input (a `RatatouilleError`, an I/O or Hub
-    failure); 1 with the traceback and a request to report it for anything else, which is a bug."""
+    """Exit 0 on success; 2 with one `error:` line for bad input (a command line argparse refuses, a
+    `RatatouilleError`, an I/O or Hub failure); 1 with the traceback and a request to report it for anything
+    else, which is a bug. The console scripts ratatouille-hub and hf-ratatouille both call it."""
     from .allocator import tune_allocator
     from .safe_text import terminal_safe
 
     tune_allocator()  # before torch allocates anything: PyTorch on CPU is 2-5x slower without it
-    args = build_parser().parse_args(argv)
+    parser = build_parser(program_name())
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # as `hf` does: the commands, rather than an error about the missing one
+        parser.print_help()
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"error: {terminal_safe(_first_line(error))}", file=sys.stderr)
+        return 2
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

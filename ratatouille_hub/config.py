@@ -39,7 +39,32 @@ BN_POLICIES = ("average", "reestimate")
 
 
 class ConfigError(RatatouilleError, ValueError):
-    """A recipe that cannot run: unknown keys, impossible values."""
+    """A recipe that cannot run: unknown keys, impossible values. Each problem keeps the option it is about,
+    so the command line can name it by its flag (`--runs`) where Python and recipe.yaml name the field."""
+
+    def __init__(self, *problems: Problem | str):
+        self.problems = tuple(Problem.of(problem) for problem in problems)
+        super().__init__(self.worded())
+
+    def worded(self, name_of: Callable[[str], str] = str) -> str:
+        """Every problem, each option called `name_of(field name)`."""
+        return "; ".join(problem.worded(name_of) for problem in self.problems)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the options: about the field `option`, worded under any name the reader knows it
+    by (a field's check takes the name to use), or a rule across options (`option` None), worded once."""
+
+    option: str | None
+    wording: Callable[[str], str]
+
+    @classmethod
+    def of(cls, problem: Problem | str) -> Problem:
+        return problem if isinstance(problem, Problem) else cls(None, lambda _: problem)
+
+    def worded(self, name_of: Callable[[str], str] = str) -> str:
+        return self.wording(name_of(self.option) if self.option is not None else "")
 
 
 class Options:
@@ -50,7 +75,7 @@ class Options:
         problems = [problem for f in dataclasses.fields(self) for problem in _field_problems(self, f)]
         problems += self._problems()
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(*problems)
 
     def _problems(self) -> list[str]:
         return []
@@ -189,25 +214,24 @@ def hub_model_id(name, v):
     return None if is_hub_id(v) else f"{name} must be a Hub model id, namespace/name (got {v!r})"
 
 
-def _field_problems(options, f: dataclasses.Field) -> list[str]:
+def _field_problems(options, f: dataclasses.Field) -> list[Problem]:
     value, meta = getattr(options, f.name), f.metadata
     if meta.get("required") and value in ("", None, ()):
-        return [f"{f.name} is required"]
+        return [Problem(f.name, lambda name: f"{name} is required")]
     choices = meta.get("choices")
     if choices is not None:
         allowed = choices() if callable(choices) else choices
         if value not in allowed:
-            return [f"{f.name} must be one of {', '.join(allowed)} (got {value!r})"]
+            return [Problem(f.name, lambda name: f"{name} must be one of {', '.join(allowed)} (got {value!r})")]
     check = meta.get("check")
     if check is None or value is None:
         return []
     if isinstance(value, tuple):
         if not value and not meta.get("may_be_empty"):
-            return [f"{f.name} must not be empty"]
-        problem = next((p for p in (check(f.name, v) for v in value) if p), None)
-        return [f"{problem} in {list(value)}"] if problem else []
-    problem = check(f.name, value)
-    return [problem] if problem else []
+            return [Problem(f.name, lambda name: f"{name} must not be empty")]
+        bad = next((v for v in value if check(f.name, v)), None)
+        return [] if bad is None else [Problem(f.name, lambda name: f"{check(name, bad)} in {list(value)}")]
+    return [Problem(f.name, lambda name: check(name, value))] if check(f.name, value) else []
 
 
 def _opt(default, help: str, *, group: str, **extra):
@@ -610,7 +634,17 @@ class PublishOptions(Options):
 
     push_to_hub: str | None = _opt(None, "push the result to this Hub repo (namespace/name) in one commit", group="hub")
     private: bool = _opt(False, "create the repo private", group="hub")
-    revision: str | None = _opt(None, "push to this branch (created if missing; default main)", group="hub")
+    revision: str | None = _opt(
+        None, "with --push-to-hub: push to this branch (created if missing; default main)", group="hub"
+    )
+
+    def _problems(self) -> list[str]:
+        if self.revision and not self.push_to_hub:  # read as a pin of what is read, it would be silently ignored
+            return [
+                "--revision is the branch --push-to-hub writes to, and goes with it; pin a model or dataset that is "
+                "read as ID@REVISION (e.g. --base org/base@v1.0)"
+            ]
+        return []
 
 
 @dataclass(frozen=True)
@@ -731,7 +765,7 @@ def _coerce(hint, value, name: str):
     if value is None:
         if type(None) in args:
             return None
-        raise ConfigError(f"{name} must not be empty")
+        raise ConfigError(Problem(name, lambda called: f"{called} must not be empty"))
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(_coerce(args[0], item, name) for item in items)
@@ -751,4 +785,5 @@ def _coerce(hint, value, name: str):
             raise ValueError(value)
         return hint(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)} (got {value!r})") from None
+        type_name = getattr(hint, "__name__", hint)
+        raise ConfigError(Problem(name, lambda called: f"{called} must be {type_name} (got {value!r})")) from None

@@ -483,7 +483,7 @@ def test_run_refuses_a_folder_without_a_plan(tmp_path, refused):
 
 
 def test_run_needs_an_index(planned, refused):
-    refused("run-without-index", "run with no --index", ["run", str(planned)], "index is required", planned)
+    refused("run-without-index", "run with no --index", ["run", str(planned)], "--index", planned)
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

@@ -153,7 +153,7 @@ def test_a_sweep_that_cannot_run_is_refused_before_anything_is_written(swept, sw
     places = {"<tmp>": sweep_recipe.parent}
     for case, what, argv, culprit, out in (
         ("sweep-unknown-strategy", "sweep --strategy naming no strategy", [*recipe, "--strategy", "erm", "best"], "(got 'best')", tmp_path / "new"),
-        ("sweep-no-trials", "sweep --trials 0", [*recipe, "--trials", "0"], "trials must be at least 1", tmp_path / "new"),
+        ("sweep-no-trials", "sweep --trials 0", [*recipe, "--trials", "0"], "--trials must be at least 1", tmp_path / "new"),
         ("sweep-another-sweep", "sweep into a folder holding a sweep of other options", [*recipe, "--strategy", *STRATEGIES, "--steps", "5"], "differs in: steps", swept),
         ("sweep-unplanned", "sweep --index on a folder holding no sweep", [*recipe, "--index", "0"], "holds no sweep", tmp_path / "none"),
     ):  # fmt: skip
