@@ -256,3 +256,52 @@ def test_update_adds_only_local_runs_of_the_soups_recipe(recycled, tiny_world, t
         line = refusals.fails_cleanly(case, what, argv, str(run), tmp_path / "grown", capsys, places)
         assert expected in line
     assert cli.main(["update", str(smaller), "--add", str(own[1]), "--output", str(tmp_path / "grown")]) == 0
+
+
+# -- files for sharing: the user's umask, not mkstemp's 0600 ----------------------------------------------
+
+WRITE_SHARED_FILES = """
+import sys
+from pathlib import Path
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.io import atomic_write_json
+from ratatouille_hub.results import Results
+
+out = Path(sys.argv[1])
+RecipeConfig(base="org/base", target="org/pacs").save_yaml(out / "recipe.yaml")
+Results.load(Path(sys.argv[2])).save(out / "results.json")
+atomic_write_json(out / "plan.json", {"plans": []})
+"""
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_recipe_and_results_are_written_with_the_users_umask(recycled, tmp_path, umask, mode):
+    """A shared Slurm filesystem: other jobs and users read recipe.yaml and results.json as the umask allows."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", WRITE_SHARED_FILES, str(out), str(recycled / "soup" / "results.json")],
+        preexec_fn=lambda: os.umask(umask),
+        check=True,
+    )
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ("recipe.yaml", "results.json", "plan.json"), mode
+    )
+
+
+def test_every_file_of_a_recycled_output_follows_the_umask(recycled):
+    """What recycle itself wrote, in this process (the test runs under its own umask)."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    written = {p.relative_to(recycled).as_posix(): p.stat().st_mode & 0o777 for p in recycled.rglob("*") if p.is_file()}
+    assert {"soup/recipe.yaml", "soup/results.json", "recipe.yaml", "plan.json"} <= written.keys()
+    locks = {name for name in written if name.rsplit("/", 1)[-1].endswith(".lock")}  # filelock's own mode
+    assert {name: mode for name, mode in written.items() if name not in locks} == dict.fromkeys(
+        written.keys() - locks, 0o666 & ~umask
+    )
