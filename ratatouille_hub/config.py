@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import math
 import random
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,15 @@ def hub_model_id(name, v):
     return None if is_hub_id(v) else f"{name} must be a Hub model id, namespace/name (got {v!r})"
 
 
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license identifiers: apache-2.0, cc-by-4.0, other
+
+
+def license_id(name, v):
+    if LICENSE_ID.fullmatch(v):
+        return None
+    return f"{name} must be a Hub license identifier such as apache-2.0, mit or other (got {v!r})"
+
+
 def _field_problems(options, f: dataclasses.Field) -> list[str]:
     value, meta = getattr(options, f.name), f.metadata
     if meta.get("required") and value in ("", None, ()):
@@ -211,6 +221,16 @@ def _field_problems(options, f: dataclasses.Field) -> list[str]:
 
 def _opt(default, help: str, *, group: str, **extra):
     return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+def _license_option(of: str):
+    return _opt(
+        None,
+        f"license the card declares (a Hub license id, e.g. apache-2.0); default: {of}'s license when its card "
+        "declares one, else none",
+        group="hub",
+        check=license_id,
+    )
 
 
 # -- shared field groups ----------------------------------------------------------------------------
@@ -282,6 +302,14 @@ class TrainingOptions(DataOptions):
         "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
     )
     output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output", check=utf8_path)
+    base_model: str | None = _opt(
+        None,
+        "Hub id the card names as the base (lineage base_model:<id>, which is how the Hub and recycle find "
+        "fine-tunes of it) when --base is a local copy of it (default: --base itself when it is a Hub id)",
+        group="hub",
+        check=hub_model_id,
+    )
+    license: str | None = _license_option("--base")
 
 
 ALL_DOMAINS = "all"  # recycle's --test-domain for leave-one-domain-out over every domain
@@ -378,13 +406,6 @@ class IntertrainConfig(TrainingOptions):
     dataset: str = _opt(
         "", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", group="target", required=True
     )
-    base_model: str | None = _opt(
-        None,
-        "Hub id the card names as the base (lineage base_model:finetune:<id>, which recycle discovers) when "
-        "--base is a local copy of it (default: --base itself when it is a Hub id)",
-        group="hub",
-        check=hub_model_id,
-    )
     runs: int = _opt(
         1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=int_range(1, MAX_RUNS)
     )
@@ -456,6 +477,7 @@ class MergeOptions(TargetOptions):
         group="merging",
         check=unit_interval,
     )
+    license: str | None = _license_option("--base")
     parameters: tuple[str, ...] = _opt(
         (),
         "the method's typed parameters as NAME=VALUE (default: each one's default); "
