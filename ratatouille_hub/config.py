@@ -632,14 +632,39 @@ class PublishOptions(Options):
     push_to_hub: str | None = _opt(None, "push the result to this Hub repo (namespace/name) in one commit", group="hub")
     private: bool = _opt(False, "create the repo private", group="hub")
     revision: str | None = _opt(None, "push to this branch (created if missing; default main)", group="hub")
+    commit_message: str | None = _opt(None, "the push's commit message (default: one naming the tool)", group="hub")
 
 
 @dataclass(frozen=True)
 class PushOptions(Options):
-    folder: str = _opt("", "the soup folder (e.g. out/soup)", group="output", positional=True, required=True)
+    """`push REPO_ID [FOLDER]`, in `hf upload`'s order."""
+
     repo_id: str = _opt("", "namespace/name of the Hub repo", group="hub", positional=True, required=True)
+    folder: str | None = _opt(
+        None,
+        "the model folder to push (default: the current folder when it is one, or the soup of the output "
+        "folder you are in)",
+        group="hub",
+        positional=True,
+    )
+    commit_message: str | None = _opt(None, "the commit's message (default: one naming the tool)", group="hub")
+    create_pr: bool = _opt(
+        False, "open a pull request with the commit instead of committing to the branch", group="hub"
+    )
     private: bool = _opt(False, "create the repo private", group="hub")
-    revision: str | None = _opt(None, "branch to push to (created if missing; default main)", group="hub")
+    revision: str | None = _opt(
+        None, "branch to push to, or to open the pull request against (created if missing; default main)", group="hub"
+    )
+
+    def _problems(self) -> list[str]:
+        """`push FOLDER REPO_ID`, the order before hf's, would otherwise read as a repo id that is a folder."""
+        from .fetch import is_hub_id
+
+        if self.folder is not None and Path(self.repo_id).is_dir() and is_hub_id(self.folder):
+            return [
+                f"push takes the repo id first, as hf upload does: ratatouille-hub push {self.folder} {self.repo_id}"
+            ]
+        return []
 
 
 def strategy_name(name, v):

@@ -550,7 +550,7 @@ def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(
     for failing in (
         recycle_argv(world, tmp_path / "o1", base="nobody/no-such-model", extra=("--token", SECRET)),
         recycle_argv(world, tmp_path / "o2", aux=world.nan, extra=("--token", SECRET)),
-        ["push", str(out / "soup"), f"{hub_namespace}/again", "--token", "hf_wrong" + SECRET],
+        ["push", f"{hub_namespace}/again", str(out / "soup"), "--token", "hf_wrong" + SECRET],
     ):
         assert cli.main(failing) == 2
         captured = capsys.readouterr()

@@ -73,7 +73,7 @@ def test_push_never_uploads_a_file_the_index_names_outside_the_soup(
     line = refusals.fails_cleanly(
         "push-index-names-a-path",
         "model.safetensors.index.json naming a file outside the soup",
-        ["push", str(soup), repo_id],
+        ["push", repo_id, str(soup)],
         "model.safetensors.index.json",
         soup,
         capsys,
@@ -83,7 +83,7 @@ def test_push_never_uploads_a_file_the_index_names_outside_the_soup(
     assert not HfApi().repo_exists(repo_id)  # nothing created, nothing uploaded
 
     index.unlink()  # the corrected folder is pushed, without the secret
-    assert cli.main(["push", str(soup), repo_id]) == 0
+    assert cli.main(["push", repo_id, str(soup)]) == 0
     assert sorted(HfApi().list_repo_files(repo_id)) == [".gitattributes", *sorted(p.name for p in soup.iterdir())]
 
 

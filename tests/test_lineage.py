@@ -93,7 +93,7 @@ def contributed(world, hub_recipe):
     ns = world.ns
     ok("contribute", hub_recipe / "out", "--to", f"{ns}-alice/pacs-sketch", "--index", 0, 1, 2)
     ok("assemble", hub_recipe / "assembled", "--from-hub", f"{ns}-alice/pacs-sketch-run0")
-    ok("push", hub_recipe / "assembled", f"{ns}-me/pacs-soup")
+    ok("push", f"{ns}-me/pacs-soup", hub_recipe / "assembled")
     ok("contribute", hub_recipe / "out", "--to", f"{ns}-bob/pacs-sketch", "--index", 3)
     return hub_recipe
 

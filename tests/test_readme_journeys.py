@@ -151,7 +151,9 @@ def test_quickstart(world, tmp_path):
     soup, first_push = terminal.folder / "out" / "soup", terminal.folder / "ratatouille-output" / "soup"
     assert same_tensors(Path(snapshot_download(f"{ns}-me/pacs-soup")) / "model.safetensors", soup / "model.safetensors")
     assert not same_tensors(first_push / "model.safetensors", soup / "model.safetensors")
-    assert "no changes" in terminal.shell.type(_line("ratatouille-hub push out/soup"))[0]  # the rerun the line promises
+    assert (
+        "no changes" in terminal.shell.type(_line("ratatouille-hub push me/pacs-soup out/soup  "))[0]
+    )  # the rerun the line promises
     assert HfApi().model_info(f"{ns}-me/base-caltech101").card_data.base_model == f"{ns}-org/base"
     assert (terminal.folder / "paths.png").stat().st_size > 0
     runs = journeys.BUDGET_RUNS
@@ -247,7 +249,7 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     terminal = Terminal(world, tmp_path / "cards")
     for line in (
         "ratatouille-hub recycle --base org/base --target PACS --test-domain cartoon --output out",
-        "ratatouille-hub push out/soup me/cartoon-soup",
+        "ratatouille-hub push me/cartoon-soup out/soup",
         "ratatouille-hub contribute out --to me/pacs-cartoon --index 0 1 2",
     ):
         terminal.shell.type(line)
@@ -263,7 +265,7 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     assemble = card_command(f"{runs}-run0", "contributed run")
     terminal.shell.type(journeys.fill(assemble, {"SOUP": "grown", "<this repo>": f"{runs}-run0"}))
     merged = load_file(terminal.folder / "grown" / "model.safetensors")
-    terminal.shell.type("ratatouille-hub push grown me/cartoon-grown")
+    terminal.shell.type("ratatouille-hub push me/cartoon-grown grown")
 
     # the grown soup's card: a run added exactly
     terminal.shell.type("ratatouille-hub contribute out --to me/pacs-cartoon --index 3")
