@@ -57,7 +57,8 @@ def test_a_recycled_soup_names_base_ingredients_target_at_its_revision_and_score
     results = json.loads((hub_recipe / "out" / "soup" / "results.json").read_text())
     (score,) = card.data.eval_results
     assert (score.dataset_type, score.metric_value) == (pacs, round(results["soup"]["test_accuracy"], 4))
-    assert f"{pacs}@{world.shas[pacs]}" in card.text
+    assert score.dataset_revision == world.shas[pacs]
+    assert f"**{pacs}** at revision `{world.shas[pacs]}`" in card.text
 
 
 def test_every_run_folder_carries_its_recipe_fingerprint(hub_recipe):
