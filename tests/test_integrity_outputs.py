@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import refusals
@@ -305,3 +306,27 @@ def test_every_file_of_a_recycled_output_follows_the_umask(recycled):
     assert {name: mode for name, mode in written.items() if name not in locks} == dict.fromkeys(
         written.keys() - locks, 0o666 & ~umask
     )
+
+
+def test_recycle_names_a_local_base_by_its_hub_id_and_declares_its_license(tiny_world, tmp_path, capsys):
+    """A local copy of a Hub base: --base-model names it in the lineage, its card's license is the soup's unless
+    --license says otherwise; both only change the card, so a rerun that changes them reuses every run."""
+    from huggingface_hub import ModelCard
+
+    base = shutil.copytree(tiny_world.base, tmp_path / "resnet-tiny")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# resnet-tiny\n")
+    out = tmp_path / "out"
+    argv = recycle_argv(SimpleNamespace(base=base, aux=tiny_world.aux, target=tiny_world.target), out)
+    assert cli.main([*argv, "--base-model", "org/resnet-tiny"]) == 0
+    card = ModelCard.load(out / "soup" / "README.md")
+    assert (card.data.base_model, card.data.base_model_relation, card.data.license) == (
+        ["org/resnet-tiny"],  # the recycled fine-tunes are local folders: the base is the one Hub parent
+        "merge",
+        "apache-2.0",  # the base's card's
+    )
+    assert f"`{base}` (a local copy of `org/resnet-tiny`)" in card.text
+    runs = sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/done"))
+    capsys.readouterr()
+    assert cli.main([*argv, "--base-model", "org/resnet-tiny", "--license", "mit"]) == 0
+    assert ModelCard.load(out / "soup" / "README.md").data.license == "mit"
+    assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/done")) == runs  # no run trained again
