@@ -653,7 +653,10 @@ class PushOptions(Options):
     )
     private: bool = _opt(False, "create the repo private", group="hub")
     revision: str | None = _opt(
-        None, "branch to push to, or to open the pull request against (created if missing; default main)", group="hub"
+        None,
+        "branch to push to (created if missing; default main), or a pull request's ref refs/pr/N; with "
+        "--create-pr, the branch the pull request is opened against",
+        group="hub",
     )
 
     def _problems(self) -> list[str]:

@@ -212,9 +212,10 @@ def _takes_xet(api, repo_id: str) -> bool:
 
 
 def _prepare(api, repo_id: str, branch: str, private: bool) -> str:
-    """Make sure the repo and branch exist; returns the branch head before the push."""
+    """Make sure the repo and branch exist (a pull request's ref, refs/pr/N, is pushed to as it is, as hf upload
+    does); returns the branch head before the push."""
     api.create_repo(repo_id, private=private, exist_ok=True)
-    if branch != "main":
+    if branch != "main" and not branch.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     return api.model_info(repo_id, revision=branch).sha
 

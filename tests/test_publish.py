@@ -204,7 +204,7 @@ def test_a_push_that_fails_midway_finishes_on_rerun_with_one_commit(local_hub, h
     assert {p.name: p.read_bytes() for p in soup.iterdir()} == before
 
 
-def test_create_pr_opens_a_pull_request_and_leaves_the_branch_alone(local_hub, hub_namespace, soup):
+def test_create_pr_opens_a_pull_request_and_leaves_the_branch_alone(local_hub, hub_namespace, soup, tmp_path):
     repo_id = f"{hub_namespace}/reviewed-soup"
     pushed = push_folder(soup, repo_id, create_pr=True, commit_message="Soup for review")
     assert pushed.changed and pushed.pr_url == f"{local_hub.url}/{repo_id}/discussions/1"
@@ -212,6 +212,10 @@ def test_create_pr_opens_a_pull_request_and_leaves_the_branch_alone(local_hub, h
     assert commit_titles(local_hub, repo_id, "refs/pr/1") == ["Soup for review", "initial commit"]
     assert HfApi().model_info(repo_id, revision="refs/pr/1").sha == pushed.oid
     assert push_folder(soup, repo_id, create_pr=True).pr_url == f"{local_hub.url}/{repo_id}/discussions/2"
+    revised = write_soup(tmp_path / "revised", tiny_resnet(202))
+    again = push_folder(revised, repo_id, revision="refs/pr/1", commit_message="Review answered")  # as hf upload
+    assert (again.changed, again.pr_url) == (True, None)
+    assert commit_titles(local_hub, repo_id, "refs/pr/1") == ["Review answered", "Soup for review", "initial commit"]
 
 
 def test_push_takes_hf_uploads_order_and_refuses_the_old_one(local_hub, hub_namespace, soup, tmp_path, capsys):
