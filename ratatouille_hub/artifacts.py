@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .hashing import file_sha256
-from .io import atomic_write_json, claimed_folder, hidden_sibling_stem, staged_folder
+from .io import atomic_write_json, claimed_folder, hidden_sibling_stem, match_umask, staged_folder
 from .merge_engine import WEIGHTS_NAME
 from .results import Results
 from .train import LinearHead
@@ -178,6 +178,7 @@ class ProbeRecord(Artifact):
 
     def write(self, head: LinearHead, seconds: float) -> None:
         save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, self.head_file)
+        match_umask([self.head_file])
         metrics = {"step": head.step, "val_accuracy": head.val_accuracy, "seconds": seconds}
         atomic_write_json(self.folder / self.METRICS, metrics)
 
@@ -193,6 +194,7 @@ class FusionRecord(Artifact):
 
     def write(self, model, members: Iterable[str], weights: Iterable[float]) -> None:
         model.save_pretrained(self.folder)
+        match_umask(self.folder.glob("*.safetensors"))
         atomic_write_json(self.folder / self.FUSION, {"members": list(members), "weights": list(weights)})
 
 
@@ -232,6 +234,7 @@ class RunRecord(Artifact):
         if identity is not None:
             atomic_write_json(self.model_folder / RUN_FILE, identity)
         save_file({k: v.contiguous() for k, v in predictions.items()}, self.folder / self.PREDICTIONS)
+        match_umask([self.folder / self.PREDICTIONS, *self.model_folder.glob("*.safetensors")])
         atomic_write_json(self.metrics_file, metrics)
 
 
@@ -246,6 +249,7 @@ class IntertrainRecord(Artifact):
 
     def write(self, model, processor, results: dict, card) -> None:
         model.save_pretrained(self.folder)
+        match_umask(self.folder.glob("*.safetensors"))
         if processor is not None:
             processor.save_pretrained(self.folder)
         atomic_write_json(self.folder / self.RESULTS, results)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .fetch import is_hub_id, split_revision
@@ -55,22 +56,123 @@ def pinned(source: str, results: Results) -> str:
     return f"{source}@{revision}" if revision else source
 
 
+UNPUBLISHED_REPO_ID = "path/to/soup"  # the usage snippet's model before the card knows its repo
+SOUP_NAME, MERGE_NAME = "ratatouille-soup", "merged-model"  # the name of a card written before its repo is known
+
+
+def card_for_repo(text: str, repo_id: str) -> str:
+    """A card as pushed to `repo_id`: the repo id instead of the name ratatouille-hub gives a card before anyone
+    says where it goes (its title, its model-index name, the usage snippet's model). Any other title or name, one
+    its author chose, is left as it is."""
+    card = ModelCard(text)
+    if card.data.eval_results and card.data.model_name in (SOUP_NAME, MERGE_NAME):
+        card.data.model_name = repo_id
+        text = card.content  # the metadata written again only when it changed
+    metadata, body = text[: len(text) - len(card.text)], card.text
+    title = re.search(r"^# (.*)$", body, flags=re.M)
+    if title and title.group(1) in (SOUP_NAME, MERGE_NAME):
+        body = f"{body[: title.start()]}# {markdown_cell(repo_id)}{body[title.end() :]}"
+    return metadata + body.replace(f'"{UNPUBLISHED_REPO_ID}"', f'"{repo_id}"')
+
+
+def declared_license(model_folder: Path | None) -> dict[str, str]:
+    """The license fields the card in `model_folder` declares (`license`, and `license_name` and an https
+    `license_link` for `other`), each only when it is a well-formed value: a downloaded card is not trusted."""
+    from huggingface_hub.repocard import metadata_load
+
+    from .config import LICENSE_ID
+
+    card = None if model_folder is None else Path(model_folder) / "README.md"
+    try:
+        metadata = metadata_load(card) if card is not None and card.is_file() else None
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError):
+        metadata = None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("license"), str):
+        return {}
+    declared = {"license": metadata["license"]}
+    if not LICENSE_ID.fullmatch(declared["license"]):
+        return {}
+    name, link = metadata.get("license_name"), metadata.get("license_link")
+    if declared["license"] == "other" and isinstance(name, str) and LICENSE_ID.fullmatch(name):
+        declared["license_name"] = name
+    if declared["license"] == "other" and isinstance(link, str) and re.fullmatch(r"https://[^\s<>()\[\]`]+", link):
+        declared["license_link"] = link
+    return declared
+
+
+def card_license(given: str | None, base_folder: Path | None) -> dict[str, str]:
+    """What a card declares as its license: the one given, else the base's when its card declares one, else
+    nothing (a license is never invented)."""
+    return {"license": given} if given else declared_license(base_folder)
+
+
+def lineage_ids(results: Results) -> list[str]:
+    """The Hub ids of a recycled model's parents, in the plan's order (base first); a local base copied from
+    the Hub counts as the Hub id `--base-model` names."""
+    base, base_model = split_revision(results.recipe["base"])[0], results.recipe.get("base_model")
+    ids = []
+    for ingredient in results.ingredients:
+        if base_model and ingredient.source == base:
+            ids.append(base_model)
+        elif ingredient.is_hub:
+            ids.append(ingredient.source)
+    return list(dict.fromkeys(ids))
+
+
+def _dataset_text(reference: str) -> str:
+    """The target as the card's text names it: a Hub dataset with the revision the runs read, or a local one."""
+    dataset, revision = split_revision(reference)
+    if not is_hub_id(dataset):
+        return f"the local dataset **{markdown_cell(Path(dataset).name)}**"
+    return f"**{markdown_cell(dataset)}**" + (f" at revision `{markdown_cell(revision)}`" if revision else "")
+
+
+def _eval_results(dataset: str, revision: str | None, **result) -> list[EvalResult] | None:
+    """The model-index entry of a score on `dataset`. The model-index spec names a dataset by its Hub id, so a
+    score on a local dataset has none (the card's text reports it, naming the dataset as local)."""
+    if not is_hub_id(dataset):
+        return None
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset,
+            dataset_revision=plain_text(revision) if revision else None,
+            metric_type="accuracy",
+            **result,
+        )
+    ]
+
+
 def build_card(
-    results: Results, *, repo_id: str | None = None, figure: str | None = None, scores_figure: str | None = None
+    results: Results,
+    *,
+    repo_id: str | None = None,
+    figure: str | None = None,
+    scores_figure: str | None = None,
+    license: dict[str, str] | None = None,
 ) -> ModelCard:
     """Render the card for the model described by `results`: a soup, or for the erm and fusing baselines
-    the best run (lineage `finetune` when the base is its only parent)."""
+    the best run (lineage `finetune` when the base is its only parent); `license`: card_license's fields."""
     recipe = results.recipe
-    hub_ids = [i.source for i in results.ingredients if i.is_hub]
-    target, target_revision = split_revision(recipe["target"])  # the recipe pins a Hub target at its commit
+    hub_ids = lineage_ids(results)
+    target, target_revision = split_revision(results.target)  # the target at the revision the runs trained on
     test_domain = results.test_domain
     soup = results.soup
     averaged = results.is_average
     strategy = STRATEGIES[recipe["strategy"]]
-    model_name = repo_id or "ratatouille-soup"
+    model_name = repo_id or SOUP_NAME
+    scores = _eval_results(
+        target,
+        target_revision,
+        dataset_name=plain_text(f"{Path(target).name} (held-out domain {test_domain})"),
+        dataset_split=plain_text(test_domain),
+        metric_name=plain_text(f"held-out domain accuracy ({test_domain})"),
+        metric_value=round(soup.test_accuracy, 4),
+    )
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation=("merge" if len(hub_ids) > 1 or averaged else "finetune") if hub_ids else None,
+        **(license or {}),
         library_name="transformers",
         pipeline_tag="image-classification",
         datasets=[target] if is_hub_id(target) else None,
@@ -80,19 +182,14 @@ def build_card(
             "domain-generalization",
             "ratatouille-hub",
         ],
-        model_name=model_name,
-        eval_results=[
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=target if is_hub_id(target) else "local",
-                dataset_name=plain_text(f"{Path(target).name} (held-out domain {test_domain})"),
-                dataset_split=plain_text(test_domain),
-                dataset_revision=target_revision,
-                metric_type="accuracy",
-                metric_name=plain_text(f"held-out domain accuracy ({test_domain})"),
-                metric_value=round(soup.test_accuracy, 4),
-            )
-        ],
+        model_name=model_name if scores else None,  # it is the model-index's name: without one, no key of its own
+        eval_results=scores,
+    )
+    base = pinned(recipe["base"], results)
+    base_text = f"`{markdown_cell(base)}`" + (
+        f" (a local copy of `{markdown_cell(recipe['base_model'])}`)"
+        if recipe.get("base_model") and not is_hub_id(split_revision(base)[0])
+        else ""
     )
     summary_rows = [
         {"name": markdown_cell(row.name), "val": _pct(row.val_accuracy), "test": _pct(row.test_accuracy)}
@@ -116,9 +213,10 @@ def build_card(
         data,
         template_path=str(template_path()),
         model_name=markdown_cell(model_name),
-        repo_id=repo_id or "path/to/soup",
-        base_model=markdown_cell(pinned(recipe["base"], results)),
-        dataset=markdown_cell(results.target),  # at the revision the runs trained on
+        repo_id=repo_id or UNPUBLISHED_REPO_ID,
+        base_model=base_text,
+        dataset=_dataset_text(results.target),
+        local_target=not is_hub_id(target),
         train_domains=", ".join(markdown_cell(d) for d in results.train_domains),
         test_domain=markdown_cell(test_domain),
         n_runs=len(results.runs),
@@ -164,11 +262,7 @@ class Lineage:
     @classmethod
     def of_results(cls, results: Results) -> Lineage:
         """From a recycled soup's results: its base, its target and its Hub ingredients, each at its revision."""
-        return cls(
-            pinned(results.recipe["base"], results),
-            results.target,
-            _hub_ids(i.source for i in results.ingredients if i.is_hub),
-        )
+        return cls(pinned(results.recipe["base"], results), results.target, tuple(lineage_ids(results)))
 
     def to_metadata(self) -> dict[str, str]:
         return {LINEAGE_KEY: json.dumps({"base": self.base, "target": self.target, "parents": list(self.parents)})}
@@ -243,48 +337,57 @@ ratatouille-hub so that anyone can average it with the recipe's other runs witho
 
 
 def grown_soup_card(
-    record, validation: float | None = None, dataset: str | None = None, lineage: Lineage | None = None
+    record,
+    validation: float | None = None,
+    dataset: str | None = None,
+    lineage: Lineage | None = None,
+    license: dict[str, str] | None = None,
 ) -> ModelCard:
     """The card of a soup assembled from contributed runs or updated: its lineage (base, target, the checkpoints
     its runs started from), its ingredients and, when a target was given, its training-domain validation
-    accuracy (no held-out number: that needs the whole recipe)."""
+    accuracy (no held-out number: that needs the whole recipe); `license`: card_license's fields."""
     hub_ids = list(_hub_ids([*(lineage.parents if lineage else ()), *(i.source for i in record.ingredients)]))
     target_id, _, target_revision = (lineage.target if lineage else "").partition("@")
     scored_on = dataset.split("@")[0] if dataset else None
+    scored_reference = lineage.target if lineage and scored_on == target_id else dataset or ""
+    scores = (
+        None
+        if validation is None or scored_on is None
+        else _eval_results(
+            scored_on,
+            target_revision if scored_on == target_id else None,
+            dataset_name=plain_text(f"{Path(scored_on).name} (training-domain validation)"),
+            metric_name="training-domain validation accuracy",
+            metric_value=round(validation, 4),
+        )
+    )
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
+        **(license or {}),
         datasets=[target_id] if is_hub_id(target_id) else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["model-ratatouille", "weight-averaging", "merge", "ratatouille-hub"],
-        eval_results=None
-        if validation is None
-        else [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=scored_on if scored_on and is_hub_id(scored_on) else "local",
-                dataset_name=plain_text(f"{Path(dataset or 'target').name} (training-domain validation)"),
-                dataset_revision=plain_text(target_revision) if scored_on == target_id and target_revision else None,
-                metric_type="accuracy",
-                metric_name="training-domain validation accuracy",
-                metric_value=round(validation, 4),
-            )
-        ],
-        model_name="ratatouille-soup",
+        eval_results=scores,
+        model_name=SOUP_NAME if scores else None,
     )
     rows = "\n".join(
         f"| {k} | `{markdown_cell(i.source)}` | `{markdown_cell(i.sha256[:16])}` |"
         for k, i in enumerate(record.ingredients)
     )
-    accuracy = "" if validation is None else f"\nTraining-domain validation accuracy: {_pct(validation)}%.\n"
+    accuracy = (
+        ""
+        if validation is None
+        else f"\nTraining-domain validation accuracy on {_dataset_text(scored_reference)}: {_pct(validation)}%.\n"
+    )
     recipe = (
         ""
         if lineage is None
         else f"\nIts runs fine-tuned `{markdown_cell(lineage.base)}` on `{markdown_cell(lineage.target)}`.\n"
     )
     fingerprint = markdown_cell(record.fingerprint or "unknown")
-    text = f"""# ratatouille-soup
+    text = f"""# {SOUP_NAME}
 
 A uniform **Model Ratatouille** soup ([Ramé et al., ICML 2023](https://arxiv.org/abs/2212.10445)) of
 {len(record.ingredients)} runs of one recipe (fingerprint `{fingerprint}`), grown with
@@ -300,31 +403,33 @@ ratatouille-hub: `ratatouille-hub update SOUP --add RUN` adds a run exactly, wit
 def merge_card(result, repo_id: str | None = None) -> ModelCard:
     """A merged model's card (`result`: a merging.MergeResult): its parents as `base_model` (the Hub members and
     the Hub base, `base_model_relation: merge`), the method with its parameters, every member at its revision,
-    greedy's scores and, when a target was given, the merged model's validation accuracy as `model-index`."""
+    greedy's scores and, when a target was given, the merged model's validation accuracy (`model-index` for a
+    Hub target); its license is --license, else the base's."""
     sources = [m.ingredient.source for m in result.members] + ([result.base.ingredient.source] if result.base else [])
     hub_ids = list(_hub_ids(sources))
     target, _, target_revision = (result.options.target or "").partition("@")
+    base_folder = result.base.ingredient.path if result.base else None
+    scores = (
+        None
+        if result.validation is None
+        else _eval_results(
+            target,
+            target_revision,
+            dataset_name=plain_text(f"{Path(target).name} (training-domain validation)"),
+            metric_name="training-domain validation accuracy",
+            metric_value=round(result.validation, 4),
+        )
+    )
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
+        **card_license(result.options.license, base_folder),
         datasets=[target] if is_hub_id(target) else None,
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["merge", "weight-averaging", "ratatouille-hub", plain_text(f"merge-method:{result.method}")],
-        model_name=repo_id or "merged-model",
-        eval_results=None
-        if result.validation is None
-        else [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=target if is_hub_id(target) else "local",
-                dataset_name=plain_text(f"{Path(target).name} (training-domain validation)"),
-                dataset_revision=plain_text(target_revision) if target_revision else None,
-                metric_type="accuracy",
-                metric_name="training-domain validation accuracy",
-                metric_value=round(result.validation, 4),
-            )
-        ],
+        model_name=(repo_id or MERGE_NAME) if scores else None,
+        eval_results=scores,
     )
     parameters = ", ".join(f"{markdown_cell(k)} = {markdown_cell(json.dumps(v))}" for k, v in result.parameters)
     scores = {id(t.candidate): f"{_pct(t.validation)}%" for t in result.trials}  # greedy's, per candidate
@@ -340,10 +445,10 @@ def merge_card(result, repo_id: str | None = None) -> ModelCard:
     accuracy = (
         ""
         if result.validation is None
-        else f"\nTraining-domain validation accuracy on `{markdown_cell(result.options.target)}`: "
+        else f"\nTraining-domain validation accuracy on {_dataset_text(result.options.target)}: "
         f"{_pct(result.validation)}%.\n"
     )
-    text = f"""# {markdown_cell(repo_id or "merged-model")}
+    text = f"""# {markdown_cell(repo_id or MERGE_NAME)}
 
 A merge of {len(result.members)} of {len(result.candidates)} checkpoints made with ratatouille-hub, method
 **{markdown_cell(result.method)}**{f" ({parameters})" if parameters else ""}. Every Hub input is pinned at the

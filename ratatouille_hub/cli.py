@@ -111,6 +111,13 @@ or over K processes or GPUs: accelerate launch --num_processes K -m ratatouille_
 Rerunning the same command resumes: finished runs and soups are reused, never recomputed.
 """
 
+EPILOG_PUSH = """\
+examples:
+  ratatouille-hub push me/pacs-soup out/soup
+  ratatouille-hub push me/pacs-soup out/soup --create-pr --commit-message "Soup of 20 runs"   # prints the PR's URL
+  cd out && ratatouille-hub push me/pacs-soup              # FOLDER defaults to ./soup, or . when it is a model
+"""
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written (examples, the command list), except that an unindented line wider
@@ -210,6 +217,8 @@ def add_options(
         if choices is not None:
             kwargs["choices"] = choices() if callable(choices) else choices
         if positional:
+            if "nargs" not in kwargs and not f.metadata.get("required"):
+                kwargs["nargs"] = "?"  # an optional positional, as `push REPO_ID [FOLDER]`
             parser.add_argument(f.name, **kwargs)
             continue
         group_name = f.metadata["group"]
@@ -498,8 +507,10 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         "push",
         PushOptions,
         help="push a soup folder to the Hub in one commit",
-        description="Push a soup folder (weights, config, processor, card, recipe.yaml, results.json) in one "
-        "commit. The card is validated first; rerunning a finished push makes no new commit.",
+        description="Push a model folder (weights, config, processor, card, recipe.yaml, results.json) to "
+        "REPO_ID in one commit, in `hf upload`'s order. The pushed card takes the repo id as its title and "
+        "model-index name and is validated first; rerunning a finished push makes no new commit.",
+        epilog=EPILOG_PUSH,
     )
 
     demo = commands.add_parser(
@@ -516,7 +527,9 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         "local-hub",
         help="serve a local Hub-compatible registry (tests, offline work)",
         description="A local stand-in for the Hugging Face Hub on 127.0.0.1, backed by a folder. Point the "
-        "clients at it with HF_ENDPOINT=http://127.0.0.1:PORT and HF_HUB_DISABLE_XET=1. Not a production registry.",
+        "clients at it with HF_ENDPOINT=http://127.0.0.1:PORT and HF_HUB_DISABLE_XET=1 (it stores large files by "
+        "git-LFS, like a Hub without Xet; ratatouille-hub's own pushes need only HF_ENDPOINT). Not a production "
+        "registry.",
     )
     hub.add_argument("--root", type=Path, required=True, help="folder that stores the repos")
     hub.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
@@ -724,8 +737,11 @@ def run_update(args) -> None:
 
 
 def run_push(args) -> None:
+    from .publish import default_push_folder, push_and_say
+
     options = options_from_args(args, PushOptions)
-    _push(Path(options.folder), options.repo_id, options, args.token)
+    folder = Path(options.folder) if options.folder is not None else default_push_folder()
+    push_and_say(folder, options.repo_id, options, args.token, create_pr=options.create_pr)
 
 
 def run_local_hub(args) -> None:

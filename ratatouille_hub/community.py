@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import ProbeRecord, RunRecord
-from .card import RUN_TAG, Lineage, base_tag, grown_soup_card, run_card
+from .card import RUN_TAG, Lineage, base_tag, declared_license, grown_soup_card, run_card
 from .discover import backbone_mismatch, head_names_of
 from .errors import RatatouilleError
 from .fetch import Ingredient, is_hub_id, resolve_model
@@ -374,8 +374,10 @@ def update_soup(
         return local_run(local) if local.is_dir() else any_run(source, token)
 
     def rewrite_card(staging: Path, record: SoupRecord, lineage: Lineage | None) -> None:
+        """The card of the updated soup, keeping the license the soup's card declared (copied into `staging`)."""
         validation = evaluate(staging) if evaluate else None
-        grown_soup_card(record, validation, dataset, lineage).save(staging / "README.md")
+        license = declared_license(staging)
+        grown_soup_card(record, validation, dataset, lineage, license).save(staging / "README.md")
         if validation is not None:
             echo(f"[eval] training-domain validation {100 * validation:.1f}%")
 

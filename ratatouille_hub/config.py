@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import math
 import random
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,15 @@ def hub_model_id(name, v):
     return None if is_hub_id(v) else f"{name} must be a Hub model id, namespace/name (got {v!r})"
 
 
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license identifiers: apache-2.0, cc-by-4.0, other
+
+
+def license_id(name, v):
+    if LICENSE_ID.fullmatch(v):
+        return None
+    return f"{name} must be a Hub license identifier such as apache-2.0, mit or other (got {v!r})"
+
+
 def _field_problems(options, f: dataclasses.Field) -> list[Problem]:
     value, meta = getattr(options, f.name), f.metadata
     if meta.get("required") and value in ("", None, ()):
@@ -236,6 +246,16 @@ def _field_problems(options, f: dataclasses.Field) -> list[Problem]:
 
 def _opt(default, help: str, *, group: str, **extra):
     return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+def _license_option(of: str):
+    return _opt(
+        None,
+        f"license the card declares (a Hub license id, e.g. apache-2.0); default: {of}'s license when its card "
+        "declares one, else none",
+        group="hub",
+        check=license_id,
+    )
 
 
 # -- shared field groups ----------------------------------------------------------------------------
@@ -307,6 +327,14 @@ class TrainingOptions(DataOptions):
         "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
     )
     output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output", check=utf8_path)
+    base_model: str | None = _opt(
+        None,
+        "Hub id the card names as the base (lineage base_model:<id>, which is how the Hub and recycle find "
+        "fine-tunes of it) when --base is a local copy of it (default: --base itself when it is a Hub id)",
+        group="hub",
+        check=hub_model_id,
+    )
+    license: str | None = _license_option("--base")
 
 
 ALL_DOMAINS = "all"  # recycle's --test-domain for leave-one-domain-out over every domain
@@ -403,13 +431,6 @@ class IntertrainConfig(TrainingOptions):
     dataset: str = _opt(
         "", "auxiliary dataset: a Hub id, a local datasets folder or a parquet file", group="target", required=True
     )
-    base_model: str | None = _opt(
-        None,
-        "Hub id the card names as the base (lineage base_model:finetune:<id>, which recycle discovers) when "
-        "--base is a local copy of it (default: --base itself when it is a Hub id)",
-        group="hub",
-        check=hub_model_id,
-    )
     runs: int = _opt(
         1, "fine-tunes to make, each with its own seed and hyperparameters", group="runs", check=int_range(1, MAX_RUNS)
     )
@@ -481,6 +502,7 @@ class MergeOptions(TargetOptions):
         group="merging",
         check=unit_interval,
     )
+    license: str | None = _license_option("--base")
     parameters: tuple[str, ...] = _opt(
         (),
         "the method's typed parameters as NAME=VALUE (default: each one's default); "
@@ -637,6 +659,7 @@ class PublishOptions(Options):
     revision: str | None = _opt(
         None, "with --push-to-hub: push to this branch (created if missing; default main)", group="hub"
     )
+    commit_message: str | None = _opt(None, "the push's commit message (default: one naming the tool)", group="hub")
 
     def _problems(self) -> list[str]:
         if self.revision and not self.push_to_hub:  # read as a pin of what is read, it would be silently ignored
@@ -671,10 +694,37 @@ class TrackingOptions(Options):
 
 @dataclass(frozen=True)
 class PushOptions(Options):
-    folder: str = _opt("", "the soup folder (e.g. out/soup)", group="output", positional=True, required=True)
+    """`push REPO_ID [FOLDER]`, in `hf upload`'s order."""
+
     repo_id: str = _opt("", "namespace/name of the Hub repo", group="hub", positional=True, required=True)
+    folder: str | None = _opt(
+        None,
+        "the model folder to push (default: the current folder when it is one, or the soup of the output "
+        "folder you are in)",
+        group="hub",
+        positional=True,
+    )
+    commit_message: str | None = _opt(None, "the commit's message (default: one naming the tool)", group="hub")
+    create_pr: bool = _opt(
+        False, "open a pull request with the commit instead of committing to the branch", group="hub"
+    )
     private: bool = _opt(False, "create the repo private", group="hub")
-    revision: str | None = _opt(None, "branch to push to (created if missing; default main)", group="hub")
+    revision: str | None = _opt(
+        None,
+        "branch to push to (created if missing; default main), or a pull request's ref refs/pr/N; with "
+        "--create-pr, the branch the pull request is opened against",
+        group="hub",
+    )
+
+    def _problems(self) -> list[str]:
+        """`push FOLDER REPO_ID`, the order before hf's, would otherwise read as a repo id that is a folder."""
+        from .fetch import is_hub_id
+
+        if self.folder is not None and Path(self.repo_id).is_dir() and is_hub_id(self.folder):
+            return [
+                f"push takes the repo id first, as hf upload does: ratatouille-hub push {self.folder} {self.repo_id}"
+            ]
+        return []
 
 
 def strategy_name(name, v):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import IntertrainRecord, builds, materialize, materialize_all
-from .card import plain_text
+from .card import card_license, plain_text
 from .config import IntertrainConfig, RunHParams, TrackingOptions, draw_hparams
 from .data import (
     DataError,
@@ -237,21 +237,24 @@ def _intertrain_run(staging: Path, job: Intertraining, run: int, echo: Callable[
         "train_accuracy": train_accuracy,
         "loss_history": outcome.losses,  # (step, mean training loss since the previous; every 100 steps and the last)
     }
-    card = aux_card(config, job.base.source, job.label_names, results)
+    card = aux_card(config, job.base, job.label_names, results)
     IntertrainRecord(staging).write(model, processor, results, card)
     echo(f"[train] {label}: {100 * results['train_accuracy']:.1f}% on its training images")
 
 
-def aux_card(config: IntertrainConfig, base_source: str, label_names, results: dict):
-    """A community-style card: the lineage the Hub indexes (`base_model:finetune:<base>`) and the dataset."""
+def aux_card(config: IntertrainConfig, base: Ingredient, label_names, results: dict):
+    """A community-style card: the lineage the Hub indexes (`base_model:finetune:<base>`), the dataset, and the
+    license (--license, else the base's)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    base_source = base.source
     dataset_id = split_revision(config.dataset)[0]
     dataset_name = dataset_id if is_hub_id(dataset_id) else Path(dataset_id).name
     base_id = config.base_model or (base_source if is_hub_id(base_source) else None)
     data = ModelCardData(
         base_model=base_id,
         base_model_relation="finetune" if base_id else None,
+        **card_license(config.license, base.path),
         datasets=[plain_text(dataset_name)],
         library_name="transformers",
         pipeline_tag="image-classification",

@@ -9,8 +9,9 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from huggingface_hub import constants
@@ -44,10 +45,28 @@ def foreign_entries(folder: Path, written: Collection[str]) -> list[str]:
     )
 
 
+@cache
+def process_umask() -> int:
+    """The process's umask, read once. Linux reports it in /proc/self/status; elsewhere it is read by setting
+    it and putting it back, which another thread creating a file at that instant would see, so only once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def replaced_atomically(path: str | Path):
-    """Yield a temporary path beside `path` for the block to write; once it has, the file is synced to disk
-    and renamed onto `path` (for writers that want a path rather than bytes, such as safetensors')."""
+    """Yield a temporary path beside `path` for the block to write; once it has, the file gets the permissions
+    `open` would give it (mkstemp makes it 0600, and a recipe or results file others on a shared filesystem
+    cannot read breaks their jobs), is synced to disk and renamed onto `path` (for writers that want a path
+    rather than bytes, such as safetensors')."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden_sibling_stem(path.name)}.", suffix=".tmp")
@@ -55,6 +74,7 @@ def replaced_atomically(path: str | Path):
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~process_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -63,8 +83,16 @@ def replaced_atomically(path: str | Path):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `path` whole or not at all, with the permissions `open` would give it."""
     with replaced_atomically(path) as tmp:
         tmp.write_bytes(data)
+
+
+def match_umask(files: Iterable[str | Path]) -> None:
+    """Give `files` the permissions `open` would have given them: safetensors writes through a private
+    temporary file (so `save_file`, and transformers' `save_pretrained`, leave weights 0600)."""
+    for file in files:
+        os.chmod(file, 0o666 & ~process_umask())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

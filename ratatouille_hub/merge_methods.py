@@ -24,7 +24,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import RatatouilleError
 from .registry import Registry
@@ -32,7 +32,18 @@ from .registry import Registry
 if TYPE_CHECKING:  # torch stays unimported until a merge runs: config and --help read this table
     from torch import Tensor
 
-    from .merge_engine import RunTensors
+class RunTensors(Protocol):
+    """What `all_runs` is (merge_engine.RunTensors, which runs these rules: named here without importing it)."""
+
+    shape: tuple[int, ...]
+    numel: int
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Tensor]: ...
+
+    def chunks(self, itemsize: int = 8) -> Iterator[list[Tensor]]: ...
+
 
 RECYCLE_PROVIDES = frozenset({"validation", "base", "alpha"})
 TENSOR_ARGUMENTS = ("runs", "all_runs", "weights", "base", "name")

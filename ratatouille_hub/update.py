@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .card import Lineage
-from .io import claimed_folder, staged_folder
+from .io import claimed_folder, match_umask, staged_folder
 from .merge_engine import (
     COPIED_CONFIGS,
     WEIGHTS_NAME,
@@ -241,6 +241,7 @@ def update_folder(
             staging / WEIGHTS_NAME,
             metadata={"format": "pt", **new_record.to_metadata(), **(lineage.to_metadata() if lineage else {})},
         )
+        match_umask([staging / WEIGHTS_NAME])
         for name in COPIED_FILES:
             if (soup_folder / name).is_file():
                 shutil.copyfile(soup_folder / name, staging / name)

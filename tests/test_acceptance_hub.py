@@ -281,7 +281,7 @@ ERROR_CASES = {
 def test_hub_errors_are_one_clear_line_and_transient_ones_are_retried(case, hub, soup, tmp_path):
     command, with_token, faults, expected_exit, expected_text = ERROR_CASES[case]
     repo_id = f"errors/{case}"
-    argv = ["push", str(soup), repo_id] if command == "push" else ["discover", "--base", "does-not/exist"]
+    argv = ["push", repo_id, str(soup)] if command == "push" else ["discover", "--base", "does-not/exist"]
     if with_token:
         argv += ["--token", SECRET]
     for route, status in faults:  # each answers once, then the route works again

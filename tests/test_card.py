@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from ratatouille_hub.card import build_card, markdown_cell
+from ratatouille_hub.card import build_card, card_for_repo, card_license, markdown_cell
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.localhub.store import derive_tags, parse_front_matter
 from ratatouille_hub.results import Results
@@ -100,7 +101,78 @@ def test_local_ingredients_and_target_are_not_claimed_as_hub_lineage(tmp_path):
     )
     front = parse_front_matter(card.content)
     assert "base_model" not in front and "base_model_relation" not in front and "datasets" not in front
-    assert front["model-index"][0]["results"][0]["dataset"]["type"] == "local"
+    # the model-index spec names a dataset by its Hub id: a local target's score is in the text, said to be local
+    assert "model-index" not in front
+    assert "on the local dataset **target** (art_painting, cartoon, photo)" in card.text
+    assert "The target is a local dataset, so these scores are in this text only" in card.text
+    assert "| soup, greedy (2 runs) &lt;- this model | 90.0 | 80.0 |" in card.text
+
+
+def test_the_target_is_named_at_the_revision_the_runs_read(tmp_path):
+    """recipe.yaml may name the target unpinned: the card takes the revision from what the runs read."""
+    results = dataclasses.replace(results_dict(), target=f"org/pacs@{'e' * 40}")
+    card = saved_card(tmp_path, results)
+    assert card.data.eval_results[0].dataset_revision == "e" * 40
+    assert f"on **org/pacs** at revision `{'e' * 40}` (" in card.text
+
+
+def test_a_local_base_copied_from_the_hub_is_named_by_its_hub_id(tmp_path):
+    base = tmp_path / "resnet-base-copy"
+    base.mkdir()
+    ingredients = [(str(base), "sha256:0123456789abcdef", False), ("alice/resnet-ft-stripes", "1" * 40, True)]
+    results = results_dict(base=str(base), ingredients=ingredients, run_inits=[f"{base}@sha256:0123456789abcdef"] * 3)
+    named = dataclasses.replace(results, recipe={**results.recipe, "base_model": "org/resnet-base"})
+    card = saved_card(tmp_path, named)
+    assert card.data.base_model == ["org/resnet-base", "alice/resnet-ft-stripes"]  # the base first, as always
+    assert "base_model:merge:org/resnet-base" in derive_tags("model", parse_front_matter(card.content))
+    assert f"`{base}` (a local copy of `org/resnet-base`) on **org/pacs**" in card.text
+    assert saved_card(tmp_path, results).data.base_model == ["alice/resnet-ft-stripes"]  # without it: absent
+
+
+@pytest.mark.parametrize(
+    ("given", "base_card", "declared"),
+    [
+        ("mit", "---\nlicense: apache-2.0\n---\n", {"license": "mit"}),  # --license wins
+        (None, "---\nlicense: apache-2.0\n---\n", {"license": "apache-2.0"}),  # else the base's
+        (None, "# no metadata\n", {}),  # else none: never invented
+        (None, None, {}),  # a base without a card
+        (None, "---\nlicense: [apache-2.0]\n---\n", {}),  # not one license id
+        (None, "---\nlicense: 'MIT\n<script>'\n---\n", {}),  # not a license id at all
+        (None, "---\nlicense: [unclosed\n---\n", {}),  # not YAML
+        (
+            None,
+            "---\nlicense: other\nlicense_name: acme-1.0\nlicense_link: https://acme.example/license\n---\n",
+            {"license": "other", "license_name": "acme-1.0", "license_link": "https://acme.example/license"},
+        ),
+        (
+            None,
+            "---\nlicense: other\nlicense_name: acme-1.0\nlicense_link: LICENSE\n---\n",
+            {"license": "other", "license_name": "acme-1.0"},
+        ),
+    ],
+)
+def test_the_license_is_the_given_one_else_the_bases_else_none(tmp_path, given, base_card, declared):
+    base = tmp_path / "base"
+    base.mkdir()
+    if base_card is not None:
+        (base / "README.md").write_text(base_card)
+    assert card_license(given, base) == declared
+    build_card(results_dict(), license=card_license(given, base)).save(tmp_path / "README.md")
+    front = parse_front_matter((tmp_path / "README.md").read_text())
+    assert {key: front[key] for key in ("license", "license_name", "license_link") if key in front} == declared
+
+
+def test_the_card_pushed_to_a_repo_takes_its_id_as_title_and_model_index_name(tmp_path):
+    card = saved_card(tmp_path, results_dict())
+    assert card.text.lstrip().startswith("# ratatouille-soup\n") and card.data.model_name == "ratatouille-soup"
+    pushed = ModelCard(card_for_repo(card.content, "me/shapes-soup"))
+    assert pushed.text.lstrip().startswith("# me/shapes-soup\n")
+    assert parse_front_matter(pushed.content)["model-index"][0]["name"] == "me/shapes-soup"
+    assert 'pipeline("image-classification", model="me/shapes-soup")' in pushed.text
+    assert pushed.data.eval_results == card.data.eval_results and pushed.data.base_model == card.data.base_model
+    assert pushed.text.count("# me/shapes-soup") == 1 and "## Results" in pushed.text  # only the title changed
+    authored = "---\nlicense: mit\n---\n# My own soup\n\n# ratatouille-soup\n"  # its author's title: kept
+    assert card_for_repo(authored, "me/shapes-soup") == authored
 
 
 @pytest.mark.parametrize(

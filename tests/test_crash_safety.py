@@ -475,7 +475,7 @@ def test_kill_9_during_a_download_and_during_a_push_then_rerun(world, local_hub,
     # During a push: the commit answers 503 (push_folder waits, then retries the whole push); kill it there.
     soup_id = f"{namespace}/soup"
     local_hub.inject_failures(f"^/api/models/{soup_id}/commit/", [503])
-    _kill_once_answered(local_hub, _hub_process(["push", str(out / "soup"), soup_id], home), f"/{soup_id}/commit/", 503)
-    assert _hub_process(["push", str(out / "soup"), soup_id], home).wait(timeout=TIMEOUT) == 0
+    _kill_once_answered(local_hub, _hub_process(["push", soup_id, str(out / "soup")], home), f"/{soup_id}/commit/", 503)
+    assert _hub_process(["push", soup_id, str(out / "soup")], home).wait(timeout=TIMEOUT) == 0
     repo = local_hub.store.get_repo("model", soup_id)
     assert len(list(repo.history(repo.resolve("main")))) == 2  # "initial commit" + exactly one upload

@@ -79,7 +79,7 @@ def test_contributed_runs_grow_a_soup_on_the_hub(recipes, local_hub, tmp_path, c
     (broken / RUN_FILE).write_text("{}")
     tags = ["ratatouille-run", f"ratatouille-base:{provenance['recipe']['base'].split('@')[0]}"]
     ModelCard(f"---\ntags: {json.dumps(tags)}\n---\n# broken\n").save(broken / "README.md")
-    assert cli.main(["push", str(broken), "carol/broken-run0", "--token", TOKENS["carol"]]) == 0
+    assert cli.main(["push", "carol/broken-run0", str(broken), "--token", TOKENS["carol"]]) == 0
 
     # someone without the data assembles every run of alice's recipe: carol's is refused in one line
     assert cli.main(["assemble", str(tmp_path / "soup2"), "--from-hub", "alice/shapes-run0"]) == 0
@@ -93,7 +93,7 @@ def test_contributed_runs_grow_a_soup_on_the_hub(recipes, local_hub, tmp_path, c
 
     # carol publishes the soup; bob contributes run 2 from his own process; bob may not write as alice
     env_token = {"token": TOKENS["carol"]}
-    assert cli.main(["push", str(tmp_path / "soup2"), "carol/shapes-soup", "--token", env_token["token"]]) == 0
+    assert cli.main(["push", "carol/shapes-soup", str(tmp_path / "soup2"), "--token", env_token["token"]]) == 0
     assert "[hub] run 2 ->" in finish(contribute("bob", out, "bob/shapes", 2))
     refused = contribute("bob", out, "alice/shapes", 2)
     text, _ = refused.communicate(timeout=300)

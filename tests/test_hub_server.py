@@ -572,3 +572,34 @@ def test_a_users_file_others_can_read_or_without_users_is_refused(tmp_path):
     users_file.chmod(0o600)
     with pytest.raises(ValueError, match=f"^{re.escape(str(users_file))}: no 'TOKEN USER' line"):
         read_users_file(users_file)
+
+
+def test_the_hub_says_it_has_no_xet_and_a_xet_token_request_is_told_the_fix(open_hub):
+    """As a Hub without Xet storage: `xetEnabled: false` (what ratatouille-hub's pushes ask), and a client that
+    asks for a Xet token anyway (huggingface_hub does whenever hf_xet is installed) is told the setting."""
+    info = raw(open_hub, "GET", "/api/models/team/model?expand=xetEnabled")
+    assert (info.status, json.loads(info.body)) == (200, {"_id": "team/model", "id": "team/model", "xetEnabled": False})
+    for kind in ("read", "write"):
+        answer = raw(open_hub, "GET", f"/api/models/team/model/xet-{kind}-token/main")
+        assert answer.status == 400 and "set HF_HUB_DISABLE_XET=1" in json.loads(answer.body)["error"]
+    assert raw(open_hub, "GET", "/api/models/team/nothing/xet-write-token/main").status == 404
+
+
+def test_a_commit_with_create_pr_opens_a_pull_request_and_a_refused_one_leaves_none(open_hub):
+    api = HfApi(endpoint=open_hub.url, token=False)
+    main = head(open_hub, "team/model")
+    opened = api.create_commit(
+        "team/model", [CommitOperationAdd("notes.txt", b"first")], commit_message="Review me", create_pr=True
+    )
+    assert (opened.pr_url, opened.pr_revision) == (f"{open_hub.url}/team/model/discussions/1", "refs/pr/1")
+    assert head(open_hub, "team/model") == main and head(open_hub, "team/model", "refs/pr/1") == opened.oid
+    assert api.model_info("team/model", revision="refs/pr/1").sha == opened.oid
+    with pytest.raises(HfHubHTTPError):  # on top of a commit that is not the branch's head: refused whole
+        api.create_commit(
+            "team/model",
+            [CommitOperationAdd("b.txt", b"b")],
+            commit_message="x",
+            create_pr=True,
+            parent_commit="0" * 40,
+        )
+    assert set(open_hub.store.get_repo("model", "team/model").refs) == {"main", "refs/pr/1"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import refusals
@@ -73,7 +74,7 @@ def test_push_never_uploads_a_file_the_index_names_outside_the_soup(
     line = refusals.fails_cleanly(
         "push-index-names-a-path",
         "model.safetensors.index.json naming a file outside the soup",
-        ["push", str(soup), repo_id],
+        ["push", repo_id, str(soup)],
         "model.safetensors.index.json",
         soup,
         capsys,
@@ -83,7 +84,7 @@ def test_push_never_uploads_a_file_the_index_names_outside_the_soup(
     assert not HfApi().repo_exists(repo_id)  # nothing created, nothing uploaded
 
     index.unlink()  # the corrected folder is pushed, without the secret
-    assert cli.main(["push", str(soup), repo_id]) == 0
+    assert cli.main(["push", repo_id, str(soup)]) == 0
     assert sorted(HfApi().list_repo_files(repo_id)) == [".gitattributes", *sorted(p.name for p in soup.iterdir())]
 
 
@@ -256,3 +257,76 @@ def test_update_adds_only_local_runs_of_the_soups_recipe(recycled, tiny_world, t
         line = refusals.fails_cleanly(case, what, argv, str(run), tmp_path / "grown", capsys, places)
         assert expected in line
     assert cli.main(["update", str(smaller), "--add", str(own[1]), "--output", str(tmp_path / "grown")]) == 0
+
+
+# -- files for sharing: the user's umask, not mkstemp's 0600 ----------------------------------------------
+
+WRITE_SHARED_FILES = """
+import sys
+from pathlib import Path
+from ratatouille_hub.config import RecipeConfig
+from ratatouille_hub.io import atomic_write_json
+from ratatouille_hub.results import Results
+
+out = Path(sys.argv[1])
+RecipeConfig(base="org/base", target="org/pacs").save_yaml(out / "recipe.yaml")
+Results.load(Path(sys.argv[2])).save(out / "results.json")
+atomic_write_json(out / "plan.json", {"plans": []})
+"""
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_recipe_and_results_are_written_with_the_users_umask(recycled, tmp_path, umask, mode):
+    """A shared Slurm filesystem: other jobs and users read recipe.yaml and results.json as the umask allows."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", WRITE_SHARED_FILES, str(out), str(recycled / "soup" / "results.json")],
+        preexec_fn=lambda: os.umask(umask),
+        check=True,
+    )
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ("recipe.yaml", "results.json", "plan.json"), mode
+    )
+
+
+def test_every_file_of_a_recycled_output_follows_the_umask(recycled):
+    """What recycle itself wrote, in this process (the test runs under its own umask)."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    written = {p.relative_to(recycled).as_posix(): p.stat().st_mode & 0o777 for p in recycled.rglob("*") if p.is_file()}
+    assert {"soup/recipe.yaml", "soup/results.json", "recipe.yaml", "plan.json"} <= written.keys()
+    locks = {name for name in written if name.rsplit("/", 1)[-1].endswith(".lock")}  # filelock's own mode
+    assert {name: mode for name, mode in written.items() if name not in locks} == dict.fromkeys(
+        written.keys() - locks, 0o666 & ~umask
+    )
+
+
+def test_recycle_names_a_local_base_by_its_hub_id_and_declares_its_license(tiny_world, tmp_path, capsys):
+    """A local copy of a Hub base: --base-model names it in the lineage, its card's license is the soup's unless
+    --license says otherwise; both only change the card, so a rerun that changes them reuses every run."""
+    from huggingface_hub import ModelCard
+
+    base = shutil.copytree(tiny_world.base, tmp_path / "resnet-tiny")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# resnet-tiny\n")
+    out = tmp_path / "out"
+    argv = recycle_argv(SimpleNamespace(base=base, aux=tiny_world.aux, target=tiny_world.target), out)
+    assert cli.main([*argv, "--base-model", "org/resnet-tiny"]) == 0
+    card = ModelCard.load(out / "soup" / "README.md")
+    assert (card.data.base_model, card.data.base_model_relation, card.data.license) == (
+        ["org/resnet-tiny"],  # the recycled fine-tunes are local folders: the base is the one Hub parent
+        "merge",
+        "apache-2.0",  # the base's card's
+    )
+    assert f"`{base}` (a local copy of `org/resnet-tiny`)" in card.text
+    runs = sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/done"))
+    capsys.readouterr()
+    assert cli.main([*argv, "--base-model", "org/resnet-tiny", "--license", "mit"]) == 0
+    assert ModelCard.load(out / "soup" / "README.md").data.license == "mit"
+    assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/done")) == runs  # no run trained again

@@ -139,7 +139,7 @@ def hub_soup(runs: list[Path], repo_id: str, tmp_path: Path) -> Path:
     folder = soup_of(runs, tmp_path / "soup")
     record = SoupRecord.from_metadata(read_safetensors_metadata(folder / "model.safetensors"), str(folder))
     grown_soup_card(record).save(folder / "README.md")  # the card a published soup has (merge writes none)
-    assert cli.main(["push", str(folder), repo_id, *ALICE]) == 0
+    assert cli.main(["push", repo_id, str(folder), *ALICE]) == 0
     return folder
 
 

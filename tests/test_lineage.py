@@ -57,7 +57,8 @@ def test_a_recycled_soup_names_base_ingredients_target_at_its_revision_and_score
     results = json.loads((hub_recipe / "out" / "soup" / "results.json").read_text())
     (score,) = card.data.eval_results
     assert (score.dataset_type, score.metric_value) == (pacs, round(results["soup"]["test_accuracy"], 4))
-    assert f"{pacs}@{world.shas[pacs]}" in card.text
+    assert score.dataset_revision == world.shas[pacs]
+    assert f"**{pacs}** at revision `{world.shas[pacs]}`" in card.text
 
 
 def test_every_run_folder_carries_its_recipe_fingerprint(hub_recipe):
@@ -93,7 +94,7 @@ def contributed(world, hub_recipe):
     ns = world.ns
     ok("contribute", hub_recipe / "out", "--to", f"{ns}-alice/pacs-sketch", "--index", 0, 1, 2)
     ok("assemble", hub_recipe / "assembled", "--from-hub", f"{ns}-alice/pacs-sketch-run0")
-    ok("push", hub_recipe / "assembled", f"{ns}-me/pacs-soup")
+    ok("push", f"{ns}-me/pacs-soup", hub_recipe / "assembled")
     ok("contribute", hub_recipe / "out", "--to", f"{ns}-bob/pacs-sketch", "--index", 3)
     return hub_recipe
 

@@ -166,8 +166,11 @@ def test_greedy_prints_each_candidate_by_name_with_its_score(hub_world, local_fi
     assert printed == expected
     assert same_tensors(load_file(out / "model.safetensors"), mean_of([folders[i] for i in sorted(selected)]))
     card = ModelCard.load(out / "README.md")
-    (result,) = card.data.eval_results
-    assert result.metric_value == round(best, 4) and result.metric_name == "training-domain validation accuracy"
+    assert card.data.eval_results is None  # a local target: its score is in the text, model-index names Hub datasets
+    assert (
+        f"Training-domain validation accuracy on the local dataset **{tiny_world.target.name}**: "
+        f"{100 * best:.1f}%." in card.text
+    )
     assert card.data.base_model == ([hub_input] if 0 in selected else None)
     rows = [line for line in card.text.splitlines() if line.startswith("| ") and "`" in line]
     assert [row.split(" | ")[0][2:] for row in rows] == names  # every input, in the order given

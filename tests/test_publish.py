@@ -2,15 +2,17 @@
 findable from its ingredients, and one clear line (never the token) when the Hub says no."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForImageClassification, ResNetForImageClassification
 
-from ratatouille_hub import publish, testing
+from ratatouille_hub import cli, publish, testing
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.publish import HubError, push_folder, soup_files
@@ -72,6 +74,7 @@ def test_push_round_trips_in_one_commit_and_is_findable_from_its_ingredients(loc
     card = Path(hf_hub_download(repo_id, "README.md")).read_text()
     assert f'model="{repo_id}"' in card and "path/to/soup" not in card
     assert "path/to/soup" in (soup / "README.md").read_text()  # the local card is left as it was
+    assert ModelCard(card).text.lstrip().startswith(f"# {repo_id}\n") and ModelCard(card).data.model_name == repo_id
 
     loaded = AutoModelForImageClassification.from_pretrained(repo_id).eval()
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -199,3 +202,100 @@ def test_a_push_that_fails_midway_finishes_on_rerun_with_one_commit(local_hub, h
     assert commit_titles(local_hub, repo_id) == [COMMIT_TITLE, "initial commit"]
     assert push_folder(soup, repo_id).changed is False  # and a third run has nothing left to do
     assert {p.name: p.read_bytes() for p in soup.iterdir()} == before
+
+
+def test_create_pr_opens_a_pull_request_and_leaves_the_branch_alone(local_hub, hub_namespace, soup, tmp_path):
+    repo_id = f"{hub_namespace}/reviewed-soup"
+    pushed = push_folder(soup, repo_id, create_pr=True, commit_message="Soup for review")
+    assert pushed.changed and pushed.pr_url == f"{local_hub.url}/{repo_id}/discussions/1"
+    assert commit_titles(local_hub, repo_id) == ["initial commit"]
+    assert commit_titles(local_hub, repo_id, "refs/pr/1") == ["Soup for review", "initial commit"]
+    assert HfApi().model_info(repo_id, revision="refs/pr/1").sha == pushed.oid
+    assert push_folder(soup, repo_id, create_pr=True).pr_url == f"{local_hub.url}/{repo_id}/discussions/2"
+    revised = write_soup(tmp_path / "revised", tiny_resnet(202))
+    again = push_folder(revised, repo_id, revision="refs/pr/1", commit_message="Review answered")  # as hf upload
+    assert (again.changed, again.pr_url) == (True, None)
+    assert commit_titles(local_hub, repo_id, "refs/pr/1") == ["Review answered", "Soup for review", "initial commit"]
+
+
+def test_push_takes_hf_uploads_order_and_refuses_the_old_one(local_hub, hub_namespace, soup, tmp_path, capsys):
+    repo_id = f"{hub_namespace}/cli-soup"
+    assert cli.main(["push", str(soup), repo_id]) == 2
+    assert capsys.readouterr().err == (
+        f"error: push takes the repo id first, as hf upload does: ratatouille-hub push {repo_id} {soup}\n"
+    )
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info(repo_id)
+    assert cli.main(["push", repo_id, str(soup), "--create-pr", "--commit-message", "A soup to review"]) == 0
+    pr_url = f"{local_hub.url}/{repo_id}/discussions/1"
+    assert capsys.readouterr().out == f"pushed {soup} to {repo_id} as pull request {pr_url}\n"
+    assert commit_titles(local_hub, repo_id, "refs/pr/1") == ["A soup to review", "initial commit"]
+
+
+def test_push_without_a_folder_takes_the_obvious_one_or_asks(
+    local_hub, hub_namespace, soup, tmp_path, monkeypatch, capsys
+):
+    repo_id = f"{hub_namespace}/here-soup"
+    shutil.copytree(soup, tmp_path / "out" / "soup")
+    monkeypatch.chdir(tmp_path / "out")  # an output folder: its soup
+    assert cli.main(["push", repo_id]) == 0
+    assert capsys.readouterr().out.startswith(f"pushed soup to {local_hub.url}/{repo_id}/commit/")
+    monkeypatch.chdir(tmp_path / "out" / "soup")  # a model folder itself: the same files, nothing to commit
+    assert cli.main(["push", repo_id]) == 0
+    assert capsys.readouterr().out.startswith(f"no changes: {repo_id}@")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["push", repo_id]) == 2
+    assert capsys.readouterr().err == (
+        "error: push needs the folder to push: ratatouille-hub push REPO_ID FOLDER (of ., soup, "
+        "ratatouille-output/soup, none is a model folder)\n"
+    )
+
+
+# What the unmodified clients do with Xet on (HF_HUB_DISABLE_XET unset): push with ratatouille-hub, then download.
+XET_ON = """
+import sys
+from pathlib import Path
+import hf_xet  # installed with huggingface_hub: its uploads go through Xet unless HF_HUB_DISABLE_XET is set
+from huggingface_hub import constants, hf_hub_download
+from ratatouille_hub import cli
+
+repo_id, soup = sys.argv[1], sys.argv[2]
+assert not constants.HF_HUB_DISABLE_XET
+assert cli.main(["push", repo_id, soup]) == 0
+downloaded = Path(hf_hub_download(repo_id, "model.safetensors"))
+assert downloaded.read_bytes() == (Path(soup) / "model.safetensors").read_bytes()
+"""
+
+
+def test_a_push_and_a_download_work_with_xet_left_on(local_hub, hub_namespace, soup, tmp_path):
+    """huggingface_hub uploads through Xet whenever hf_xet is installed; the local Hub, like a Hub without Xet,
+    answers `xetEnabled: false`, and the push goes by git-LFS without HF_HUB_DISABLE_XET."""
+    import os
+    import subprocess
+    import sys
+
+    repo_id = f"{hub_namespace}/xet-soup"
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+    environment["HF_HOME"] = str(tmp_path / "hf-home")  # a fresh cache: the download is a real one
+    done = subprocess.run(
+        [sys.executable, "-c", XET_ON, repo_id, str(soup)], env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    paths = [r.path for r in local_hub.requests if repo_id in r.path]
+    assert any(p.endswith(".git/info/lfs/objects/batch") for p in paths)  # the weights went by git-LFS
+    assert not any(re.search(r"/xet-(read|write)-token/", p) for p in paths)  # never asked for Xet
+
+    # A Hub that does not say it lacks Xet, and then refuses it: the one line that fixes it.
+    xet_assumed = f"from ratatouille_hub import publish; publish._takes_xet = lambda api, repo_id: True\n{XET_ON}"
+    refused = subprocess.run(
+        [sys.executable, "-c", xet_assumed, f"{hub_namespace}/xet-refused", str(soup)],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and re.search(
+        rf"^error: push to {hub_namespace}/xet-refused failed: the Hub at {local_hub.url} gave no Xet upload token "
+        r"\(.*xet-write-token.*\); set HF_HUB_DISABLE_XET=1 to upload by git-LFS$",
+        refused.stderr,
+        flags=re.M,
+    ), refused.stderr

@@ -151,7 +151,9 @@ def test_quickstart(world, tmp_path):
     soup, first_push = terminal.folder / "out" / "soup", terminal.folder / "ratatouille-output" / "soup"
     assert same_tensors(Path(snapshot_download(f"{ns}-me/pacs-soup")) / "model.safetensors", soup / "model.safetensors")
     assert not same_tensors(first_push / "model.safetensors", soup / "model.safetensors")
-    assert "no changes" in terminal.shell.type(_line("ratatouille-hub push out/soup"))[0]  # the rerun the line promises
+    assert (
+        "no changes" in terminal.shell.type(_line("ratatouille-hub push me/pacs-soup out/soup"))[0]
+    )  # the rerun the line promises
     assert HfApi().model_info(f"{ns}-me/base-caltech101").card_data.base_model == f"{ns}-org/base"
     assert (terminal.folder / "paths.png").stat().st_size > 0
     runs = journeys.BUDGET_RUNS
@@ -230,7 +232,9 @@ def test_soups_that_grow_on_the_hub(world, sketch_recipe, tmp_path):
 
 
 def _line(fragment: str) -> str:
-    (line,) = [line for b in journeys.readme_blocks() for line in b.lines if fragment in line]
+    """The one README line holding `fragment`, or the one that is exactly it."""
+    lines = [line for b in journeys.readme_blocks() for line in b.lines if fragment in line]
+    (line,) = [line for line in lines if line == fragment] or lines
     return line
 
 
@@ -247,7 +251,7 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     terminal = Terminal(world, tmp_path / "cards")
     for line in (
         "ratatouille-hub recycle --base org/base --target PACS --test-domain cartoon --output out",
-        "ratatouille-hub push out/soup me/cartoon-soup",
+        "ratatouille-hub push me/cartoon-soup out/soup",
         "ratatouille-hub contribute out --to me/pacs-cartoon --index 0 1 2",
     ):
         terminal.shell.type(line)
@@ -263,7 +267,7 @@ def test_the_cards_how_to_reproduce_commands(world, tmp_path):
     assemble = card_command(f"{runs}-run0", "contributed run")
     terminal.shell.type(journeys.fill(assemble, {"SOUP": "grown", "<this repo>": f"{runs}-run0"}))
     merged = load_file(terminal.folder / "grown" / "model.safetensors")
-    terminal.shell.type("ratatouille-hub push grown me/cartoon-grown")
+    terminal.shell.type("ratatouille-hub push me/cartoon-grown grown")
 
     # the grown soup's card: a run added exactly
     terminal.shell.type("ratatouille-hub contribute out --to me/pacs-cartoon --index 3")

@@ -261,8 +261,10 @@ def test_soup_card_front_matter(done):
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
     assert data.base_model is None  # local folders are not Hub lineage
-    assert data.eval_results[0].metric_value == round(done.results.soup.test_accuracy, 4)
-    assert data.eval_results[0].dataset_split == "cartoon"
+    assert data.eval_results is None  # a local target: model-index names a dataset by its Hub id
+    soup_row = next(row for row in done.results.summary if row.name.endswith("this model"))
+    assert f"| {soup_row.name} | {100 * soup_row.val_accuracy:.1f} | {100 * soup_row.test_accuracy:.1f} |" in card.text
+    assert "Accuracy on the held-out domain **cartoon**" in card.text and "The target is a local dataset" in card.text
     assert "weight-averaging" in data.tags
 
 

@@ -37,6 +37,8 @@ RECYCLE_FLAGS = {  # case: (what, extra flags, culprit)
     "aux-missing-folder": ("--aux naming a folder that does not exist", ("--aux", "/nonexistent/ft"), "/nonexistent/ft"),
     "target-missing": ("--target naming nothing that exists", ("--target", "./no/such/dataset"), "./no/such/dataset"),
     "test-domain-of-another-dataset": ("--test-domain naming no domain of the target", ("--test-domain", "clipart"), "clipart"),
+    "license-not-an-id": ("--license that is no Hub license id", ("--license", "MIT License"), "license must be a Hub license identifier"),
+    "base-model-not-a-hub-id": ("--base-model x/y/z", ("--base-model", "x/y/z"), "x/y/z"),
 }  # fmt: skip
 
 
@@ -53,9 +55,11 @@ def test_push_refuses_what_is_not_a_soup_or_not_a_repo_id(tiny_world, tmp_path, 
     empty = tmp_path / "empty"
     empty.mkdir()
     for case, what, argv, culprit in (
-        ("push-missing-folder", "push of a folder that does not exist", ["push", str(tmp_path / "none"), f"{hub_namespace}/x"], "none"),
-        ("push-not-a-soup", "push of a folder without weights", ["push", str(empty), f"{hub_namespace}/x"], str(empty)),
-        ("push-bad-repo-id", "push to `../x` as repo id", ["push", str(tiny_world.aux[0]), "../x"], "../x"),
+        ("push-missing-folder", "push of a folder that does not exist", ["push", f"{hub_namespace}/x", str(tmp_path / "none")], "none"),
+        ("push-not-a-soup", "push of a folder without weights", ["push", f"{hub_namespace}/x", str(empty)], str(empty)),
+        ("push-bad-repo-id", "push to `../x` as repo id", ["push", "../x", str(tiny_world.aux[0])], "../x"),
+        ("push-old-order", "push FOLDER REPO_ID, the order before hf upload's", ["push", str(tiny_world.aux[0]), f"{hub_namespace}/x"],
+         f"push takes the repo id first, as hf upload does: ratatouille-hub push {hub_namespace}/x {tiny_world.aux[0]}"),
     ):  # fmt: skip
         refusals.fails_cleanly(case, what, argv, culprit, empty, capsys, places, watch=tmp_path)
 

@@ -311,17 +311,25 @@ def test_timm_soup_loads_with_auto_classes_and_pipeline(strategies):
     assert {p["label"] for p in predictions} <= set(SHAPES)
 
 
-def test_a_local_base_can_name_its_hub_id_in_the_card():
+def test_a_local_base_can_name_its_hub_id_in_the_card(tmp_path):
     from ratatouille_hub.config import ConfigError
+    from ratatouille_hub.fetch import Ingredient
     from ratatouille_hub.intertrain import aux_card
 
-    config = IntertrainConfig(base="/mirror/resnet", dataset="/data/cars", base_model="org/resnet", steps=3)
+    mirror = tmp_path / "resnet"
+    mirror.mkdir()
+    (mirror / "README.md").write_text("---\nlicense: apache-2.0\n---\n# resnet\n")
+    base = Ingredient(str(mirror), "sha256:0123456789abcdef", mirror)
+    config = IntertrainConfig(base=str(mirror), dataset="/data/cars", base_model="org/resnet", steps=3)
     results = {"hparams": {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0}, "n_images": 9, "image_size": 16}
-    card = aux_card(config, "/mirror/resnet", ["a", "b"], {**results, "train_accuracy": 0.5})
-    assert (card.data.base_model, card.data.base_model_relation, card.data.datasets) == (
+    card = aux_card(config, base, ["a", "b"], {**results, "train_accuracy": 0.5})
+    assert (card.data.base_model, card.data.base_model_relation, card.data.datasets, card.data.license) == (
         "org/resnet",
         "finetune",
         ["cars"],
+        "apache-2.0",  # the base's, as its card declares it
     )
+    licensed = aux_card(config.replace(license="mit"), base, ["a", "b"], {**results, "train_accuracy": 0.5})
+    assert licensed.data.license == "mit"
     with pytest.raises(ConfigError, match="base_model must be a Hub model id"):
         config.replace(base_model="not a hub id!")

@@ -77,6 +77,16 @@ def test_adding_a_run_equals_merging_them_all(runs, tmp_path):
     assert "4 runs of one recipe" in (tmp_path / "soup4" / "README.md").read_text()
 
 
+def test_a_merge_declares_the_license_given_and_an_update_keeps_it(runs, tmp_path):
+    from huggingface_hub import ModelCard
+
+    assert cli.main(["merge", *map(str, runs[:3]), "--output", str(tmp_path / "soup3"), "--license", "mit"]) == 0
+    assert ModelCard.load(tmp_path / "soup3" / "README.md").data.license == "mit"
+    assert update(tmp_path / "soup3", tmp_path / "soup4", add=[runs[3]]) == 0
+    grown = ModelCard.load(tmp_path / "soup4" / "README.md")
+    assert grown.data.license == "mit" and "4 runs of one recipe" in grown.text  # the card rewritten, its license kept
+
+
 def test_two_at_once_in_place_and_removal_gives_back_the_soup_without_them(runs, tmp_path):
     soup = tmp_path / "soup"
     merge(runs[:2], soup)
@@ -187,8 +197,11 @@ def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_w
     assert update(tmp_path / "three" / "soup", tmp_path / "updated", remove=[run2], target=target) == 0
     assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "updated" / "README.md")
-    [result] = card.data.eval_results
-    assert result.metric_value == round(two.soup.val_accuracy, 4) and "2 runs of one recipe" in card.text
+    assert card.data.eval_results is None and "2 runs of one recipe" in card.text  # a local target: in the text
+    assert (
+        f"Training-domain validation accuracy on the local dataset **{tiny_world.target.name}**: "
+        f"{100 * two.soup.val_accuracy:.1f}%." in card.text
+    )
 
 
 def test_a_soup_holding_the_same_run_twice_loses_one_entry_per_removal(runs, tmp_path, capsys):

@@ -1,10 +1,14 @@
 """A local, Hub-compatible HTTP server: a stand-in for tests and offline work, not a production registry.
 
-The unmodified huggingface_hub, transformers and datasets clients talk to it through `HF_ENDPOINT`
-(with `HF_HUB_DISABLE_XET=1`, so uploads use the git-LFS protocol), which proves the project's Hub
-code end to end without internet. It answers the routes, headers and error codes those clients rely
-on (../shared/STACK.md lists them); any other route gets a 404 that is logged and recorded in
+The unmodified huggingface_hub, transformers and datasets clients talk to it through `HF_ENDPOINT`,
+which proves the project's Hub code end to end without internet. It answers the routes, headers and
+error codes those clients rely on; any other route gets a 404 that is logged and recorded in
 `LocalHub.requests`, so a test can tell a missing feature from a missing file.
+
+Like a Hub without Xet storage it keeps large files by git-LFS and says so (`xetEnabled: false`):
+ratatouille-hub's pushes then upload by git-LFS by themselves, and a client that asks for a Xet token
+anyway (huggingface_hub does whenever hf_xet is installed) is answered with the setting it needs,
+`HF_HUB_DISABLE_XET=1`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ from ratatouille_hub.localhub.store import (
 
 logger = logging.getLogger(__name__)
 
+NO_XET = (
+    "This Hub does not store files with Xet (xetEnabled: false); large files go by git-LFS: "
+    "set HF_HUB_DISABLE_XET=1 before the Hugging Face client starts"
+)
 _CHUNK = 1 << 20
 _SORT_KEYS = {
     "downloads": lambda info: info["downloads"],
@@ -244,7 +252,8 @@ def serve(root: Path, port: int, token: str | None = None, users: dict[str, str]
             f"Local Hub at {hub.url} (store: {Path(root).resolve()}; {access})\n"
             "This is a local stand-in for the Hugging Face Hub, for tests and offline work. It is not a\n"
             "production registry: loopback only, and its only accounts are the tokens it was given.\n"
-            "Point the Hugging Face libraries at it before Python starts:\n"
+            "Point the Hugging Face libraries at it before Python starts (HF_HUB_DISABLE_XET=1: it stores\n"
+            "large files by git-LFS, not Xet; ratatouille-hub's own pushes need only HF_ENDPOINT):\n"
             f"  export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1\n"
             "Ctrl-C stops it.",
             flush=True,
@@ -277,6 +286,8 @@ _ROUTES: list[tuple[str, re.Pattern, str, bool]] = [
     ("POST", re.compile(rf"{_API_REPO}/preupload/(?P<revision>[^/]+)$"), "_preupload", True),
     ("POST", re.compile(rf"{_API_REPO}/commit/(?P<revision>[^/]+)$"), "_commit", True),
     ("POST", re.compile(rf"{_API_REPO}/branch/(?P<branch>[^/]+)$"), "_create_branch", True),
+    # Xet storage is not offered: the token routes answer so, naming the setting that makes clients use git-LFS.
+    ("GET", re.compile(rf"{_API_REPO}/xet-(?:read|write)-token/(?P<revision>[^/]+)$"), "_no_xet", False),
     ("POST", re.compile(rf"{_WEB_REPO}\.git/info/lfs/objects/batch$"), "_lfs_batch", True),
     ("POST", re.compile(rf"{_WEB_REPO}\.git/info/lfs/objects/verify$"), "_lfs_verify", True),
     # Like a presigned storage URL: no auth, but only objects announced by the batch endpoint.
@@ -465,10 +476,6 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             raise RepoNotFound(f"{repo_type.capitalize()} repository '{repo_id}' not found.", status=status)
         return repo
 
-    def _refuse_pull_requests(self) -> None:
-        if self._flag("create_pr"):
-            raise HubError("The local Hub does not support pull requests (create_pr).")
-
     def _repo_json(self, repo: Repo, commit: Commit, siblings: bool, blobs: bool = False, card: bool = True) -> dict:
         card_data = self.hub.store.card_data(commit.files.get("README.md"))
         info = {
@@ -484,6 +491,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             "downloads": repo.downloads,
             "likes": 0,
             "tags": derive_tags(repo.repo_type, card_data),
+            "xetEnabled": False,  # large files go by git-LFS: what a Hub without Xet storage answers
         }
         if repo.repo_type == "model":
             info.update(
@@ -631,7 +639,6 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         return path == "config.json" or (path == "model.safetensors" and "config.json" not in commit.files)
 
     def _preupload(self, repo_type: str, repo_id: str, revision: str) -> None:
-        self._refuse_pull_requests()
         commit = self.hub.store.get_repo(repo_type, repo_id).resolve(revision)
         files = []
         for file in self._json_body().get("files", []):
@@ -680,8 +687,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json({"success": True})
 
     def _commit(self, repo_type: str, repo_id: str, revision: str) -> None:
-        """Apply an NDJSON commit: a header line, then file / lfsFile / deletedFile / deletedFolder lines."""
-        self._refuse_pull_requests()
+        """Apply an NDJSON commit: a header line, then file / lfsFile / deletedFile / deletedFolder lines; with
+        `create_pr`, to a new pull request against `revision`."""
         store = self.hub.store
         repo = store.get_repo(repo_type, repo_id)
         items = [json.loads(line) for line in b"".join(self._body).splitlines() if line.strip()]
@@ -710,24 +717,28 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             else:
                 deletions.append(value["path"].rstrip("/") + "/")
         header = headers[-1]
-        commit = store.commit(
-            repo,
-            revision,
-            additions,
-            deletions,
-            header.get("summary") or "",
-            header.get("description") or "",
-            parent_commit=header.get("parentCommit"),
-        )
+        commit_args = (additions, deletions, header.get("summary") or "", header.get("description") or "")
+        pull_request = None
+        if self._flag("create_pr"):
+            number, commit = store.open_pull_request(repo, revision, *commit_args, header.get("parentCommit"))
+            pull_request = f"{self.hub.url}/{repo.url_path}/discussions/{number}"
+        else:
+            commit = store.commit(repo, revision, *commit_args, parent_commit=header.get("parentCommit"))
         self._send_json(
             {
                 "success": True,
                 "commitOid": commit.oid,
                 "commitUrl": f"{self.hub.url}/{repo.url_path}/commit/{commit.oid}",
                 "hookOutput": "",
-                "pullRequestUrl": None,
+                "pullRequestUrl": pull_request,
             }
         )
+
+    def _no_xet(self, repo_type: str, repo_id: str, revision: str) -> None:
+        """A client that uploads through Xet without asking (huggingface_hub does whenever hf_xet is installed)
+        asks for a Xet token here; the answer says what a Hub without Xet says, and the setting that fixes it."""
+        self._readable_repo(repo_type, repo_id)
+        raise HubError(NO_XET, status=400)
 
     def _create_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
         repo = self.hub.store.get_repo(repo_type, repo_id)

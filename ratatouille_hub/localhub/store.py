@@ -59,6 +59,9 @@ _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+PR_REF_PREFIX = "refs/pr/"  # pull request N's commits are on refs/pr/N, as on the Hub
+
+
 class HubError(Exception):
     """A request the Hub refuses: the HTTP status and the `X-Error-Code` the client maps to an exception."""
 
@@ -301,6 +304,19 @@ class HubStore:
             repo.refs[branch] = oid
             self._save(repo)
             return commit
+
+    def open_pull_request(self, repo: Repo, base: str, *commit_args, **commit_kwargs) -> tuple[int, Commit]:
+        """Open pull request N against the branch `base` with one commit (`commit`'s other arguments), on the
+        ref `refs/pr/N` as the Hub names it; nothing is left behind when the commit is refused."""
+        with self._lock:
+            number = 1 + sum(ref.startswith(PR_REF_PREFIX) for ref in repo.refs)
+            ref = f"{PR_REF_PREFIX}{number}"
+            repo.refs[ref] = repo.resolve(base).oid
+            try:
+                return number, self.commit(repo, ref, *commit_args, **commit_kwargs)
+            except BaseException:
+                del repo.refs[ref]
+                raise
 
     def count_download(self, repo: Repo) -> None:
         self.set_downloads(repo, repo.downloads + 1)

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
-from ..card import build_card
+from ..card import build_card, card_license
 from ..diagnose import diagnose_loaded, plot_paths, plot_scores
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model, weights_digest
 from ..hashing import stable_hash
-from ..io import foreign_entries
+from ..io import foreign_entries, match_umask
 from ..merge_engine import (
     COPIED_CONFIGS,
     WEIGHTS_INDEX_NAME,
@@ -143,6 +143,7 @@ def _write_soup(
         if config.bn_policy == "reestimate":
             averager.reestimate(soup_model)
             soup_model.save_pretrained(staging)
+            match_umask(staging.glob("*.safetensors"))
         average_scores[config.method] = score_predictions(predict_target(soup_model, target, passes), target)
         soup = Outcome(method=config.method, members=members, **average_scores[config.method])
     else:
@@ -220,7 +221,7 @@ def _write_soup(
         staging / SCORES_PLOT,
     )
     figures = {"figure": DIAGNOSTICS_PLOT if len(runs) > 1 else None, "scores_figure": SCORES_PLOT}
-    build_card(results, **figures).save(staging / "README.md")
+    build_card(results, **figures, license=card_license(config.license, plan.base.path)).save(staging / "README.md")
     for line in explain_selection(results, names):
         echo(line)
 
@@ -446,6 +447,7 @@ def write_state_folder(state: dict[str, torch.Tensor], template: Path, destinati
     model = load_classifier(template, id2label)
     model.load_state_dict(state)
     model.save_pretrained(destination)
+    match_umask(destination.glob("*.safetensors"))
     for name in COPIED_CONFIGS:
         if (template / name).is_file() and not (destination / name).is_file():
             shutil.copyfile(template / name, destination / name)
