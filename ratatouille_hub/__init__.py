@@ -42,8 +42,8 @@ def plan_recipe(config: RecipeConfig, **kwargs):
 
 
 def intertrain(config: IntertrainConfig, **kwargs):
-    """Fine-tune the base on an auxiliary dataset (see `ratatouille_hub.intertrain.intertrain`)."""
-    from .intertrain import intertrain as run
+    """Fine-tune the base on an auxiliary dataset (see `ratatouille_hub.intertraining.intertrain`)."""
+    from .intertraining import intertrain as run
 
     return run(config, **kwargs)
 

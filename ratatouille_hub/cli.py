@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_intertrain(args) -> None:
-    from .intertrain import intertrain
+    from .intertraining import intertrain
     from .recipe.executor import Worker
 
     config = options_from_args(args, IntertrainConfig)
@@ -494,7 +494,7 @@ def run_demo(args) -> None:
 
 
 def run_discover(args) -> None:
-    from .discover import discover_finetunes, format_candidates
+    from .discovery import discover_finetunes, format_candidates
     from .fetch import resolve_dataset, split_revision
 
     options = options_from_args(args, DiscoverOptions)
@@ -503,7 +503,7 @@ def run_discover(args) -> None:
 
 
 def run_diagnose(args) -> None:
-    from .diagnose import diagnose_models, format_diagnosis, plot_paths
+    from .diagnostics import diagnose_models, format_diagnosis, plot_paths
 
     options = options_from_args(args, DiagnoseOptions)
     diagnosis = diagnose_models(options.models, options, token=args.token)

@@ -8,7 +8,7 @@ import torch
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.diagnose import (
+from ratatouille_hub.diagnostics import (
     ALPHAS,
     barrier,
     diagnose_states,
@@ -99,7 +99,7 @@ def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
 
 def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
     """Each model's accuracy is its own, whatever order the models are evaluated in."""
-    from ratatouille_hub.diagnose import diagnose_models
+    from ratatouille_hub.diagnostics import diagnose_models
     from ratatouille_hub.evaluation import predict_logits
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.models import head_linear, load_classifier

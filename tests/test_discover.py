@@ -14,7 +14,7 @@ import pytest
 import yaml
 from huggingface_hub import HfApi
 
-from ratatouille_hub.discover import ACCEPTED, DiscoverError, discover_finetunes, format_candidates
+from ratatouille_hub.discovery import ACCEPTED, DiscoverError, discover_finetunes, format_candidates
 from ratatouille_hub.fetch import FetchError, resolve_dataset, resolve_model
 from ratatouille_hub.testing import save_tiny_checkpoint, tiny_resnet
 

@@ -21,7 +21,7 @@ LABELS = ["a", "b", "c"]
 
 
 def within_bound(updated: dict, merged: dict, ingredients: int) -> None:
-    """Floating tensors agree within (n + 2) float32 epsilons of their largest entry (update.py's bound);
+    """Floating tensors agree within (n + 2) float32 epsilons of their largest entry (updating.py's bound);
     integer tensors exactly."""
     assert updated.keys() == merged.keys()
     for name, tensor in merged.items():

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..artifacts import RunRecord
 from ..config import ALL_DOMAINS, RecipeConfig
-from ..discover import discover_finetunes, format_candidates
+from ..discovery import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
 from ..io import claim_is_held, claimed_folder, sweep_staging
