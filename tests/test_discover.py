@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsondoc
 import pytest
 import yaml
 from huggingface_hub import HfApi
@@ -137,3 +138,49 @@ def test_resolve_dataset_maps_aliases_and_says_when_none_is_known(tmp_path):
     for name in ("VLCS", "TerraIncognita", "DomainNet"):
         with pytest.raises(FetchError, match=f"^{name}: no Hub copy with a domain column is known"):
             resolve_dataset(name)
+
+
+def test_discover_json_holds_every_verdict_and_the_api_returns_the_same_record(world, capsys):
+    from ratatouille_hub import DiscoverOptions, cli, discover
+    from ratatouille_hub.records import to_jsonable
+
+    assert cli.main(["discover", "--base", world.base, "--target", "PACS", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ns, shas = world.ns, world.shas
+    refusals = {
+        "wide": (40, f"tensor {WIDE_TENSOR} has shape [32, 8, 3, 3], base has [16, 8, 3, 3]"),
+        "pickled": (30, "pickle weights only (pytorch_model.bin): never unpickled; needs safetensors"),
+        "leaky": (20, f"trained on the target dataset (card lists {TARGET_ON_HUB}): leakage"),
+        "remote-code": (10, "needs remote code (auto_map in config.json), which is never run"),
+    }
+    good = {"repo_id": f"{ns}/good", "revision": shas[f"{ns}/good"], "downloads": 50, "accepted": True}
+    assert printed == {
+        "base": world.base,
+        "target": TARGET_ON_HUB,  # the alias PACS, resolved
+        "candidates": [
+            {**good, "reason": ACCEPTED, "readable": True},
+            *(
+                {
+                    "repo_id": f"{ns}/{name}",
+                    "revision": shas[f"{ns}/{name}"],
+                    "downloads": downloads,
+                    "accepted": False,
+                    "reason": reason,
+                    "readable": True,
+                }
+                for name, (downloads, reason) in refusals.items()
+            ),
+        ],
+    }
+    assert to_jsonable(discover(DiscoverOptions(base=world.base, target="PACS"))) == printed
+    assert jsondoc.undocumented(printed, "discover") == []
+
+
+def test_discover_quiet_prints_nothing_and_its_exit_code_says_whether_it_worked(world, capsys):
+    from ratatouille_hub import cli
+
+    assert cli.main(["discover", "--base", world.base, "--format", "quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert cli.main(["discover", "--base", f"{world.ns}/nothing", "--format", "quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: base {world.ns}/nothing")

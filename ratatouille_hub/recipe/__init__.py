@@ -46,7 +46,7 @@ from ..target import Target, TargetPreparation
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
-from .plan import PLAN_FILE, RecipePlan, build_plan, format_plans, load_plans, save_plans
+from .plan import PLAN_FILE, PlanSummary, RecipePlan, build_plan, format_plans, load_plans, plan_summary, save_plans
 
 __all__ = [
     "PINNED_FIELDS",
@@ -56,6 +56,8 @@ __all__ = [
     "LeaveOneDomainOut",
     "assemble_output",
     "format_plans",
+    "PlanSummary",
+    "plan_summary",
     "plan_recipe",
     "plan_output",
     "recipe_differences",
