@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
 from .io import atomic_write_json
 from .safe_text import path_component, terminal_safe
 
@@ -156,25 +157,31 @@ def load_results(folder: Path) -> Results | LeaveOneDomainOut:
     soup folder's own. A file that is not such a record is refused naming it: a soup from the Hub carries a
     stranger's results.json, and its soups are found by their domains' safe folder names, never by a path it
     gives."""
-    from .errors import InputError
-
     folder = Path(folder)
     path = next((p for p in (folder / RESULTS_FILE, folder / "soup" / RESULTS_FILE) if p.is_file()), None)
     if path is None:
         raise InputError(f"{folder}: no {RESULTS_FILE} (a finished recycle or assemble output, or its soup folder)")
     data = _read_json(path)
     if not isinstance(data, dict) or "test_domains" not in data:
-        return _parsed(path, Results.from_dict, data)
+        return _parsed(path, _printable_results, data)
     domains = _parsed(path, lambda table: [str(domain) for domain in table["test_domains"]], data)
     soups = {domain: folder / soup_subfolder(domain) / RESULTS_FILE for domain in domains}
-    return LeaveOneDomainOut(
-        {domain: _parsed(file, Results.from_dict, _read_json(file)) for domain, file in soups.items()}
+    table = LeaveOneDomainOut(
+        {domain: _parsed(file, _printable_results, _read_json(file)) for domain, file in soups.items()}
     )
+    _parsed(path, LeaveOneDomainOut.format, table)  # its rows, from every soup's record, print too
+    return table
+
+
+def _printable_results(data) -> Results:
+    """The record of `data`, once its table prints: a field of another type fails here, as bad input, and not
+    later as a bug."""
+    results = Results.from_dict(data)
+    results.format()
+    return results
 
 
 def _read_json(path: Path):
-    from .errors import InputError
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -185,8 +192,6 @@ def _read_json(path: Path):
 
 def _parsed(path: Path, parse, data):
     """`parse(data)`, or one line naming `path` when `data` is not the record it should be."""
-    from .errors import InputError
-
     try:
         return parse(data)
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # a missing key, a field of another type

@@ -12,11 +12,23 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "json.md"
 
 
-def schema(section: str) -> dict[str, str]:
-    """`path -> type` for each row of the table under `## <section>`."""
+def section_text(section: str) -> str:
     found = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", DOC.read_text(), flags=re.M | re.S)
     assert found, f"docs/json.md has no section {section!r}"
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([^`]+)` \| ([^|]+) \|", found.group(1), re.M)}
+    return found.group(1)
+
+
+def schema(section: str) -> dict[str, str]:
+    """`path -> type` for each row of the table under `## <section>`."""
+    rows = re.finditer(r"^\| `([^`]+)` \| ([^|]+) \|", section_text(section), re.M)
+    return {m.group(1): m.group(2).strip() for m in rows}
+
+
+def example(section: str) -> str:
+    """The section's ```json example."""
+    found = re.search(r"^```json\n(.*?)^```", section_text(section), flags=re.M | re.S)
+    assert found, f"docs/json.md's {section!r} has no example"
+    return found.group(1)
 
 
 def undocumented(document, section: str) -> list[str]:

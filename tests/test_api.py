@@ -89,6 +89,11 @@ def test_records_serialize_paths_tuples_and_infinities_as_json_does():
     assert "\x1b" not in text and "\\u001b" in text and json.loads(text) == to_jsonable(record)
 
 
+@pytest.mark.parametrize("section", ["discover", "plan", "diagnose", "results"])
+def test_each_example_of_the_json_docs_parses_and_its_table_documents_it(section):
+    assert jsondoc.undocumented(json.loads(jsondoc.example(section)), section) == []
+
+
 def test_a_journey_through_the_python_api_alone(tiny_world, local_hub, tmp_path):
     """recycle, results, assemble, contribute, assemble from the Hub, push and update, each a function of its
     options returning its record; a recipe of its own (seed 2), so runs other tests contribute are not its."""

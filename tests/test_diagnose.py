@@ -252,3 +252,8 @@ def test_results_prints_a_finished_outputs_record(two_runs, capsys, tmp_path):
     )
     assert cli.main(["results", str(tmp_path / "nothing")]) == 2
     assert "no results.json" in capsys.readouterr().err
+    wrong = {**saved, "summary": [{**saved["summary"][0], "val_accuracy": "high"}]}
+    (hostile / "results.json").write_text(json.dumps(wrong))
+    assert cli.main(["results", str(hostile)]) == 2  # a field of another type: refused, not an internal error
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {hostile / 'results.json'}: not the results of a finished recipe (")

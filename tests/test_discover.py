@@ -144,35 +144,42 @@ def test_discover_json_holds_every_verdict_and_the_api_returns_the_same_record(w
     from ratatouille_hub import DiscoverOptions, cli, discover
     from ratatouille_hub.records import to_jsonable
 
+    def downloads() -> dict[str, int]:  # the Hub's count now: every config.json vetting reads counts one
+        return {m.id: m.downloads for m in HfApi().list_models(filter=f"base_model:finetune:{world.base}")}
+
+    listed = downloads()
     assert cli.main(["discover", "--base", world.base, "--target", "PACS", "--format", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     ns, shas = world.ns, world.shas
-    refusals = {
-        "wide": (40, f"tensor {WIDE_TENSOR} has shape [32, 8, 3, 3], base has [16, 8, 3, 3]"),
-        "pickled": (30, "pickle weights only (pytorch_model.bin): never unpickled; needs safetensors"),
-        "leaky": (20, f"trained on the target dataset (card lists {TARGET_ON_HUB}): leakage"),
-        "remote-code": (10, "needs remote code (auto_map in config.json), which is never run"),
+    verdicts = {
+        "good": (True, ACCEPTED),  # 7 labels against the base's 3: only the head differs
+        "wide": (False, f"tensor {WIDE_TENSOR} has shape [32, 8, 3, 3], base has [16, 8, 3, 3]"),
+        "pickled": (False, "pickle weights only (pytorch_model.bin): never unpickled; needs safetensors"),
+        "leaky": (False, f"trained on the target dataset (card lists {TARGET_ON_HUB}): leakage"),
+        "remote-code": (False, "needs remote code (auto_map in config.json), which is never run"),
     }
-    good = {"repo_id": f"{ns}/good", "revision": shas[f"{ns}/good"], "downloads": 50, "accepted": True}
     assert printed == {
         "base": world.base,
         "target": TARGET_ON_HUB,  # the alias PACS, resolved
         "candidates": [
-            {**good, "reason": ACCEPTED, "readable": True},
-            *(
-                {
-                    "repo_id": f"{ns}/{name}",
-                    "revision": shas[f"{ns}/{name}"],
-                    "downloads": downloads,
-                    "accepted": False,
-                    "reason": reason,
-                    "readable": True,
-                }
-                for name, (downloads, reason) in refusals.items()
-            ),
+            {
+                "repo_id": f"{ns}/{name}",
+                "revision": shas[f"{ns}/{name}"],
+                "downloads": listed[f"{ns}/{name}"],
+                "accepted": accepted,
+                "reason": reason,
+                "readable": True,
+            }
+            for name, (accepted, reason) in verdicts.items()
         ],
     }
-    assert to_jsonable(discover(DiscoverOptions(base=world.base, target="PACS"))) == printed
+    listed = downloads()
+    again = to_jsonable(discover(DiscoverOptions(base=world.base, target="PACS")))
+    assert [c.pop("downloads") for c in again["candidates"]] == [listed[c["repo_id"]] for c in again["candidates"]]
+    assert again == {
+        **printed,
+        "candidates": [{k: v for k, v in c.items() if k != "downloads"} for c in printed["candidates"]],
+    }
     assert jsondoc.undocumented(printed, "discover") == []
 
 
