@@ -223,7 +223,7 @@ def intertrain_auxiliaries(timings: dict) -> dict[str, Path]:
     """AUX_RUNS fine-tunes of the base per auxiliary dataset, each pushed to the Hub as a community
     checkpoint; returns {repo id: local folder}."""
     from ratatouille_hub.config import IntertrainConfig
-    from ratatouille_hub.intertrain import intertrain
+    from ratatouille_hub.intertraining import intertrain
     from ratatouille_hub.publish import push_folder
 
     made = {}
@@ -353,7 +353,7 @@ def describe_ingredients(made: dict[str, Path]) -> None:
     """Each fine-tune's distance to the base (vetting's measure) and its accuracy on 1000 of its own
     training images, once, with the sha256 of its weights: a later session rebuilds the ingredients from
     their seeds and must get the same bytes to resume (DURABLE/ingredients.json)."""
-    from ratatouille_hub.discover import head_names_of, local_signature
+    from ratatouille_hub.discovery import head_names_of, local_signature
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.vetting import distance_to_base
 
@@ -488,7 +488,7 @@ def split_at_assembly(lines: list[str]) -> list[list[str]]:
 def diagnose_domain(trial: int, domain: str) -> None:
     """The three criteria on every pair of the Ratatouille runs of one test domain (validation only)."""
     from ratatouille_hub.config import RecipeConfig
-    from ratatouille_hub.diagnose import diagnose_models, format_diagnosis, plot_paths
+    from ratatouille_hub.diagnostics import diagnose_models, format_diagnosis, plot_paths
     from ratatouille_hub.results import Results
 
     destination = DURABLE / f"trial{trial}" / f"diagnose-{domain}.json"
@@ -531,7 +531,7 @@ def diagnose_domain(trial: int, domain: str) -> None:
 
 def auxiliary_distances(results: Results) -> dict[str, float]:
     """How far inter-training moved each recycled featurizer: ||w - w_base|| / ||w_base|| (vetting.py)."""
-    from ratatouille_hub.discover import head_names_of, local_signature
+    from ratatouille_hub.discovery import head_names_of, local_signature
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.vetting import distance_to_base
 

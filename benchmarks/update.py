@@ -15,7 +15,7 @@ Then each case runs alone in a fresh child process with its own empty HF cache, 
 Wall seconds are the child's whole life (interpreter, imports, downloads, the work, an update's push).
 Bytes downloaded are the sizes of the blobs the case left in its cache; files downloaded are its GETs of
 /resolve, commits its POSTs to /commit, both from the hub's request record. The two results must agree:
-per tensor, max |updated - re-merged| / max |re-merged| within (N + 1 + 2) float32 eps (update.py's bound).
+per tensor, max |updated - re-merged| / max |re-merged| within (N + 1 + 2) float32 eps (updating.py's bound).
 Children use 1 torch thread (OMP_NUM_THREADS=1) and the product's allocator settings. About a minute on
 2 cores, 35 s of it setup (generating the runs the first time, pushing them).
 Results: benchmarks/results/update.json; `--smoke` (tiny ResNets, a soup of 3 runs, under 30 s) writes
@@ -145,7 +145,7 @@ def measure(hub: LocalHub, case: str, command: list[str], home: Path) -> tuple[d
 
 
 def agreement(updated: Path, merged: Path, ingredients: int) -> dict:
-    """The worst per-tensor max |updated - merged| / max |merged|, in float32 eps, against update.py's bound."""
+    """The worst per-tensor max |updated - merged| / max |merged|, in float32 eps, against updating.py's bound."""
     import torch
     from safetensors.torch import load_file
 

@@ -1,56 +1,76 @@
 """ratatouille-hub: Model Ratatouille (Ramé et al., ICML 2023) on the Hugging Face stack.
 
+Every command is a function of its options object (the dataclasses that make its flags), returning a typed record:
+
 from ratatouille_hub import RecipeConfig, plan_recipe, recycle
 config = RecipeConfig(base="org/base", target="org/dataset", aux=("org/ft-a",))
 plan = plan_recipe(config)    # every run, before anything trains
 results = recycle(config)     # plan -> execute -> assemble; a typed Results record
 
-from ratatouille_hub import IntertrainConfig, intertrain
-folders = intertrain(IntertrainConfig(base="org/base", dataset="org/aux-dataset", steps=2000))
+from ratatouille_hub import DiscoverOptions, discover
+found = discover(DiscoverOptions(base="org/base", target="PACS"))  # each fine-tune's verdict, no weight downloaded
 
 from ratatouille_hub import MergeOptions, merge
 result = merge(MergeOptions(models=("org/ft-a", "./ft-b"), output="merged"))  # card and merge.yaml beside it
+
+diagnose, assemble, contribute, update, push, intertrain and read_results (`ratatouille-hub results`) follow
+the same shape; `ratatouille_hub.records.to_json` prints any record as `--format json` does.
 """
 
-from .config import IntertrainConfig, MergeOptions, RecipeConfig
+from .api import (
+    Contribution,
+    Discovery,
+    UpdateResult,
+    assemble,
+    contribute,
+    diagnose,
+    discover,
+    intertrain,
+    merge,
+    plan_recipe,
+    push,
+    read_results,
+    recycle,
+    update,
+)
+from .config import (
+    AssembleOptions,
+    ContributeOptions,
+    DiagnoseOptions,
+    DiscoverOptions,
+    IntertrainConfig,
+    MergeOptions,
+    PushOptions,
+    RecipeConfig,
+    ResultsOptions,
+    UpdateOptions,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "AssembleOptions",
+    "ContributeOptions",
+    "Contribution",
+    "DiagnoseOptions",
+    "DiscoverOptions",
+    "Discovery",
     "IntertrainConfig",
     "MergeOptions",
+    "PushOptions",
     "RecipeConfig",
+    "ResultsOptions",
+    "UpdateOptions",
+    "UpdateResult",
+    "assemble",
+    "contribute",
+    "diagnose",
+    "discover",
     "intertrain",
     "merge",
     "plan_recipe",
+    "push",
+    "read_results",
     "recycle",
+    "update",
     "__version__",
 ]
-
-
-def recycle(config: RecipeConfig, **kwargs):
-    """Run the recipe (see `ratatouille_hub.recipe.recycle`); imported lazily to keep imports fast."""
-    from .recipe import recycle as run
-
-    return run(config, **kwargs)
-
-
-def plan_recipe(config: RecipeConfig, **kwargs):
-    """The recipe's plan, without training or writing (see `ratatouille_hub.recipe.plan_recipe`)."""
-    from .recipe import plan_recipe as plan
-
-    return plan(config, **kwargs)
-
-
-def intertrain(config: IntertrainConfig, **kwargs):
-    """Fine-tune the base on an auxiliary dataset (see `ratatouille_hub.intertrain.intertrain`)."""
-    from .intertrain import intertrain as run
-
-    return run(config, **kwargs)
-
-
-def merge(options: MergeOptions, **kwargs):
-    """Merge checkpoints (folders or Hub ids) by a registered method, with a card and merge.yaml (see
-    `ratatouille_hub.merging.merge`)."""
-    from .merging import merge as run
-
-    return run(options, **kwargs)

@@ -9,11 +9,14 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import sys
 import textwrap
 import traceback
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import (
@@ -28,6 +31,7 @@ from .config import (
     PublishOptions,
     PushOptions,
     RecipeConfig,
+    ResultsOptions,
     RunOptions,
     SweepConfig,
     TrackingOptions,
@@ -48,7 +52,7 @@ COMMAND_GROUPS = {  # how the top-level --help lists the commands, in this order
         "intertrain",
     ),
     "Soups (merge and share checkpoints, no training)": ("merge", "update", "contribute", "push"),
-    "Inspect": ("discover", "diagnose"),
+    "Inspect": ("discover", "diagnose", "results"),
     "Tools": ("local-hub", "demo", "env"),
 }
 
@@ -291,6 +295,7 @@ def _command(
     publish: bool = False,
     config: bool = False,
     tracking: bool = False,
+    hub: bool = True,
     **kwargs,
 ):
     parser = commands.add_parser(name, **kwargs)
@@ -308,8 +313,47 @@ def _command(
         add_options(parser, TrackingOptions, groups)
     if publish:
         add_options(parser, PublishOptions, groups)
-    _add_token_flag(groups, parser)
+    if hub:  # a command that may reach the Hub takes --token
+        _add_token_flag(groups, parser)
     return parser
+
+
+REPORTING_COMMANDS = ("discover", "plan", "recycle", "assemble", "diagnose", "results")  # they take --format
+FORMATS = ("human", "json", "quiet")
+
+
+def _add_format_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="human",
+        help="how to print the report: human (tables), json (one JSON document on stdout, schema in docs/json.md; "
+        "progress lines go to stderr), quiet (nothing: the exit code says whether it worked) (default: human)",
+    )
+
+
+@contextlib.contextmanager
+def _progress_aside(args):
+    """Progress lines while a command works: on stdout beside a human report; on stderr under --format json, so
+    stdout holds the JSON document alone; nowhere under --format quiet."""
+    form = getattr(args, "format", "human")
+    if form == "human":
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr if form == "json" else io.StringIO()):
+        yield
+
+
+def _report(args, record, human: Callable[[], str]) -> None:
+    """Print a command's record: `human()` as text, the record as JSON (records.py), or nothing."""
+    form = getattr(args, "format", "human")
+    if form == "json":
+        from .records import to_json
+
+        sys.stdout.write(to_json(record) + "\n")
+        sys.stdout.flush()
+    elif form == "human":
+        say(human())
 
 
 def program_name() -> str:
@@ -513,6 +557,19 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         epilog=EPILOG_PUSH,
     )
 
+    _command(
+        commands,
+        "results",
+        ResultsOptions,
+        hub=False,
+        help="print the results of a finished output folder (or of a soup folder)",
+        description="Print the results table a finished recycle or assemble wrote (OUTPUT/soup/results.json, or "
+        "with every domain held out the table over OUTPUT/soups/<domain>), or a soup folder's own; with "
+        "--format json, the record itself (docs/json.md).",
+    )
+    for name in REPORTING_COMMANDS:
+        _add_format_flag(commands.subparsers.choices[name])
+
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline on a built-in toy world (offline, about 2 minutes)",
@@ -558,7 +615,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
 
 
 def run_intertrain(args) -> None:
-    from .intertrain import intertrain
+    from .intertraining import intertrain
     from .recipe.executor import Worker
 
     config = options_from_args(args, IntertrainConfig)
@@ -575,31 +632,39 @@ def run_intertrain(args) -> None:
 
 
 def run_recycle(args) -> None:
-    from .recipe import format_plans, plan_recipe, recycle
+    from .api import plan_recipe, recycle
+    from .recipe import format_plans, plan_summary
     from .recipe.executor import Worker
 
     config = options_from_args(args, RecipeConfig)
     publish = options_from_args(args, PublishOptions)  # checked before anything trains
     output = Path(config.output)
     if args.dry_run:
-        say(format_plans(plan_recipe(config, token=args.token), output))
+        with _progress_aside(args):
+            summary = plan_summary(plan_recipe(config, token=args.token), output)
+        _report(args, summary, lambda: format_plans(summary))
         return
-    results = recycle(config, token=args.token, tracking=options_from_args(args, TrackingOptions))
+    with _progress_aside(args):
+        results = recycle(config, token=args.token, tracking=options_from_args(args, TrackingOptions))
     if Worker.of_this_process().is_main:  # under accelerate launch: the tables print once
-        _print_results(results, output, publish, args.token)
+        _print_results(args, results, output, publish)
 
 
 def run_plan(args) -> None:
-    from .recipe import format_plans, plan_output
+    from .recipe import format_plans, plan_output, plan_summary
 
     config = options_from_args(args, RecipeConfig)
     output = Path(config.output)
-    plans = plan_output(config, token=args.token)
-    runs = sum(len(plan.runs) for plan in plans)
-    say(format_plans(plans, output))
-    say(
-        f"\nsaved the plan of {runs} runs in {output / 'plan.json'}: train them with "
-        f"`ratatouille-hub run {output} --index I` for I in 0..{runs - 1}, then `ratatouille-hub assemble {output}`"
+    with _progress_aside(args):
+        summary = plan_summary(plan_output(config, token=args.token), output)
+    runs = sum(len(plan.runs) for plan in summary.plans)
+    _report(
+        args,
+        summary,
+        lambda: (
+            f"{format_plans(summary)}\n\nsaved the plan of {runs} runs in {output / 'plan.json'}: train them with "
+            f"`ratatouille-hub run {output} --index I` for I in 0..{runs - 1}, then `ratatouille-hub assemble {output}`"
+        ),
     )
 
 
@@ -613,47 +678,38 @@ def run_run(args) -> None:
 
 
 def run_assemble(args) -> None:
-    from .recipe import assemble_output
+    from .api import assemble
+    from .provenance import SoupRecord
 
     options = options_from_args(args, AssembleOptions)
-    output = Path(options.output)
-    if options.from_hub:
-        from .community import assemble_from_hub
-        from .merging import check_merge_output
-
-        check_merge_output(output, [])  # replaced whole: never a plan folder or anything else
-        assemble_from_hub(options.from_hub, output, token=args.token)
+    with _progress_aside(args):
+        assembled = assemble(options, token=args.token)
+    if isinstance(assembled, SoupRecord):  # from the Hub: its [merge] line said what joined and where
+        if args.format == "json":
+            _report(args, assembled, str)
         return
-    results = assemble_output(output, token=args.token, tracking=options_from_args(args, TrackingOptions))
-    _print_results(results, output, PublishOptions(), args.token)
+    _print_results(args, assembled, Path(options.output), PublishOptions())
 
 
-def _print_results(results, output: Path, publish: PublishOptions, token) -> None:
+def _print_results(args, results, output: Path, publish: PublishOptions) -> None:
+    """The results table and where the soup is, then the pushes asked for."""
     from .results import LeaveOneDomainOut, soup_subfolder
-    from .safe_text import path_component, terminal_safe
+    from .safe_text import path_component
 
-    say("")
     if isinstance(results, LeaveOneDomainOut):
-        say(results.format())
-        say(f"\nsoups: {output / 'soups'}/<domain>; table: {output / 'results.json'}")
-        for domain in results.per_domain:
-            if publish.push_to_hub:
-                _push(
-                    output / soup_subfolder(domain), f"{publish.push_to_hub}-{path_component(domain)}", publish, token
-                )
-        return
-    held_out = terminal_safe(results.test_domain)
-    for row in results.summary:
-        say(
-            f"{terminal_safe(row.name):<48} val {100 * row.val_accuracy:5.1f}%   {held_out} {100 * row.test_accuracy:5.1f}%"
-        )
-    say(f"\n{'soup' if results.is_average else 'best run'}: {output / 'soup'}")
-    _push_if_asked(publish, output / "soup", token)
-
-
-def _push_if_asked(publish: PublishOptions, folder: Path, token) -> None:
+        where = f"soups: {output / 'soups'}/<domain>; table: {output / 'results.json'}"
+        pushes = [
+            (output / soup_subfolder(domain), f"{publish.push_to_hub}-{path_component(domain)}")
+            for domain in results.per_domain
+        ]
+    else:
+        where = f"{'soup' if results.is_average else 'best run'}: {output / 'soup'}"
+        pushes = [(output / "soup", publish.push_to_hub)]
+    _report(args, results, lambda: f"\n{results.format()}\n\n{where}")
     if publish.push_to_hub:
-        _push(folder, publish.push_to_hub, publish, token)
+        with _progress_aside(args):
+            for folder, repo_id in pushes:
+                _push(folder, repo_id, publish, args.token)
 
 
 def _push(folder: Path, repo_id: str, publish, token) -> None:
@@ -684,64 +740,47 @@ def run_demo(args) -> None:
 
 
 def run_discover(args) -> None:
-    from .discover import discover_finetunes, format_candidates
-    from .fetch import resolve_dataset, split_revision
+    from .api import discover
+    from .discovery import format_candidates
 
-    options = options_from_args(args, DiscoverOptions)
-    target = split_revision(resolve_dataset(options.target)[0])[0] if options.target else None
-    say(format_candidates(discover_finetunes(options.base, target=target, limit=options.limit, token=args.token)))
+    with _progress_aside(args):
+        discovery = discover(options_from_args(args, DiscoverOptions), token=args.token)
+    _report(args, discovery, lambda: format_candidates(list(discovery.candidates)))
 
 
 def run_diagnose(args) -> None:
-    from .diagnose import diagnose_models, format_diagnosis, plot_paths
+    from .api import diagnose
+    from .diagnostics import format_diagnosis
 
     options = options_from_args(args, DiagnoseOptions)
-    diagnosis = diagnose_models(options.models, options, token=args.token)
-    say(format_diagnosis(diagnosis))
-    if options.plot:
-        plot_paths(diagnosis, Path(options.plot))
-        say(f"plot: {options.plot}")
+    with _progress_aside(args):
+        diagnosis = diagnose(options, token=args.token)
+    _report(args, diagnosis, lambda: format_diagnosis(diagnosis) + (f"\nplot: {options.plot}" if options.plot else ""))
+
+
+def run_results(args) -> None:
+    from .api import read_results
+
+    results = read_results(options_from_args(args, ResultsOptions))
+    _report(args, results, results.format)
 
 
 def run_contribute(args) -> None:
-    from .community import contribute_runs
+    from .api import contribute
 
-    options = options_from_args(args, ContributeOptions)
-    contribute_runs(Path(options.output), options.to, options.index or None, token=args.token)
+    contribute(options_from_args(args, ContributeOptions), token=args.token)
 
 
 def run_update(args) -> None:
-    from .community import update_soup
+    from .api import update
 
-    options = options_from_args(args, UpdateOptions)
-    output = Path(options.output) if options.output else None
-    if output is not None:
-        from .merging import check_merge_output
-
-        check_merge_output(output, [Path(m) for m in (options.soup, *options.add, *options.remove) if Path(m).is_dir()])
-    evaluate = None
-    if options.target:
-        from .fetch import resolve_model
-        from .models import load_classifier
-        from .target import prepare_target
-        from .train import validation_accuracy
-
-        def evaluate(folder: Path) -> float:
-            target = prepare_target(options, resolve_model(str(folder)), args.token)
-            model = load_classifier(folder, target.id2label)
-            return validation_accuracy(model, target.data.pooled_val, target.data.normalize)
-
-    update_soup(
-        options.soup, options.add, options.remove, output, token=args.token, evaluate=evaluate, dataset=options.target
-    )
+    update(options_from_args(args, UpdateOptions), token=args.token)
 
 
 def run_push(args) -> None:
-    from .publish import default_push_folder, push_and_say
+    from .api import push
 
-    options = options_from_args(args, PushOptions)
-    folder = Path(options.folder) if options.folder is not None else default_push_folder()
-    push_and_say(folder, options.repo_id, options, args.token, create_pr=options.create_pr)
+    push(options_from_args(args, PushOptions), token=args.token)
 
 
 def run_local_hub(args) -> None:
@@ -792,6 +831,7 @@ COMMANDS = {
     "merge": run_merge,
     "discover": run_discover,
     "diagnose": run_diagnose,
+    "results": run_results,
     "push": run_push,
     "demo": run_demo,
     "local-hub": run_local_hub,

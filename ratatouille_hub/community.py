@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .artifacts import ProbeRecord, RunRecord
 from .card import RUN_TAG, Lineage, base_tag, declared_license, grown_soup_card, run_card
-from .discover import backbone_mismatch, head_names_of
+from .discovery import backbone_mismatch, head_names_of
 from .errors import RatatouilleError
 from .fetch import Ingredient, is_hub_id, resolve_model
 from .merge_engine import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
@@ -34,7 +34,7 @@ from .provenance import (
 from .provenance import recipe_fingerprint as fingerprint_of
 from .publish import HeadMovedError, HubError, PushResult, push_folder
 from .safe_text import path_component, say, terminal_safe
-from .update import RunFiles, local_run, update_folder, update_local_folder
+from .updating import RunFiles, local_run, update_folder, update_local_folder
 from .vetting import (
     MAX_DISTANCE_TO_BASE,
     IngredientError,

@@ -610,6 +610,19 @@ class AssembleOptions(Options):
 
 
 @dataclass(frozen=True)
+class ResultsOptions(Options):
+    """The results of a finished output folder (or of a soup folder), read back from its results.json."""
+
+    output: str = _opt(
+        "",
+        "a finished recycle or assemble output folder, or a soup folder (one holding results.json)",
+        group="output",
+        positional=True,
+        required=True,
+    )
+
+
+@dataclass(frozen=True)
 class ContributeOptions(Options):
     """Finished runs of a saved plan, pushed as Hub models that carry their recipe fingerprint."""
 

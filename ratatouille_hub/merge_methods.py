@@ -32,6 +32,7 @@ from .registry import Registry
 if TYPE_CHECKING:  # torch stays unimported until a merge runs: config and --help read this table
     from torch import Tensor
 
+
 class RunTensors(Protocol):
     """What `all_runs` is (merge_engine.RunTensors, which runs these rules: named here without importing it)."""
 

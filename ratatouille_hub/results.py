@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
 from .io import atomic_write_json
 from .safe_text import path_component, terminal_safe
 
@@ -107,6 +108,14 @@ class Results:
     def is_average(self) -> bool:
         return self.soup.method != "best-run"
 
+    def format(self) -> str:
+        """The summary table: each row's training-domain validation and held-out accuracy."""
+        held_out = terminal_safe(self.test_domain)
+        return "\n".join(
+            f"{terminal_safe(row.name):<48} val {100 * row.val_accuracy:5.1f}%   {held_out} {100 * row.test_accuracy:5.1f}%"
+            for row in self.summary
+        )
+
     def to_dict(self) -> dict:
         plain = dataclasses.asdict(self)
         averages = plain.pop("averages")
@@ -146,6 +155,56 @@ class Results:
     @classmethod
     def load(cls, path: Path) -> Results:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+RESULTS_FILE = "results.json"
+
+
+def load_results(folder: Path) -> Results | LeaveOneDomainOut:
+    """The results a finished output folder holds (its soup's; with every domain held out, each soup's), or a
+    soup folder's own. A file that is not such a record is refused naming it: a soup from the Hub carries a
+    stranger's results.json, and its soups are found by their domains' safe folder names, never by a path it
+    gives."""
+    folder = Path(folder)
+    path = next((p for p in (folder / RESULTS_FILE, folder / "soup" / RESULTS_FILE) if p.is_file()), None)
+    if path is None:
+        raise InputError(f"{folder}: no {RESULTS_FILE} (a finished recycle or assemble output, or its soup folder)")
+    data = _read_json(path)
+    if not isinstance(data, dict) or "test_domains" not in data:
+        return _parsed(path, _printable_results, data)
+    domains = _parsed(path, lambda table: [str(domain) for domain in table["test_domains"]], data)
+    soups = {domain: folder / soup_subfolder(domain) / RESULTS_FILE for domain in domains}
+    table = LeaveOneDomainOut(
+        {domain: _parsed(file, _printable_results, _read_json(file)) for domain, file in soups.items()}
+    )
+    _parsed(path, LeaveOneDomainOut.format, table)  # its rows, from every soup's record, print too
+    return table
+
+
+def _printable_results(data) -> Results:
+    """The record of `data`, once its table prints: a field of another type fails here, as bad input, and not
+    later as a bug."""
+    results = Results.from_dict(data)
+    results.format()
+    return results
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested past the parser's depth
+        raise InputError(f"{path}: not JSON ({str(error).splitlines()[0]})") from None
+
+
+def _parsed(path: Path, parse, data):
+    """`parse(data)`, or one line naming `path` when `data` is not the record it should be."""
+    try:
+        return parse(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # a missing key, a field of another type
+        problem = f"{type(error).__name__}: {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise InputError(f"{path}: not the results of a finished recipe ({problem})") from None
 
 
 def soup_subfolder(domain: str) -> str:

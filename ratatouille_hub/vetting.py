@@ -49,7 +49,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .discover import backbone_mismatch, head_names_of, local_signature
+from .discovery import backbone_mismatch, head_names_of, local_signature
 from .errors import RatatouilleError
 from .fetch import Ingredient, weight_files
 

@@ -24,7 +24,7 @@ from transformers import ResNetForImageClassification
 
 from ratatouille_hub.card import build_card
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.discover import ACCEPTED
+from ratatouille_hub.discovery import ACCEPTED
 from ratatouille_hub.localhub.server import LocalHub, hub_environment
 from ratatouille_hub.results import Results
 from ratatouille_hub.testing import (

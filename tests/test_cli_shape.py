@@ -171,7 +171,7 @@ def test_top_level_help_groups_every_command_under_one_heading(capsys):
             "intertrain",
         ],
         "Soups (merge and share checkpoints, no training):": ["merge", "update", "contribute", "push"],
-        "Inspect:": ["discover", "diagnose"],
+        "Inspect:": ["discover", "diagnose", "results"],
         "Tools:": ["local-hub", "demo", "env"],
     }
     blocks = {block.splitlines()[0]: block.splitlines()[1:] for block in text.split("\n\n")}

@@ -3,12 +3,13 @@
 import json
 import re
 
+import jsondoc
 import pytest
 import torch
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import RecipeConfig
-from ratatouille_hub.diagnose import (
+from ratatouille_hub.diagnostics import (
     ALPHAS,
     barrier,
     diagnose_states,
@@ -99,7 +100,7 @@ def test_cli_diagnose_reports_runs_and_writes_a_png(two_runs, capsys, tmp_path):
 
 def test_diagnose_models_scores_each_model_as_itself(two_runs, tmp_path):
     """Each model's accuracy is its own, whatever order the models are evaluated in."""
-    from ratatouille_hub.diagnose import diagnose_models
+    from ratatouille_hub.diagnostics import diagnose_models
     from ratatouille_hub.evaluation import predict_logits
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.models import head_linear, load_classifier
@@ -182,3 +183,77 @@ def test_cli_merge_greedy_without_target_is_refused(two_runs, tmp_path, capsys):
     _, models = two_runs
     code = cli.main(["merge", *map(str, models), "--output", str(tmp_path / "o"), "--method", "greedy"])
     assert code == 2 and "--method greedy needs --target" in capsys.readouterr().err
+
+
+def test_diagnose_json_holds_each_models_accuracy_and_the_api_returns_the_same_record(two_runs, capsys):
+    import ratatouille_hub
+    from ratatouille_hub.config import DiagnoseOptions
+    from ratatouille_hub.evaluation import predict_logits
+    from ratatouille_hub.fetch import resolve_model
+    from ratatouille_hub.models import load_classifier
+    from ratatouille_hub.records import to_jsonable
+    from ratatouille_hub.target import prepare_target
+
+    target, models = two_runs
+    argv = ["diagnose", *map(str, models), "--target", str(target), "--image-size", "16", "--format", "json"]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    options = DiagnoseOptions(models=tuple(map(str, models)), target=str(target), image_size=16)
+    assert to_jsonable(ratatouille_hub.diagnose(options)) == printed
+
+    prepared = prepare_target(options, resolve_model(str(models[0])))
+    validation = prepared.data.pooled_val
+    predictions = [
+        predict_logits(load_classifier(m, prepared.id2label), validation, prepared.data.normalize).argmax(1)
+        for m in models
+    ]
+    accuracies = [float((p == validation.labels).float().mean()) for p in predictions]
+    wrong = [p != validation.labels for p in predictions]
+    both, one = int((wrong[0] & wrong[1]).sum()), int((wrong[0] ^ wrong[1]).sum())
+    assert jsondoc.undocumented(printed, "diagnose") == []
+    assert printed["names"] == ["run 0 from base", "run 1 from aux1"]
+    assert printed["accuracies"] == accuracies
+    assert printed["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    [pair] = printed["pairs"]
+    path = pair["path_accuracies"]
+    assert (pair["a"], pair["b"], path[0], path[-1]) == (0, 1, *accuracies)
+    assert pair["ratio_error"] == (one / both if both else None)  # JSON has no infinity: null
+    chord = [(1 - t) * path[0] + t * path[-1] for t in printed["alphas"]]
+    assert pair["barrier"] == max(0.0, *(c - a for c, a in zip(chord, path)))
+
+
+def test_results_prints_a_finished_outputs_record(two_runs, capsys, tmp_path):
+    import ratatouille_hub
+    from ratatouille_hub.config import ResultsOptions
+    from ratatouille_hub.results import Results
+
+    _, models = two_runs
+    output = models[0].parents[2]  # out/runs/<key>/model
+    saved = json.loads((output / "soup" / "results.json").read_text(), parse_constant=lambda constant: None)
+    for folder in (output, output / "soup"):
+        assert cli.main(["results", str(folder), "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out) == saved
+    assert jsondoc.undocumented(saved, "results") == []
+    assert cli.main(["assemble", str(output), "--format", "json"]) == 0  # the same record, assembled again
+    assert json.loads(capsys.readouterr().out) == saved
+    results = ratatouille_hub.read_results(ResultsOptions(output=str(output)))
+    assert results == Results.load(output / "soup" / "results.json")
+    assert cli.main(["results", str(output)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split(" val ")[0].rstrip() for line in table] == [row.name for row in results.summary]
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "results.json").write_text(json.dumps({"test_domains": ["../../etc"]}))
+    assert cli.main(["results", str(hostile)]) == 2
+    err = capsys.readouterr().err.strip()  # the domain's soup is looked for inside the folder, never at its path
+    assert err.startswith(f"error: {hostile / 'soups'}/etc-") and err.endswith(
+        "results.json: No such file or directory"
+    )
+    assert cli.main(["results", str(tmp_path / "nothing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    wrong = {**saved, "summary": [{**saved["summary"][0], "val_accuracy": "high"}]}
+    (hostile / "results.json").write_text(json.dumps(wrong))
+    assert cli.main(["results", str(hostile)]) == 2  # a field of another type: refused, not an internal error
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {hostile / 'results.json'}: not the results of a finished recipe (")

@@ -10,11 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsondoc
 import pytest
 import yaml
 from huggingface_hub import HfApi
 
-from ratatouille_hub.discover import ACCEPTED, DiscoverError, discover_finetunes, format_candidates
+from ratatouille_hub.discovery import ACCEPTED, DiscoverError, discover_finetunes, format_candidates
 from ratatouille_hub.fetch import FetchError, resolve_dataset, resolve_model
 from ratatouille_hub.testing import save_tiny_checkpoint, tiny_resnet
 
@@ -137,3 +138,56 @@ def test_resolve_dataset_maps_aliases_and_says_when_none_is_known(tmp_path):
     for name in ("VLCS", "TerraIncognita", "DomainNet"):
         with pytest.raises(FetchError, match=f"^{name}: no Hub copy with a domain column is known"):
             resolve_dataset(name)
+
+
+def test_discover_json_holds_every_verdict_and_the_api_returns_the_same_record(world, capsys):
+    from ratatouille_hub import DiscoverOptions, cli, discover
+    from ratatouille_hub.records import to_jsonable
+
+    def downloads() -> dict[str, int]:  # the Hub's count now: every config.json vetting reads counts one
+        return {m.id: m.downloads for m in HfApi().list_models(filter=f"base_model:finetune:{world.base}")}
+
+    listed = downloads()
+    assert cli.main(["discover", "--base", world.base, "--target", "PACS", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ns, shas = world.ns, world.shas
+    verdicts = {
+        "good": (True, ACCEPTED),  # 7 labels against the base's 3: only the head differs
+        "wide": (False, f"tensor {WIDE_TENSOR} has shape [32, 8, 3, 3], base has [16, 8, 3, 3]"),
+        "pickled": (False, "pickle weights only (pytorch_model.bin): never unpickled; needs safetensors"),
+        "leaky": (False, f"trained on the target dataset (card lists {TARGET_ON_HUB}): leakage"),
+        "remote-code": (False, "needs remote code (auto_map in config.json), which is never run"),
+    }
+    assert printed == {
+        "base": world.base,
+        "target": TARGET_ON_HUB,  # the alias PACS, resolved
+        "candidates": [
+            {
+                "repo_id": f"{ns}/{name}",
+                "revision": shas[f"{ns}/{name}"],
+                "downloads": listed[f"{ns}/{name}"],
+                "accepted": accepted,
+                "reason": reason,
+                "readable": True,
+            }
+            for name, (accepted, reason) in verdicts.items()
+        ],
+    }
+    listed = downloads()
+    again = to_jsonable(discover(DiscoverOptions(base=world.base, target="PACS")))
+    assert [c.pop("downloads") for c in again["candidates"]] == [listed[c["repo_id"]] for c in again["candidates"]]
+    assert again == {
+        **printed,
+        "candidates": [{k: v for k, v in c.items() if k != "downloads"} for c in printed["candidates"]],
+    }
+    assert jsondoc.undocumented(printed, "discover") == []
+
+
+def test_discover_quiet_prints_nothing_and_its_exit_code_says_whether_it_worked(world, capsys):
+    from ratatouille_hub import cli
+
+    assert cli.main(["discover", "--base", world.base, "--format", "quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert cli.main(["discover", "--base", f"{world.ns}/nothing", "--format", "quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: base {world.ns}/nothing")

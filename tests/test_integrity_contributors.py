@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ratatouille_hub import cli, recycle
 from ratatouille_hub.card import RUN_TAG, base_tag, grown_soup_card, run_card
-from ratatouille_hub.discover import head_names_of, local_signature
+from ratatouille_hub.discovery import head_names_of, local_signature
 from ratatouille_hub.fetch import Ingredient
 from ratatouille_hub.provenance import RUN_FILE, SoupIngredient, SoupRecord, file_sha256, fingerprint_id
 from ratatouille_hub.testing import tiny_recipe

@@ -27,7 +27,7 @@ from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
 from ratatouille_hub import cli, fetch
-from ratatouille_hub.discover import ACCEPTED, head_names_of, local_signature, unsafe_file_name
+from ratatouille_hub.discovery import ACCEPTED, head_names_of, local_signature, unsafe_file_name
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.localhub.store import FileEntry
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_resnet

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import filelock
 
-from ratatouille_hub import cli, update
+from ratatouille_hub import cli, updating
 
 signals, name, pause = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "pause"
-acquire, incremental_mean = filelock.FileLock.acquire, update.incremental_mean
+acquire, incremental_mean = filelock.FileLock.acquire, updating.incremental_mean
 
 
 def hooked_acquire(self, *args, **kwargs):
@@ -57,7 +57,7 @@ def hooked_mean(*args, **kwargs):
     return incremental_mean(*args, **kwargs)
 
 
-filelock.FileLock.acquire, update.incremental_mean = hooked_acquire, hooked_mean
+filelock.FileLock.acquire, updating.incremental_mean = hooked_acquire, hooked_mean
 sys.exit(cli.main(sys.argv[4:]))
 """
 

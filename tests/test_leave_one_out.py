@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import jsondoc
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ratatouille_hub import recycle
+from ratatouille_hub import ResultsOptions, cli, read_results, recycle
 from ratatouille_hub.artifacts import TargetCache, replaced_builder
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge_engine import read_safetensors_metadata
@@ -48,7 +49,7 @@ def test_the_cache_holds_the_same_pixels_decoded_once_for_every_held_out_domain(
     assert len(again.test) == len(fresh.data.train[1]) + len(fresh.data.val[1])  # photo, read from the cache
 
 
-def test_every_domain_held_out_in_turn_gives_one_soup_each_and_the_domainbed_table(tiny_world, tmp_path):
+def test_every_domain_held_out_in_turn_gives_one_soup_each_and_the_domainbed_table(tiny_world, tmp_path, capsys):
     out = tmp_path / "all"
     config = tiny_recipe(tiny_world, out, test_domain="all").replace(runs=2)
     plans = plan_recipe(config, echo=lambda line: None)
@@ -68,6 +69,10 @@ def test_every_domain_held_out_in_turn_gives_one_soup_each_and_the_domainbed_tab
         assert saved["test_accuracy"]["soup, uniform"][domain] == results["soup_uniform"]["test_accuracy"]
         assert saved["test_accuracy"]["ensemble (reference)"][domain] == results["ensemble"]["test_accuracy"]
     assert len(list((out / "lp").glob("[!.]*"))) == 4 and len(list((out / "runs").glob("[!.]*"))) == 8
+    assert read_results(ResultsOptions(output=str(out))) == table  # every domain's record, read back
+    assert cli.main(["results", str(out), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == saved
+    assert jsondoc.undocumented(saved, "results, every domain held out") == []
 
     alone = tmp_path / "sketch"
     recycle(tiny_recipe(tiny_world, alone, test_domain="sketch").replace(runs=2), echo=lambda line: None)

@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import ModelCard, snapshot_download
 
 from ratatouille_hub import cli
-from ratatouille_hub.discover import ACCEPTED, discover_finetunes
+from ratatouille_hub.discovery import ACCEPTED, discover_finetunes
 from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import FINGERPRINT_KEY, INGREDIENTS_KEY, RUN_FILE
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jsondoc
 import pytest
 
 from ratatouille_hub import cli, recycle
@@ -99,6 +100,48 @@ def test_dry_run_prints_the_plan_and_then_the_done_runs(tiny_world, tmp_path, ca
     after = capsys.readouterr().out
     assert "pending: 0 of 3 runs, 0 images to train on" in after and " pending " not in after
     assert all(f"{spec.index:>4}  done" in after for spec in plan.runs)
+
+
+def test_dry_run_and_plan_print_the_plan_as_json_and_the_api_plans_the_same(tiny_world, tmp_path, capsys):
+    from ratatouille_hub.recipe import plan_summary
+    from ratatouille_hub.records import to_jsonable
+
+    config = tiny_recipe(tiny_world, tmp_path / "out")
+    config.save_yaml(tmp_path / "recipe.yaml")
+    assert cli.main(["recycle", "--config", str(tmp_path / "recipe.yaml"), "--dry-run", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out)  # stdout holds the JSON alone: the progress lines went to stderr
+    assert f"[fetch] base {config.base}" in err and not (tmp_path / "out").exists()
+    [plan] = plan_recipe(config, echo=lambda line: None)
+    assert printed == to_jsonable(plan_summary([plan], tmp_path / "out"))
+    assert printed["output"] == str(tmp_path / "out")
+    [report] = printed["plans"]
+    assert report["strategy"] == "ratatouille" and report["target"] == plan.target.reference
+    assert (report["train_domains"], report["test_domain"], report["image_size"]) == (
+        ["painting", "photo", "sketch"],
+        "cartoon",
+        16,
+    )
+    # 108 images: 87 train, 21 validation; each run evaluates validation at steps 2 and 4 and at the end, then the 36 held out
+    assert report["linear_probe"] == {"folder": plan.lp.folder, "done": False, "steps": 5, "images": 108}
+    assert [(run["index"], run["done"], run["steps"], run["warmup_steps"]) for run in report["runs"]] == [
+        (0, False, 4, 0),
+        (1, False, 4, 2),
+        (2, False, 4, 2),
+    ]
+    assert [(run["train_images"], run["eval_images"]) for run in report["runs"]] == [(48, 99), (72, 99), (72, 99)]
+    assert report["runs"][0]["hparams"] == {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0}
+    assert [run["hparams"] for run in report["runs"]] == [vars(draw_hparams(config, i)) for i in range(3)]
+    assert [run["folder"] for run in report["runs"]] == [spec.folder for spec in plan.runs]
+    assert [run["init"].split("@sha256:")[0] for run in report["runs"]] == [config.base, *config.aux]
+    assert report["left_out"] == []
+    assert jsondoc.undocumented(printed, "plan") == []
+
+    assert cli.main(["plan", "--config", str(tmp_path / "recipe.yaml"), "--format", "json"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved == printed and (tmp_path / "out" / PLAN_FILE).is_file()  # the same plan, now saved
+    assert cli.main(["recycle", "--config", str(tmp_path / "recipe.yaml"), "--dry-run", "--format", "quiet"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_the_target_options_mean_the_same_in_merge_and_diagnose():

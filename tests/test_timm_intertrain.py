@@ -23,7 +23,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from ratatouille_hub import cli
 from ratatouille_hub.config import IntertrainConfig, RecipeConfig
 from ratatouille_hub.data import Normalization, label_names_of, normalization_of, resolution_of
-from ratatouille_hub.intertrain import intertrain
+from ratatouille_hub.intertraining import intertrain
 from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, serving_processor
 from ratatouille_hub.recipe import recycle
@@ -314,7 +314,7 @@ def test_timm_soup_loads_with_auto_classes_and_pipeline(strategies):
 def test_a_local_base_can_name_its_hub_id_in_the_card(tmp_path):
     from ratatouille_hub.config import ConfigError
     from ratatouille_hub.fetch import Ingredient
-    from ratatouille_hub.intertrain import aux_card
+    from ratatouille_hub.intertraining import aux_card
 
     mirror = tmp_path / "resnet"
     mirror.mkdir()

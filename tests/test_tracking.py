@@ -23,7 +23,7 @@ import refusals
 from ratatouille_hub import cli
 from ratatouille_hub.artifacts import ProbeRecord, RunRecord
 from ratatouille_hub.config import IntertrainConfig, SweepConfig, TrackingOptions
-from ratatouille_hub.intertrain import intertrain
+from ratatouille_hub.intertraining import intertrain
 from ratatouille_hub.recipe import recycle
 from ratatouille_hub.sweep import sweep
 from ratatouille_hub.testing import tiny_recipe, write_hub_dataset

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ratatouille_hub
 from ratatouille_hub import cli
+from ratatouille_hub.config import UpdateOptions
 from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY, RUN_FILE, file_sha256
 from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_resnet, tiny_vit
@@ -21,7 +23,7 @@ LABELS = ["a", "b", "c"]
 
 
 def within_bound(updated: dict, merged: dict, ingredients: int) -> None:
-    """Floating tensors agree within (n + 2) float32 epsilons of their largest entry (update.py's bound);
+    """Floating tensors agree within (n + 2) float32 epsilons of their largest entry (updating.py's bound);
     integer tensors exactly."""
     assert updated.keys() == merged.keys()
     for name, tensor in merged.items():
@@ -202,6 +204,19 @@ def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_w
         f"Training-domain validation accuracy on the local dataset **{tiny_world.target.name}**: "
         f"{100 * two.soup.val_accuracy:.1f}%." in card.text
     )
+    options = UpdateOptions(
+        soup=str(tmp_path / "three" / "soup"),
+        remove=(str(run2),),
+        output=str(tmp_path / "again"),
+        target=str(tiny_world.target),
+        image_size=16,
+    )
+    updated = ratatouille_hub.update(options, echo=lambda line: None)  # the same update through the API: its record
+    assert updated.written_to == tmp_path / "again"
+    assert updated.validation == pytest.approx(two.soup.val_accuracy, abs=1e-9)  # a count over the same images
+    assert [i.sha256 for i in updated.ingredients] == [
+        file_sha256(tmp_path / "three" / run.folder / "model" / "model.safetensors") for run in three.runs[:2]
+    ]
 
 
 def test_a_soup_holding_the_same_run_twice_loses_one_entry_per_removal(runs, tmp_path, capsys):

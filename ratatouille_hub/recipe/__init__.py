@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..artifacts import RunRecord
 from ..config import ALL_DOMAINS, RecipeConfig, TrackingOptions
-from ..discover import discover_finetunes, format_candidates
+from ..discovery import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
 from ..io import claim_is_held, claimed_folder, sweep_staging
@@ -50,7 +50,7 @@ from ..tracking import UNTRACKED, Tracking
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
-from .plan import PLAN_FILE, RecipePlan, build_plan, format_plans, load_plans, save_plans
+from .plan import PLAN_FILE, PlanSummary, RecipePlan, build_plan, format_plans, load_plans, plan_summary, save_plans
 
 __all__ = [
     "PINNED_FIELDS",
@@ -60,6 +60,8 @@ __all__ = [
     "LeaveOneDomainOut",
     "assemble_output",
     "format_plans",
+    "PlanSummary",
+    "plan_summary",
     "plan_recipe",
     "plan_output",
     "recipe_differences",

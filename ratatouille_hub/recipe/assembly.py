@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card, card_license
-from ..diagnose import diagnose_loaded, plot_paths, plot_scores
+from ..diagnostics import diagnose_loaded, plot_paths, plot_scores
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model, weights_digest

@@ -197,51 +197,128 @@ def describe_init(init: Init) -> str:
     return init.reference
 
 
-def format_plans(plans: list[RecipePlan], output: Path) -> str:
-    """The dry run: every plan's runs, numbered as `run --index` numbers them, and what is pending."""
-    parts, first = [], 0
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run as the dry run reports it."""
+
+    index: int  # as `run --index` numbers it: across every plan of the output folder
+    done: bool
+    init: str  # the checkpoint it starts from, at its revision (or the fusion of several)
+    hparams: RunHParams
+    steps: int
+    warmup_steps: int  # head-only steps before the fine-tune (a recycled init)
+    train_images: int
+    eval_images: int
+    folder: str  # relative to the output folder
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    folder: str
+    done: bool
+    steps: int
+    images: int  # whose features it trains and selects on
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """One held-out domain's plan: what `plan` and `recycle --dry-run` print, read off the output folder."""
+
+    strategy: str
+    target: str  # id@sha for a Hub dataset, else the path
+    train_domains: tuple[str, ...]
+    test_domain: str
+    image_size: int
+    linear_probe: ProbeStatus
+    runs: tuple[PlannedRun, ...]
+    left_out: tuple[tuple[str, str], ...]  # discovered fine-tunes not recycled: (id@sha, why)
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    output: Path
+    plans: tuple[PlanReport, ...]  # one per held-out domain
+
+
+def plan_summary(plans: list[RecipePlan], output: Path) -> PlanSummary:
+    """The plans as the dry run reports them: every run numbered as `run --index` numbers it, done or pending
+    in `output`, and what it costs."""
+    reports, first = [], 0
     for plan in plans:
-        parts.append(format_plan(plan, output, first))
+        target = plan.target
+        runs = []
+        for spec in plan.runs:
+            trained, evaluated = run_work(spec, target)
+            runs.append(
+                PlannedRun(
+                    index=first + spec.index,
+                    done=plan.is_done(output, spec),
+                    init=describe_init(spec.init),
+                    hparams=spec.hparams,
+                    steps=spec.steps,
+                    warmup_steps=spec.warmup_steps,
+                    train_images=trained,
+                    eval_images=evaluated,
+                    folder=spec.folder,
+                )
+            )
+        probe = ProbeStatus(
+            plan.lp.folder, plan.is_done(output, plan.lp), plan.lp.steps, sum(target.train_sizes) + target.val_size
+        )
+        reports.append(
+            PlanReport(
+                plan.strategy.name,
+                target.reference,
+                tuple(target.train_domains),
+                target.test_domain,
+                target.image_size,
+                probe,
+                tuple(runs),
+                plan.left_out,
+            )
+        )
         first += len(plan.runs)
-    if len(plans) > 1:
-        pending = sum(len(plan.missing(output)) for plan in plans)
-        parts.append(f"in all: {pending} of {first} runs pending over {len(plans)} held-out domains")
+    return PlanSummary(output, tuple(reports))
+
+
+def format_plans(summary: PlanSummary) -> str:
+    """The dry run: every plan's runs, numbered as `run --index` numbers them, and what is pending."""
+    parts = [format_plan(report, summary.output) for report in summary.plans]
+    if len(summary.plans) > 1:
+        runs = [run for report in summary.plans for run in report.runs]
+        pending = sum(not run.done for run in runs)
+        parts.append(f"in all: {pending} of {len(runs)} runs pending over {len(summary.plans)} held-out domains")
     return "\n\n".join(parts)
 
 
-def format_plan(plan: RecipePlan, output: Path, first: int = 0) -> str:
-    """One plan: every run (indexed from `first`), its init and hparams, done or pending, and its cost."""
-    target = plan.target
-    train = ", ".join(terminal_safe(d) for d in target.train_domains)  # the dataset's names: one line each
+def format_plan(report: PlanReport, output: Path) -> str:
+    """One plan: every run, its init and hparams, done or pending, and its cost."""
+    train = ", ".join(terminal_safe(d) for d in report.train_domains)  # the dataset's names: one line each
+    probe = report.linear_probe
     lines = [
-        f"plan: {len(plan.runs)} runs, strategy {plan.strategy.name}, on {terminal_safe(target.reference)} "
-        f"(train: {train}; held out: {terminal_safe(target.test_domain)}; {target.image_size} px)",
+        f"plan: {len(report.runs)} runs, strategy {report.strategy}, on {terminal_safe(report.target)} "
+        f"(train: {train}; held out: {terminal_safe(report.test_domain)}; {report.image_size} px)",
         f"output: {output}",
-        f"linear probe {plan.lp.folder}: {'done' if plan.is_done(output, plan.lp) else 'pending'}, "
-        f"{plan.lp.steps} steps on features of {sum(target.train_sizes) + target.val_size} images",
+        f"linear probe {probe.folder}: {'done' if probe.done else 'pending'}, "
+        f"{probe.steps} steps on features of {probe.images} images",
         "",
         f"{'run':>4}  {'status':<7}  {'lr':>8}  {'wd':>8}  {'dropout':>7}  {'steps':>11}  "
         f"{'train imgs':>10}  {'eval imgs':>9}  folder / init",
     ]
-    pending_train = pending_eval = 0
-    for spec in plan.runs:
-        done = plan.is_done(output, spec)
-        trained, evaluated = run_work(spec, target)
-        if not done:
-            pending_train, pending_eval = pending_train + trained, pending_eval + evaluated
-        steps = f"{spec.steps}" + (f"+{spec.warmup_steps}" if spec.warmup_steps else "")
+    for run in report.runs:
+        steps = f"{run.steps}" + (f"+{run.warmup_steps}" if run.warmup_steps else "")
         lines.append(
-            f"{first + spec.index:>4}  {'done' if done else 'pending':<7}  {spec.hparams.lr:>8g}  "
-            f"{spec.hparams.weight_decay:>8g}  {spec.hparams.dropout:>7g}  {steps:>11}  {trained:>10}  "
-            f"{evaluated:>9}  {spec.folder}  from {describe_init(spec.init)}"
+            f"{run.index:>4}  {'done' if run.done else 'pending':<7}  {run.hparams.lr:>8g}  "
+            f"{run.hparams.weight_decay:>8g}  {run.hparams.dropout:>7g}  {steps:>11}  {run.train_images:>10}  "
+            f"{run.eval_images:>9}  {run.folder}  from {run.init}"
         )
-    if plan.left_out:
-        lines += ["", *(f"left out: {reference} ({terminal_safe(why)})" for reference, why in plan.left_out)]
-    missing = plan.missing(output)
+    if report.left_out:
+        lines += ["", *(f"left out: {reference} ({terminal_safe(why)})" for reference, why in report.left_out)]
+    pending = [run for run in report.runs if not run.done]
     lines += [
         "",
-        f"pending: {len(missing)} of {len(plan.runs)} runs, {pending_train} images to train on "
-        f"and {pending_eval} to evaluate (steps: fine-tune + head warm-up)",
+        f"pending: {len(pending)} of {len(report.runs)} runs, {sum(run.train_images for run in pending)} images to "
+        f"train on and {sum(run.eval_images for run in pending)} to evaluate (steps: fine-tune + head warm-up)",
     ]
     return "\n".join(lines)
 

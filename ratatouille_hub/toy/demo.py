@@ -87,7 +87,7 @@ def community_finetune(root: Path, base: Path, task: str, dataset, seed: int, ec
     """A community fine-tune of the base made with the product's own `intertrain` (BatchNorm statistics
     frozen, last step kept, a card naming the base's Hub id and the dataset); reused when done."""
     from ..config import IntertrainConfig
-    from ..intertrain import intertrain
+    from ..intertraining import intertrain
     from . import world as toyworld
 
     data = root / "datasets" / "toy-world" / task

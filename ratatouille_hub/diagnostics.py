@@ -9,7 +9,7 @@ All measured on training-domain validation, never the test domain.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -44,21 +44,26 @@ def interpolate(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch
 
 @dataclass(frozen=True)
 class PairDiagnosis:
+    """Models `a` and `b` (indices into the names): diversity, and accuracy along the weight path between them."""
+
     a: int
     b: int
-    ratio_error: float
-    path_accuracies: tuple[float, ...]
+    ratio_error: float  # infinite when they never err on the same image
+    path_accuracies: tuple[float, ...]  # at each of the diagnosis's alphas
+    barrier: float = field(init=False)  # a field, not a property: the JSON record carries it
 
-    @property
-    def barrier(self) -> float:
-        return barrier(self.path_accuracies)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "barrier", barrier(self.path_accuracies))
 
 
 @dataclass(frozen=True)
 class Diagnosis:
+    """What `diagnose` returns and `--format json` prints: every model's accuracy and every pair measured."""
+
     names: tuple[str, ...]
     accuracies: tuple[float, ...]
     pairs: tuple[PairDiagnosis, ...]
+    alphas: tuple[float, ...] = ALPHAS  # where each path was measured, from model a (0) to model b (1)
 
 
 def diagnose_states(
