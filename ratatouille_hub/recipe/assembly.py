@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card
-from ..diagnose import diagnose_loaded, plot_paths, plot_scores
+from ..diagnose import diagnose_loaded
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model
+from ..figures import ScorePoint, plot_paths, plot_scores
 from ..io import foreign_entries
 from ..merge_engine import (
     COPIED_CONFIGS,
@@ -179,11 +180,16 @@ def _write_soup(staging: Path, plan: RecipePlan, output: Path, target: Target, e
     plot_scores(
         [
             *(
-                (f"r{i}", n, r.val_accuracy, r.test_accuracy, "run")
+                ScorePoint(str(i), n, r.val_accuracy, r.test_accuracy, "run")
                 for i, (n, r) in enumerate(zip(names, results.runs))
             ),
-            *((m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup") for m, a in averages.items()),
-            ("ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"),
+            *(
+                ScorePoint(m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup")
+                for m, a in averages.items()
+            ),
+            ScorePoint(
+                "ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"
+            ),
         ],
         target.test_domain,
         staging / SCORES_PLOT,
