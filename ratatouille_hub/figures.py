@@ -17,15 +17,25 @@ from .diagnose import Diagnosis, PairDiagnosis
 from .safe_text import terminal_safe
 
 DPI = 100
-PATHS_WIDTH_PX, PATHS_HEIGHT_PX = 1200, 640  # plus LEGEND_ROW_PX per row of the pairs' legend
+PATHS_WIDTH_PX, PATHS_HEIGHT_PX = 1200, 640  # taller with many models (PATHS_PX_PER_MODEL), plus the legend
+PATHS_PX_PER_MODEL = 47  # a readable bar for each model's accuracy
 SCORES_WIDTH_PX, SCORES_HEIGHT_PX = 1200, 640
 LEGEND_ROW_PX = 18
 LONGEST_NAME = 44  # characters of a model's name a legend shows; longer ones keep their start and end
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 MARKER_RADIUS_PX = 9  # of the largest marker a label is placed beside (12 pt)
-LABEL_GID = "point-label"  # the gid of every label placed next to a point (the tests find them by it)
+LABEL_GID = "point-label"
+LABEL_FONT_SIZE = 8.5
+LEADER_LINE = {
+    "arrowstyle": "-",
+    "color": "#777777",
+    "linewidth": 0.6,
+    "shrinkA": 1,
+    "shrinkB": 5,
+}  # the gid of every label placed next to a point (the tests find them by it)
 COLOURS = {"run": "#1f77b4", "soup": "#d62728", "ensemble": "#2ca02c"}
 SHAPES = {"run": "o", "soup": "D", "ensemble": "*"}
+TEXT_AS_WRITTEN = {"text.parse_math": False, "text.usetex": False}  # a `$` in a repo name is not math
 
 
 class ScorePoint(NamedTuple):
@@ -61,16 +71,18 @@ def pair_tag(pair: PairDiagnosis) -> str:
 
 
 def draw_paths(diagnosis: Diagnosis):
-    """The diagnose figure, PATHS_WIDTH_PX x (PATHS_HEIGHT_PX + LEGEND_ROW_PX per legend row): accuracy along
+    """The diagnose figure, PATHS_WIDTH_PX x (max(PATHS_HEIGHT_PX, 160 + PATHS_PX_PER_MODEL per model) +
+    LEGEND_ROW_PX per legend row): accuracy along
     each pair's weight path with the straight line between its ends (the barrier is the gap), each model's
     own accuracy, and each pair's diversity against its barrier. Every number is the diagnosis's."""
     import matplotlib
 
-    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False, "font.size": 9}):
+    with matplotlib.rc_context({**TEXT_AS_WRITTEN, "font.size": 9}):
         labels = [pair_label(diagnosis, pair) for pair in diagnosis.pairs]
         columns = 2 if max(map(len, labels), default=0) <= 95 else 1
         rows = -(-len(labels) // columns)
-        figure = _figure(PATHS_WIDTH_PX, PATHS_HEIGHT_PX + LEGEND_ROW_PX * rows)
+        panels = max(PATHS_HEIGHT_PX, 160 + PATHS_PX_PER_MODEL * len(diagnosis.names))
+        figure = _figure(PATHS_WIDTH_PX, panels + LEGEND_ROW_PX * rows)
         axes = figure.subplot_mosaic(
             [["paths", "accuracy"], ["paths", "diversity"]], width_ratios=[1.8, 1], height_ratios=[1, 1.3]
         )
@@ -182,7 +194,7 @@ def draw_scores(points: Sequence[ScorePoint], test_domain: str):
     import matplotlib
 
     domain = shown_name(test_domain)
-    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False, "font.size": 9}):
+    with matplotlib.rc_context({**TEXT_AS_WRITTEN, "font.size": 9}):
         figure = _figure(SCORES_WIDTH_PX, SCORES_HEIGHT_PX)
         ax = figure.add_subplot()
         for point in points:
@@ -228,65 +240,90 @@ def _freeze_layout(figure) -> None:
 
 
 def _label_points(ax, points: Sequence[tuple[float, float, str]]) -> None:
-    """Tag each point once, points that coincide on screen under one label ("0, 3"), each label where it
-    overlaps no other label and no point, with a leader line when it had to move away.
+    """Tag each point once, points that coincide on screen under one label ("0, 3"), each label at the
+    nearest place inside the axes where it covers no other label and no point, joined to its point by a
+    leader line when that place is not beside it.
 
     Hand-written: matplotlib places no labels, and adjustText's repulsion does not guarantee what the
     figure promises (no label over another)."""
-    from matplotlib.transforms import Bbox
-
     renderer = ax.figure.canvas.get_renderer()
-    to_screen = ax.transData.transform
     groups: list[tuple[tuple[float, float], list[str]]] = []
     for x, y, tag in points:
-        here = to_screen((x, y))
+        sx, sy = (float(v) for v in ax.transData.transform((x, y)))
         for (gx, gy), tags in groups:
-            if abs(gx - here[0]) <= 6 and abs(gy - here[1]) <= 6:  # the markers cover each other: one label
+            if abs(gx - sx) <= 6 and abs(gy - sy) <= 6:  # the markers cover each other: one label
                 if tag not in tags:
                     tags.append(tag)
                 break
         else:
-            groups.append(((float(here[0]), float(here[1])), [tag]))
+            groups.append(((sx, sy), [tag]))
     r = MARKER_RADIUS_PX
-    markers = [Bbox.from_bounds(x - r, y - r, 2 * r, 2 * r) for (x, y), _ in groups]
-    inside = ax.get_window_extent(renderer)
-    taken: list = []
+    taken = [(x - r, y - r, x + r, y + r) for (x, y), _ in groups]
+    area = ax.get_window_extent(renderer)
     for (x, y), tags in groups:
-        data_point = ax.transData.inverted().transform((x, y))
-        label = None
-        for distance, dx, dy in _candidate_offsets():
-            if label is not None:
-                label.remove()
-            label = ax.annotate(
-                ", ".join(tags),
-                data_point,
-                xytext=(dx * distance, dy * distance),
-                textcoords="offset pixels",
-                ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                va="bottom" if dy > 0 else "top" if dy < 0 else "center",
-                fontsize=8.5,
-                gid=LABEL_GID,
-                arrowprops={"arrowstyle": "-", "color": "#777777", "linewidth": 0.6} if distance > 12 else None,
-            )
-            box = label.get_window_extent(renderer)
-            within = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
-            if within and not any(box.overlaps(other) for other in taken + markers):
+        text = ", ".join(tags)
+        probe = ax.text(0, 0, text, fontsize=LABEL_FONT_SIZE)
+        size = probe.get_window_extent(renderer)
+        probe.remove()
+        for dx, dy in _candidate_offsets(area, x, y):
+            box = _label_box(x + dx, y + dy, size.width, size.height, dx, dy)
+            inside = area.x0 <= box[0] and box[2] <= area.x1 and area.y0 <= box[1] and box[3] <= area.y1
+            if inside and not any(_overlap(box, other) for other in taken):
                 break
-        taken.append(label.get_window_extent(renderer))
+        else:
+            continue  # nowhere free: the legend still names the point
+        ax.annotate(
+            text,
+            ax.transData.inverted().transform((x, y)),
+            xytext=(dx, dy),
+            textcoords="offset pixels",
+            ha=_align(dx, "left", "right"),
+            va=_align(dy, "bottom", "top"),
+            fontsize=LABEL_FONT_SIZE,
+            gid=LABEL_GID,
+            arrowprops=None if dx * dx + dy * dy <= (r + 4) ** 2 else LEADER_LINE,
+        )
+        taken.append(box)
 
 
-def _candidate_offsets():
-    """Offsets (pixels, unit direction) to try for a label, nearest first: right, above, left, below, then
-    the diagonals, then the same farther out."""
-    directions = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (-1, -1), (1, -1)]
-    for distance in (MARKER_RADIUS_PX + 3, 24, 38, 54, 74, 100):
-        for dx, dy in directions:
-            yield distance, dx, dy
+def _align(offset: float, after: str, before: str) -> str:
+    return after if offset > 0.5 else before if offset < -0.5 else "center"
+
+
+def _label_box(x: float, y: float, width: float, height: float, dx: float, dy: float) -> tuple:
+    """The screen box (x0, y0, x1, y1) of a label anchored at (x, y) and aligned away from its point, with
+    2 px to spare on each side."""
+    x0 = x if dx > 0.5 else x - width if dx < -0.5 else x - width / 2
+    y0 = y if dy > 0.5 else y - height if dy < -0.5 else y - height / 2
+    return (x0 - 2, y0 - 2, x0 + width + 2, y0 + height + 2)
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _candidate_offsets(area, x: float, y: float):
+    """Offsets (pixels) to try for a label, nearest first: beside the point in 16 directions, then every
+    place of a 12-px grid over the axes (with a leader line), so a free place is found if there is one."""
+    from math import cos, pi, sin
+
+    directions = [(cos(k * pi / 8), sin(k * pi / 8)) for k in (0, 4, 8, 12, 2, 6, 10, 14, 1, 3, 5, 7, 9, 11, 13, 15)]
+    for distance in (MARKER_RADIUS_PX + 3, 22, 36):
+        for cx, cy in directions:
+            yield distance * cx, distance * cy
+    grid = [
+        (gx - x, gy - y) for gx in range(int(area.x0), int(area.x1), 12) for gy in range(int(area.y0), int(area.y1), 12)
+    ]
+    yield from sorted(grid, key=lambda d: d[0] * d[0] + d[1] * d[1])
 
 
 def save_png(figure, path: Path) -> None:
+    """Save at the figure's own size; texts drawn for the first time here are not parsed as math either."""
+    import matplotlib
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=DPI)
+    with matplotlib.rc_context(TEXT_AS_WRITTEN):
+        figure.savefig(path, format="png", dpi=DPI)
 
 
 def plot_paths(diagnosis: Diagnosis, path: Path) -> None:
