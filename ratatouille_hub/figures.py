@@ -24,15 +24,9 @@ LEGEND_ROW_PX = 18
 LONGEST_NAME = 44  # characters of a model's name a legend shows; longer ones keep their start and end
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 MARKER_RADIUS_PX = 9  # of the largest marker a label is placed beside (12 pt)
-LABEL_GID = "point-label"
+LABEL_GID = "point-label"  # the gid of every label placed next to a point (the tests find them by it)
 LABEL_FONT_SIZE = 8.5
-LEADER_LINE = {
-    "arrowstyle": "-",
-    "color": "#777777",
-    "linewidth": 0.6,
-    "shrinkA": 1,
-    "shrinkB": 5,
-}  # the gid of every label placed next to a point (the tests find them by it)
+LEADER_LINE = {"arrowstyle": "-", "color": "#777777", "linewidth": 0.6, "shrinkA": 1, "shrinkB": 5}
 COLOURS = {"run": "#1f77b4", "soup": "#d62728", "ensemble": "#2ca02c"}
 SHAPES = {"run": "o", "soup": "D", "ensemble": "*"}
 TEXT_AS_WRITTEN = {"text.parse_math": False, "text.usetex": False}  # a `$` in a repo name is not math
@@ -71,10 +65,10 @@ def pair_tag(pair: PairDiagnosis) -> str:
 
 
 def draw_paths(diagnosis: Diagnosis):
-    """The diagnose figure, PATHS_WIDTH_PX x (max(PATHS_HEIGHT_PX, 160 + PATHS_PX_PER_MODEL per model) +
-    LEGEND_ROW_PX per legend row): accuracy along
-    each pair's weight path with the straight line between its ends (the barrier is the gap), each model's
-    own accuracy, and each pair's diversity against its barrier. Every number is the diagnosis's."""
+    """The diagnose figure: accuracy along each pair's weight path with the straight line between its ends
+    (the barrier is the gap), each model's own accuracy, and each pair's diversity against its barrier; every
+    number is the diagnosis's. PATHS_WIDTH_PX wide, max(PATHS_HEIGHT_PX, 160 + PATHS_PX_PER_MODEL per model)
+    + LEGEND_ROW_PX per legend row tall."""
     import matplotlib
 
     with matplotlib.rc_context({**TEXT_AS_WRITTEN, "font.size": 9}):
@@ -119,15 +113,38 @@ def _draw_paths_panel(ax, diagnosis: Diagnosis, styles: list[dict], labels: list
 
     for pair, style, label in zip(diagnosis.pairs, styles, labels):
         alphas, accuracies = pair.alphas, [100 * a for a in pair.path_accuracies]
-        ax.plot(alphas, accuracies, label=label, color=style["color"], marker=style["marker"], markersize=6,
-                markerfacecolor="none", linewidth=1.6, gid="path")  # fmt: skip
-        ax.plot([0, 1], [accuracies[0], accuracies[-1]], color=style["color"], linestyle="--", linewidth=0.9,
-                alpha=0.7, gid="chord")  # fmt: skip
+        ax.plot(
+            alphas,
+            accuracies,
+            label=label,
+            color=style["color"],
+            marker=style["marker"],
+            markersize=6,
+            markerfacecolor="none",
+            linewidth=1.6,
+            gid="path",
+        )
+        ax.plot(
+            [0, 1],
+            [accuracies[0], accuracies[-1]],
+            color=style["color"],
+            linestyle="--",
+            linewidth=0.9,
+            alpha=0.7,
+            gid="chord",
+        )
         if pair.barrier > 0:  # the barrier itself: the gap between the chord and the path where it is widest
             at = max(range(len(alphas)), key=lambda k: _below_chord(pair, k))
             chord = accuracies[at] + 100 * _below_chord(pair, at)
-            ax.plot([alphas[at]] * 2, [accuracies[at], chord], color=style["color"], linewidth=4, alpha=0.35,
-                    solid_capstyle="butt", gid="barrier")  # fmt: skip
+            ax.plot(
+                [alphas[at]] * 2,
+                [accuracies[at], chord],
+                color=style["color"],
+                linewidth=4,
+                alpha=0.35,
+                solid_capstyle="butt",
+                gid="barrier",
+            )
     ax.set_title("Barrier: how far accuracy dips below the dashed line joining a path's ends")
     ax.set_xlabel("t, the weight path (1 − t) × first model + t × second model (0 = first, 1 = second)")
     ax.set_ylabel("validation accuracy (%)")
@@ -164,13 +181,21 @@ def _finite_ratio(diagnosis: Diagnosis, pair: PairDiagnosis) -> float:
 
 def _infinity_position(diagnosis: Diagnosis) -> float:
     finite = [p.ratio_error for p in diagnosis.pairs if p.ratio_error != float("inf")]
-    return 1.25 * max(finite, default=0.8)
+    return 1.25 * max([*finite, 0.8])  # an axis to 1 at least, even when every pair errs alike (all 0)
 
 
 def _draw_diversity_panel(ax, diagnosis: Diagnosis, styles: list[dict]) -> None:
     for pair, style in zip(diagnosis.pairs, styles):
-        ax.plot([_finite_ratio(diagnosis, pair)], [100 * pair.barrier], linestyle="none", markersize=8,
-                markerfacecolor="none", markeredgewidth=1.6, gid="pair", **style)  # fmt: skip
+        ax.plot(
+            [_finite_ratio(diagnosis, pair)],
+            [100 * pair.barrier],
+            linestyle="none",
+            markersize=8,
+            markerfacecolor="none",
+            markeredgewidth=1.6,
+            gid="pair",
+            **style,
+        )
     right = _infinity_position(diagnosis)
     ax.set_xlim(0, 1.12 * right)
     ax.set_ylim(-0.1 * _top(diagnosis), _top(diagnosis))
@@ -198,10 +223,17 @@ def draw_scores(points: Sequence[ScorePoint], test_domain: str):
         figure = _figure(SCORES_WIDTH_PX, SCORES_HEIGHT_PX)
         ax = figure.add_subplot()
         for point in points:
-            ax.plot([100 * point.validation], [100 * point.held_out], linestyle="none", gid=point.kind,
-                    marker=SHAPES[point.kind], color=COLOURS[point.kind], markersize=9 if point.kind == "run" else 12,
-                    label=f"{terminal_safe(point.tag)}: {shown_name(point.name)}  "
-                    f"{100 * point.validation:.1f}% / {100 * point.held_out:.1f}%")  # fmt: skip
+            ax.plot(
+                [100 * point.validation],
+                [100 * point.held_out],
+                linestyle="none",
+                gid=point.kind,
+                marker=SHAPES[point.kind],
+                color=COLOURS[point.kind],
+                markersize=9 if point.kind == "run" else 12,
+                label=f"{terminal_safe(point.tag)}: {shown_name(point.name)}  "
+                f"{100 * point.validation:.1f}% / {100 * point.held_out:.1f}%",
+            )
         ax.set_title(
             f"Individual accuracies: a soup that works lands above its runs on the held-out {domain}",
             fontsize=11,
