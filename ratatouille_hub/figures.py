@@ -235,7 +235,7 @@ def draw_scores(points: Sequence[ScorePoint], test_domain: str):
                 f"{100 * point.validation:.1f}% / {100 * point.held_out:.1f}%",
             )
         ax.set_title(
-            f"Individual accuracies: a soup that works lands above its runs on the held-out {domain}",
+            f"Individual accuracies on the held-out {domain}:\na soup that works lands above its runs",
             fontsize=11,
             fontweight="bold",
         )
