@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -488,7 +487,7 @@ def split_at_assembly(lines: list[str]) -> list[list[str]]:
 def diagnose_domain(trial: int, domain: str) -> None:
     """The three criteria on every pair of the Ratatouille runs of one test domain (validation only)."""
     from ratatouille_hub.config import RecipeConfig
-    from ratatouille_hub.diagnostics import diagnose_models, format_diagnosis, plot_paths
+    from ratatouille_hub.diagnostics import diagnose_models, format_diagnosis
     from ratatouille_hub.results import Results
 
     destination = DURABLE / f"trial{trial}" / f"diagnose-{domain}.json"
@@ -508,7 +507,6 @@ def diagnose_domain(trial: int, domain: str) -> None:
         diagnose_models(folders, config), names=tuple(f"run {i} from {_short(init)}" for i, init in enumerate(inits))
     )
     print(format_diagnosis(diagnosis))
-    plot_paths(diagnosis, destination.with_suffix(".png"))
     save_json(
         destination,
         {
@@ -527,6 +525,33 @@ def diagnose_domain(trial: int, domain: str) -> None:
             ],
         },
     )
+
+
+def draw_diagnoses() -> None:
+    """The figure of each stored diagnosis of DIAGNOSED_DOMAIN, drawn from its JSON: the figure follows the
+    product's drawing without retraining the runs."""
+    from ratatouille_hub.figures import plot_paths
+
+    for stored in DURABLE.glob(f"trial*/diagnose-{DIAGNOSED_DOMAIN}.json"):
+        figure = RESULTS / f"pacs-diagnose-{DIAGNOSED_DOMAIN}-{stored.parent.name}.png"
+        plot_paths(stored_diagnosis(json.loads(stored.read_text())), figure)
+
+
+def stored_diagnosis(record: dict):
+    """A diagnosis saved by diagnose_domain, read back: its runs named as the soup card names them, its pairs
+    in the order diagnose measured them (every pair, in turn)."""
+    from itertools import combinations
+
+    from ratatouille_hub.diagnostics import Diagnosis, PairDiagnosis
+
+    inits = record["runs"]
+    pairs = []
+    for (a, b), pair in zip(combinations(range(len(inits)), 2), record["pairs"], strict=True):
+        if pair["runs"] != [inits[a], inits[b]]:
+            raise ValueError(f"the stored pair {pair['runs']} is not runs {a} and {b} of {inits}")
+        pairs.append(PairDiagnosis(a, b, pair["ratio_error"], tuple(pair["path_accuracies"])))
+    names = tuple(f"run {i} from {_short(init)}" for i, init in enumerate(inits))
+    return Diagnosis(names, tuple(record["accuracies"]), tuple(pairs))
 
 
 def auxiliary_distances(results: Results) -> dict[str, float]:
@@ -598,8 +623,7 @@ def report() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_json(RESULTS / "pacs.json", payload)
-    for png in DURABLE.glob(f"trial*/diagnose-{DIAGNOSED_DOMAIN}.png"):
-        shutil.copyfile(png, RESULTS / f"pacs-diagnose-{DIAGNOSED_DOMAIN}-{png.parent.name}.png")
+    draw_diagnoses()
     (RESULTS / "pacs.md").write_text(markdown(payload))
     print((RESULTS / "pacs.md").read_text())
 
@@ -886,6 +910,8 @@ def _hub_style_section(hub_style: dict) -> list[str]:
 
 
 def _diagnose_section(diagnoses: dict) -> list[str]:
+    from ratatouille_hub.diagnostics import evenly_spaced
+
     lines = []
     for name, diagnosis in diagnoses.items():
         if diagnosis is None:
@@ -904,7 +930,9 @@ def _diagnose_section(diagnoses: dict) -> list[str]:
                 for i, (init, acc) in enumerate(zip(diagnosis["runs"], diagnosis["accuracies"]))
             ),
             "",
-            "| pair | ratio-error | barrier (points) | accuracy along the path (0, .25, .5, .75, 1) |",
+            "| pair | ratio-error | barrier (points) | accuracy along the path at t = "
+            + ", ".join(f"{t:g}" for t in evenly_spaced(len(diagnosis["pairs"][0]["path_accuracies"])))
+            + " |",
             "|---|---|---|---|",
             *(
                 f"| {p['runs'][0]} / {p['runs'][1]} | {p['ratio_error']:.2f} | {100 * p['barrier']:.1f} | "
@@ -915,7 +943,7 @@ def _diagnose_section(diagnoses: dict) -> list[str]:
         ]
     pngs = sorted(RESULTS.glob("pacs-diagnose-*.png"))
     if pngs:
-        lines += ["", *(f"![interpolation paths]({p.name})" for p in pngs)]
+        lines += ["", *(f"![weight paths, barriers and diversity of the runs]({p.name})" for p in pngs)]
     return lines
 
 

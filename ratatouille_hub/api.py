@@ -102,7 +102,8 @@ def diagnose(options: DiagnoseOptions, *, token: str | bool | None = None) -> Di
     """Measure METHOD.md's three criteria on the target's training-domain validation
     (`ratatouille-hub diagnose`): each model's accuracy, and for each pair its ratio-error and the accuracy along
     the weight path between them, with its barrier; the paths drawn into `options.plot` when given."""
-    from .diagnostics import diagnose_models, plot_paths
+    from .diagnostics import diagnose_models
+    from .figures import plot_paths
 
     diagnosis = diagnose_models(options.models, options, token=token)
     if options.plot:

@@ -544,7 +544,10 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         description="METHOD.md's three criteria on training-domain validation: each model's accuracy, the "
         "ratio-error of each pair (errors by one / errors by both: diversity), and accuracy along the "
         "straight weight path between them (the barrier: averageability). Models must classify the "
-        "target's labels (e.g. out/runs/*/model); the split is recycle's for the same target options.",
+        "target's labels (e.g. out/runs/*/model); the split is recycle's for the same target options. Cost: one "
+        "validation pass per model, and 9 per pair for its path, measured at 11 points t = 0, 0.1, ..., 1 (the "
+        "ends are the models' own): N models take N + 9 N (N - 1) / 2 passes; recycle diagnoses only the best "
+        "run against each other one (9 (N - 1) passes).",
     )
     _command(
         commands,

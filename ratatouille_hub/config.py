@@ -557,7 +557,13 @@ class DiagnoseOptions(TargetOptions):
     target: str = _opt(
         "", "target dataset (folder, parquet, DomainBed folder or Hub id)", group="target", required=True
     )
-    plot: str | None = _opt(None, "write the interpolation paths as a PNG here", group="output", check=png_file)
+    plot: str | None = _opt(
+        None,
+        "write the figure here (PNG): each pair's weight path and barrier, each model's accuracy, diversity "
+        "against barrier",
+        group="output",
+        check=png_file,
+    )
 
 
 @dataclass(frozen=True)

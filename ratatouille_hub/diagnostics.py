@@ -17,7 +17,16 @@ import torch
 
 from .merge_engine import average_state_dicts
 
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PATH_POINTS = 11  # each pair costs PATH_POINTS - 2 evaluations (the ends are the models' own); a dip shows
+
+
+def evenly_spaced(count: int) -> tuple[float, ...]:
+    """`count` points from 0 to 1, both included: where a path of `count` accuracies was measured (so a
+    record of accuracies alone, results.json's, says where each was taken)."""
+    return tuple(k / (count - 1) for k in range(count))
+
+
+ALPHAS = evenly_spaced(PATH_POINTS)
 
 
 def ratio_error(predictions_a: torch.Tensor, predictions_b: torch.Tensor, labels: torch.Tensor) -> float:
@@ -31,9 +40,11 @@ def ratio_error(predictions_a: torch.Tensor, predictions_b: torch.Tensor, labels
     return different / simultaneous if simultaneous else float("inf")
 
 
-def barrier(accuracies: Sequence[float], alphas: Sequence[float] = ALPHAS) -> float:
-    """Largest drop of accuracy along the path below the straight line between its endpoints (>= 0)."""
+def barrier(accuracies: Sequence[float]) -> float:
+    """Largest drop of accuracy along the path below the straight line between its endpoints (>= 0); the
+    accuracies are taken at evenly spaced points from 0 to 1."""
     start, end = accuracies[0], accuracies[-1]
+    alphas = evenly_spaced(len(accuracies))
     return max(0.0, *((1 - a) * start + a * end - acc for a, acc in zip(alphas, accuracies)))
 
 
@@ -54,6 +65,10 @@ class PairDiagnosis:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "barrier", barrier(self.path_accuracies))
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return evenly_spaced(len(self.path_accuracies))
 
 
 @dataclass(frozen=True)
@@ -166,96 +181,11 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines += [
         f"  [{i}] {100 * acc:5.1f}%  {name}" for i, (name, acc) in enumerate(zip(diagnosis.names, diagnosis.accuracies))
     ]
-    lines.append("pairs:  ratio-error (diversity)  barrier (averageability)  accuracy along the path " + str(ALPHAS))
+    lines.append(
+        "pairs:  ratio-error (diversity)  barrier (averageability)  accuracy along the path at t = "
+        + ", ".join(f"{alpha:g}" for alpha in ALPHAS)
+    )
     for pair in diagnosis.pairs:
         path = " ".join(f"{100 * a:5.1f}" for a in pair.path_accuracies)
         lines.append(f"  [{pair.a}]-[{pair.b}]  {pair.ratio_error:8.2f}  {100 * pair.barrier:8.1f} pts   {path}")
     return "\n".join(lines)
-
-
-def plot_paths(diagnosis: Diagnosis, path: Path, size: tuple[int, int] = (820, 480)) -> None:
-    """A PNG of accuracy along each pair's interpolation path, readable without the text: each line is named
-    by its two models, the axes say what they measure (Pillow only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    left, right, top, bottom = 60, 20, 56, 60
-    legend_height = 14 * len(diagnosis.pairs) + 10
-    image = Image.new("RGB", (width, height + legend_height), "white")
-    draw = ImageDraw.Draw(image)
-    values = [a for p in diagnosis.pairs for a in p.path_accuracies] or [0.0, 1.0]
-    low, high = max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05)
-    high = high if high > low else low + 0.1
-
-    def xy(alpha: float, accuracy: float) -> tuple[float, float]:
-        return (left + alpha * (width - left - right), top + (high - accuracy) / (high - low) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for alpha in ALPHAS:
-        x, _ = xy(alpha, low)
-        draw.text((x - 10, height - bottom + 8), f"{alpha:.2f}", fill="black")
-    for k in range(5):
-        accuracy = low + (high - low) * k / 4
-        _, y = xy(0, accuracy)
-        draw.text((8, y - 6), f"{100 * accuracy:.0f}%", fill="black")
-    draw.text(
-        (left, 8), "Averaging two runs: accuracy of (1 - t) x A + t x B on training-domain validation", fill="black"
-    )
-    draw.text((8, top - 30), "validation accuracy", fill="black")
-    draw.text(
-        (left, height - 30),
-        "t: weight path from run A (t = 0) to run B (t = 1); a dip in the middle is a barrier",
-        fill="black",
-    )
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    names = diagnosis.names
-    for index, pair in enumerate(diagnosis.pairs):
-        points = [xy(alpha, acc) for alpha, acc in zip(ALPHAS, pair.path_accuracies)]
-        colour = palette[index % len(palette)]
-        draw.line(points, fill=colour, width=2)
-        label = f"A = {names[pair.a]}   B = {names[pair.b]}   barrier {100 * pair.barrier:.1f} points"
-        draw.text((left, height + 4 + 14 * index), label, fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def plot_scores(points: Sequence[tuple[str, str, float, float, str]], test_domain: str, path: Path) -> None:
-    """A PNG of each model's training-domain validation accuracy (x) against its held-out accuracy (y):
-    `points` are (tag, name, validation, held-out, kind), kind `run`, `soup` or `ensemble`; the tag marks the
-    point, the legend gives its name. Above-right of the runs is where a soup should land; the ensemble is
-    the reference it approximates (Pillow only)."""
-    from PIL import Image, ImageDraw
-
-    width, height, left, right, top, bottom = 900, 520, 70, 340, 40, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    xs, ys = [p[2] for p in points], [p[3] for p in points]
-    x_low, x_high = min(xs) - 0.02, max(xs) + 0.02
-    y_low, y_high = min(ys) - 0.02, max(ys) + 0.02
-
-    def xy(x: float, y: float) -> tuple[float, float]:
-        return (
-            left + (x - x_low) / (x_high - x_low) * (width - left - right),
-            top + (y_high - y) / (y_high - y_low) * (height - top - bottom),
-        )
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for k in range(5):
-        x, y = x_low + (x_high - x_low) * k / 4, y_low + (y_high - y_low) * k / 4
-        draw.text((xy(x, y_low)[0] - 12, height - bottom + 8), f"{100 * x:.1f}%", fill="black")
-        draw.text((8, xy(x_low, y)[1] - 6), f"{100 * y:.1f}%", fill="black")
-    draw.text((left, 8), f"Each model: training-domain validation (x) against held-out {test_domain} (y)", fill="black")
-    draw.text((left, height - 28), "training-domain validation accuracy (what model selection sees)", fill="black")
-    draw.text((8, top - 16), f"{test_domain} accuracy", fill="black")
-    colours = {"run": "#1f77b4", "soup": "#d62728", "ensemble": "#2ca02c"}
-    draw.text((width - right + 10, top - 16), "validation / held-out, %", fill="black")
-    for index, (tag, name, x, y, kind) in enumerate(points):
-        cx, cy = xy(x, y)
-        radius = 4 if kind == "run" else 6
-        shape = draw.ellipse if kind != "ensemble" else draw.rectangle
-        shape([cx - radius, cy - radius, cx + radius, cy + radius], fill=colours[kind])
-        draw.text((cx + 8, cy - 6), tag, fill=colours[kind])
-        line = f"{tag}: {name}"[:44] + f"  {100 * x:.1f} / {100 * y:.1f}"
-        draw.text((width - right + 10, top + 14 * index), line, fill=colours[kind])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)

@@ -34,6 +34,7 @@ def test_ratio_error_counts_different_over_simultaneous_errors():
 def test_barrier_is_the_largest_dip_below_the_chord():
     assert barrier([0.8, 0.8, 0.5, 0.8, 0.9]) == pytest.approx(0.35)  # chord at 0.5 is 0.85
     assert barrier([0.8, 0.9, 0.95, 0.9, 0.8]) == 0.0  # above the chord everywhere: no barrier
+    assert barrier([0.8, 0.5, 0.9]) == pytest.approx(0.35)  # three points: t = 0, .5, 1, as a record of any length
 
 
 def test_interpolate_is_exact_and_keeps_integer_buffers_from_the_first():
@@ -56,10 +57,10 @@ def test_diagnose_states_evaluates_every_pair_along_the_path():
     assert diagnosis.accuracies == (1.0, 0.5, 1.0)
     assert [(p.a, p.b) for p in diagnosis.pairs] == [(0, 1), (0, 2), (1, 2)]
     first = diagnosis.pairs[0]
-    assert first.path_accuracies == (1.0, 1.0, 1.0, 0.5, 0.5)  # t = 0, .25, .5, .75, 1
+    assert ALPHAS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert first.path_accuracies == (1.0,) * 6 + (0.5,) * 5  # t <= .5 answers as a, t > .5 as b
     assert first.ratio_error == float("inf")  # a never errs, so no simultaneous errors
-    assert first.barrier == pytest.approx(0.125)  # at t = .75 the chord is .625, the path .5
-    assert len(first.path_accuracies) == len(ALPHAS)
+    assert first.barrier == pytest.approx(0.2)  # at t = .6 the chord is .7, the path .5
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_diagnose_json_holds_each_models_accuracy_and_the_api_returns_the_same_r
     assert jsondoc.undocumented(printed, "diagnose") == []
     assert printed["names"] == ["run 0 from base", "run 1 from aux1"]
     assert printed["accuracies"] == accuracies
-    assert printed["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert printed["alphas"] == [k / 10 for k in range(11)]  # 11 points along each path
     [pair] = printed["pairs"]
     path = pair["path_accuracies"]
     assert (pair["a"], pair["b"], path[0], path[-1]) == (0, 1, *accuracies)

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card, card_license
-from ..diagnostics import diagnose_loaded, plot_paths, plot_scores
+from ..diagnostics import diagnose_loaded
 from ..errors import RecipeError
 from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
 from ..fetch import is_hub_id, resolve_model, weights_digest
+from ..figures import ScorePoint, plot_paths, plot_scores
 from ..hashing import stable_hash
 from ..io import foreign_entries, match_umask
 from ..merge_engine import (
@@ -211,11 +212,16 @@ def _write_soup(
     plot_scores(
         [
             *(
-                (f"r{i}", n, r.val_accuracy, r.test_accuracy, "run")
+                ScorePoint(str(i), n, r.val_accuracy, r.test_accuracy, "run")
                 for i, (n, r) in enumerate(zip(names, results.runs))
             ),
-            *((m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup") for m, a in averages.items()),
-            ("ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"),
+            *(
+                ScorePoint(m, f"soup, {a.label(m)}", a.val_accuracy, a.test_accuracy, "soup")
+                for m, a in averages.items()
+            ),
+            ScorePoint(
+                "ensemble", "ensemble of the runs", ensemble["val_accuracy"], ensemble["test_accuracy"], "ensemble"
+            ),
         ],
         target.test_domain,
         staging / SCORES_PLOT,
