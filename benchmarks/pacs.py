@@ -1,4 +1,4 @@
-"""PACS benchmark: every method of METHOD.md side by side, on real images, through the local Hub.
+"""PACS benchmark: every method of docs/method.md side by side, on real images, through the local Hub.
 
     python benchmarks/pacs.py [--trials 0 1 2]
 
@@ -108,7 +108,7 @@ ROWS = (  # (row, cell whose results hold it, the scores in its results record)
 
 def protocol() -> str:
     return f"""\
-Protocol (what is scaled down from METHOD.md, and why). METHOD.md's budget is 20 runs x 5001 steps of 32
+Protocol (what is scaled down from docs/method.md, and why). docs/method.md's budget is 20 runs x 5001 steps of 32
 images per domain at 224 px, per strategy and test domain, on GPUs. Here the budget is 2 CPU cores and
 working sessions of at most 3 hours, keeping only what is committed: each finished cell is committed
 (cells/: its results and what its runs cost), so a stopped benchmark resumes in a later session after
@@ -121,7 +121,7 @@ before the number of runs or steps; at 128 px, PACS's stored resolution, the bac
 everything else is kept as at 64 px ({STEPS} steps, {RUNS} runs per strategy), so that the two tables differ
 by resolution alone; more steps per run would double a budget of about 4 hours of 2-core compute that
 already spans two sessions. Nothing below was chosen by looking at a test domain.
-Kept as in METHOD.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
+Kept as in docs/method.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
 (seeded by trial), model selection on training-domain validation only, the shared linear probe
 ({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only warm-up then a fresh Adam for runs from
 recycled or fused inits, frozen BatchNorm statistics (BN policy `average`), feature dropout, per-run
@@ -132,12 +132,12 @@ validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - resolution {IMAGE_SIZE} px (PACS is stored at 128) instead of 224, for every stage, ingredients included;
 - ingredients, made once per session and recycled by every trial (their cost is the community's, not the
   user's): {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
-  (METHOD.md: 5001), hparams drawn as for target runs, on caltech101 (PACS-overlapping classes removed),
+  (docs/method.md: 5001), hparams drawn as for target runs, on caltech101 (PACS-overlapping classes removed),
   clothing and cifar10 (upsampled from 32 px) instead of the other DomainBed datasets;
 - {RUNS} runs per strategy instead of 20. Ratatouille = 1 run from the base + 1 from each of
   {AUX_PER_TRIAL * len(AUX_DATASETS)} fine-tunes ({AUX_PER_TRIAL} per auxiliary dataset, drawn per trial from its {AUX_RUNS}, so the
   datasets weigh equally and the three trials recycle different fine-tunes; paper: 4 + 16);
-  Fusing mixes the base with the same drawn fine-tunes (one per dataset, as METHOD.md);
+  Fusing mixes the base with the same drawn fine-tunes (one per dataset, as docs/method.md);
 - {STEPS} steps per run instead of 5001, {BATCH} images per training domain per step instead of 32,
   validation every {EVAL_EVERY} steps, head-only warm-up {WARMUP} steps instead of 200;
 - channels-last memory layout (1.4-2x faster on CPU; equal up to float rounding); fp32 throughout.

@@ -99,7 +99,7 @@ def discover(options: DiscoverOptions, *, token: str | bool | None = None) -> Di
 
 
 def diagnose(options: DiagnoseOptions, *, token: str | bool | None = None) -> Diagnosis:
-    """Measure METHOD.md's three criteria on the target's training-domain validation
+    """Measure docs/method.md's three criteria on the target's training-domain validation
     (`ratatouille-hub diagnose`): each model's accuracy, and for each pair its ratio-error and the accuracy along
     the weight path between them, with its barrier; the paths drawn into `options.plot` when given."""
     from .diagnostics import diagnose_models

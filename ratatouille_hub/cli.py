@@ -475,7 +475,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         config=True,
         tracking=True,
         help="fine-tune a base on an auxiliary dataset: checkpoints for recycle to recycle",
-        description="Inter-training (METHOD.md step 2): fine-tune --base on every image of --dataset and keep "
+        description="Inter-training (docs/method.md step 2): fine-tune --base on every image of --dataset and keep "
         "the last-step weights, as a transformers folder with a card naming the base and the dataset "
         "(base_model_relation: finetune). Pushed to the Hub, these are what recycle discovers. With "
         "--push-to-hub ID and --runs N > 1, fine-tune r goes to ID-r.",
@@ -541,7 +541,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         "diagnose",
         DiagnoseOptions,
         help="measure accuracy, diversity and averageability of a set of runs",
-        description="METHOD.md's three criteria on training-domain validation: each model's accuracy, the "
+        description="docs/method.md's three criteria on training-domain validation: each model's accuracy, the "
         "ratio-error of each pair (errors by one / errors by both: diversity), and accuracy along the "
         "straight weight path between them (the barrier: averageability). Models must classify the "
         "target's labels (e.g. out/runs/*/model); the split is recycle's for the same target options. Cost: one "

@@ -421,7 +421,7 @@ class RecipeConfig(TargetOptions, TrainingOptions):
 
 @dataclass(frozen=True)
 class IntertrainConfig(TrainingOptions):
-    """Auxiliary fine-tunes of a base on one dataset (METHOD.md step 2): what `recycle` later recycles.
+    """Auxiliary fine-tunes of a base on one dataset (docs/method.md step 2): what `recycle` later recycles.
 
     Hyperparameters are drawn per run exactly as for target runs (run 0 takes the defaults, run r draws by
     r, whatever the seed), and a value given (`--lr`, `--weight-decay`, `--dropout`) holds for every run;
@@ -551,7 +551,7 @@ class MergeOptions(TargetOptions):
 
 @dataclass(frozen=True)
 class DiagnoseOptions(TargetOptions):
-    """`diagnose`: METHOD.md's three criteria on the target's training-domain validation."""
+    """`diagnose`: docs/method.md's three criteria on the target's training-domain validation."""
 
     models: tuple[str, ...] = _opt((), "model folders or Hub ids", group="model", positional=True, required=True)
     target: str = _opt(

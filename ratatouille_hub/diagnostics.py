@@ -1,4 +1,4 @@
-"""Diagnose: METHOD.md's three criteria for weight averaging, measured on a set of runs.
+"""Diagnose: docs/method.md's three criteria for weight averaging, measured on a set of runs.
 
 1. individual accuracy; 2. diversity: ratio of different errors to simultaneous errors of two
 models (Aksela, 2003; used by DiWA); 3. averageability: accuracy along the straight line between two

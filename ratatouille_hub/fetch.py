@@ -291,12 +291,12 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-# DomainBed datasets by alias -> (Hub dataset, domain column, label column); METHOD.md lists them.
+# DomainBed datasets by alias -> (Hub dataset, domain column, label column); docs/method.md lists them.
 KNOWN_DATASETS = {
     "pacs": ("flwrlabs/pacs", "domain", "label"),
     "officehome": ("flwrlabs/office-home", "domain", "label"),
 }
-# Benchmarks METHOD.md leaves to "look up": no Hub copy with a domain column has been checked.
+# Benchmarks docs/method.md leaves to "look up": no Hub copy with a domain column has been checked.
 UNMAPPED_DATASETS = {"vlcs": "VLCS", "terraincognita": "TerraIncognita", "domainnet": "DomainNet"}
 
 

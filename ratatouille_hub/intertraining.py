@@ -1,4 +1,4 @@
-"""Inter-training: fine-tune the base on an auxiliary dataset (METHOD.md step 2).
+"""Inter-training: fine-tune the base on an auxiliary dataset (docs/method.md step 2).
 
 What comes out is a community-style checkpoint: a transformers folder whose card names the base
 (`base_model_relation: finetune`) and the dataset, the kind of model `recycle` discovers on the Hub

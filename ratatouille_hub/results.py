@@ -87,7 +87,7 @@ class Results:
     runs: list[RunResult]
     soup: Outcome  # the model in the result folder
     best_run: BestRun
-    # METHOD.md's Inter-training: the best run by validation among those from a recycled init (None: no run is)
+    # docs/method.md's Inter-training: the best run by validation among those from a recycled init (None: no run is)
     best_recycled_run: BestRun | None
     averages: dict[str, Average]  # by merge method
     greedy_order: list[int]  # runs best first by their own validation accuracy

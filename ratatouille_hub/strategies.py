@@ -1,6 +1,6 @@
 """Strategies: where each run of a recipe starts, and whether the result is an average or the best run.
 
-One `@strategy` entry per strategy of METHOD.md. An entry returns each run's init (the base, a recycled
+One `@strategy` entry per strategy of docs/method.md. An entry returns each run's init (the base, a recycled
 fine-tune, or a fusion of several) from the plan's context alone: no training, no weight is read, so a
 plan lists its runs before anything runs. CLI choices, config validation and card wording come from here.
 """
@@ -92,7 +92,7 @@ def strategy(
 @strategy(
     "ratatouille",
     help="run 0 from the base, runs 1..len(aux) from one recycled fine-tune each, the rest from the base, "
-    "averaged (METHOD.md: 4 + 16)",
+    "averaged (docs/method.md: 4 + 16)",
     averages=True,
     recycles=True,
     card_sentence="one run from each recycled fine-tune of the base, the others from the base itself",
@@ -148,7 +148,7 @@ def _by_dataset(recycled: Sequence[Ingredient], datasets_of) -> list[list[Ingred
 
 
 def _fusion(context: InitContext, index: int, groups: list[list[Ingredient]]) -> FusionSpec:
-    """The base and one fine-tune per auxiliary dataset, mixed with weights exp(4U) / sum (METHOD.md),
+    """The base and one fine-tune per auxiliary dataset, mixed with weights exp(4U) / sum (docs/method.md),
     drawn from the run's own seed."""
     rng = random.Random(stable_int(f"{context.seed}:{index}:fusing"))
     members = [context.base] + [group[rng.randrange(len(group))] for group in groups]

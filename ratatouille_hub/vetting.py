@@ -1,7 +1,7 @@
 """Pre-flight checks of the checkpoints a recipe would average, before any data is decoded, any step is
 trained or anything is written.
 
-Every recycled checkpoint must descend from the base (METHOD.md): same architecture, same backbone
+Every recycled checkpoint must descend from the base (docs/method.md): same architecture, same backbone
 tensors (names, shapes, dtypes), finite weights, and weights near the base's. Nothing here runs code from
 a checkpoint: configs are read as JSON, weights through safetensors headers and tensor reads, and a config
 that asks for custom code (`auto_map`) is refused outright.

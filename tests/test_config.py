@@ -1,4 +1,4 @@
-"""RecipeConfig: METHOD.md's defaults, the recipe.yaml round trip, validation, per-run hyperparameters."""
+"""RecipeConfig: docs/method.md's defaults, the recipe.yaml round trip, validation, per-run hyperparameters."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def config(**changes) -> RecipeConfig:
 
 
 def test_defaults_are_the_reference_recipe():
-    """METHOD.md: 20 runs, 5001 steps, eval every 100, LP 5001 steps at 5e-5, 200 head-only warm-up
+    """docs/method.md: 20 runs, 5001 steps, eval every 100, LP 5001 steps at 5e-5, 200 head-only warm-up
     steps, 32 images per domain, Adam 5e-5 / wd 0 / dropout 0 for run 0 and the DomainBed draws."""
     c = config()
     assert (c.runs, c.steps, c.eval_every) == (20, 5001, 100)

@@ -1,4 +1,4 @@
-"""diagnose: the three criteria of METHOD.md, as pure functions and through the CLI on real runs."""
+"""diagnose: the three criteria of docs/method.md, as pure functions and through the CLI on real runs."""
 
 import json
 import re

@@ -1,4 +1,4 @@
-"""The Model Ratatouille recipe (METHOD.md) as plan -> execute -> assemble.
+"""The Model Ratatouille recipe (docs/method.md) as plan -> execute -> assemble.
 
     plan      fetch the base, discover and vet the fine-tunes to recycle, describe the target, and list
               the shared linear probe and every run (init, hparams, seeds, folder key): no training.

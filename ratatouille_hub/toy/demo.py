@@ -209,7 +209,7 @@ def aux_id(task: str) -> str:
 
 
 def comparison_rows(results: dict[str, Results]) -> list[dict]:
-    """METHOD.md's table: ERM, model soups, inter-training, fusing, Ratatouille, and the ensemble reference."""
+    """docs/method.md's table: ERM, model soups, inter-training, fusing, Ratatouille, and the ensemble reference."""
     soups, ratatouille, vetted = results["soup"], results["ratatouille"], results[VETTED]
     return [
         {"method": "ERM (LP init, best run by validation)", **_accuracies(soups.best_single)},
@@ -318,7 +318,7 @@ def check_loads(repo_id: str, results: dict) -> str:
 
 
 def demo_config(output: Path, strategy: str) -> RecipeConfig:
-    """The demo's recipe: METHOD.md's structure at toy scale (fewer, shorter runs; larger lr).
+    """The demo's recipe: docs/method.md's structure at toy scale (fewer, shorter runs; larger lr).
 
     No --aux: the recycled checkpoints are discovered on the (local) Hub as fine-tunes of the base.
     """
