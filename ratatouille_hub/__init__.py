@@ -13,6 +13,9 @@ result = merge(MergeOptions(models=("org/ft-a", "./ft-b"), output="merged"))  # 
 """
 
 from .config import IntertrainConfig, MergeOptions, RecipeConfig
+from .logs import install as _install_logging
+
+_install_logging()  # progress lines on stderr, for the API as for the command (docs/logging.md)
 
 __version__ = "0.1.0"
 __all__ = [

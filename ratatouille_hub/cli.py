@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import traceback
 import typing
 from pathlib import Path
 
+from . import logs
 from .config import (
     GROUPS,
     AssembleOptions,
@@ -31,6 +33,8 @@ from .config import (
     UpdateOptions,
 )
 from .safe_text import say
+
+log = logging.getLogger(__name__)
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
 
@@ -177,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recycle fine-tunes of one base model into one weight-averaged model (Model Ratatouille).",
         epilog=METHOD_DOC,
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_verbosity_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     recycle = _command(
@@ -367,7 +371,32 @@ def build_parser() -> argparse.ArgumentParser:
         "kept off the command line, where ps shows it): each user writes and reads private repos only in "
         "their own namespace, and every write needs a token",
     )
+    for command in commands.choices.values():
+        add_verbosity_flags(command, after_command=True)
     return parser
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """-q, -v and --debug, accepted before the command and after it (`ratatouille-hub -q recycle ...` and
+    `ratatouille-hub recycle ... -q`): after it they default to nothing, so they never undo one given before."""
+    default = argparse.SUPPRESS if after_command else False
+    group = parser.add_argument_group("output (before or after the command)")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="warnings, errors and results only (no progress)"
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="debug lines too, and the libraries' own progress bars and warnings (transformers, huggingface_hub, "
+        "datasets), which are hidden otherwise",
+    )
+    group.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
+
+
+def verbosity_of(args) -> int:
+    return logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.DEFAULT
 
 
 def run_intertrain(args) -> None:
@@ -484,13 +513,14 @@ def run_demo(args) -> None:
     from .localhub.server import LocalHub, hub_environment
 
     with LocalHub(args.output / "hub") as hub:
-        say(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
+        log.info(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
         # Before any HF library is imported: they read these once, at import time.
         os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
         from .toy.demo import run_demo as demo
 
-        demo(args.output, hub)
+        with logs.library_output(verbosity_of(args)):
+            demo(args.output, hub)
 
 
 def run_discover(args) -> None:
@@ -602,9 +632,14 @@ def main(argv: list[str] | None = None) -> int:
     from .safe_text import terminal_safe
 
     tune_allocator()  # before torch allocates anything: PyTorch on CPU is 2-5x slower without it
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose ask for opposite things: give one")
     try:
-        COMMANDS[args.command](args)
+        # demo sets the libraries' environment before importing them; local-hub uses none of them
+        with logs.verbosity(verbosity_of(args), libraries=args.command not in ("demo", "local-hub")):
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageTensors, Normalization, augment, evenly_spaced
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
+from .logs import bar_disable
 from .models import (
     capture_features,
     feature_dropout,
@@ -137,7 +138,7 @@ def optimize(
     best: TrainOutcome | None = None
     history: list[tuple[int, float]] = []
     loss_fn = nn.CrossEntropyLoss()
-    progress = tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    progress = tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True, disable=bar_disable())
     with feature_dropout(model, dropout):
         for step in progress:
             if freeze_bn:
@@ -264,7 +265,7 @@ def linear_probe(
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     batches = DomainBatches(train_features, batch_size, seed)
     best: LinearHead | None = None
-    for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=None):
+    for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=bar_disable()):
         features, labels = next(batches)
         loss = nn.functional.cross_entropy(head(features.to(accelerator.device)), labels.to(accelerator.device))
         loss.backward()
