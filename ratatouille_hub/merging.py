@@ -8,6 +8,7 @@ adapter, `_run_engine`, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from .safe_text import say
 if TYPE_CHECKING:  # publish imports the merge engine: loaded only when a merge pushes
     from .publish import PushResult
 
+log = logging.getLogger(__name__)
 MERGE_CONFIG = "merge.yaml"  # beside the merged weights: `merge --config` replays it
 CARD_NAME = "README.md"
 
@@ -187,7 +189,7 @@ def _run_engine(
         base=base.ingredient.path if mixture.anchored is not None else None,
     )
     if unanchored:
-        echo(
+        log.warning(
             f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
             + ", ".join(unanchored[:4])
             + (", ..." if len(unanchored) > 4 else "")

@@ -35,6 +35,7 @@ cost.json:
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Callable
@@ -51,9 +52,10 @@ from .recipe.assembly import assemble, check_replaceable_soup
 from .recipe.executor import Worker, execute
 from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
-from .safe_text import path_component, say, terminal_safe
+from .safe_text import path_component, terminal_safe
 from .strategies import STRATEGIES
 
+log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
 COST_FILE = "cost.json"
@@ -90,7 +92,7 @@ def plan_sweep(
     config: SweepConfig,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     per_cell: Callable[[RecipeConfig], RecipeConfig] | None = None,
 ) -> list[tuple[Cell, list[RecipePlan]]]:
     """Plan every cell and save the plans (no training). `per_cell` may change each cell's recipe before it
@@ -168,7 +170,7 @@ def flat_runs(loaded: list[tuple[Cell, list[RecipePlan]]]) -> list[tuple[Path, R
     return runs
 
 
-def run_sweep_index(output: Path, index: int, *, token=None, echo: Callable[[str], None] = say) -> Path:
+def run_sweep_index(output: Path, index: int, *, token=None, echo: Callable[[str], None] = log.info) -> Path:
     """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent."""
     runs = flat_runs(load_sweep(output, token))
     if not 0 <= index < len(runs):
@@ -181,7 +183,7 @@ def sweep(
     config: SweepConfig,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     per_cell: Callable[[RecipeConfig], RecipeConfig] | None = None,
 ) -> SweepTable | None:
     """Plan, train what is missing and assemble every cell, then write and return the table (results.json,
@@ -200,7 +202,7 @@ def sweep(
     return collect(output, loaded, token=token, echo=echo) if worker.is_main else None
 
 
-def collect(output: Path, loaded=None, *, token=None, echo: Callable[[str], None] = say) -> SweepTable:
+def collect(output: Path, loaded=None, *, token=None, echo: Callable[[str], None] = log.info) -> SweepTable:
     """Assemble the cells whose soups are missing or stale, and write results.json and cost.json from their
     results; refuses, naming them, while some runs are missing."""
     loaded = load_sweep(output, token) if loaded is None else loaded

@@ -185,7 +185,7 @@ def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_w
     run2 = tmp_path / "three" / three.runs[2].folder / "model"
     target = ["--target", str(tiny_world.target), "--image-size", "16"]
     assert update(tmp_path / "three" / "soup", tmp_path / "updated", remove=[run2], target=target) == 0
-    assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().out
+    assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().err
     card = ModelCard.load(tmp_path / "updated" / "README.md")
     [result] = card.data.eval_results
     assert result.metric_value == round(two.soup.val_accuracy, 4) and "2 runs of one recipe" in card.text
