@@ -557,7 +557,8 @@ def test_a_token_never_reaches_files_logs_cards_recipes_or_errors(
     ):
         assert cli.main(failing) == 2
         captured = capsys.readouterr()
-        assert captured.err.startswith("error: ") and SECRET not in captured.out + captured.err, captured.err
+        assert captured.err.splitlines()[-1].startswith("error: "), captured.err  # after the progress lines
+        assert SECRET not in captured.out + captured.err
 
 
 def test_community_text_cannot_add_front_matter_keys_or_break_the_card(tmp_path):
