@@ -113,7 +113,7 @@ def test_the_python_api_says_its_progress_on_stderr(tiny_world, tmp_path, capsys
 @pytest.fixture(scope="module")
 def two_runs(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("logging") / "out"
-    results = recycle(tiny_recipe(tiny_world, out, runs=2), echo=lambda line: None)
+    results = recycle(tiny_recipe(tiny_world, out).replace(runs=2), echo=lambda line: None)
     return [str(out / run.folder / "model") for run in results.runs]
 
 
@@ -121,7 +121,7 @@ def diagnose(two_runs, tiny_world, *flags: str, **environment: str) -> subproces
     """`diagnose` of two runs in a fresh process whose environment sets no progress-bar variable (the test
     session sets HF_HUB_DISABLE_PROGRESS_BARS) unless `environment` does."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **environment)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **environment)
     argv = ["diagnose", *two_runs, "--target", str(tiny_world.target), "--image-size", "16", *flags]
     done = subprocess.run(
         [sys.executable, "-m", "ratatouille_hub", *argv], capture_output=True, text=True, env=env, timeout=300
