@@ -380,11 +380,10 @@ def add_verbosity_flags(parser: argparse.ArgumentParser, *, after_command: bool 
     """-q, -v and --debug, accepted before the command and after it (`ratatouille-hub -q recycle ...` and
     `ratatouille-hub recycle ... -q`): after it they default to nothing, so they never undo one given before."""
     default = argparse.SUPPRESS if after_command else False
-    group = parser.add_argument_group("output (before or after the command)")
-    group.add_argument(
+    parser.add_argument(
         "-q", "--quiet", action="store_true", default=default, help="warnings, errors and results only (no progress)"
     )
-    group.add_argument(
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -392,7 +391,7 @@ def add_verbosity_flags(parser: argparse.ArgumentParser, *, after_command: bool 
         help="debug lines too, and the libraries' own progress bars and warnings (transformers, huggingface_hub, "
         "datasets), which are hidden otherwise",
     )
-    group.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
 
 
 def verbosity_of(args) -> int:
