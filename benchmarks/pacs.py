@@ -182,16 +182,19 @@ def run_trials(trials: list[int], ingredients_only: bool = False) -> None:
         os.environ.pop("HF_TOKEN", None)
         import torch
 
+        from ratatouille_hub import logs
+
         torch.set_num_threads(os.cpu_count() or 1)
-        seed_hub(hub)
-        timings = load_json(DURABLE / "timings.json", {})
-        made = intertrain_auxiliaries(timings)
-        describe_ingredients(made)
-        # The main table first, trial by trial, so that a stopped session leaves complete trials behind;
-        # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
-        if not ingredients_only:
-            for trial in trials:
-                run_trial(trial, timings)
+        with logs.library_output(logs.DEFAULT):  # as the command: the libraries' bars would bury the log
+            seed_hub(hub)
+            timings = load_json(DURABLE / "timings.json", {})
+            made = intertrain_auxiliaries(timings)
+            describe_ingredients(made)
+            # The main table first, trial by trial, so that a stopped session leaves complete trials behind;
+            # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
+            if not ingredients_only:
+                for trial in trials:
+                    run_trial(trial, timings)
             if TRIALS[0] in trials:
                 diagnose_domain(TRIALS[0], DIAGNOSED_DOMAIN)
         hub_style = [t for t in trials if t in HUB_STYLE_TRIALS]

@@ -389,10 +389,8 @@ def machine() -> dict:
 def run_benchmark(models: list[str], threads: list[int], repeats: int, steps: int | None) -> dict:
     import torch
 
-    from ratatouille_hub.models import quiet_transformers
     from ratatouille_hub.train import make_accelerator
 
-    quiet_transformers()
     info = machine()
     accelerator = make_accelerator("no")
     rows = []
@@ -453,7 +451,10 @@ def main(argv: list[str] | None = None) -> None:
 
     allocator = tune_allocator()  # as the CLI does before torch allocates anything; both loops share it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = run_benchmark(args.models, args.threads, args.repeats, args.steps)
+    from ratatouille_hub import logs
+
+    with logs.library_output(logs.DEFAULT):  # the libraries' own bars and load chatter would bury the table
+        results = run_benchmark(args.models, args.threads, args.repeats, args.steps)
     results["machine"]["malloc"] = {
         "tuned_by_product": allocator,
         "from_environment": {k: os.environ[k] for k in SETTINGS if k in os.environ},

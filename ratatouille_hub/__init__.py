@@ -45,6 +45,9 @@ from .config import (
     ResultsOptions,
     UpdateOptions,
 )
+from .logs import install as _install_logging
+
+_install_logging()  # progress lines on stderr, for the API as for the command (docs/logging.md)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import logging
 import sys
 import textwrap
 import traceback
@@ -19,6 +20,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from . import logs
 from .config import (
     GROUPS,
     AssembleOptions,
@@ -55,6 +57,8 @@ COMMAND_GROUPS = {  # how the top-level --help lists the commands, in this order
     "Inspect": ("discover", "diagnose", "results"),
     "Tools": ("local-hub", "demo", "env"),
 }
+
+log = logging.getLogger(__name__)
 
 METHOD_DOC = "The recipe, its protocol and reference numbers: docs/method.md in the repository."
 
@@ -379,7 +383,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         action=ShowVersions,
         help="print the versions of ratatouille-hub, torch, transformers and huggingface_hub, and exit",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_verbosity_flags(parser)
     commands = Commands(
         parser.add_subparsers(
             dest="command",
@@ -614,7 +618,31 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         "Recycle fine-tunes of one base model into one weight-averaged model (Model Ratatouille).\n\n"
         + commands.grouped()
     )
+    for command in commands.subparsers.choices.values():
+        add_verbosity_flags(command, after_command=True)
     return parser
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """-q, -v and --debug, accepted before the command and after it (`ratatouille-hub -q recycle ...` and
+    `ratatouille-hub recycle ... -q`): after it they default to nothing, so they never undo one given before."""
+    default = argparse.SUPPRESS if after_command else False
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="warnings, errors and results only (no progress)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="debug lines too, and the libraries' own progress bars and warnings (transformers, huggingface_hub, "
+        "datasets), which are hidden otherwise",
+    )
+    parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
+
+
+def verbosity_of(args) -> int:
+    return logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.DEFAULT
 
 
 def run_intertrain(args) -> None:
@@ -686,7 +714,7 @@ def run_assemble(args) -> None:
 
     options = options_from_args(args, AssembleOptions)
     with _progress_aside(args):
-        assembled = assemble(options, token=args.token)
+        assembled = assemble(options, token=args.token, tracking=options_from_args(args, TrackingOptions))
     if isinstance(assembled, SoupRecord):  # from the Hub: its [merge] line said what joined and where
         if args.format == "json":
             _report(args, assembled, str)
@@ -733,13 +761,14 @@ def run_demo(args) -> None:
     from .localhub.server import LocalHub, hub_environment
 
     with LocalHub(args.output / "hub") as hub:
-        say(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
+        log.info(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
         # Before any HF library is imported: they read these once, at import time.
         os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
         from .toy.demo import run_demo as demo
 
-        demo(args.output, hub)
+        with logs.library_output(verbosity_of(args)):
+            demo(args.output, hub)
 
 
 def run_discover(args) -> None:
@@ -860,8 +889,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {terminal_safe(_first_line(error))}", file=sys.stderr)
         return 2
+    if args.quiet and args.verbose:
+        print("error: -q/--quiet and -v/--verbose ask for opposite things: give one", file=sys.stderr)
+        return 2
     try:
-        COMMANDS[args.command](args)
+        # demo sets the libraries' environment before importing them; local-hub uses none of them
+        with logs.verbosity(verbosity_of(args), libraries=args.command not in ("demo", "local-hub")):
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ Only weights travel; the Hub clients are the stock ones.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from .vetting import (
     signature_of,
 )
 
+log = logging.getLogger(__name__)
 RUN_FILES = (WEIGHTS_NAME, *COPIED_CONFIGS, RUN_FILE)  # what a contributed run is made of
 UPDATE_TRIES = 3  # pushes of a Hub soup's update, each from the head it read, before giving up
 
@@ -134,7 +136,7 @@ def any_run(source: str, token=None) -> RunFiles:
     return run
 
 
-def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = say) -> list[RunFiles]:
+def find_recipe_runs(reference: str, token=None) -> list[RunFiles]:
     """The contributed runs of the recipe of the run `reference`, found by their base's tag, checked by
     fingerprint and verified (`verify_run`): one line for each run of another recipe, or whose files do not
     check out, which is left out; the same weights count once. A run's provenance is read (and checked)
@@ -148,7 +150,7 @@ def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = s
     try:
         named_run = _pinned_run(reference, sha, provenance, token)
         named = _checked(_checkpoint(named_run))
-        yardstick = recipe_yardstick(recipe, named, token, echo)
+        yardstick = recipe_yardstick(recipe, named, token)
         verify_named_run(named, yardstick, recipe)
         verify_run(named.checkpoint, named, yardstick)
     except (RatatouilleError, OSError, ValueError, RecursionError) as error:  # OSError: HfHubHTTPError too
@@ -162,7 +164,7 @@ def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = s
         try:
             other = run_provenance(Path(hf_hub_download(model.id, RUN_FILE, revision=model.sha, token=token)), model.id)
             if other["fingerprint"] != fingerprint:
-                echo(
+                log.warning(
                     terminal_safe(
                         f"refused {model.id}: a run of another recipe "
                         f"(differs in: {', '.join(differences(recipe, other['recipe']))})"
@@ -172,10 +174,10 @@ def find_recipe_runs(reference: str, token=None, echo: Callable[[str], None] = s
             run = _pinned_run(model.id, model.sha, other, token)
             verify_run(_checkpoint(run), named, yardstick)  # even a copy of the named run's weights
         except (RatatouilleError, OSError, ValueError, RecursionError) as error:  # one bad repo is refused, not fatal
-            echo(terminal_safe(f"refused {model.id}: {_first_line(error).removeprefix(f'{model.id}: ')}"))
+            log.warning(terminal_safe(f"refused {model.id}: {_first_line(error).removeprefix(f'{model.id}: ')}"))
             continue
         if run.sha256 in found:
-            echo(terminal_safe(f"skipped {model.id}: the same weights as {found[run.sha256][1].source}"))
+            log.info(terminal_safe(f"skipped {model.id}: the same weights as {found[run.sha256][1].source}"))
             continue
         found[run.sha256] = (other["run"]["index"], run)
     if not found:
@@ -239,7 +241,7 @@ def _checked(checkpoint: Ingredient) -> Checked:
     return Checked(checkpoint, raw.get("id2label"), config, processor, signature_of(checkpoint))
 
 
-def recipe_yardstick(recipe: dict, named: Checked, token, echo: Callable[[str], None]) -> Yardstick:
+def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
     """The recipe's base at the commit its record names, when the Hub has it; else the named run, with a line
     saying so (a local base is on the contributor's disk only)."""
     source, _, revision = recipe["base"].rpartition("@")
@@ -251,7 +253,7 @@ def recipe_yardstick(recipe: dict, named: Checked, token, echo: Callable[[str], 
             why = f"cannot be read ({_first_line(error)})"
     else:
         why = "is not on the Hub"
-    echo(
+    log.info(
         terminal_safe(
             f"[verify] the recipe's base {recipe['base']} {why}: runs are measured against the named run "
             f"{named.checkpoint.source}"
@@ -329,7 +331,7 @@ def assemble_from_hub(reference: str, destination: Path, token=None, echo: Calla
     `destination`, with its ingredients in the weights' metadata and a card naming them."""
     from .io import staged_folder
 
-    runs = find_recipe_runs(reference, token, echo)
+    runs = find_recipe_runs(reference, token)
     records = [run_provenance(run.folder / RUN_FILE, run.source) for run in runs]
     fingerprint = records[0]["fingerprint"]
     record = SoupRecord(tuple(SoupIngredient(run.sha256, run.source) for run in runs), fingerprint)
@@ -379,7 +381,7 @@ def update_soup(
         license = declared_license(staging)
         grown_soup_card(record, validation, dataset, lineage, license).save(staging / "README.md")
         if validation is not None:
-            echo(f"[eval] training-domain validation {100 * validation:.1f}%")
+            log.info(f"[eval] training-domain validation {100 * validation:.1f}%")
 
     runs_added = [any_run(s, token) for s in add]
     runs_removed = [any_run(s, token) for s in remove]
@@ -396,23 +398,23 @@ def update_soup(
     if not on_hub:
         work = destination or folder
         return landed(
-            update_local_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, echo=echo),
+            update_local_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card),
             f"written to {work}",
         )
     for _ in range(UPDATE_TRIES):
         head, folder = _read_hub_soup(soup, token)
         with tempfile.TemporaryDirectory() as scratch:  # the update is staged here, kept on no failure
             work = destination or Path(scratch) / "soup"
-            record = update_folder(
-                folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=False, echo=echo
-            )
+            record = update_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=False)
             if destination is not None:
                 return landed(record, f"read at revision {head}, written to {work}")
             message = f"Update soup: +{len(add)} -{len(remove)} runs"
             try:
                 result = push_folder(work, soup, token=token, commit_message=message, parent_commit=head)
             except HeadMovedError:
-                echo(terminal_safe(f"[update] {soup} moved on since revision {head} was read: updating its new head"))
+                log.info(
+                    terminal_safe(f"[update] {soup} moved on since revision {head} was read: updating its new head")
+                )
                 continue
         return landed(record, f"pushed as commit {result.oid} on {result.revision} ({result.url})")
     raise HubError(

@@ -9,6 +9,7 @@ replays on the same bytes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from .errors import RatatouilleError
 from .hashing import file_sha256, is_hex_digest
+
+log = logging.getLogger(__name__)
 
 # Downloaded first; an index's shards follow by name (`weight_files`): no other *.safetensors is fetched.
 WEIGHT_PATTERNS = (
@@ -118,7 +121,10 @@ def resolve_model(
         source, revision = split_revision(source)
     folder = Path(source)
     if folder.is_dir():
-        return Ingredient(source, f"sha256:{weights_digest(folder) if hash_local else ''}", folder)
+        digest = weights_digest(folder) if hash_local else ""
+        if hash_local:
+            log.debug(f"[fetch] {source}: a local folder, weights sha256 {digest}")
+        return Ingredient(source, f"sha256:{digest}", folder)
     if folder.exists():
         raise FetchError(f"{source}: not a model folder")
     if not is_hub_id(source):
@@ -138,6 +144,7 @@ def resolve_model(
         with reaching_the_hub(source), answered_by_the_hub(source, revision):
             sha, path = with_retries(lambda: _download(source, revision, token))
     verify_download(source, sha, path)
+    log.debug(f"[fetch] {source}@{sha}: {path}, every weight file matching the sha256 the Hub lists")
     return Ingredient(source, sha, path)
 
 
@@ -193,6 +200,8 @@ def with_retries(call):
         except Exception as error:
             if attempt == TRIES or not is_transient(error):
                 raise
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            log.debug(f"[hub] {type(error).__name__}: {first_line}; asking again in {wait:g} s")
         time.sleep(wait)
         wait *= 2
 

@@ -15,6 +15,7 @@ Each fine-tune is an artifact (artifacts.IntertrainRecord), claimed on its own: 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,14 +40,14 @@ from .errors import RecipeError
 from .evaluation import accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, is_hub_id, resolve_model, split_revision
 from .hashing import stable_hash, stable_int
-from .models import load_classifier, load_processor, quiet_transformers, refuse_unbuildable, serving_processor
+from .models import load_classifier, load_processor, refuse_unbuildable, serving_processor
 from .provenance import run_name
 from .recipe.executor import Worker
-from .safe_text import say
 from .sources import image_files_of, load_dataset_source, refuse_output_inside
 from .tracking import TRAIN_ACCURACY, Tracking
 from .train import DomainBatches, make_accelerator, optimize
 
+log = logging.getLogger(__name__)
 CARD_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -68,14 +69,13 @@ def intertrain(
     *,
     index: int | None = None,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> list[Path]:
     """Make `config.runs` fine-tunes of the base on the dataset (only fine-tune `index`, a scheduler's array
     task, when given); returns their folders (finished ones are reused). The recipe.yaml it saves pins the
     base and the dataset at the commits it read, so `intertrain --config` replays these fine-tunes.
     `tracking` says where each fine-tune's losses are reported."""
-    quiet_transformers()
     if index is not None and not 0 <= index < config.runs:
         raise RecipeError(f"--index {index}: this intertrain makes fine-tunes 0 to {config.runs - 1}")
     tracked = Tracking.of(tracking, config.output)  # a missing tracker package is refused before any work

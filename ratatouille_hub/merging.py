@@ -8,6 +8,7 @@ adapter, `_run_engine`, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from .safe_text import say
 if TYPE_CHECKING:  # publish imports the merge engine: loaded only when a merge pushes
     from .publish import PushResult
 
+log = logging.getLogger(__name__)
 MERGE_CONFIG = "merge.yaml"  # beside the merged weights: `merge --config` replays it
 CARD_NAME = "README.md"
 
@@ -224,7 +226,7 @@ def _run_engine(
         late=_UniformRecord(members, [partial(digests.files, i) for i in mixture.members]) if single_files else None,
     )
     if unanchored:
-        echo(
+        log.warning(
             f"{method.name}: {len(unanchored)} tensors the base lacks or shapes otherwise take the plain mean: "
             + ", ".join(unanchored[:4])
             + (", ..." if len(unanchored) > 4 else "")

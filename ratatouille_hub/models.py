@@ -297,16 +297,6 @@ def capture_features(model: nn.Module):
         handle.remove()
 
 
-def quiet_transformers() -> None:
-    """Silence the libraries' own per-file progress bars and load chatter, which would bury ours."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-
 def load_processor(source: str | Path, name: str | None = None):
     """The image processor of a checkpoint (`name`: what the user called it), on its Pillow backend."""
     from transformers import AutoImageProcessor

@@ -30,8 +30,8 @@ def path_component(name: str) -> str:
 
 
 def say(text: str) -> None:
-    """Print a progress or report line (or a table of them): each line escaped, since lines name datasets,
-    repos and folders that others chose."""
+    """Print a result (a table, the summary a command ends with) on stdout, each line escaped, since lines
+    name datasets, repos and folders that others chose. Progress and warnings go to the logger (logs.py)."""
     # one write of the whole text and its newline: print writes them apart, so unbuffered processes that share
     # a stdout (accelerate's ranks under PYTHONUNBUFFERED) glued one rank's line onto another's
     sys.stdout.write("\n".join(terminal_safe(line) for line in text.split("\n")) + "\n")

@@ -35,6 +35,7 @@ cost.json:
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Callable
@@ -51,10 +52,11 @@ from .recipe.assembly import assemble, check_replaceable_soup
 from .recipe.executor import Worker, execute
 from .recipe.plan import RecipePlan, RunSpec, load_plans, save_plans
 from .results import LeaveOneDomainOut, Results, soup_subfolder
-from .safe_text import path_component, say, terminal_safe
+from .safe_text import path_component, terminal_safe
 from .strategies import STRATEGIES
 from .tracking import UNTRACKED, Tracking
 
+log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.json"
 COST_FILE = "cost.json"
@@ -91,7 +93,7 @@ def plan_sweep(
     config: SweepConfig,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     per_cell: Callable[[RecipeConfig], RecipeConfig] | None = None,
 ) -> list[tuple[Cell, list[RecipePlan]]]:
     """Plan every cell and save the plans (no training). `per_cell` may change each cell's recipe before it
@@ -174,7 +176,7 @@ def run_sweep_index(
     index: int,
     *,
     token=None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> Path:
     """Train run `index` of the sweep's flat run list (a scheduler's array task); idempotent. `tracking` says
@@ -191,7 +193,7 @@ def sweep(
     config: SweepConfig,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     per_cell: Callable[[RecipeConfig], RecipeConfig] | None = None,
     tracking: TrackingOptions | None = None,
 ) -> SweepTable | None:
@@ -218,7 +220,7 @@ def collect(
     loaded=None,
     *,
     token=None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> SweepTable:
     """Assemble the cells whose soups are missing or stale (reporting their scores to `tracking`), and write

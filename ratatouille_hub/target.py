@@ -29,6 +29,7 @@ from .data import (
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset, split_revision
 from .hashing import stable_hash
+from .logs import bar_disable
 from .models import load_processor
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
@@ -202,7 +203,7 @@ def _decode_into_cache(staging: Path, preparation: TargetPreparation, domains: l
     cache = TargetCache(staging)
     pixels = np.lib.format.open_memmap(cache.pixels_file, mode="w+", dtype=np.uint8, shape=(total, 3, size, size))
     labels, start = [], 0
-    for split in tqdm(domains, desc="decoding the target", leave=False, disable=None):
+    for split in tqdm(domains, desc="decoding the target", leave=False, disable=bar_disable()):
         rows = split.train + split.val
         into = torch.from_numpy(pixels[start : start + len(rows)])
         labels.append(preparation.decode_rows(split, rows, into=into).labels.numpy())

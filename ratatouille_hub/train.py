@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint
 from .data import ImageTensors, Normalization, augment, evenly_spaced
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
+from .logs import bar_disable
 from .models import (
     capture_features,
     feature_dropout,
@@ -175,7 +176,13 @@ def optimize(
         best = None if saved_best is None else TrainOutcome(*saved_best)
     loss_fn = nn.CrossEntropyLoss()
     progress = tqdm(
-        range(done + 1, steps + 1), initial=done, total=steps, desc=desc, leave=False, dynamic_ncols=True, disable=None
+        range(done + 1, steps + 1),
+        initial=done,
+        total=steps,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=bar_disable(),
     )
     with feature_dropout(model, dropout):
         for step in progress:
@@ -329,7 +336,7 @@ def linear_probe(
     batches = DomainBatches(train_features, batch_size, seed)
     best: LinearHead | None = None
     window: list[torch.Tensor] = []  # with `log`: the steps' losses since the last evaluation
-    for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=None):
+    for step in tqdm(range(1, steps + 1), desc="linear probe", leave=False, dynamic_ncols=True, disable=bar_disable()):
         features, labels = next(batches)
         loss = nn.functional.cross_entropy(head(features.to(accelerator.device)), labels.to(accelerator.device))
         loss.backward()

@@ -13,6 +13,7 @@ once run one after the other, the second from the soup the first wrote, so neith
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,8 +44,8 @@ from .provenance import (
 )
 from .recipe.assembly import DIAGNOSTICS_PLOT, SCORES_PLOT
 from .results import Results
-from .safe_text import say
 
+log = logging.getLogger(__name__)
 STALE_FILES = ("results.json", DIAGNOSTICS_PLOT, SCORES_PLOT)  # a recycle soup's evaluation of its old ingredients
 COPIED_FILES = (*COPIED_CONFIGS, "README.md", "recipe.yaml")  # kept beside the new weights (the card rewritten)
 
@@ -173,14 +174,13 @@ def update_local_folder(
     where: str,
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
     rewrite_card: Callable[[Path, SoupRecord, Lineage | None], None],
-    echo: Callable[[str], None] = say,
 ) -> SoupRecord:
     """`update_folder` under the soup's claim, waiting for any other update of it: the record is read again
     under the claim, so an update that landed meanwhile is kept. Bad input is refused before the claim,
     whose lock file would otherwise be left beside the soup by a refused command."""
     checked_update(soup_folder, add, remove, where)
     with claimed_folder(soup_folder, wait=True):
-        return update_folder(soup_folder, add, remove, destination, where, resolve_ingredient, rewrite_card, echo=echo)
+        return update_folder(soup_folder, add, remove, destination, where, resolve_ingredient, rewrite_card)
 
 
 def soup_lineage(soup_folder: Path, add: Sequence[RunFiles]) -> Lineage | None:
@@ -212,7 +212,6 @@ def update_folder(
     resolve_ingredient: Callable[[SoupIngredient], RunFiles],
     rewrite_card: Callable[[Path, SoupRecord, Lineage | None], None],
     relocate: bool = True,
-    echo: Callable[[str], None] = say,
 ) -> SoupRecord:
     """Write the updated soup folder `destination` (in one rename; it may be `soup_folder` itself). With
     `relocate`, relative sources are re-expressed from `destination` (a local soup's runs stay where they are)."""
@@ -256,6 +255,6 @@ def update_folder(
                 shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
         stale = [name for name in STALE_FILES if (soup_folder / name).is_file()]
         if stale:
-            echo(f"[update] not carried over, they describe the soup before the update: {', '.join(stale)}")
+            log.info(f"[update] not carried over, they describe the soup before the update: {', '.join(stale)}")
         rewrite_card(staging, new_record, lineage)
     return new_record

@@ -1,6 +1,7 @@
 """The refusal contract every bad-input test checks, and the docs/errors.md table it keeps true.
 
-A refusal is exit code 2, one `error: ...` line on stderr naming the culprit, no traceback, and the output
+A refusal is exit code 2, one `error: ...` line naming the culprit, the last on stderr (the progress lines
+before it are the command's, docs/logging.md; with -q it is the only one), no traceback, and the output
 folder (and everything beside it) exactly as it was. Each case's line, with temporary paths written as
 placeholders, must appear in docs/errors.md; `RATATOUILLE_WRITE_ERRORS_MD=1 pytest tests/` rewrites the
 table from the lines the tests see (conftest's session hook calls `write_docs`).
@@ -62,13 +63,14 @@ def fails_cleanly(
 
 
 def one_error_line(capsys, culprit: str) -> str:
-    """What the command just printed: one `error:` line on stderr naming `culprit`, and no traceback."""
+    """What the command just printed: one `error:` line naming `culprit`, the last on stderr (progress precedes
+    it there), and no traceback."""
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert culprit in lines[0], lines[0]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:] != [], captured.err
+    assert culprit in lines[-1], lines[-1]
     assert "Traceback" not in captured.err + captured.out
-    return lines[0]
+    return lines[-1]
 
 
 def record(case: str, what: str, line: str, placeholders: dict[str, Path | str]) -> None:

@@ -190,18 +190,19 @@ def test_recycle_discovers_trains_merges_and_pushes_a_findable_soup(hub, world, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
-    # Discovery's table: one row per fine-tune, each bad one refused with its reason, the good one accepted.
-    rows = {repo: [line for line in result.stdout.splitlines() if line.split()[:1] == [repo]] for repo in world}
+    # Discovery's table (progress in recycle: stderr): one row per fine-tune, each bad one refused with its
+    # reason, the good one accepted.
+    rows = {repo: [line for line in result.stderr.splitlines() if line.split()[:1] == [repo]] for repo in world}
     for repo, reason in EXPECTED_REASONS.items():
-        assert len(rows[repo]) == 1, result.stdout
+        assert len(rows[repo]) == 1, result.stderr
         assert " refused " in rows[repo][0] and rows[repo][0].endswith(reason), rows[repo]
         assert world[repo][:8] in rows[repo][0]  # judged at the seeded commit
     assert len(rows[GOOD]) == 1 and " accepted " in rows[GOOD][0] and rows[GOOD][0].endswith(ACCEPTED), rows[GOOD]
     assert not rows[BASE]  # the base is not its own fine-tune
-    assert f"[fetch] recycled {GOOD}@{world[GOOD]}" in result.stdout
+    assert f"[fetch] recycled {GOOD}@{world[GOOD]}" in result.stderr
     assert not any(
         refused in line
-        for line in result.stdout.splitlines()
+        for line in result.stderr.splitlines()
         if line.startswith("[fetch]")
         for refused in EXPECTED_REASONS
     )

@@ -186,7 +186,7 @@ def test_top_level_help_groups_every_command_under_one_heading(capsys):
 
 def test_no_arguments_prints_the_help(capsys):
     assert cli.main([]) == 2
-    assert capsys.readouterr().out.startswith("usage: ratatouille-hub [-h] [--version] [--debug] COMMAND ...")
+    assert capsys.readouterr().out.startswith("usage: ratatouille-hub [-h] [--version] [-q] [-v] [--debug] COMMAND ...")
 
 
 # -- the hf extension ------------------------------------------------------------------------------

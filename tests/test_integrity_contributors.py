@@ -71,10 +71,12 @@ def contribute_by_hand(folder: Path, repo_id: str, token: str = CAROL) -> str:
 
 
 def assembled(argv: list[str], capsys) -> list[str]:
+    """What the command printed: its warnings and progress (stderr: runs refused, the yardstick), then its
+    result (stdout: the soup's one line)."""
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert captured.err == ""
-    return captured.out.splitlines()
+    assert len(captured.out.splitlines()) == 1 and "Traceback" not in captured.err
+    return captured.err.splitlines() + captured.out.splitlines()
 
 
 def mean_of(runs: list[Path], folder: Path) -> dict[str, torch.Tensor]:

@@ -139,9 +139,9 @@ def placeholders(world) -> dict:
 
 
 def recycles(argv: list[str], capsys) -> str:
-    """Run `argv`, demand exit 0, and return what it printed."""
+    """Run `argv`, demand exit 0, and return its progress lines (stderr)."""
     assert cli.main(argv) == 0
-    return capsys.readouterr().out
+    return capsys.readouterr().err
 
 
 def refused_by_plan_and_recycle(case, what, target, culprit: str, expected: str, world, out: Path, capsys) -> None:

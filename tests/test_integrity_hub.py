@@ -149,7 +149,7 @@ def test_a_download_that_differs_from_the_hubs_sha256_is_refused_and_not_kept(
     assert not [p for p in cached(finetune) if p.name in ("model.safetensors", entry.sha256)]  # link and blob gone
 
     assert cli.main(argv) == 0  # the same command against the healthy Hub downloads the file afresh
-    assert f"[fetch] recycled {finetune}@{sha}" in capsys.readouterr().out
+    assert f"[fetch] recycled {finetune}@{sha}" in capsys.readouterr().err
     weights = Path(constants.HF_HUB_CACHE, f"models--{ns}--finetune", "snapshots", sha, "model.safetensors")
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry.sha256
     assert (out / "soup" / "model.safetensors").is_file()
@@ -191,7 +191,7 @@ def test_a_discovered_finetune_that_fails_is_refused_and_the_recipe_goes_on(
         blob.write_bytes(original)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
-    rows = candidate_rows(captured.out, ns)
+    rows = candidate_rows(captured.err, ns)  # recycle's discovery is progress: stderr
     assert {repo: row[3:] for repo, row in rows.items()} == {
         f"{ns}/stranger": ["accepted", ACCEPTED],  # same shapes: only its weights tell
         f"{ns}/escaping": [
@@ -209,7 +209,7 @@ def test_a_discovered_finetune_that_fails_is_refused_and_the_recipe_goes_on(
         head_names_of(models.base / "config.json"),
     )
     nan_tensor = f"{ns}/nan@{shas[f'{ns}/nan']}/model.safetensors: tensor '{CONV}' contains NaN or Inf"
-    refused = [line for line in captured.out.splitlines() if " refused: " in line]
+    refused = [line for line in captured.err.splitlines() if " refused: " in line]
     assert refused == [
         f"[fetch] refused: {ns}/corrupt@{shas[f'{ns}/corrupt']}: model.safetensors {BAD_BYTES} (corrupted or "
         "altered on the way or in the cache); removed from the cache: run again to download it afresh",
@@ -287,7 +287,7 @@ def test_a_transient_hub_failure_is_retried_and_a_lasting_one_is_said(
     out = tmp_path / "out"
     assert cli.main([*recycle_argv(base, tiny_world.target, out), "--dry-run"]) == 0
     captured = capsys.readouterr()
-    rows = candidate_rows(captured.out, ns)
+    rows = candidate_rows(captured.err, ns)
     assert rows[f"{ns}/good"] == [f"{ns}/good", good_sha[:8], "100", "accepted", ACCEPTED]
     assert rows[f"{ns}/other"] == [
         f"{ns}/other",
@@ -299,8 +299,8 @@ def test_a_transient_hub_failure_is_retried_and_a_lasting_one_is_said(
     assert (
         f"[discover] warning: {ns}/other could not be read (503 Service Unavailable, still after 4 tries); this "
         "recipe recycles the others only: rerun it to judge that one too"
-    ) in captured.out.splitlines()
-    assert f"[fetch] recycled {ns}/good@{good_sha}" in captured.out
+    ) in captured.err.splitlines()
+    assert f"[fetch] recycled {ns}/good@{good_sha}" in captured.err
     named = [line for line in captured.out.splitlines() if f"{ns}/other@" in line]  # never fetched: only the plan
     assert [line.split("@")[0] for line in named] == [f"left out: {ns}/other"]  # records it, and why
     assert named[0].endswith(" (unreadable: 503 Service Unavailable, still after 4 tries)")
@@ -375,7 +375,7 @@ def test_a_gated_repo_says_how_to_get_access(
         f"accept them at {constants.ENDPOINT}/{gated}, then pass --token with a token of that account"
     )
     assert cli.main([*argv, "--token", "tok-alice", "--dry-run"]) == 0  # with access: fetched and planned
-    assert f"[fetch] recycled {gated}@" in capsys.readouterr().out
+    assert f"[fetch] recycled {gated}@" in capsys.readouterr().err
 
 
 def test_a_bad_hub_weight_is_named_by_repo_and_commit_not_by_cache_path(

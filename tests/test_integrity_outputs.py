@@ -202,7 +202,7 @@ def test_update_in_place_carries_the_users_files_over_and_names_every_stale_one(
     run = sorted((out / "runs").glob("*/model"))[0]
     capsys.readouterr()
     assert cli.main(["update", str(soup), "--remove", str(run)]) == 0
-    printed = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().err.splitlines()
     assert (
         "[update] not carried over, they describe the soup before the update: results.json, diagnostics.png, accuracies.png"
         in printed

@@ -230,7 +230,7 @@ def test_a_plan_file_that_is_not_a_plan_is_refused_naming_it(case, command, plan
 def test_a_diverged_run_is_never_done_and_the_corrected_recipe_takes_the_folder(tiny_world, shapes, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(recycle_argv(tiny_world, shapes, out, "--lr", "1e30")) == 2
-    err = capsys.readouterr().err.splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]  # not progress
     assert err == [
         f"error: run 0 of 1 from {tiny_world.base} (lr 1e+30) diverged: its trained weights are not finite "
         "(first: resnet.embedder.embedder.convolution.weight); nothing was saved; lower the learning rate "
@@ -306,8 +306,8 @@ def test_a_saved_recipe_replays_with_push_to_hub_as_the_card_says(tiny_world, sh
     capsys.readouterr()
     repo_id = f"{hub_namespace}/replayed"
     assert cli.main(["recycle", "--config", str(out / "recipe.yaml"), "--push-to-hub", repo_id]) == 0
-    printed = capsys.readouterr().out
-    assert "[train] run 0 of 1: done earlier" in printed and f"pushed {out / 'soup'} to " in printed
+    captured = capsys.readouterr()
+    assert "[train] run 0 of 1: done earlier" in captured.err and f"pushed {out / 'soup'} to " in captured.out
     assert (out / "soup" / "model.safetensors").read_bytes() == soup
     from huggingface_hub import hf_hub_download
 
@@ -325,6 +325,8 @@ def test_a_domain_name_cannot_forge_a_line_of_the_plan(tiny_world, tmp_path, cap
     dataset.to_parquet(str(target / "train.parquet"))
     argv = [*recycle_argv(tiny_world, target.parent, tmp_path / "out", "--test-domain", hostile), "--dry-run"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # the plan (a result) and the progress lines before it
     assert "\x1b" not in printed and not any(line.startswith("[train] run 9/9") for line in printed.splitlines())
-    assert "held out: ph\\n[train] run 9/9: done\\x1b[2J;" in printed
+    assert "held out: ph\\n[train] run 9/9: done\\x1b[2J;" in captured.out
+    assert "held out: ph\\n[train] run 9/9: done\\x1b[2J\n" in captured.err  # the [data] line

@@ -167,16 +167,19 @@ def test_a_hub_update_that_another_commit_overtook_reads_the_soup_again(runs, lo
     capsys.readouterr()
     start = len(local_hub.requests)
     assert cli.main(["update", repo_id, "--add", str(runs[2]), *ALICE]) == 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[update]")]
+    captured = capsys.readouterr()
+    printed = [line for line in captured.out.splitlines() if line.startswith("[update]")]  # the results
     commits = [r.status for r in local_hub.requests[start:] if r.route == "_commit"]
     assert commits == [200, 412, 200]  # the other update's, this one's on top of `read`, and its retry
     assert heads[2] == HfApi().model_info(repo_id).sha
     assert printed == [
         f"[update] {repo_id}: 3 ingredients (+1 -0), pushed as commit {heads[1]} on main "
         f"({local_hub.url}/{repo_id}/commit/{heads[1]})",
-        f"[update] {repo_id} moved on since revision {read} was read: updating its new head",
         f"[update] {repo_id}: 4 ingredients (+1 -0), pushed as commit {heads[2]} on main "
         f"({local_hub.url}/{repo_id}/commit/{heads[2]})",
+    ]
+    assert [line for line in captured.err.splitlines() if line.startswith("[update]")] == [  # progress
+        f"[update] {repo_id} moved on since revision {read} was read: updating its new head"
     ]
     is_the_mean_of(hub_weights(repo_id), [runs[0], runs[1], runs[3], runs[2]])
 

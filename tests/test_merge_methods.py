@@ -149,7 +149,7 @@ def finetunes(tmp_path_factory, tiny_checkpoints):
 def test_merge_of_tiny_models_matches_the_hand_computation(finetunes, tmp_path, method, capsys):
     base, folders = finetunes
     cli.main(["merge", *map(str, folders), "--output", str(tmp_path / method), "--method", method, "--base", str(base)])
-    assert "2 tensors the base lacks or shapes otherwise take the plain mean" in capsys.readouterr().out
+    assert "2 tensors the base lacks or shapes otherwise take the plain mean" in capsys.readouterr().err
     merged = load_file(tmp_path / method / "model.safetensors")
     anchor = load_file(base / "model.safetensors")
     runs = [load_file(folder / "model.safetensors") for folder in folders]

@@ -54,12 +54,12 @@ def test_accelerate_launch_on_two_processes_gives_the_sequential_soup(world, seq
         [*ACCELERATE, *recycle_argv(world, out)], capture_output=True, text=True, env=ENV, timeout=2 * TIMEOUT
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    started = trainers(lines)
+    progress = done.stderr.splitlines()
+    started = trainers(progress)
     assert sorted(started) == [0, 1, 2] and all(len(ranks) == 1 for ranks in started.values()), started
     assert {rank for ranks in started.values() for rank in ranks} <= {"rank 0/2", "rank 1/2"}
-    assert sum(line.startswith("soup: ") for line in lines) == 1  # the tables print once
-    assert sum("linear probe on the frozen base" in line for line in lines) == 1
+    assert sum(line.startswith("soup: ") for line in done.stdout.splitlines()) == 1  # the tables print once
+    assert sum("linear probe on the frozen base" in line for line in progress) == 1
     assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
     assert Results.load(out / "soup" / "results.json").runs == Results.load(sequential / "soup" / "results.json").runs
 
@@ -113,7 +113,7 @@ def test_a_rank_killed_mid_run_then_a_relaunch_trains_the_rest_once(world, seque
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     after = finished_runs(out)
     assert len(after) == 3 and all(after[name] == marker for name, marker in before.items())  # reused, not redone
-    retrained = trainers(relaunch.stdout.splitlines())
+    retrained = trainers(relaunch.stderr.splitlines())
     assert len(retrained) == 3 - len(before) and all(len(ranks) == 1 for ranks in retrained.values())
     assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
 
@@ -135,12 +135,12 @@ def test_plan_then_run_every_index_two_at_a_time_then_assemble_equals_recycle(wo
 
     def run(index: int) -> subprocess.Popen:
         return subprocess.Popen(
-            [*CLI, "run", str(out), "--index", str(index)], stdout=subprocess.PIPE, text=True, env=ENV
+            [*CLI, "run", str(out), "--index", str(index)], stderr=subprocess.PIPE, text=True, env=ENV
         )
 
     for batch in ([0, 1], [2, 1]):  # two at a time; index 1 again while (or after) it is trained: idempotent
         tasks = [run(i) for i in batch]
-        outputs = [task.communicate(timeout=TIMEOUT)[0] for task in tasks]
+        outputs = [task.communicate(timeout=TIMEOUT)[1] for task in tasks]  # their progress
         assert [task.returncode for task in tasks] == [0, 0], outputs
     assert "done earlier" in outputs[1] or "claimed by another process" in outputs[1]
     assert len(finished_runs(out)) == 3
@@ -174,14 +174,15 @@ def test_accelerate_launch_makes_each_intertrain_run_once_as_one_process_makes_i
         timeout=2 * TIMEOUT,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
-    lines = launched.stdout.splitlines()
     started: dict[int, list[str]] = {}
-    for line in lines:
+    for line in launched.stderr.splitlines():
         found = re.match(r"\[(rank \d/\d)\] \[train\] intertrain run (\d+) of 3 on ", line)
         if found:
             started.setdefault(int(found[2]), []).append(found[1])
     assert sorted(started) == [0, 1, 2] and all(len(ranks) == 1 for ranks in started.values()), started
-    assert sum(line.startswith("fine-tune ") for line in lines) == 3  # the main rank reports them
+    assert (
+        sum(line.startswith("fine-tune ") for line in launched.stdout.splitlines()) == 3
+    )  # the main rank reports them
     runs = {name: sorted((tmp_path / name / "runs").glob("[!.]*")) for name in ("alone", "launched")}
     assert [f.name for f in runs["launched"]] == [f.name for f in runs["alone"]] and len(runs["alone"]) == 3
     for mine, reference in zip(runs["launched"], runs["alone"]):

@@ -169,7 +169,7 @@ def test_accelerate_launch_on_two_processes_trains_each_run_once_and_writes_the_
     done = subprocess.run([*ACCELERATE, *argv], capture_output=True, text=True, env=ENV, timeout=4 * TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     started = [
-        line for line in done.stdout.splitlines() if re.match(r"\[rank [01]/2\] \[train\] run \d+ of \d+ from ", line)
+        line for line in done.stderr.splitlines() if re.match(r"\[rank [01]/2\] \[train\] run \d+ of \d+ from ", line)
     ]
     assert len(started) == 18  # each distinct run once (tiny runs: rank 0 may take over all of them)
     assert done.stdout.count("held-out accuracy (%)") == 1  # the table prints once

@@ -197,7 +197,7 @@ def test_with_a_target_the_update_is_scored_on_training_domain_validation(tiny_w
     run2 = tmp_path / "three" / three.runs[2].folder / "model"
     target = ["--target", str(tiny_world.target), "--image-size", "16"]
     assert update(tmp_path / "three" / "soup", tmp_path / "updated", remove=[run2], target=target) == 0
-    assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().out
+    assert f"[eval] training-domain validation {100 * two.soup.val_accuracy:.1f}%" in capsys.readouterr().err
     card = ModelCard.load(tmp_path / "updated" / "README.md")
     assert card.data.eval_results is None and "2 runs of one recipe" in card.text  # a local target: in the text
     assert (

@@ -29,6 +29,7 @@ at its last evaluation, checkpoint.py), and no two processes ever train the same
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
@@ -40,9 +41,9 @@ from ..discovery import discover_finetunes, format_candidates
 from ..errors import RecipeError
 from ..fetch import FetchError, Ingredient, is_hub_id, resolve_dataset, resolve_model, split_revision
 from ..io import claim_is_held, claimed_folder, sweep_staging
-from ..models import ArchitectureError, precision_note, quiet_transformers, refuse_unbuildable
+from ..models import ArchitectureError, precision_note, refuse_unbuildable
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
-from ..safe_text import say, terminal_safe
+from ..safe_text import terminal_safe
 from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
 from ..target import Target, TargetPreparation
@@ -51,6 +52,8 @@ from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
 from .executor import RunExecutor, Worker, execute
 from .plan import PLAN_FILE, PlanSummary, RecipePlan, build_plan, format_plans, load_plans, plan_summary, save_plans
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PINNED_FIELDS",
@@ -74,7 +77,7 @@ def recycle(
     config: RecipeConfig,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut | None:
     """Run the whole recipe: the results written to `<output>/soup/results.json`, or with
@@ -98,11 +101,10 @@ def recycle(
 
 
 def plan_recipe(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = log.info
 ) -> list[RecipePlan]:
     """The recipe's plans (one per held-out domain), without training and without writing anything
     (`recycle --dry-run`)."""
-    quiet_transformers()
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
@@ -135,7 +137,7 @@ def held_out_domains(config: RecipeConfig, base: Ingredient, token) -> list[str 
 
 
 def plan_output(
-    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = say
+    config: RecipeConfig, *, token: str | bool | None = None, echo: Callable[[str], None] = log.info
 ) -> list[RecipePlan]:
     """Plan the recipe and save it in its output folder (recipe.yaml, plan.json), where `run_index` and
     `assemble_output` (any process, any machine that shares the folder) find it."""
@@ -169,7 +171,7 @@ def run_index(
     index: int,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> Path:
     """Train run `index` of the plans saved in `output` (a scheduler's array task): at once done if it is
@@ -188,7 +190,7 @@ def train_run(
     spec,
     *,
     token=None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: Tracking = UNTRACKED,
 ) -> Path:
     """Train one run of `plan` into `output` unless it is done; waits for it if another process holds it
@@ -202,7 +204,7 @@ def assemble_output(
     output: Path,
     *,
     token: str | bool | None = None,
-    echo: Callable[[str], None] = say,
+    echo: Callable[[str], None] = log.info,
     tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut:
     """Build the soup(s) of the plans saved in `output` from their finished runs; refuses, naming them,
@@ -265,7 +267,7 @@ def fetch_ingredients(
         except FetchError as error:
             if not discovered:
                 raise
-            echo(f"[fetch] refused: {terminal_safe(str(error))}")
+            log.warning(f"[fetch] refused: {terminal_safe(str(error))}")
             left_out.append((source, f"refused: {error}"))
             continue
         echo(f"[fetch] recycled {terminal_safe(ingredient.reference)}")
@@ -273,14 +275,14 @@ def fetch_ingredients(
     refused = []
 
     def refuse(ingredient: Ingredient, error: Exception) -> None:
-        echo(f"[vet] refused: {terminal_safe(str(error))}")
+        log.warning(f"[vet] refused: {terminal_safe(str(error))}")
         refused.append(ingredient)
         left_out.append((ingredient.reference, f"refused: {error}"))
 
     for vetted in vet_ingredients(base, recycled, refuse if discovered else None):
         echo(f"[vet] {terminal_safe(vetted.describe())}")
         for warning in vetted.warnings:
-            echo(f"[vet]   warning: {warning}; runs from it may not average with the others")
+            log.warning(f"[vet]   warning: {warning}; runs from it may not average with the others")
     for ingredient in (i for i in recycled if i not in refused):  # headers vetted: does its config fit them?
         try:
             refuse_unbuildable(ingredient.path, ingredient.source)  # now, not once a run loads it
@@ -310,7 +312,7 @@ def recycled_sources(config: RecipeConfig, token, echo) -> tuple[list[str], list
     candidates = discover_finetunes(base, target=target_id, limit=config.aux_limit, token=token)
     echo(format_candidates(candidates))
     for unread in (c for c in candidates if not c.readable):
-        echo(
+        log.warning(
             f"[discover] warning: {unread.repo_id} could not be read ({unread.reason}); this recipe recycles the "
             "others only: rerun it to judge that one too"
         )

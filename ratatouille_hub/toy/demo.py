@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,9 +26,11 @@ from ..config import RecipeConfig
 from ..data import ImageTensors, decode_images
 from ..io import atomic_write_text
 from ..results import Results
+from ..safe_text import say
 from ..train import DomainBatches, make_accelerator, optimize
 from ..vetting import Vetted
 
+log = logging.getLogger(__name__)
 BASE_ID = "toy-world/resnet-tiny"
 TARGET_ID = "toy-world/shapes"
 SOUP_ID = "demo/ratatouille-soup"
@@ -48,12 +51,10 @@ VETTED = "ratatouille-vetted"  # the last recycle: only the fine-tunes vetting d
 IMAGE_SIZE = 32
 
 
-def build_world(root: Path, echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Path]:
+def build_world(root: Path, echo: Callable[[str], None] = log.info, seed: int = 0) -> dict[str, Path]:
     """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present."""
-    from ..models import quiet_transformers
     from . import world as toyworld
 
-    quiet_transformers()
     paths = {"base": root / BASE_ID, "target": root / "datasets" / TARGET_ID}
     aux_tasks = toyworld.aux_datasets(size=IMAGE_SIZE, seed=seed)
     accelerator = make_accelerator("no")
@@ -151,18 +152,17 @@ def careless_finetune(root: Path, base: Path, dataset, seed: int, echo) -> Path:
     return folder
 
 
-def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dict]:
+def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info) -> list[dict]:
     """Build the world, publish it on the local Hub, recycle it both ways through the Hub clients,
-    print the comparison, push the soup and load it back from the Hub like any model.
+    print the comparison (the result, on stdout; `echo` says the progress), push the soup and load it back
+    from the Hub like any model.
 
     The HF clients must already point at `hub` (see `localhub.server.hub_environment`): the world's
     checkpoints and dataset are seeded there, so discovery, pinned fetch and push are all real.
     """
-    from ..models import quiet_transformers
     from ..publish import push_folder
     from ..recipe import recycle
 
-    quiet_transformers()
     paths = build_world(output / "world", echo)
     publish_world(hub, paths)
     results = {}
@@ -174,12 +174,12 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = print) -> list[dic
     echo(f"\n== ratatouille again, recycling only what vetting did not flag: --aux {' '.join(unflagged)}")
     results[VETTED] = recycle(replace(demo_config(output, "ratatouille"), aux=unflagged), echo=echo)
     rows = comparison_rows(results)
-    echo("\n" + format_table(rows, results["ratatouille"].test_domain))
-    echo("\n" + careless_digest(results["ratatouille"], results[VETTED], vetted))
+    say("\n" + format_table(rows, results["ratatouille"].test_domain))
+    say("\n" + careless_digest(results["ratatouille"], results[VETTED], vetted))
     soup = output / "recycle" / "soup"  # the last recycle's: without the flagged fine-tune
     pushed = push_folder(soup, SOUP_ID)
-    echo(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
-    echo(check_loads(SOUP_ID, results[VETTED]))
+    say(f"\nsoup written to {soup} and pushed to the local Hub as {SOUP_ID} ({pushed.url})")
+    say(check_loads(SOUP_ID, results[VETTED]))
     return rows
 
 
