@@ -6,6 +6,7 @@ package stays fast.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from .config import (
 )
 from .safe_text import say
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from .diagnostics import Diagnosis
     from .discovery import Candidate
@@ -42,7 +45,7 @@ def recycle(
     config: RecipeConfig,
     *,
     token: str | bool | None = None,
-    echo: Echo = say,
+    echo: Echo = log.info,
     tracking: TrackingOptions | None = None,
 ):
     """Run the whole recipe (`ratatouille-hub recycle`): plan, train what is missing, assemble. Returns the
@@ -54,7 +57,7 @@ def recycle(
     return run(config, token=token, echo=echo, tracking=tracking or TrackingOptions())
 
 
-def plan_recipe(config: RecipeConfig, *, token: str | bool | None = None, echo: Echo = say) -> list[RecipePlan]:
+def plan_recipe(config: RecipeConfig, *, token: str | bool | None = None, echo: Echo = log.info) -> list[RecipePlan]:
     """The recipe's plans, one per held-out domain (`recycle --dry-run`): every run's init, hyperparameters,
     seeds and folder, without training or writing anything."""
     from .recipe import plan_recipe as plan
@@ -115,7 +118,7 @@ def assemble(
     options: AssembleOptions,
     *,
     token: str | bool | None = None,
-    echo: Echo = say,
+    echo: Echo | None = None,
     tracking: TrackingOptions | None = None,
 ) -> Results | LeaveOneDomainOut | SoupRecord:
     """Build the soup of the plan saved in `options.output` from its finished runs (`ratatouille-hub assemble`),
@@ -127,10 +130,10 @@ def assemble(
         from .merging import check_merge_output
 
         check_merge_output(output, [])  # replaced whole: never a plan folder or anything else
-        return assemble_from_hub(options.from_hub, output, token=token, echo=echo)
+        return assemble_from_hub(options.from_hub, output, token=token, echo=echo or say)
     from .recipe import assemble_output
 
-    return assemble_output(output, token=token, echo=echo, tracking=tracking or TrackingOptions())
+    return assemble_output(output, token=token, echo=echo or log.info, tracking=tracking or TrackingOptions())
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,7 @@ def test_kill_9_mid_run_resumes_from_its_last_evaluation_to_the_same_bytes(world
 
     [step] = saved_progress(out).values()
     result = run_to_completion(world, out)
-    assert f": resuming at step {step} of 60, from the progress it saved" in result.stdout
+    assert f": resuming at step {step} of 60, from the progress it saved" in result.stderr
     assert done_count(out, "runs") == 3
     assert not list(out.rglob("*.partial")) and not list(out.rglob(PROGRESS)), "progress left behind"
 
@@ -309,7 +309,8 @@ def test_a_rerun_whose_soup_is_done_prints_its_results_without_merging_or_evalua
     def recycle(*extra: str) -> list[str]:
         capsys.readouterr()
         assert cli.main(recycle_argv(world, out, extra)) == 0
-        return capsys.readouterr().out.splitlines()
+        printed = capsys.readouterr()
+        return printed.err.splitlines() + printed.out.splitlines()  # progress (stderr), then the table
 
     def table(lines: list[str]) -> list[str]:
         return lines[lines.index("") :]
