@@ -214,7 +214,7 @@ def comparison_rows(results: dict[str, Results]) -> list[dict]:
     return [
         {"method": "ERM (LP init, best run by validation)", **_accuracies(soups.best_single)},
         *({"method": f"Soups, {m}", **_accuracies(soups.averages[m])} for m in soups.averages),
-        {"method": "Inter-training (best run from a recycled init)", **_accuracies(ratatouille.best_recycled_single)},
+        {"method": "Inter-training (best recycled-init run)", **_accuracies(ratatouille.best_recycled_single)},
         {"method": "Fusing (best run by validation)", **_accuracies(results["fusing"].best_single)},
         *({"method": f"Ratatouille, {m}", **_accuracies(ratatouille.averages[m])} for m in ratatouille.averages),
         {"method": "Ensemble of the Ratatouille runs", **_accuracies(ratatouille.ensemble)},
