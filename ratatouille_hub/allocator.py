@@ -1,4 +1,4 @@
-"""glibc's allocator tuned for PyTorch on CPU, from inside the process (../shared/STACK.md, measured here).
+"""glibc's allocator tuned for PyTorch on CPU, from inside the process (measured on this project's machines).
 
 By default glibc serves every large activation buffer with a fresh mmap and returns it on free, so each
 training step page-faults its buffers in again: PyTorch on CPU runs 2-5x slower. The environment
@@ -14,7 +14,7 @@ import ctypes.util
 import os
 import platform
 
-# mallopt(3) parameter numbers (malloc.h) and the values STACK.md measured.
+# mallopt(3) parameter numbers (malloc.h) and the values measured for PyTorch on CPU.
 SETTINGS = {
     "MALLOC_MMAP_MAX_": (-4, 0),  # M_MMAP_MAX: never mmap a block, reuse the heap
     "MALLOC_TRIM_THRESHOLD_": (-1, 2**31 - 1),  # M_TRIM_THRESHOLD: the most mallopt takes; in effect never trim

@@ -3,7 +3,7 @@ states, with the math its entries share and the file I/O at the edges.
 
 The file merge copies each tensor's bytes out of the inputs with plain reads into reusable buffers instead
 of memory-mapping them: N mapped files count toward RSS as their pages are touched, so peak memory would
-grow with the number of models (../shared/STACK.md). Here it is bounded by the largest tensor, whatever N
+grow with the number of models. Here it is bounded by the largest tensor, whatever N
 (N of them for a method that compares the runs' tensors of one name).
 """
 
