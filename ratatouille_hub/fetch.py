@@ -120,10 +120,11 @@ def resolve_model(
     if revision is None:
         source, revision = split_revision(source)
     folder = Path(source)
+    if folder.is_dir() and not hash_local:
+        return Ingredient(source, "sha256:", folder)
     if folder.is_dir():
-        digest = weights_digest(folder) if hash_local else ""
-        if hash_local:
-            log.debug(f"[fetch] {source}: a local folder, weights sha256 {digest}")
+        digest = weights_digest(folder)
+        log.debug(f"[fetch] {source}: a local folder, weights sha256 {digest}")
         return Ingredient(source, f"sha256:{digest}", folder)
     if folder.exists():
         raise FetchError(f"{source}: not a model folder")

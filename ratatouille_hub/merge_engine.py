@@ -266,6 +266,19 @@ class SafetensorsSource:
 
     def read(self, name: str, scratch: _ScratchBuffer) -> Tensor:
         index, info = self._where[name]
+        return self._read(index, info, scratch)
+
+    def read_slice(self, name: str, start: int, stop: int, scratch: _ScratchBuffer) -> Tensor:
+        """Elements [start, stop) of the flattened tensor, read alone."""
+        index, info = self._where[name]
+        itemsize = _ITEMSIZE[info.dtype]
+        begin = info.offsets[0] + start * itemsize
+        return self._read(
+            index, TensorInfo(info.dtype, (stop - start,), (begin, begin + (stop - start) * itemsize)), scratch
+        )
+
+    def _read(self, index: int, info: TensorInfo, scratch: _ScratchBuffer) -> Tensor:
+        """The bytes `info` spans in file `index`, copied into `scratch` and viewed as its dtype and shape."""
         dtype = _STORED_DTYPES[info.dtype]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
@@ -274,18 +287,6 @@ class SafetensorsSource:
         raw = scratch.view(info.nbytes)
         _read_into(self._handles[index], info, raw, self.paths[index])
         return _as_tensor(raw, dtype, info.shape)
-
-    def read_slice(self, name: str, start: int, stop: int, scratch: _ScratchBuffer) -> Tensor:
-        """Elements [start, stop) of the flattened tensor, read alone."""
-        index, info = self._where[name]
-        itemsize = _ITEMSIZE[info.dtype]
-        begin = info.offsets[0] + start * itemsize
-        piece = TensorInfo(info.dtype, (stop - start,), (begin, begin + (stop - start) * itemsize))
-        if index not in self._handles:
-            self._handles[index] = open(self.paths[index], "rb", buffering=0)  # noqa: SIM115 (closed by close())
-        raw = scratch.view(piece.nbytes)
-        _read_into(self._handles[index], piece, raw, self.paths[index])
-        return _as_tensor(raw, _STORED_DTYPES[info.dtype], piece.shape)
 
     def close(self) -> None:
         for handle in self._handles.values():
