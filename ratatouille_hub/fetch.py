@@ -283,12 +283,19 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / name for name in _weight_files(folder)]
 
 
-def weight_file_digests(folder: Path) -> tuple[str, ...]:
+def weight_file_digests(folder: Path, *, downloaded: bool = False) -> tuple[str, ...]:
     """sha256 (hex) of each of the folder's weight files (`weight_files`), as soup records name them. A single
-    file is found without importing the merge engine (and torch), so hashing can start while torch loads."""
+    file is found without importing the merge engine (and torch), so hashing can start while torch loads. A
+    `downloaded` snapshot's files link to cache blobs named by their sha256, which `verify_download` checked
+    against the Hub's listing: those names are taken, not hashed again (a local folder's are never trusted)."""
     single = folder / SINGLE_WEIGHTS_FILE
     files = [single] if single.is_file() else weight_files(folder)
-    return tuple(file_sha256(file, chunk=HASH_CHUNK_BESIDE_WORK) for file in files)
+    return tuple(
+        file.resolve().name
+        if downloaded and file.is_symlink() and is_hex_digest(file.resolve().name, 64)
+        else file_sha256(file, chunk=HASH_CHUNK_BESIDE_WORK)
+        for file in files
+    )
 
 
 def weights_digest(folder: Path) -> str:

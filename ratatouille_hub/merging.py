@@ -138,7 +138,10 @@ class _ContentDigests:
             pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
         else:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self._files = [pool.submit(weight_file_digests, ingredient.path) for ingredient in ingredients]
+        self._files = [
+            pool.submit(weight_file_digests, ingredient.path, downloaded=not ingredient.is_local)
+            for ingredient in ingredients
+        ]
         pool.shutdown(wait=False)  # the queued digests still run; the worker ends after the last
 
     def files(self, index: int) -> tuple[str, ...]:
