@@ -6,6 +6,8 @@ own switches, and shown again with -v."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -76,14 +78,58 @@ def verbosity(level: int, *, libraries: bool = True) -> Iterator[None]:
 @contextmanager
 def library_output(level: int) -> Iterator[None]:
     """transformers', huggingface_hub's and datasets' bars hidden and their log lines below errors, unless
-    `level` is VERBOSE (-v): they are not this command's progress. Imports the three: a command that must set
-    their environment variables first (demo) enters this after it has."""
+    `level` is VERBOSE (-v): they are not this command's progress. A library is switched once it is imported:
+    now if it already is, else right after the command first imports it, so a command that never imports
+    transformers or datasets does not pay their import (1.3 s of a merge). A command that must set their
+    environment variables first (demo) enters this after it has."""
+    switches = {"huggingface_hub": _huggingface_hub, "transformers": _transformers, "datasets": _datasets}
     with ExitStack() as restore:
-        # huggingface_hub's first: transformers' own switch flips huggingface_hub's too, and the restores run
-        # in reverse, so huggingface_hub's state is put back last
-        for library in (_huggingface_hub, _transformers, _datasets):
-            restore.callback(library(show=level <= VERBOSE))
+
+        def switch(library: str) -> None:
+            restore.callback(switches[library](show=level <= VERBOSE))
+
+        # huggingface_hub's first: transformers' own switch flips huggingface_hub's too (transformers imports
+        # it first), and the restores run in reverse, so huggingface_hub's state is put back last
+        waiting = [library for library in switches if library not in sys.modules]
+        for library in switches:
+            if library not in waiting:
+                switch(library)
+        if waiting:
+            restore.enter_context(_after_import(waiting, switch))
         yield
+
+
+@contextmanager
+def _after_import(names: list[str], then: Callable[[str], None]) -> Iterator[None]:
+    """Call `then(name)` right after module `name` is first imported, while the block runs (an entry on
+    sys.meta_path that wraps the found loader's exec_module; Python has no post-import hook of its own)."""
+    finder = _PostImportFinder(set(names), then)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, names: set[str], then: Callable[[str], None]):
+        self.names, self.then = names, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)  # once; and the lookup below does not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            execute(module)
+            self.then(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def user_decides(variable: str) -> bool:

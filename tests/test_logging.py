@@ -151,3 +151,30 @@ def test_the_users_progress_bar_variable_wins(two_runs, tiny_world):
     assert "Loading weights" in shown.stderr
     hidden = diagnose(two_runs, tiny_world, "-v", HF_HUB_DISABLE_PROGRESS_BARS="1")
     assert "Loading weights" not in hidden.stderr
+
+
+LIBRARIES_AFTER_IMPORT = """
+import logging, sys
+from ratatouille_hub import logs
+with logs.library_output(logs.DEFAULT):
+    print("transformers" in sys.modules, "datasets" in sys.modules)
+    from transformers.utils import logging as hf_logging
+    import datasets
+    print(hf_logging.get_verbosity() == logging.ERROR, datasets.logging.get_verbosity() == logging.ERROR,
+          datasets.is_progress_bar_enabled())
+print(hf_logging.get_verbosity() == logging.WARNING, datasets.logging.get_verbosity() == logging.WARNING,
+      datasets.is_progress_bar_enabled(), type(sys.meta_path[0]).__name__)
+"""
+
+
+def test_a_library_is_switched_when_the_command_imports_it_and_not_imported_for_it():
+    environment = {k: v for k, v in os.environ.items() if not k.endswith(("VERBOSITY", "PROGRESS_BARS"))}
+    ran = subprocess.run(
+        [sys.executable, "-c", LIBRARIES_AFTER_IMPORT], capture_output=True, text=True, env=environment, cwd=ROOT
+    )
+    assert ran.returncode == 0, ran.stderr
+    before, inside, after = ran.stdout.splitlines()
+    assert before == "False False"  # entering the command imported neither
+    assert inside == "True True False"  # imported during it: errors only, bars off
+    assert after.split()[:3] == ["True", "True", "True"]  # put back; the import hook is gone
+    assert after.split()[3] != "_PostImportFinder"
