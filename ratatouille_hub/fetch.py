@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import RatatouilleError
-from .hashing import file_sha256, is_hex_digest
+from .hashing import is_hex_digest, remembered_sha256
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +287,14 @@ def weight_file_digests(folder: Path, *, downloaded: bool = False) -> tuple[str,
     """sha256 (hex) of each of the folder's weight files (`weight_files`), as soup records name them. A single
     file is found without importing the merge engine (and torch), so hashing can start while torch loads. A
     `downloaded` snapshot's files link to cache blobs named by their sha256, which `verify_download` checked
-    against the Hub's listing: those names are taken, not hashed again (a local folder's are never trusted)."""
+    against the Hub's listing: those names are taken, not hashed again (a local folder's are never trusted; their
+    digests are remembered by stat, `remembered_sha256`)."""
     single = folder / SINGLE_WEIGHTS_FILE
     files = [single] if single.is_file() else weight_files(folder)
     return tuple(
         file.resolve().name
         if downloaded and file.is_symlink() and is_hex_digest(file.resolve().name, 64)
-        else file_sha256(file, chunk=HASH_CHUNK_BESIDE_WORK)
+        else remembered_sha256(file, chunk=HASH_CHUNK_BESIDE_WORK)
         for file in files
     )
 
