@@ -12,7 +12,10 @@ method's default parameters; floor and naive are this script with --child; merge
 entry with linear, model_stock, task_arithmetic and ties (installed with --no-deps into
 benchmarks/scratch/mergekit-pkgs, so the project's torch is untouched). Peak RSS is the child's own ru_maxrss
 as wait4 reports it. The page cache is warmed first, so the numbers measure CPU and memory work, not the
-disk. The goal a method meets: wall time within 1.10x of the floor's and peak RSS within the floor's + 50 MB.
+disk. `merge` names each input by its weights' sha256 and remembers it by the file's stat
+(hashing.remembered_sha256): ours run as a re-merge of the same runs does (another method, another
+parameter), the digests remembered beforehand; ours:uniform-first is uniform with none remembered, the first
+merge of new runs, which hashes every input. The goal a method meets: wall time within 1.10x of the floor's and peak RSS within the floor's + 50 MB.
 Results: benchmarks/results/merge.json.
 """
 
@@ -46,6 +49,11 @@ MERGEKIT_INSTALL = [
     "scipy==1.17.1",
 ]
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+HF_HOME = WORK / "hf-home"  # our commands' cache: where they remember the inputs' digests
+FIRST_MERGE = "ours:uniform-first"  # uniform with no digest remembered: the first merge of these inputs
+REMEMBER = "import sys; from pathlib import Path; from ratatouille_hub.hashing import remembered_sha256 as r; " + (
+    "[r(Path(p)) for p in sys.argv[1:]]"
+)
 BASE_SEED = 1000  # the base checkpoint's seed, apart from the members' 0..N-1 (N up to 100)
 WALL_GOAL, RSS_GOAL_MIB = 1.10, 50.0  # within 1.10x the floor's wall time, and the floor's peak RSS + 50 MB
 # mergekit's methods beside ours, with the parameters of our defaults (ties: density 0.2, lambda 1)
@@ -238,10 +246,16 @@ def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None)
     whether it meets the goal against the floor."""
     n = len(inputs)
     warm_page_cache([*inputs, base_folder()])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_HOME": str(HF_HOME)}
+    subprocess.run(  # the inputs' digests remembered (hashing.remembered_sha256), as after a first merge of them
+        [sys.executable, "-c", REMEMBER, *(str(folder / WEIGHTS) for folder in [*inputs, base_folder()])],
+        env=env,
+        check=True,
+    )
     commands = {"floor": [sys.executable, __file__, "--child", "floor", str(OUTPUTS / f"floor-{n}"), *map(str, inputs)]}
     for method in our_methods():
         commands[f"ours:{method}"] = our_command(method, OUTPUTS / f"ours-{method}-{n}", inputs)
+    commands[FIRST_MERGE] = our_command("uniform", OUTPUTS / f"ours-uniform-first-{n}", inputs)
     commands["naive"] = [sys.executable, __file__, "--child", "naive", str(OUTPUTS / f"naive-{n}"), *map(str, inputs)]
     for method in MERGEKIT_METHODS:
         if mergekit_problem is None:
@@ -256,6 +270,9 @@ def measure_size(inputs: list[Path], repeats: int, mergekit_problem: str | None)
             shutil.rmtree(OUTPUTS / f"{folder}-{n}", ignore_errors=True)
             log = OUTPUTS / f"{folder}-{n}.log"
             child_env = {**env, "PYTHONPATH": f"{MERGEKIT_PACKAGES}:{ROOT}"} if name.startswith("mergekit") else env
+            if name == FIRST_MERGE:  # an empty digest cache: every input hashed, as the first merge of new runs
+                shutil.rmtree(WORK / "hf-home-first", ignore_errors=True)
+                child_env = {**env, "HF_HOME": str(WORK / "hf-home-first")}
             wall, rss, code = spawn_measured(argv, child_env, log)
             if code != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:]
