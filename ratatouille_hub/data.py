@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -213,9 +214,9 @@ def _domain_seed(seed: int, domain: str) -> int:
 
 @dataclass
 class ImageTensors:
-    """Decoded images (uint8, N x 3 x S x S) and their labels."""
+    """Images (uint8, N x 3 x S x S: decoded, or `StreamedPixels` decoded when read) and their labels."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | StreamedPixels
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -312,32 +313,161 @@ def decode_images(
     image, over its decompression-bomb limit) is refused, naming its row (`name`, `domain`: the dataset and
     the rows' domain, for that line)."""
     import datasets
-    from PIL import Image
 
     rows = list(rows)
     labels = label_ids_of(dataset, label_column, tuple(label_names), name=name)[rows]
     if dataset.features[image_column] != datasets.Image(decode=False):
         dataset = image_entries(dataset, image_column, name=name)
-    decoder = datasets.Image()
     pixels = torch.empty((len(rows), 3, size, size), dtype=torch.uint8) if into is None else into
-    for start in range(0, len(rows), DECODE_CHUNK):
-        chunk = rows[start : start + DECODE_CHUNK]
-        for i, (row, entry) in enumerate(zip(chunk, dataset.select(chunk)[image_column]), start):
-            try:
-                image = _decode(decoder, entry, root)
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                EOFError,
-                Image.DecompressionBombError,
-                Image.DecompressionBombWarning,
-            ) as error:
-                raise DataError(f"{row_at(name, row, image_column, domain)}: {_undecodable(error, entry)}") from None
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    ImageSource(dataset, image_column, size, root, name).decode_into(pixels, rows, [domain] * len(rows))
     return ImageTensors(pixels, torch.from_numpy(labels))
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """What decoding a row of a dataset needs: its image entries (`image_entries`), the training size, the
+    folder relative paths are read in, and the dataset's name for error lines."""
+
+    entries: object  # a datasets.Dataset whose image column is an undecoded datasets.Image
+    image_column: str
+    size: int
+    root: Path | None
+    name: str
+
+    def decode_into(self, pixels: torch.Tensor, rows: Sequence[int], domains: Sequence[str | None]) -> None:
+        """Decode each of `rows` (of `domains`, one each, for error lines) into the same place of `pixels`."""
+        import datasets
+        from PIL import Image
+
+        decoder = datasets.Image()
+        for start in range(0, len(rows), DECODE_CHUNK):
+            chunk = list(rows[start : start + DECODE_CHUNK])
+            for i, (row, entry) in enumerate(zip(chunk, self.entries.select(chunk)[self.image_column]), start):
+                try:
+                    image = _decode(decoder, entry, self.root)
+                except (
+                    OSError,
+                    ValueError,
+                    SyntaxError,
+                    EOFError,
+                    Image.DecompressionBombError,
+                    Image.DecompressionBombWarning,
+                ) as error:
+                    where = row_at(self.name, row, self.image_column, domains[i])
+                    raise DataError(f"{where}: {_undecodable(error, entry)}") from None
+                if image.size != (self.size, self.size):
+                    image = image.resize((self.size, self.size), Image.BILINEAR)
+                pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class StreamedPixels:
+    """The uint8 images (N x 3 x S x S) of some rows of a dataset, decoded from their files each time they are
+    read: what a target too large to keep decoded holds in place of a tensor. A slice or a list of positions
+    reads as that tensor's would, byte for byte (one decoder: `ImageSource`); `pixel_batches` and
+    `DomainBatches` read it through DataLoader workers. It holds a row number and a domain id per image,
+    never pixels."""
+
+    def __init__(self, source: ImageSource, rows: np.ndarray, domains: tuple[str, ...], domain_ids: np.ndarray):
+        self.source, self.rows, self.domains, self.domain_ids = source, rows, domains, domain_ids
+
+    @classmethod
+    def of_domain(cls, source: ImageSource, domain: str, rows: Sequence[int]) -> StreamedPixels:
+        return cls(source, np.asarray(rows, dtype=np.int64), (domain,), np.zeros(len(rows), dtype=np.int32))
+
+    @classmethod
+    def joined(cls, parts: Sequence[StreamedPixels]) -> StreamedPixels:
+        """`parts` one after the other (all of one source), as torch.cat joins tensors."""
+        domains = tuple(dict.fromkeys(domain for part in parts for domain in part.domains))
+        ids = [np.asarray([domains.index(d) for d in part.domains], dtype=np.int32)[part.domain_ids] for part in parts]
+        return cls(parts[0].source, np.concatenate([part.rows for part in parts]), domains, np.concatenate(ids))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), 3, self.source.size, self.source.size)
+
+    dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """The images at a slice or a 1-D list (or tensor) of positions, decoded into a new tensor."""
+        if isinstance(index, slice):
+            positions = np.arange(*index.indices(len(self)))
+        else:
+            positions = np.asarray(index, dtype=np.int64)
+            if positions.ndim != 1:
+                raise TypeError(f"streamed images are read by a slice or a 1-D list of positions, not {index!r}")
+        pixels = torch.empty((len(positions), 3, self.source.size, self.source.size), dtype=torch.uint8)
+        domains = [self.domains[d] for d in self.domain_ids[positions].tolist()]
+        self.source.decode_into(pixels, self.rows[positions].tolist(), domains)
+        return pixels
+
+
+def join_pixels(parts: Sequence[torch.Tensor | StreamedPixels]) -> torch.Tensor | StreamedPixels:
+    """The images of `parts` one after the other: tensors concatenated, streamed images joined undecoded."""
+    if all(isinstance(part, StreamedPixels) for part in parts):
+        return StreamedPixels.joined(parts)
+    return torch.cat(list(parts))
+
+
+def decode_workers() -> int:
+    """DataLoader workers that decode streamed images: this process's share of the CPUs it may run on (each
+    accelerate process of a machine, LOCAL_WORLD_SIZE of them, starts its own)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+
+
+def decoded_batches(
+    images: ImageTensors, batches: Iterable[Sequence[int]], *, workers: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, labels) of each list of positions in `batches`, in order, decoded ahead by `workers` DataLoader
+    workers (forked: they share the dataset, and read each row's file themselves; 0: by this process). An
+    image that does not decode is the worker's DataError, raised here as its own line, not as a traceback."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _Decoding(images),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),  # its workers' seeds: from torch's global generator, they would shift dropout's
+    )
+    for batch in loader:
+        if isinstance(batch, DataError):
+            raise batch
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """A DataLoader's dataset of `images`: a batch, or the DataError that stopped it (pickled back whole)."""
+
+    images: ImageTensors
+
+    def __getitems__(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | DataError:
+        try:
+            return self.images.pixels[positions], self.images.labels[positions]
+        except DataError as error:
+            return error
+
+
+def _as_is(batch):
+    return batch
+
+
+def pixel_batches(images: ImageTensors, batch_size: int) -> Iterator[torch.Tensor]:
+    """The images in consecutive batches of `batch_size`: slices of a tensor, or streamed images decoded by
+    DataLoader workers (what evaluation reads, so that it never holds more than a few batches)."""
+    if not isinstance(images.pixels, StreamedPixels):
+        for start in range(0, len(images), batch_size):
+            yield images.pixels[start : start + batch_size]
+        return
+    ranges = [range(start, min(start + batch_size, len(images))) for start in range(0, len(images), batch_size)]
+    workers = decode_workers() if len(ranges) > 1 else 0  # one batch: no worker would overlap with anything
+    for pixels, _ in decoded_batches(images, ranges, workers=workers):
+        yield pixels
 
 
 def _decode(decoder, entry: dict, root: Path | None):
