@@ -224,9 +224,11 @@ class ImageTensors:
 
 
 def evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
-    """At most `count` images, spread evenly over the set (a fixed, order-preserving sample)."""
+    """At most `count` images, spread evenly over the set (a fixed, order-preserving sample; of streamed
+    images, streamed images: read by DataLoader workers when they are read)."""
     rows = torch.linspace(0, len(images) - 1, min(len(images), count)).long()
-    return ImageTensors(images.pixels[rows], images.labels[rows])
+    pixels = images.pixels
+    return ImageTensors(pixels.taken(rows) if isinstance(pixels, StreamedPixels) else pixels[rows], images.labels[rows])
 
 
 DECODE_CHUNK = 256  # images decoded at a time: the PIL images of a whole split at once would not fit
@@ -380,6 +382,11 @@ class StreamedPixels:
         domains = tuple(dict.fromkeys(domain for part in parts for domain in part.domains))
         ids = [np.asarray([domains.index(d) for d in part.domains], dtype=np.int32)[part.domain_ids] for part in parts]
         return cls(parts[0].source, np.concatenate([part.rows for part in parts]), domains, np.concatenate(ids))
+
+    def taken(self, positions) -> StreamedPixels:
+        """The images at `positions` (a 1-D list or tensor), still undecoded."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return StreamedPixels(self.source, self.rows[positions], self.domains, self.domain_ids[positions])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -4,6 +4,12 @@ cache would hold, so a run's bytes do not depend on which path prepared its targ
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,7 +52,9 @@ def test_a_streamed_target_reads_the_cached_pixels_and_labels_however_it_is_inde
         assert torch.equal(got.pixels[3:11:2], expected.pixels[3:11:2])
         rows = torch.tensor([len(got) - 1, 0, 5, 5])
         assert torch.equal(got.pixels[rows], expected.pixels[rows])
-        assert torch.equal(evenly_spaced(got, 7).pixels, evenly_spaced(expected, 7).pixels)
+        sample = evenly_spaced(got, 7)
+        assert isinstance(sample.pixels, StreamedPixels)
+        assert torch.equal(sample.pixels[:], evenly_spaced(expected, 7).pixels)
         batches = list(pixel_batches(got, 8))  # decoded by DataLoader workers
         assert [len(b) for b in batches] == [len(b) for b in pixel_batches(expected, 8)]
         assert torch.equal(torch.cat(batches), expected.pixels)
@@ -145,3 +153,15 @@ def test_an_image_a_worker_cannot_decode_is_one_line_naming_its_row(tiny_world, 
     )
     with pytest.raises(DataError, match=r"^dataset .*: row \d+ \(domain '(photo|sketch)'\), column 'image': .*$"):
         next(DomainBatches(target.data.train, 2, seed=0, pin_memory=False))
+
+
+def test_the_target_benchmark_runs_in_its_smoke_mode(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, str(root / "benchmarks" / "target.py"), "--smoke", "--scratch", str(tmp_path)]
+    subprocess.run(command, env={**os.environ, "PYTHONPATH": str(root)}, check=True, capture_output=True)
+    results = json.loads((tmp_path / "target-smoke.json").read_text())
+    row = results["sizes"]["120"]
+    assert row["plan"]["rows"] == row["cached"]["rows"] == row["streamed"]["rows"] == 120
+    assert (row["cached"]["streamed"], row["streamed"]["streamed"]) == (False, True)
+    assert row["cached"]["cache_bytes"] >= 120 * 3 * 16 * 16 and row["streamed"]["cache_bytes"] == 0
+    assert results["train"]["cached"]["train_images_per_s"] > 0 and results["train"]["streamed"]["streamed"]
