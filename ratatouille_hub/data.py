@@ -1,8 +1,9 @@
 """Target data, DomainBed style: leave one domain out, split each training domain 80/20 with a seed.
 
-Images are decoded once into uint8 tensors at the training resolution; augmentation then runs on
-whole batches of tensors on the training device, which is far cheaper than per-image PIL pipelines on the
-host and needs no torchvision. The host only draws the random numbers, a few per image.
+Images are decoded once into uint8 tensors at the training resolution (or, for a target too large to keep
+decoded, `StreamedPixels`: the same bytes, decoded batch by batch by DataLoader workers); augmentation then
+runs on whole batches of tensors on the training device, which is far cheaper than per-image PIL pipelines on
+the host and needs no torchvision. The host only draws the random numbers, a few per image.
 """
 
 from __future__ import annotations
@@ -399,8 +400,6 @@ class StreamedPixels:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.rows), 3, self.source.size, self.source.size)
 
-    dtype = torch.uint8
-
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -429,7 +428,8 @@ def decode_workers() -> int:
     """DataLoader workers that decode streamed images: this process's share of the CPUs it may run on (each
     accelerate process of a machine, LOCAL_WORLD_SIZE of them, starts its own)."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, processes))
 
 
 def decoded_batches(

@@ -8,7 +8,7 @@ Decoding keeps the target decoded where that fits: in the output's cache (memory
 in memory where there is no cache. A target whose decoded copy would not fit (over --cache-budget-gb, the free
 disk, or half the available memory) is streamed instead: each batch decoded from the dataset's own files by
 DataLoader workers. Streamed rather than cached in compressed shards, because the dataset's files already are
-a compressed copy (a lossless one of the decoded pixels would still take about half their size, and a decode
+a compressed copy (a lossless one of the decoded pixels would still mean tens of GB for DomainNet and a decode
 of every image before the first step): streaming costs no disk and no wait, and decodes each image it reads
 with the decoder the cache uses, so the pixels, and every run's bytes, are the same either way.
 """
@@ -110,7 +110,7 @@ class TargetPreparation:
         self.dataset = image_entries(
             dataset, self.image_column, name=self.reference, files=self.image_files, domains=self.splits.domain_of_rows
         )
-        budget = getattr(options, "cache_budget_gb", None)
+        budget = options.cache_budget_gb
         self.budget = None if budget is None else int(budget * 1e9)  # bytes the decoded target may take
         processor = load_processor(base.path, base.source)
         self.size = resolution_of(processor, options.image_size, base.source)
@@ -296,6 +296,8 @@ CACHE_OVERHEAD = 1 << 20  # the .npy headers, the done marker and file-system bl
 
 
 class _NoRoom(Exception):
+    """The disk has `free` bytes, too few for the cache: the target is streamed instead."""
+
     def __init__(self, free: int):
         self.free = free
 
