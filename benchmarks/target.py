@@ -6,7 +6,7 @@ what training reads per second from a cached and from a streamed target.
     python benchmarks/target.py --table       # print the saved results
 
 Data: N generated JPEGs (--px square, a smooth background and a class's shape, quality 90), written once
-into benchmarks/scratch/target/pool/ and linked into a DomainBed folder per N (6 domains named as DomainNet's,
+into benchmarks/scratch/target/pool-<px>px/ and linked into a DomainBed folder per N (6 domains named as DomainNet's,
 20 classes: ROOT/<domain>/<class>/<image>.jpg), DomainNet's own layout. A base: the tests' tiny ResNet.
 
 Each case runs alone in a fresh child process (the product's allocator settings), which reports its seconds
