@@ -293,6 +293,14 @@ class TargetOptions(DataOptions):
     holdout_fraction: float = _opt(
         0.2, "share of each training domain kept for validation", group="target", check=open_fraction
     )
+    cache_budget_gb: float | None = _opt(
+        None,
+        "gigabytes the decoded target may take: in the output's cache, or in memory where there is none "
+        "(default: the free disk, half the available memory); a target over it is not kept decoded but "
+        "decoded batch by batch from its files by DataLoader workers, with the same pixels (0: always)",
+        group="target",
+        check=non_negative,
+    )
 
 
 @dataclass(frozen=True)

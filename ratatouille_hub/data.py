@@ -1,8 +1,9 @@
 """Target data, DomainBed style: leave one domain out, split each training domain 80/20 with a seed.
 
-Images are decoded once into uint8 tensors at the training resolution; augmentation then runs on
-whole batches of tensors on the training device, which is far cheaper than per-image PIL pipelines on the
-host and needs no torchvision. The host only draws the random numbers, a few per image.
+Images are decoded once into uint8 tensors at the training resolution (or, for a target too large to keep
+decoded, `StreamedPixels`: the same bytes, decoded batch by batch by DataLoader workers); augmentation then
+runs on whole batches of tensors on the training device, which is far cheaper than per-image PIL pipelines on
+the host and needs no torchvision. The host only draws the random numbers, a few per image.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -58,13 +60,20 @@ class TargetSplits:
         return {row: split.domain for split in (*self.train_domains, self.held_out) for row in split.train + split.val}
 
 
+def column_values(dataset, column: str) -> list:
+    """A column's values as Python objects (ids, not names, for a ClassLabel), read through Arrow whole: a
+    `datasets` column iterated from Python formats one row at a time (about 30 us a row, 18 s at DomainNet's
+    586k rows)."""
+    return dataset.with_format("arrow")[column].to_pylist()
+
+
 def label_names_of(dataset, label_column: str, *, name: str = "", domains=None) -> tuple[str, ...]:
     """The class names: a ClassLabel's own, else the column's distinct values in sorted order (a row
     without a value, None or NaN, is refused, naming it: it would be no class, and None does not sort)."""
     feature = dataset.features[label_column]
     if hasattr(feature, "names"):
         return tuple(feature.names)
-    values = dataset[label_column]
+    values = column_values(dataset, label_column)
     _refuse_missing_labels(values, label_column, name=name, domains=domains)
     return tuple(str(v) for v in sorted(set(values)))
 
@@ -76,7 +85,7 @@ def label_ids_of(
     label", NaN) or with a ClassLabel id outside its names is refused, naming it (`domains`: each row's domain,
     for the message): training would fail on it mid-run, or score it as a class no model predicts."""
     feature = dataset.features[label_column]
-    column = dataset[label_column]
+    column = column_values(dataset, label_column)
     _refuse_missing_labels(column, label_column, name=name, domains=domains)
     if not hasattr(feature, "names"):
         index = {label: i for i, label in enumerate(label_names)}
@@ -195,7 +204,7 @@ def _domain_names(dataset, domain_column: str, name: str) -> list[str]:
     """The domain of every row as text: a ClassLabel column by its names; a missing value (None, or the
     ClassLabel's -1) is ''; a ClassLabel id outside its names is refused, naming the row."""
     names = getattr(dataset.features[domain_column], "names", None)
-    values = dataset[domain_column]
+    values = column_values(dataset, domain_column)
     if names is None:
         return ["" if v is None else str(v) for v in values]
     for row, value in enumerate(values):
@@ -213,9 +222,9 @@ def _domain_seed(seed: int, domain: str) -> int:
 
 @dataclass
 class ImageTensors:
-    """Decoded images (uint8, N x 3 x S x S) and their labels."""
+    """Images (uint8, N x 3 x S x S: decoded, or `StreamedPixels` decoded when read) and their labels."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | StreamedPixels
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -223,9 +232,11 @@ class ImageTensors:
 
 
 def evenly_spaced(images: ImageTensors, count: int) -> ImageTensors:
-    """At most `count` images, spread evenly over the set (a fixed, order-preserving sample)."""
+    """At most `count` images, spread evenly over the set (a fixed, order-preserving sample; of streamed
+    images, streamed images: read by DataLoader workers when they are read)."""
     rows = torch.linspace(0, len(images) - 1, min(len(images), count)).long()
-    return ImageTensors(images.pixels[rows], images.labels[rows])
+    pixels = images.pixels
+    return ImageTensors(pixels.taken(rows) if isinstance(pixels, StreamedPixels) else pixels[rows], images.labels[rows])
 
 
 DECODE_CHUNK = 256  # images decoded at a time: the PIL images of a whole split at once would not fit
@@ -312,32 +323,165 @@ def decode_images(
     image, over its decompression-bomb limit) is refused, naming its row (`name`, `domain`: the dataset and
     the rows' domain, for that line)."""
     import datasets
-    from PIL import Image
 
     rows = list(rows)
     labels = label_ids_of(dataset, label_column, tuple(label_names), name=name)[rows]
     if dataset.features[image_column] != datasets.Image(decode=False):
         dataset = image_entries(dataset, image_column, name=name)
-    decoder = datasets.Image()
     pixels = torch.empty((len(rows), 3, size, size), dtype=torch.uint8) if into is None else into
-    for start in range(0, len(rows), DECODE_CHUNK):
-        chunk = rows[start : start + DECODE_CHUNK]
-        for i, (row, entry) in enumerate(zip(chunk, dataset.select(chunk)[image_column]), start):
-            try:
-                image = _decode(decoder, entry, root)
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                EOFError,
-                Image.DecompressionBombError,
-                Image.DecompressionBombWarning,
-            ) as error:
-                raise DataError(f"{row_at(name, row, image_column, domain)}: {_undecodable(error, entry)}") from None
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    ImageSource(dataset, image_column, size, root, name).decode_into(pixels, rows, [domain] * len(rows))
     return ImageTensors(pixels, torch.from_numpy(labels))
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """What decoding a row of a dataset needs: its image entries (`image_entries`), the training size, the
+    folder relative paths are read in, and the dataset's name for error lines."""
+
+    entries: object  # a datasets.Dataset whose image column is an undecoded datasets.Image
+    image_column: str
+    size: int
+    root: Path | None
+    name: str
+
+    def decode_into(self, pixels: torch.Tensor, rows: Sequence[int], domains: Sequence[str | None]) -> None:
+        """Decode each of `rows` (of `domains`, one each, for error lines) into the same place of `pixels`."""
+        import datasets
+        from PIL import Image
+
+        decoder = datasets.Image()
+        for start in range(0, len(rows), DECODE_CHUNK):
+            chunk = list(rows[start : start + DECODE_CHUNK])
+            for i, (row, entry) in enumerate(zip(chunk, self.entries.select(chunk)[self.image_column]), start):
+                try:
+                    image = _decode(decoder, entry, self.root)
+                except (
+                    OSError,
+                    ValueError,
+                    SyntaxError,
+                    EOFError,
+                    Image.DecompressionBombError,
+                    Image.DecompressionBombWarning,
+                ) as error:
+                    where = row_at(self.name, row, self.image_column, domains[i])
+                    raise DataError(f"{where}: {_undecodable(error, entry)}") from None
+                if image.size != (self.size, self.size):
+                    image = image.resize((self.size, self.size), Image.BILINEAR)
+                pixels[i] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class StreamedPixels:
+    """The uint8 images (N x 3 x S x S) of some rows of a dataset, decoded from their files each time they are
+    read: what a target too large to keep decoded holds in place of a tensor. A slice or a list of positions
+    reads as that tensor's would, byte for byte (one decoder: `ImageSource`); `pixel_batches` and
+    `DomainBatches` read it through DataLoader workers. It holds a row number and a domain id per image,
+    never pixels."""
+
+    def __init__(self, source: ImageSource, rows: np.ndarray, domains: tuple[str, ...], domain_ids: np.ndarray):
+        self.source, self.rows, self.domains, self.domain_ids = source, rows, domains, domain_ids
+
+    @classmethod
+    def of_domain(cls, source: ImageSource, domain: str, rows: Sequence[int]) -> StreamedPixels:
+        return cls(source, np.asarray(rows, dtype=np.int64), (domain,), np.zeros(len(rows), dtype=np.int32))
+
+    @classmethod
+    def joined(cls, parts: Sequence[StreamedPixels]) -> StreamedPixels:
+        """`parts` one after the other (all of one source), as torch.cat joins tensors."""
+        domains = tuple(dict.fromkeys(domain for part in parts for domain in part.domains))
+        ids = [np.asarray([domains.index(d) for d in part.domains], dtype=np.int32)[part.domain_ids] for part in parts]
+        return cls(parts[0].source, np.concatenate([part.rows for part in parts]), domains, np.concatenate(ids))
+
+    def taken(self, positions) -> StreamedPixels:
+        """The images at `positions` (a 1-D list or tensor), still undecoded."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return StreamedPixels(self.source, self.rows[positions], self.domains, self.domain_ids[positions])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), 3, self.source.size, self.source.size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """The images at a slice or a 1-D list (or tensor) of positions, decoded into a new tensor."""
+        if isinstance(index, slice):
+            positions = np.arange(*index.indices(len(self)))
+        else:
+            positions = np.asarray(index, dtype=np.int64)
+            if positions.ndim != 1:
+                raise TypeError(f"streamed images are read by a slice or a 1-D list of positions, not {index!r}")
+        pixels = torch.empty((len(positions), 3, self.source.size, self.source.size), dtype=torch.uint8)
+        domains = [self.domains[d] for d in self.domain_ids[positions].tolist()]
+        self.source.decode_into(pixels, self.rows[positions].tolist(), domains)
+        return pixels
+
+
+def join_pixels(parts: Sequence[torch.Tensor | StreamedPixels]) -> torch.Tensor | StreamedPixels:
+    """The images of `parts` one after the other: tensors concatenated, streamed images joined undecoded."""
+    if all(isinstance(part, StreamedPixels) for part in parts):
+        return StreamedPixels.joined(parts)
+    return torch.cat(list(parts))
+
+
+def decode_workers() -> int:
+    """DataLoader workers that decode streamed images: this process's share of the CPUs it may run on (each
+    accelerate process of a machine, LOCAL_WORLD_SIZE of them, starts its own)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, processes))
+
+
+def decoded_batches(
+    images: ImageTensors, batches: Iterable[Sequence[int]], *, workers: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, labels) of each list of positions in `batches`, in order, decoded ahead by `workers` DataLoader
+    workers (forked: they share the dataset, and read each row's file themselves; 0: by this process). An
+    image that does not decode is the worker's DataError, raised here as its own line, not as a traceback."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _Decoding(images),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),  # its workers' seeds: from torch's global generator, they would shift dropout's
+    )
+    for batch in loader:
+        if isinstance(batch, DataError):
+            raise batch
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """A DataLoader's dataset of `images`: a batch, or the DataError that stopped it (pickled back whole)."""
+
+    images: ImageTensors
+
+    def __getitems__(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | DataError:
+        try:
+            return self.images.pixels[positions], self.images.labels[positions]
+        except DataError as error:
+            return error
+
+
+def _as_is(batch):
+    return batch
+
+
+def pixel_batches(images: ImageTensors, batch_size: int) -> Iterator[torch.Tensor]:
+    """The images in consecutive batches of `batch_size`: slices of a tensor, or streamed images decoded by
+    DataLoader workers (what evaluation reads, so that it never holds more than a few batches)."""
+    if not isinstance(images.pixels, StreamedPixels):
+        for start in range(0, len(images), batch_size):
+            yield images.pixels[start : start + batch_size]
+        return
+    ranges = [range(start, min(start + batch_size, len(images))) for start in range(0, len(images), batch_size)]
+    workers = decode_workers() if len(ranges) > 1 else 0  # one batch: no worker would overlap with anything
+    for pixels, _ in decoded_batches(images, ranges, workers=workers):
+        yield pixels
 
 
 def _decode(decoder, entry: dict, root: Path | None):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageTensors, Normalization
+from .data import ImageTensors, Normalization, pixel_batches
 from .models import to_channels_last, to_contiguous
 
 ACCURACY_MODULE = Path(__file__).parent / "metrics" / "accuracy"
@@ -48,8 +48,8 @@ def predict_logits(
     device = next(model.parameters()).device
     outputs = []
     to_channels_last(model)
-    for start in range(0, len(images), batch_size):
-        pixels = normalize.from_uint8(images.pixels[start : start + batch_size].to(device))
+    for batch in pixel_batches(images, batch_size):
+        pixels = normalize.from_uint8(batch.to(device))
         with autocast() if autocast else contextlib.nullcontext():
             logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
         outputs.append(logits.float().cpu())

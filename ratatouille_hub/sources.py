@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -207,8 +208,24 @@ def _visible(folder: Path) -> list[Path]:
     return sorted((entry for entry in folder.iterdir() if not entry.name.startswith(".")), key=lambda e: e.name)
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _is_image(path: Path | os.DirEntry) -> bool:
+    return path.is_file() and os.path.splitext(path.name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _image_files(class_folder: Path) -> list[str]:
+    """A DomainBed class folder's images by name, as path strings (a Path object each would cost about 1 kB
+    a row at DomainNet's 586k); a stray non-image entry is refused, naming it."""
+    from .data import DataError
+
+    entries = sorted((entry for entry in os.scandir(class_folder) if not entry.name.startswith(".")), key=_name)
+    for entry in entries:
+        if not _is_image(entry):
+            raise DataError(f"{entry.path}: not an image ({', '.join(IMAGE_SUFFIXES)}) in a DomainBed class folder")
+    return [entry.path for entry in entries]
+
+
+def _name(entry: os.DirEntry) -> str:
+    return entry.name
 
 
 def _domain_folders(root: Path) -> list[Path]:
@@ -262,43 +279,46 @@ def _load_domainbed_folder(reference: str, revision: str | None, token):
     name and file bytes: it changes with any of them and is the same in every process for the same files.
     """
     import datasets
+    import pyarrow
+    from datasets.table import InMemoryTable
 
     from .data import DataError
 
     root = Path(reference).absolute()
-    rows: list[tuple[str, str, Path]] = []
+    rows: list[tuple[str, str, str]] = []  # (domain, class, file path): strings, not a Path per image
     for domain in _domain_folders(root):
         class_folders = _visible(domain)
         if not class_folders:
             raise DataError(f"{domain}: empty domain folder; a DomainBed domain folder holds class folders")
         for class_folder in class_folders:
-            files = _visible(class_folder)
+            files = _image_files(class_folder)
             if not files:
                 raise DataError(f"{class_folder}: empty class folder; a DomainBed class folder holds images")
-            for file in files:
-                if not _is_image(file):
-                    raise DataError(f"{file}: not an image ({', '.join(IMAGE_SUFFIXES)}) in a DomainBed class folder")
-                rows.append((domain.name, class_folder.name, file))
+            rows.extend((domain.name, class_folder.name, file) for file in files)
 
     label_names = sorted({label for _, label, _ in rows})
     label_ids = {name: i for i, name in enumerate(label_names)}
     digest = hashlib.sha256(_DOMAINBED_FINGERPRINT_VERSION.encode())
     for domain, label, file in rows:  # names hold no NUL and the file digest has a fixed length: unambiguous
-        digest.update(f"\0{domain}\0{label}\0{file.name}\0".encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        digest.update(f"\0{domain}\0{label}\0{os.path.basename(file)}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
 
     features = datasets.Features(
         image=datasets.Image(), label=datasets.ClassLabel(names=label_names), domain=datasets.Value("string")
     )
-    dataset = datasets.Dataset.from_dict(
+    paths = pyarrow.array([file for _, _, file in rows], pyarrow.string())
+    table = pyarrow.table(  # the columns as `features` stores them, built whole: from_dict makes a dict per row
         {
-            "image": [str(file) for _, _, file in rows],
-            "label": [label_ids[label] for _, label, _ in rows],
-            "domain": [domain for domain, _, _ in rows],
-        },
-        features=features,
+            "image": pyarrow.StructArray.from_arrays(
+                [pyarrow.nulls(len(rows), pyarrow.binary()), paths], ["bytes", "path"]
+            ),
+            "label": pyarrow.array([label_ids[label] for _, label, _ in rows], pyarrow.int64()),
+            "domain": pyarrow.array([domain for domain, _, _ in rows], pyarrow.string()),
+        }
     )
-    # from_dict fingerprints at random; select_columns of every column changes nothing but takes a fingerprint
+    dataset = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    # a fingerprint at random; select_columns of every column changes nothing but takes a fingerprint
     return dataset.select_columns(dataset.column_names, new_fingerprint=digest.hexdigest())
 
 

@@ -3,10 +3,20 @@
 
 Describing reads the dataset's columns and never decodes an image, so `recycle --dry-run` can name every
 run folder of a recipe without the cost of decoding the target.
+
+Decoding keeps the target decoded where that fits: in the output's cache (memory-mapped by every process), or
+in memory where there is no cache. A target whose decoded copy would not fit (over --cache-budget-gb, the free
+disk, or half the available memory) is streamed instead: each batch decoded from the dataset's own files by
+DataLoader workers. Streamed rather than cached in compressed shards, because the dataset's files already are
+a compressed copy (a lossless one of the decoded pixels would still mean tens of GB for DomainNet and a decode
+of every image before the first step): streaming costs no disk and no wait, and decodes each image it reads
+with the decoder the cache uses, so the pixels, and every run's bytes, are the same either way.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,12 +27,17 @@ from tqdm.auto import tqdm
 
 from .artifacts import TargetCache, builds, materialize
 from .data import (
+    DECODE_CHUNK,
     DataError,
     DomainSplit,
+    ImageSource,
     ImageTensors,
+    StreamedPixels,
     decode_images,
     image_entries,
+    label_ids_of,
     normalization_of,
+    pixel_batches,
     resolution_of,
     split_domains,
 )
@@ -33,6 +48,8 @@ from .logs import bar_disable
 from .models import load_processor
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,8 @@ class TargetPreparation:
         self.dataset = image_entries(
             dataset, self.image_column, name=self.reference, files=self.image_files, domains=self.splits.domain_of_rows
         )
+        budget = options.cache_budget_gb
+        self.budget = None if budget is None else int(budget * 1e9)  # bytes the decoded target may take
         processor = load_processor(base.path, base.source)
         self.size = resolution_of(processor, options.image_size, base.source)
         self.normalize = normalization_of(processor, base.source)
@@ -121,13 +140,12 @@ class TargetPreparation:
         )
 
     def decode(self, cache: Path | None = None) -> Target:
-        """The decoded target; with `cache`, memory-mapped from the copy decoded there once (see `_mapped`)."""
+        """The target: with `cache`, memory-mapped from the copy decoded there once (see `_mapped`); without,
+        decoded into memory; streamed (see the module's docstring) where that copy would not fit."""
         if cache is None:
-            decoded = {
-                split.domain: tuple(self.decode_rows(split, rows) for rows in (split.train, split.val))
-                for split in self._domains
-            }
-            test = self.decode_rows(self.splits.held_out, self.splits.test)
+            room = _available_memory() // 2
+            streamed = self._over_budget() or self._over(room, "half the available memory")
+            decoded, test = self._streamed() if streamed else self._in_memory()
         else:
             decoded, test = self._mapped(cache)
         domains = self.splits.train_domains
@@ -145,6 +163,52 @@ class TargetPreparation:
             id2label=self.splits.id2label,
             fingerprint=self.fingerprint,
         )
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What the decoded target takes: every image's pixels at the training size, and its label."""
+        rows = sum(len(d.train) + len(d.val) for d in self._domains)
+        return rows * (3 * self.size * self.size + np.dtype(np.int64).itemsize)
+
+    def _over_budget(self) -> bool:
+        return self.budget is not None and self._over(self.budget, f"the cache budget ({_sized(self.budget)})")
+
+    def _over(self, room: int, what: str) -> bool:
+        """Whether the decoded target exceeds `room` (`what`: that room, for the line saying it is streamed)."""
+        if self.decoded_bytes + CACHE_OVERHEAD <= room:
+            return False
+        log.info(
+            f"[data] the decoded target would take {_sized(self.decoded_bytes)}, more than {what}: its images are "
+            "decoded batch by batch from the dataset's files instead (the same pixels)"
+        )
+        return True
+
+    def _in_memory(self) -> tuple[dict[str, tuple[ImageTensors, ImageTensors]], ImageTensors]:
+        decoded = {
+            split.domain: tuple(self.decode_rows(split, rows) for rows in (split.train, split.val))
+            for split in self._domains
+        }
+        return decoded, self.decode_rows(self.splits.held_out, self.splits.test)
+
+    def _streamed(self) -> tuple[dict[str, tuple[ImageTensors, ImageTensors]], ImageTensors]:
+        """Every split as images decoded when read (`StreamedPixels`), with the labels the cache would hold."""
+        labels = torch.from_numpy(self.labels)
+
+        def images(split: DomainSplit, rows: tuple[int, ...]) -> ImageTensors:
+            pixels = StreamedPixels.of_domain(self.source, split.domain, rows)
+            return ImageTensors(pixels, labels[torch.as_tensor(rows, dtype=torch.long)])
+
+        decoded = {split.domain: (images(split, split.train), images(split, split.val)) for split in self._domains}
+        return decoded, images(self.splits.held_out, self.splits.test)
+
+    @property
+    def source(self) -> ImageSource:
+        return ImageSource(self.dataset, self.image_column, self.size, self.image_files.folder, self.reference)
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """Every row's class id (what the cache's labels hold): an array, read once, of 8 bytes a row."""
+        return label_ids_of(self.dataset, self.label_column, self.splits.label_names, name=self.reference)
 
     @property
     def _domains(self) -> list[DomainSplit]:
@@ -168,7 +232,9 @@ class TargetPreparation:
         """Every domain's (train, val) images as views of one uint8 array in `cache/<key>/`, decoded by the
         first process to need it, domain by domain as (train, val) rows: each split, and the held-out
         domain whole, is then one contiguous slice, shared through the page cache by every process and
-        rerun, whichever domain is held out. The key covers the data's fingerprint, the layout and the size."""
+        rerun, whichever domain is held out. The key covers the data's fingerprint, the layout and the size.
+        A finished copy is read whatever the budget; where none is and it would not fit the budget or the
+        free disk, the target is streamed."""
         domains = self._domains
         key = stable_hash(
             {
@@ -179,7 +245,15 @@ class TargetPreparation:
                 "size": self.size,
             }
         )
-        cached = materialize(TargetCache, cache / key, self, domains)
+        if not TargetCache(cache / key).is_done:
+            if self._over_budget():
+                return self._streamed()
+            try:
+                materialize(TargetCache, cache / key, self, domains)
+            except _NoRoom as no_room:
+                self._over(no_room.free, f"the {_sized(no_room.free)} free in {cache}")
+                return self._streamed()
+        cached = TargetCache(cache / key)
         pixels, labels = cached.pixels(), cached.labels()
         decoded, start = {}, 0
         for split in domains:
@@ -196,37 +270,60 @@ class TargetPreparation:
 
 @builds(TargetCache)
 def _decode_into_cache(staging: Path, preparation: TargetPreparation, domains: list[DomainSplit]) -> None:
-    """Decode `domains` (train then val rows, domain after domain) into one array, straight into the file."""
+    """Decode `domains` (train then val rows, domain after domain) into one .npy array: chunks of images
+    decoded by DataLoader workers (`pixel_batches`), written in order with plain writes, so the process holds
+    a few chunks whatever the target's size (pages written through a memory map would count as its own until
+    the kernel wrote them back)."""
     size = preparation.size
-    total = sum(len(d.train) + len(d.val) for d in domains)
-    _refuse_without_room(staging.parent, total * (3 * size * size + np.dtype(np.int64).itemsize))
+    _require_room(staging.parent, preparation.decoded_bytes)
+    parts = [StreamedPixels.of_domain(preparation.source, d.domain, d.train + d.val) for d in domains]
+    rows = np.concatenate([part.rows for part in parts])
+    labels = preparation.labels[rows]
+    images = ImageTensors(StreamedPixels.joined(parts), torch.from_numpy(labels))
     cache = TargetCache(staging)
-    pixels = np.lib.format.open_memmap(cache.pixels_file, mode="w+", dtype=np.uint8, shape=(total, 3, size, size))
-    labels, start = [], 0
-    for split in tqdm(domains, desc="decoding the target", leave=False, disable=bar_disable()):
-        rows = split.train + split.val
-        into = torch.from_numpy(pixels[start : start + len(rows)])
-        labels.append(preparation.decode_rows(split, rows, into=into).labels.numpy())
-        start += len(rows)
-    pixels.flush()
-    del pixels
-    cache.write_labels(np.concatenate(labels))
+    with open(cache.pixels_file, "wb") as file:
+        header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (len(rows), 3, size, size)}
+        np.lib.format.write_array_header_1_0(file, header)  # what np.save writes, and np.load maps
+        chunks = -(-len(rows) // DECODE_CHUNK)
+        batches = pixel_batches(images, DECODE_CHUNK)
+        decoded = tqdm(batches, "decoding the target", chunks, leave=False, disable=bar_disable())
+        for pixels in decoded:
+            file.write(pixels.numpy().data)
+    cache.write_labels(labels)
 
 
 CACHE_OVERHEAD = 1 << 20  # the .npy headers, the done marker and file-system blocks, generously
 
 
-def _refuse_without_room(cache: Path, pixel_bytes: int) -> None:
-    """Refuse a target cache the disk has no room for before it is created: writing into a memory-mapped
-    file on a full disk kills the process (SIGBUS), with no line said. Called by the claimant only, so a
-    cache another process is filling does not count against it."""
-    needed = pixel_bytes + CACHE_OVERHEAD
+class _NoRoom(Exception):
+    """The disk has `free` bytes, too few for the cache: the target is streamed instead."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+
+def _require_room(cache: Path, pixel_bytes: int) -> None:
+    """Refuse a target cache the disk has no room for before it is created (its decoder then streams the
+    target instead). Called by the claimant only, so a cache another process is filling does not count."""
     free = shutil.disk_usage(cache).free
-    if free < needed:
-        raise DataError(
-            f"the decoded target needs {tqdm.format_sizeof(needed, 'B')} in {cache}, and "
-            f"{tqdm.format_sizeof(free, 'B')} is free there; free some space, or use an --output on a disk with room"
-        )
+    if free < pixel_bytes + CACHE_OVERHEAD:
+        raise _NoRoom(free)
+
+
+def _available_memory() -> int:
+    """The memory the kernel says it can give without swapping (MemAvailable); unbounded where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _sized(count: int) -> str:
+    return tqdm.format_sizeof(count, "B")
 
 
 def prepare_target(options, base: Ingredient, token=None) -> Target:

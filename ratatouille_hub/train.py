@@ -8,8 +8,11 @@ frozen so every run keeps the statistics of the checkpoint it started from.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
-from collections.abc import Callable, Iterable
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +20,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
-from .data import ImageTensors, Normalization, augment, evenly_spaced
+from .data import (
+    ImageTensors,
+    Normalization,
+    StreamedPixels,
+    augment,
+    decode_workers,
+    decoded_batches,
+    evenly_spaced,
+    join_pixels,
+    pixel_batches,
+)
 from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .logs import bar_disable
 from .models import (
@@ -44,7 +57,9 @@ class DomainBatches:
     """Endless batches of `batch_size` images per domain, reshuffled every epoch, from one seed.
 
     Each batch is gathered from the domains' rows straight into one tensor, in pinned memory where CUDA is
-    present (`pin_memory`, by default), so that its copy to the device is one asynchronous transfer."""
+    present (`pin_memory`, by default), so that its copy to the device is one asynchronous transfer. Domains
+    of streamed images (`StreamedPixels`) give the same batches, decoded a few batches ahead by DataLoader
+    workers: the rows are still drawn here, in order, and the position saved is the last batch taken's."""
 
     def __init__(self, domains: list[ImageTensors], batch_size: int, seed: int, pin_memory: bool | None = None):
         self.domains = domains
@@ -52,6 +67,9 @@ class DomainBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._orders = [torch.empty(0, dtype=torch.long) for _ in domains]
+        self._streamed = isinstance(domains[0].pixels, StreamedPixels)
+        self._decoded = None  # streamed: the batches the workers decode, in the order drawn
+        self._ahead: deque[dict[str, torch.Tensor]] = deque()  # streamed: the position before each batch drawn ahead
 
     def _take(self, index: int) -> torch.Tensor:
         needed, taken = self.batch_size, []
@@ -63,10 +81,35 @@ class DomainBatches:
             needed -= len(chunk)
         return torch.cat(taken)
 
+    def _draw(self) -> list[torch.Tensor]:
+        return [self._take(index) for index in range(len(self.domains))]
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._take(index) for index in range(len(self.domains))]
+        if self._streamed:
+            if self._decoded is None:
+                self._decoded = self._decoding()
+            batch = next(self._decoded)
+            self._ahead.popleft()
+            return batch
+        rows = self._draw()
         pixels = self._gather([domain.pixels for domain in self.domains], rows)
         return pixels, self._gather([domain.labels for domain in self.domains], rows)
+
+    def _decoding(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The streamed domains joined, read at the positions of each batch drawn (a domain's rows after the
+        domains before it), by DataLoader workers."""
+        joined = ImageTensors(
+            join_pixels([domain.pixels for domain in self.domains]), torch.cat([d.labels for d in self.domains])
+        )
+        starts = [0, *itertools.accumulate(len(domain) for domain in self.domains)][:-1]
+        batches = weakref.ref(self)  # no cycle: dropping these batches stops their workers at once
+
+        def positions():
+            while True:
+                batches()._ahead.append(batches()._position())
+                yield torch.cat([rows + start for rows, start in zip(batches()._draw(), starts)]).tolist()
+
+        return decoded_batches(joined, positions(), workers=decode_workers(), pin_memory=self.pin_memory)
 
     def _gather(self, sources: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
         """`rows` of each source, one after the other, copied once into a new tensor. The pinned memory
@@ -83,13 +126,19 @@ class DomainBatches:
     def __iter__(self):
         return self
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Where the batches are: the generator's state and what is left of each domain's permutation."""
+    def _position(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), **{f"order.{i}": o for i, o in enumerate(self._orders)}}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Where the batches are: the generator's state and what is left of each domain's permutation, after
+        the last batch taken (not after those drawn ahead for the workers)."""
+        return self._ahead[0] if self._ahead else self._position()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self._orders = [state[f"order.{i}"] for i in range(len(self.domains))]
+        self._decoded = None  # batches decoded ahead from the old position are dropped
+        self._ahead.clear()
 
 
 @dataclass
@@ -110,7 +159,7 @@ class TargetData:
 
 
 def _pooled(parts: list[ImageTensors]) -> ImageTensors:
-    return ImageTensors(torch.cat([p.pixels for p in parts]), torch.cat([p.labels for p in parts]))
+    return ImageTensors(join_pixels([p.pixels for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 @dataclass
@@ -265,8 +314,8 @@ def reestimate_batchnorm(
     for norm in norms:
         norm.train()
     device = next(model.parameters()).device
-    for start in range(0, len(sample), batch_size):
-        model(pixel_values=normalize.from_uint8(sample.pixels[start : start + batch_size].to(device)))
+    for pixels in pixel_batches(sample, batch_size):
+        model(pixel_values=normalize.from_uint8(pixels.to(device)))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
@@ -298,8 +347,8 @@ def _features(model, images: ImageTensors, normalize: Normalization, batch_size:
     device = next(model.parameters()).device
     to_channels_last(model)
     with capture_features(model) as captured:
-        for start in range(0, len(images), batch_size):
-            pixels = normalize.from_uint8(images.pixels[start : start + batch_size].to(device))
+        for batch in pixel_batches(images, batch_size):
+            pixels = normalize.from_uint8(batch.to(device))
             model(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
     to_contiguous(model)
     return torch.cat(captured).float().cpu()

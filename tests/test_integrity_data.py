@@ -413,21 +413,20 @@ def test_half_precision_checkpoints_recycle_in_float32(dtype, world, tmp_path, c
 # -- resources: a target cache the disk has no room for --------------------------------------------------------
 
 
-def test_a_target_cache_the_disk_has_no_room_for_is_refused_before_it_is_written(world, tmp_path, capsys, monkeypatch):
+def test_a_target_the_disk_has_no_room_to_cache_is_streamed_from_its_files(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = recycle_argv(world, world.target, out)
     with monkeypatch.context() as full_disk:
         full_disk.setattr(
             shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12 - 1000, free=1000)
         )
-        line = refused_while_decoding(
-            "data-cache-no-room", "a disk without room for the decoded target", argv, "1.00kB", out, capsys, world
-        )
-    assert refusals.normalise(line, {"<out>": out}) == (
-        "error: the decoded target needs 1.09MB in <out>/cache, and 1.00kB is free there; free some space, or use "
-        "an --output on a disk with room"
-    )
-    recycles(argv, capsys)  # the same command, with room: the saved plan is taken up
+        printed = recycles(argv, capsys)
+    assert (
+        f"[data] the decoded target would take 37.2kB, more than the 1.00kB free in {out / 'cache'}: its images are "
+        "decoded batch by batch from the dataset's files instead (the same pixels)\n"
+    ) in printed
+    assert [p.name for p in (out / "cache").rglob("*") if not p.name.endswith(".lock")] == []  # nothing decoded
+    assert (out / "soup" / "model.safetensors").is_file()
 
 
 # -- an empty dataset: one line naming it, whichever layout it comes in ------------------------------------------

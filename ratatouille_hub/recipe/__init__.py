@@ -385,10 +385,23 @@ def claimed_output(output: Path, config: RecipeConfig):
 
 # A changed value of these keeps every finished run valid (a run's folder is named after its own
 # init, so strategy and aux only choose which runs exist; base_model and license only what the card
-# says); any other change is another recipe. What
-# discovery chose changes only by --rediscover: a Hub that changed under a rerun is said, never followed.
+# says; the cache budget only whether the same pixels come from the cache or from the files); any
+# other change is another recipe. What discovery chose changes only by --rediscover: a Hub that
+# changed under a rerun is said, never followed.
 REUSABLE_CHANGES = frozenset(
-    {"runs", "method", "bn_policy", "output", "strategy", "aux", "aux_limit", "rediscover", "base_model", "license"}
+    {
+        "runs",
+        "method",
+        "bn_policy",
+        "output",
+        "strategy",
+        "aux",
+        "aux_limit",
+        "rediscover",
+        "base_model",
+        "license",
+        "cache_budget_gb",
+    }
 )
 PINNED = ("base", "target")  # saved as id@sha: a command naming them without a revision means the same ones
 PINNED_FIELDS = ("base", "target", "domain_column", "label_column", "aux", "discovered")  # what a plan pins
