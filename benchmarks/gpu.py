@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         shared = stand_in_shared(work / "shared") if args.smoke else (args.shared or default_shared())
         parts = ("throughput", "pacs") if args.part == "all" else (args.part,)
         results = json.loads(output.read_text()) if output.exists() else {}
-        results |= {"smoke": args.smoke, "budget_s": budget, "machine": machine(), "shared": str(shared)}
+        results |= {"smoke": args.smoke, "machine": machine(), "shared": str(shared)}
         missing = preflight(shared.resolve(), parts, args.smoke)
         if missing:
             results["refused"] = missing
@@ -128,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
             deadline = started + budget - RESERVE_S
             if part == "throughput" and len(parts) > 1:
                 deadline = min(deadline, started + min(THROUGHPUT_SHARE * budget, THROUGHPUT_MOST_S))
-            results[part] = {"status": "running"}
+            part_started = time.time()
+            results[part] = {"status": "running", "budget_s": round(deadline - part_started, 1)}
             write_json(output, results)
-            results[part] = run_part(part, deadline, work, shared.resolve(), output, args)
+            results[part] = run_part(part, deadline, work, shared.resolve(), output, args) | {
+                "budget_s": results[part]["budget_s"],
+                "wall_s": round(time.time() - part_started, 1),
+            }
             write_json(output, results)
-            print(f"[gpu] {part}: {results[part]['status']} ({time.time() - started:.0f} s in)", flush=True)
-        results["wall_s"] = round(time.time() - started, 1)
-        write_json(output, results)
+            print(f"[gpu] {part}: {results[part]['status']} in {results[part]['wall_s']:.0f} s", flush=True)
     print_summary(results)
     print(f"\nwrote {output}")
 
