@@ -178,6 +178,8 @@ def run_part(part: str, deadline: float, work: Path, shared: Path, output: Path,
     for flag, value in (("--pacs-steps", args.pacs_steps), ("--pacs-aux-per-dataset", args.pacs_aux_per_dataset)):
         command += [flag, str(value)] if value is not None else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if args.smoke:  # tiny tensors: one thread is as fast, and does not stall when other processes share the cores
+        env["OMP_NUM_THREADS"] = "1"
     child = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         returncode = child.wait(timeout=max(1.0, deadline - time.time()))
