@@ -55,16 +55,23 @@ TRIALS = (0, 1, 2)
 IMAGE_SIZE = 128  # PACS as stored in ../shared (its own resolution); 64 px was the earlier, cheaper protocol
 
 
-def configure(image_size: int) -> None:
+def configure(
+    image_size: int, *, shared: Path = ROOT.parent / "shared", work: Path | None = None, results: Path | None = None
+) -> None:
     """Point the benchmark at one resolution's folders: run folders and the local Hub (WORK, rebuilt in each
     session), the sweep's output (SWEEP: trial-<seed>/ holds every strategy's runs of that trial), the report
-    (RESULTS) and what a finished cell leaves (DURABLE: committed, so a later session resumes from it)."""
-    global IMAGE_SIZE, WORK, SWEEP, RESULTS, DURABLE
+    (RESULTS) and what a finished cell leaves (DURABLE: committed, so a later session resumes from it); and at
+    the base and datasets (`shared`: models/ and data/ as ../shared lays them out). benchmarks/gpu.py passes
+    folders of its own."""
+    global IMAGE_SIZE, WORK, SWEEP, RESULTS, DURABLE, SHARED, BASE_FOLDER, PACS_FOLDER
     IMAGE_SIZE = image_size
-    WORK = ROOT / "benchmarks" / "scratch" / f"pacs-{image_size}px"
+    WORK = work or ROOT / "benchmarks" / "scratch" / f"pacs-{image_size}px"
     SWEEP = WORK / "sweep"
-    RESULTS = ROOT / "benchmarks" / "results" / f"pacs-{image_size}px"
+    RESULTS = results or ROOT / "benchmarks" / "results" / f"pacs-{image_size}px"
     DURABLE = RESULTS / "cells"
+    SHARED = shared
+    BASE_FOLDER = SHARED / "models" / "efficientnet-lite0-imagenet"
+    PACS_FOLDER = SHARED / "data" / "pacs"
 
 
 configure(IMAGE_SIZE)
@@ -75,6 +82,24 @@ STEPS, EVAL_EVERY, WARMUP, BATCH = 120, 40, 40, 16
 LP_STEPS = 5001
 TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
 HUB_STYLE_TRIALS = (0,)  # the Trainer group's experiment: one trial (3 more runs per domain)
+
+
+def scale_protocol(
+    *,
+    aux_runs: int,
+    aux_steps: int,
+    aux_per_trial: int,
+    steps: int,
+    eval_every: int,
+    warmup: int,
+    batch: int,
+    lp_steps: int,
+) -> None:
+    """The same stages at another budget (benchmarks/gpu.py's cell): the sizes the ingredients and the sweep read."""
+    global AUX_RUNS, AUX_STEPS, AUX_PER_TRIAL, RUNS, STEPS, EVAL_EVERY, WARMUP, BATCH, LP_STEPS
+    AUX_RUNS, AUX_STEPS, AUX_PER_TRIAL = aux_runs, aux_steps, aux_per_trial
+    RUNS = 1 + AUX_PER_TRIAL * len(AUX_DATASETS)
+    STEPS, EVAL_EVERY, WARMUP, BATCH, LP_STEPS = steps, eval_every, warmup, batch, lp_steps
 
 
 STRATEGIES = ("erm", "soup", "ratatouille", "fusing")  # the sweep's; each one's results: <domain>-<strategy>.json
@@ -391,14 +416,17 @@ def cell_path(trial: int, domain: str, cell: str) -> Path:
     return DURABLE / f"trial{trial}" / f"{domain}-{cell}.json"
 
 
-def sweep_config(trial: int):
-    """The table's protocol for one trial, as the product's sweep: every strategy, every test domain."""
+def sweep_config(trial: int, domains: tuple[str, ...] = DOMAINS, strategies: tuple[str, ...] = STRATEGIES):
+    """The table's protocol for one trial, as the product's sweep: every strategy, every test domain (or the
+    one of `domains`, and `strategies`: benchmarks/gpu.py's cell)."""
     from ratatouille_hub.config import SweepConfig
 
+    held_out = {"test_domain": domains[0]} if len(domains) == 1 else {}
     return SweepConfig(
         base=BASE_ID,
         target="PACS",
-        strategy=STRATEGIES,
+        **held_out,
+        strategy=strategies,
         seed=trial,
         trials=1,
         runs=RUNS,
@@ -408,7 +436,7 @@ def sweep_config(trial: int):
         warmup_steps=WARMUP,
         batch_size=BATCH,
         image_size=IMAGE_SIZE,
-        output=str(SWEEP.relative_to(ROOT)),
+        output=str(SWEEP.relative_to(ROOT) if SWEEP.is_relative_to(ROOT) else SWEEP),
     )
 
 
@@ -419,17 +447,19 @@ def draw_finetunes(recipe):
     return replace(recipe, aux=recycled_in(recipe.seed, "recipe") if recycles else ())
 
 
-def run_trial(trial: int, timings: dict) -> None:
+def run_trial(
+    trial: int, timings: dict, domains: tuple[str, ...] = DOMAINS, strategies: tuple[str, ...] = STRATEGIES
+) -> None:
     """One trial of the table (skipped when its cells are kept): one sweep, trial by trial so that a stopped
     session leaves complete trials behind; each cell's results and costs are kept in DURABLE."""
     from ratatouille_hub.recipe.plan import load_plans
     from ratatouille_hub.results import Results, soup_subfolder
     from ratatouille_hub.sweep import cells_of, sweep
 
-    if all(cell_path(trial, d, s).exists() for d in DOMAINS for s in STRATEGIES):
+    if all(cell_path(trial, d, s).exists() for d in domains for s in strategies):
         return
-    print(f"\n== trial {trial}: {', '.join(STRATEGIES)} x {', '.join(DOMAINS)}", flush=True)
-    config, started = sweep_config(trial), time.time()
+    print(f"\n== trial {trial}: {', '.join(strategies)} x {', '.join(domains)}", flush=True)
+    config, started = sweep_config(trial, domains, strategies), time.time()
     sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
     timings[f"trial{trial}/sweep"] = round(time.time() - started, 1)
     save_json(DURABLE / "timings.json", timings)

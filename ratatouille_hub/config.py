@@ -332,7 +332,10 @@ class TrainingOptions(DataOptions):
         check=int_range(0),
     )
     precision: str = _opt(
-        "auto", "bf16 autocast: auto = where it speeds training (CUDA)", group="training", choices=PRECISIONS
+        "auto",
+        "bf16 autocast of training steps: auto = on CUDA with bf16 support, fp32 elsewhere",
+        group="training",
+        choices=PRECISIONS,
     )
     output: str = _opt("ratatouille-output", "folder for runs and the soup", group="output", check=utf8_path)
     base_model: str | None = _opt(

@@ -6,7 +6,6 @@ package so nothing is fetched from the Hub.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 
@@ -41,17 +40,17 @@ def accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict_logits(
-    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = INFERENCE_BATCH, autocast=None
+    model, images: ImageTensors, normalize: Normalization, *, batch_size: int = INFERENCE_BATCH
 ) -> torch.Tensor:
-    """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last)."""
+    """Logits (float32, on CPU) of `model` in eval mode over every image (computed channels-last), in float32
+    whatever the training precision: bf16 training never changes how a step, a run or a soup is scored."""
     model.eval()
     device = next(model.parameters()).device
     outputs = []
     to_channels_last(model)
     for batch in pixel_batches(images, batch_size):
         pixels = normalize.from_uint8(batch.to(device))
-        with autocast() if autocast else contextlib.nullcontext():
-            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
+        logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
         outputs.append(logits.float().cpu())
     to_contiguous(model)
     if not outputs:

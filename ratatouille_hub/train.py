@@ -44,13 +44,21 @@ from .models import (
 from .tracking import LOSS, VAL_ACCURACY, Log, log_steps
 
 
+def resolved_precision(precision: str) -> str:
+    """What `precision` trains in here: `auto` is bf16 autocast on CUDA with bf16 support, fp32 (`no`) elsewhere.
+    On CPU bf16 slows the recipe's backbone (benchmarks/results/precision.json, 2-core Xeon with AMX: EfficientNet-
+    Lite0's step at 0.78x fp32's speed at 128 px, 0.50x at 224; ResNet-18's 1.8-2.1x), so CPU runs keep fp32 and
+    their bytes (a tiny PACS run selected the same steps and runs under both, 0.7 points apart at most)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(precision: str):
-    """An Accelerator; `auto` uses bf16 autocast only where it speeds training (CUDA with bf16)."""
+    """An Accelerator training in `resolved_precision(precision)`."""
     from accelerate import Accelerator
 
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=resolved_precision(precision), cpu=not torch.cuda.is_available())
 
 
 class DomainBatches:
@@ -172,9 +180,9 @@ class TrainOutcome:
 
 
 def validation_accuracy(
-    model, images: ImageTensors, normalize: Normalization, autocast=None, batch_size: int = INFERENCE_BATCH
+    model, images: ImageTensors, normalize: Normalization, batch_size: int = INFERENCE_BATCH
 ) -> float:
-    return accuracy(predict_logits(model, images, normalize, autocast=autocast, batch_size=batch_size), images.labels)
+    return accuracy(predict_logits(model, images, normalize, batch_size=batch_size), images.labels)
 
 
 def optimize(

@@ -37,6 +37,7 @@ from ratatouille_hub.train import (
     linear_probe,
     make_accelerator,
     optimize,
+    resolved_precision,
     validation_accuracy,
 )
 
@@ -63,6 +64,22 @@ def data() -> TargetData:
 @pytest.fixture(scope="module")
 def accelerator():
     return make_accelerator("no")
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "expected"), [(False, False, "no"), (True, True, "bf16"), (True, False, "no")]
+)
+def test_auto_precision_is_bf16_on_cuda_with_bf16_support_and_fp32_elsewhere(monkeypatch, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolved_precision("auto") == expected
+    assert (resolved_precision("no"), resolved_precision("bf16")) == ("no", "bf16")  # asked for: as asked
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's resolution")
+def test_auto_precision_trains_in_fp32_on_cpu(accelerator):
+    """Even where the CPU has bf16 units (AMX, avx512_bf16): there it did not pay (benchmarks/precision.py)."""
+    assert make_accelerator("auto").mixed_precision == "no"
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
