@@ -49,7 +49,7 @@ class WorldDesign:
     pretrained long enough that its features transfer (linear probe 77.8%); community fine-tunes that stay
     close to it (lr 1e-4: distance 0.07 against 0.2-0.3 before), so runs from them
     stay linearly connected with runs from the base; target runs at lr 2e-4 to 5e-4, where the runs from
-    the base average above their own mean (at 5e-4 to 1e-3 they did not).
+    the base average above their own mean (at 3e-4 to 1e-3 they did not).
     """
 
     pretrain_images: int = 4000
