@@ -114,3 +114,18 @@ def test_describe_names_every_task(aux):
     descriptions = toyworld.describe()
     assert set(descriptions) == {"shapes", "glyphs", *aux}
     assert all(isinstance(text, str) and text for text in descriptions.values())
+
+
+def test_leaving_a_domain_out_changes_none_of_the_others(target):
+    """What lets benchmarks/demo_criteria.py measure the demo's world without ever drawing its held-out domain."""
+    kept = ("photo", "cartoon", "painting")
+    without = toyworld.target_dataset(per_class_per_domain=8, seed=0, domains=kept)
+    assert set(without["domain"]) == set(kept)
+    rows = [i for i, domain in enumerate(target["domain"]) if domain in kept]
+    assert _png_bytes(without) == [_png_bytes(target)[i] for i in rows]
+    assert without["label"] == [target["label"][i] for i in rows]
+
+
+def test_an_unknown_domain_is_refused():
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['sketches'\]"):
+        toyworld.target_dataset(per_class_per_domain=1, domains=("photo", "sketches"))

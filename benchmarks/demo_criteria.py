@@ -1,0 +1,254 @@
+"""Demo design probe: docs/method.md's three criteria on the toy world, on training-domain validation only.
+
+    python benchmarks/demo_criteria.py [--set KEY=VALUE ...] [--output benchmarks/scratch/demo-criteria]
+
+What the demo's world is designed from, measured without the held-out domain. It builds the demo's
+checkpoints (base, community fine-tunes, the careless one) and a target that holds the training domains
+only: the held-out domain (sketch) is never drawn. `recycle` needs a held-out domain, so a placeholder of
+blank grey images stands in for it; nothing measured on it is printed or saved. Then it runs the demo's
+recipes with the demo's seeds (a run's randomness depends on the trial seed and its index only, and a
+domain's images and split on its name only), so every run here is the run the demo trains and the
+validation numbers are the demo's:
+  soup                  every run from the base (model soups; ERM is its best run)
+  ratatouille           runs 1-4 from the four fine-tunes, as discovery lists them (careless first)
+  ratatouille-vetted    runs 1-3 from the three careful fine-tunes
+and prints, per recipe: the linear probe's and each run's validation accuracy (accurate), every pair's
+barrier on the weight path (averageable) and ratio-error (diverse) from `diagnose` on all pairs, and each
+average's and the ensemble's validation accuracy. `--set` overrides a field of the demo's WorldDesign
+(`--set steps=500 --set lr_choices=1e-4,3e-4`), each variant in its own folder keyed by the design.
+Results: benchmarks/results/demo_criteria.json (the default design) or the scratch folder (any other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ratatouille_hub import recycle
+from ratatouille_hub.api import diagnose
+from ratatouille_hub.config import DiagnoseOptions
+from ratatouille_hub.hashing import stable_hash
+from ratatouille_hub.toy import world as toyworld
+from ratatouille_hub.toy.demo import (
+    AUX_TASKS,
+    DESIGN,
+    IMAGE_SIZE,
+    TARGET_ID,
+    WorldDesign,
+    _save_dataset,
+    build_checkpoints,
+    demo_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "demo_criteria.json"
+HELD_OUT = "sketch"
+PLACEHOLDER = "placeholder"  # stands in for the held-out domain, which is never drawn here
+TRAIN_DOMAINS = tuple(d for d in toyworld.DOMAINS if d != HELD_OUT)
+# the fields that make the world (checkpoints and target); variants that differ only in the recipe share it
+WORLD_FIELDS = (
+    "pretrain_images",
+    "pretrain_steps",
+    "pretrain_lr",
+    "finetune_steps",
+    "community_lr",
+    "careless_lr",
+    "target_per_class_per_domain",
+)
+
+
+def parse_design(settings: list[str]) -> WorldDesign:
+    """DESIGN with `KEY=VALUE` overrides, each value parsed as its field's type (tuples: comma-separated)."""
+    fields = {f.name: f for f in dataclasses.fields(WorldDesign)}
+    changes = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set {setting}: no such field; fields: {', '.join(fields)}")
+        current = getattr(DESIGN, key)
+        if isinstance(current, tuple):
+            changes[key] = tuple(type(current[0])(v) for v in value.split(","))
+        else:
+            changes[key] = type(current)(value)
+    return replace(DESIGN, **changes)
+
+
+def training_domains_target(folder: Path, design: WorldDesign, seed: int) -> None:
+    """The demo's target without its held-out domain, plus one blank image per class as a placeholder."""
+    from datasets import concatenate_datasets
+
+    if (folder / "README.md").exists():
+        return
+    shapes = toyworld.target_dataset(
+        design.target_per_class_per_domain, size=IMAGE_SIZE, seed=seed, domains=TRAIN_DOMAINS
+    )
+    blank = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
+    placeholder = shapes.select(range(len(toyworld.SHAPES))).map(
+        lambda row: {"image": blank, "domain": PLACEHOLDER}, features=shapes.features
+    )
+    _save_dataset(
+        concatenate_datasets([shapes, placeholder]), folder, TARGET_ID, "the demo's target, training domains only"
+    )
+
+
+def recipes(paths: dict[str, Path]) -> dict[str, dict]:
+    """The demo's recycles on local folders, the fine-tunes in the order discovery lists them on the demo's Hub."""
+    careful = tuple(str(paths[task]) for task in ("polygons", "dots", "stripes"))
+    return {
+        "soup": {"strategy": "soup", "aux": ()},
+        "ratatouille": {"strategy": "ratatouille", "aux": (str(paths["careless"]), *careful)},
+        "ratatouille-vetted": {"strategy": "ratatouille", "aux": careful},
+    }
+
+
+def measure(name: str, config, echo, names: dict[str, str]) -> dict:
+    """One recipe's runs, their pairs (diagnose on every pair) and its averages, on validation only."""
+    results = recycle(config, echo=echo)
+    output = Path(config.output)
+    runs = [
+        {
+            "index": r.index,
+            "init": names.get(r.init.split("@")[0], r.init),
+            "recycled": r.recycled,
+            "val": r.val_accuracy,
+            "best_step": r.best_step,
+            "hparams": r.hparams,
+        }
+        for r in results.runs
+    ]
+    models = tuple(str(output / r.folder / "model") for r in results.runs)
+    options = DiagnoseOptions(models=models, target=config.target, test_domain=PLACEHOLDER, seed=config.seed)
+    diagnosis = diagnose(options)
+    pairs = [
+        {
+            "runs": [p.a, p.b],
+            "kind": pair_kind(runs[p.a]["recycled"], runs[p.b]["recycled"]),
+            "barrier": p.barrier,
+            "ratio_error": p.ratio_error,
+            "path": list(p.path_accuracies),
+        }
+        for p in diagnosis.pairs
+    ]
+    averages = {method: average.val_accuracy for method, average in results.averages.items()}
+    return {
+        "name": name,
+        "runs": runs,
+        "pairs": pairs,
+        "averages": averages,
+        "greedy_members": results.averages["greedy"].members,
+        "ensemble": results.ensemble.val_accuracy,
+    }
+
+
+def pair_kind(a_recycled: bool, b_recycled: bool) -> str:
+    return {0: "base-base", 1: "base-recycled", 2: "recycled-recycled"}[a_recycled + b_recycled]
+
+
+def report(measured: dict) -> str:
+    runs = measured["runs"]
+    lines = [f"== {measured['name']}"]
+    lines += [
+        f"  run {r['index']} from {r['init']:<22} val {100 * r['val']:5.1f}%  step {r['best_step']:>4}  "
+        f"lr {r['hparams']['lr']:g} wd {r['hparams']['weight_decay']:g} dropout {r['hparams']['dropout']:g}"
+        for r in runs
+    ]
+    vals = [r["val"] for r in runs]
+    lines.append(f"  runs: best {100 * max(vals):.1f}%, mean {100 * statistics.mean(vals):.1f}%")
+    by_kind: dict[str, list[dict]] = {}
+    for pair in measured["pairs"]:
+        by_kind.setdefault(pair["kind"], []).append(pair)
+    for kind, pairs in by_kind.items():
+        barriers = sorted(100 * p["barrier"] for p in pairs)
+        ratios = [p["ratio_error"] for p in pairs]
+        lines.append(
+            f"  {kind:<18} pairs {len(pairs):>2}: barrier median {statistics.median(barriers):4.1f}, "
+            f"max {barriers[-1]:4.1f} pts; ratio-error median {statistics.median(ratios):.2f}"
+        )
+    averages = measured["averages"]
+    lines.append(
+        "  averages: "
+        + ", ".join(f"{m} {100 * v:.1f}%" for m, v in averages.items())
+        + f" (greedy kept {len(measured['greedy_members'])}); ensemble {100 * measured['ensemble']:.1f}%"
+    )
+    return "\n".join(lines)
+
+
+def finite(value):
+    """JSON has no infinity: an infinite ratio-error (two models that never err together) is written as null."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a design field")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "scratch" / "demo-criteria")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed (the demo's: 0)")
+    parser.add_argument(
+        "--recipes", default="soup,ratatouille,ratatouille-vetted", help="which recipes (comma-separated)"
+    )
+    args = parser.parse_args()
+    design = parse_design(args.set)
+    folder = args.output / stable_hash({"design": dataclasses.asdict(design), "seed": args.seed}, length=12)
+    world = {key: value for key, value in dataclasses.asdict(design).items() if key in WORLD_FIELDS}
+    world_folder = args.output / f"world-{stable_hash({'world': world, 'seed': args.seed}, length=12)}"
+    print(f"design {folder.name}: {design}", flush=True)
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    paths = build_checkpoints(world_folder, echo, args.seed, design)
+    target = world_folder / "datasets" / "shapes-training-domains"
+    training_domains_target(target, design, args.seed)
+    names = {str(path): "base" if key == "base" else key for key, path in paths.items()}
+    print(f"world built: {time.perf_counter() - start:.0f} s", flush=True)
+    measured = []
+    for name, recipe in recipes(paths).items():
+        if name not in args.recipes.split(","):
+            continue
+        config = replace(
+            demo_config(folder, recipe["strategy"], design),
+            base=str(paths["base"]),
+            target=str(target),
+            test_domain=PLACEHOLDER,
+            aux=recipe["aux"],
+        )
+        measured.append(measure(name, config, echo, names))
+        print(report(measured[-1]), f"\n  ({time.perf_counter() - start:.0f} s)", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"{seconds:.0f} s, {torch.get_num_threads()} threads")
+    record = {
+        "design": dataclasses.asdict(design),
+        "seed": args.seed,
+        "aux_tasks": list(AUX_TASKS),
+        "recipes": measured,
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
+    }
+    complete = args.recipes == parser.get_default("recipes")
+    destination = RESULTS if design == DESIGN and args.seed == 0 and complete else folder / "demo_criteria.json"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(json.dumps(finite(record), indent=1) + "\n")
+    print(f"written: {destination}")
+
+
+if __name__ == "__main__":
+    main()
