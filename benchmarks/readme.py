@@ -59,6 +59,41 @@ def pacs_table(path: Path) -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
+@produces("benchmarks/results/target.json")
+def target_table(path: Path) -> str:
+    """Planning and preparing a target of N generated images, cached and streamed (benchmarks/target.py)."""
+    sizes = json.loads(path.read_text())["sizes"]
+    lines = [
+        "| N images | plan s | plan peak MB | cached: prepare s | CPU s | peak MB | cache MB | streamed: prepare s "
+        "| peak MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for count in sorted(sizes, key=int):
+        plan, cached, streamed = sizes[count]["plan"], sizes[count]["cached"], sizes[count]["streamed"]
+        lines.append(
+            f"| {int(count):,} | {plan['seconds']:.1f} | {plan['peak_rss_mb']:.0f} | {cached['seconds']:.1f} "
+            f"| {cached['cpu_seconds']:.1f} | {cached['peak_rss_mb']:.0f} | {cached['cache_bytes'] / 1e6:.0f} "
+            f"| {streamed['seconds']:.2f} | {streamed['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+MODEL_NAMES = {"efficientnet-lite0": "EfficientNet-Lite0", "resnet-18": "ResNet-18 (random init)"}
+
+
+@produces("benchmarks/results/precision.json")
+def precision_table(path: Path) -> str:
+    """fp32 against bf16 autocast, ms a training step (benchmarks/precision.py)."""
+    rows = json.loads(path.read_text())["speed"]["rows"]
+    lines = ["| model | px | fp32 ms a step | bf16 ms a step | bf16 speed-up |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(
+            f"| {MODEL_NAMES.get(row['model'], row['model'])} | {row['px']} | {row['fp32_step_ms']:.0f} "
+            f"| {row['bf16_step_ms']:.0f} | {row['bf16_speedup']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 @produces("docs/demo-output.md")
 def demo_result(path: Path) -> str:
     """The demo's result as it printed it: its table and the careless fine-tune's lesson (stdout, up to the soup
