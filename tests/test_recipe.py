@@ -19,6 +19,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 from ratatouille_hub import recipe
 from ratatouille_hub.artifacts import ProbeRecord, RunRecord, replaced_builder
 from ratatouille_hub.config import RecipeConfig, draw_hparams
+from ratatouille_hub.data import ImageTensors
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import head_linear
@@ -120,7 +121,9 @@ def fixed_pixels() -> torch.Tensor:
 
 
 def pooled_val(config: RecipeConfig):
-    return prepare_target(config, resolve_model(config.base)).data.pooled_val
+    """The training domains' validation images, concatenated here (the recipe reads them joined in place)."""
+    val = prepare_target(config, resolve_model(config.base)).data.val
+    return ImageTensors(torch.cat([split.pixels for split in val]), torch.cat([split.labels for split in val]))
 
 
 def correct(model, images) -> int:
@@ -442,7 +445,8 @@ def test_reestimated_batchnorm_statistics_are_those_of_the_training_images(done,
     # The first BatchNorm sees the stem convolution's output; 87 training images fit one batch, so its
     # statistics are that batch's mean and unbiased variance.
     model = AutoModelForImageClassification.from_pretrained(output / "soup").eval()
-    train = prepare_target(config, resolve_model(config.base)).data.pooled_train
+    train_splits = prepare_target(config, resolve_model(config.base)).data.train
+    train = ImageTensors(torch.cat([s.pixels for s in train_splits]), torch.cat([s.labels for s in train_splits]))
     assert len(train) == 87
     with torch.no_grad():
         features = model.resnet.embedder.embedder.convolution((train.pixels.float() / 255.0 - 0.5) / 0.5)

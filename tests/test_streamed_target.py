@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, recycle
-from ratatouille_hub.data import DataError, ImageSource, StreamedPixels, evenly_spaced, pixel_batches
+from ratatouille_hub.data import (
+    DataError,
+    ImageSource,
+    JoinedPixels,
+    StreamedPixels,
+    evenly_spaced,
+    join_pixels,
+    pixel_batches,
+)
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.recipe import plan_recipe
 from ratatouille_hub.target import TargetPreparation
@@ -45,10 +53,10 @@ def targets(tiny_world, tmp_path_factory):
 def test_a_streamed_target_reads_the_cached_pixels_and_labels_however_it_is_indexed(targets):
     cached, streamed = targets
     for expected, got in zip(splits(cached), splits(streamed)):
-        assert isinstance(expected.pixels, torch.Tensor) and isinstance(got.pixels, StreamedPixels)
+        assert isinstance(expected.pixels, torch.Tensor | JoinedPixels) and isinstance(got.pixels, StreamedPixels)
         assert got.pixels.shape == expected.pixels.shape
         assert torch.equal(got.labels, expected.labels)
-        assert torch.equal(got.pixels[:], expected.pixels)
+        assert torch.equal(got.pixels[:], expected.pixels[:])
         assert torch.equal(got.pixels[3:11:2], expected.pixels[3:11:2])
         rows = torch.tensor([len(got) - 1, 0, 5, 5])
         assert torch.equal(got.pixels[rows], expected.pixels[rows])
@@ -57,7 +65,7 @@ def test_a_streamed_target_reads_the_cached_pixels_and_labels_however_it_is_inde
         assert torch.equal(sample.pixels[:], evenly_spaced(expected, 7).pixels)
         batches = list(pixel_batches(got, 8))  # decoded by DataLoader workers
         assert [len(b) for b in batches] == [len(b) for b in pixel_batches(expected, 8)]
-        assert torch.equal(torch.cat(batches), expected.pixels)
+        assert torch.equal(torch.cat(batches), expected.pixels[:])
 
 
 def test_a_target_within_its_budget_is_kept_decoded_and_one_over_it_in_memory_is_streamed(tiny_world, tmp_path):
@@ -70,7 +78,29 @@ def test_a_target_within_its_budget_is_kept_decoded_and_one_over_it_in_memory_is
     # 1e-4 GB = 100 kB: under the tiny target's 144 images of 16 x 16 (and their labels) and the cache overhead
     streamed = TargetPreparation(options.replace(cache_budget_gb=1e-4), base).decode()
     for expected, got in zip(splits(in_memory), splits(streamed)):
-        assert isinstance(got.pixels, StreamedPixels) and torch.equal(got.pixels[:], expected.pixels)
+        assert isinstance(got.pixels, StreamedPixels) and torch.equal(got.pixels[:], expected.pixels[:])
+
+
+def test_joined_images_read_as_their_concatenation_would_without_copying_the_parts():
+    parts = [torch.arange(n * 12, dtype=torch.uint8).view(n, 3, 2, 2) + 10 * i for i, n in enumerate((3, 0, 5, 1))]
+    joined, concatenated = join_pixels(parts), torch.cat(parts)
+    assert isinstance(joined, JoinedPixels) and joined.shape == concatenated.shape and len(joined) == 9
+    for index in (slice(None), slice(2, 7), slice(1, 9, 3), slice(7, 100), slice(5, 5)):
+        assert torch.equal(joined[index], concatenated[index]), index
+    for rows in ([8, 0, 3, 3, 2], torch.tensor([-1, 4]), []):
+        assert torch.equal(joined[rows], concatenated[torch.as_tensor(rows, dtype=torch.long)]), rows
+    with pytest.raises(IndexError):
+        joined[[9]]
+    assert all(a is b for a, b in zip(joined.parts, parts))  # views kept as they are: nothing was copied
+    assert join_pixels(parts[:1]) is parts[0]
+
+
+def test_a_cached_targets_pooled_splits_are_views_of_its_memory_map(targets):
+    cached, _ = targets
+    mapped = cached.data.train[0].pixels.untyped_storage().data_ptr()
+    for pooled in (cached.data.pooled_val, cached.data.pooled_train):
+        assert isinstance(pooled.pixels, JoinedPixels)
+        assert {part.untyped_storage().data_ptr() for part in pooled.pixels.parts} == {mapped}
 
 
 def test_streamed_domains_give_the_cached_batches_and_resume_from_the_last_batch_taken(targets):
