@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from ratatouille_hub import recipe
-from ratatouille_hub.artifacts import ProbeRecord, RunRecord, replaced_builder
+from ratatouille_hub.artifacts import ProbeRecord, RunRecord, SoupFolder, replaced_builder
 from ratatouille_hub.config import RecipeConfig, draw_hparams
 from ratatouille_hub.data import ImageTensors
 from ratatouille_hub.fetch import resolve_model
@@ -277,6 +277,15 @@ def test_soup_card_front_matter(done):
 def test_a_second_identical_call_trains_nothing_and_gives_the_same_soup(done, no_training):
     before = {name: (done.soup / name).read_bytes() for name in SOUP_FILES}
     again = recipe.recycle(done.config, echo=quiet)
+    assert again == done.results
+    assert {name: (done.soup / name).read_bytes() for name in SOUP_FILES} == before
+
+
+def test_a_rerun_with_another_cache_budget_reuses_the_finished_soup(done, no_training):
+    """Streamed (a budget of 0) or cached, the pixels are the same: nothing is merged or evaluated again."""
+    before = {name: (done.soup / name).read_bytes() for name in SOUP_FILES}
+    with replaced_builder(SoupFolder, lambda *a: pytest.fail("the soup was made again")):
+        again = recipe.recycle(done.config.replace(cache_budget_gb=0.0), echo=quiet)
     assert again == done.results
     assert {name: (done.soup / name).read_bytes() for name in SOUP_FILES} == before
 

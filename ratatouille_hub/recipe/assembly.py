@@ -98,11 +98,13 @@ def assemble(
 
 
 def soup_key(plan: RecipePlan, output: Path) -> str:
-    """What a soup is made from: every option of the recipe (method, BatchNorm policy, alpha, strategy, the
-    output it names, ...), the target as planned, and every run by its folder and the digest of its weights."""
+    """What a soup is made from: every option of the recipe that can change it (method, BatchNorm policy, alpha,
+    strategy, the output it names, ...; not the cache budget), the target as planned, and every run by its folder and the digest of its weights."""
     runs = [(spec.folder, weights_digest(RunRecord(output / spec.folder).model_folder)) for spec in plan.runs]
     target = {"reference": plan.target.reference, "fingerprint": plan.target.fingerprint}
-    return stable_hash({"recipe": plan.config.to_dict(), "target": target, "runs": runs}, length=64)
+    # the cache budget only says whether the same pixels come from the cache or from the files
+    recipe = {**plan.config.to_dict(), "cache_budget_gb": None}
+    return stable_hash({"recipe": recipe, "target": target, "runs": runs}, length=64)
 
 
 @builds(SoupFolder)
