@@ -78,6 +78,19 @@ def target_table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@produces("benchmarks/results/pipeline.json")
+def pipeline_table(path: Path) -> str:
+    """The host's share of a training step at 224 px, before and after the device took the per-pixel work."""
+    results = json.loads(path.read_text())
+    lines = ["| path | images / CPU s | images / wall s | ms a step |", "| --- | ---: | ---: | ---: |"]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['path']} | {row['images_per_cpu_s']:,.0f} | {row['images_per_wall_s']:,.0f} "
+            f"| {row['ms_per_step']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 MODEL_NAMES = {"efficientnet-lite0": "EfficientNet-Lite0", "resnet-18": "ResNet-18 (random init)"}
 
 
