@@ -83,10 +83,18 @@ def library_output(level: int) -> Iterator[None]:
     transformers or datasets does not pay their import (1.3 s of a merge). A command that must set their
     environment variables first (demo) enters this after it has."""
     switches = {"huggingface_hub": _huggingface_hub, "transformers": _transformers, "datasets": _datasets}
+    hub_bars_before = []  # huggingface_hub's bars before this command: where transformers' start when imported
     with ExitStack() as restore:
 
         def switch(library: str) -> None:
-            restore.callback(switches[library](show=level <= VERBOSE))
+            if library == "huggingface_hub":
+                from huggingface_hub.utils import are_progress_bars_disabled
+
+                hub_bars_before.append(not are_progress_bars_disabled())
+            # transformers imported now took its bars' state from huggingface_hub's, already switched: put
+            # them back as an import outside the command would have left them
+            shown = hub_bars_before[0] if library == "transformers" and library in waiting else None
+            restore.callback(switches[library](show=level <= VERBOSE, shown=shown))
 
         # huggingface_hub's first: transformers' own switch flips huggingface_hub's too (transformers imports
         # it first), and the restores run in reverse, so huggingface_hub's state is put back last
@@ -138,13 +146,16 @@ def user_decides(variable: str) -> bool:
     return os.environ.get(variable, "") != ""
 
 
-def _switched(verbosity, bars, *, show: bool, verbosity_variable: str, bars_variable: str) -> Callable[[], None]:
+def _switched(
+    verbosity, bars, *, show: bool, verbosity_variable: str, bars_variable: str, shown: bool | None = None
+) -> Callable[[], None]:
     """Set one library's log level (its warnings at -v, else its errors only) and its bars (shown at -v only),
-    each unless the user's variable decides it; returns what puts both back. `verbosity` is the library's
-    (get_verbosity, set_verbosity), `bars` its (is_enabled, enable, disable)."""
+    each unless the user's variable decides it; returns what puts both back (the bars to `shown` if given,
+    else to their state now). `verbosity` is the library's (get_verbosity, set_verbosity), `bars` its
+    (is_enabled, enable, disable)."""
     get_level, set_level = verbosity
     enabled, enable, disable = bars
-    level, shown = get_level(), enabled()
+    level, shown = get_level(), enabled() if shown is None else shown
     if not user_decides(verbosity_variable):
         set_level(logging.WARNING if show else logging.ERROR)
     if not user_decides(bars_variable):
@@ -158,7 +169,7 @@ def _switched(verbosity, bars, *, show: bool, verbosity_variable: str, bars_vari
     return restore
 
 
-def _huggingface_hub(*, show: bool) -> Callable[[], None]:
+def _huggingface_hub(*, show: bool, shown: bool | None = None) -> Callable[[], None]:
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from huggingface_hub.utils import logging as hub_logging
 
@@ -166,30 +177,33 @@ def _huggingface_hub(*, show: bool) -> Callable[[], None]:
         (hub_logging.get_verbosity, hub_logging.set_verbosity),
         (lambda: not are_progress_bars_disabled(), enable_progress_bars, disable_progress_bars),
         show=show,
+        shown=shown,
         verbosity_variable="HF_HUB_VERBOSITY",
         bars_variable="HF_HUB_DISABLE_PROGRESS_BARS",
     )
 
 
-def _transformers(*, show: bool) -> Callable[[], None]:
+def _transformers(*, show: bool, shown: bool | None = None) -> Callable[[], None]:
     from transformers.utils import logging as hf_logging
 
     return _switched(
         (hf_logging.get_verbosity, hf_logging.set_verbosity),
         (hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar, hf_logging.disable_progress_bar),
         show=show,
+        shown=shown,
         verbosity_variable="TRANSFORMERS_VERBOSITY",
         bars_variable="HF_HUB_DISABLE_PROGRESS_BARS",  # transformers' bars follow huggingface_hub's variable
     )
 
 
-def _datasets(*, show: bool) -> Callable[[], None]:
+def _datasets(*, show: bool, shown: bool | None = None) -> Callable[[], None]:
     import datasets
 
     return _switched(
         (datasets.logging.get_verbosity, datasets.logging.set_verbosity),
         (datasets.is_progress_bar_enabled, datasets.enable_progress_bars, datasets.disable_progress_bars),
         show=show,
+        shown=shown,
         verbosity_variable="DATASETS_VERBOSITY",
         bars_variable="HF_DATASETS_DISABLE_PROGRESS_BARS",
     )
