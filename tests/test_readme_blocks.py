@@ -31,6 +31,7 @@ def test_every_source_has_a_block_and_a_stale_block_is_named():
     assert sorted(sources) == sorted(
         [
             "benchmarks/results/merge.json",
+            "benchmarks/results/pacs-128px/pacs.md",
             "benchmarks/results/pacs-64px/pacs.md",
             "benchmarks/results/pipeline.json",
             "benchmarks/results/precision.json",
