@@ -405,16 +405,25 @@ class StreamedPixels:
 
     def __getitem__(self, index) -> torch.Tensor:
         """The images at a slice or a 1-D list (or tensor) of positions, decoded into a new tensor."""
-        if isinstance(index, slice):
-            positions = np.arange(*index.indices(len(self)))
-        else:
-            positions = np.asarray(index, dtype=np.int64)
-            if positions.ndim != 1:
-                raise TypeError(f"streamed images are read by a slice or a 1-D list of positions, not {index!r}")
+        positions = _positions(index, len(self))
         pixels = torch.empty((len(positions), 3, self.source.size, self.source.size), dtype=torch.uint8)
         domains = [self.domains[d] for d in self.domain_ids[positions].tolist()]
         self.source.decode_into(pixels, self.rows[positions].tolist(), domains)
         return pixels
+
+
+def _positions(index, count: int) -> np.ndarray:
+    """A slice, or a 1-D list or tensor of positions (negative ones from the end), as positions in [0, count):
+    how streamed and joined images are read."""
+    if isinstance(index, slice):
+        return np.arange(*index.indices(count))
+    positions = np.asarray(index, dtype=np.int64)
+    if positions.ndim != 1:
+        raise TypeError(f"images are read by a slice or a 1-D list of positions, not {index!r}")
+    positions = np.where(positions < 0, positions + count, positions)
+    if len(positions) and (positions.min() < 0 or positions.max() >= count):
+        raise IndexError(f"position out of range for {count} images")
+    return positions
 
 
 class JoinedPixels:
@@ -438,15 +447,7 @@ class JoinedPixels:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            positions = np.arange(*index.indices(len(self)))
-        else:
-            positions = np.asarray(index, dtype=np.int64)
-            if positions.ndim != 1:
-                raise TypeError(f"joined images are read by a slice or a 1-D list of positions, not {index!r}")
-            positions = np.where(positions < 0, positions + len(self), positions)
-            if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
-                raise IndexError(f"position out of range for {len(self)} images")
+        positions = _positions(index, len(self))
         which = np.searchsorted(self.ends, positions, side="right")
         pixels = torch.empty((len(positions), *self.shape[1:]), dtype=self.dtype)
         for part in np.unique(which).tolist():
