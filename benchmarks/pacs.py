@@ -8,10 +8,11 @@ One command runs the whole table from scratch, and resumes where it stopped:
 2. the ingredients, made once and reused by every trial: `intertrain` fine-tunes the base 4 times on each
    auxiliary dataset (caltech101, clothing, cifar10), and transformers' Trainer once per dataset (the
    way most Hub fine-tunes are made); all are pushed to the Hub with community-style cards;
-3. per trial, the product's `sweep` (ratatouille_hub/sweep.py) runs every strategy (erm, soup,
-   ratatouille, fusing) with every test domain held out in turn, over fine-tunes it downloads from the
-   Hub at pinned revisions, sharing the linear probe and the runs between strategies; in trial 0 a further
-   `recycle --test-domain all` recycles the Trainer group too, with either BatchNorm policy;
+3. per trial and held-out domain, the product's `sweep` (ratatouille_hub/sweep.py) runs every strategy
+   (erm, soup, ratatouille, fusing) over fine-tunes it downloads from the Hub at pinned revisions, sharing
+   the linear probe and the runs between strategies, and the domain's cells are kept as soon as they are
+   done (a session that stops loses at most one domain's work); in trial 0 a further `recycle` recycles
+   the Trainer group too, with either BatchNorm policy;
 4. the tables go to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
 Each stage is a folder with a `done` marker (the project's own run folders), so a rerun skips finished
@@ -59,7 +60,8 @@ def configure(
     image_size: int, *, shared: Path = ROOT.parent / "shared", work: Path | None = None, results: Path | None = None
 ) -> None:
     """Point the benchmark at one resolution's folders: run folders and the local Hub (WORK, rebuilt in each
-    session), the sweep's output (SWEEP: trial-<seed>/ holds every strategy's runs of that trial), the report
+    session), the sweeps' output (SWEEP: <domain>/trial-<seed>/ holds every strategy's runs of that trial
+    with that domain held out), the report
     (RESULTS) and what a finished cell leaves (DURABLE: committed, so a later session resumes from it); and at
     the base and datasets (`shared`: models/ and data/ as ../shared lays them out). benchmarks/gpu.py passes
     folders of its own."""
@@ -416,16 +418,19 @@ def cell_path(trial: int, domain: str, cell: str) -> Path:
     return DURABLE / f"trial{trial}" / f"{domain}-{cell}.json"
 
 
-def sweep_config(trial: int, domains: tuple[str, ...] = DOMAINS, strategies: tuple[str, ...] = STRATEGIES):
-    """The table's protocol for one trial, as the product's sweep: every strategy, every test domain (or the
-    one of `domains`, and `strategies`: benchmarks/gpu.py's cell)."""
+def sweep_config(trial: int, domain: str, strategies: tuple[str, ...] = STRATEGIES):
+    """The table's protocol for one trial with one domain held out, as the product's sweep: every strategy (or
+    `strategies`: benchmarks/gpu.py's cell). One sweep per domain, not `--test-domain all`, because a sweep
+    keeps its soups only once all its runs are trained: a domain's cells land as soon as its own runs are
+    done. A domain's plan is the same either way (its runs' seeds and keys read the held-out domain, never
+    the other plans), so the committed 64 px and 128 px trial 0 cells stay valid (tests/test_sweep.py)."""
     from ratatouille_hub.config import SweepConfig
 
-    held_out = {"test_domain": domains[0]} if len(domains) == 1 else {}
+    output = SWEEP / domain  # DOMAINS: this script's names, not a dataset's
     return SweepConfig(
         base=BASE_ID,
         target="PACS",
-        **held_out,
+        test_domain=domain,
         strategy=strategies,
         seed=trial,
         trials=1,
@@ -436,7 +441,7 @@ def sweep_config(trial: int, domains: tuple[str, ...] = DOMAINS, strategies: tup
         warmup_steps=WARMUP,
         batch_size=BATCH,
         image_size=IMAGE_SIZE,
-        output=str(SWEEP.relative_to(ROOT) if SWEEP.is_relative_to(ROOT) else SWEEP),
+        output=str(output.relative_to(ROOT) if output.is_relative_to(ROOT) else output),
     )
 
 
@@ -450,22 +455,22 @@ def draw_finetunes(recipe):
 def run_trial(
     trial: int, timings: dict, domains: tuple[str, ...] = DOMAINS, strategies: tuple[str, ...] = STRATEGIES
 ) -> None:
-    """One trial of the table (skipped when its cells are kept): one sweep, trial by trial so that a stopped
-    session leaves complete trials behind; each cell's results and costs are kept in DURABLE."""
+    """One trial of the table, one sweep per held-out domain (a domain whose cells are kept is skipped); each
+    cell's results and costs are kept in DURABLE as soon as its domain is done."""
     from ratatouille_hub.recipe.plan import load_plans
     from ratatouille_hub.results import Results, soup_subfolder
     from ratatouille_hub.sweep import cells_of, sweep
 
-    if all(cell_path(trial, d, s).exists() for d in domains for s in strategies):
-        return
-    print(f"\n== trial {trial}: {', '.join(strategies)} x {', '.join(domains)}", flush=True)
-    config, started = sweep_config(trial, domains, strategies), time.time()
-    sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
-    timings[f"trial{trial}/sweep"] = round(time.time() - started, 1)
-    save_json(DURABLE / "timings.json", timings)
-    for cell in cells_of(config):
-        for plan in load_plans(cell.folder):
-            domain = plan.target.test_domain
+    for domain in domains:
+        if all(cell_path(trial, domain, s).exists() for s in strategies):
+            continue
+        print(f"\n== trial {trial}, {domain} held out: {', '.join(strategies)}", flush=True)
+        config, started = sweep_config(trial, domain, strategies), time.time()
+        sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
+        timings[f"trial{trial}/sweep/{domain}"] = round(time.time() - started, 1)
+        save_json(DURABLE / "timings.json", timings)
+        for cell in cells_of(config):
+            (plan,) = load_plans(cell.folder)
             destination = cell_path(trial, domain, cell.strategy)
             if not destination.exists():  # a kept cell stays as it was committed
                 save_json(destination.with_suffix(".cost.json"), cell_cost(cell.work, plan))
@@ -473,48 +478,42 @@ def run_trial(
 
 
 def run_hub_style(trial: int, cell: HubStyleCell, timings: dict) -> None:
-    """`recycle --test-domain all --strategy ratatouille` of the drawn fine-tunes and the Trainer group into
-    the sweep's folder of the trial, so its first RUNS runs are the Ratatouille cell's own (reused, not
-    retrained); each test domain's results are kept with the verdicts printed about them."""
+    """`recycle --strategy ratatouille` of the drawn fine-tunes and the Trainer group, each domain held out in
+    turn, into that domain's sweep folder of the trial, so its first RUNS runs are the Ratatouille cell's own
+    (reused, not retrained); each test domain's results are kept with the verdicts printed about them."""
     from ratatouille_hub.recipe import recycle
     from ratatouille_hub.recipe.plan import load_plans
     from ratatouille_hub.sweep import cell_recipe, cells_of
 
-    if all(cell_path(trial, d, cell.name).exists() for d in DOMAINS):
-        return
     aux = recycled_in(trial, "hub-style")
-    print(f"\n== trial {trial}, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
-    sweep = sweep_config(trial)
-    ratatouille = next(c for c in cells_of(sweep) if c.strategy == "ratatouille")
-    config = replace(cell_recipe(sweep, ratatouille), aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy)
-    started, printed = time.time(), []
-
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        printed.append(line)
-
-    table = recycle(config, echo=echo)
-    timings[f"trial{trial}/{cell.name}"] = round(time.time() - started, 1)
-    save_json(DURABLE / "timings.json", timings)
-    planning, *per_domain = split_at_assembly(printed)  # assembly goes domain by domain, in the plans' order
-    for plan, assembly in zip(load_plans(Path(config.output)), per_domain, strict=True):
-        domain = plan.target.test_domain
-        verdicts = [line for line in planning + assembly if line.startswith(("[vet]", "[merge] greedy", "[diagnose]"))]
+    for domain in DOMAINS:
+        if cell_path(trial, domain, cell.name).exists():
+            continue
+        print(f"\n== trial {trial}, {domain} held out, {cell.name}: {len(aux)} recycled fine-tunes", flush=True)
+        sweep = sweep_config(trial, domain)
+        ratatouille = next(c for c in cells_of(sweep) if c.strategy == "ratatouille")
+        config = replace(cell_recipe(sweep, ratatouille), aux=aux, runs=1 + len(aux), bn_policy=cell.bn_policy)
+        started, printed = time.time(), []
+        results = recycle(config, echo=printing_into(printed))
+        timings[f"trial{trial}/{cell.name}/{domain}"] = round(time.time() - started, 1)
+        save_json(DURABLE / "timings.json", timings)
+        (plan,) = load_plans(Path(config.output))
+        verdicts = [line for line in printed if line.startswith(("[vet]", "[merge] greedy", "[diagnose]"))]
         save_json(
             cell_path(trial, domain, cell.name).with_suffix(".cost.json"),
             cell_cost(Path(config.output), plan) | {"printed": verdicts},
         )
-        table.per_domain[domain].save(cell_path(trial, domain, cell.name))
+        results.save(cell_path(trial, domain, cell.name))
 
 
-def split_at_assembly(lines: list[str]) -> list[list[str]]:
-    """`lines` cut before each line with which assembly starts a held-out domain."""
-    parts = [[]]
-    for line in lines:
-        if line.startswith("[merge] averaging runs"):
-            parts.append([])
-        parts[-1].append(line)
-    return parts
+def printing_into(lines: list[str]):
+    """An echo that prints each line and keeps it in `lines`."""
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    return echo
 
 
 def diagnose_domain(trial: int, domain: str) -> None:
@@ -527,12 +526,13 @@ def diagnose_domain(trial: int, domain: str) -> None:
     if destination.exists():
         return
     results = Results.load(cell_path(trial, domain, "ratatouille"))
-    output = SWEEP / f"trial-{trial}"
+    swept = sweep_config(trial, domain)
+    output = Path(swept.output) / f"trial-{trial}"
     folders = [str(output / run.folder / "model") for run in results.runs]
-    if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain its runs
+    if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain that domain's runs
         from ratatouille_hub.sweep import sweep
 
-        sweep(sweep_config(trial), echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
+        sweep(swept, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
     config = RecipeConfig(base=folders[0], target="PACS", test_domain=domain, image_size=IMAGE_SIZE, seed=trial)
     inits = [run.init.split("@")[0] for run in results.runs]
     # Named by their inits, as the soup card names its runs, not by their scratch folders.
