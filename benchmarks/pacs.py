@@ -526,7 +526,7 @@ def diagnose_domain(trial: int, domain: str) -> None:
     if destination.exists():
         return
     results = Results.load(cell_path(trial, domain, "ratatouille"))
-    swept = sweep_config(trial, domain)
+    swept = sweep_config(trial, domain, ("ratatouille",))  # retrained, only the runs diagnosed are needed
     output = Path(swept.output) / f"trial-{trial}"
     folders = [str(output / run.folder / "model") for run in results.runs]
     if not all(Path(f).is_dir() for f in folders):  # finished in an earlier session: retrain that domain's runs
