@@ -139,7 +139,8 @@ Protocol (what is scaled down from docs/method.md, and why). docs/method.md's bu
 images per domain at 224 px, per strategy and test domain, on GPUs. Here the budget is 2 CPU cores and
 working sessions of at most 3 hours, keeping only what is committed: each finished cell is committed
 (cells/: its results and what its runs cost), so a stopped benchmark resumes in a later session after
-rebuilding the ingredients from their seeds (their sha256 must match the first build's). Measured here
+rebuilding the ingredients from their seeds (their sha256 must match the build made on the same kind of CPU;
+another kind rounds floats otherwise, and its rebuild is described beside the first). Measured here
 (2 threads, channels-last fp32, EfficientNet-Lite0): one training step of 48 images costs 0.50 s at 128 px,
 0.36 s at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs
 per domain) of {STEPS} steps costs about 30 minutes at 64 px and about 60-70 at 128 px, and the ingredients
@@ -380,34 +381,84 @@ def trainer_finetunes(timings: dict) -> dict[str, Path]:
 
 def describe_ingredients(made: dict[str, Path]) -> None:
     """Each fine-tune's distance to the base (vetting's measure) and its accuracy on 1000 of its own
-    training images, once, with the sha256 of its weights: a later session rebuilds the ingredients from
-    their seeds and must get the same bytes to resume (DURABLE/ingredients.json)."""
+    training images, once, with the sha256 of its weights and the CPU that made them: a later session
+    rebuilds the ingredients from their seeds and must get the same bytes on the same kind of CPU to resume
+    (DURABLE/ingredients.json). Another kind of CPU rounds floats otherwise (other kernels: an AMD EPYC
+    rebuilds the Intel Xeon's fine-tunes with other bytes from the same seeds and code), so its rebuild is
+    described beside the first build, under `rebuilt_on`, and checked in turn by the sessions on that kind."""
     from ratatouille_hub.discovery import head_names_of, local_signature
     from ratatouille_hub.fetch import resolve_model
     from ratatouille_hub.vetting import distance_to_base
 
-    path = DURABLE / "ingredients.json"
+    path, cpu = DURABLE / "ingredients.json", cpu_kind()
     described = load_json(path, {})
-    for repo_id, folder in made.items():
-        if repo_id in described and described[repo_id]["sha256"] != weights_sha256(folder):
-            raise SystemExit(
-                f"{repo_id} was rebuilt with other weights than the finished cells recycled "
-                f"({described[repo_id]['sha256'][:12]}...); move {DURABLE} aside to start over"
-            )
-    if set(made) <= set(described):
+    pending = undescribed_builds(described, made, cpu)
+    if not pending:
         return
     base = resolve_model(BASE_ID)
     signature, heads = local_signature(base.path), head_names_of(base.path / "config.json")
-    for repo_id, folder in made.items():
-        if repo_id not in described:
-            own = json.loads((folder / "results.json").read_text())
-            described[repo_id] = {
-                "distance_to_base": distance_to_base(base, resolve_model(repo_id), signature, heads),
-                "train_accuracy": own["train_accuracy"],
-                "hparams": own.get("hparams", {"lr": TRAINER_LR, "optimizer": "AdamW (Trainer)"}),
-                "sha256": weights_sha256(folder),
-            }
+    for repo_id, folder in pending.items():
+        own = json.loads((folder / "results.json").read_text())
+        build = {
+            "distance_to_base": distance_to_base(base, resolve_model(repo_id), signature, heads),
+            "train_accuracy": own["train_accuracy"],
+            "sha256": weights_sha256(folder),
+        }
+        hparams = own.get("hparams", {"lr": TRAINER_LR, "optimizer": "AdamW (Trainer)"})
+        add_build(described, repo_id, build, hparams, cpu)
     save_json(path, described)
+
+
+def undescribed_builds(described: dict, made: dict[str, Path], cpu: str) -> dict[str, Path]:
+    """The fine-tunes of `made` that ingredients.json does not describe a build of on `cpu`; stops when one
+    it does describe was rebuilt with other bytes on the same kind of CPU (its kept cells recycled others)."""
+    for repo_id, folder in made.items():
+        build = built_on(described.get(repo_id), cpu)
+        if build is not None and build["sha256"] != weights_sha256(folder):
+            raise SystemExit(
+                f"{repo_id} was rebuilt on {cpu} with other weights than the finished cells recycled "
+                f"({build['sha256'][:12]}...); move {DURABLE} aside to start over"
+            )
+    return {r: f for r, f in made.items() if built_on(described.get(r), cpu) is None}
+
+
+def add_build(described: dict, repo_id: str, build: dict, hparams: dict, cpu: str) -> None:
+    """A fine-tune's first build, or its rebuild on another kind of CPU beside the first."""
+    if repo_id in described:
+        described[repo_id].setdefault("rebuilt_on", {})[cpu] = build
+    else:
+        described[repo_id] = build | {"hparams": hparams, "cpu": cpu}
+
+
+# Cells and ingredients made before they recorded their CPU ran on the project's Intel Xeon (the sessions'
+# closing notes name it for every 64 px trial and 128 px trial 0).
+UNRECORDED_CPU = "Intel Xeon"
+
+
+def built_on(entry: dict | None, cpu: str) -> dict | None:
+    """The build of an ingredients.json entry made on `cpu`, if any."""
+    if entry is None:
+        return None
+    if entry.get("cpu", UNRECORDED_CPU) == cpu:
+        return entry
+    return entry.get("rebuilt_on", {}).get(cpu)
+
+
+def cpu_kind() -> str:
+    """The kind of CPU this runs on, as far as it decides float rounding: vendor and line, from /proc/cpuinfo."""
+    names = [line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")]
+    name = names[0] if names else platform.processor() or platform.machine()
+    for kind in ("Intel Xeon", "AMD EPYC"):
+        if all(word in name for word in kind.split()):
+            return kind
+    return " ".join(name.replace("(R)", "").replace("(TM)", "").split())
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
 
 
 def weights_sha256(folder: Path) -> str:
@@ -605,8 +656,9 @@ def report() -> None:
     trials = sorted(int(p.name.removeprefix("trial")) for p in DURABLE.glob("trial*") if p.is_dir())
     table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
     val_table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
-    complete_trials, costs, diversity, hub_style = [], {}, {}, {}
+    complete_trials, costs, diversity, hub_style, cpus = [], {}, {}, {}, {}
     for trial in trials:
+        cpus[trial] = cpus_of(trial)
         cells = {
             (d, c): load_results(cell_path(trial, d, c))
             for d in DOMAINS
@@ -652,7 +704,13 @@ def report() -> None:
         "hub_style": hub_style,
         "diagnose": diagnoses,
         "timings_s": load_json(DURABLE / "timings.json", {}),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "cells_per_cpu": cpus,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_kind(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_json(RESULTS / "pacs.json", payload)
@@ -668,14 +726,24 @@ def load_results(path: Path) -> Results | None:
 
 
 def cell_cost(output: Path, plan) -> dict:
-    """What a cell's runs (of one test domain's plan) cost as their run folders recorded them, and its
-    linear probe: kept beside the cell's results, since the run folders stay behind in the session's scratch."""
+    """What a cell's runs (of one test domain's plan) cost as their run folders recorded them, its linear
+    probe, and the CPU they ran on: kept beside the cell's results, since the run folders stay behind in the
+    session's scratch."""
     runs = []
     for spec in plan.runs:
         metrics = json.loads((output / spec.folder / "metrics.json").read_text())
         runs.append({"steps": spec.steps + spec.warmup_steps, "seconds": metrics.get("seconds")})
     probe = json.loads((output / plan.lp.folder / "metrics.json").read_text()).get("seconds")
-    return {"runs": runs, "linear_probe_seconds": probe or 0}
+    return {"runs": runs, "linear_probe_seconds": probe or 0, "cpu": cpu_kind()}
+
+
+def cpus_of(trial: int) -> dict[str, int]:
+    """How many of the trial's kept cells ran on each kind of CPU."""
+    counts: dict[str, int] = {}
+    for path in sorted((DURABLE / f"trial{trial}").glob("*.cost.json")):
+        cpu = load_json(path, {}).get("cpu", UNRECORDED_CPU)
+        counts[cpu] = counts.get(cpu, 0) + 1
+    return counts
 
 
 def row_cost(trial: int, cell: str) -> dict:
@@ -805,6 +873,12 @@ def markdown(payload: dict) -> str:
             else "- | - | -"
         )
         lines.append(f"| {row} | " + " | ".join(_cell(stats[d]) for d in (*DOMAINS, "average")) + f" | {spent} |")
+    where = payload.get("cells_per_cpu", {})
+    if where:
+        ran = "; ".join(
+            f"trial {t}: " + ", ".join(f"{cpu} ({n} cells)" for cpu, n in counts.items()) for t, counts in where.items()
+        )
+        lines += ["", f"Where the kept cells ran (2 cores each): {ran}."]
     lines += ["", "## The goal: the paper's gains on the PACS average", ""]
     for baseline, verdict in payload["goal"].items():
         gain = verdict["gain"]
@@ -839,20 +913,30 @@ def markdown(payload: dict) -> str:
 def _ingredients_section(ingredients: dict) -> list[str]:
     if not ingredients:
         return []
-    return [
+    rebuilt = sorted({cpu for entry in ingredients.values() for cpu in entry.get("rebuilt_on", {})})
+    lines = [
         "",
-        "## The ingredients (made once, recycled by every trial)",
+        "## The ingredients (made once per session, recycled by every trial)",
         "",
         "Distance: ||w - w_base|| / ||w_base|| over the backbone's kernels (vetting's measure; vetting refuses "
-        "above 1.0). Accuracy: on 1000 of the fine-tune's own training images.",
+        "above 1.0). Accuracy: on 1000 of the fine-tune's own training images. Built on: the CPU of the first "
+        "build; a session on another kind of CPU rebuilds them from the same seeds with other bytes (other float "
+        "rounding), and its trials recycle that rebuild (its columns).",
         "",
-        "| fine-tune | how | distance to the base | accuracy on its training images |",
-        "|---|---|---|---|",
-        *(
-            f"| {repo_id} | {_how(entry)} | {entry['distance_to_base']:.3f} | {100 * entry['train_accuracy']:.1f} |"
-            for repo_id, entry in ingredients.items()
-        ),
+        "| fine-tune | how | built on | distance to the base | accuracy on its training images |"
+        + "".join(f" rebuilt on {cpu}: distance, accuracy |" for cpu in rebuilt),
+        "|---|---|---|---|---|" + "---|" * len(rebuilt),
     ]
+    for repo_id, entry in ingredients.items():
+        again = [entry.get("rebuilt_on", {}).get(cpu) for cpu in rebuilt]
+        lines.append(
+            f"| {repo_id} | {_how(entry)} | {entry.get('cpu', UNRECORDED_CPU)} | {entry['distance_to_base']:.3f} | "
+            f"{100 * entry['train_accuracy']:.1f} |"
+            + "".join(
+                f" {b['distance_to_base']:.3f}, {100 * b['train_accuracy']:.1f} |" if b else " - |" for b in again
+            )
+        )
+    return lines
 
 
 def _how(entry: dict) -> str:

@@ -1,0 +1,71 @@
+"""benchmarks/pacs.py's bookkeeping across sessions: which rebuilt ingredients it accepts and records."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def pacs(monkeypatch, tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "pacs.py"
+    spec = importlib.util.spec_from_file_location("pacs_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.configure(128, work=tmp_path / "work", results=tmp_path / "results")
+    return module
+
+
+def weights(folder: Path, content: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(content)
+    return folder
+
+
+def test_a_rebuild_on_the_same_cpu_must_have_the_same_bytes_and_another_cpus_is_recorded_beside(pacs, tmp_path):
+    first = weights(tmp_path / "first", b"xeon bytes")
+    described: dict = {}
+    build = {"distance_to_base": 0.02, "train_accuracy": 0.933, "sha256": pacs.weights_sha256(first)}
+    pacs.add_build(described, "bench/ft-0", build, {"lr": 5e-05}, "Intel Xeon")
+    assert described == {"bench/ft-0": build | {"hparams": {"lr": 5e-05}, "cpu": "Intel Xeon"}}
+
+    assert pacs.undescribed_builds(described, {"bench/ft-0": first}, "Intel Xeon") == {}  # the same bytes: reused
+    other = weights(tmp_path / "other", b"epyc bytes")
+    with pytest.raises(SystemExit, match="bench/ft-0 was rebuilt on Intel Xeon with other weights"):
+        pacs.undescribed_builds(described, {"bench/ft-0": other}, "Intel Xeon")
+
+    assert pacs.undescribed_builds(described, {"bench/ft-0": other}, "AMD EPYC") == {"bench/ft-0": other}
+    rebuild = {"distance_to_base": 0.021, "train_accuracy": 0.934, "sha256": pacs.weights_sha256(other)}
+    pacs.add_build(described, "bench/ft-0", rebuild, {"lr": 5e-05}, "AMD EPYC")
+    assert described["bench/ft-0"]["rebuilt_on"] == {"AMD EPYC": rebuild}
+    assert described["bench/ft-0"]["sha256"] == build["sha256"]  # the first build, as the kept cells recycled it
+    assert pacs.undescribed_builds(described, {"bench/ft-0": other}, "AMD EPYC") == {}
+    with pytest.raises(SystemExit, match="rebuilt on AMD EPYC"):
+        pacs.undescribed_builds(described, {"bench/ft-0": first}, "AMD EPYC")
+
+
+def test_entries_and_cells_made_before_cpus_were_recorded_count_as_the_xeons(pacs):
+    legacy = {"distance_to_base": 0.02, "train_accuracy": 0.9, "sha256": "ab", "hparams": {}}
+    assert pacs.built_on(legacy, "Intel Xeon") is legacy
+    assert pacs.built_on(legacy, "AMD EPYC") is None
+    cells = pacs.DURABLE / "trial1"
+    cells.mkdir(parents=True)
+    pacs.save_json(cells / "photo-erm.cost.json", {"runs": [], "linear_probe_seconds": 1.0})
+    pacs.save_json(cells / "photo-soup.cost.json", {"runs": [], "linear_probe_seconds": 1.0, "cpu": "AMD EPYC"})
+    assert pacs.cpus_of(1) == {"Intel Xeon": 1, "AMD EPYC": 1}
+
+
+@pytest.mark.parametrize(
+    ("model_name", "kind"),
+    [
+        ("Intel(R) Xeon(R) Platinum 8488C", "Intel Xeon"),
+        ("AMD EPYC", "AMD EPYC"),
+        ("AMD EPYC 7R13 Processor", "AMD EPYC"),
+        ("Intel(R) Core(TM) i7-1165G7 @ 2.80GHz", "Intel Core i7-1165G7 @ 2.80GHz"),
+    ],
+)
+def test_the_cpu_kind_is_the_vendor_and_line_of_the_model_name(pacs, monkeypatch, model_name, kind):
+    monkeypatch.setattr(pacs, "_cpuinfo", lambda: f"processor\t: 0\nmodel name\t: {model_name}\nflags\t\t: fpu\n")
+    assert pacs.cpu_kind() == kind
