@@ -722,7 +722,30 @@ def report() -> None:
 def load_results(path: Path) -> Results | None:
     from ratatouille_hub.results import Results
 
-    return Results.load(path) if path.exists() else None
+    if not path.exists():
+        return None
+    plain = json.loads(path.read_text())
+    results = Results.from_dict(plain)
+    if "best_recycled_run" not in plain:  # kept before results named it (the 64 px trials): derived alike
+        results = replace(results, best_recycled_run=best_recycled_run(results))
+    return results
+
+
+def best_recycled_run(results: Results):
+    """What assembly records as `best_recycled_run`, from a results record that does not say which runs were
+    recycled: the best run by validation, the lower index on a tie, among those whose init is not the recipe's
+    base (its first ingredient)."""
+    from ratatouille_hub.fetch import split_revision
+    from ratatouille_hub.results import BestRun
+
+    base = results.ingredients[0].source
+    ranking = sorted(range(len(results.runs)), key=lambda i: (-results.runs[i].val_accuracy, i))
+    for index in ranking:
+        run = results.runs[index]
+        if split_revision(run.init)[0] != base:
+            scores = {"val_accuracy": run.val_accuracy, "val_accuracy_per_domain": run.val_accuracy_per_domain}
+            return BestRun(index=index, test_accuracy=run.test_accuracy, **scores)
+    return None
 
 
 def cell_cost(output: Path, plan) -> dict:
@@ -797,7 +820,9 @@ def hub_style_summary(results: Results, path: Path) -> dict:
     }
 
 
-GOAL = {"ERM (LP init)": 0.036, "Soups, uniform": 0.008}  # the paper's gains of Ratatouille uniform over them
+# The paper's gains of Ratatouille uniform over each baseline on PACS (docs/method.md: 89.5 against 85.9, 88.7,
+# 89.0 and 88.0).
+GOAL = {"ERM (LP init)": 0.036, "Soups, uniform": 0.008, "Inter-training": 0.005, "Fusing": 0.015}
 
 
 def goal(table: dict[str, dict[str, list[float]]]) -> dict:
