@@ -645,7 +645,10 @@ def pacs_cell(size: Size, args, deadline: float, part_output: Path) -> None:
         with logs.library_output(logs.DEFAULT):
             for stage, run in (
                 ("seed the local Hub", lambda: pacs.seed_hub(hub)),
-                ("ingredients (intertrain, decoding included)", lambda: pacs.intertrain_auxiliaries(timings)),
+                (
+                    "ingredients (intertrain, decoding included)",
+                    lambda: pacs.intertrain_auxiliaries(timings, pacs.drawn_runs(None)),
+                ),
                 ("the cell (sweep)", lambda: pacs.run_trial(0, timings, (TEST_DOMAIN,), CELL_STRATEGIES)),
             ):
                 started = time.time()

@@ -158,8 +158,8 @@ validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - backbone: EfficientNet-Lite0 (ImageNet, 4.7M parameters), the only real ImageNet backbone offline
   here, instead of ResNet-50; so absolute numbers are not comparable with the paper's, only orderings;
 - resolution {IMAGE_SIZE} px (PACS is stored at 128) instead of 224, for every stage, ingredients included;
-- ingredients, made once per session and recycled by every trial (their cost is the community's, not the
-  user's): {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
+- ingredients, rebuilt in each session (the ones its trials draw) and recycled by every trial (their cost
+  is the community's, not the user's): {AUX_RUNS} fine-tunes per auxiliary dataset (the paper's count) of {AUX_STEPS} steps x {AUX_BATCH} images
   (docs/method.md: 5001), hparams drawn as for target runs, on caltech101 (PACS-overlapping classes removed),
   clothing and cifar10 (upsampled from 32 px) instead of the other DomainBed datasets;
 - {RUNS} runs per strategy instead of 20. Ratatouille = 1 run from the base + 1 from each of
@@ -216,7 +216,7 @@ def run_trials(trials: list[int], ingredients_only: bool = False) -> None:
         with logs.library_output(logs.DEFAULT):  # as the command: the libraries' bars would bury the log
             seed_hub(hub)
             timings = load_json(DURABLE / "timings.json", {})
-            made = intertrain_auxiliaries(timings)
+            made = intertrain_auxiliaries(timings, drawn_runs(None if ingredients_only else trials))
             describe_ingredients(made)
             # The main table first, trial by trial, so that a stopped session leaves complete trials behind;
             # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
@@ -249,9 +249,10 @@ def seed_hub(hub) -> None:
         hub.seed_dataset("flwrlabs/pacs", PACS_FOLDER)
 
 
-def intertrain_auxiliaries(timings: dict) -> dict[str, Path]:
-    """AUX_RUNS fine-tunes of the base per auxiliary dataset, each pushed to the Hub as a community
-    checkpoint; returns {repo id: local folder}."""
+def intertrain_auxiliaries(timings: dict, runs_of: dict[str, list[int]]) -> dict[str, Path]:
+    """The fine-tunes `runs_of` names (dataset: run indices, of AUX_RUNS made with one recipe) of the base on
+    each auxiliary dataset, each pushed to the Hub as a community checkpoint; returns {repo id: local folder}.
+    A run's bytes do not depend on which others are made (its key and seeds are its index's)."""
     from ratatouille_hub.config import IntertrainConfig
     from ratatouille_hub.intertraining import intertrain
     from ratatouille_hub.publish import push_folder
@@ -267,17 +268,31 @@ def intertrain_auxiliaries(timings: dict) -> dict[str, Path]:
             image_size=IMAGE_SIZE,
             output=str(WORK / "intertrain" / name),
         )
-        started = time.time()
-        folders = intertrain(config)  # resumable: each finished fine-tune is reused
-        key = f"intertrain/{name}x{AUX_RUNS}x{AUX_STEPS}"
-        if key not in timings:
-            timings[key] = round(time.time() - started, 1)
-            save_json(DURABLE / "timings.json", timings)
-        for run, folder in enumerate(folders):
+        for run in runs_of[name]:
+            started = time.time()
+            (folder,) = intertrain(config, index=run)  # resumable: a finished fine-tune is reused
+            key = f"intertrain/{name}-{run}x{AUX_STEPS}"
+            if key not in timings:
+                timings[key] = round(time.time() - started, 1)
+                save_json(DURABLE / "timings.json", timings)
             repo_id = recipe_finetune_id(name, run)
             push_folder(folder, repo_id)
             made[repo_id] = Path(folder)
     return made
+
+
+def drawn_runs(trials: list[int] | None) -> dict[str, list[int]]:
+    """The intertrain runs of each auxiliary dataset that `trials` recycle (every run: None): a session
+    rebuilds only those, since a trial draws AUX_PER_TRIAL of AUX_RUNS per dataset."""
+    if trials is None:
+        return {name: list(range(AUX_RUNS)) for name in AUX_DATASETS}
+    drawn = {recipe_finetune_id(name, run): (name, run) for name in AUX_DATASETS for run in range(AUX_RUNS)}
+    runs_of: dict[str, set[int]] = {name: set() for name in AUX_DATASETS}
+    for trial in trials:
+        for repo_id in recycled_in(trial, "recipe"):
+            name, run = drawn[repo_id]
+            runs_of[name].add(run)
+    return {name: sorted(runs) for name, runs in runs_of.items()}
 
 
 def recipe_finetune_id(dataset: str, run: int) -> str:

@@ -69,3 +69,19 @@ def test_entries_and_cells_made_before_cpus_were_recorded_count_as_the_xeons(pac
 def test_the_cpu_kind_is_the_vendor_and_line_of_the_model_name(pacs, monkeypatch, model_name, kind):
     monkeypatch.setattr(pacs, "_cpuinfo", lambda: f"processor\t: 0\nmodel name\t: {model_name}\nflags\t\t: fpu\n")
     assert pacs.cpu_kind() == kind
+
+
+def test_a_session_rebuilds_exactly_the_fine_tunes_its_trials_cells_recycle(pacs):
+    from ratatouille_hub.sweep import cell_recipe, cells_of
+
+    for trials in ([0], [1], [1, 2], [0, 1, 2]):
+        runs_of = pacs.drawn_runs(trials)
+        rebuilt = {pacs.recipe_finetune_id(name, run) for name, runs in runs_of.items() for run in runs}
+        recycled = set()
+        for trial in trials:
+            for domain in pacs.DOMAINS:
+                config = pacs.sweep_config(trial, domain)
+                recycled |= {aux for c in cells_of(config) for aux in pacs.draw_finetunes(cell_recipe(config, c)).aux}
+        assert rebuilt == recycled
+        assert all(len(runs) == len(trials) * pacs.AUX_PER_TRIAL for runs in runs_of.values())  # trials draw apart
+    assert pacs.drawn_runs(None) == {name: [0, 1, 2, 3] for name in ("caltech101", "clothing", "cifar10")}
