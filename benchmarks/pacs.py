@@ -140,8 +140,9 @@ images per domain at 224 px, per strategy and test domain, on GPUs. Here the bud
 working sessions of at most 3 hours, keeping only what is committed: each finished cell is committed
 (cells/: its results and what its runs cost), so a stopped benchmark resumes in a later session after
 rebuilding the ingredients from their seeds (their sha256 must match the build made on the same kind of CPU;
-another kind rounds floats otherwise, and its rebuild is described beside the first). Measured here
-(2 threads, channels-last fp32, EfficientNet-Lite0): one training step of 48 images costs 0.50 s at 128 px,
+another kind rounds floats otherwise, and its rebuild is described beside the first). Measured on the
+Intel Xeon (2 threads, channels-last fp32, EfficientNet-Lite0; an AMD EPYC with AVX2 only takes 4.2-4.8x as
+long for a 128 px run, probe or fine-tune): one training step of 48 images costs 0.50 s at 128 px,
 0.36 s at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs
 per domain) of {STEPS} steps costs about 30 minutes at 64 px and about 60-70 at 128 px, and the ingredients
 about 13 and 28. This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
@@ -610,6 +611,11 @@ def diagnose_domain(trial: int, domain: str) -> None:
         destination,
         {
             "domain": domain,
+            # runs retrained in a later session on another kind of CPU are not the cell's bytes (other rounding)
+            "cpu": cpu_kind(),
+            "cell_cpu": load_json(cell_path(trial, domain, "ratatouille").with_suffix(".cost.json"), {}).get(
+                "cpu", UNRECORDED_CPU
+            ),
             "runs": inits,
             "distance_to_base": auxiliary_distances(results),
             "accuracies": list(diagnosis.accuracies),
@@ -1078,7 +1084,8 @@ def _diagnose_section(diagnoses: dict) -> list[str]:
             f"## Diagnose: every pair of the Ratatouille runs, test domain {diagnosis['domain']} ({name.split('-')[0] if '-' in name else ''})",
             "",
             "Training-domain validation. Ratio-error: errors made by one run only / errors made by both (diversity). "
-            "Barrier: the largest dip of accuracy on the straight weight path below the line between the ends.",
+            "Barrier: the largest dip of accuracy on the straight weight path below the line between the ends."
+            + _retrained_elsewhere(diagnosis),
             "",
             "| run | init | validation accuracy | init's distance to the base |",
             "|---|---|---|---|",
@@ -1102,6 +1109,16 @@ def _diagnose_section(diagnoses: dict) -> list[str]:
     if pngs:
         lines += ["", *(f"![weight paths, barriers and diversity of the runs]({p.name})" for p in pngs)]
     return lines
+
+
+def _retrained_elsewhere(diagnosis: dict) -> str:
+    cpu, cell_cpu = diagnosis.get("cpu", UNRECORDED_CPU), diagnosis.get("cell_cpu", UNRECORDED_CPU)
+    if cpu == cell_cpu:
+        return ""
+    return (
+        f" The runs were retrained on an {cpu} for this diagnosis; the table's cell ran on an {cell_cpu}: the same "
+        "recipe and seeds, other float rounding, so these are close to the table's runs, not the same bytes."
+    )
 
 
 def _distance(diagnosis: dict, init: str) -> str:
