@@ -10,8 +10,8 @@ One command runs the whole table from scratch, and resumes where it stopped:
    way most Hub fine-tunes are made); all are pushed to the Hub with community-style cards;
 3. per trial and held-out domain, the product's `sweep` (ratatouille_hub/sweep.py) runs every strategy
    (erm, soup, ratatouille, fusing) over fine-tunes it downloads from the Hub at pinned revisions, sharing
-   the linear probe and the runs between strategies, and the domain's cells are kept as soon as they are
-   done (a session that stops loses at most one domain's work); in trial 0 a further `recycle` recycles
+   the linear probe and the runs between strategies, and each cell is kept as soon as its own runs are
+   done (a session that stops loses at most one cell's runs); in trial 0 a further `recycle` recycles
    the Trainer group too, with either BatchNorm policy;
 4. the tables go to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
@@ -487,9 +487,8 @@ def cell_path(trial: int, domain: str, cell: str) -> Path:
 
 def sweep_config(trial: int, domain: str, strategies: tuple[str, ...] = STRATEGIES):
     """The table's protocol for one trial with one domain held out, as the product's sweep: every strategy (or
-    `strategies`: benchmarks/gpu.py's cell). One sweep per domain, not `--test-domain all`, because a sweep
-    keeps its soups only once all its runs are trained: a domain's cells land as soon as its own runs are
-    done. A domain's plan is the same either way (its runs' seeds and keys read the held-out domain, never
+    `strategies`: benchmarks/gpu.py's cell, or run_trial's one cell at a time). Not `--test-domain all`,
+    because a sweep keeps its soups only once all its runs are trained. A domain's plan is the same either way (its runs' seeds and keys read the held-out domain, never
     the other plans), so the committed 64 px and 128 px trial 0 cells stay valid (tests/test_sweep.py)."""
     from ratatouille_hub.config import SweepConfig
 
@@ -522,26 +521,27 @@ def draw_finetunes(recipe):
 def run_trial(
     trial: int, timings: dict, domains: tuple[str, ...] = DOMAINS, strategies: tuple[str, ...] = STRATEGIES
 ) -> None:
-    """One trial of the table, one sweep per held-out domain (a domain whose cells are kept is skipped); each
-    cell's results and costs are kept in DURABLE as soon as its domain is done."""
+    """One trial of the table, held-out domain by domain and strategy by strategy, each cell one sweep into its
+    domain's folder (runs two cells share are trained once: the folder keeps them by key), so each cell's
+    results and costs are kept in DURABLE as soon as its own runs are done; a kept cell is skipped."""
     from ratatouille_hub.recipe.plan import load_plans
     from ratatouille_hub.results import Results, soup_subfolder
     from ratatouille_hub.sweep import cells_of, sweep
 
     for domain in domains:
-        if all(cell_path(trial, domain, s).exists() for s in strategies):
-            continue
-        print(f"\n== trial {trial}, {domain} held out: {', '.join(strategies)}", flush=True)
-        config, started = sweep_config(trial, domain, strategies), time.time()
-        sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
-        timings[f"trial{trial}/sweep/{domain}"] = round(time.time() - started, 1)
-        save_json(DURABLE / "timings.json", timings)
-        for cell in cells_of(config):
+        for strategy in strategies:
+            destination = cell_path(trial, domain, strategy)
+            if destination.exists():  # a kept cell stays as it was committed
+                continue
+            print(f"\n== trial {trial}, {domain} held out: {strategy}", flush=True)
+            config, started = sweep_config(trial, domain, (strategy,)), time.time()
+            sweep(config, echo=lambda line: print(line, flush=True), per_cell=draw_finetunes)
+            timings[f"trial{trial}/{domain}/{strategy}"] = round(time.time() - started, 1)
+            save_json(DURABLE / "timings.json", timings)
+            (cell,) = cells_of(config)
             (plan,) = load_plans(cell.folder)
-            destination = cell_path(trial, domain, cell.strategy)
-            if not destination.exists():  # a kept cell stays as it was committed
-                save_json(destination.with_suffix(".cost.json"), cell_cost(cell.work, plan))
-                Results.load(cell.folder / soup_subfolder(domain) / "results.json").save(destination)
+            save_json(destination.with_suffix(".cost.json"), cell_cost(cell.work, plan))
+            Results.load(cell.folder / soup_subfolder(domain) / "results.json").save(destination)
 
 
 def run_hub_style(trial: int, cell: HubStyleCell, timings: dict) -> None:
