@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -100,16 +101,20 @@ def intertrain(
     refuse_unbuildable(base.path, base.source)
     files = image_files_of(dataset_id)  # a path in the dataset is read only inside its own folder, as for targets
     dataset = image_entries(dataset, config.image_column, name=config.dataset, files=files)
-    images = decode_images(
-        dataset,
-        range(len(dataset)),
-        image_column=config.image_column,
-        label_column=config.label_column,
-        label_names=label_names,
-        size=size,
-        root=files.folder,
-    )
-    echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
+
+    def decode() -> ImageTensors:
+        images = decode_images(
+            dataset,
+            range(len(dataset)),
+            image_column=config.image_column,
+            label_column=config.label_column,
+            label_names=label_names,
+            size=size,
+            root=files.folder,
+        )
+        echo(f"[data] {len(images)} images, {len(label_names)} classes, {size} px")
+        return images
+
     data_reference = f"{dataset_id}@{revision}" if revision else dataset_id
 
     output = Path(config.output)
@@ -121,7 +126,7 @@ def intertrain(
     worker = Worker.of_this_process()
     worker.wait_for_everyone_then_part()  # every rank saves runs of its own
     job = Intertraining(
-        config, base, data_reference, label_names, images, size, normalize, make_accelerator(config.precision), tracked
+        config, base, data_reference, label_names, decode, size, normalize, make_accelerator(config.precision), tracked
     )
     echo = worker.echo(echo)
     folders = [output / "runs" / job.key(run) for run in range(config.runs)]
@@ -153,11 +158,16 @@ class Intertraining:
     base: Ingredient
     data_reference: str
     label_names: list[str]
-    images: ImageTensors
+    decode: Callable[[], ImageTensors]
     size: int
     normalize: Normalization
     accelerator: object
     tracking: Tracking
+
+    @cached_property
+    def images(self) -> ImageTensors:
+        """Decoded when the first pending fine-tune trains: a rerun whose fine-tunes are done decodes nothing."""
+        return self.decode()
 
     def label(self, run: int) -> str:
         return f"intertrain run {run} of {self.config.runs}"

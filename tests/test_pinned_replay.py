@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ratatouille_hub import cli
+from ratatouille_hub import cli, intertraining
+from ratatouille_hub.data import decode_images
 from ratatouille_hub.testing import finetune_of, save_tiny_checkpoint, tiny_processor, tiny_resnet, write_hub_dataset
 from ratatouille_hub.toy.world import target_dataset
 
@@ -107,10 +108,11 @@ def test_a_saved_recipe_replays_what_was_planned_whatever_the_hub_holds_now(
 
 
 def test_intertrain_pins_what_it_read_and_spreads_over_array_tasks(
-    local_hub, hub_namespace, tiny_checkpoints, tmp_path, capsys
+    local_hub, hub_namespace, tiny_checkpoints, tmp_path, capsys, monkeypatch
 ):
     """`intertrain --config recipe.yaml` replays the same fine-tunes after the base and the dataset moved on, and
-    `--index I` makes fine-tune I alone (one array task each), which the command without it then reuses."""
+    `--index I` makes fine-tune I alone (one array task each), which the command without it then reuses, with
+    no decoding of the dataset."""
     from ratatouille_hub.toy.world import aux_datasets
 
     ns = hub_namespace
@@ -131,11 +133,15 @@ def test_intertrain_pins_what_it_read_and_spreads_over_array_tasks(
             if line.startswith("fine-tune ")
         }
 
+    decoded = []  # the dataset is decoded only when a fine-tune is left to train
+    monkeypatch.setattr(intertraining, "decode_images", lambda *a, **k: decoded.append(1) or decode_images(*a, **k))
     second = made([*command, "--index", "1"])
     assert list(second) == [1] and [p.parent for p in (out / "runs").glob("*/done")] == [second[1]]
     first = made([*command, "--index", "0"])
+    assert len(decoded) == 2
+    assert made([*command, "--index", "0"]) == first and len(decoded) == 2
     both = made(command)
-    assert both == {0: first[0], 1: second[1]}  # both reused
+    assert both == {0: first[0], 1: second[1]} and len(decoded) == 2  # both reused, nothing decoded
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert (saved["base"], saved["dataset"]) == (f"{base_id}@{base_sha}", f"{data_id}@{data_sha}")
 
