@@ -754,14 +754,14 @@ def load_results(path: Path) -> Results | None:
 
 def best_recycled_run(results: Results):
     """What assembly records as `best_recycled_run`, from a results record that does not say which runs were
-    recycled: the best run by validation, the lower index on a tie, among those whose init is not the recipe's
-    base (its first ingredient)."""
+    recycled: the first in assembly's order among the runs whose init is not the recipe's base (its first
+    ingredient)."""
     from ratatouille_hub.fetch import split_revision
+    from ratatouille_hub.recipe.assembly import rank_by_validation
     from ratatouille_hub.results import BestRun
 
     base = results.ingredients[0].source
-    ranking = sorted(range(len(results.runs)), key=lambda i: (-results.runs[i].val_accuracy, i))
-    for index in ranking:
+    for index in rank_by_validation([run.val_accuracy for run in results.runs]):
         run = results.runs[index]
         if split_revision(run.init)[0] != base:
             scores = {"val_accuracy": run.val_accuracy, "val_accuracy_per_domain": run.val_accuracy_per_domain}

@@ -107,6 +107,12 @@ def soup_key(plan: RecipePlan, output: Path) -> str:
     return stable_hash({"recipe": recipe, "target": target, "runs": runs}, length=64)
 
 
+def rank_by_validation(accuracies: Sequence[float]) -> list[int]:
+    """Run indices best first by validation accuracy, the lower index on a tie: the one order behind the best
+    run, the best recycled run and greedy's candidates."""
+    return sorted(range(len(accuracies)), key=lambda i: (-accuracies[i], i))
+
+
 @builds(SoupFolder)
 def _write_soup(
     staging: Path, plan: RecipePlan, output: Path, target: Target, echo, destination: Path, tracking: Tracking
@@ -119,7 +125,7 @@ def _write_soup(
     runs = [RunRecord(output / spec.folder) for spec in plan.runs]
     run_predictions = [run.predictions() for run in runs]
     run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
-    ranking = sorted(range(len(runs)), key=lambda i: (-run_scores[i]["val_accuracy"], i))
+    ranking = rank_by_validation([scores["val_accuracy"] for scores in run_scores])
     best = ranking[0]
     passes = inference_batch(config.micro_batch)
     averager = RunAverager(
@@ -437,7 +443,7 @@ def validation_inputs(model_folders: Sequence[Path], options, token=None) -> Mer
     base = resolve_model(str(model_folders[0]), token=token)
     target = prepare_target(options, base, token)
     averager = RunAverager(list(model_folders), target, options.bn_policy)
-    ranking = sorted(range(len(model_folders)), key=lambda i: (-averager.validation_accuracy([i]), i))
+    ranking = rank_by_validation([averager.validation_accuracy([i]) for i in range(len(model_folders))])
     return MergeInputs(count=len(model_folders), ranking=ranking, score=averager.validation_accuracy)
 
 
