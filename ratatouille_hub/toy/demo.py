@@ -61,6 +61,7 @@ class WorldDesign:
     target_per_class_per_domain: int = 60  # 216 validation images: one image is 0.46 points
     runs: int = 6
     steps: int = 300
+    batch_size: int = 32  # images per training domain per step
     eval_every: int = 50
     lp_steps: int = 400
     lp_lr: float = 1e-2
@@ -430,7 +431,7 @@ def demo_config(output: Path, strategy: str, design: WorldDesign = DESIGN) -> Re
         lp_steps=design.lp_steps,
         lp_lr=design.lp_lr,
         warmup_steps=design.warmup_steps,
-        batch_size=32,
+        batch_size=design.batch_size,
         lr=design.lr,
         lr_choices=design.lr_choices,
         weight_decay_choices=design.weight_decay_choices,
