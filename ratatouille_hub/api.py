@@ -193,6 +193,7 @@ def update(options: UpdateOptions, *, token: str | bool | None = None, echo: Ech
         echo=echo,
         evaluate=evaluate,
         dataset=options.target,
+        revision=options.revision,
     )
     local = Path(options.soup) if Path(options.soup).is_dir() else None
     return UpdateResult(

@@ -16,8 +16,8 @@ from pathlib import Path
 from .artifacts import ProbeRecord, RunRecord
 from .card import RUN_TAG, Lineage, base_tag, declared_license, grown_soup_card, run_card
 from .discovery import backbone_mismatch, head_names_of
-from .errors import RatatouilleError
-from .fetch import Ingredient, is_hub_id, resolve_model
+from .errors import RatatouilleError, RecipeError
+from .fetch import Ingredient, answered_by_the_hub, is_hub_id, resolve_model
 from .merge_engine import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
 from .provenance import (
     RUN_FILE,
@@ -354,14 +354,18 @@ def update_soup(
     echo: Callable[[str], None] = say,
     evaluate: Callable[[Path], float] | None = None,
     dataset: str | None = None,
+    revision: str | None = None,
 ) -> SoupRecord:
     """Update the soup `soup`: a folder (in place under its claim, so concurrent updates all land), or a Hub
     id (only the soup and the named runs are downloaded, and the result is pushed back in one commit on top of
-    the revision read, read again when another update landed first), unless `destination` is given. The
-    outcome is printed once written or committed, never before."""
+    the revision read, read again when another update landed first; on the branch `revision`, default main),
+    unless `destination` is given. The outcome is printed once written or committed, never before."""
     if not Path(soup).is_dir() and not is_hub_id(soup):
         raise ProvenanceError(f"{soup}: no such soup folder (and not a Hub model id)")
     on_hub = not Path(soup).is_dir()
+    if revision is not None and not on_hub:
+        raise RecipeError(f"--revision {revision}: names a branch of a Hub soup, and {soup} is a folder")
+    branch = revision or "main"
     folder = Path(soup)
 
     def resolve(ingredient: SoupIngredient) -> RunFiles:
@@ -402,7 +406,7 @@ def update_soup(
             f"written to {work}",
         )
     for _ in range(UPDATE_TRIES):
-        head, folder = _read_hub_soup(soup, token)
+        head, folder = _read_hub_soup(soup, branch, token)
         with tempfile.TemporaryDirectory() as scratch:  # the update is staged here, kept on no failure
             work = destination or Path(scratch) / "soup"
             record = update_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=False)
@@ -410,7 +414,9 @@ def update_soup(
                 return landed(record, f"read at revision {head}, written to {work}")
             message = f"Update soup: +{len(add)} -{len(remove)} runs"
             try:
-                result = push_folder(work, soup, token=token, commit_message=message, parent_commit=head)
+                result = push_folder(
+                    work, soup, revision=branch, token=token, commit_message=message, parent_commit=head
+                )
             except HeadMovedError:
                 log.info(
                     terminal_safe(f"[update] {soup} moved on since revision {head} was read: updating its new head")
@@ -422,10 +428,11 @@ def update_soup(
     )
 
 
-def _read_hub_soup(soup: str, token) -> tuple[str, Path]:
-    """The head commit of the Hub soup and its files at that commit (only what an update reads)."""
+def _read_hub_soup(soup: str, branch: str, token) -> tuple[str, Path]:
+    """The head commit of the Hub soup's branch and its files at that commit (only what an update reads)."""
     from huggingface_hub import HfApi, snapshot_download
 
-    head = HfApi(token=token).model_info(soup).sha
+    with answered_by_the_hub(soup, branch):
+        head = HfApi(token=token).model_info(soup, revision=branch).sha
     patterns = [WEIGHTS_NAME, *COPIED_CONFIGS, "README.md", "recipe.yaml", "results.json"]  # results: lineage
     return head, Path(snapshot_download(soup, revision=head, allow_patterns=patterns, token=token))

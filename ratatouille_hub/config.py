@@ -675,6 +675,9 @@ class UpdateOptions(TargetOptions):
         "write the updated soup here (default: in place, atomically; a Hub soup is pushed back in one commit)",
         group="output",
     )
+    revision: str | None = _opt(
+        None, "a Hub soup's branch: read at its head and pushed back to it (default main)", group="hub"
+    )
 
     def _problems(self) -> list[str]:
         return [] if self.add or self.remove else ["nothing to do: give --add RUN... and/or --remove RUN..."]

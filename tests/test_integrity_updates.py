@@ -17,6 +17,7 @@ import pytest
 import refusals
 import torch
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import RevisionNotFoundError
 from safetensors.torch import load_file
 
 from ratatouille_hub import cli, community
@@ -143,8 +144,10 @@ def hub_soup(runs: list[Path], repo_id: str, tmp_path: Path) -> Path:
     return folder
 
 
-def hub_weights(repo_id: str) -> Path:
-    return Path(hf_hub_download(repo_id, "model.safetensors", revision=HfApi().model_info(repo_id).sha))
+def hub_weights(repo_id: str, branch: str = "main") -> Path:
+    return Path(
+        hf_hub_download(repo_id, "model.safetensors", revision=HfApi().model_info(repo_id, revision=branch).sha)
+    )
 
 
 def test_a_hub_update_that_another_commit_overtook_reads_the_soup_again(runs, local_hub, tmp_path, monkeypatch, capsys):
@@ -241,3 +244,33 @@ def test_a_refused_hub_push_reports_no_update(runs, local_hub, tmp_path, capsys)
     assert cli.main([*argv[:-2], *ALICE]) == 0  # with the owner's token, the same update lands
     assert HfApi().model_info(repo_id).sha != head
     is_the_mean_of(hub_weights(repo_id), runs[:3])
+
+
+def test_a_hub_update_on_a_branch_reads_that_branch_and_pushes_back_to_it(runs, local_hub, tmp_path, capsys):
+    repo_id = "alice/update-branch-soup"
+    folder = hub_soup(runs[:2], repo_id, tmp_path)
+    api = HfApi(token="tok-alice")
+    api.create_branch(repo_id, branch="v2")
+    main = api.model_info(repo_id).sha
+    assert cli.main(["update", repo_id, "--add", str(runs[2]), "--revision", "v2", *ALICE]) == 0
+    head = api.model_info(repo_id, revision="v2").sha
+    assert f"pushed as commit {head} on v2" in capsys.readouterr().out
+    is_the_mean_of(hub_weights(repo_id, "v2"), runs[:3])
+    assert cli.main(["update", repo_id, "--add", str(runs[3]), "--revision", "v2", *ALICE]) == 0  # reads v2
+    is_the_mean_of(hub_weights(repo_id, "v2"), runs[:4])
+    grown = api.model_info(repo_id, revision="v2").sha
+    assert api.model_info(repo_id).sha == main  # main untouched by both
+    is_the_mean_of(hub_weights(repo_id), runs[:2])
+
+    argv = ["update", repo_id, "--add", str(runs[2]), "--revision", "v3", *ALICE]
+    what = "a Hub soup's update on a branch it does not have"
+    line = refusals.fails_cleanly("update-hub-no-branch", what, argv, repo_id, folder, capsys, {}, watch=tmp_path)
+    assert line == f"error: {repo_id}: no revision 'v3' on the Hub"
+    with pytest.raises(RevisionNotFoundError):  # no branch made by the refused update
+        api.model_info(repo_id, revision="v3")
+    assert (api.model_info(repo_id).sha, api.model_info(repo_id, revision="v2").sha) == (main, grown)
+
+    argv = ["update", str(folder), "--add", str(runs[2]), "--revision", "v2"]
+    what = "an update of a soup folder given a branch"
+    line = refusals.fails_cleanly("update-folder-revision", what, argv, str(folder), folder, capsys, {})
+    assert line == f"error: --revision v2: names a branch of a Hub soup, and {folder} is a folder"
