@@ -387,6 +387,7 @@ def update_soup(
         if validation is not None:
             log.info(f"[eval] training-domain validation {100 * validation:.1f}%")
 
+    read = _read_hub_soup(soup, branch, token) if on_hub else None  # a missing branch is refused before any run
     runs_added = [any_run(s, token) for s in add]
     runs_removed = [any_run(s, token) for s in remove]
 
@@ -405,8 +406,8 @@ def update_soup(
             update_local_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card),
             f"written to {work}",
         )
-    for _ in range(UPDATE_TRIES):
-        head, folder = _read_hub_soup(soup, branch, token)
+    for attempt in range(UPDATE_TRIES):
+        head, folder = read if attempt == 0 else _read_hub_soup(soup, branch, token)
         with tempfile.TemporaryDirectory() as scratch:  # the update is staged here, kept on no failure
             work = destination or Path(scratch) / "soup"
             record = update_folder(folder, runs_added, runs_removed, work, soup, resolve, rewrite_card, relocate=False)

@@ -680,7 +680,10 @@ class UpdateOptions(TargetOptions):
     )
 
     def _problems(self) -> list[str]:
-        return [] if self.add or self.remove else ["nothing to do: give --add RUN... and/or --remove RUN..."]
+        problems = [] if self.add or self.remove else ["nothing to do: give --add RUN... and/or --remove RUN..."]
+        if self.revision is not None and (not self.revision.strip() or re.fullmatch("[0-9a-f]{40}", self.revision)):
+            problems.append(f"--revision {self.revision!r}: a branch name is needed (the update is pushed back to it)")
+        return problems
 
 
 @dataclass(frozen=True)

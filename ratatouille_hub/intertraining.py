@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import cached_property
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -120,24 +119,23 @@ def intertrain(
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"output {output} exists and is not a folder")
+    job = Intertraining(
+        config, base, data_reference, label_names, None, size, normalize, make_accelerator(config.precision), tracked
+    )
+    folders = [output / "runs" / job.key(run) for run in range(config.runs)]
+    chosen = range(config.runs) if index is None else [index]
+    pending = [run for run in chosen if not IntertrainRecord(folders[run]).is_done]
+    if pending:  # decoded before anything is written, so an image that cannot be decoded leaves nothing behind
+        job = replace(job, images=decode())
     output.mkdir(parents=True, exist_ok=True)
     pinned_config = config.replace(base=config.base if base.is_local else base.reference, dataset=data_reference)
     pinned_config.save_yaml(output / "recipe.yaml")  # in one rename: every process writes the same file
     worker = Worker.of_this_process()
     worker.wait_for_everyone_then_part()  # every rank saves runs of its own
-    job = Intertraining(
-        config, base, data_reference, label_names, decode, size, normalize, make_accelerator(config.precision), tracked
-    )
     echo = worker.echo(echo)
-    folders = [output / "runs" / job.key(run) for run in range(config.runs)]
-    pending = []
-    for run, folder in enumerate(folders):
-        if index is not None and run != index:
-            continue
-        if IntertrainRecord(folder).is_done:
-            echo(f"[train] {job.label(run)}: done earlier, reused ({folder})")
-        else:
-            pending.append(run)
+    for run in chosen:
+        if run not in pending:
+            echo(f"[train] {job.label(run)}: done earlier, reused ({folders[run]})")
 
     def make(run: int, wait: bool) -> IntertrainRecord | None:
         return materialize(IntertrainRecord, folders[run], job, run, echo, wait=wait)
@@ -158,16 +156,11 @@ class Intertraining:
     base: Ingredient
     data_reference: str
     label_names: list[str]
-    decode: Callable[[], ImageTensors]
+    images: ImageTensors | None  # None when no fine-tune is left to train: a rerun then decodes nothing
     size: int
     normalize: Normalization
     accelerator: object
     tracking: Tracking
-
-    @cached_property
-    def images(self) -> ImageTensors:
-        """Decoded when the first pending fine-tune trains: a rerun whose fine-tunes are done decodes nothing."""
-        return self.decode()
 
     def label(self, run: int) -> str:
         return f"intertrain run {run} of {self.config.runs}"

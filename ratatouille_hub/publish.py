@@ -134,7 +134,7 @@ def push_folder(
     with _one_line_errors(repo_id, secret):
         card = _card_for_repo(folder / "README.md", repo_id)
         _with_retries(lambda: _validate_card(card))
-        head = _with_retries(lambda: _prepare(api, repo_id, branch, private))
+        head = _with_retries(lambda: _prepare(api, repo_id, branch, private, create=parent_commit is None))
         streamed = _with_retries(lambda: not _takes_xet(api, repo_id))
 
         def commit():
@@ -211,12 +211,14 @@ def _takes_xet(api, repo_id: str) -> bool:
     return response.json().get("xetEnabled") is not False
 
 
-def _prepare(api, repo_id: str, branch: str, private: bool) -> str:
+def _prepare(api, repo_id: str, branch: str, private: bool, create: bool = True) -> str:
     """Make sure the repo and branch exist (a pull request's ref, refs/pr/N, is pushed to as it is, as hf upload
-    does); returns the branch head before the push."""
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if branch != "main" and not branch.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    does); returns the branch head before the push. Not `create`: a push on top of a commit it read, whose
+    branch must still be there (re-created from main, it would take the update onto main's files)."""
+    if create:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main" and not branch.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
     return api.model_info(repo_id, revision=branch).sha
 
 

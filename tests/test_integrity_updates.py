@@ -24,6 +24,7 @@ from ratatouille_hub import cli, community
 from ratatouille_hub.card import grown_soup_card
 from ratatouille_hub.merge_engine import read_safetensors_metadata
 from ratatouille_hub.provenance import INGREDIENTS_KEY, SoupRecord, file_sha256
+from ratatouille_hub.publish import HubError
 from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -268,6 +269,17 @@ def test_a_hub_update_on_a_branch_reads_that_branch_and_pushes_back_to_it(runs, 
     assert line == f"error: {repo_id}: no revision 'v3' on the Hub"
     with pytest.raises(RevisionNotFoundError):  # no branch made by the refused update
         api.model_info(repo_id, revision="v3")
+    assert (api.model_info(repo_id).sha, api.model_info(repo_id, revision="v2").sha) == (main, grown)
+
+    with pytest.raises(HubError):  # a push on top of a commit it read never makes its branch (gone meanwhile)
+        community.push_folder(folder, repo_id, revision="gone", parent_commit=main, token="tok-alice")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(repo_id, revision="gone")
+
+    argv = ["update", repo_id, "--add", str(runs[2]), "--revision", "a" * 40, *ALICE]
+    what = "a Hub soup's update given a commit where its branch goes"
+    line = refusals.fails_cleanly("update-hub-revision-commit", what, argv, "--revision", folder, capsys, {})
+    assert line == f"error: --revision '{'a' * 40}': a branch name is needed (the update is pushed back to it)"
     assert (api.model_info(repo_id).sha, api.model_info(repo_id, revision="v2").sha) == (main, grown)
 
     argv = ["update", str(folder), "--add", str(runs[2]), "--revision", "v2"]

@@ -150,6 +150,7 @@ def test_intertrain_pins_what_it_read_and_spreads_over_array_tasks(
         data_id, write_hub_dataset(aux_datasets(per_class=2, size=16)["dots"], tmp_path / "dots", card=None)
     )
     replayed = made(["intertrain", "--config", str(out / "recipe.yaml"), "--output", str(tmp_path / "replay")])
+    assert len(decoded) == 3  # two fine-tunes trained from one decoding
     for run in (0, 1):
         assert replayed[run].name == both[run].name  # the same keys: the same base, data and hparams
         assert (replayed[run] / "model.safetensors").read_bytes() == (both[run] / "model.safetensors").read_bytes()
