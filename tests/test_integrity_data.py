@@ -587,38 +587,27 @@ def test_an_output_inside_a_dataset_folder_is_refused_and_root_files_of_domainbe
     assert "[data] " + str(dataset) + ": train domains painting, photo, sketch; held out: cartoon\n" in printed
 
 
-def test_intertrain_refuses_an_undecodable_image_before_writing_anything(world, tmp_path, capsys):
-    """The dataset is decoded before the output folder is made, so a bad image leaves no folder behind."""
-    out = tmp_path / "inter"
-    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.undecodable), "--steps", "1",
-            "--batch-size", "2", "--image-size", "16", "--output", str(out)]  # fmt: skip
-    line = refusals.fails_cleanly(
-        "data-intertrain-image-undecodable",
+INTERTRAIN_IMAGE_CASES = {
+    # intertrain decodes its dataset under the same rule as a target, before it writes anything
+    "data-intertrain-image-undecodable": (
         "intertrain on an image whose bytes are not an image",
-        argv,
-        "column 'image'",
-        out,
-        capsys,
-        placeholders(world),
-        watch=tmp_path,
-    )
-    assert "its bytes are not an image" in line
-
-
-def test_intertrain_reads_image_paths_only_inside_the_dataset_folder(world, tmp_path, capsys):
-    """intertrain decodes its dataset under the same rule as a target: an Image feature's path to /etc/passwd
-    is refused, not opened."""
-    out = tmp_path / "inter"
-    argv = ["intertrain", "--base", str(world.base), "--dataset", str(world.feature_path), "--steps", "1",
-            "--batch-size", "2", "--image-size", "16", "--output", str(out)]  # fmt: skip
-    line = refusals.fails_cleanly(
-        "data-intertrain-image-feature-path",
+        "undecodable",
+        "its bytes are not an image",
+    ),
+    "data-intertrain-image-feature-path": (
         "intertrain on an Image feature whose path is /etc/passwd",
-        argv,
-        "column 'image'",
-        out,
-        capsys,
-        placeholders(world),
-        watch=tmp_path,
-    )
-    assert "the path '/etc/passwd' leads outside the dataset's folder" in line
+        "feature_path",
+        "the path '/etc/passwd' leads outside the dataset's folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERTRAIN_IMAGE_CASES))
+def test_intertrain_refuses_a_bad_image_before_writing_anything(case, world, tmp_path, capsys):
+    """A path leaving the dataset's folder is refused, not opened; an undecodable image leaves no folder."""
+    what, bad, expected = INTERTRAIN_IMAGE_CASES[case]
+    out = tmp_path / "inter"
+    argv = ["intertrain", "--base", str(world.base), "--dataset", str(getattr(world, bad)), "--steps", "1",
+            "--batch-size", "2", "--image-size", "16", "--output", str(out)]  # fmt: skip
+    line = refusals.fails_cleanly(case, what, argv, "column 'image'", out, capsys, placeholders(world), watch=tmp_path)
+    assert expected in line
