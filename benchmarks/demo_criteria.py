@@ -39,16 +39,19 @@ from ratatouille_hub import recycle
 from ratatouille_hub.api import diagnose
 from ratatouille_hub.config import DiagnoseOptions
 from ratatouille_hub.hashing import stable_hash
+from ratatouille_hub.recipe import plan_recipe
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.toy.demo import (
     AUX_TASKS,
     DESIGN,
-    IMAGE_SIZE,
     TARGET_ID,
     WorldDesign,
     _save_dataset,
     build_checkpoints,
     demo_config,
+    demo_processes,
+    helpers,
+    one_thread,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +61,11 @@ PLACEHOLDER = "placeholder"  # stands in for the held-out domain, which is never
 TRAIN_DOMAINS = tuple(d for d in toyworld.DOMAINS if d != HELD_OUT)
 # the fields that make the world (checkpoints and target); variants that differ only in the recipe share it
 WORLD_FIELDS = (
+    "image_size",
+    "widths",
     "pretrain_images",
     "pretrain_steps",
+    "pretrain_batch",
     "pretrain_lr",
     "finetune_steps",
     "community_lr",
@@ -91,9 +97,9 @@ def training_domains_target(folder: Path, design: WorldDesign, seed: int) -> Non
     if (folder / "README.md").exists():
         return
     shapes = toyworld.target_dataset(
-        design.target_per_class_per_domain, size=IMAGE_SIZE, seed=seed, domains=TRAIN_DOMAINS
+        design.target_per_class_per_domain, size=design.image_size, seed=seed, domains=TRAIN_DOMAINS
     )
-    blank = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
+    blank = Image.new("RGB", (design.image_size,) * 2, (128, 128, 128))
     placeholder = shapes.select(range(len(toyworld.SHAPES))).map(
         lambda row: {"image": blank, "domain": PLACEHOLDER}, features=shapes.features
     )
@@ -214,33 +220,39 @@ def main() -> None:
         print(line, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    paths = build_checkpoints(world_folder, echo, args.seed, design)
-    target = world_folder / "datasets" / "shapes-training-domains"
-    training_domains_target(target, design, args.seed)
-    names = {str(path): "base" if key == "base" else key for key, path in paths.items()}
-    print(f"world built: {time.perf_counter() - start:.0f} s", flush=True)
-    measured = []
-    for name, recipe in recipes(paths).items():
-        if name not in args.recipes.split(","):
-            continue
-        config = replace(
-            demo_config(folder, recipe["strategy"], design),
-            base=str(paths["base"]),
-            target=str(target),
-            test_domain=PLACEHOLDER,
-            aux=recipe["aux"],
-        )
-        measured.append(measure(name, config, echo, names))
-        print(report(measured[-1]), f"\n  ({time.perf_counter() - start:.0f} s)", flush=True)
+    with one_thread(), helpers(demo_processes() - 1, echo) as work:  # the demo's processes: its runs, bit for bit
+        paths = build_checkpoints(world_folder, echo, args.seed, design, work)
+        target = world_folder / "datasets" / "shapes-training-domains"
+        training_domains_target(target, design, args.seed)
+        names = {str(path): "base" if key == "base" else key for key, path in paths.items()}
+        print(f"world built: {time.perf_counter() - start:.0f} s", flush=True)
+        configs = {
+            name: replace(
+                demo_config(folder, recipe["strategy"], design),
+                base=str(paths["base"]),
+                target=str(target),
+                test_domain=PLACEHOLDER,
+                aux=recipe["aux"],
+            )
+            for name, recipe in recipes(paths).items()
+            if name in args.recipes.split(",")
+        }
+        work.share([plan for config in configs.values() for plan in plan_recipe(config, echo=lambda line: None)], echo)
+        measured = []
+        for name, config in configs.items():
+            measured.append(measure(name, config, echo, names))
+            print(report(measured[-1]), f"\n  ({time.perf_counter() - start:.0f} s)", flush=True)
+        threads = torch.get_num_threads()
     seconds = time.perf_counter() - start
-    print(f"{seconds:.0f} s, {torch.get_num_threads()} threads")
+    print(f"{seconds:.0f} s, {demo_processes()} processes of {threads} thread")
     record = {
         "design": dataclasses.asdict(design),
         "seed": args.seed,
         "aux_tasks": list(AUX_TASKS),
         "recipes": measured,
         "seconds": seconds,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "processes": demo_processes(),
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
     }
     complete = args.recipes == parser.get_default("recipes")

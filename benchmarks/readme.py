@@ -143,10 +143,11 @@ def record_demo() -> None:
     seconds = time.monotonic() - started
     if ran.returncode != 0:
         raise SystemExit(f"the demo failed (exit {ran.returncode}):\n{ran.stderr[-4000:]}")
-    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
+    from ratatouille_hub.toy.demo import demo_processes
+
     heading = (
         f"# `ratatouille-hub demo --output demo-output`: its whole output ({os.cpu_count()}-core {cpu_model()}, "
-        f"{threads} threads, {datetime.date.today().isoformat()}; {seconds:.0f} s)"
+        f"{demo_processes()} processes of one thread, {datetime.date.today().isoformat()}; {seconds:.0f} s)"
     )
     DEMO_OUTPUT.write_text(
         f"{heading}\n\n## progress (stderr)\n\n```text\n{stable(ran.stderr).strip()}\n```\n\n"

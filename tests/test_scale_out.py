@@ -206,3 +206,25 @@ def test_a_line_reaches_a_shared_stdout_in_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Recorder())
     say("[rank 1/2] [train] intertrain run 1 of 3 on data\nsecond line")
     assert writes == ["[rank 1/2] [train] intertrain run 1 of 3 on data\nsecond line\n"]
+
+
+def test_the_demo_helper_processes_train_the_planned_runs_with_the_sequential_bytes(world, sequential, tmp_path):
+    """`ratatouille-hub demo` trains in helper processes of one thread each (ratatouille_hub.toy.demo.Helpers):
+    a helper given the plans trains every run, bit for bit the one-process runs, and `recycle` reuses them."""
+    from ratatouille_hub import cli
+    from ratatouille_hub.recipe import plan_recipe, recycle
+    from ratatouille_hub.toy.demo import helpers, one_thread
+
+    out = tmp_path / "helped"
+    config = cli.options_from_args(cli.build_parser().parse_args(recycle_argv(world, out)))
+    said: list[str] = []
+    with one_thread(), helpers(1, said.append) as work:
+        work.share(plan_recipe(config, echo=said.append), said.append)
+    # the helper has ended, so every run is done
+    assert said[-1] == "[demo] 2 processes train the runs, one thread each"
+    assert len(finished_runs(out)) == 3
+    progress: list[str] = []
+    recycle(config, echo=progress.append)
+    assert not trainers(progress)  # this process trained nothing
+    assert sum(line.endswith(", reused") for line in progress) == 3
+    assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
