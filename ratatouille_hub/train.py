@@ -217,7 +217,8 @@ def optimize(
     Every `eval_every` steps and at the last, the mean training loss since the previous such step is
     recorded (`losses`) and, with `log`, each step's loss and the evaluation are logged.
     """
-    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    # foreach: the same bytes as the per-tensor loop (checked on CPU), a third less time for the step's update
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, foreach=True)
     # Neither is accelerator.prepare()d: among several processes the model would be wrapped for data-parallel
     # training (each process here trains a run of its own), and the optimizer wrapper, needed only for fp16's
     # gradient scaler (no precision here uses one), costs 3-8% of a small model's steps (benchmarks/train.py).
