@@ -579,7 +579,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
 
     demo = commands.add_parser(
         "demo",
-        help="run the whole pipeline on a built-in toy world (offline, about 2 minutes)",
+        help="run the whole pipeline on a built-in toy world (offline, about 3 minutes on 2 cores)",
         description="Build a tiny world (a base, three community fine-tunes, a 4-domain target), then "
         "compare ERM, model soups and Model Ratatouille on the held-out domain.",
     )
