@@ -4,5 +4,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":  # not when a spawned process imports this module as its parent's main
+if __name__ == "__main__":  # importing the module (tools, tests) does not run the command
     sys.exit(main())

@@ -228,3 +228,33 @@ def test_the_demo_helper_processes_train_the_planned_runs_with_the_sequential_by
     assert not trainers(progress)  # this process trained nothing
     assert sum(line.endswith(", reused") for line in progress) == 3
     assert sha256(out / "soup" / "model.safetensors") == sha256(sequential / "soup" / "model.safetensors")
+
+
+def test_a_demo_helper_ends_with_the_process_that_started_it(tmp_path):
+    """A demo killed mid-way leaves no helper behind (the queue it waits on never closes by itself)."""
+    ready = tmp_path / "ready"
+    script = (
+        "import functools, os, pathlib, sys, time\n"
+        "from ratatouille_hub.toy.demo import Helpers\n"
+        "if __name__ == '__main__':\n"
+        "    helpers = Helpers(1)\n"
+        f"    helpers.submit([functools.partial(pathlib.Path.touch, pathlib.Path({str(ready)!r}))])\n"
+        f"    while not pathlib.Path({str(ready)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        "    print(helpers.processes[0].pid, flush=True)\n"
+        "    os._exit(0)  # as SIGKILL would: no atexit, nothing said to the helper\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = Path(f"/proc/{int(done.stdout)}/status")
+
+    def running() -> bool:
+        try:
+            return "State:\tZ" not in status.read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running():
+        assert time.monotonic() < deadline, "the helper outlived its parent"
+        time.sleep(0.1)

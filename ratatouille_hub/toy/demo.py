@@ -11,16 +11,19 @@
    inter-training and the ensemble. The output shows the product catching the careless fine-tune:
    vetting's distance and BatchNorm check, greedy leaving its run out (or not), and the barrier on the
    weight path to it.
-Every process computes with one thread, and the runs spread over the machine's cores (`Helpers`): what it
-prints depends on the CPU type, not on the core count.
+Every process computes with one thread, and the runs spread over the machine's cores (`Helpers`): the result
+it prints depends on the CPU type, not on the core count (the progress lines say which process did what).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
+import signal
 import statistics
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -281,7 +284,7 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info) -> list[
     return rows
 
 
-MAX_PROCESSES = 4  # the demo trains about 20 short runs; past 4 processes, the world (built by one) dominates
+MAX_PROCESSES = 4  # the demo trains 12 short runs; past 4 processes, the world (built mostly by one) dominates
 
 
 def demo_processes() -> int:
@@ -312,8 +315,6 @@ class Helpers:
     pretraining."""
 
     def __init__(self, count: int):
-        import multiprocessing
-
         context = multiprocessing.get_context("spawn")  # not fork: this process serves the local Hub from threads
         self.channels = [context.SimpleQueue() for _ in range(count)]
         self.processes = [context.Process(target=serve, args=(channel,), daemon=True) for channel in self.channels]
@@ -322,7 +323,8 @@ class Helpers:
 
     def submit(self, tasks: Iterable[Callable[[], object]]) -> None:
         """Each task (picklable) to one helper, in turn; none without helpers."""
-        for channel, task in zip(itertools.cycle(self.channels), tasks):
+        alive = [channel for channel, process in zip(self.channels, self.processes) if process.is_alive()]
+        for channel, task in zip(itertools.cycle(alive), tasks):
             channel.put(task)
 
     def share(self, plans: list, echo: Callable[[str], None]) -> None:
@@ -330,17 +332,18 @@ class Helpers:
         if self.processes:
             echo(f"[demo] {len(self.processes) + 1} processes train the runs, one thread each")
         count = len(self.channels) + 1
-        for rank, channel in enumerate(self.channels, start=1):
-            channel.put(partial(train_planned, plans, rank, count))
+        for rank, (channel, process) in enumerate(zip(self.channels, self.processes), start=1):
+            if process.is_alive():  # a dead helper reads nothing: a large message would block this process
+                channel.put(partial(train_planned, plans, rank, count))
 
     def finish(self, echo: Callable[[str], None]) -> None:
         """Wait for the helpers (all their work is done once this process has reused it), saying which failed."""
-        for channel in self.channels:
-            channel.put(None)
+        for channel, process in zip(self.channels, self.processes):
+            if process.is_alive():
+                channel.put(None)
         for process in self.processes:
-            process.join(timeout=60)
+            process.join()  # a helper ends once every run is done, which this process has waited for
             if process.exitcode != 0:
-                process.kill()
                 echo(f"[demo] a helper process ended with exit code {process.exitcode}; this one did its work")
 
     def stop(self) -> None:
@@ -368,11 +371,24 @@ def serve(channel) -> None:
     from ..allocator import tune_allocator
 
     tune_allocator()  # set by the console script at start-up, which a spawned process does not run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops helpers
+    _exit_with(multiprocessing.parent_process())
     torch.set_num_threads(1)
     logging.getLogger(logs.LOGGER).setLevel(logs.QUIET)
     with logs.library_output(logs.QUIET):
         for task in iter(channel.get, None):
             task()
+
+
+def _exit_with(parent) -> None:
+    """This helper ends when its parent does, however it ended (killed, it never tells its helpers)."""
+    from multiprocessing.connection import wait
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent watch").start()
 
 
 def train_planned(plans: list, rank: int, count: int) -> None:
@@ -486,7 +502,7 @@ class VettedIngredient:
 
 
 def vet_recycled(plan) -> dict[str, VettedIngredient]:
-    """What vetting says about each fine-tune a recycle's plan uses (it printed the same while planning)."""
+    """What vetting says about each fine-tune a recycle's plan uses (the recycle prints the same while fetching)."""
     from ..vetting import vet_ingredients
 
     recycled = [i for i in plan.ingredients if i != plan.base]
