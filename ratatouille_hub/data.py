@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .environment import usable_cpus
 from .errors import RatatouilleError
 
 
@@ -471,8 +472,7 @@ def decode_workers() -> int:
     """DataLoader workers that decode streamed images: this process's share of the CPUs it may run on (each
     accelerate process of a machine, LOCAL_WORLD_SIZE of them, starts its own)."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // max(1, processes))
+    return max(1, usable_cpus() // max(1, processes))
 
 
 def decoded_batches(

@@ -27,6 +27,11 @@ VARIABLES = (
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # where huggingface_hub's get_token looks first
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def package_version(name: str) -> str:
     """The installed distribution's version (read from its metadata, without importing it)."""
     try:
@@ -51,8 +56,7 @@ def environment_report() -> dict[str, str]:
         "Platform": platform.platform(),
         "Python version": platform.python_version(),
         **{f"{name} version": package_version(name) for name in LIBRARIES},
-        "CPU cores": f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} usable "
-        f"of {os.cpu_count()}",
+        "CPU cores": f"{usable_cpus()} usable of {os.cpu_count()}",
         "torch threads": str(torch.get_num_threads()),
         "CUDA": _cuda(torch),
         "MPS": "available" if torch.backends.mps.is_available() else "not available",

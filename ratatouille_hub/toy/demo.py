@@ -291,8 +291,9 @@ def demo_processes() -> int:
     """One process per CPU this process may run on, at most MAX_PROCESSES: a tiny ResNet's step gains little
     from a second thread (2-core EPYC, 96 images at 32 px: 45 ms on one thread, 37 on two), while two
     one-thread processes side by side take 55 ms a step each, 1.36x the two-thread throughput."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_PROCESSES, cpus))
+    from ..environment import usable_cpus
+
+    return min(MAX_PROCESSES, usable_cpus())
 
 
 @contextmanager
