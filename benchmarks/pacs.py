@@ -11,8 +11,8 @@ One command runs the whole table from scratch, and resumes where it stopped:
 3. per trial and held-out domain, the product's `sweep` (ratatouille_hub/sweep.py) runs every strategy
    (erm, soup, ratatouille, fusing) over fine-tunes it downloads from the Hub at pinned revisions, sharing
    the linear probe and the runs between strategies, and each cell is kept as soon as its own runs are
-   done (a session that stops loses at most one cell's runs); in trial 0 a further `recycle` recycles
-   the Trainer group too, with either BatchNorm policy;
+   done (a session that stops loses at most one cell's runs); in one trial (EXPERIMENT_TRIAL) a further
+   `recycle` recycles the Trainer group too, with either BatchNorm policy;
 4. the tables go to benchmarks/results/pacs.json and pacs.md, with diagnose figures for one domain.
 
 Each stage is a folder with a `done` marker (the project's own run folders), so a rerun skips finished
@@ -44,6 +44,7 @@ SHARED = ROOT.parent / "shared"
 # Every stage at one resolution (--image-size); each resolution keeps its own folders, so the 64 px trials
 # stay beside the 128 px ones. `configure` sets these four from it.
 WORK = SWEEP = RESULTS = DURABLE = Path()
+HUB_STYLE_TRIALS: tuple[int, ...] = ()
 BASE_FOLDER = SHARED / "models" / "efficientnet-lite0-imagenet"
 BASE_ID = "bench/efficientnet-lite0-imagenet"
 PACS_FOLDER = SHARED / "data" / "pacs"
@@ -51,6 +52,10 @@ AUX_DATASETS = ("caltech101", "clothing", "cifar10")
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 DIAGNOSED_DOMAIN = "art_painting"
 TRIALS = (0, 1, 2)
+# The trial whose Ratatouille runs are diagnosed and extended by the Trainer group. At 128 px trial 1: trial 0's
+# cells were made on a Xeon whose run folders are gone, and retraining them on another CPU kind would cost 16
+# runs for other bytes than the cells'; trial 1's runs are on disk where its cells are made.
+EXPERIMENT_TRIAL = {64: 0, 128: 1}
 
 # The scaled-down protocol (written at the top of pacs.md; see protocol() below).
 IMAGE_SIZE = 128  # PACS as stored in ../shared (its own resolution); 64 px was the earlier, cheaper protocol
@@ -65,8 +70,9 @@ def configure(
     (RESULTS) and what a finished cell leaves (DURABLE: committed, so a later session resumes from it); and at
     the base and datasets (`shared`: models/ and data/ as ../shared lays them out). benchmarks/gpu.py passes
     folders of its own."""
-    global IMAGE_SIZE, WORK, SWEEP, RESULTS, DURABLE, SHARED, BASE_FOLDER, PACS_FOLDER
+    global IMAGE_SIZE, WORK, SWEEP, RESULTS, DURABLE, SHARED, BASE_FOLDER, PACS_FOLDER, HUB_STYLE_TRIALS
     IMAGE_SIZE = image_size
+    HUB_STYLE_TRIALS = (EXPERIMENT_TRIAL.get(image_size, TRIALS[0]),)  # the Trainer group's: 3 more runs per domain
     WORK = work or ROOT / "benchmarks" / "scratch" / f"pacs-{image_size}px"
     SWEEP = WORK / "sweep"
     RESULTS = results or ROOT / "benchmarks" / "results" / f"pacs-{image_size}px"
@@ -83,7 +89,6 @@ RUNS = 1 + AUX_PER_TRIAL * len(AUX_DATASETS)  # Ratatouille: one run from the ba
 STEPS, EVAL_EVERY, WARMUP, BATCH = 120, 40, 40, 16
 LP_STEPS = 5001
 TRAINER_LR, TRAINER_STEPS, TRAINER_BATCH = 3e-4, AUX_STEPS, AUX_BATCH  # 6x the recipe's lr, AdamW, BN training
-HUB_STYLE_TRIALS = (0,)  # the Trainer group's experiment: one trial (3 more runs per domain)
 
 
 def scale_protocol(
@@ -172,7 +177,7 @@ validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - channels-last memory layout (1.4-2x faster on CPU; equal up to float rounding); fp32 throughout.
 The Trainer group (one fine-tune per auxiliary dataset made with transformers' Trainer: AdamW at lr
 {TRAINER_LR:g}, linear decay, BatchNorm in train mode, no augmentation, {TRAINER_STEPS} steps x {TRAINER_BATCH}) is recycled in
-trial {", ".join(map(str, HUB_STYLE_TRIALS))} only, after the three trials, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the
+trial {", ".join(map(str, HUB_STYLE_TRIALS))} only (diagnosed too), after the three trials, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the
 Ratatouille cell's own, once with each BatchNorm policy (`average`, `reestimate`).
 """
 
@@ -219,13 +224,14 @@ def run_trials(trials: list[int], ingredients_only: bool = False) -> None:
             timings = load_json(DURABLE / "timings.json", {})
             made = intertrain_auxiliaries(timings, drawn_runs(None if ingredients_only else trials))
             describe_ingredients(made)
-            # The main table first, trial by trial, so that a stopped session leaves complete trials behind;
-            # then the diagnosis and the Trainer group's experiment, which no row of the table needs.
+            # The main table first, trial by trial, so that a stopped session leaves complete trials behind,
+            # each diagnosed once complete where it is the experiment's; then the Trainer group's experiment,
+            # which no row of the table needs.
             if not ingredients_only:
                 for trial in trials:
                     run_trial(trial, timings)
-            if TRIALS[0] in trials:
-                diagnose_domain(TRIALS[0], DIAGNOSED_DOMAIN)
+                    if trial in HUB_STYLE_TRIALS:
+                        diagnose_domain(trial, DIAGNOSED_DOMAIN)
         hub_style = [t for t in trials if t in HUB_STYLE_TRIALS]
         if ingredients_only or any(
             not cell_path(t, d, c.name).exists() for t in hub_style for d in DOMAINS for c in HUB_STYLE_CELLS
