@@ -22,7 +22,9 @@ demo: venv
 test: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	# One worker per core (at most 4: each holds torch): the suite is bound by its commands' start-up (torch,
+	# transformers and evaluate imports, about 10 s a process), which one process leaves on a single core.
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 format: venv  # what `make test` checks, applied
 	$(BIN)/ruff format .

@@ -130,6 +130,11 @@ def tiny_world(tmp_path_factory, tiny_checkpoints):
     )
 
 
+def pytest_configure(config):
+    if os.environ.get("RATATOUILLE_WRITE_ERRORS_MD") and config.getoption("numprocesses", None):
+        raise pytest.UsageError("RATATOUILLE_WRITE_ERRORS_MD needs every refusal in one process: run pytest without -n")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """With RATATOUILLE_WRITE_ERRORS_MD set, docs/errors.md's table is rewritten from the refusals seen."""
     if os.environ.get("RATATOUILLE_WRITE_ERRORS_MD"):
