@@ -584,7 +584,13 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
         "compare ERM, model soups and Model Ratatouille on the held-out domain.",
     )
     demo.add_argument(
-        "--output", type=Path, default=Path("demo-output"), help="folder for everything (default: demo-output)"
+        "--output", type=Path, help="folder for everything (default: demo-output, or demo-smoke with --smoke)"
+    )
+    demo.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every stage on a world small enough to check an installation in about a minute; its numbers "
+        "teach nothing",
     )
 
     hub = commands.add_parser(
@@ -760,15 +766,19 @@ def run_demo(args) -> None:
 
     from .localhub.server import LocalHub, hub_environment
 
-    with LocalHub(args.output / "hub") as hub:
-        log.info(f"[hub] local Hub stand-in at {hub.url} (store: {args.output / 'hub'})")
+    output = args.output or Path("demo-smoke" if args.smoke else "demo-output")
+    with LocalHub(output / "hub") as hub:
+        log.info(f"[hub] local Hub stand-in at {hub.url} (store: {output / 'hub'})")
+        if args.smoke:
+            log.info("[demo] --smoke: a world too small to learn; what it prints checks the pipeline, not the method")
         # Before any HF library is imported: they read these once, at import time.
-        os.environ.update(hub_environment(hub.url, args.output / "hf-home"))
+        os.environ.update(hub_environment(hub.url, output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
+        from .toy.demo import DESIGN, SMOKE
         from .toy.demo import run_demo as demo
 
         with logs.library_output(verbosity_of(args)):
-            demo(args.output, hub)
+            demo(output, hub, design=SMOKE if args.smoke else DESIGN)
 
 
 def run_discover(args) -> None:

@@ -18,6 +18,7 @@ it prints depends on the CPU type, not on the core count (the progress lines say
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 
 from ..config import RecipeConfig
 from ..data import ImageTensors, decode_images
+from ..errors import RecipeError
 from ..io import atomic_write_text
 from ..results import Results
 from ..safe_text import say
@@ -87,6 +89,24 @@ class WorldDesign:
 
 
 DESIGN = WorldDesign()
+# `demo --smoke`: every stage of the demo on a world small enough to check an installation in about a
+# minute; its numbers teach nothing (runs of 12 steps on 16 px images).
+SMOKE = WorldDesign(
+    image_size=16,
+    widths=(8, 16, 16),
+    pretrain_images=600,
+    pretrain_steps=40,
+    pretrain_batch=32,
+    finetune_steps=12,
+    target_per_class_per_domain=8,
+    runs=5,  # the base's and one per fine-tune, as the demo's: every part of the careless lesson has its runs
+    steps=12,
+    batch_size=8,
+    eval_every=6,
+    lp_steps=30,
+    warmup_steps=4,
+)
+DESIGN_FILE = "design.json"  # in the world's folder: the design it was built with
 STRATEGIES = {
     "soup": "every run from the base",
     "ratatouille": "runs from recycled fine-tunes",
@@ -101,8 +121,9 @@ def build_world(
     design: WorldDesign = DESIGN,
     helpers: Helpers | None = None,
 ) -> dict[str, Path]:
-    """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present.
-    `helpers` draw the target while this process pretrains the base."""
+    """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present
+    (and built with this design). `helpers` draw the target while this process pretrains the base."""
+    claim_design(root, design)
     target = root / "datasets" / TARGET_ID
     if not (target / "README.md").exists():
         echo("[world] drawing the target: six shapes in four styles")
@@ -111,6 +132,24 @@ def build_world(
     paths = build_checkpoints(root, echo, seed, design, helpers)
     draw_target(target, design, seed)  # drawn by now, or being drawn (then waited for), or drawn here
     return {**paths, "target": target}
+
+
+def claim_design(root: Path, design: WorldDesign) -> None:
+    """Record `design` in an empty world folder; refuse a world built with another one (--smoke's, or an
+    earlier version's), whose checkpoints would otherwise be reused with this design's recipe."""
+    recorded, wanted = root / DESIGN_FILE, json.loads(json.dumps(asdict(design)))
+    if recorded.is_file():
+        if json.loads(recorded.read_text()) == wanted:
+            return
+        raise RecipeError(
+            f"{root} holds a toy world of another design ({recorded}): choose another --output or delete it"
+        )
+    if root.is_dir() and any(root.iterdir()):
+        raise RecipeError(
+            f"{root} holds a toy world with no {DESIGN_FILE} (an earlier version's): choose another --output or delete it"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(recorded, json.dumps(wanted, indent=2) + "\n")
 
 
 def draw_target(folder: Path, design: WorldDesign, seed: int) -> None:
@@ -244,7 +283,7 @@ def careless_finetune(root: Path, base: Path, dataset, seed: int, echo, design: 
     return folder
 
 
-def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info) -> list[dict]:
+def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info, design: WorldDesign = DESIGN) -> list[dict]:
     """Build the world, publish it on the local Hub, recycle it both ways through the Hub clients,
     print the comparison (the result, on stdout; `echo` says the progress), push the soup and load it back
     from the Hub like any model.
@@ -258,9 +297,9 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info) -> list[
     from ..recipe import plan_recipe, recycle
 
     with one_thread(), helpers(demo_processes() - 1, echo) as work:
-        paths = build_world(output / "world", echo, helpers=work)
+        paths = build_world(output / "world", echo, design=design, helpers=work)
         publish_world(hub, paths)
-        configs = {strategy: demo_config(output, strategy) for strategy in STRATEGIES}
+        configs = {strategy: demo_config(output, strategy, design) for strategy in STRATEGIES}
         plans = {name: plan_recipe(config, echo=_silent) for name, config in configs.items()}
         vetted = vet_recycled(plans["ratatouille"][0])
         unflagged = tuple(f"{source}@{v.revision}" for source, v in vetted.items() if not v.vetted.warnings)
@@ -503,10 +542,12 @@ class VettedIngredient:
 
 
 def vet_recycled(plan) -> dict[str, VettedIngredient]:
-    """What vetting says about each fine-tune a recycle's plan uses (the recycle prints the same while fetching)."""
+    """What vetting says about each fine-tune a recycle's plan was offered (the recycle prints the same while
+    fetching), whether or not a run starts from it: with fewer runs than fine-tunes, one left unused is still
+    careful or not."""
     from ..vetting import vet_ingredients
 
-    recycled = [i for i in plan.ingredients if i != plan.base]
+    recycled = list(plan.recycled)
     report = vet_ingredients(plan.base, recycled)
     return {i.source: VettedIngredient(i.revision, v) for i, v in zip(recycled, report, strict=True)}
 
