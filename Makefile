@@ -37,4 +37,4 @@ bench-pacs: venv  # hours on 2 cores; resumable: rerun to continue
 	$(BIN)/python benchmarks/pacs.py
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output demo-smoke

@@ -43,9 +43,7 @@ from ratatouille_hub.recipe import plan_recipe
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.toy.demo import (
     AUX_TASKS,
-    DESIGN,
     TARGET_ID,
-    WorldDesign,
     _save_dataset,
     build_checkpoints,
     demo_config,
@@ -53,6 +51,7 @@ from ratatouille_hub.toy.demo import (
     helpers,
     one_thread,
 )
+from ratatouille_hub.toy.design import DESIGN, WorldDesign
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "demo_criteria.json"

@@ -177,7 +177,7 @@ validation, uniform and greedy averaging, DomainBed augmentation. Scaled down:
 - channels-last memory layout (1.4-2x faster on CPU; equal up to float rounding); fp32 throughout.
 The Trainer group (one fine-tune per auxiliary dataset made with transformers' Trainer: AdamW at lr
 {TRAINER_LR:g}, linear decay, BatchNorm in train mode, no augmentation, {TRAINER_STEPS} steps x {TRAINER_BATCH}) is recycled in
-trial {", ".join(map(str, HUB_STYLE_TRIALS))} only (diagnosed too), after the three trials, by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the
+trial {", ".join(map(str, HUB_STYLE_TRIALS))} only, after the three trials (its {DIAGNOSED_DOMAIN} runs are diagnosed as soon as it is complete), by a further Ratatouille of {RUNS + len(AUX_DATASETS)} runs whose first {RUNS} are the
 Ratatouille cell's own, once with each BatchNorm policy (`average`, `reestimate`).
 """
 

@@ -589,7 +589,7 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
     demo.add_argument(
         "--smoke",
         action="store_true",
-        help="every stage on a world small enough to check an installation in about a minute; its numbers "
+        help="every stage on a world small enough to check an installation in under a minute; its numbers "
         "teach nothing",
     )
 
@@ -765,8 +765,10 @@ def run_demo(args) -> None:
     import os
 
     from .localhub.server import LocalHub, hub_environment
+    from .toy.design import DESIGN, SMOKE, check_design, record_design
 
-    output = args.output or Path("demo-smoke" if args.smoke else "demo-output")
+    output, design = args.output or Path("demo-smoke" if args.smoke else "demo-output"), SMOKE if args.smoke else DESIGN
+    check_design(output, design)  # before the Hub starts in that folder
     with LocalHub(output / "hub") as hub:
         log.info(f"[hub] local Hub stand-in at {hub.url} (store: {output / 'hub'})")
         if args.smoke:
@@ -774,11 +776,11 @@ def run_demo(args) -> None:
         # Before any HF library is imported: they read these once, at import time.
         os.environ.update(hub_environment(hub.url, output / "hf-home"))
         os.environ.pop("HF_TOKEN", None)
-        from .toy.demo import DESIGN, SMOKE
+        record_design(output, design)
         from .toy.demo import run_demo as demo
 
         with logs.library_output(verbosity_of(args)):
-            demo(output, hub, design=SMOKE if args.smoke else DESIGN)
+            demo(output, hub, design=design)
 
 
 def run_discover(args) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ratatouille_hub.errors import RecipeError
-from ratatouille_hub.toy.demo import DESIGN, DESIGN_FILE, SMOKE, claim_design
+from ratatouille_hub.toy.design import DESIGN, DESIGN_FILE, SMOKE, check_design, record_design
 
 ENTRY_POINT = Path(sys.executable).parent / "ratatouille-hub"
 CAREFUL = [
@@ -49,22 +49,25 @@ def test_the_demo_runs_every_stage_then_refuses_to_reuse_its_world_with_another_
     # the same folder without --smoke: the full design's recipe never reuses the smoke world's checkpoints
     refused = demo("--output", str(out))
     assert refused.returncode == 2
-    assert refused.stderr.splitlines()[-1].startswith(f"error: {out / 'world'} holds a toy world of another design")
+    assert refused.stderr.splitlines()[-1].startswith(f"error: {out} holds a demo of another design")
 
 
-def test_a_world_is_reused_with_its_own_design_only(tmp_path):
-    world = tmp_path / "world"
-    claim_design(world, SMOKE)
-    claim_design(world, SMOKE)  # the same design: its world is reused
-    with pytest.raises(RecipeError, match="holds a toy world of another design"):
-        claim_design(world, DESIGN)
-    assert json.loads((world / DESIGN_FILE).read_text())["image_size"] == SMOKE.image_size
+def test_a_demo_folder_is_reused_with_its_own_design_only(tmp_path):
+    demo_folder = tmp_path / "demo"
+    (demo_folder / ".design.json.1234.tmp").parent.mkdir()
+    (demo_folder / ".design.json.1234.tmp").write_text("{")  # a write stopped before its rename: not a demo
+    check_design(demo_folder, SMOKE)
+    record_design(demo_folder, SMOKE)
+    check_design(demo_folder, SMOKE)  # the same design: its world is reused
+    with pytest.raises(RecipeError, match="holds a demo of another design"):
+        check_design(demo_folder, DESIGN)
+    assert json.loads((demo_folder / DESIGN_FILE).read_text())["image_size"] == SMOKE.image_size
 
 
-def test_a_world_built_before_designs_were_recorded_is_refused(tmp_path):
-    (tmp_path / "world" / "toy-world").mkdir(parents=True)
-    with pytest.raises(RecipeError, match=f"no {DESIGN_FILE}"):
-        claim_design(tmp_path / "world", DESIGN)
+def test_a_demo_folder_from_before_designs_were_recorded_is_refused(tmp_path):
+    (tmp_path / "demo" / "hub").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=f"holds files but no {DESIGN_FILE}"):
+        check_design(tmp_path / "demo", DESIGN)
 
 
 def test_the_demo_vets_every_fine_tune_offered_even_one_no_run_starts_from(tiny_world, tmp_path):

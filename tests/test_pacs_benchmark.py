@@ -85,3 +85,11 @@ def test_a_session_rebuilds_exactly_the_fine_tunes_its_trials_cells_recycle(pacs
         assert rebuilt == recycled
         assert all(len(runs) == len(trials) * pacs.AUX_PER_TRIAL for runs in runs_of.values())  # trials draw apart
     assert pacs.drawn_runs(None) == {name: [0, 1, 2, 3] for name in ("caltech101", "clothing", "cifar10")}
+
+
+def test_the_trainer_group_and_the_diagnosis_use_each_resolutions_own_trial(pacs):
+    """64 px: trial 0, as its committed cells; 128 px: trial 1, whose runs are on disk where its cells were made."""
+    assert pacs.HUB_STYLE_TRIALS == (1,)  # the fixture's configure(128)
+    pacs.configure(64)
+    assert pacs.HUB_STYLE_TRIALS == (0,)
+    assert "trial 0 only, after the three trials (its art_painting runs are diagnosed" in pacs.protocol()

@@ -18,7 +18,6 @@ it prints depends on the CPU type, not on the core count (the progress lines say
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -27,7 +26,7 @@ import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,12 +34,12 @@ import torch
 
 from ..config import RecipeConfig
 from ..data import ImageTensors, decode_images
-from ..errors import RecipeError
 from ..io import atomic_write_text
 from ..results import Results
 from ..safe_text import say
 from ..train import DomainBatches, make_accelerator, optimize
 from ..vetting import Vetted
+from .design import DESIGN, WorldDesign
 
 log = logging.getLogger(__name__)
 BASE_ID = "toy-world/resnet-tiny"
@@ -51,62 +50,6 @@ CARELESS_TASK = "polygons"  # the careless fine-tune's task: one the careful fin
 CARELESS_ID = f"quick-finetunes/resnet-tiny-{CARELESS_TASK}"
 
 
-@dataclass(frozen=True)
-class WorldDesign:
-    """Every knob of the toy world and the demo's recipe, in one place, so benchmarks/demo_criteria.py can
-    measure the method's three criteria on training-domain validation for any variant of it.
-
-    Chosen on training-domain validation only, with that script (the held-out domain never drawn), among
-    variants that fit 3 minutes on a 2-core AMD EPYC: community fine-tunes that stay close to the base
-    (lr 1e-4, 150 steps: distance 0.05-0.07), so runs from them stay linearly connected with runs from the
-    base (barriers from the best run at most 2.3 points); runs from the recycled fine-tunes more diverse
-    than runs from the base (ratio-error 0.60-0.70 against 0.51); target runs at lr 2e-4 to 5e-4, where
-    every uniform average lands above its runs' mean. 24 px and 700 pretraining steps are what fits the time;
-    the runs pay for it in accuracy (best 87.5-88.0% on validation, where 32 px and 1,200 steps gave 90-92%).
-    """
-
-    image_size: int = 24  # pixels a side, every image of the world
-    widths: tuple[int, ...] = (16, 32, 64)  # the tiny ResNet's channels, stage by stage
-    pretrain_images: int = 4000
-    pretrain_steps: int = 700
-    pretrain_batch: int = 64
-    pretrain_lr: float = 2e-3
-    finetune_steps: int = 150  # the community fine-tunes and the careless one
-    community_lr: float = 1e-4
-    careless_lr: float = 3e-4  # 3x the community's, BatchNorm trained: what vetting flags
-    target_per_class_per_domain: int = 60  # 216 validation images: one image is 0.46 points
-    runs: int = 5
-    steps: int = 200
-    batch_size: int = 32  # images per training domain per step
-    eval_every: int = 50
-    lp_steps: int = 400
-    lp_lr: float = 1e-2
-    warmup_steps: int = 50
-    lr: float = 3e-4
-    lr_choices: tuple[float, ...] = (2e-4, 3e-4, 5e-4)
-    weight_decay_choices: tuple[float, ...] = (1e-4, 1e-6)
-    dropout_choices: tuple[float, ...] = (0.0, 0.1, 0.5)
-
-
-DESIGN = WorldDesign()
-# `demo --smoke`: every stage of the demo on a world small enough to check an installation in about a
-# minute; its numbers teach nothing (runs of 12 steps on 16 px images).
-SMOKE = WorldDesign(
-    image_size=16,
-    widths=(8, 16, 16),
-    pretrain_images=600,
-    pretrain_steps=40,
-    pretrain_batch=32,
-    finetune_steps=12,
-    target_per_class_per_domain=8,
-    runs=5,  # the base's and one per fine-tune, as the demo's: every part of the careless lesson has its runs
-    steps=12,
-    batch_size=8,
-    eval_every=6,
-    lp_steps=30,
-    warmup_steps=4,
-)
-DESIGN_FILE = "design.json"  # in the world's folder: the design it was built with
 STRATEGIES = {
     "soup": "every run from the base",
     "ratatouille": "runs from recycled fine-tunes",
@@ -121,9 +64,8 @@ def build_world(
     design: WorldDesign = DESIGN,
     helpers: Helpers | None = None,
 ) -> dict[str, Path]:
-    """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present
-    (and built with this design). `helpers` draw the target while this process pretrains the base."""
-    claim_design(root, design)
+    """Write the base, the community fine-tunes and the target dataset under `root`; reuse them if present.
+    `helpers` draw the target while this process pretrains the base."""
     target = root / "datasets" / TARGET_ID
     if not (target / "README.md").exists():
         echo("[world] drawing the target: six shapes in four styles")
@@ -132,24 +74,6 @@ def build_world(
     paths = build_checkpoints(root, echo, seed, design, helpers)
     draw_target(target, design, seed)  # drawn by now, or being drawn (then waited for), or drawn here
     return {**paths, "target": target}
-
-
-def claim_design(root: Path, design: WorldDesign) -> None:
-    """Record `design` in an empty world folder; refuse a world built with another one (--smoke's, or an
-    earlier version's), whose checkpoints would otherwise be reused with this design's recipe."""
-    recorded, wanted = root / DESIGN_FILE, json.loads(json.dumps(asdict(design)))
-    if recorded.is_file():
-        if json.loads(recorded.read_text()) == wanted:
-            return
-        raise RecipeError(
-            f"{root} holds a toy world of another design ({recorded}): choose another --output or delete it"
-        )
-    if root.is_dir() and any(root.iterdir()):
-        raise RecipeError(
-            f"{root} holds a toy world with no {DESIGN_FILE} (an earlier version's): choose another --output or delete it"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(recorded, json.dumps(wanted, indent=2) + "\n")
 
 
 def draw_target(folder: Path, design: WorldDesign, seed: int) -> None:
