@@ -24,7 +24,9 @@ test: venv
 	$(BIN)/ruff check .
 	# One worker per core (at most 4: each holds torch): the suite is bound by its commands' start-up (torch,
 	# transformers and evaluate imports, about 10 s a process), which one process leaves on a single core.
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
+	# A test file goes to one worker whole (loadfile): its module fixtures (a sweep, a reference recycle) are
+	# built once, not once on each worker.
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 format: venv  # what `make test` checks, applied
 	$(BIN)/ruff format .

@@ -132,18 +132,23 @@ def diagnose(two_runs, tiny_world, *flags: str, **environment: str) -> subproces
     return done
 
 
-def test_the_libraries_bars_are_hidden_by_default_and_shown_by_verbose(two_runs, tiny_world):
-    quiet_by_default = diagnose(two_runs, tiny_world)
-    assert "Loading weights" not in quiet_by_default.stderr and "it/s" not in quiet_by_default.stderr
+@pytest.fixture(scope="module")
+def by_default(two_runs, tiny_world) -> subprocess.CompletedProcess:
+    """`diagnose` with no flag and no variable set: what -v and -q are compared with."""
+    return diagnose(two_runs, tiny_world)
+
+
+def test_the_libraries_bars_are_hidden_by_default_and_shown_by_verbose(two_runs, tiny_world, by_default):
+    assert "Loading weights" not in by_default.stderr and "it/s" not in by_default.stderr
     verbose = diagnose(two_runs, tiny_world, "-v")
     assert verbose.stderr.count("Loading weights") >= len(two_runs)  # transformers' bar, once a model at least
-    assert verbose.stdout == quiet_by_default.stdout  # the result is the same, on stdout
+    assert verbose.stdout == by_default.stdout  # the result is the same, on stdout
 
 
-def test_quiet_prints_the_result_alone(two_runs, tiny_world):
+def test_quiet_prints_the_result_alone(two_runs, tiny_world, by_default):
     quiet = diagnose(two_runs, tiny_world, "-q")
     assert quiet.stderr == ""
-    assert quiet.stdout == diagnose(two_runs, tiny_world).stdout
+    assert quiet.stdout == by_default.stdout
 
 
 def test_the_users_progress_bar_variable_wins(two_runs, tiny_world):
