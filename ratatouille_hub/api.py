@@ -173,6 +173,7 @@ def update(options: UpdateOptions, *, token: str | bool | None = None, echo: Ech
     scores: list[float] = []
     evaluate = None
     if options.target:
+        from .evaluation import scoring_device
         from .fetch import resolve_model
         from .models import load_classifier
         from .target import prepare_target
@@ -180,7 +181,7 @@ def update(options: UpdateOptions, *, token: str | bool | None = None, echo: Ech
 
         def evaluate(folder: Path) -> float:
             target = prepare_target(options, resolve_model(str(folder)), token)
-            model = load_classifier(folder, target.id2label)
+            model = load_classifier(folder, target.id2label).to(scoring_device())
             scores.append(validation_accuracy(model, target.data.pooled_val, target.data.normalize))
             return scores[-1]
 

@@ -8,6 +8,7 @@ the host and needs no torchvision. The host only draws the random numbers, a few
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -549,6 +550,13 @@ def _undecodable(error: Exception, entry: dict) -> str:
     return str(error).strip().splitlines()[0]  # "image file is truncated (...)", Pillow's bomb limit, ...
 
 
+@functools.cache
+def _channel_values(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+    """Per-channel statistics as a (1, 3, 1, 1) tensor on `device`, made once: copying them there on every
+    batch would make the host wait for the GPU's queue to empty at each step."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
+
 @dataclass(frozen=True)
 class Normalization:
     mean: tuple[float, float, float]
@@ -556,9 +564,7 @@ class Normalization:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise floats in [0, 1], on their device."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)
 
     def from_uint8(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         return self(pixels_uint8.float().div_(255.0))

@@ -130,7 +130,7 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
     its training-domain validation images are used.
     """
     from .errors import InputError
-    from .evaluation import predict_logits
+    from .evaluation import predict_logits, scoring_device
     from .fetch import resolve_model
     from .models import load_classifier
     from .provenance import declared_run, run_name
@@ -155,7 +155,7 @@ def diagnose_models(models: Sequence[str], config, token=None) -> Diagnosis:
                 f"{ingredient.source} classifies {saved[:4]}..., not the target's labels {expected[:4]}..."
             )
         states.append(load_classifier(ingredient.path, target.id2label).state_dict())
-    model = load_classifier(ingredients[0].path, target.id2label)  # its own tensors: loading a state into it
+    model = load_classifier(ingredients[0].path, target.id2label).to(scoring_device())  # its own tensors
     validation = target.data.pooled_val  # must never write into one of `states`
 
     def predict(state) -> torch.Tensor:

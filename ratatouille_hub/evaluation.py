@@ -18,6 +18,14 @@ ACCURACY_MODULE = Path(__file__).parent / "metrics" / "accuracy"
 INFERENCE_BATCH = 64  # images per evaluation pass, unless --micro-batch asks for fewer
 
 
+def scoring_device() -> torch.device:
+    """Where models are scored: this process's accelerate device (its GPU when there is one, else the CPU),
+    where its runs train; a soup on a GPU machine is not scored on the host's cores."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def inference_batch(micro_batch: int | None) -> int:
     """Images per evaluation pass: a --micro-batch caps evaluation too, or evaluation would be the peak."""
     return min(micro_batch, INFERENCE_BATCH) if micro_batch else INFERENCE_BATCH

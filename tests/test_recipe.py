@@ -475,3 +475,22 @@ def test_the_card_shows_both_figures(done):
     for name in ("accuracies.png", "diagnostics.png"):
         with Image.open(done.soup / name) as image:
             assert image.size[0] >= 800 and image.getcolors(1 << 16) and len(image.getcolors(1 << 16)) > 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_machine_the_runs_and_the_soups_are_scored_on_the_gpu(world, tmp_path, monkeypatch):
+    """The soups, their merge candidates and the diagnosis are scored where the runs train, not on the host."""
+    from ratatouille_hub import target as target_module
+    from ratatouille_hub.recipe import assembly as assembly_module
+
+    devices = []
+    real = target_module.predict_logits
+
+    def on_device(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(target_module, "predict_logits", on_device)
+    monkeypatch.setattr(assembly_module, "predict_logits", on_device)
+    recipe.recycle(make_config(world, tmp_path / "out"), echo=quiet)
+    assert devices and set(devices) == {"cuda"}

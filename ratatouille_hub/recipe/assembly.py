@@ -22,7 +22,7 @@ from ..artifacts import ProbeRecord, RunRecord, SoupFolder, builds, materialize
 from ..card import build_card, card_license
 from ..diagnostics import diagnose_loaded
 from ..errors import RecipeError
-from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits
+from ..evaluation import INFERENCE_BATCH, ensemble_probabilities, inference_batch, predict_logits, scoring_device
 from ..fetch import is_hub_id, resolve_model, weights_digest
 from ..figures import ScorePoint, plot_paths, plot_scores
 from ..hashing import stable_hash
@@ -148,7 +148,7 @@ def _write_soup(
             merge_model_folders(folders, staging, mixture.weights, metadata, mixture.tensor_rule)  # run 0's processor
         else:  # anchored at the base with the runs' probe head, in the model's key space
             write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
-        soup_model = load_classifier(staging, target.id2label)
+        soup_model = load_classifier(staging, target.id2label).to(scoring_device())
         if config.bn_policy == "reestimate":
             averager.reestimate(soup_model)
             soup_model.save_pretrained(staging)
@@ -330,9 +330,10 @@ class RunAverager:
         self.bn_policy = bn_policy
         self._anchor = anchor  # the base's state, built when a method anchored at it first needs it
         self._anchor_state: dict[str, torch.Tensor] | None = None
-        self._model = load_classifier(self.model_folders[0], target.id2label)
-        self._names = list(self._model.state_dict())
-        self._files_are_states = self._loads_as_stored(self.model_folders[0])
+        model = load_classifier(self.model_folders[0], target.id2label)  # compared with its file on the host
+        self._names = list(model.state_dict())
+        self._files_are_states = self._loads_as_stored(self.model_folders[0], model)
+        self._model = model.to(scoring_device())
         self._converted: Path | None = None  # runs saved in the model's key space, where files are not
 
     def _stored_state(self, folder: Path) -> dict[str, torch.Tensor] | None:
@@ -342,14 +343,14 @@ class RunAverager:
         stored = load_file(folder / WEIGHTS_NAME)
         return stored if stored.keys() == set(self._names) else None
 
-    def _loads_as_stored(self, folder: Path) -> bool:
+    def _loads_as_stored(self, folder: Path, model) -> bool:
         """Whether loading `folder` left its stored tensors as they are (names, dtypes, values): then runs are
         read straight from their files, about 10x faster than building a model per run. Not so where
         transformers renames or converts tensors on load (ViT in transformers 5)."""
         stored = self._stored_state(folder)
         return stored is not None and all(
             stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor)
-            for name, tensor in self._model.state_dict().items()
+            for name, tensor in model.state_dict().items()
         )
 
     def run_state(self, index: int) -> dict[str, torch.Tensor]:
