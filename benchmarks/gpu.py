@@ -186,7 +186,10 @@ def run_part(part: str, deadline: float, work: Path, shared: Path, output: Path,
         status = "done" if returncode == 0 else f"failed (exit {returncode})"
     except subprocess.TimeoutExpired:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            os.killpg(child.pid, sig)
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:  # the part ended between the timeout and the signal
+                break
             try:
                 child.wait(timeout=5)
                 break
@@ -208,6 +211,21 @@ def run_child(args) -> None:
         pacs_cell(size, args, args.deadline, args.part_output)
 
 
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists (name, driver), without initialising CUDA in this parent process, whose parts
+    then have the device to themselves; [] where there is none."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a part killed mid-write leaves the previous version."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +237,9 @@ def write_json(path: Path, data: dict) -> None:
 def machine() -> dict:
     import importlib.metadata
 
+    # the machine's CPUs (this parent imports nothing of the package: it is not on its path on a lent machine)
     info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    info["gpus"] = gpu_names()
     for package in ("torch", "transformers", "accelerate", "timm", "datasets", "huggingface_hub"):
         try:
             info[package] = importlib.metadata.version(package)
@@ -638,9 +658,14 @@ def pacs_cell(size: Size, args, deadline: float, part_output: Path) -> None:
         import torch
 
         from ratatouille_hub import logs
+        from ratatouille_hub.environment import usable_cpus
+        from ratatouille_hub.train import resolved_precision
 
         if not args.smoke:
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(usable_cpus())
+        # what the cell's numbers were made on: the sweep trains and scores there
+        found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        found["precision"] = resolved_precision("auto")
         timings: dict = {}
         with logs.library_output(logs.DEFAULT):
             for stage, run in (

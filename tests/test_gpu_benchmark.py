@@ -98,6 +98,8 @@ def test_smoke_runs_the_pacs_cell_through_the_pacs_benchmarks_stages(smoke):
     _, results = smoke
     cell = results["pacs"]
     assert cell["status"] == "done"
+    gpu = results["machine"]["gpus"] != []  # what nvidia-smi lists; the cell says where it ran and in what
+    assert (cell["device"] == "cpu", cell["precision"]) == ((True, "no") if not gpu else (False, "bf16"))
     assert (cell["test_domain"], cell["strategies"], cell["runs_per_strategy"]) == (
         "sketch",
         ["erm", "soup", "ratatouille"],
