@@ -186,10 +186,7 @@ def run_part(part: str, deadline: float, work: Path, shared: Path, output: Path,
         status = "done" if returncode == 0 else f"failed (exit {returncode})"
     except subprocess.TimeoutExpired:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(child.pid, sig)
-            except ProcessLookupError:  # the part ended between the timeout and the signal
-                break
+            os.killpg(child.pid, sig)
             try:
                 child.wait(timeout=5)
                 break

@@ -19,11 +19,11 @@ INFERENCE_BATCH = 64  # images per evaluation pass, unless --micro-batch asks fo
 
 
 def scoring_device() -> torch.device:
-    """Where models are scored: this process's accelerate device (its GPU when there is one, else the CPU),
-    where its runs train; a soup on a GPU machine is not scored on the host's cores."""
+    """Where a recipe's models are scored: where its runs train (this process's GPU when CUDA is present, else
+    the CPU, as `train.make_accelerator` chooses), so a soup on a GPU machine is not scored on the host's cores."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=not torch.cuda.is_available()).device
 
 
 def inference_batch(micro_batch: int | None) -> int:

@@ -479,8 +479,9 @@ def test_the_card_shows_both_figures(done):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_machine_the_runs_and_the_soups_are_scored_on_the_gpu(world, tmp_path, monkeypatch):
-    """The soups, their merge candidates and the diagnosis are scored where the runs train, not on the host."""
+    """The runs, the soups, greedy's candidates and the diagnosis are scored where the runs train."""
     from ratatouille_hub import target as target_module
+    from ratatouille_hub import train as train_module
     from ratatouille_hub.recipe import assembly as assembly_module
 
     devices = []
@@ -492,5 +493,6 @@ def test_on_a_gpu_machine_the_runs_and_the_soups_are_scored_on_the_gpu(world, tm
 
     monkeypatch.setattr(target_module, "predict_logits", on_device)
     monkeypatch.setattr(assembly_module, "predict_logits", on_device)
+    monkeypatch.setattr(train_module, "predict_logits", on_device)  # validation: the runs', greedy's candidates
     recipe.recycle(make_config(world, tmp_path / "out"), echo=quiet)
     assert devices and set(devices) == {"cuda"}

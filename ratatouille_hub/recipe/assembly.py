@@ -134,6 +134,7 @@ def _write_soup(
         config.bn_policy,
         anchor=lambda: base_with_head(plan, output),
         inference_batch=passes,
+        device=scoring_device(),
     )
     inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy, alpha=config.alpha)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
@@ -323,7 +324,9 @@ class RunAverager:
         bn_policy: str,
         anchor: Callable[[], dict[str, torch.Tensor]] | None = None,
         inference_batch: int = INFERENCE_BATCH,
+        device: torch.device | str = "cpu",
     ):
+        """`device`: where the averages are scored (`recycle` passes the device its runs trained on)."""
         self.model_folders = list(model_folders)
         self.inference_batch = inference_batch
         self.target = target
@@ -333,7 +336,7 @@ class RunAverager:
         model = load_classifier(self.model_folders[0], target.id2label)  # compared with its file on the host
         self._names = list(model.state_dict())
         self._files_are_states = self._loads_as_stored(self.model_folders[0], model)
-        self._model = model.to(scoring_device())
+        self._model = model.to(device)
         self._converted: Path | None = None  # runs saved in the model's key space, where files are not
 
     def _stored_state(self, folder: Path) -> dict[str, torch.Tensor] | None:
@@ -443,6 +446,7 @@ def validation_inputs(model_folders: Sequence[Path], options, token=None) -> Mer
     `recycle`, on the split the target `options` (seed, holdout fraction, columns) define."""
     base = resolve_model(str(model_folders[0]), token=token)
     target = prepare_target(options, base, token)
+    # on the CPU: greedy's choices decide the bytes, which `merge --config` replays on any machine
     averager = RunAverager(list(model_folders), target, options.bn_policy)
     ranking = rank_by_validation([averager.validation_accuracy([i]) for i in range(len(model_folders))])
     return MergeInputs(count=len(model_folders), ranking=ranking, score=averager.validation_accuracy)
