@@ -127,14 +127,14 @@ def _write_soup(
     run_scores = [score_predictions(predictions, target) for predictions in run_predictions]
     ranking = rank_by_validation([scores["val_accuracy"] for scores in run_scores])
     best = ranking[0]
-    passes = inference_batch(config.micro_batch)
+    passes, device = inference_batch(config.micro_batch), scoring_device()
     averager = RunAverager(
         [run.model_folder for run in runs],
         target,
         config.bn_policy,
         anchor=lambda: base_with_head(plan, output),
         inference_batch=passes,
-        device=scoring_device(),
+        device=device,
     )
     inputs = MergeInputs(count=len(runs), ranking=ranking, score=averager.validation_accuracy, alpha=config.alpha)
     mixtures = {name: MERGE_METHODS[name].mix(inputs) for name in recycle_methods()}
@@ -149,7 +149,7 @@ def _write_soup(
             merge_model_folders(folders, staging, mixture.weights, metadata, mixture.tensor_rule)  # run 0's processor
         else:  # anchored at the base with the runs' probe head, in the model's key space
             write_state_folder(averager.state(mixture), runs[members[0]].model_folder, staging, target.id2label)
-        soup_model = load_classifier(staging, target.id2label).to(scoring_device())
+        soup_model = load_classifier(staging, target.id2label).to(device)
         if config.bn_policy == "reestimate":
             averager.reestimate(soup_model)
             soup_model.save_pretrained(staging)
