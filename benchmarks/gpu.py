@@ -687,12 +687,12 @@ def cell_accuracies(pacs) -> dict:
     from ratatouille_hub.results import Results
 
     rows = {}
-    for row, strategy, scores_of in pacs.ROWS:
-        if strategy not in CELL_STRATEGIES:
+    for row in pacs.ROWS:
+        if row.cell not in CELL_STRATEGIES:
             continue
-        results = Results.load(pacs.cell_path(0, TEST_DOMAIN, strategy))
-        scores = scores_of(results)
-        rows[row] = {"val_accuracy": scores.val_accuracy, "test_accuracy": scores.test_accuracy}
+        results = Results.load(pacs.cell_path(0, TEST_DOMAIN, row.cell))
+        scores = row.scores_of(results)
+        rows[row.name] = {"val_accuracy": scores.val_accuracy, "test_accuracy": scores.test_accuracy}
     costs = {
         s: json.loads(pacs.cell_path(0, TEST_DOMAIN, s).with_suffix(".cost.json").read_text()) for s in CELL_STRATEGIES
     }

@@ -32,9 +32,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # imported where used: it imports huggingface_hub, which reads HF_ENDPOINT once, at import
     from ratatouille_hub.results import Results
@@ -122,20 +123,32 @@ class HubStyleCell:
 
 HUB_STYLE_CELLS = (HubStyleCell("hub-style", "average"), HubStyleCell("hub-style-reestimate", "reestimate"))
 
-ROWS = (  # (row, cell whose results hold it, the scores in its results record)
-    ("ERM (LP init)", "erm", lambda r: r.soup),
-    ("Soups, uniform", "soup", lambda r: r.averages["uniform"]),
-    ("Soups, greedy", "soup", lambda r: r.averages["greedy"]),
-    ("Soups runs, Model Stock", "soup", lambda r: r.averages["model-stock"]),
-    ("Soups runs, interpolated to the base (alpha 0.5)", "soup", lambda r: r.averages["interpolate"]),
-    ("Inter-training", "ratatouille", lambda r: r.best_recycled_run),  # the best run from a recycled init
-    ("Fusing", "fusing", lambda r: r.soup),
-    ("Ratatouille, uniform", "ratatouille", lambda r: r.averages["uniform"]),
-    ("Ratatouille, greedy", "ratatouille", lambda r: r.averages["greedy"]),
-    ("Ratatouille runs, Model Stock", "ratatouille", lambda r: r.averages["model-stock"]),
-    ("Ratatouille runs, interpolated to the base (alpha 0.5)", "ratatouille", lambda r: r.averages["interpolate"]),
-    ("Ensemble (of the Ratatouille runs)", "ratatouille", lambda r: r.ensemble),
+
+class Row(NamedTuple):
+    """One row of the table: the cell whose results hold it, and its scores in that results record."""
+
+    name: str
+    cell: str
+    scores_of: Callable[[Results], object]
+    recycled_only: bool = False  # it needs only the cell's runs from recycled inits: its cost counts no other
+
+
+ROWS = (
+    Row("ERM (LP init)", "erm", lambda r: r.soup),
+    Row("Soups, uniform", "soup", lambda r: r.averages["uniform"]),
+    Row("Soups, greedy", "soup", lambda r: r.averages["greedy"]),
+    Row("Soups runs, Model Stock", "soup", lambda r: r.averages["model-stock"]),
+    Row("Soups runs, interpolated to the base (alpha 0.5)", "soup", lambda r: r.averages["interpolate"]),
+    Row("Inter-training", "ratatouille", lambda r: r.best_recycled_run, recycled_only=True),  # best recycled run
+    Row("Fusing", "fusing", lambda r: r.soup),
+    Row("Ratatouille, uniform", "ratatouille", lambda r: r.averages["uniform"]),
+    Row("Ratatouille, greedy", "ratatouille", lambda r: r.averages["greedy"]),
+    Row("Ratatouille runs, Model Stock", "ratatouille", lambda r: r.averages["model-stock"]),
+    Row("Ratatouille runs, interpolated to the base (alpha 0.5)", "ratatouille", lambda r: r.averages["interpolate"]),
+    Row("Ensemble (of the Ratatouille runs)", "ratatouille", lambda r: r.ensemble),
 )
+# The rows that are one run or a chosen subset of their cell's runs: the report names those runs.
+CHOSEN_RUN_ROWS = ("ERM (LP init)", "Inter-training", "Fusing", "Soups, greedy", "Ratatouille, greedy")
 
 
 def protocol() -> str:
@@ -149,12 +162,13 @@ another kind rounds floats otherwise, and its rebuild is described beside the fi
 Intel Xeon (2 threads, channels-last fp32, EfficientNet-Lite0; an AMD EPYC with AVX2 only takes 4.2-4.8x as
 long for a 128 px run, probe or fine-tune): one training step of 48 images costs 0.50 s at 128 px,
 0.36 s at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs
-per domain) of {STEPS} steps costs about 30 minutes at 64 px and about 60-70 at 128 px, and the ingredients
-about 13 and 28. This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
+per domain) of {STEPS} steps took 27-29 minutes at 64 px (the three trials: 1,600-1,723 s) and 126 at 128 px
+(trial 0: 7,559 s, the cores shared with other work at times), and the ingredients about 13 and 37 minutes
+(at 128 px: 730 and 747 s for clothing's and cifar10's four). This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
 before the number of runs or steps; at 128 px, PACS's stored resolution, the backbone sees the objects, and
 everything else is kept as at 64 px ({STEPS} steps, {RUNS} runs per strategy), so that the two tables differ
-by resolution alone; more steps per run would double a budget of about 4 hours of 2-core compute that
-already spans two sessions. Nothing below was chosen by looking at a test domain.
+by resolution alone; more steps per run would multiply a budget that already spans many sessions (the wall
+times at the end; on the EPYC 4.2-4.8x the Xeon's). Nothing below was chosen by looking at a test domain.
 Kept as in docs/method.md: DomainBed leave-one-domain-out, 80/20 train/validation split per training domain
 (seeded by trial), model selection on training-domain validation only, the shared linear probe
 ({LP_STEPS} steps, lr 5e-5, on frozen features), a head-only warm-up then a fresh Adam for runs from
@@ -681,9 +695,9 @@ def auxiliary_distances(results: Results) -> dict[str, float]:
 
 def report() -> None:
     trials = sorted(int(p.name.removeprefix("trial")) for p in DURABLE.glob("trial*") if p.is_dir())
-    table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
-    val_table: dict[str, dict[str, list[float]]] = {row: {d: [] for d in DOMAINS} for row, _, _ in ROWS}
-    complete_trials, costs, diversity, hub_style, cpus = [], {}, {}, {}, {}
+    table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
+    val_table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
+    complete_trials, costs, chosen_runs, diversity, hub_style, cpus = [], {}, {}, {}, {}, {}
     for trial in trials:
         cpus[trial] = cpus_of(trial)
         cells = {
@@ -694,29 +708,38 @@ def report() -> None:
         if not all(cells[(d, c)] for d in DOMAINS for c in STRATEGIES):
             continue  # only complete trials enter the tables: a partial one would weigh some domains more
         complete_trials.append(trial)
-        for row, cell, scores_of in ROWS:
+        for row in ROWS:
             for domain in DOMAINS:
-                table[row][domain].append(scores_of(cells[(domain, cell)]).test_accuracy)
-                val_table[row][domain].append(scores_of(cells[(domain, cell)]).val_accuracy)
-        costs[trial] = {row: row_cost(trial, cell) for row, cell, _ in ROWS}
+                table[row.name][domain].append(row.scores_of(cells[(domain, row.cell)]).test_accuracy)
+                val_table[row.name][domain].append(row.scores_of(cells[(domain, row.cell)]).val_accuracy)
+        costs[trial] = {row.name: row_cost(trial, row, cells) for row in ROWS}
+        chosen_runs[trial] = {
+            row.name: {d: runs_of_row(row, cells[(d, row.cell)]) for d in DOMAINS}
+            for row in ROWS
+            if row.name in CHOSEN_RUN_ROWS
+        }
         diversity[trial] = {
             d: {c: pair_summary(cells[(d, c)]) for c in ("soup", "ratatouille", "hub-style") if cells.get((d, c))}
             for d in DOMAINS
         }
-        if trial in HUB_STYLE_TRIALS:
+        made = {(d, c.name) for d in DOMAINS for c in HUB_STYLE_CELLS if cells[(d, c.name)]}
+        if trial in HUB_STYLE_TRIALS and made:  # its cells run after the three trials: none before
             hub_style[trial] = {
                 d: {
                     c.name: hub_style_summary(cells[(d, c.name)], cell_path(trial, d, c.name))
                     for c in HUB_STYLE_CELLS
-                    if cells[(d, c.name)]
+                    if (d, c.name) in made
                 }
                 for d in DOMAINS
+                if any(domain == d for domain, _ in made)
             }
     summary = {
         row: {d: _stats(values) for d, values in by_domain.items()} | {"average": _average_stats(by_domain)}
         for row, by_domain in table.items()
     }
-    diagnoses = {p.stem: load_json(p, None) for p in sorted(DURABLE.glob("trial*/diagnose-*.json"))}
+    diagnoses = {
+        f"{p.parent.name}/{p.stem}": load_json(p, None) for p in sorted(DURABLE.glob("trial*/diagnose-*.json"))
+    }
     payload = {
         "protocol": protocol(),
         "trials": trials,
@@ -726,12 +749,14 @@ def report() -> None:
         "val_accuracy_per_trial": val_table,
         "goal": goal(table),
         "cost_per_trial": costs,
+        "chosen_runs_per_trial": chosen_runs,
         "diversity": diversity,
         "ingredients": load_json(DURABLE / "ingredients.json", {}),
         "hub_style": hub_style,
         "diagnose": diagnoses,
         "timings_s": load_json(DURABLE / "timings.json", {}),
         "cells_per_cpu": cpus,
+        "cpu_of_trial": {t: cpu_of_trial(cpus[t]) for t in complete_trials},
         "machine": {
             "platform": platform.platform(),
             "cpu": cpu_kind(),
@@ -762,17 +787,46 @@ def best_recycled_run(results: Results):
     """What assembly records as `best_recycled_run`, from a results record that does not say which runs were
     recycled: the first in assembly's order among the runs whose init is not the recipe's base (its first
     ingredient)."""
-    from ratatouille_hub.fetch import split_revision
     from ratatouille_hub.recipe.assembly import rank_by_validation
     from ratatouille_hub.results import BestRun
 
-    base = results.ingredients[0].source
     for index in rank_by_validation([run.val_accuracy for run in results.runs]):
         run = results.runs[index]
-        if split_revision(run.init)[0] != base:
+        if is_recycled(results, run):
             scores = {"val_accuracy": run.val_accuracy, "val_accuracy_per_domain": run.val_accuracy_per_domain}
             return BestRun(index=index, test_accuracy=run.test_accuracy, **scores)
     return None
+
+
+def is_recycled(results: Results, run) -> bool:
+    """Whether `run` starts from another checkpoint than the recipe's base (its first ingredient); read from
+    the init, since results kept before runs said so (the 64 px trials) do not."""
+    from ratatouille_hub.fetch import split_revision
+
+    return split_revision(run.init)[0] != results.ingredients[0].source
+
+
+def runs_of_row(row: Row, results: Results) -> list[str]:
+    """The runs a row's model is made of, each as `run <index> (<init>)`: the one kept, or greedy's."""
+    scores = row.scores_of(results)
+    indices = scores.members if hasattr(scores, "members") else [scores.index]
+    return [f"run {i} ({_init_name(results, results.runs[i])})" for i in indices]
+
+
+def _init_name(results: Results, run) -> str:
+    from ratatouille_hub.fetch import split_revision
+
+    source = split_revision(run.init)[0]
+    if not is_recycled(results, run):
+        return "base"
+    if source.startswith("fusion:"):  # fusion:<key>@fused:<key>
+        return "fused " + source.removeprefix("fusion:").split("@")[0]
+    return _short(source)
+
+
+def cpu_of_trial(counts: dict[str, int]) -> str:
+    """The kind of CPU all of a trial's kept cells ran on ("mixed CPUs" if they did not share one)."""
+    return next(iter(counts)) if len(counts) == 1 else "mixed CPUs"
 
 
 def cell_cost(output: Path, plan) -> dict:
@@ -796,15 +850,20 @@ def cpus_of(trial: int) -> dict[str, int]:
     return counts
 
 
-def row_cost(trial: int, cell: str) -> dict:
+def row_cost(trial: int, row: Row, cells: dict) -> dict:
     """What a row cost over the 4 test domains: its runs, their optimisation steps, and the seconds of those
     runs and of the shared linear probe (shared runs counted in full for every row that uses them; the
     ingredients are recycled, so not counted)."""
     runs = steps = seconds = 0.0
     for domain in DOMAINS:
-        cost = load_json(cell_path(trial, domain, cell).with_suffix(".cost.json"), None)
+        cost = load_json(cell_path(trial, domain, row.cell).with_suffix(".cost.json"), None)
+        results = cells[(domain, row.cell)]
+        if len(cost["runs"]) != len(results.runs):
+            raise ValueError(f"trial {trial}, {domain}-{row.cell}: the cost and the results list other runs")
         seconds += cost["linear_probe_seconds"]
-        for run in cost["runs"]:
+        for run, recorded in zip(cost["runs"], results.runs, strict=True):
+            if row.recycled_only and not is_recycled(results, recorded):
+                continue
             runs += 1
             steps += run["steps"]
             seconds += math.nan if run["seconds"] is None else run["seconds"]
@@ -905,26 +964,27 @@ def markdown(payload: dict) -> str:
         "Held-out domain accuracy (%), mean ± standard error over the complete trials; model selection on "
         "training-domain validation only. Cost: per trial (all 4 test domains), the runs a row needs, their "
         "steps, and the seconds of those runs and of the linear probe as their folders recorded them (runs "
-        "shared between rows are counted in each; the recycled fine-tunes are not).",
+        "shared between rows are counted in each; the recycled fine-tunes are not), averaged over the complete "
+        "trials made on each kind of CPU (the cores were at times shared with other work: upper bounds).",
         "",
-        "| method | " + " | ".join(DOMAINS) + " | average | runs | steps | seconds |",
-        "|---|" + "---|" * (len(DOMAINS) + 4),
     ]
-    costs = payload["cost_per_trial"]
+    costs, cpu_of = payload["cost_per_trial"], payload["cpu_of_trial"]
+    kinds = list(dict.fromkeys(cpu_of.values()))  # in the order the trials ran
+    per_kind = {kind: [t for t in costs if cpu_of[t] == kind] for kind in kinds}
+    seconds_header = "".join(f" seconds, {kind} ({_trials(per_kind[kind])}) |" for kind in kinds) or " seconds |"
+    lines += [
+        "| method | " + " | ".join(DOMAINS) + " | average | runs | steps |" + seconds_header,
+        "|---|" + "---|" * (len(DOMAINS) + 3 + max(1, len(kinds))),
+    ]
     for row, stats in payload["test_accuracy"].items():
         cost = [costs[t][row] for t in costs]
         spent = (
-            " | ".join(
-                [
-                    str(cost[0]["runs"]),
-                    str(cost[0]["steps"]),
-                    f"{statistics.fmean(c['seconds'] for c in cost):.0f}",
-                ]
-            )
+            f"{cost[0]['runs']} | {cost[0]['steps']} |"
+            + "".join(f" {statistics.fmean(costs[t][row]['seconds'] for t in per_kind[kind]):.0f} |" for kind in kinds)
             if cost
-            else "- | - | -"
+            else "- | - | - |"
         )
-        lines.append(f"| {row} | " + " | ".join(_cell(stats[d]) for d in (*DOMAINS, "average")) + f" | {spent} |")
+        lines.append(f"| {row} | " + " | ".join(_cell(stats[d]) for d in (*DOMAINS, "average")) + f" | {spent}")
     where = payload.get("cells_per_cpu", {})
     if where:
         ran = "; ".join(
@@ -937,10 +997,14 @@ def markdown(payload: dict) -> str:
         if gain is None:
             lines.append(f"- Ratatouille uniform minus {baseline}: no complete trial yet.")
             continue
+        close = gain["stderr"] is not None and abs(gain["mean"] - verdict["paper_gain"]) <= gain["stderr"]
         lines.append(
             f"- Ratatouille uniform minus {baseline}: {_cell(gain)} points (paired over trials; the paper: "
-            f"+{100 * verdict['paper_gain']:.1f}): {'met' if verdict['met'] else 'not met'}."
+            f"+{100 * verdict['paper_gain']:.1f}): {'met' if verdict['met'] else 'not met'} on the mean"
+            + ("; the paper's gain is within one standard error" if close else "")
+            + "."
         )
+    lines += _chosen_runs_section(payload["chosen_runs_per_trial"])
     lines += _ingredients_section(payload["ingredients"])
     lines += _diversity_section(payload["diversity"])
     lines += _hub_style_section(payload["hub_style"])
@@ -960,6 +1024,33 @@ def markdown(payload: dict) -> str:
             f"| total | {sum(timings.values()):.0f} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _trials(trials: list[int]) -> str:
+    return f"trial {trials[0]}" if len(trials) == 1 else "trials " + ", ".join(map(str, trials))
+
+
+def _chosen_runs_section(chosen: dict) -> list[str]:
+    if not chosen:
+        return []
+    lines = [
+        "",
+        "## Which runs each row is",
+        "",
+        "The run each single-model row kept (by training-domain validation) and the runs greedy averaged, by "
+        "index in their cell and init (`base`, or the recycled fine-tune); the uniform, Model Stock, "
+        "interpolated and ensemble rows use every run of their cell. Inter-training is the best run by "
+        "validation among the Ratatouille cell's runs from recycled inits.",
+        "",
+        "| trial | test domain | " + " | ".join(CHOSEN_RUN_ROWS) + " |",
+        "|---|---|" + "---|" * len(CHOSEN_RUN_ROWS),
+    ]
+    for trial, by_row in chosen.items():
+        for domain in DOMAINS:
+            lines.append(
+                f"| {trial} | {domain} | " + " | ".join(", ".join(by_row[r][domain]) for r in CHOSEN_RUN_ROWS) + " |"
+            )
+    return lines
 
 
 def _ingredients_section(ingredients: dict) -> list[str]:
@@ -1085,9 +1176,10 @@ def _diagnose_section(diagnoses: dict) -> list[str]:
     for name, diagnosis in diagnoses.items():
         if diagnosis is None:
             continue
+        trial = name.split("/")[0].removeprefix("trial")
         lines += [
             "",
-            f"## Diagnose: every pair of the Ratatouille runs, test domain {diagnosis['domain']} ({name.split('-')[0] if '-' in name else ''})",
+            f"## Diagnose: every pair of the Ratatouille runs, trial {trial}, test domain {diagnosis['domain']}",
             "",
             "Training-domain validation. Ratio-error: errors made by one run only / errors made by both (diversity). "
             "Barrier: the largest dip of accuracy on the straight weight path below the line between the ends."

@@ -93,3 +93,58 @@ def test_the_trainer_group_and_the_diagnosis_use_each_resolutions_own_trial(pacs
     pacs.configure(64)
     assert pacs.HUB_STYLE_TRIALS == (0,)
     assert "trial 0 only, after the three trials (its art_painting runs are diagnosed" in pacs.protocol()
+
+
+def test_the_report_names_each_rows_runs_and_costs_each_cpu_kind_apart(pacs, capsys):
+    """Two complete trials from the committed 128 px trial 0 (the Xeon's): trial 1 a copy recorded on an EPYC at
+    twice the seconds, and a diagnosis of trial 1; the Trainer group's cells are not made yet."""
+    import json
+    import shutil
+
+    committed = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "pacs-128px" / "cells" / "trial0"
+    shutil.copytree(committed, pacs.DURABLE / "trial0")
+    shutil.copytree(committed, pacs.DURABLE / "trial1")
+    for path in (pacs.DURABLE / "trial1").glob("*.cost.json"):
+        cost = json.loads(path.read_text())
+        cost["runs"] = [run | {"seconds": 2 * run["seconds"]} for run in cost["runs"]]
+        cost |= {"linear_probe_seconds": 2 * cost["linear_probe_seconds"], "cpu": "AMD EPYC"}
+        path.write_text(json.dumps(cost))
+    diagnosis = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "pacs-64px" / "cells" / "trial0"
+    shutil.copy(diagnosis / "diagnose-art_painting.json", pacs.DURABLE / "trial1")
+
+    pacs.report()
+    capsys.readouterr()
+    report = (pacs.RESULTS / "pacs.md").read_text()
+
+    def seconds(strategy: str, recycled_only: bool = False) -> tuple[int, int, float]:
+        """Runs, steps and seconds of a strategy's cells over the 4 domains, read from the committed files."""
+        runs = steps = 0
+        total = 0.0
+        for domain in ("art_painting", "cartoon", "photo", "sketch"):
+            cost = json.loads((committed / f"{domain}-{strategy}.cost.json").read_text())
+            inits = [run["init"] for run in json.loads((committed / f"{domain}-{strategy}.json").read_text())["runs"]]
+            total += cost["linear_probe_seconds"]
+            for run, init in zip(cost["runs"], inits, strict=True):
+                if recycled_only and init.startswith("bench/efficientnet-lite0-imagenet@"):
+                    continue
+                runs, steps, total = runs + 1, steps + run["steps"], total + run["seconds"]
+        return runs, steps, total
+
+    assert "| runs | steps | seconds, Intel Xeon (trial 0) | seconds, AMD EPYC (trial 1) |" in report
+    for row, strategy, recycled_only in (("ERM (LP init)", "erm", False), ("Inter-training", "ratatouille", True)):
+        runs, steps, spent = seconds(strategy, recycled_only)
+        assert f"| {runs} | {steps} | {spent:.0f} | {2 * spent:.0f} |" in next(
+            line for line in report.splitlines() if line.startswith(f"| {row} |")
+        )
+    assert seconds("ratatouille", recycled_only=True)[:2] == (12, 1920)  # 3 recycled runs of 120 + 40 warm-up steps
+
+    # the committed trial 0, art_painting: ERM kept run 1 (from the base), Inter-training run 2 (clothing-2), ...
+    named = "| 0 | art_painting | run 1 (base) | run 2 (clothing-2) | run 0 (fused 9096c72c2b77) | "
+    assert (
+        named + "run 0 (base), run 1 (base), run 2 (base) | run 0 (base), run 1 (caltech101-2), run 2 (clothing-2) |"
+        in report
+    )
+    assert "## Diagnose: every pair of the Ratatouille runs, trial 1, test domain art_painting" in report
+    assert list(json.loads((pacs.RESULTS / "pacs.json").read_text())["diagnose"]) == ["trial1/diagnose-art_painting"]
+    assert "Trainer group: fine-tunes" not in report  # none of its cells yet: no empty table
+    assert "paired over trials; the paper: +3.6): not met on the mean" in report
