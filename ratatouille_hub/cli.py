@@ -580,7 +580,8 @@ def build_parser(prog: str = PROGRAM, *, width: int | None = None) -> argparse.A
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline on a built-in toy world (offline, about 3 minutes on 2 cores)",
-        description="Build a tiny world (a base, three community fine-tunes, a 4-domain target), then "
+        description="Build a tiny world (a base, three careful community fine-tunes and a careless one, a 4-domain "
+        "target), then "
         "compare ERM, model soups and Model Ratatouille on the held-out domain.",
     )
     demo.add_argument(

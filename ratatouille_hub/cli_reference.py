@@ -23,7 +23,7 @@ def reference() -> str:
     sections = [
         "# Command-line reference",
         f"Generated from the parser by `{REGENERATE}`; do not edit by hand. The same text is each command's "
-        f"`--help`. Every command also runs as `hf ratatouille COMMAND` (see the README).",
+        f"`--help`. Every command also runs as `hf ratatouille COMMAND` once the package is installed as an hf extension (see the README).",
         f"## {PROGRAM}",
         _block(parser.format_help()),
     ]

@@ -790,7 +790,7 @@ class SweepConfig(RecipeConfig):
     )
     trials: int = _opt(
         3,
-        "trials (DomainBed's --n_trials): each draws its own split, hyperparameters and seeds",
+        "trials (DomainBed's --n_trials): each draws its own split and seeds (a run's hyperparameters depend on its index alone, as DomainBed's on its hparams seed)",
         group="runs",
         check=int_range(1, MAX_TRIALS),
     )

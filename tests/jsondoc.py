@@ -1,7 +1,8 @@
 """docs/json.md as the tests read it: each section's table of fields, against the JSON a command printed.
 
-A field the section does not list is a schema that drifted from its documentation; a `map ...` field is
-keyed by data (domains, labels, option names), so what is under it is not listed.
+A field the section does not list, or a top-level field out of the order it lists them in, is a schema that
+drifted from its documentation; a `map ...` field is keyed by data (domains, labels, option names), so what
+is under it is not listed.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def example(section: str) -> str:
 
 
 def undocumented(document, section: str) -> list[str]:
-    """The fields of `document` that the section's table does not list, and the fields it lists at the top
-    level that `document` lacks."""
+    """The fields of `document` that the section's table does not list, the fields it lists at the top
+    level that `document` lacks, and the top-level fields that come in another order than the table's."""
     fields = schema(section)
     patterns = {path: re.compile("[^.\\[\\]]+".join(map(re.escape, re.split(r"<[^>]+>", path)))) for path in fields}
     problems: list[str] = []
@@ -53,4 +54,16 @@ def undocumented(document, section: str) -> list[str]:
 
     walk(document, "")
     top = [path for path in fields if re.fullmatch(r"[A-Za-z_]+", path)]
-    return problems + [f"missing: {path}" for path in top if path not in document]
+    problems += [f"missing: {path}" for path in top if path not in document]
+    if isinstance(document, dict):
+        rows = list(fields)
+        ranks = [
+            (key, rows.index(listed))
+            for key in document
+            for listed in [next((p for p, pattern in patterns.items() if pattern.fullmatch(key)), None)]
+            if listed is not None
+        ]
+        problems += [
+            f"out of the documented order: {key}" for (key, rank), (_, before) in zip(ranks[1:], ranks) if rank < before
+        ]
+    return problems
