@@ -1,8 +1,10 @@
-"""The package's shape: no import cycle, and the product never imports the test and demo infrastructure."""
+"""The package's shape: no import cycle, the product never imports the test and demo infrastructure, and the
+README's Layout names every module."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import ratatouille_hub
@@ -79,3 +81,12 @@ def test_the_product_never_imports_test_or_demo_infrastructure():
     product = [m for m in graph if not m.startswith(INFRASTRUCTURE) and m not in ENTRY_POINTS]
     leaks = {m: sorted(i for i in graph[m] if i.startswith(INFRASTRUCTURE)) for m in product}
     assert {m: found for m, found in leaks.items() if found} == {}
+
+
+def test_the_readme_layout_names_every_module_and_subpackage():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"[\w/]+\.py|\w+/", layout))
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    packages = {f"{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
+    assert sorted((modules | packages) - named) == []
