@@ -77,6 +77,7 @@ def label_names_of(dataset, label_column: str, *, name: str = "", domains=None) 
         return tuple(feature.names)
     values = column_values(dataset, label_column)
     _refuse_missing_labels(values, label_column, name=name, domains=domains)
+    _refuse_several_labels(values, label_column, name=name, domains=domains)
     return tuple(str(v) for v in sorted(set(values)))
 
 
@@ -114,6 +115,17 @@ def _refuse_missing_labels(values, label_column: str, *, name: str, domains=None
         where = row_at(name, missing[0], label_column, _domain(domains, missing[0]))
         value = "None" if values[missing[0]] is None else "NaN"
         raise DataError(f"{where}: no label ({value}); every image needs a class{_more(len(missing))}")
+
+
+def _refuse_several_labels(values, label_column: str, *, name: str, domains=None) -> None:
+    """A list (or mapping) of labels per image is a multi-label target: the recipe trains one class per image."""
+    several = [row for row, value in enumerate(values) if isinstance(value, (list, tuple, dict))]
+    if several:
+        where = row_at(name, several[0], label_column, _domain(domains, several[0]))
+        raise DataError(
+            f"{where}: a {type(values[several[0]]).__name__} of labels; multi-label targets are not supported "
+            f"(--label-column must name one class per image){_more(len(several))}"
+        )
 
 
 def row_at(name: str, row: int, column: str, domain: str | None = None) -> str:
@@ -672,7 +684,8 @@ def resolution_of(processor, override: int | None, model: str = "the base") -> i
     timm_config = getattr(processor, "data_config", None) or {}
     if timm_config.get("input_size"):
         return _positive_size(timm_config["input_size"][-1], where, "pretrained_cfg.input_size")
-    for name in ("crop_size", "size"):
+    cropped = getattr(processor, "do_center_crop", True) is not False  # no crop: the model sees `size`
+    for name in ("crop_size", "size") if cropped else ("size",):
         size = getattr(processor, name, None)
         if isinstance(size, int):
             return _positive_size(size, where, name)

@@ -23,7 +23,7 @@ from .registry import Registry
 if TYPE_CHECKING:
     import datasets
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _DOMAINBED_FINGERPRINT_VERSION = "domainbed-folder:1"  # bump when the rows or their encoding change
 
 

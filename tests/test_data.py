@@ -196,6 +196,15 @@ def test_normalization_and_processor_settings():
     assert resolution_of(processor, 40) == 40
 
 
+def test_the_resolution_is_the_crop_only_when_the_processor_crops():
+    """google/efficientnet-b0's processor: resize to `size`, a `crop_size` it never applies (do_center_crop false)."""
+    from transformers import EfficientNetImageProcessor
+
+    sizes = {"size": {"height": 64, "width": 64}, "crop_size": {"height": 289, "width": 289}}
+    assert resolution_of(EfficientNetImageProcessor(**sizes, do_center_crop=False), None) == 64
+    assert resolution_of(EfficientNetImageProcessor(**sizes, do_center_crop=True), None) == 289
+
+
 # -- augmentation -----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import refusals
 import torch
-from datasets import ClassLabel, Image, Value
+from datasets import ClassLabel, Image, Sequence, Value
 from safetensors import safe_open
 from transformers import ResNetForImageClassification
 
@@ -76,6 +76,9 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
     for name, value in (("unlabelled", -1), ("outside", 9), ("negative", -3)):
         bad = _with(shapes, "label", _replaced(labels, value), shapes.features["label"])
         setattr(w, f"label_{name}", _folder(bad, root / f"label-{name}"))
+    several = Sequence(shapes.features["label"])  # a multi-label target: each image a list of classes
+    lists = _replaced([[label] for label in labels], [labels[ROW], (labels[ROW] + 1) % 6])
+    w.multi_label = _folder(_with(shapes, "label", lists, several), root / "label-multi")
     domain_ids = [toyworld.DOMAINS.index(d) for d in shapes["domain"]]
     w.domain_ids = _folder(_with(shapes, "domain", domain_ids, ClassLabel(names=toyworld.DOMAINS)), root / "domain-ids")
     bad = _with(shapes, "domain", _replaced(domain_ids, 7), ClassLabel(names=toyworld.DOMAINS))
@@ -218,6 +221,17 @@ def test_a_row_without_a_usable_label_is_refused_at_planning(case, world, tmp_pa
     out = tmp_path / "out"
     refused_by_plan_and_recycle(case, what, getattr(world, bad), "row 4", expected, world, out, capsys)
     recycles(recycle_argv(world, getattr(world, corrected), out), capsys)
+
+
+def test_a_multi_label_column_is_refused_at_planning(world, tmp_path, capsys):
+    expected = (
+        "error: dataset <world>/label-multi: row 0 (domain 'photo'), column 'label': a list of labels; multi-label "
+        "targets are not supported (--label-column must name one class per image) (47 more rows like it)"
+    )
+    what = "a label column of lists (a multi-label target)"
+    refused_by_plan_and_recycle(
+        "data-label-multi", what, world.multi_label, "row 0", expected, world, tmp_path / "out", capsys
+    )
 
 
 # -- the image column: what datasets.Image() reads is cast to it; paths stay inside the dataset's folder ----

@@ -18,7 +18,7 @@ from ratatouille_hub.sources import DATASET_SOURCES, load_dataset_source, source
 LAYOUT = {
     "caltech": {"bird": ["a.png", "b.png"], "car": ["a.png", "c.JPG"], "dog": ["a.png", "b.png"]},
     "labelme": {"car": ["a.png", "b.png"], "dog": ["a.jpeg", "b.png"]},
-    "sun": {"bird": ["a.png", "b.png"], "car": ["a.png", "b.png"], "dog": ["a.png", "b.png"]},
+    "sun": {"bird": ["a.png", "b.png"], "car": ["a.png", "b.png"], "dog": ["a.png", "b.tif"]},
 }
 ROWS = [(d, c, f) for d in sorted(LAYOUT) for c in sorted(LAYOUT[d]) for f in sorted(LAYOUT[d][c])]
 LABELS = ["bird", "car", "dog"]
@@ -30,7 +30,8 @@ def pixels(seed: int) -> np.ndarray:
 
 def write_image(path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(pixels(seed)).save(path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"}
+    PILImage.fromarray(pixels(seed)).save(path, format=formats.get(path.suffix.lower(), "PNG"))
 
 
 def domainbed(root):
@@ -60,10 +61,10 @@ def test_domainbed_folder_reads_images_labels_and_domains_in_sorted_order(tmp_pa
     assert dataset["label"] == [LABELS.index(label) for _, label, _ in ROWS]
     paths = dataset.cast_column("image", Image(decode=False))["image"]
     assert [p["path"].split("/")[-3:] for p in paths] == [list(row) for row in ROWS]
-    chosen = ROWS.index(("labelme", "dog", "b.png"))
-    image = dataset[chosen]["image"]
-    assert isinstance(image, PILImage.Image)
-    assert np.array_equal(np.asarray(image), pixels(chosen))
+    for chosen in (ROWS.index(("labelme", "dog", "b.png")), ROWS.index(("sun", "dog", "b.tif"))):  # lossless
+        image = dataset[chosen]["image"]
+        assert isinstance(image, PILImage.Image)
+        assert np.array_equal(np.asarray(image), pixels(chosen))
 
 
 def test_domainbed_fingerprint_is_the_same_across_loads_processes_and_locations(tmp_path):
