@@ -87,6 +87,19 @@ def backbone_mismatch(
     return None
 
 
+def headless_prefix(base: Mapping[str, TensorSignature], candidate: Mapping[str, TensorSignature]) -> str | None:
+    """The prefix (`vit`) under which most of a headless base's tensors stand in a classifier fine-tune of it,
+    when none stands there unprefixed: the Hub's usual base (a ViTModel, a Dinov2Model) under its fine-tunes."""
+    if not base or any(name in candidate for name in base):
+        return None
+    some = next(iter(base))
+    for name in candidate:
+        prefix = name[: -len(some) - 1]
+        if name.endswith("." + some) and 2 * sum(f"{prefix}.{n}" in candidate for n in base) >= len(base):
+            return prefix
+    return None
+
+
 def hub_signature(api, repo_id: str, revision: str) -> dict[str, TensorSignature]:
     """Tensor names -> (dtype, shape) of a Hub repo at `revision`, from ranged reads of its headers."""
     metadata = api.get_safetensors_metadata(repo_id, revision=revision)
@@ -290,7 +303,11 @@ def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str
         return remote_code
     if config.get("model_type") != base.model_type:
         return f"architecture {config.get('model_type')}, base is {base.model_type}"
-    return backbone_mismatch(base.signature, hub_signature(api, info.id, info.sha), base.head_names)
+    signature = hub_signature(api, info.id, info.sha)
+    prefix = headless_prefix(base.signature, signature)
+    if prefix:
+        return f"the base is headless: its tensors are this classifier's without '{prefix}.' (pass a classifier of the base as --base)"
+    return backbone_mismatch(base.signature, signature, base.head_names)
 
 
 def _lists_dataset(info, tags: list[str], target: str) -> str | None:

@@ -49,7 +49,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .discovery import backbone_mismatch, head_names_of, local_signature
+from .discovery import backbone_mismatch, head_names_of, headless_prefix, local_signature
 from .errors import RatatouilleError
 from .fetch import Ingredient, weight_files
 
@@ -129,7 +129,16 @@ def _distance_of_a_finetune(
             f"{ingredient.source} is a {config.get('model_type')} model but the base {base.source} is "
             f"{base_config.get('model_type')}: only fine-tunes of the base can be recycled"
         )
-    problem = backbone_mismatch(base_signature, signature_of(ingredient), head_names)
+    signature = signature_of(ingredient)
+    problem = backbone_mismatch(base_signature, signature, head_names)
+    prefix = problem and headless_prefix(base_signature, signature)
+    if prefix:
+        raise IngredientError(
+            f"{ingredient.source} cannot be averaged with {base.source}: the base is headless (its tensors are the "
+            f"fine-tune's without the prefix '{prefix}.', as a ViTModel's are a ViTForImageClassification's); "
+            "pass a classifier of it as --base (AutoModelForImageClassification.from_pretrained(base)"
+            ".save_pretrained(folder), with --base-model naming the base)"
+        )
     if problem:
         raise IngredientError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
     check_finite(ingredient, head_names)

@@ -110,3 +110,34 @@ def test_recycle_prints_vetting_greedy_choice_and_barriers(tiny_world, tmp_path)
         if left_out
         else []
     )
+
+
+def test_a_headless_base_under_classifier_fine_tunes_is_refused_saying_so(tmp_path):
+    """The Hub's usual ViT base is a ViTModel (with a pooler); its fine-tunes are ViTForImageClassification,
+    the same tensors under `vit.`: refused naming the prefix and what to pass instead, not as 'missing tensors'."""
+    from transformers import ViTModel
+
+    from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_vit
+    from ratatouille_hub.vetting import IngredientError
+
+    classifier = tiny_vit(0)
+    headless = ViTModel(classifier.config)  # add_pooling_layer: a pooler the classifiers do not have
+    headless.load_state_dict(classifier.vit.state_dict(), strict=False)
+    base = save_tiny_checkpoint(tmp_path / "base", headless, processor=tiny_processor(16))
+    tuned = tiny_vit(1, num_labels=5)  # another head; the base's backbone moved by 0.002 x N(0, 1)
+    tuned.load_state_dict(perturbed_backbone(classifier.state_dict(), 7, scale=0.002), strict=False)
+    finetune = save_tiny_checkpoint(tmp_path / "ft", tuned, processor=tiny_processor(16))
+    with pytest.raises(IngredientError) as refused:
+        vet_ingredients(resolve_model(str(base)), [resolve_model(str(finetune))])
+    assert str(refused.value) == (
+        f"{finetune} cannot be averaged with {base}: the base is headless (its tensors are the fine-tune's without "
+        "the prefix 'vit.', as a ViTModel's are a ViTForImageClassification's); pass a classifier of it as --base "
+        "(AutoModelForImageClassification.from_pretrained(base).save_pretrained(folder), with --base-model naming "
+        "the base)"
+    )
+    # what the refusal tells the user to do: a classifier of the base vets the same fine-tune
+    from transformers import AutoModelForImageClassification
+
+    remade = save_tiny_checkpoint(tmp_path / "classifier", AutoModelForImageClassification.from_pretrained(base))
+    (vetted,) = vet_ingredients(resolve_model(str(remade)), [resolve_model(str(finetune))])
+    assert 0 < vetted.distance < 1
