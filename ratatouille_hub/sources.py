@@ -339,4 +339,15 @@ def _claims_hub(reference: Path | str) -> bool:
 
 @dataset_source("hub", help="a Hub dataset id, org/name (read at the pinned revision)", claims=_claims_hub)
 def _load_hub(reference: str, revision: str | None, token):
-    return _load_refusing_scripts(reference, revision, token)
+    """A Hub dataset; one that cannot be reached may be a local path mistyped (`data/x` reads as an id)."""
+    from .data import DataError
+
+    try:
+        return _load_refusing_scripts(reference, revision, token)
+    except ConnectionError as error:
+        exists = Path(reference).exists()
+        local = "the file is not .parquet or a dataset folder" if exists else "no local folder or file has that name"
+        raise DataError(
+            f"{reference}: {local}, and as a Hub dataset: {error}; check the path (./ before it "
+            "reads it as a local one), or the network, HF_ENDPOINT and HF_HUB_OFFLINE"
+        ) from None

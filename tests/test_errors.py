@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import refusals
 import torch
@@ -427,6 +428,12 @@ def test_serving_and_hub_trouble(world, tmp_path, refused, monkeypatch):
     with monkeypatch.context() as offline:
         offline.setattr(constants, "HF_HUB_OFFLINE", True)
         refused("offline-not-cached", "HF_HUB_OFFLINE=1 and a Hub base never fetched", argv, "org/resnet-50", out)
+    mistyped = recycle_argv(world, out, target="data/shapez")  # a local path mistyped, read as a Hub id
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        offline.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        what = "HF_HUB_OFFLINE=1 and a target that is neither cached nor a local folder"
+        refused("offline-target-not-found", what, mistyped, "data/shapez", out)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     line = refused("hub-unreachable", "a Hub that cannot be reached", argv, "org/resnet-50", out)
     assert all(hint in line for hint in ("http://127.0.0.1:9", "HF_ENDPOINT", "HF_HUB_OFFLINE", "local folder"))
