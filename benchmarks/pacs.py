@@ -163,8 +163,9 @@ Intel Xeon (2 threads, channels-last fp32, EfficientNet-Lite0; an AMD EPYC with 
 long for a 128 px run, probe or fine-tune): one training step of 48 images costs 0.50 s at 128 px,
 0.36 s at 96 px and 0.23 s at 64 px; a trial of 4 test domains with 4 runs per strategy (11 distinct runs
 per domain) of {STEPS} steps took 27-29 minutes at 64 px (the three trials: 1,600-1,723 s) and 126 at 128 px
-(trial 0: 7,559 s, the cores shared with other work at times), and the ingredients about 13 and 37 minutes
-(at 128 px: 730 and 747 s for clothing's and cifar10's four). This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
+(trial 0: 7,559 s, the cores shared with other work at times), and the ingredients about 13 minutes at 64 px
+and at 128 px 730 and 747 s for clothing's and cifar10's four (caltech101's 9,499 s, under heavy contention).
+This run is at {IMAGE_SIZE} px. The three 64 px trials (results/pacs-64px/) cut resolution
 before the number of runs or steps; at 128 px, PACS's stored resolution, the backbone sees the objects, and
 everything else is kept as at 64 px ({STEPS} steps, {RUNS} runs per strategy), so that the two tables differ
 by resolution alone; more steps per run would multiply a budget that already spans many sessions (the wall
@@ -756,7 +757,7 @@ def report() -> None:
         "diagnose": diagnoses,
         "timings_s": load_json(DURABLE / "timings.json", {}),
         "cells_per_cpu": cpus,
-        "cpu_of_trial": {t: cpu_of_trial(cpus[t]) for t in complete_trials},
+        "cpu_of_trial": {t: cpu_of_trial(t) for t in complete_trials},
         "machine": {
             "platform": platform.platform(),
             "cpu": cpu_kind(),
@@ -824,9 +825,15 @@ def _init_name(results: Results, run) -> str:
     return _short(source)
 
 
-def cpu_of_trial(counts: dict[str, int]) -> str:
-    """The kind of CPU all of a trial's kept cells ran on ("mixed CPUs" if they did not share one)."""
-    return next(iter(counts)) if len(counts) == 1 else "mixed CPUs"
+def cpu_of_trial(trial: int) -> str:
+    """The kind of CPU all of a trial's table cells (every domain and strategy; not the Trainer group's) ran on,
+    "mixed CPUs" if they did not share one."""
+    kinds = {
+        load_json(cell_path(trial, d, c).with_suffix(".cost.json"), {}).get("cpu", UNRECORDED_CPU)
+        for d in DOMAINS
+        for c in STRATEGIES
+    }
+    return kinds.pop() if len(kinds) == 1 else "mixed CPUs"
 
 
 def cell_cost(output: Path, plan) -> dict:

@@ -87,16 +87,20 @@ def backbone_mismatch(
     return None
 
 
+HEADLESS_PROBES = 8  # base tensor names looked for under a prefix before deciding the base is not headless
+
+
 def headless_prefix(base: Mapping[str, TensorSignature], candidate: Mapping[str, TensorSignature]) -> str | None:
     """The prefix (`vit`) under which most of a headless base's tensors stand in a classifier fine-tune of it,
     when none stands there unprefixed: the Hub's usual base (a ViTModel, a Dinov2Model) under its fine-tunes."""
     if not base or any(name in candidate for name in base):
         return None
-    some = next(iter(base))
-    for name in candidate:
-        prefix = name[: -len(some) - 1]
-        if name.endswith("." + some) and 2 * sum(f"{prefix}.{n}" in candidate for n in base) >= len(base):
-            return prefix
+    for some in list(base)[:HEADLESS_PROBES]:  # the first may be the base's alone (a pooler)
+        for name in candidate:
+            if name.endswith("." + some):
+                prefix = name[: -len(some) - 1]
+                same = sum(candidate.get(f"{prefix}.{n}") == signature for n, signature in base.items())
+                return prefix if 2 * same >= len(base) else None  # same names, other shapes: another model
     return None
 
 

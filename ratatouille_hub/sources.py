@@ -344,10 +344,8 @@ def _load_hub(reference: str, revision: str | None, token):
 
     try:
         return _load_refusing_scripts(reference, revision, token)
-    except ConnectionError as error:
-        exists = Path(reference).exists()
-        local = "the file is not .parquet or a dataset folder" if exists else "no local folder or file has that name"
+    except ConnectionError as error:  # is_hub_id: no local path of that name exists
         raise DataError(
-            f"{reference}: {local}, and as a Hub dataset: {error}; check the path (./ before it "
-            "reads it as a local one), or the network, HF_ENDPOINT and HF_HUB_OFFLINE"
+            f"{reference}: {error}, and no local folder or file has that name; check the network, HF_ENDPOINT "
+            "and HF_HUB_OFFLINE, or the path (./ before it reads it as a local one)"
         ) from None

@@ -135,6 +135,12 @@ def test_a_headless_base_under_classifier_fine_tunes_is_refused_saying_so(tmp_pa
         "(AutoModelForImageClassification.from_pretrained(base).save_pretrained(folder), with --base-model naming "
         "the base)"
     )
+    # a classifier of the same names in other shapes (a larger ViT) is another model, not a fine-tune of it
+    from ratatouille_hub.discovery import headless_prefix, local_signature
+
+    larger = save_tiny_checkpoint(tmp_path / "larger", tiny_vit(2, hidden_size=32, intermediate_size=64))
+    assert headless_prefix(local_signature(base), local_signature(larger)) is None
+    assert headless_prefix(local_signature(base), local_signature(finetune)) == "vit"
     # what the refusal tells the user to do: a classifier of the base vets the same fine-tune
     from transformers import AutoModelForImageClassification
 
