@@ -312,7 +312,7 @@ def verify_run(checkpoint: Ingredient, named: Checked, yardstick: Yardstick) -> 
         if not distance <= MAX_DISTANCE_TO_BASE:
             raise IngredientError(
                 f"{source}: its {what} are at relative distance {distance:.2f} from {yardstick.name}'s (runs of "
-                f"the recipe stay below {MAX_DISTANCE_TO_BASE:g})"
+                f"the recipe stay within {MAX_DISTANCE_TO_BASE:g})"
             )
 
 

@@ -548,7 +548,16 @@ def _decode(decoder, entry: dict, root: Path | None):
         entry = {"bytes": None, "path": os.path.join(root, entry["path"])}
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # one line, not a warning then a decode
-        return decoder.decode_example(entry).convert("RGB")
+        image = decoder.decode_example(entry)
+    if image.mode.startswith("I"):  # 16- or 32-bit grey: Pillow's RGB conversion clips every value to 0-255
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"a {image.mode} (high bit depth) image with values from {low} to {high}: as RGB (how it is "
+                "trained on, and how transformers' processors serve it) they clip to 0-255; convert the images to 8 "
+                "bits first"
+            )
+    return image.convert("RGB")
 
 
 def _undecodable(error: Exception, entry: dict) -> str:

@@ -44,6 +44,7 @@ from .models import load_classifier, load_processor, refuse_unbuildable, serving
 from .provenance import run_name
 from .recipe.executor import Worker
 from .sources import image_files_of, load_dataset_source, refuse_output_inside
+from .target import refuse_untakeable_size
 from .tracking import TRAIN_ACCURACY, Tracking
 from .train import DomainBatches, make_accelerator, optimize
 
@@ -98,6 +99,7 @@ def intertrain(
     size = resolution_of(processor, config.image_size, base.source)
     normalize = normalization_of(processor, base.source)
     refuse_unbuildable(base.path, base.source)
+    refuse_untakeable_size(base, config.image_size)
     files = image_files_of(dataset_id)  # a path in the dataset is read only inside its own folder, as for targets
     dataset = image_entries(dataset, config.image_column, name=config.dataset, files=files)
 

@@ -111,6 +111,38 @@ def refuse_unbuildable(folder: Path, name: str) -> None:
     refuse_mismatches(name, model, shapes)
 
 
+def refuse_image_size(folder: Path, name: str, size: int, native: int) -> None:
+    """Refuse, at planning, an image size the architecture cannot take (a ViT's fixed grid of position
+    embeddings, strides that leave nothing of a small image), which the linear probe would otherwise meet as an
+    internal error after the output folder is taken. One image goes through the model built on the meta
+    device (shapes only: no memory, no weights read); a failure counts only if `native` (the processor's
+    size) goes through, so an operation the meta device lacks never refuses a valid base."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if size == native:
+        return
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config, trust_remote_code=False).eval()
+    reason = _forward_failure(model, size)
+    if reason is not None and _forward_failure(model, native) is None:
+        raise ArchitectureError(
+            f"{name} cannot take {size} px images (--image-size {size}): {reason}; its processor feeds it "
+            f"{native} px (leave --image-size out to use that)"
+        )
+
+
+def _forward_failure(model: nn.Module, size: int) -> str | None:
+    """The first line of what one `size` px image through `model` (on the meta device) raises; None if it
+    goes through."""
+    try:
+        with torch.no_grad():
+            model(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
+    except Exception as error:  # any failure: the caller counts it only if the native size goes through
+        return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return None
+
+
 HALF_PRECISIONS = {"BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> torch name
 
 

@@ -45,7 +45,7 @@ from .evaluation import INFERENCE_BATCH, accuracy, predict_logits
 from .fetch import Ingredient, dataset_revision, resolve_dataset, split_revision
 from .hashing import stable_hash
 from .logs import bar_disable
-from .models import load_processor
+from .models import load_processor, refuse_image_size
 from .sources import image_files_of, load_dataset_source
 from .train import TargetData
 
@@ -329,6 +329,18 @@ def _sized(count: int) -> str:
 def prepare_target(options, base: Ingredient, token=None) -> Target:
     """The decoded target (`options`: any target options), split as a plan's TargetSpec says."""
     return TargetPreparation(options, base, token).decode()
+
+
+def refuse_untakeable_size(base: Ingredient, image_size: int | None) -> None:
+    """Refuse an --image-size the base cannot take (see `refuse_image_size`), once, at planning; without
+    one, or where the processor names no size to compare with, there is nothing to check."""
+    if not image_size:
+        return
+    try:
+        native = resolution_of(load_processor(base.path, base.source), None, base.source)
+    except DataError:
+        return
+    refuse_image_size(base.path, base.source, image_size, native)
 
 
 def predict_target(model, target: Target, batch_size: int = INFERENCE_BATCH) -> dict[str, torch.Tensor]:

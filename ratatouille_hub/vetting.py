@@ -146,7 +146,7 @@ def _distance_of_a_finetune(
     if not distance <= MAX_DISTANCE_TO_BASE:
         raise IngredientError(
             f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
-            f"distance {distance:.2f} from the base's (fine-tunes stay below {MAX_DISTANCE_TO_BASE:g})"
+            f"distance {distance:.2f} from the base's (fine-tunes stay within {MAX_DISTANCE_TO_BASE:g})"
         )
     return distance
 

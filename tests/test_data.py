@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as DatasetImage
 from PIL import Image
 
 from ratatouille_hub.data import (
@@ -179,6 +180,20 @@ def test_decode_images_keeps_row_order_channels_and_labels(target):
     for i, row in enumerate(rows):
         expected = np.asarray(target[row]["image"].convert("RGB").resize((6, 6), Image.BILINEAR))
         assert np.array_equal(images.pixels[i].permute(1, 2, 0).numpy(), expected)
+
+
+def test_a_16_bit_grey_image_within_8_bit_values_decodes_as_its_8_bit_copy(tmp_path):
+    """A 16-bit PNG whose values stay within 0-255 loses nothing as RGB; one that uses its range is refused
+    (tests/test_integrity_data.py), since the conversion would clip it."""
+    values = (np.arange(64).reshape(8, 8) * 4).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "wide.png")
+    Image.fromarray(values.astype(np.uint8)).save(tmp_path / "narrow.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    files = [str(tmp_path / "wide.png"), str(tmp_path / "narrow.png")]
+    dataset = Dataset.from_dict({"image": files, "label": ["a", "b"]}).cast_column("image", DatasetImage())
+    images = decode_images(dataset, [0, 1], image_column="image", label_column="label", label_names=["a", "b"], size=8)
+    assert torch.equal(images.pixels[0], images.pixels[1])
+    assert images.pixels[1][0].flatten().tolist() == values.flatten().tolist()
 
 
 def test_normalization_and_processor_settings():

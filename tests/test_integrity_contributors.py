@@ -186,7 +186,7 @@ def test_poisoned_runs_are_refused_one_by_one_and_the_honest_runs_make_the_soup(
     assert x50_distance > 100
     expected = [
         f"refused carol/contrib-x50-run0: its backbone weights are at relative distance {x50_distance:.2f} from "
-        "the base alice/contrib-base's (runs of the recipe stay below 1)",
+        "the base alice/contrib-base's (runs of the recipe stay within 1)",
         f"refused carol/contrib-nan-run0: carol/contrib-nan-run0@{sha['carol/contrib-nan-run0']}/model.safetensors: "
         f"tensor '{FIRST_CONV}' contains NaN or Inf",
         "refused carol/contrib-renamed-run0: it cannot be averaged with the named run: missing backbone tensor "
@@ -202,7 +202,7 @@ def test_poisoned_runs_are_refused_one_by_one_and_the_honest_runs_make_the_soup(
     moved = every_tensor_distance(poisoned["carol/contrib-statistics-run0"][1])
     assert (
         "refused carol/contrib-statistics-run0: its backbone tensors (BatchNorm statistics and biases too) are at "
-        f"relative distance {moved:.2f} from the base alice/contrib-base's (runs of the recipe stay below 1)"
+        f"relative distance {moved:.2f} from the base alice/contrib-base's (runs of the recipe stay within 1)"
     ) in printed
     assert sum(line.startswith("refused ") for line in printed) == len(POISONS)
     assert printed[-1] == f"[merge] 3 runs of recipe {contributed.fingerprint} -> {tmp_path / 'soup'}"
@@ -225,7 +225,7 @@ def test_a_poisoned_named_run_is_refused_in_one_line_then_an_honest_one_assemble
     )
     assert line == (
         f"error: carol/contrib-x50-run0: its backbone weights are at relative distance {distance:.2f} from the base "
-        "alice/contrib-base's (runs of the recipe stay below 1); name another run of the recipe"
+        "alice/contrib-base's (runs of the recipe stay within 1); name another run of the recipe"
     )
     printed = assembled(["assemble", str(out), "--from-hub", f"{HONEST}-run1"], capsys)
     assert printed[-1].startswith("[merge] 3 runs of recipe ")
@@ -323,7 +323,7 @@ def test_runs_measured_against_the_named_run_when_the_recipe_base_is_not_on_the_
     )
     assert (
         f"refused carol/contrib-local-x50-run2: its backbone weights are at relative distance {distance:.2f} from the "
-        f"named run {names[0]}'s (runs of the recipe stay below 1)"
+        f"named run {names[0]}'s (runs of the recipe stay within 1)"
     ) in printed
     assert printed[-1].startswith("[merge] 2 runs of recipe ")
     assert_same_tensors(tmp_path / "soup" / "model.safetensors", mean_of(contributed.runs[:2], tmp_path / "mean"))

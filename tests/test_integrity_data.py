@@ -7,6 +7,7 @@ the disk has no room for is refused before it is written. After each refusal, th
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
@@ -14,10 +15,12 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import refusals
 import torch
 from datasets import ClassLabel, Image, Sequence, Value
+from PIL import Image as PILImage
 from safetensors import safe_open
 from transformers import ResNetForImageClassification
 
@@ -44,6 +47,13 @@ def _replaced(values: list, value) -> list:
 
 def _folder(dataset, folder: Path) -> Path:
     return write_hub_dataset(dataset, folder, card=None)
+
+
+def _grey_png(values: np.ndarray) -> bytes:
+    """A PNG of `values` in Pillow's mode for their dtype (uint16: I;16, a 16-bit grey PNG)."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(values).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _huge_png(width: int, height: int) -> bytes:
@@ -116,6 +126,7 @@ def world(tmp_path_factory, tiny_checkpoints) -> SimpleNamespace:
     w.bomb = image_bytes("image-bomb", _huge_png(20000, 20000))
     w.truncated = image_bytes("image-truncated", png[ROW][: len(png[ROW]) // 2])
     w.undecodable = image_bytes("image-undecodable", b"not an image at all")
+    w.wide = image_bytes("image-16-bit", _grey_png(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000))
 
     w.malformed = root / "malformed.parquet"
     w.malformed.write_bytes(b"PAR1 and then nothing a parquet reader can use")
@@ -347,6 +358,13 @@ DECODE_CASES = {  # case: (what, bad target, expected line)
         "undecodable",
         "error: dataset <world>/image-undecodable: row 4 (domain 'photo'), column 'image': its bytes are not an "
         "image Pillow can read",
+    ),
+    "data-image-16-bit": (
+        "a 16-bit grey PNG using its range (Pillow's RGB conversion clips it white)",
+        "wide",
+        "error: dataset <world>/image-16-bit: row 4 (domain 'photo'), column 'image': a I;16 (high bit depth) image "
+        "with values from 0 to 63000: as RGB (how it is trained on, and how transformers' processors serve it) they "
+        "clip to 0-255; convert the images to 8 bits first",
     ),
     "data-image-missing-file": (
         "a path to a file that is not there",

@@ -214,7 +214,7 @@ def test_a_discovered_finetune_that_fails_is_refused_and_the_recipe_goes_on(
         f"[fetch] refused: {ns}/corrupt@{shas[f'{ns}/corrupt']}: model.safetensors {BAD_BYTES} (corrupted or "
         "altered on the way or in the cache); removed from the cache: run again to download it afresh",
         f"[vet] refused: {ns}/stranger is not a fine-tune of {base}: its backbone weights are at relative distance "
-        f"{stranger:.2f} from the base's (fine-tunes stay below 1)",
+        f"{stranger:.2f} from the base's (fine-tunes stay within 1)",
         f"[vet] refused: {nan_tensor}",
     ]
     assert stranger > 1.0
@@ -444,7 +444,7 @@ def stranger_line(name: str, models) -> str:
     assert distance > 1.0 and read_config(stranger)["model_type"] == "resnet"
     return (
         f"error: {name} is not a fine-tune of {models.base}: its backbone weights are at relative distance "
-        f"{distance:.2f} from the base's (fine-tunes stay below 1)"
+        f"{distance:.2f} from the base's (fine-tunes stay within 1)"
     )
 
 

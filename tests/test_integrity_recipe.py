@@ -330,3 +330,49 @@ def test_a_domain_name_cannot_forge_a_line_of_the_plan(tiny_world, tmp_path, cap
     assert "\x1b" not in printed and not any(line.startswith("[train] run 9/9") for line in printed.splitlines())
     assert "held out: ph\\n[train] run 9/9: done\\x1b[2J;" in captured.out
     assert "held out: ph\\n[train] run 9/9: done\\x1b[2J\n" in captured.err  # the [data] line
+
+
+def test_an_image_size_the_base_cannot_take_is_refused_at_planning(shapes, tmp_path, capsys):
+    """A ViT's position embeddings fix its grid of patches: --image-size 24 on a 16 px ViT failed in the linear
+    probe as an internal error, after the output folder was taken; recycle and intertrain now refuse it at
+    planning, naming the size and the processor's. The ViT at its own size, and a ResNet (whose pooling takes
+    any size) at 24 px, plan."""
+    from ratatouille_hub.testing import save_tiny_checkpoint, tiny_processor, tiny_resnet, tiny_vit
+
+    vit = save_tiny_checkpoint(tmp_path / "vit", tiny_vit(0), processor=tiny_processor(16))
+    resnet = save_tiny_checkpoint(tmp_path / "resnet", tiny_resnet(0), processor=tiny_processor(16))
+    out, places = tmp_path / "out", {"<tmp>": tmp_path}
+    expected = (
+        f"error: {vit} cannot take 24 px images (--image-size 24): Input image size (24*24) doesn't match model "
+        "(16*16); its processor feeds it 16 px (leave --image-size out to use that)"
+    )
+    recycle = [
+        "recycle",
+        "--base",
+        str(vit),
+        "--strategy",
+        "soup",
+        "--target",
+        str(shapes),
+        *TINY,
+        "--output",
+        str(out),
+    ]
+    what = "recycle --image-size 24 on a ViT of 16 px position embeddings"
+    argv = [*recycle, "--image-size", "24"]
+    assert (
+        refusals.fails_cleanly("flag-image-size-untakeable", what, argv, "--image-size 24", out, capsys, places)
+        == expected
+    )
+    intertrain = ["intertrain", "--base", str(vit), "--dataset", str(shapes), "--steps", "2", "--output", str(out)]
+    what = "intertrain --image-size 24 on a ViT of 16 px position embeddings"
+    argv = [*intertrain, "--image-size", "24"]
+    assert (
+        refusals.fails_cleanly(
+            "flag-image-size-untakeable-intertrain", what, argv, "--image-size 24", out, capsys, places
+        )
+        == expected
+    )
+    assert cli.main([*recycle, "--dry-run"]) == 0
+    assert cli.main(["recycle", "--base", str(resnet), "--strategy", "soup", "--target", str(shapes), *TINY,
+                     "--image-size", "24", "--output", str(out), "--dry-run"]) == 0  # fmt: skip

@@ -3,7 +3,9 @@ output folder; the same target options mean the same split in every command."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 
 import jsondoc
 import pytest
@@ -184,3 +186,44 @@ def test_merge_greedy_ranks_on_the_split_of_its_own_target_options(tiny_world, t
         cli.main(argv)
     (options,) = seen
     assert (options.seed, options.holdout_fraction, options.target) == (7, 0.3, str(tiny_world.target))
+
+
+def test_recycling_less_than_given_is_said_and_one_fine_tune_named_twice_is_refused(
+    tiny_world, tmp_path, caplog, capsys
+):
+    """Ratatouille from a local base with no --aux trained every run from the base, and fine-tunes past
+    --runs - 1 started no run, both without a word; a fine-tune named twice started two runs and counted twice."""
+    import refusals
+
+    warnings = lambda: [r.getMessage() for r in caplog.records if "[plan] warning" in r.getMessage()]  # noqa: E731
+    with caplog.at_level("WARNING"):
+        plan_recipe(replace(tiny_recipe(tiny_world, tmp_path / "out"), aux=()), echo=lambda line: None)
+    assert warnings() == [
+        "[plan] warning: --strategy ratatouille recycles no fine-tune (no --aux given, and a local base is never "
+        "searched on the Hub): every run starts from the base, as with --strategy soup"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        [plan] = plan_recipe(replace(tiny_recipe(tiny_world, tmp_path / "out"), runs=2), echo=lambda line: None)
+    assert [spec.init.source for spec in plan.runs] == [str(tiny_world.base), str(tiny_world.aux[0])]
+    assert warnings() == [
+        f"[plan] warning: 1 of the 2 recycled fine-tunes start no run with --runs 2: {tiny_world.aux[1]}"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        plan_recipe(tiny_recipe(tiny_world, tmp_path / "out"), echo=lambda line: None)  # 3 runs: base + both
+        plan_recipe(replace(tiny_recipe(tiny_world, tmp_path / "out", strategy="soup"), aux=()), echo=lambda line: None)
+    assert warnings() == []
+
+    first, again = str(tiny_world.aux[0]), str(tiny_world.aux[0]) + "/"
+    out = tmp_path / "twice"
+    argv = ["recycle", "--base", str(tiny_world.base), "--aux", first, again, "--target", str(tiny_world.target),
+            "--output", str(out), "--dry-run"]  # fmt: skip
+    what = "--aux naming one fine-tune twice (as a folder and as that folder with a slash)"
+    places = {"<ckpt>": tiny_world.base.parent, "<world>": tiny_world.target.parent}
+    line = refusals.fails_cleanly("aux-named-twice", what, argv, again, out, capsys, places)
+    digest = hashlib.sha256((tiny_world.aux[0] / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert (
+        line
+        == f"error: --aux names one fine-tune twice: {first} and {again} (sha256:{digest}); name each fine-tune once"
+    )

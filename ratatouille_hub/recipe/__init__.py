@@ -46,7 +46,7 @@ from ..results import LeaveOneDomainOut, Results, soup_subfolder
 from ..safe_text import terminal_safe
 from ..sources import refuse_output_inside
 from ..strategies import STRATEGIES
-from ..target import Target, TargetPreparation
+from ..target import Target, TargetPreparation, refuse_untakeable_size
 from ..tracking import UNTRACKED, Tracking
 from ..vetting import vet_ingredients
 from .assembly import assemble, check_replaceable_soup
@@ -110,8 +110,10 @@ def plan_recipe(
         raise RecipeError(f"output {output} exists and is not a folder")
     refuse_output_inside(output, config.target)
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
+    discovering = discovers(config)
     base, recycled, left_out = fetch_ingredients(config, token, echo)
     config = replace(config, **ingredient_pins(config, base, recycled))
+    refuse_untakeable_size(base, config.image_size)  # now, not once the linear probe meets it
     echo(f"[data] {config.target}")
     plans = []
     for domain in held_out_domains(config, base, token):
@@ -123,9 +125,36 @@ def plan_recipe(
         )
         plans.append(build_plan(domain_config, base, recycled, spec, trained_on, left_out))
     plans = [replace(plan, config=replace(plan.config, **target_pins(plan))) for plan in plans]
+    warn_unrecycled(config, recycled, plans[0], discovered=discovering)
     for plan in plans:  # a soup folder holding someone's files is refused now, not after the training
         check_replaceable_soup(soup_folder(plans, plan, output))
     return plans
+
+
+def warn_unrecycled(config: RecipeConfig, recycled: list[Ingredient], plan: RecipePlan, *, discovered: bool) -> None:
+    """Say when a recycling strategy recycles less than it was given: none at all (its runs all start from
+    the base, as --strategy soup), or fine-tunes that start no run (ratatouille starts run k from the k-th)."""
+    if not STRATEGIES[config.strategy].recycles:
+        return
+    if not recycled:
+        why = (
+            "the Hub has no fine-tune of the base this recipe can use"
+            if discovered
+            else "no --aux given, and a local base is never searched on the Hub"
+        )
+        log.warning(
+            f"[plan] warning: --strategy {config.strategy} recycles no fine-tune ({why}): every run starts from "
+            "the base, as with --strategy soup"
+        )
+        return
+    used = {member.reference for run in plan.runs for member in getattr(run.init, "members", (run.init,))}
+    unused = [ingredient for ingredient in recycled if ingredient.reference not in used]
+    if unused:
+        names = ", ".join(terminal_safe(ingredient.source) for ingredient in unused)
+        log.warning(
+            f"[plan] warning: {len(unused)} of the {len(recycled)} recycled fine-tunes start no run with --runs "
+            f"{config.runs}: {names}"
+        )
 
 
 def held_out_domains(config: RecipeConfig, base: Ingredient, token) -> list[str | None]:
@@ -261,6 +290,7 @@ def fetch_ingredients(
     discovered = discovers(config)
     recycled = []
     sources, left_out = recycled_sources(config, token, echo)
+    named: dict[str, str] = {}  # a fine-tune's identity -> the name it was first given by
     for source in sources:
         try:
             ingredient = resolve_model(source, token=token)
@@ -270,6 +300,13 @@ def fetch_ingredients(
             log.warning(f"[fetch] refused: {terminal_safe(str(error))}")
             left_out.append((source, f"refused: {error}"))
             continue
+        identity = ingredient.revision if ingredient.is_local else ingredient.reference  # local: its weights
+        if identity in named:  # it would start two runs and count twice in the soup, unannounced
+            raise RecipeError(
+                f"--aux names one fine-tune twice: {named[identity]} and {source} ({ingredient.revision}); "
+                "name each fine-tune once"
+            )
+        named[identity] = source
         echo(f"[fetch] recycled {terminal_safe(ingredient.reference)}")
         recycled.append(ingredient)
     refused = []
