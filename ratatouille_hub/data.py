@@ -549,13 +549,14 @@ def _decode(decoder, entry: dict, root: Path | None):
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # one line, not a warning then a decode
         image = decoder.decode_example(entry)
-    if image.mode.startswith("I"):  # 16- or 32-bit grey: Pillow's RGB conversion clips every value to 0-255
-        low, high = image.getextrema()
-        if low < 0 or high > 255:
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: RGB keeps whole numbers 0-255 only
+        values = np.asarray(image)  # (getextrema refuses the I;16B/L/N modes big-endian TIFFs open as)
+        low, high = values.min().item(), values.max().item()
+        if low < 0 or high > 255 or (image.mode == "F" and 0 < high <= 1):
             raise ValueError(
-                f"a {image.mode} (high bit depth) image with values from {low} to {high}: as RGB (how it is "
-                "trained on, and how transformers' processors serve it) they clip to 0-255; convert the images to 8 "
-                "bits first"
+                f"an {image.mode} (high bit depth) image with values from {low:g} to {high:g}: as RGB (how it is "
+                "trained on, and how transformers' processors serve it) they become whole numbers 0-255 (clipped; a "
+                "0-1 float image black); convert the images to 8 bits first"
             )
     return image.convert("RGB")
 

@@ -122,10 +122,13 @@ def refuse_image_size(folder: Path, name: str, size: int, native: int) -> None:
     if size == native:
         return
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForImageClassification.from_config(config, trust_remote_code=False).eval()
-    reason = _forward_failure(model, size)
-    if reason is not None and _forward_failure(model, native) is None:
+
+    def failure(pixels: int) -> str | None:  # a model per forward: a failed one may change it (Swin's windows)
+        with torch.device("meta"):
+            model = AutoModelForImageClassification.from_config(config, trust_remote_code=False).eval()
+        return _forward_failure(model, pixels)
+
+    if failure(native) is None and (reason := failure(size)) is not None:
         raise ArchitectureError(
             f"{name} cannot take {size} px images (--image-size {size}): {reason}; its processor feeds it "
             f"{native} px (leave --image-size out to use that)"

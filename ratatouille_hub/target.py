@@ -327,7 +327,9 @@ def _sized(count: int) -> str:
 
 
 def prepare_target(options, base: Ingredient, token=None) -> Target:
-    """The decoded target (`options`: any target options), split as a plan's TargetSpec says."""
+    """The decoded target (`options`: any target options), split as a plan's TargetSpec says; an --image-size
+    the base cannot take is refused first."""
+    refuse_untakeable_size(base, options.image_size)
     return TargetPreparation(options, base, token).decode()
 
 

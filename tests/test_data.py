@@ -183,17 +183,30 @@ def test_decode_images_keeps_row_order_channels_and_labels(target):
 
 
 def test_a_16_bit_grey_image_within_8_bit_values_decodes_as_its_8_bit_copy(tmp_path):
-    """A 16-bit PNG whose values stay within 0-255 loses nothing as RGB; one that uses its range is refused
-    (tests/test_integrity_data.py), since the conversion would clip it."""
+    """A 16-bit image (a PNG; a big-endian TIFF, as ImageJ writes them, which Pillow opens as I;16B) whose values
+    stay within 0-255 loses nothing as RGB; one that uses its range is refused (tests/test_integrity_data.py), as is
+    a 0-1 float image, which RGB would make black."""
     values = (np.arange(64).reshape(8, 8) * 4).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "wide.png")
+    Image.frombytes("I;16B", (8, 8), values.astype(">u2").tobytes()).save(tmp_path / "big-endian.tif")
     Image.fromarray(values.astype(np.uint8)).save(tmp_path / "narrow.png")
-    assert Image.open(tmp_path / "wide.png").mode == "I;16"
-    files = [str(tmp_path / "wide.png"), str(tmp_path / "narrow.png")]
-    dataset = Dataset.from_dict({"image": files, "label": ["a", "b"]}).cast_column("image", DatasetImage())
-    images = decode_images(dataset, [0, 1], image_column="image", label_column="label", label_names=["a", "b"], size=8)
-    assert torch.equal(images.pixels[0], images.pixels[1])
-    assert images.pixels[1][0].flatten().tolist() == values.flatten().tolist()
+    assert [Image.open(tmp_path / name).mode for name in ("wide.png", "big-endian.tif")] == ["I;16", "I;16B"]
+    files = [str(tmp_path / name) for name in ("wide.png", "big-endian.tif", "narrow.png")]
+    dataset = Dataset.from_dict({"image": files, "label": ["a", "b", "a"]}).cast_column("image", DatasetImage())
+    images = decode_images(
+        dataset, [0, 1, 2], image_column="image", label_column="label", label_names=["a", "b"], size=8
+    )
+    assert torch.equal(images.pixels[0], images.pixels[2]) and torch.equal(images.pixels[1], images.pixels[2])
+    assert images.pixels[2][0].flatten().tolist() == values.flatten().tolist()
+
+    Image.fromarray(values.astype(np.float32) / 252).save(tmp_path / "float.tif")
+    floats = Dataset.from_dict({"image": [str(tmp_path / "float.tif")], "label": ["a"]}).cast_column(
+        "image", DatasetImage()
+    )
+    with pytest.raises(
+        DataError, match=r"row 0, column 'image': an F \(high bit depth\) image with values from 0 to 1: "
+    ):
+        decode_images(floats, [0], image_column="image", label_column="label", label_names=["a", "b"], size=8)
 
 
 def test_normalization_and_processor_settings():

@@ -362,9 +362,9 @@ DECODE_CASES = {  # case: (what, bad target, expected line)
     "data-image-16-bit": (
         "a 16-bit grey PNG using its range (Pillow's RGB conversion clips it white)",
         "wide",
-        "error: dataset <world>/image-16-bit: row 4 (domain 'photo'), column 'image': a I;16 (high bit depth) image "
+        "error: dataset <world>/image-16-bit: row 4 (domain 'photo'), column 'image': an I;16 (high bit depth) image "
         "with values from 0 to 63000: as RGB (how it is trained on, and how transformers' processors serve it) they "
-        "clip to 0-255; convert the images to 8 bits first",
+        "become whole numbers 0-255 (clipped; a 0-1 float image black); convert the images to 8 bits first",
     ),
     "data-image-missing-file": (
         "a path to a file that is not there",

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -335,8 +336,8 @@ def test_a_domain_name_cannot_forge_a_line_of_the_plan(tiny_world, tmp_path, cap
 def test_an_image_size_the_base_cannot_take_is_refused_at_planning(shapes, tmp_path, capsys):
     """A ViT's position embeddings fix its grid of patches: --image-size 24 on a 16 px ViT failed in the linear
     probe as an internal error, after the output folder was taken; recycle and intertrain now refuse it at
-    planning, naming the size and the processor's. The ViT at its own size, and a ResNet (whose pooling takes
-    any size) at 24 px, plan."""
+    planning (merge, diagnose and update --target before decoding it), naming the size and the processor's. The ViT
+    at its own size, and a ResNet (whose pooling takes any size) at 24 px, plan."""
     from ratatouille_hub.testing import save_tiny_checkpoint, tiny_processor, tiny_resnet, tiny_vit
 
     vit = save_tiny_checkpoint(tmp_path / "vit", tiny_vit(0), processor=tiny_processor(16))
@@ -373,6 +374,45 @@ def test_an_image_size_the_base_cannot_take_is_refused_at_planning(shapes, tmp_p
         )
         == expected
     )
+    copy = save_tiny_checkpoint(tmp_path / "vit-copy", tiny_vit(1), processor=tiny_processor(16))
+    merge = [
+        "merge",
+        str(vit),
+        str(copy),
+        "--method",
+        "greedy",
+        "--target",
+        str(shapes),
+        "--image-size",
+        "24",
+        "--output",
+        str(out),
+    ]
+    what = "merge --method greedy --image-size 24 of two ViTs of 16 px position embeddings"
+    assert (
+        refusals.fails_cleanly("flag-image-size-untakeable-merge", what, merge, "--image-size 24", out, capsys, places)
+        == expected
+    )
     assert cli.main([*recycle, "--dry-run"]) == 0
     assert cli.main(["recycle", "--base", str(resnet), "--strategy", "soup", "--target", str(shapes), *TINY,
                      "--image-size", "24", "--output", str(out), "--dry-run"]) == 0  # fmt: skip
+
+
+def test_a_swin_is_refused_exactly_at_the_sizes_its_windows_cannot_take(tmp_path):
+    """A failed forward shrinks a Swin's later windows in place: the size check builds a model per forward, so
+    the processor's size is judged on a fresh one (with one model, no size was ever refused). The sizes refused
+    are those where the real model fails (measured: 8-16 px for windows of 2 over 4 px patches, 3 stages)."""
+    import torch
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from ratatouille_hub.models import ArchitectureError, refuse_image_size
+
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1], window_size=2)
+    SwinForImageClassification(config).save_pretrained(tmp_path / "swin")
+    for size in (16, 20):
+        with torch.no_grad(), pytest.raises(RuntimeError) if size == 16 else nullcontext():
+            SwinForImageClassification(config).eval()(pixel_values=torch.zeros(1, 3, size, size))
+    with pytest.raises(ArchitectureError, match=r"^swin cannot take 16 px images \(--image-size 16\): "):
+        refuse_image_size(tmp_path / "swin", "swin", 16, 32)
+    for size in (20, 48):
+        refuse_image_size(tmp_path / "swin", "swin", size, 32)

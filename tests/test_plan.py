@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import replace
 
 import jsondoc
@@ -207,12 +208,23 @@ def test_recycling_less_than_given_is_said_and_one_fine_tune_named_twice_is_refu
         [plan] = plan_recipe(replace(tiny_recipe(tiny_world, tmp_path / "out"), runs=2), echo=lambda line: None)
     assert [spec.init.source for spec in plan.runs] == [str(tiny_world.base), str(tiny_world.aux[0])]
     assert warnings() == [
-        f"[plan] warning: 1 of the 2 recycled fine-tunes start no run with --runs 2: {tiny_world.aux[1]}"
+        f"[plan] warning: 1 of the 2 recycled fine-tunes starts no run with --runs 2: {tiny_world.aux[1]}"
     ]
     caplog.clear()
     with caplog.at_level("WARNING"):
         plan_recipe(tiny_recipe(tiny_world, tmp_path / "out"), echo=lambda line: None)  # 3 runs: base + both
         plan_recipe(replace(tiny_recipe(tiny_world, tmp_path / "out", strategy="soup"), aux=()), echo=lambda line: None)
+        # fusing draws one fine-tune per auxiliary dataset for each run: with two of one dataset, one run leaves
+        # the other out by design
+        carded = []
+        for aux in tiny_world.aux:
+            carded.append(shutil.copytree(aux, tmp_path / "carded" / aux.name))
+            (carded[-1] / "README.md").write_text("---\ndatasets:\n- cifar10\n---\n")
+        fusing = replace(
+            tiny_recipe(tiny_world, tmp_path / "out", strategy="fusing"), runs=1, aux=tuple(map(str, carded))
+        )
+        [fused] = plan_recipe(fusing, echo=lambda line: None)
+    assert len(fused.runs[0].init.members) == 2  # the base and one of the two fine-tunes
     assert warnings() == []
 
     first, again = str(tiny_world.aux[0]), str(tiny_world.aux[0]) + "/"

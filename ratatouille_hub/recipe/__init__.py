@@ -45,7 +45,7 @@ from ..models import ArchitectureError, precision_note, refuse_unbuildable
 from ..results import LeaveOneDomainOut, Results, soup_subfolder
 from ..safe_text import terminal_safe
 from ..sources import refuse_output_inside
-from ..strategies import STRATEGIES
+from ..strategies import STRATEGIES, FusionSpec
 from ..target import Target, TargetPreparation, refuse_untakeable_size
 from ..tracking import UNTRACKED, Tracking
 from ..vetting import vet_ingredients
@@ -113,7 +113,6 @@ def plan_recipe(
     discovering = discovers(config)
     base, recycled, left_out = fetch_ingredients(config, token, echo)
     config = replace(config, **ingredient_pins(config, base, recycled))
-    refuse_untakeable_size(base, config.image_size)  # now, not once the linear probe meets it
     echo(f"[data] {config.target}")
     plans = []
     for domain in held_out_domains(config, base, token):
@@ -133,7 +132,8 @@ def plan_recipe(
 
 def warn_unrecycled(config: RecipeConfig, recycled: list[Ingredient], plan: RecipePlan, *, discovered: bool) -> None:
     """Say when a recycling strategy recycles less than it was given: none at all (its runs all start from
-    the base, as --strategy soup), or fine-tunes that start no run (ratatouille starts run k from the k-th)."""
+    the base, as --strategy soup), or, where each run starts from one checkpoint, fine-tunes that start no run
+    (ratatouille starts run k from the k-th)."""
     if not STRATEGIES[config.strategy].recycles:
         return
     if not recycled:
@@ -147,13 +147,15 @@ def warn_unrecycled(config: RecipeConfig, recycled: list[Ingredient], plan: Reci
             "the base, as with --strategy soup"
         )
         return
-    used = {member.reference for run in plan.runs for member in getattr(run.init, "members", (run.init,))}
+    if any(isinstance(run.init, FusionSpec) for run in plan.runs):
+        return  # a fusion draws one fine-tune per dataset at random: leaving some out is its design
+    used = {run.init.reference for run in plan.runs}
     unused = [ingredient for ingredient in recycled if ingredient.reference not in used]
     if unused:
         names = ", ".join(terminal_safe(ingredient.source) for ingredient in unused)
         log.warning(
-            f"[plan] warning: {len(unused)} of the {len(recycled)} recycled fine-tunes start no run with --runs "
-            f"{config.runs}: {names}"
+            f"[plan] warning: {len(unused)} of the {len(recycled)} recycled fine-tunes {'starts' if len(unused) == 1 else 'start'} "
+            f"no run with --runs {config.runs}: {names}"
         )
 
 
@@ -285,6 +287,7 @@ def fetch_ingredients(
     echo(f"[fetch] base {terminal_safe(config.base)}")
     base = resolve_model(config.base, token=token)
     refuse_unbuildable(base.path, base.source)  # once, at planning: every process trusts the plan's base after
+    refuse_untakeable_size(base, config.image_size)  # now, not once the linear probe meets it
     if note := precision_note(base.path):
         echo(f"[fetch] {note}")
     discovered = discovers(config)
