@@ -10,12 +10,12 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .artifacts import ProbeRecord, RunRecord
 from .card import RUN_TAG, Lineage, base_tag, declared_license, grown_soup_card, run_card
-from .discovery import backbone_mismatch, head_names_of
+from .discovery import backbone_mismatch, classifier_names, head_names_of
 from .errors import RatatouilleError, RecipeError
 from .fetch import Ingredient, answered_by_the_hub, is_hub_id, resolve_model
 from .merge_engine import COPIED_CONFIGS, WEIGHTS_NAME, merge_model_folders
@@ -224,6 +224,13 @@ class Yardstick:
     checked: Checked
     name: str  # for lines: "the base org/name", "the named run org/name"
     head_names: set[str]
+    base_names: dict[str, str] | None = None  # a headless base: its stored tensor names -> its classifier's
+
+    @property
+    def ignored_config_keys(self) -> tuple[str, ...]:
+        """What a run's config may hold otherwise than the yardstick's: a headless base's architectures name
+        its base class (ViTModel), the runs' their classifier."""
+        return LABEL_KEYS + SAVING_KEYS + (("architectures",) if self.base_names is not None else ())
 
 
 def _checked(checkpoint: Ingredient) -> Checked:
@@ -248,7 +255,13 @@ def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
     if is_hex_digest(revision, 40):  # a Hub id at a commit: run_provenance checked the id
         try:
             base = _checked(resolve_model(source, revision, token))
-            return Yardstick(base, f"the base {source}", head_names_of(base.checkpoint.path / "config.json"))
+            config_file = base.checkpoint.path / "config.json"
+            names = classifier_names(config_file, base.signature)
+            if names == {name: name for name in base.signature}:
+                return Yardstick(base, f"the base {source}", head_names_of(config_file))
+            in_classifier_space = {names[name]: value for name, value in base.signature.items() if name in names}
+            base = replace(base, signature=in_classifier_space)  # headless: read as its runs name it
+            return Yardstick(base, f"the base {source}", head_names_of(config_file), names)
         except (RatatouilleError, OSError, ValueError, ImportError) as error:
             why = f"cannot be read ({_first_line(error)})"
     else:
@@ -276,7 +289,7 @@ def verify_named_run(named: Checked, yardstick: Yardstick, recipe: dict) -> None
             )
     if yardstick.checked is named:
         return
-    differing = _differing(named.config, yardstick.checked.config, LABEL_KEYS + SAVING_KEYS)
+    differing = _differing(named.config, yardstick.checked.config, yardstick.ignored_config_keys)
     if differing:
         raise IngredientError(
             f"{named.checkpoint.source}: its config.json differs from {yardstick.name}'s in: {differing}"
@@ -303,9 +316,11 @@ def verify_run(checkpoint: Ingredient, named: Checked, yardstick: Yardstick) -> 
     check_finite(checkpoint, set())
     base, head_names = yardstick.checked.checkpoint, yardstick.head_names
     distances = {
-        "backbone weights": distance_to_base(base, checkpoint, yardstick.checked.signature, head_names),
+        "backbone weights": distance_to_base(
+            base, checkpoint, yardstick.checked.signature, head_names, yardstick.base_names
+        ),
         "backbone tensors (BatchNorm statistics and biases too)": _relative_distance(
-            base, checkpoint, lambda name, tensor: name not in head_names
+            base, checkpoint, lambda name, tensor: name not in head_names, yardstick.base_names
         ),
     }
     for what, distance in distances.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,23 +87,6 @@ def backbone_mismatch(
     return None
 
 
-HEADLESS_PROBES = 8  # base tensor names looked for under a prefix before deciding the base is not headless
-
-
-def headless_prefix(base: Mapping[str, TensorSignature], candidate: Mapping[str, TensorSignature]) -> str | None:
-    """The prefix (`vit`) under which most of a headless base's tensors stand in a classifier fine-tune of it,
-    when none stands there unprefixed: the Hub's usual base (a ViTModel, a Dinov2Model) under its fine-tunes."""
-    if not base or any(name in candidate for name in base):
-        return None
-    for some in list(base)[:HEADLESS_PROBES]:  # the first may be the base's alone (a pooler)
-        for name in candidate:
-            if name.endswith("." + some):
-                prefix = name[: -len(some) - 1]
-                same = sum(candidate.get(f"{prefix}.{n}") == signature for n, signature in base.items())
-                return prefix if 2 * same >= len(base) else None  # same names, other shapes: another model
-    return None
-
-
 def hub_signature(api, repo_id: str, revision: str) -> dict[str, TensorSignature]:
     """Tensor names -> (dtype, shape) of a Hub repo at `revision`, from ranged reads of its headers."""
     metadata = api.get_safetensors_metadata(repo_id, revision=revision)
@@ -114,17 +97,44 @@ def hub_signature(api, repo_id: str, revision: str) -> dict[str, TensorSignature
     }
 
 
-def head_names_of(config_file: Path) -> set[str]:
-    """The head's tensor names for the architecture in `config_file`, from a weightless meta model."""
+def _meta_classifier(config_file: Path):
+    """The classifier transformers builds from `config_file`, weightless (no code run, no memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    from .models import head_parameter_names
-
     config = AutoConfig.from_pretrained(str(Path(config_file).parent), trust_remote_code=False)
     with init_empty_weights():  # parameters on the meta device; buffers stay real, as some inits need
-        model = AutoModelForImageClassification.from_config(config, trust_remote_code=False)
-    return head_parameter_names(model)
+        return AutoModelForImageClassification.from_config(config, trust_remote_code=False)
+
+
+def head_names_of(config_file: Path) -> set[str]:
+    """The head's tensor names for the architecture in `config_file`, from a weightless meta model."""
+    from .models import head_parameter_names
+
+    return head_parameter_names(_meta_classifier(config_file))
+
+
+def classifier_names(config_file: Path, stored: Iterable[str]) -> dict[str, str]:
+    """Each stored tensor name -> its name in the classifier transformers builds from `config_file`, for the
+    tensors that classifier has: a classifier's names are its own; a headless base's (a ViTModel, a
+    Dinov2Model: the Hub's usual bases) take the classifier's prefix (`vit.`), and what the classifier lacks (a
+    pooler) is left out. That is how from_pretrained loads such a base, and how its fine-tunes name its tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    stored = list(stored)
+    model = _meta_classifier(config_file)
+    names = set(revert_weight_conversion(model, model.state_dict()))  # as save_pretrained names them on disk
+    prefix = model.base_model_prefix
+    if not prefix or any(name in names for name in stored):
+        return {name: name for name in stored}
+    renamed = {name: f"{prefix}.{name}" for name in stored if f"{prefix}.{name}" in names}
+    return renamed or {name: name for name in stored}
+
+
+def in_classifier_space(signature: Mapping[str, TensorSignature], config_file: Path) -> dict[str, TensorSignature]:
+    """A checkpoint's signature under its classifier's tensor names (`classifier_names`)."""
+    names = classifier_names(config_file, signature)
+    return {names[name]: value for name, value in signature.items() if name in names}
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,7 @@ def _vet_base(api, base: str) -> _Base:
         cached = str(config_file.parent)  # transformers names the folder in the HF cache, not the repo
         raise DiscoverError(f"base {base}: {_first_line(error).replace(cached, f'{base}@{sha}')}") from None
     model_type = json.loads(config_file.read_text()).get("model_type")
-    return _Base(model_type, signature, head_names)
+    return _Base(model_type, in_classifier_space(signature, config_file), head_names)
 
 
 def _vet(api, base: _Base, listed, target: str | None) -> Candidate:
@@ -307,11 +317,7 @@ def _refusal(api, base: _Base, info, tags: list[str], target: str | None) -> str
         return remote_code
     if config.get("model_type") != base.model_type:
         return f"architecture {config.get('model_type')}, base is {base.model_type}"
-    signature = hub_signature(api, info.id, info.sha)
-    prefix = headless_prefix(base.signature, signature)
-    if prefix:
-        return f"the base is headless: its tensors are this classifier's without '{prefix}.' (pass a classifier of the base as --base)"
-    return backbone_mismatch(base.signature, signature, base.head_names)
+    return backbone_mismatch(base.signature, hub_signature(api, info.id, info.sha), base.head_names)
 
 
 def _lists_dataset(info, tags: list[str], target: str) -> str | None:

@@ -554,10 +554,12 @@ def merge_model_folders(
     rule: TensorRule | None = None,
     base: str | Path | None = None,
     late: LateRecord | None = None,
+    base_names: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Merge transformers model folders into `output_dir` (weights, config, image processor config) with
-    `rule` (the weighted mean by default; a rule anchored at `base` needs it). Returns the floating tensors
-    the base lacks or shapes otherwise (a head for other labels): those take the weighted mean.
+    `rule` (the weighted mean by default; a rule anchored at `base` needs it, its tensors read under
+    `base_names` where given). Returns the floating tensors the base lacks or shapes otherwise (a head for
+    other labels): those take the weighted mean.
 
     Configs must agree on model type and labels, and every weight file on its tensors, before anything is
     written. Sharded checkpoints are merged shard by shard when all inputs are sharded the same way; each
@@ -574,7 +576,7 @@ def merge_model_folders(
         SafetensorsSource([folder / name for name in files], [headers[name][k] for name in files])
         for k, folder in enumerate(folders)
     ]
-    anchor = _anchor_source(Path(base), runs[0], folders[0]) if rule.needs_base else None
+    anchor = _anchor_source(Path(base), runs[0], folders[0], base_names) if rule.needs_base else None
     unanchored = []
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -591,9 +593,16 @@ def merge_model_folders(
     return unanchored
 
 
-def _anchor_source(base: Path, first: SafetensorsSource, first_folder: Path) -> SafetensorsSource:
-    """The base's tensors, refused when it anchors none of the inputs' floating tensors."""
-    anchor = SafetensorsSource.of_folder(base)
+def _anchor_source(
+    base: Path, first: SafetensorsSource, first_folder: Path, names: Mapping[str, str] | None
+) -> SafetensorsSource:
+    """The base's tensors (under `names`, stored name -> the inputs' name, where given: a headless base read as
+    its fine-tunes name it), refused when it anchors none of the inputs' floating tensors."""
+    paths = [base / name for name in _weight_files(base)]
+    headers = [read_safetensors_header(path) for path in paths]
+    if names is not None:
+        headers = [{names[name]: info for name, info in header.items() if name in names} for header in headers]
+    anchor = SafetensorsSource(paths, headers)
     if not any(
         first.is_floating(name) and anchor.signature(name) is not None and _shape(anchor, name) == _shape(first, name)
         for name in first.names()

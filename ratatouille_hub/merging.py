@@ -188,6 +188,7 @@ def _run_engine(
 ) -> _EngineOutcome:
     """The one place that calls the merge engine: select (a method that needs validation scores candidate
     averages on the target), then merge the members into `staging`, its weights marked as a merge's."""
+    from .discovery import classifier_names, local_signature
     from .merge_engine import WEIGHTS_NAME, merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
     from .provenance import MERGE_KEY
@@ -219,13 +220,17 @@ def _run_engine(
     members = [candidates[i] for i in mixture.members]
     plain_mean = mixture.rule is None and mixture.weights is None  # only it can be grown exactly by `update`
     single_files = plain_mean and all((m.ingredient.path / WEIGHTS_NAME).is_file() for m in members)
+    anchor = base.ingredient.path if mixture.anchored is not None else None
     unanchored = merge_model_folders(
         [m.ingredient.path for m in members],
         staging,
         mixture.weights,
         {MERGE_KEY: method.name},
         rule=mixture.rule,
-        base=base.ingredient.path if mixture.anchored is not None else None,
+        base=anchor,
+        base_names=None
+        if anchor is None
+        else classifier_names(anchor / "config.json", local_signature(anchor)),  # headless
         late=_UniformRecord(members, [partial(digests.files, i) for i in mixture.members]) if single_files else None,
     )
     if unanchored:

@@ -4,7 +4,8 @@ trained or anything is written.
 Every recycled checkpoint must descend from the base (docs/method.md): same architecture, same backbone
 tensors (names, shapes, dtypes), finite weights, and weights near the base's. Nothing here runs code from
 a checkpoint: configs are read as JSON, weights through safetensors headers and tensor reads, and a config
-that asks for custom code (`auto_map`) is refused outright.
+that asks for custom code (`auto_map`) is refused outright. A headless base (a ViTModel) is read under its
+classifier's tensor names (`discovery.classifier_names`), as from_pretrained loads it and its fine-tunes name it.
 
 Distance to the base
 --------------------
@@ -49,7 +50,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .discovery import backbone_mismatch, head_names_of, headless_prefix, local_signature
+from .discovery import backbone_mismatch, classifier_names, head_names_of, local_signature
 from .errors import RatatouilleError
 from .fetch import Ingredient, weight_files
 
@@ -95,22 +96,24 @@ def vet_ingredients(
     report on the rest (module docstring). With `refuse`, a refused fine-tune is handed to it and left out
     instead: discovered fine-tunes are strangers' repos, and one of them must not stop every recipe."""
     base_config = read_config(base)
-    base_signature = signature_of(base)  # validates every header (truncation, corruption, absurd shapes)
+    stored = signature_of(base)  # validates every header (truncation, corruption, absurd shapes)
     try:
         head_names = head_names_of(base.path / "config.json")  # a weightless model: no code, no memory
+        names = classifier_names(base.path / "config.json", stored)  # a headless base: as its fine-tunes name it
     except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
         raise IngredientError(f"{base.source}: {named(base, _first_line(error))}") from None
     check_finite(base, head_names)
+    base_signature = {names[name]: value for name, value in stored.items() if name in names}
     measured = []
     for ingredient in aux:
         try:
-            distance = _distance_of_a_finetune(base, base_config, base_signature, head_names, ingredient)
+            distance = _distance_of_a_finetune(base, base_config, base_signature, head_names, names, ingredient)
         except IngredientError as error:
             if refuse is None:
                 raise
             refuse(ingredient, error)
             continue
-        measured.append((ingredient.source, distance, batchnorm_shift(base, ingredient)))
+        measured.append((ingredient.source, distance, batchnorm_shift(base, ingredient, names)))
     return [
         Vetted(
             source, distance, shift, _warnings(distance, shift, [d for j, (_, d, _) in enumerate(measured) if j != i])
@@ -120,9 +123,15 @@ def vet_ingredients(
 
 
 def _distance_of_a_finetune(
-    base: Ingredient, base_config: dict, base_signature: dict, head_names: set[str], ingredient: Ingredient
+    base: Ingredient,
+    base_config: dict,
+    base_signature: dict,
+    head_names: set[str],
+    base_names: dict[str, str],
+    ingredient: Ingredient,
 ) -> float:
-    """`ingredient`'s distance to the base; IngredientError when it is not a usable fine-tune of it."""
+    """`ingredient`'s distance to the base (`base_signature`: under the names `base_names` gives the base's
+    stored ones); IngredientError when it is not a usable fine-tune of it."""
     config = read_config(ingredient)
     if config.get("model_type") != base_config.get("model_type"):
         raise IngredientError(
@@ -131,18 +140,10 @@ def _distance_of_a_finetune(
         )
     signature = signature_of(ingredient)
     problem = backbone_mismatch(base_signature, signature, head_names)
-    prefix = problem and headless_prefix(base_signature, signature)
-    if prefix:
-        raise IngredientError(
-            f"{ingredient.source} cannot be averaged with {base.source}: the base is headless (its tensors are the "
-            f"fine-tune's without the prefix '{prefix}.', as a ViTModel's are a ViTForImageClassification's); "
-            "pass a classifier of it as --base (AutoModelForImageClassification.from_pretrained(base)"
-            ".save_pretrained(folder), with --base-model naming the base)"
-        )
     if problem:
         raise IngredientError(f"{ingredient.source} cannot be averaged with {base.source}: {problem}")
     check_finite(ingredient, head_names)
-    distance = distance_to_base(base, ingredient, base_signature, head_names)
+    distance = distance_to_base(base, ingredient, base_signature, head_names, base_names)
     if not distance <= MAX_DISTANCE_TO_BASE:
         raise IngredientError(
             f"{ingredient.source} is not a fine-tune of {base.source}: its backbone weights are at relative "
@@ -178,9 +179,9 @@ def _warnings(distance: float, shift: float, others: list[float]) -> tuple[str, 
     return tuple(warnings)
 
 
-def batchnorm_shift(base: Ingredient, ingredient: Ingredient) -> float:
+def batchnorm_shift(base: Ingredient, ingredient: Ingredient, base_names: dict[str, str] | None = None) -> float:
     """||s - s_base|| / ||s_base|| over the BatchNorm running means and variances (nan if there are none)."""
-    return _relative_distance(base, ingredient, lambda name, tensor: name.endswith(BATCHNORM_STATISTICS))
+    return _relative_distance(base, ingredient, lambda name, tensor: name.endswith(BATCHNORM_STATISTICS), base_names)
 
 
 def read_config(ingredient: Ingredient) -> dict:
@@ -227,19 +228,28 @@ def check_finite(ingredient: Ingredient, skip: set[str]) -> None:
             raise IngredientError(f"{named(ingredient, str(file))}: tensor {name!r} contains NaN or Inf")
 
 
-def distance_to_base(base: Ingredient, ingredient: Ingredient, base_signature: dict, head_names: set[str]) -> float:
+def distance_to_base(
+    base: Ingredient,
+    ingredient: Ingredient,
+    base_signature: dict,
+    head_names: set[str],
+    base_names: dict[str, str] | None = None,
+) -> float:
     """||w - w_base|| / ||w_base|| over the backbone's weight kernels (float tensors with 2+ dimensions)."""
     kernels = {
         name
         for name, (dtype, shape) in base_signature.items()
         if name not in head_names and len(shape) >= 2 and dtype in ("F64", "F32", "F16", "BF16")
     }
-    distance = _relative_distance(base, ingredient, lambda name, tensor: name in kernels)
+    distance = _relative_distance(base, ingredient, lambda name, tensor: name in kernels, base_names)
     return 0.0 if math.isnan(distance) else distance
 
 
-def _relative_distance(base: Ingredient, ingredient: Ingredient, selected) -> float:
-    """||w - w_base|| / ||w_base|| over the tensors `selected(name, tensor)` keeps (nan: it keeps none)."""
+def _relative_distance(
+    base: Ingredient, ingredient: Ingredient, selected, base_names: dict[str, str] | None = None
+) -> float:
+    """||w - w_base|| / ||w_base|| over the tensors `selected(name, tensor)` keeps (nan: it keeps none); the
+    base's tensors are read under the names `base_names` gives their stored ones (`classifier_names`)."""
     from safetensors import safe_open
 
     squared_difference = squared_norm = 0.0
@@ -248,11 +258,15 @@ def _relative_distance(base: Ingredient, ingredient: Ingredient, selected) -> fl
         base_files = {}
         for file in weight_files(base.path):
             handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            base_files.update((name, handle) for name in handle.keys())
+            for stored in handle.keys():
+                name = stored if base_names is None else base_names.get(stored)
+                if name is not None:
+                    base_files[name] = (handle, stored)
         for _, name, tensor in _tensors(ingredient.path):
             if name not in base_files or not tensor.is_floating_point() or not selected(name, tensor):
                 continue
-            reference = base_files[name].get_tensor(name).double()
+            handle, stored = base_files[name]
+            reference = handle.get_tensor(stored).double()
             if reference.shape != tensor.shape:
                 continue
             kept += 1

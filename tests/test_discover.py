@@ -191,3 +191,38 @@ def test_discover_quiet_prints_nothing_and_its_exit_code_says_whether_it_worked(
     assert cli.main(["discover", "--base", f"{world.ns}/nothing", "--format", "quiet"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: base {world.ns}/nothing")
+
+
+def test_a_headless_base_on_the_hub_is_read_as_its_classifier_fine_tunes_name_it(
+    local_hub, new_hub_namespace, tmp_path
+):
+    """The Hub's usual ViT base is a ViTModel; its fine-tunes are ViTForImageClassification (`vit.` before
+    its tensor names, no pooler): accepted, where they were refused as 'the base is headless'. A classifier
+    of the same names in other shapes (a larger ViT) is still refused, naming the tensor."""
+    from transformers import ViTModel
+
+    from ratatouille_hub.testing import perturbed_backbone, tiny_vit
+
+    ns = new_hub_namespace()
+    classifier = tiny_vit(0)
+    headless = ViTModel(classifier.config)
+    headless.load_state_dict(classifier.vit.state_dict(), strict=False)
+    tuned = tiny_vit(1, num_labels=5)
+    tuned.load_state_dict(perturbed_backbone(classifier.state_dict(), 7, scale=0.002), strict=False)
+    lineage = {"base_model": f"{ns}/vit-base"}
+    repos = {
+        "vit-base": (model_folder(tmp_path / "base", headless), 100),
+        "vit-finetune": (model_folder(tmp_path / "finetune", tuned, **lineage), 20),
+        "vit-larger": (model_folder(tmp_path / "larger", tiny_vit(2, hidden_size=32), **lineage), 10),
+    }
+    for name, (folder, downloads) in repos.items():
+        local_hub.seed_model(f"{ns}/{name}", folder, downloads)
+    verdicts = [(c.repo_id, c.accepted, c.reason) for c in discover_finetunes(f"{ns}/vit-base")]
+    assert verdicts == [
+        (f"{ns}/vit-finetune", True, ACCEPTED),
+        (
+            f"{ns}/vit-larger",
+            False,
+            "tensor vit.embeddings.cls_token has shape [1, 1, 32], base has [1, 1, 16]",
+        ),
+    ]

@@ -125,3 +125,29 @@ def test_contributed_runs_grow_a_soup_on_the_hub(recipes, local_hub, tmp_path, c
     predictions = pipeline("image-classification", model="carol/shapes-soup")(image)
     assert {p["label"] for p in predictions} <= set(Results.load(out / "soup" / "results.json").id2label.values())
     assert "3 runs of one recipe" in ModelCard.load("carol/shapes-soup").text
+
+
+def test_runs_of_a_headless_hub_base_are_contributed_and_assembled(local_hub, new_hub_namespace, tiny_world, tmp_path):
+    """A recipe on the Hub's usual kind of ViT base (a headless ViTModel): its runs are measured against the
+    base read under their own names (`vit.`), its config's architectures naming the base class, not the
+    classifier; assembled from the Hub, they give the local soup's tensors. (Recycling such a base was refused;
+    then assembling was, as 'config.json differs from the base's in: architectures'.)"""
+    from transformers import ViTModel
+
+    from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_vit
+
+    ns = new_hub_namespace()
+    classifier = tiny_vit(0)
+    headless = ViTModel(classifier.config)
+    headless.load_state_dict(classifier.vit.state_dict(), strict=False)
+    base = f"{ns}/vit-base"
+    local_hub.seed_model(base, save_tiny_checkpoint(tmp_path / "base", headless, processor=tiny_processor(16)))
+    tuned = tiny_vit(1, num_labels=5)
+    tuned.load_state_dict(perturbed_backbone(classifier.state_dict(), 7, scale=0.002), strict=False)
+    finetune = save_tiny_checkpoint(tmp_path / "finetune", tuned, processor=tiny_processor(16))
+    out = tmp_path / "out"
+    recycle(tiny_recipe(tiny_world, out).replace(base=base, aux=(str(finetune),), runs=2), echo=print)
+    repo = f"alice/{ns}-vit"
+    assert cli.main(["contribute", str(out), "--to", repo, "--index", "0", "1", "--token", "tok-alice"]) == 0
+    assert cli.main(["assemble", str(tmp_path / "assembled"), "--from-hub", f"{repo}-run0"]) == 0
+    assert same_tensors(tmp_path / "assembled" / "model.safetensors", out / "soup" / "model.safetensors")

@@ -112,38 +112,77 @@ def test_recycle_prints_vetting_greedy_choice_and_barriers(tiny_world, tmp_path)
     )
 
 
-def test_a_headless_base_under_classifier_fine_tunes_is_refused_saying_so(tmp_path):
-    """The Hub's usual ViT base is a ViTModel (with a pooler); its fine-tunes are ViTForImageClassification,
-    the same tensors under `vit.`: refused naming the prefix and what to pass instead, not as 'missing tensors'."""
+@pytest.fixture(scope="module")
+def headless_world(tmp_path_factory):
+    """The Hub's usual ViT base is a ViTModel (with a pooler its classifiers lack); its fine-tunes are
+    ViTForImageClassification, the same tensors under `vit.`. Here: a tiny ViT classifier, the same weights as
+    a headless ViTModel, and two fine-tunes of it (backbone moved by 0.002 x N(0, 1), other heads)."""
+    from types import SimpleNamespace
+
     from transformers import ViTModel
 
     from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_processor, tiny_vit
-    from ratatouille_hub.vetting import IngredientError
 
-    classifier = tiny_vit(0)
+    root = tmp_path_factory.mktemp("headless")
+    classifier = tiny_vit(0, names=[f"digit-{i}" for i in range(10)])
     headless = ViTModel(classifier.config)  # add_pooling_layer: a pooler the classifiers do not have
     headless.load_state_dict(classifier.vit.state_dict(), strict=False)
-    base = save_tiny_checkpoint(tmp_path / "base", headless, processor=tiny_processor(16))
-    tuned = tiny_vit(1, num_labels=5)  # another head; the base's backbone moved by 0.002 x N(0, 1)
-    tuned.load_state_dict(perturbed_backbone(classifier.state_dict(), 7, scale=0.002), strict=False)
-    finetune = save_tiny_checkpoint(tmp_path / "ft", tuned, processor=tiny_processor(16))
-    with pytest.raises(IngredientError) as refused:
-        vet_ingredients(resolve_model(str(base)), [resolve_model(str(finetune))])
-    assert str(refused.value) == (
-        f"{finetune} cannot be averaged with {base}: the base is headless (its tensors are the fine-tune's without "
-        "the prefix 'vit.', as a ViTModel's are a ViTForImageClassification's); pass a classifier of it as --base "
-        "(AutoModelForImageClassification.from_pretrained(base).save_pretrained(folder), with --base-model naming "
-        "the base)"
+    finetunes = []
+    for k in (1, 2):
+        tuned = tiny_vit(k, num_labels=4 + k)
+        tuned.load_state_dict(perturbed_backbone(classifier.state_dict(), 6 + k, scale=0.002), strict=False)
+        finetunes.append(save_tiny_checkpoint(root / f"ft{k}", tuned, processor=tiny_processor(16)))
+    return SimpleNamespace(
+        classifier=save_tiny_checkpoint(root / "classifier", classifier, processor=tiny_processor(16)),
+        headless=save_tiny_checkpoint(root / "headless", headless, processor=tiny_processor(16)),
+        finetunes=finetunes,
+        larger=save_tiny_checkpoint(root / "larger", tiny_vit(3, hidden_size=32, intermediate_size=64)),
     )
-    # a classifier of the same names in other shapes (a larger ViT) is another model, not a fine-tune of it
-    from ratatouille_hub.discovery import headless_prefix, local_signature
 
-    larger = save_tiny_checkpoint(tmp_path / "larger", tiny_vit(2, hidden_size=32, intermediate_size=64))
-    assert headless_prefix(local_signature(base), local_signature(larger)) is None
-    assert headless_prefix(local_signature(base), local_signature(finetune)) == "vit"
-    # what the refusal tells the user to do: a classifier of the base vets the same fine-tune
-    from transformers import AutoModelForImageClassification
 
-    remade = save_tiny_checkpoint(tmp_path / "classifier", AutoModelForImageClassification.from_pretrained(base))
-    (vetted,) = vet_ingredients(resolve_model(str(remade)), [resolve_model(str(finetune))])
-    assert 0 < vetted.distance < 1
+def test_a_headless_base_is_read_as_its_classifier_fine_tunes_name_it(headless_world):
+    """Vetting reads the headless base's tensors under its classifier's names (`vit.`, its pooler left out):
+    each fine-tune measures exactly as against the classifier of the same weights; a larger ViT of the same
+    names is still another model. (It was refused as 'missing backbone tensor ... (+21 more)'.)"""
+    from ratatouille_hub.vetting import IngredientError
+
+    w = headless_world
+    finetunes = [resolve_model(str(f)) for f in w.finetunes]
+    as_classifier = vet_ingredients(resolve_model(str(w.classifier)), finetunes)
+    as_headless = vet_ingredients(resolve_model(str(w.headless)), finetunes)
+    assert [(v.distance, v.batchnorm_shift != v.batchnorm_shift) for v in as_headless] == [
+        (v.distance, True) for v in as_classifier
+    ]  # the same distances; no BatchNorm in a ViT (nan)
+    assert all(0 < v.distance < 1 for v in as_headless)
+    with pytest.raises(IngredientError, match=r"cannot be averaged with .*headless: tensor vit\.\S+ has shape"):
+        vet_ingredients(resolve_model(str(w.headless)), [resolve_model(str(w.larger))])
+
+
+def test_recycling_and_anchored_merges_from_a_headless_base_give_the_classifier_bases_bytes(
+    headless_world, tiny_world, tmp_path
+):
+    """A recipe (ratatouille: a run from the base and one from each fine-tune) and a task-arithmetic merge
+    anchored at the base give the same tensors whether the base is the headless ViTModel or the classifier of
+    the same weights: what from_pretrained loads from either is the same model."""
+    from dataclasses import replace
+
+    from ratatouille_hub import cli
+
+    w = headless_world
+    soups = {}
+    for name in ("classifier", "headless"):
+        config = replace(
+            tiny_recipe(tiny_world, tmp_path / name), base=str(getattr(w, name)), aux=tuple(map(str, w.finetunes))
+        )
+        recycle(config, echo=lambda line: None)
+        soups[name] = load_file(tmp_path / name / "soup" / "model.safetensors")
+    assert soups["classifier"].keys() == soups["headless"].keys()
+    assert all(torch.equal(soups["classifier"][k], soups["headless"][k]) for k in soups["classifier"])
+    runs = sorted(str(p) for p in (tmp_path / "headless" / "runs").glob("*/model"))
+    merged = {}
+    for name in ("classifier", "headless"):
+        out = tmp_path / f"merged-{name}"
+        argv = ["merge", *runs, "--method", "task-arithmetic", "--base", str(getattr(w, name)), "--output", str(out)]
+        assert cli.main(argv) == 0
+        merged[name] = load_file(out / "model.safetensors")
+    assert all(torch.equal(merged["classifier"][k], merged["headless"][k]) for k in merged["classifier"])
