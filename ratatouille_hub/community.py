@@ -256,7 +256,7 @@ def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
         try:
             base = _checked(resolve_model(source, revision, token))
             config_file = base.checkpoint.path / "config.json"
-            names = classifier_names(config_file, base.signature)
+            names = classifier_names(config_file, base.signature).names
             if names == {name: name for name in base.signature}:
                 return Yardstick(base, f"the base {source}", head_names_of(config_file))
             in_classifier_space = {names[name]: value for name, value in base.signature.items() if name in names}

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import RatatouilleError
 from .fetch import TRIES, FetchError, gated, hub_reason, is_transient, reaching_the_hub, weight_files, with_retries
@@ -114,27 +115,37 @@ def head_names_of(config_file: Path) -> set[str]:
     return head_parameter_names(_meta_classifier(config_file))
 
 
-def classifier_names(config_file: Path, stored: Iterable[str]) -> dict[str, str]:
-    """Each stored tensor name -> its name in the classifier transformers builds from `config_file`, for the
-    tensors that classifier has: a classifier's names are its own; a headless base's (a ViTModel, a
-    Dinov2Model: the Hub's usual bases) take the classifier's prefix (`vit.`), and what the classifier lacks (a
-    pooler) is left out. That is how from_pretrained loads such a base, and how its fine-tunes name its tensors."""
+class ClassifierNames(NamedTuple):
+    """How a checkpoint's stored tensor names read in the classifier transformers builds from its config."""
+
+    names: dict[str, str]  # stored name -> the classifier's
+    dropped: frozenset[str]  # stored tensors the classifier lacks (a pooler), under its prefix: never compared
+
+
+def classifier_names(config_file: Path, stored: Iterable[str]) -> ClassifierNames:
+    """A classifier's (or timm's) stored names are its own. A headless base's (its config's architectures name
+    the classifier's body, a ViTModel, a Dinov2Model: the Hub's usual bases) take the classifier's prefix
+    (`vit.`) where the classifier saves them so, and what it lacks is dropped: that is how from_pretrained
+    loads such a base, and how its fine-tunes name its tensors (transformers' own revert_weight_conversion
+    says how the classifier names them on disk)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     stored = list(stored)
     model = _meta_classifier(config_file)
-    names = set(revert_weight_conversion(model, model.state_dict()))  # as save_pretrained names them on disk
     prefix = model.base_model_prefix
-    if not prefix or any(name in names for name in stored):
-        return {name: name for name in stored}
-    renamed = {name: f"{prefix}.{name}" for name in stored if f"{prefix}.{name}" in names}
-    return renamed or {name: name for name in stored}
-
-
-def in_classifier_space(signature: Mapping[str, TensorSignature], config_file: Path) -> dict[str, TensorSignature]:
-    """A checkpoint's signature under its classifier's tensor names (`classifier_names`)."""
-    names = classifier_names(config_file, signature)
-    return {names[name]: value for name, value in signature.items() if name in names}
+    body = getattr(model, prefix, None) if prefix else None
+    if body is None or type(body).__name__ not in (model.config.architectures or ()):
+        return ClassifierNames({name: name for name in stored}, frozenset())
+    saved = set(revert_weight_conversion(model, model.state_dict()))
+    names, dropped = {}, set()
+    for name in stored:
+        if name in saved:
+            names[name] = name
+        elif f"{prefix}.{name}" in saved:
+            names[name] = f"{prefix}.{name}"
+        else:
+            dropped.add(f"{prefix}.{name}")
+    return ClassifierNames(names, frozenset(dropped))
 
 
 @dataclass(frozen=True)
@@ -218,7 +229,8 @@ def _vet_base(api, base: str) -> _Base:
         cached = str(config_file.parent)  # transformers names the folder in the HF cache, not the repo
         raise DiscoverError(f"base {base}: {_first_line(error).replace(cached, f'{base}@{sha}')}") from None
     model_type = json.loads(config_file.read_text()).get("model_type")
-    return _Base(model_type, in_classifier_space(signature, config_file), head_names)
+    names, dropped = classifier_names(config_file, signature)  # a headless base: as its fine-tunes name it
+    return _Base(model_type, {names[n]: value for n, value in signature.items() if n in names}, head_names | dropped)
 
 
 def _vet(api, base: _Base, listed, target: str | None) -> Candidate:

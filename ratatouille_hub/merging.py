@@ -176,6 +176,17 @@ class _EngineOutcome:
     trials: tuple[Trial, ...]
 
 
+def _classifier_names(base: Path) -> dict[str, str] | None:
+    """The base's stored tensor names as its fine-tunes name them (a headless base's take its classifier's
+    prefix); None, its own names, where its config builds no image classifier (merge takes any model)."""
+    from .discovery import classifier_names, local_signature
+
+    try:
+        return classifier_names(base / "config.json", local_signature(base)).names
+    except (ValueError, TypeError, ImportError, OSError):  # another kind of model, or no config.json
+        return None
+
+
 def _run_engine(
     options: MergeOptions,
     candidates: Sequence[Candidate],
@@ -188,7 +199,6 @@ def _run_engine(
 ) -> _EngineOutcome:
     """The one place that calls the merge engine: select (a method that needs validation scores candidate
     averages on the target), then merge the members into `staging`, its weights marked as a merge's."""
-    from .discovery import classifier_names, local_signature
     from .merge_engine import WEIGHTS_NAME, merge_model_folders
     from .merge_methods import MERGE_METHODS, MergeInputs
     from .provenance import MERGE_KEY
@@ -228,9 +238,7 @@ def _run_engine(
         {MERGE_KEY: method.name},
         rule=mixture.rule,
         base=anchor,
-        base_names=None
-        if anchor is None
-        else classifier_names(anchor / "config.json", local_signature(anchor)),  # headless
+        base_names=None if anchor is None else _classifier_names(anchor),
         late=_UniformRecord(members, [partial(digests.files, i) for i in mixture.members]) if single_files else None,
     )
     if unanchored:

@@ -186,3 +186,69 @@ def test_recycling_and_anchored_merges_from_a_headless_base_give_the_classifier_
         assert cli.main(argv) == 0
         merged[name] = load_file(out / "model.safetensors")
     assert all(torch.equal(merged["classifier"][k], merged["headless"][k]) for k in merged["classifier"])
+
+
+def _rewritten(folder: Path, to: Path, rename=lambda name: name, extra: dict | None = None) -> Path:
+    """A copy of a model folder whose weights are renamed by `rename`, with `extra` tensors added."""
+    shutil.copytree(folder, to)
+    state = {rename(name): tensor for name, tensor in load_file(to / "model.safetensors").items()}
+    save_file({**state, **(extra or {})}, str(to / "model.safetensors"), metadata={"format": "pt"})
+    return to
+
+
+def test_a_timm_base_as_the_hub_stores_it_and_an_old_headless_base_are_read_as_before(headless_world, tmp_path):
+    """A timm checkpoint on the Hub stores timm's own names (no `timm_model.`, which transformers adds in
+    memory only): it is a classifier, read as stored (reading it as headless refused every fine-tune).
+    A tensor a headless base and its fine-tunes both persisted but the classifier no longer has (an old
+    buffer) is compared on neither side."""
+
+    from ratatouille_hub import cli
+    from ratatouille_hub.discovery import classifier_names
+    from ratatouille_hub.models import load_classifier
+    from ratatouille_hub.testing import perturbed_backbone, save_tiny_checkpoint, tiny_timm
+
+    saved = tiny_timm(tmp_path / "saved", {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3})
+    hub_style = _rewritten(saved, tmp_path / "hub-style", lambda name: name.removeprefix("timm_model."))
+    assert not any(name.startswith("timm_model.") for name in load_file(hub_style / "model.safetensors"))
+    tuned = load_classifier(hub_style, {i: f"digit-{i}" for i in range(10)})  # tiny_timm's labels
+    tuned.load_state_dict(perturbed_backbone(tuned.state_dict(), 3, scale=0.002, head=True))
+    finetune = save_tiny_checkpoint(tmp_path / "finetune", tuned)
+    stored = load_file(hub_style / "model.safetensors")
+    assert classifier_names(hub_style / "config.json", stored) == ({name: name for name in stored}, frozenset())
+    [vetted] = vet_ingredients(resolve_model(str(hub_style)), [resolve_model(str(finetune))])
+    assert 0 < vetted.distance < 1
+    argv = ["merge", str(finetune), str(finetune), "--method", "task-arithmetic", "--base", str(hub_style)]
+    assert cli.main([*argv, "--output", str(tmp_path / "merged")]) == 0
+
+    buffer = {"encoder.layer.0.attention.relative_position_index": torch.arange(4)}
+    old_base = _rewritten(headless_world.headless, tmp_path / "old-base", extra=buffer)
+    old_finetune = _rewritten(
+        headless_world.finetunes[0], tmp_path / "old-ft", extra={f"vit.{k}": v for k, v in buffer.items()}
+    )
+    [old] = vet_ingredients(resolve_model(str(old_base)), [resolve_model(str(old_finetune))])
+    [new] = vet_ingredients(
+        resolve_model(str(headless_world.headless)), [resolve_model(str(headless_world.finetunes[0]))]
+    )
+    assert old.distance == new.distance
+
+
+def test_merge_anchors_a_model_that_is_no_image_classifier_as_it_did(tmp_path):
+    """merge takes any transformers model: a base whose config builds no image classifier (BERT) is read as
+    stored, not an internal error."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ratatouille_hub import cli
+    from ratatouille_hub.testing import perturbed_backbone
+
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    folders = []
+    for k in (1, 2):
+        model = BertForSequenceClassification(config)
+        model.load_state_dict(perturbed_backbone(base.state_dict(), k, scale=0.01, head=True))
+        model.save_pretrained(tmp_path / f"ft{k}")
+        folders.append(str(tmp_path / f"ft{k}"))
+    argv = ["merge", *folders, "--method", "task-arithmetic", "--base", str(tmp_path / "base")]
+    assert cli.main([*argv, "--output", str(tmp_path / "merged")]) == 0
