@@ -258,10 +258,10 @@ def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
             config_file = base.checkpoint.path / "config.json"
             names = classifier_names(config_file, base.signature).names
             if names == {name: name for name in base.signature}:
-                return Yardstick(base, f"the base {source}", head_names_of(config_file))
+                return Yardstick(base, f"the base {source}", head_names_of(config_file, base.signature))
             in_classifier_space = {names[name]: value for name, value in base.signature.items() if name in names}
             base = replace(base, signature=in_classifier_space)  # headless: read as its runs name it
-            return Yardstick(base, f"the base {source}", head_names_of(config_file), names)
+            return Yardstick(base, f"the base {source}", head_names_of(config_file, base.signature), names)
         except (RatatouilleError, OSError, ValueError, ImportError) as error:
             why = f"cannot be read ({_first_line(error)})"
     else:
@@ -272,7 +272,7 @@ def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
             f"{named.checkpoint.source}"
         )
     )
-    head_names = head_names_of(named.checkpoint.path / "config.json")
+    head_names = head_names_of(named.checkpoint.path / "config.json", named.signature)
     return Yardstick(named, f"the named run {named.checkpoint.source}", head_names)
 
 

@@ -108,11 +108,18 @@ def _meta_classifier(config_file: Path):
         return AutoModelForImageClassification.from_config(config, trust_remote_code=False)
 
 
-def head_names_of(config_file: Path) -> set[str]:
-    """The head's tensor names for the architecture in `config_file`, from a weightless meta model."""
+def head_names_of(config_file: Path, stored: Iterable[str] = ()) -> set[str]:
+    """The head's tensor names for the architecture in `config_file`, from a weightless meta model, as the
+    checkpoint whose tensor names are `stored` holds them: a timm checkpoint as the Hub stores it names its
+    head `classifier.weight`, where transformers' model holds `timm_model.classifier.weight`."""
     from .models import head_parameter_names
 
-    return head_parameter_names(_meta_classifier(config_file))
+    model = _meta_classifier(config_file)
+    stored, prefix = set(stored), f"{model.base_model_prefix}."
+    return {
+        name.removeprefix(prefix) if name not in stored and name.removeprefix(prefix) in stored else name
+        for name in head_parameter_names(model)
+    }
 
 
 class ClassifierNames(NamedTuple):
@@ -224,7 +231,7 @@ def _vet_base(api, base: str) -> _Base:
     except ValueError as error:  # e.g. an id the clients refuse
         raise DiscoverError(f"base {base}: {_first_line(error)}") from None
     try:
-        head_names = head_names_of(config_file)
+        head_names = head_names_of(config_file, signature)
     except (ArchitectureError, ValueError) as error:  # transformers: unknown model_type; models: no linear head
         cached = str(config_file.parent)  # transformers names the folder in the HF cache, not the repo
         raise DiscoverError(f"base {base}: {_first_line(error).replace(cached, f'{base}@{sha}')}") from None

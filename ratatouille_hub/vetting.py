@@ -98,7 +98,7 @@ def vet_ingredients(
     base_config = read_config(base)
     stored = signature_of(base)  # validates every header (truncation, corruption, absurd shapes)
     try:
-        head_names = head_names_of(base.path / "config.json")  # a weightless model: no code, no memory
+        head_names = head_names_of(base.path / "config.json", stored)  # a weightless model: no code, no memory
         names, dropped = classifier_names(base.path / "config.json", stored)  # headless: as its fine-tunes name it
     except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
         raise IngredientError(f"{base.source}: {named(base, _first_line(error))}") from None

@@ -198,7 +198,8 @@ def _rewritten(folder: Path, to: Path, rename=lambda name: name, extra: dict | N
 
 def test_a_timm_base_as_the_hub_stores_it_and_an_old_headless_base_are_read_as_before(headless_world, tmp_path):
     """A timm checkpoint on the Hub stores timm's own names (no `timm_model.`, which transformers adds in
-    memory only): it is a classifier, read as stored (reading it as headless refused every fine-tune).
+    memory only): it is a classifier, read as stored (reading it as headless refused every fine-tune), its head
+    `classifier.*` (a fine-tune with another head was refused as 'tensor classifier.bias has shape [5]').
     A tensor a headless base and its fine-tunes both persisted but the classifier no longer has (an old
     buffer) is compared on neither side."""
 
@@ -210,14 +211,18 @@ def test_a_timm_base_as_the_hub_stores_it_and_an_old_headless_base_are_read_as_b
     saved = tiny_timm(tmp_path / "saved", {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3})
     hub_style = _rewritten(saved, tmp_path / "hub-style", lambda name: name.removeprefix("timm_model."))
     assert not any(name.startswith("timm_model.") for name in load_file(hub_style / "model.safetensors"))
-    tuned = load_classifier(hub_style, {i: f"digit-{i}" for i in range(10)})  # tiny_timm's labels
+    tuned = load_classifier(hub_style, {i: f"cat-{i}" for i in range(5)})  # another task: a head of 5 rows
     tuned.load_state_dict(perturbed_backbone(tuned.state_dict(), 3, scale=0.002, head=True))
     finetune = save_tiny_checkpoint(tmp_path / "finetune", tuned)
     stored = load_file(hub_style / "model.safetensors")
     assert classifier_names(hub_style / "config.json", stored) == ({name: name for name in stored}, frozenset())
-    [vetted] = vet_ingredients(resolve_model(str(hub_style)), [resolve_model(str(finetune))])
-    assert 0 < vetted.distance < 1
-    argv = ["merge", str(finetune), str(finetune), "--method", "task-arithmetic", "--base", str(hub_style)]
+    assert not any(name.startswith("timm_model.") for name in load_file(finetune / "model.safetensors"))
+    prefixed = _rewritten(finetune, tmp_path / "finetune-prefixed", lambda name: f"timm_model.{name}")
+    [as_stored] = vet_ingredients(resolve_model(str(hub_style)), [resolve_model(str(finetune))])
+    [as_saved] = vet_ingredients(resolve_model(str(saved)), [resolve_model(str(prefixed))])
+    assert 0 < as_stored.distance == as_saved.distance < 1  # its head (another size) left out, as it is there
+    again = _rewritten(finetune, tmp_path / "finetune-again", lambda name: name)
+    argv = ["merge", str(finetune), str(again), "--method", "task-arithmetic", "--base", str(hub_style)]
     assert cli.main([*argv, "--output", str(tmp_path / "merged")]) == 0
 
     buffer = {"encoder.layer.0.attention.relative_position_index": torch.arange(4)}
