@@ -89,6 +89,7 @@ def refuse_unbuildable(folder: Path, name: str) -> None:
     device (no memory, no weights read) and its shapes compared with the weights' headers."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.core_model_loading import revert_weight_conversion
 
     from .fetch import weight_files
 
@@ -103,11 +104,15 @@ def refuse_unbuildable(folder: Path, name: str) -> None:
     channels = getattr(config, "num_channels", 3)
     if channels != 3:
         raise ArchitectureError(f"{name}/config.json: num_channels is {channels!r}; images are fed as RGB (3 channels)")
-    built = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    shapes = []
+    # as save_pretrained names them on disk (transformers 5 renames ViT's modules in memory only)
+    built = {key: tensor.shape for key, tensor in revert_weight_conversion(model, model.state_dict()).items()}
+    prefix, shapes = f"{model.base_model_prefix}.", []
     for file in weight_files(Path(folder)):  # what transformers loads, never a decoy beside it
         with safe_open(str(file), framework="pt") as handle:
-            shapes += [(key, handle.get_slice(key).get_shape(), built[key]) for key in handle.keys() if key in built]
+            for key in handle.keys():
+                as_built = key if key in built else prefix + key  # a timm checkpoint as the Hub stores it
+                if as_built in built:
+                    shapes.append((as_built, handle.get_slice(key).get_shape(), built[as_built]))
     refuse_mismatches(name, model, shapes)
 
 

@@ -257,3 +257,24 @@ def test_merge_anchors_a_model_that_is_no_image_classifier_as_it_did(tmp_path):
         folders.append(str(tmp_path / f"ft{k}"))
     argv = ["merge", *folders, "--method", "task-arithmetic", "--base", str(tmp_path / "base")]
     assert cli.main([*argv, "--output", str(tmp_path / "merged")]) == 0
+
+
+def test_a_vit_config_that_does_not_match_its_weights_is_refused_at_planning(headless_world, tmp_path):
+    """transformers 5 names a ViT's modules otherwise in memory than on disk, so the planning check compared no
+    tensor of a ViT and a wrong intermediate_size surfaced only when a run loaded it: it compares the names the
+    classifier is saved under."""
+    import json
+
+    from ratatouille_hub.models import ArchitectureError, refuse_unbuildable
+
+    refuse_unbuildable(headless_world.classifier, "classifier")  # a consistent one passes
+    wrong = tmp_path / "wrong"
+    shutil.copytree(headless_world.classifier, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(ArchitectureError) as refused:
+        refuse_unbuildable(wrong, "wrong")
+    assert str(refused.value) == (
+        "wrong: config.json does not match its weights: it builds tensor 'vit.encoder.layer.0.intermediate.dense.bias' "
+        "as [64], the weights hold [32] (2 more tensors like it)"
+    )  # the intermediate layer's weight and the output layer's weight
