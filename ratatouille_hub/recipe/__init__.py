@@ -303,7 +303,7 @@ def fetch_ingredients(
             log.warning(f"[fetch] refused: {terminal_safe(str(error))}")
             left_out.append((source, f"refused: {error}"))
             continue
-        identity = ingredient.revision if ingredient.is_local else ingredient.reference  # local: its weights
+        identity = str(ingredient.path.resolve()) if ingredient.is_local else ingredient.reference  # one folder
         if identity in named:  # it would start two runs and count twice in the soup, unannounced
             raise RecipeError(
                 f"--aux names one fine-tune twice: {named[identity]} and {source} ({ingredient.revision}); "
