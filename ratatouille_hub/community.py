@@ -256,12 +256,11 @@ def recipe_yardstick(recipe: dict, named: Checked, token) -> Yardstick:
         try:
             base = _checked(resolve_model(source, revision, token))
             config_file = base.checkpoint.path / "config.json"
-            names = classifier_names(config_file, base.signature).names
-            if names == {name: name for name in base.signature}:
+            read = classifier_names(config_file, base.signature)
+            if not read.headless:
                 return Yardstick(base, f"the base {source}", head_names_of(config_file, base.signature))
-            in_classifier_space = {names[name]: value for name, value in base.signature.items() if name in names}
-            base = replace(base, signature=in_classifier_space)  # headless: read as its runs name it
-            return Yardstick(base, f"the base {source}", head_names_of(config_file, base.signature), names)
+            base = replace(base, signature=read.renamed(base.signature))  # read as its runs name it
+            return Yardstick(base, f"the base {source}", head_names_of(config_file, base.signature), read.names)
         except (RatatouilleError, OSError, ValueError, ImportError) as error:
             why = f"cannot be read ({_first_line(error)})"
     else:

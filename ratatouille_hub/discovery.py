@@ -128,6 +128,14 @@ class ClassifierNames(NamedTuple):
     names: dict[str, str]  # stored name -> the classifier's
     dropped: frozenset[str]  # stored tensors the classifier lacks (a pooler), under its prefix: never compared
 
+    @property
+    def headless(self) -> bool:
+        return bool(self.dropped) or any(stored != name for stored, name in self.names.items())
+
+    def renamed(self, by_stored_name: Mapping[str, object]) -> dict:
+        """`by_stored_name` (a signature) keyed by the classifier's names, what it lacks left out."""
+        return {self.names[name]: value for name, value in by_stored_name.items() if name in self.names}
+
 
 def classifier_names(config_file: Path, stored: Iterable[str]) -> ClassifierNames:
     """A classifier's (or timm's) stored names are its own. A headless base's (its config's architectures name
@@ -236,8 +244,8 @@ def _vet_base(api, base: str) -> _Base:
         cached = str(config_file.parent)  # transformers names the folder in the HF cache, not the repo
         raise DiscoverError(f"base {base}: {_first_line(error).replace(cached, f'{base}@{sha}')}") from None
     model_type = json.loads(config_file.read_text()).get("model_type")
-    names, dropped = classifier_names(config_file, signature)  # a headless base: as its fine-tunes name it
-    return _Base(model_type, {names[n]: value for n, value in signature.items() if n in names}, head_names | dropped)
+    read = classifier_names(config_file, signature)  # a headless base: as its fine-tunes name it
+    return _Base(model_type, read.renamed(signature), head_names | read.dropped)
 
 
 def _vet(api, base: _Base, listed, target: str | None) -> Candidate:

@@ -99,12 +99,12 @@ def vet_ingredients(
     stored = signature_of(base)  # validates every header (truncation, corruption, absurd shapes)
     try:
         head_names = head_names_of(base.path / "config.json", stored)  # a weightless model: no code, no memory
-        names, dropped = classifier_names(base.path / "config.json", stored)  # headless: as its fine-tunes name it
+        read = classifier_names(base.path / "config.json", stored)  # headless: as its fine-tunes name it
     except (ValueError, ImportError) as error:  # unknown model_type, missing library, no linear head
         raise IngredientError(f"{base.source}: {named(base, _first_line(error))}") from None
     check_finite(base, head_names)
-    base_signature = {names[name]: value for name, value in stored.items() if name in names}
-    head_names = head_names | dropped  # what neither the base's classifier nor a fine-tune's is compared on
+    base_signature, names = read.renamed(stored), read.names
+    head_names = head_names | read.dropped  # what neither the base's classifier nor a fine-tune's is compared on
     measured = []
     for ingredient in aux:
         try:

@@ -110,7 +110,6 @@ def plan_recipe(
         raise RecipeError(f"output {output} exists and is not a folder")
     refuse_output_inside(output, config.target)
     check_same_recipe(output / "recipe.yaml", config)  # read only: refuse another recipe's folder before any work
-    discovering = discovers(config)
     base, recycled, left_out = fetch_ingredients(config, token, echo)
     config = replace(config, **ingredient_pins(config, base, recycled))
     echo(f"[data] {config.target}")
@@ -124,23 +123,23 @@ def plan_recipe(
         )
         plans.append(build_plan(domain_config, base, recycled, spec, trained_on, left_out))
     plans = [replace(plan, config=replace(plan.config, **target_pins(plan))) for plan in plans]
-    warn_unrecycled(config, recycled, plans[0], discovered=discovering)
+    warn_unrecycled(config, recycled, plans[0])
     for plan in plans:  # a soup folder holding someone's files is refused now, not after the training
         check_replaceable_soup(soup_folder(plans, plan, output))
     return plans
 
 
-def warn_unrecycled(config: RecipeConfig, recycled: list[Ingredient], plan: RecipePlan, *, discovered: bool) -> None:
+def warn_unrecycled(config: RecipeConfig, recycled: list[Ingredient], plan: RecipePlan) -> None:
     """Say when a recycling strategy recycles less than it was given: none at all (its runs all start from
     the base, as --strategy soup), or, where each run starts from one checkpoint, fine-tunes that start no run
     (ratatouille starts run k from the k-th)."""
     if not STRATEGIES[config.strategy].recycles:
         return
     if not recycled:
-        why = (
-            "the Hub has no fine-tune of the base this recipe can use"
-            if discovered
-            else "no --aux given, and a local base is never searched on the Hub"
+        why = (  # none recycled means no --aux: a Hub base was searched, a local one never is
+            "no --aux given, and a local base is never searched on the Hub"
+            if plan.base.is_local
+            else "the Hub has no fine-tune of the base this recipe can use"
         )
         log.warning(
             f"[plan] warning: --strategy {config.strategy} recycles no fine-tune ({why}): every run starts from "
