@@ -579,14 +579,31 @@ def _channel_values(values: tuple[float, float, float], device: torch.device) ->
     return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
 
+RGB = (0, 1, 2)
+BGR = (2, 1, 0)  # MobileViT's processors flip the channels and do not normalise
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean and std that leave [0, 1] pixels as they are
+
+
 @dataclass(frozen=True)
 class Normalization:
+    """What the base's processor does to a [0, 1] pixel: channel `c` of the model's input is
+    (x[channels[c]] - mean[c]) / std[c]."""
+
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels: tuple[int, int, int] = RGB
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise floats in [0, 1], on their device."""
+        """Normalise floats in [0, 1] (batches, channels first), on their device."""
+        if self.channels != RGB:
+            x = x[:, list(self.channels)]
         return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)
+
+    def fingerprint(self) -> dict:
+        """What a target's fingerprint records of it: the channel order only where it is not RGB, so the
+        fingerprints (and run keys) of RGB bases stay those made before it was read."""
+        stats = {"mean": list(self.mean), "std": list(self.std)}
+        return stats if self.channels == RGB else {**stats, "channels": list(self.channels)}
 
     def from_uint8(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         return self(pixels_uint8.float().div_(255.0))
@@ -652,9 +669,12 @@ def augment(pixels_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def normalization_of(processor, model: str = "the base") -> Normalization:
-    """The mean/std the base was trained with: the processor's own, or a timm `data_config`'s (`model`: what the
-    user called the base, for error lines). Anything but 3 finite numbers, and a std that is not positive, is
-    refused, naming the file and key: it would fail or divide by zero only once training runs."""
+    """What the base's processor does to a pixel (`model`: what the user called the base, for error lines): a
+    timm `data_config`'s mean/std; a transformers processor's mean/std, none where it does not normalise, and
+    its channel flip, checked against the processor itself (`_read_off`), whose own figures win where its
+    settings say less than it does (EfficientNet's include_top divides by std twice). Anything but 3 finite
+    numbers, and a std that is not positive, is refused, naming the file and key: it would fail or divide by
+    zero only once training runs."""
     timm_config = getattr(processor, "data_config", None) or {}
     mean = getattr(processor, "image_mean", None) or timm_config.get("mean")
     std = getattr(processor, "image_std", None) or timm_config.get("std")
@@ -666,7 +686,82 @@ def normalization_of(processor, model: str = "the base") -> Normalization:
         if not numbers or (positive and min(values) <= 0):
             what = "positive numbers" if positive else "numbers"
             raise DataError(f"{where}: {prefix}{key} must be 3 {what} (got {_listed(values)})")
-    return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+    declared = Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+    if timm_config:
+        return declared
+    if not getattr(processor, "do_normalize", True):  # None too: transformers' processors then leave it out
+        declared = Normalization(*IDENTITY)
+    if getattr(processor, "do_flip_channel_order", False):
+        declared = Normalization(declared.mean, declared.std, BGR)
+    measured = _read_off(processor, where)
+    normalization = declared if measured is None or _reproduces(declared, measured) else measured
+    if normalization.channels != RGB and (normalization.channels, normalization.mean, normalization.std) != (
+        BGR,
+        *IDENTITY,
+    ):
+        raise DataError(
+            f"{where}: {type(processor).__name__} reorders the channels {_listed(normalization.channels)} and "
+            f"normalises (mean {_listed(normalization.mean)}, std {_listed(normalization.std)}); only a BGR flip "
+            "with no normalisation can be saved as a transformers processor: the soup could not be served as "
+            "it was evaluated"
+        )
+    return normalization
+
+
+# A black image, one of each primary at full strength, and a mid grey (which checks the map is affine).
+_PROBES = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128))
+
+
+def _read_off(processor, where: str) -> dict | None:
+    """The processor's output, channel by channel, for each of `_PROBES` as a plain image (a constant image
+    stays constant through any resize or crop). None where the processor cannot take such an image: then its
+    settings are all there is to go by, as before this check."""
+    from PIL import Image
+
+    try:
+        batch = processor(images=[Image.new("RGB", (64, 64), colour) for colour in _PROBES], return_tensors="np")
+        values = np.asarray(batch["pixel_values"], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - any processor's failure on a plain image means: no reading
+        return None
+    if values.ndim != 4 or values.shape[:2] != (len(_PROBES), 3):
+        return None
+    return _affine_map(values[:, :, values.shape[2] // 2, values.shape[3] // 2], type(processor).__name__, where)
+
+
+def _affine_map(out: np.ndarray, processor: str, where: str) -> Normalization:
+    """The Normalization giving `out` (probe x channel): each output channel a scale and shift of one input
+    channel. A processor doing anything else (mixing channels, a curve) is refused: the product trains on its
+    own decoded pixels and could not feed the base what its processor does."""
+    mean, std, channels = [], [], []
+    for c in range(3):
+        shift = out[0, c]
+        responses = out[1:4, c] - shift
+        source = int(np.argmax(np.abs(responses)))
+        scale = responses[source]
+        others = np.delete(np.abs(responses), source)
+        grey = scale * 128 / 255 + shift
+        if scale == 0 or others.max() > 1e-4 * abs(scale) or abs(grey - out[4, c]) > 1e-3 * max(1.0, abs(grey)):
+            raise DataError(
+                f"{where}: {processor} maps pixel values in a way that is not a scale and shift of each channel, "
+                "which ratatouille-hub cannot reproduce in training"
+            )
+        mean.append(float(-shift / scale))
+        std.append(float(1 / scale))
+        channels.append(source)
+    return Normalization(tuple(mean), tuple(std), tuple(channels))  # type: ignore[arg-type]
+
+
+def _reproduces(declared: Normalization, measured: Normalization) -> bool:
+    """Whether the settings give the processor's own output (to float32 rounding) on black and full strength."""
+    if declared.channels != measured.channels:
+        return False
+    for x in (0.0, 1.0):
+        for c in range(3):
+            ours = (x - declared.mean[c]) / declared.std[c]
+            theirs = (x - measured.mean[c]) / measured.std[c]
+            if abs(ours - theirs) > 1e-4 * max(1.0, abs(theirs)):
+                return False
+    return True
 
 
 def _processor_file(processor, model: str) -> tuple[str, str]:

@@ -200,10 +200,17 @@ def _squash_processor(model: nn.Module, size: int, normalize: Normalization):
     """An image processor file that does what evaluation did: the whole image resized (bilinear) to
     size x size, rescaled to [0, 1] and normalised with the base's mean and std. DomainBed evaluates
     this way; the base's own processor may resize the shortest edge and centre-crop instead, and then
-    `pipeline(...)` would not score what the card reports."""
+    `pipeline(...)` would not score what the card reports. A base that feeds its model BGR (MobileViT: no
+    normalisation, `normalization_of` refuses the rest) is served by MobileViT's processor, the one that flips."""
     from PIL import Image
-    from transformers import ViTImageProcessorPil
+    from transformers import MobileViTImageProcessorPil, ViTImageProcessorPil
 
+    from .data import RGB
+
+    if normalize.channels != RGB:
+        return MobileViTImageProcessorPil(
+            size={"height": size, "width": size}, resample=Image.BILINEAR, do_center_crop=False
+        )
     return ViTImageProcessorPil(
         size={"height": size, "width": size},
         resample=Image.BILINEAR,

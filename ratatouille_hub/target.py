@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ class TargetPreparation:
                 "splits": [[d.domain, d.train, d.val] for d in self.splits.train_domains],
                 "test": self.splits.test_domain,
                 "size": self.size,
-                "normalize": asdict(self.normalize),
+                "normalize": self.normalize.fingerprint(),
             }
         )
 

@@ -224,6 +224,37 @@ def test_normalization_and_processor_settings():
     assert resolution_of(processor, 40) == 40
 
 
+class _MappingProcessor:
+    """A processor as `normalization_of` reads one: settings, and a call that maps each pixel with `mapping`."""
+
+    image_mean, image_std = [0.5] * 3, [0.5] * 3
+
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+    def __call__(self, images, return_tensors):
+        pixels = np.stack([np.asarray(image, dtype=np.float64).transpose(2, 0, 1) / 255 for image in images])
+        return {"pixel_values": self.mapping(pixels)}
+
+
+def test_a_processor_that_does_more_than_its_settings_say_is_followed_and_one_that_cannot_be_is_refused():
+    """The settings are checked against what the processor does to plain images: a scale and shift of each
+    channel its settings do not say (rescale_offset's [-1, 1]) is followed; a mix of channels (grey), a curve,
+    or a channel order with a normalisation (no transformers processor could be saved to serve it) refused."""
+    offset = normalization_of(_MappingProcessor(lambda x: 2 * x - 1))
+    assert offset == Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # what the settings say too
+    twice = normalization_of(_MappingProcessor(lambda x: (x - 0.5) / 0.25))
+    assert twice.mean == pytest.approx((0.5,) * 3) and twice.std == pytest.approx((0.25,) * 3)
+    grey = _MappingProcessor(lambda x: x.mean(axis=1, keepdims=True).repeat(3, axis=1))
+    with pytest.raises(DataError, match=r"maps pixel values in a way that is not a scale and shift of each channel"):
+        normalization_of(grey, "org/base")
+    with pytest.raises(DataError, match=r"^org/base/preprocessor_config.json: _MappingProcessor maps pixel values"):
+        normalization_of(_MappingProcessor(lambda x: x**2), "org/base")
+    bgr_normalised = _MappingProcessor(lambda x: (x[:, ::-1] - 0.5) / 0.5)
+    with pytest.raises(DataError, match=r"reorders the channels \[2, 1, 0\] and normalises \(mean \[0.5, 0.5, 0.5\]"):
+        normalization_of(bgr_normalised)
+
+
 def test_the_resolution_is_the_crop_only_when_the_processor_crops():
     """google/efficientnet-b0's processor: resize to `size`, a `crop_size` it never applies (do_center_crop false)."""
     from transformers import EfficientNetImageProcessor

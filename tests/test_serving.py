@@ -8,14 +8,25 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil, pipeline
+from transformers import (
+    AutoImageProcessor,
+    ConvNextImageProcessorPil,
+    EfficientNetConfig,
+    EfficientNetForImageClassification,
+    EfficientNetImageProcessorPil,
+    MobileViTConfig,
+    MobileViTForImageClassification,
+    MobileViTImageProcessorPil,
+    ViTImageProcessorPil,
+    pipeline,
+)
 
 from ratatouille_hub import recycle
 from ratatouille_hub.config import RecipeConfig
 from ratatouille_hub.fetch import resolve_model
 from ratatouille_hub.sources import load_dataset_source
 from ratatouille_hub.target import TargetPreparation
-from ratatouille_hub.testing import tiny_resnet, tiny_timm, write_hub_dataset
+from ratatouille_hub.testing import labels, tiny_resnet, tiny_timm, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,8 +68,36 @@ def resnet_base(folder, processor):
     return folder
 
 
+def mobilevit_base(folder):
+    """As apple/mobilevit-small ships: its processor flips RGB to BGR and does not normalise. 32 px: the
+    smallest input its five halvings take."""
+    torch.manual_seed(0)
+    config = MobileViTConfig(
+        image_size=32, hidden_sizes=[16] * 3, neck_hidden_sizes=[8] * 6 + [16], num_attention_heads=1, **labels(DIGITS)
+    )
+    MobileViTForImageClassification(config).save_pretrained(folder)
+    processor = MobileViTImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+    return folder
+
+
+def efficientnet_base(folder):
+    """As google/efficientnet-b0 ships: include_top, so its processor divides by the std twice."""
+    torch.manual_seed(0)
+    config = EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, **labels(DIGITS)
+    )
+    EfficientNetForImageClassification(config).save_pretrained(folder)
+    EfficientNetImageProcessorPil(size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD).save_pretrained(
+        folder
+    )
+    return folder
+
+
 BASES = {"crop": lambda f: resnet_base(f, crop_processor()), "squash": lambda f: resnet_base(f, squash_processor())}
 BASES["timm"] = timm_base
+BASES["mobilevit"] = mobilevit_base
+BASES["efficientnet"] = efficientnet_base
 
 
 @pytest.mark.parametrize("kind", list(BASES))
@@ -89,7 +128,7 @@ def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target
     assert served == results.soup.test_accuracy
 
     # The pixels the served processor feeds the model are those evaluation fed it, up to the resize's
-    # rounding (one uint8 step is 1/255/std, 0.016-0.02 here).
+    # rounding: one uint8 step of the image at most.
     preparation = TargetPreparation(config, resolve_model(config.base))
     target = preparation.decode()
     evaluated_pixels = target.data.normalize.from_uint8(target.test.pixels)
@@ -97,10 +136,14 @@ def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target
     served_pixels = pipeline("image-classification", model=str(soup)).image_processor(
         list(in_test_order["image"]), return_tensors="pt"
     )["pixel_values"]
-    assert served_pixels.shape == evaluated_pixels.shape == (len(held_out), 3, SIZE, SIZE)
-    mismatch = (served_pixels - evaluated_pixels).abs()
-    print(f"{kind}: pixels differ by at most {float(mismatch.max()):.3f}, {float(mismatch.mean()):.4f} on average")
-    assert float(mismatch.mean()) < 1e-3 and float(mismatch.max()) < 0.05
+    size = 32 if kind in ("mobilevit", "efficientnet") else SIZE
+    assert served_pixels.shape == evaluated_pixels.shape == (len(held_out), 3, size, size)
+    std = torch.tensor(target.data.normalize.std).view(1, 3, 1, 1)
+    steps = (served_pixels - evaluated_pixels).abs() * std * 255  # in uint8 steps of the image
+    print(
+        f"{kind}: pixels differ by at most {float(steps.max()):.3f} uint8 steps, {float(steps.mean()):.4f} on average"
+    )
+    assert float(steps.mean()) < 0.05 and float(steps.max()) < 1.001
 
     # The best run (what --strategy erm serves, from the same runs): the served probabilities of every
     # held-out image are those evaluation computed, up to the resize's rounding.
@@ -119,3 +162,21 @@ def test_pipeline_on_the_soup_scores_what_results_json_reports(kind, wide_target
 def accuracy(classify, images, truth) -> float:
     predicted = [top[0]["label"] for top in classify(list(images), top_k=1)]
     return sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+
+
+@pytest.mark.parametrize("kind", ["squash", "mobilevit", "efficientnet"])
+def test_training_feeds_the_base_what_its_own_processor_feeds_it(kind, tmp_path):
+    """On images already at the base's resolution (so no resize differs), the pixels training and evaluation
+    feed the model are the base's own processor's: MobileViT's BGR and no normalisation, EfficientNet's second
+    division by the std (include_top), as ViT's plain mean and std."""
+    base = BASES[kind](tmp_path / "base")
+    size = 32 if kind != "squash" else SIZE
+    shapes = toyworld.target_dataset(per_class_per_domain=2, size=size)
+    target = write_hub_dataset(shapes, tmp_path / "shapes")
+    config = RecipeConfig(base=str(base), target=str(target), test_domain="sketch", output=str(tmp_path / "out"))
+    preparation = TargetPreparation(config, resolve_model(config.base))
+    evaluated = preparation.decode()
+    in_test_order = load_dataset_source(str(target)).select(list(preparation.splits.test))
+    own = AutoImageProcessor.from_pretrained(base, backend="pil")
+    expected = own(list(in_test_order["image"]), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(evaluated.data.normalize.from_uint8(evaluated.test.pixels), expected, rtol=0, atol=1e-5)
