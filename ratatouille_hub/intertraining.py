@@ -185,6 +185,9 @@ class Intertraining:
                 "base": self.base.revision,
                 "data": self.data_reference,
                 "size": self.size,
+                # the pixels it trains on: a local base's revision is its weights' digest alone, so a processor
+                # changed beside the same weights (or read anew: MobileViT's BGR) must not reuse the old fine-tune
+                "normalize": self.normalize.fingerprint(),
                 "steps": config.steps,
                 "batch": config.batch_size,
                 "augment": config.augment,

@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load, load_file
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import AutoModelForImageClassification, ViTImageProcessorPil, pipeline
 
 from ratatouille_hub import cli
 from ratatouille_hub.config import IntertrainConfig, RecipeConfig
@@ -28,7 +28,7 @@ from ratatouille_hub.merge_engine import average_state_dicts
 from ratatouille_hub.models import head_parameter_names, load_classifier, load_processor, serving_processor
 from ratatouille_hub.recipe import recycle
 from ratatouille_hub.sources import load_dataset_source
-from ratatouille_hub.testing import tiny_timm, write_hub_dataset
+from ratatouille_hub.testing import save_tiny_checkpoint, tiny_processor, tiny_resnet, tiny_timm, write_hub_dataset
 from ratatouille_hub.toy import world as toyworld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,6 +112,25 @@ def test_intertrain_rerun_reuses_the_finished_fine_tune(timm_world):
     (again,) = intertrain(timm_world.aux_config, echo=lines.append)
     assert again == timm_world.aux and (again / "model.safetensors").read_bytes() == before
     assert any("done earlier" in line for line in lines)
+
+
+def test_intertrain_retrains_when_the_base_feeds_its_model_other_pixels(timm_world, tmp_path):
+    """A local base's revision is its weights' digest: a processor changed beside the same weights gives other
+    pixels, so the finished fine-tune is not the one asked for."""
+    base = save_tiny_checkpoint(tmp_path / "base", tiny_resnet(0), processor=tiny_processor())
+    config = IntertrainConfig(
+        base=str(base), dataset=str(timm_world.stripes), steps=2, batch_size=4, output=str(tmp_path / "out")
+    )
+    (first,) = intertrain(config, echo=lambda _: None)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.4] * 3, image_std=[0.5] * 3).save_pretrained(
+        base
+    )
+    (second,) = intertrain(config, echo=lambda _: None)
+    assert second != first and {p.name for p in (tmp_path / "out" / "runs").iterdir() if p.is_dir()} == {
+        first.name,
+        second.name,
+    }
+    assert json.loads((second / "preprocessor_config.json").read_text())["image_mean"] == [0.4] * 3
 
 
 def test_intertrain_runs_draw_their_own_hyperparameters(timm_world, tmp_path):
