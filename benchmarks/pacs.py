@@ -997,7 +997,8 @@ def markdown(payload: dict) -> str:
     where = payload.get("cells_per_cpu", {})
     if where:
         ran = "; ".join(
-            f"trial {t}: " + ", ".join(f"{cpu} ({n} cells)" for cpu, n in counts.items()) for t, counts in where.items()
+            f"trial {t}: " + ", ".join(f"{cpu} ({n} cell{'s' if n != 1 else ''})" for cpu, n in counts.items())
+            for t, counts in where.items()
         )
         lines += ["", f"Where the kept cells ran (2 cores each): {ran}."]
     lines += ["", "## The goal: the paper's gains on the PACS average", ""]
