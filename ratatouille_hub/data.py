@@ -712,7 +712,7 @@ def normalization_of(processor, model: str = "the base") -> Normalization:
 _PROBES = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128))
 
 
-def _read_off(processor, where: str) -> dict | None:
+def _read_off(processor, where: str) -> Normalization | None:
     """The processor's output, channel by channel, for each of `_PROBES` as a plain image (a constant image
     stays constant through any resize or crop). None where the processor cannot take such an image: then its
     settings are all there is to go by, as before this check."""
