@@ -454,16 +454,15 @@ def criteria_reading(results: dict[str, Results]) -> str:
     erm = results["soup"].best_single.test_accuracy
     won = [key for key in AVERAGED if results[key].averages["uniform"].test_accuracy > erm]
     listed = ", ".join(f"{SHORT[key]} {gap:+.1f}" for key, gap in gaps.items())
+    if len(below) == len(gaps):
+        above = "none above"
+    elif below:
+        above = f"{', '.join(below)}: not above"
+    else:
+        above = "every average above"
     lines = [
         "Why, from the criteria on training-domain validation (the table below):",
-        f"- each uniform average against its runs' mean: {listed} points"
-        + (
-            " (none above)"
-            if len(below) == len(gaps)
-            else f" ({', '.join(below)}: not above)"
-            if below
-            else " (every average above)"
-        ),
+        f"- each uniform average against its runs' mean: {listed} points ({above})",
         f"- the recycled inits {'add' if diverse else 'add no'} diversity: median ratio-error {ratio[VETTED]:.2f} "
         f"between the careful Ratatouille's runs, {ratio['soup']:.2f} between the soup's",
     ]
