@@ -700,7 +700,7 @@ def report() -> None:
     trials = sorted(int(p.name.removeprefix("trial")) for p in DURABLE.glob("trial*") if p.is_dir())
     table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
     val_table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
-    complete_trials, costs, chosen_runs, diversity, hub_style, cpus = [], {}, {}, {}, {}, {}
+    complete_trials, costs, chosen_runs, diversity, peaks, hub_style, cpus = [], {}, {}, {}, {}, {}, {}
     for trial in trials:
         cpus[trial] = cpus_of(trial)
         cells = {
@@ -725,6 +725,7 @@ def report() -> None:
             d: {c: pair_summary(cells[(d, c)]) for c in ("soup", "ratatouille", "hub-style") if cells.get((d, c))}
             for d in DOMAINS
         }
+        peaks[trial] = peak_summary([cells[(d, c)] for d in DOMAINS for c in STRATEGIES])
         made = {(d, c.name) for d in DOMAINS for c in HUB_STYLE_CELLS if cells[(d, c.name)]}
         if trial in HUB_STYLE_TRIALS and made:  # its cells run after the three trials: none before
             hub_style[trial] = {
@@ -754,6 +755,7 @@ def report() -> None:
         "cost_per_trial": costs,
         "chosen_runs_per_trial": chosen_runs,
         "diversity": diversity,
+        "peaks": peaks,
         "ingredients": load_json(DURABLE / "ingredients.json", {}),
         "hub_style": hub_style,
         "diagnose": diagnoses,
@@ -890,6 +892,22 @@ def pair_summary(results: Results) -> dict:
     }
 
 
+def peak_summary(cells: list[Results]) -> dict[str, list[int]]:
+    """How many of a trial's distinct runs (shared ones once), by kind of init, scored best on validation at
+    their last evaluation, out of how many: a run still improving there would gain from more steps."""
+    seen, peaks = set(), {}
+    for results in cells:
+        for run in results.runs:
+            if (results.test_domain, run.folder) in seen:
+                continue
+            seen.add((results.test_domain, run.folder))
+            kind = _init_name(results, run)
+            kind = "fused" if kind.startswith("fused ") else kind if kind == "base" else "recycled"
+            last, total = peaks.get(kind, [0, 0])
+            peaks[kind] = [last + (run.best_step == results.recipe["steps"]), total + 1]
+    return peaks
+
+
 def hub_style_summary(results: Results, path: Path) -> dict:
     inits = [run.init.split("@")[0] for run in results.runs]
     return {
@@ -1017,6 +1035,7 @@ def markdown(payload: dict) -> str:
     lines += _chosen_runs_section(payload["chosen_runs_per_trial"])
     lines += _ingredients_section(payload["ingredients"])
     lines += _diversity_section(payload["diversity"])
+    lines += _peaks_section(payload["peaks"])
     lines += _hub_style_section(payload["hub_style"])
     lines += _diagnose_section(payload["diagnose"])
     timings = payload["timings_s"]
@@ -1125,6 +1144,35 @@ def _diversity_section(diversity: dict) -> list[str]:
                 for c, s in zip(("soup", "ratatouille", "hub-style"), cells, strict=True)
             ]
             lines.append(f"| {trial} | {domain} | " + " | ".join(text) + " |")
+    return lines
+
+
+def _peaks_section(peaks: dict) -> list[str]:
+    if not peaks:
+        return []
+    kinds = ("base", "recycled", "fused")
+    lines = [
+        "",
+        "## Were the runs still improving?",
+        "",
+        f"Runs (each counted once, however many rows share it) whose best validation was at their last evaluation "
+        f"(step {STEPS}, evaluated every {EVAL_EVERY}), out of all runs, by init: a run whose best step is its "
+        "last was still improving when it stopped.",
+        "",
+        "| trial | from the base | from a recycled fine-tune | from a fused init | all |",
+        "|---|---|---|---|---|",
+    ]
+    last = total = 0
+    for trial, by_kind in peaks.items():
+        counts = [by_kind.get(k, [0, 0]) for k in kinds]
+        counts.append([sum(c[0] for c in counts), sum(c[1] for c in counts)])
+        lines.append(f"| {trial} | " + " | ".join(f"{a} of {b}" for a, b in counts) + " |")
+        last, total = last + counts[-1][0], total + counts[-1][1]
+    if 2 * last > total:
+        lines += [
+            "",
+            f"{last} of {total} runs were still improving: more steps per run is what a larger budget buys first.",
+        ]
     return lines
 
 

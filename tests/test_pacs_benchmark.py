@@ -147,6 +147,28 @@ def test_the_report_names_each_rows_runs_and_costs_each_cpu_kind_apart(pacs, cap
         named + "run 0 (base), run 1 (base), run 2 (base) | run 0 (base), run 1 (caltech101-2), run 2 (clothing-2) |"
         in report
     )
+    # trial 0's distinct runs (shared ones once) whose best validation step is their last (120), by init
+    last: dict[tuple[str, str], bool] = {}
+    kinds: dict[tuple[str, str], str] = {}
+    for path in committed.glob("*.json"):
+        if path.name.endswith(".cost.json") or path.name.startswith("diagnose-"):
+            continue
+        record = json.loads(path.read_text())
+        for run in record["runs"]:
+            key = (record["test_domain"], run["folder"])
+            last[key] = run["best_step"] == 120
+            kinds[key] = next(
+                k
+                for p, k in (("bench/efficientnet-lite0-imagenet@", "base"), ("fusion:", "fused"), ("", "recycled"))
+                if run["init"].startswith(p)
+            )
+    counts = [
+        (sum(last[k] for k in kinds if kinds[k] == kind), sum(kinds[k] == kind for k in kinds))
+        for kind in ("base", "recycled", "fused")
+    ]
+    assert [total for _, total in counts] == [16, 12, 16]  # 11 distinct runs per test domain
+    counts.append((sum(last.values()), len(last)))
+    assert "| 0 | " + " | ".join(f"{a} of {b}" for a, b in counts) + " |" in report
     assert "## Diagnose: every pair of the Ratatouille runs, trial 1, test domain art_painting" in report
     assert list(json.loads((pacs.RESULTS / "pacs.json").read_text())["diagnose"]) == ["trial1/diagnose-art_painting"]
     assert "Trainer group: fine-tunes" not in report  # none of its cells yet: no empty table
