@@ -714,14 +714,19 @@ _PROBES = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128))
 
 def _read_off(processor, where: str) -> Normalization | None:
     """The processor's output, channel by channel, for each of `_PROBES` as a plain image (a constant image
-    stays constant through any resize or crop). None where the processor cannot take such an image: then its
-    settings are all there is to go by, as before this check."""
+    stays constant through any resize or crop), as numpy arrays or, for a processor that only returns torch
+    tensors, as those. None where the processor cannot take such an image: then its settings are all there is
+    to go by, as before this check."""
     from PIL import Image
 
-    try:
-        batch = processor(images=[Image.new("RGB", (64, 64), colour) for colour in _PROBES], return_tensors="np")
-        values = np.asarray(batch["pixel_values"], dtype=np.float64)
-    except Exception:  # noqa: BLE001 - any processor's failure on a plain image means: no reading
+    images = [Image.new("RGB", (64, 64), colour) for colour in _PROBES]
+    for tensors in ("np", "pt"):
+        try:
+            values = np.asarray(processor(images=images, return_tensors=tensors)["pixel_values"], dtype=np.float64)
+            break
+        except Exception:  # noqa: BLE001 - any processor's failure on a plain image means: no reading
+            continue
+    else:
         return None
     if values.ndim != 4 or values.shape[:2] != (len(_PROBES), 3):
         return None

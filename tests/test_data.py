@@ -255,6 +255,23 @@ def test_a_processor_that_does_more_than_its_settings_say_is_followed_and_one_th
         normalization_of(bgr_normalised)
 
 
+class _TorchOnlyProcessor(_MappingProcessor):
+    """A processor that returns torch tensors only, as some remote-code processors do."""
+
+    def __call__(self, images, return_tensors):
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported")
+        return {"pixel_values": torch.from_numpy(super().__call__(images, return_tensors)["pixel_values"].copy())}
+
+
+def test_a_processor_that_returns_torch_tensors_only_is_read_off_too():
+    """Its settings say mean 0.5, std 0.5; what it does (a BGR flip alone; a division by 0.25) is what is followed."""
+    bgr = normalization_of(_TorchOnlyProcessor(lambda x: x[:, ::-1]))
+    assert bgr.channels == (2, 1, 0) and bgr.mean == pytest.approx((0.0,) * 3) and bgr.std == pytest.approx((1.0,) * 3)
+    twice = normalization_of(_TorchOnlyProcessor(lambda x: (x - 0.5) / 0.25))
+    assert twice.mean == pytest.approx((0.5,) * 3) and twice.std == pytest.approx((0.25,) * 3)
+
+
 def test_the_resolution_is_the_crop_only_when_the_processor_crops():
     """google/efficientnet-b0's processor: resize to `size`, a `crop_size` it never applies (do_center_crop false)."""
     from transformers import EfficientNetImageProcessor
