@@ -901,11 +901,18 @@ def peak_summary(cells: list[Results]) -> dict[str, list[int]]:
             if (results.test_domain, run.folder) in seen:
                 continue
             seen.add((results.test_domain, run.folder))
-            kind = _init_name(results, run)
-            kind = "fused" if kind.startswith("fused ") else kind if kind == "base" else "recycled"
+            kind = _init_kind(results, run)
             last, total = peaks.get(kind, [0, 0])
             peaks[kind] = [last + (run.best_step == results.recipe["steps"]), total + 1]
     return peaks
+
+
+def _init_kind(results: Results, run) -> str:
+    """Which kind of init a run starts from: the base, a fused one, or a recycled fine-tune."""
+    name = _init_name(results, run)
+    if name == "base":
+        return name
+    return "fused" if name.startswith("fused ") else "recycled"
 
 
 def hub_style_summary(results: Results, path: Path) -> dict:
