@@ -700,7 +700,7 @@ def report() -> None:
     trials = sorted(int(p.name.removeprefix("trial")) for p in DURABLE.glob("trial*") if p.is_dir())
     table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
     val_table: dict[str, dict[str, list[float]]] = {row.name: {d: [] for d in DOMAINS} for row in ROWS}
-    complete_trials, costs, chosen_runs, diversity, peaks, hub_style, cpus = [], {}, {}, {}, {}, {}, {}
+    complete_trials, costs, chosen_runs, diversity, best_at_last, hub_style, cpus = [], {}, {}, {}, {}, {}, {}
     for trial in trials:
         cpus[trial] = cpus_of(trial)
         cells = {
@@ -725,7 +725,7 @@ def report() -> None:
             d: {c: pair_summary(cells[(d, c)]) for c in ("soup", "ratatouille", "hub-style") if cells.get((d, c))}
             for d in DOMAINS
         }
-        peaks[trial] = peak_summary([cells[(d, c)] for d in DOMAINS for c in STRATEGIES])
+        best_at_last[trial] = best_at_last_summary([cells[(d, c)] for d in DOMAINS for c in STRATEGIES])
         made = {(d, c.name) for d in DOMAINS for c in HUB_STYLE_CELLS if cells[(d, c.name)]}
         if trial in HUB_STYLE_TRIALS and made:  # its cells run after the three trials: none before
             hub_style[trial] = {
@@ -755,7 +755,7 @@ def report() -> None:
         "cost_per_trial": costs,
         "chosen_runs_per_trial": chosen_runs,
         "diversity": diversity,
-        "peaks": peaks,
+        "best_at_last_evaluation": best_at_last,
         "ingredients": load_json(DURABLE / "ingredients.json", {}),
         "hub_style": hub_style,
         "diagnose": diagnoses,
@@ -892,27 +892,28 @@ def pair_summary(results: Results) -> dict:
     }
 
 
-def peak_summary(cells: list[Results]) -> dict[str, list[int]]:
-    """How many of a trial's distinct runs (shared ones once), by kind of init, scored best on validation at
-    their last evaluation, out of how many: a run still improving there would gain from more steps."""
-    seen, peaks = set(), {}
+def best_at_last_summary(cells: list[Results]) -> dict[str, list[int]]:
+    """How many of a trial's distinct runs (shared ones once), by kind of init, scored their best validation at
+    their last evaluation, out of how many: those had not peaked when they stopped."""
+    seen, counts = set(), {}
     for results in cells:
         for run in results.runs:
             if (results.test_domain, run.folder) in seen:
                 continue
             seen.add((results.test_domain, run.folder))
             kind = _init_kind(results, run)
-            last, total = peaks.get(kind, [0, 0])
-            peaks[kind] = [last + (run.best_step == results.recipe["steps"]), total + 1]
-    return peaks
+            last, total = counts.get(kind, [0, 0])
+            counts[kind] = [last + (run.best_step == results.recipe["steps"]), total + 1]
+    return counts
 
 
 def _init_kind(results: Results, run) -> str:
     """Which kind of init a run starts from: the base, a fused one, or a recycled fine-tune."""
-    name = _init_name(results, run)
-    if name == "base":
-        return name
-    return "fused" if name.startswith("fused ") else "recycled"
+    from ratatouille_hub.fetch import split_revision
+
+    if not is_recycled(results, run):
+        return "base"
+    return "fused" if split_revision(run.init)[0].startswith("fusion:") else "recycled"
 
 
 def hub_style_summary(results: Results, path: Path) -> dict:
@@ -1042,7 +1043,7 @@ def markdown(payload: dict) -> str:
     lines += _chosen_runs_section(payload["chosen_runs_per_trial"])
     lines += _ingredients_section(payload["ingredients"])
     lines += _diversity_section(payload["diversity"])
-    lines += _peaks_section(payload["peaks"])
+    lines += _best_at_last_section(payload["best_at_last_evaluation"])
     lines += _hub_style_section(payload["hub_style"])
     lines += _diagnose_section(payload["diagnose"])
     timings = payload["timings_s"]
@@ -1154,33 +1155,29 @@ def _diversity_section(diversity: dict) -> list[str]:
     return lines
 
 
-def _peaks_section(peaks: dict) -> list[str]:
-    if not peaks:
+def _best_at_last_section(counts_of_trial: dict) -> list[str]:
+    if not counts_of_trial:
         return []
     kinds = ("base", "recycled", "fused")
     lines = [
         "",
-        "## Were the runs still improving?",
+        "## Had the runs peaked?",
         "",
-        f"Runs (each counted once, however many rows share it) whose best validation was at their last evaluation "
-        f"(step {STEPS}, evaluated every {EVAL_EVERY}), out of all runs, by init: a run whose best step is its "
-        "last was still improving when it stopped.",
+        f"Runs (each counted once, however many rows share it) whose best validation was at their last evaluation, "
+        f"fine-tuning step {STEPS} (evaluated every {EVAL_EVERY} steps; runs from a recycled or fused init first had "
+        f"{WARMUP} head-only warm-up steps, not evaluated; a tie keeps the earlier step), out of all runs, by init: "
+        "these had not peaked when they stopped.",
         "",
         "| trial | from the base | from a recycled fine-tune | from a fused init | all |",
         "|---|---|---|---|---|",
     ]
     last = total = 0
-    for trial, by_kind in peaks.items():
+    for trial, by_kind in counts_of_trial.items():
         counts = [by_kind.get(k, [0, 0]) for k in kinds]
         counts.append([sum(c[0] for c in counts), sum(c[1] for c in counts)])
         lines.append(f"| {trial} | " + " | ".join(f"{a} of {b}" for a, b in counts) + " |")
         last, total = last + counts[-1][0], total + counts[-1][1]
-    if 2 * last > total:
-        lines += [
-            "",
-            f"{last} of {total} runs were still improving: more steps per run is what a larger budget buys first.",
-        ]
-    return lines
+    return [*lines, "", f"In all, {last} of {total} runs had not peaked by their last evaluation."]
 
 
 def _hub_style_section(hub_style: dict) -> list[str]:

@@ -725,7 +725,7 @@ def _read_off(processor, where: str) -> Normalization | None:
             values = np.asarray(processor(images=images, return_tensors=tensors)["pixel_values"], dtype=np.float64)
             break
         except Exception:  # noqa: BLE001 - any processor's failure on a plain image means: no reading
-            continue
+            pass
     else:
         return None
     if values.ndim != 4 or values.shape[:2] != (len(_PROBES), 3):

@@ -169,6 +169,8 @@ def test_the_report_names_each_rows_runs_and_costs_each_cpu_kind_apart(pacs, cap
     assert [total for _, total in counts] == [16, 12, 16]  # 11 distinct runs per test domain
     counts.append((sum(last.values()), len(last)))
     assert "| 0 | " + " | ".join(f"{a} of {b}" for a, b in counts) + " |" in report
+    last_best, runs = counts[-1]
+    assert f"In all, {2 * last_best} of {2 * runs} runs had not peaked" in report  # trial 1 is trial 0's copy
     assert "## Diagnose: every pair of the Ratatouille runs, trial 1, test domain art_painting" in report
     assert list(json.loads((pacs.RESULTS / "pacs.json").read_text())["diagnose"]) == ["trial1/diagnose-art_painting"]
     assert "Trainer group: fine-tunes" not in report  # none of its cells yet: no empty table
