@@ -821,12 +821,10 @@ def runs_of_row(row: Row, results: Results) -> list[str]:
 def _init_name(results: Results, run) -> str:
     from ratatouille_hub.fetch import split_revision
 
-    source = split_revision(run.init)[0]
-    if not is_recycled(results, run):
-        return "base"
-    if source.startswith("fusion:"):  # fusion:<key>@fused:<key>
+    kind, source = _init_kind(results, run), split_revision(run.init)[0]
+    if kind == "fused":  # fusion:<key>@fused:<key>
         return "fused " + source.removeprefix("fusion:").split("@")[0]
-    return _short(source)
+    return kind if kind == "base" else _short(source)
 
 
 def cpu_of_trial(trial: int) -> str:
