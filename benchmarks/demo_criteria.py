@@ -66,6 +66,7 @@ WORLD_FIELDS = (
     "pretrain_steps",
     "pretrain_batch",
     "pretrain_lr",
+    "pretrain_photo_shapes",
     "finetune_steps",
     "community_lr",
     "careless_lr",
@@ -82,7 +83,11 @@ def parse_design(settings: list[str]) -> WorldDesign:
         if key not in fields:
             raise SystemExit(f"--set {setting}: no such field; fields: {', '.join(fields)}")
         current = getattr(DESIGN, key)
-        if isinstance(current, tuple):
+        if isinstance(current, bool):
+            if value not in ("true", "false"):
+                raise SystemExit(f"--set {setting}: {key} is true or false")
+            changes[key] = value == "true"
+        elif isinstance(current, tuple):
             changes[key] = tuple(type(current[0])(v) for v in value.split(","))
         else:
             changes[key] = type(current)(value)

@@ -48,46 +48,49 @@ def test_criteria_table_gives_each_recycle_its_runs_barriers_diversity_and_unifo
 
 
 def test_the_reading_says_which_criteria_hold_on_validation_and_what_that_predicts():
-    """Each uniform average against its runs' mean, the recycled inits' diversity against the soup's, and the
-    conclusion that follows: computed, since which side a world lands on changes with the CPU."""
+    """The soup's and the careful Ratatouille's uniform averages against their runs' mean, the recycled inits'
+    diversity against the soup's, the careless fine-tune's recipe as the case vetting flags, and the conclusion
+    that follows: computed, since which side a world lands on can change with the CPU."""
     world = _world()
     assert criteria_reading(world).splitlines() == [
         "Why, from the criteria on training-domain validation (the table below):",
-        "- each uniform average against its runs' mean: soup +1.0, careful Ratatouille -1.0, with the careless one "
-        "-10.0 points (careful Ratatouille, with the careless one: not above)",
+        "- each uniform average against its runs' mean: soup +1.0, careful Ratatouille -1.0 points "
+        "(careful Ratatouille: not above)",
         "- the recycled inits add diversity: median ratio-error 2.50 between the careful Ratatouille's runs, 2.00 "
         "between the soup's",
+        "- with the careless fine-tune, the one vetting flags: -10.0 points (not above its runs' mean)",
         "So the criteria fail on validation already: this world does not meet the method's conditions, and "
         "averaging is not expected to pay on the held-out domain either.",
     ]
     held = {
         "soup": _results([0.90, 0.94], [0.01], [1.0], 0.93, 0.85, best_test=0.84),
-        VETTED: _results([0.88, 0.96], [0.01], [1.5], 0.93, 0.86),
+        VETTED: _results([0.88, 0.96], [0.01], [1.5], 0.93, 0.83),
         "ratatouille": _results([0.85, 0.95], [0.02], [1.2], 0.91, 0.83),
     }
     lines = criteria_reading(held).splitlines()
-    assert lines[1].endswith(
-        "soup +1.0, careful Ratatouille +1.0, with the careless one +1.0 points (every average above)"
-    )
+    assert lines[1].endswith("soup +1.0, careful Ratatouille +1.0 points (both above)")
     assert lines[2].startswith("- the recycled inits add diversity: median ratio-error 1.50 ")
-    assert lines[3] == (
+    assert lines[3] == "- with the careless fine-tune, the one vetting flags: +1.0 points (above its runs' mean)"
+    assert lines[4] == (
         "So the criteria hold on validation, and the held-out domain breaks them anyway: it lies off the weight "
         "paths validation measured."
     )
+    held[VETTED].averages["uniform"].test_accuracy = 0.845  # both careful averages now beat ERM's 84.0%
+    assert criteria_reading(held).splitlines()[4] == (
+        "So the criteria hold on validation, and the held-out domain follows them."
+    )  # the careless recipe's 83.0% below ERM is its own line's business, not the verdict's
+    held["ratatouille"].averages["uniform"].val_accuracy = 0.85
+    assert criteria_reading(held).splitlines()[3].endswith("-5.0 points (not above its runs' mean)")
+    assert criteria_reading(held).splitlines()[4].startswith("So the criteria hold on validation")
     for result in held.values():
         result.averages["uniform"].val_accuracy = 0.8
-    assert criteria_reading(held).splitlines()[1].endswith("with the careless one -10.0 points (none above)")
+    assert criteria_reading(held).splitlines()[1].endswith("careful Ratatouille -12.0 points (neither above)")
     for result, val in zip(held.values(), (0.93, 0.93, 0.91), strict=True):
         result.averages["uniform"].val_accuracy = val
-    held["ratatouille"].averages["uniform"].test_accuracy = 0.845
-    assert (
-        criteria_reading(held).splitlines()[3]
-        == "So the criteria hold on validation, and the held-out domain follows them."
-    )
     held[VETTED].diagnostics[0].ratio_error = 1.0
     assert (
         criteria_reading(held)
         .splitlines()[2]
         .startswith("- the recycled inits add no diversity: median ratio-error 1.00")
     )
-    assert criteria_reading(held).splitlines()[3].startswith("So the criteria fail on validation already")
+    assert criteria_reading(held).splitlines()[4].startswith("So the criteria fail on validation already")

@@ -101,6 +101,29 @@ def test_pretrain_task_is_balanced_digits():
     assert set(Counter(pretrain["label"]).values()) == {5}
 
 
+def test_pretrain_photo_shapes_adds_the_six_shapes_as_photographs_and_keeps_the_digits():
+    digits = toyworld.pretrain_dataset(n=40)
+    mixed = toyworld.pretrain_dataset(n=64, photo_shapes=True)
+    assert mixed.features["label"].names == [*toyworld.DIGITS, *toyworld.SHAPES]
+    assert set(Counter(mixed["label"]).values()) == {4}
+    # the digits are drawn from their own stream: the first of each digit is the same image with or without shapes
+    first_digits = [i for i, label in enumerate(mixed["label"]) if label < len(toyworld.DIGITS)][:10]
+    assert [_png_bytes(mixed)[i] for i in first_digits] == _png_bytes(digits)[:10]
+    shapes = mixed.filter(lambda row: row["label"] >= len(toyworld.DIGITS))
+    photos = toyworld.target_dataset(per_class_per_domain=4, domains=("photo",))
+    sketches = toyworld.target_dataset(per_class_per_domain=4, domains=("sketch",))
+
+    def colourfulness(dataset):  # spread across RGB channels
+        return _pixels(dataset).std(axis=-1).mean()
+
+    # photographs: as colourful as the target's photo domain, never its sketches' near-white pages
+    assert abs(colourfulness(shapes) - colourfulness(photos)) < 0.3 * colourfulness(photos)
+    assert colourfulness(shapes) > 3 * colourfulness(sketches)
+    assert _pixels(shapes).mean() < _pixels(sketches).mean() - 0.3
+    # drawn from their own stream, so none is one of the target's photographs
+    assert not set(_png_bytes(shapes)) & set(_png_bytes(photos))
+
+
 def test_aux_tasks_are_balanced_with_readable_classes(aux):
     expected = {"stripes": toyworld.STRIPE_ORIENTATIONS, "dots": toyworld.DOT_COUNTS, "polygons": toyworld.POLYGONS}
     assert aux.keys() == expected.keys()

@@ -1,6 +1,7 @@
 """The embedded default: a tiny world built from scratch, then recycled, with no network.
 
-1. A small ResNet (about 80k parameters) is pretrained for seconds on generated digits: the base.
+1. A small ResNet (about 80k parameters) is pretrained for seconds on generated digits and on the target's
+   six shapes as photographs (as ImageNet holds photographs of PACS's objects): the base.
 2. Three community fine-tunes of it on other generated tasks (stripes, dots, polygons), made the way the
    method assumes, with the product's own `intertrain` (BatchNorm statistics frozen, the recipe's lr),
    each with a card naming its base and dataset; and a fourth made carelessly, as many Hub fine-tunes
@@ -100,8 +101,11 @@ def build_checkpoints(
 
     paths = {"base": root / BASE_ID}
     if not (paths["base"] / "model.safetensors").exists():
-        echo("[world] pretraining the base on generated digits")
-        glyphs = toyworld.pretrain_dataset(design.pretrain_images, size=design.image_size, seed=seed)
+        shapes = design.pretrain_photo_shapes
+        echo(f"[world] pretraining the base on generated digits{' and photographs of the shapes' if shapes else ''}")
+        glyphs = toyworld.pretrain_dataset(
+            design.pretrain_images, size=design.image_size, seed=seed, photo_shapes=shapes
+        )
         model = _tiny_resnet(glyphs, seed, design.widths)
         _train_with_live_batchnorm(
             model,
@@ -118,7 +122,7 @@ def build_checkpoints(
             paths["base"],
             design.image_size,
             dataset="toy-world/glyphs",
-            description=toyworld.describe()["glyphs"],
+            description=toyworld.describe()["glyphs"] + ("; the six shapes as photographs" if shapes else ""),
         )
     aux_tasks = toyworld.aux_datasets(size=design.image_size, seed=seed)
     datasets = {task: root / "datasets" / "toy-world" / task for task in aux_tasks}
@@ -438,40 +442,47 @@ def headline(results: dict[str, Results]) -> str:
 SHORT = {"soup": "soup", VETTED: "careful Ratatouille", "ratatouille": "with the careless one"}
 
 
+CAREFUL = ("soup", VETTED)  # the method as vetting leaves it: the criteria's verdict reads these two
+
+
 def criteria_reading(results: dict[str, Results]) -> str:
-    """Why, from docs/method.md's criteria on training-domain validation (the table under it): whether each
-    uniform average lands above its runs' mean (runs close enough to average) and whether the recycled inits
-    add diversity (the careful Ratatouille's median ratio-error against the soup's). Read from the results,
-    not written for one machine: which side of the criteria this world lands on changes with the CPU."""
+    """Why, from docs/method.md's criteria on training-domain validation (the table under it): whether the
+    uniform averages of the method as vetting leaves it (the soup, the careful Ratatouille) land above their
+    runs' mean (runs close enough to average) and whether the recycled inits add diversity (the careful
+    Ratatouille's median ratio-error against the soup's); then the careless fine-tune's recipe, the case
+    vetting flags. Read from the results, not written for one machine."""
     gaps = {
         key: 100
         * (results[key].averages["uniform"].val_accuracy - statistics.mean(r.val_accuracy for r in results[key].runs))
         for key in AVERAGED
     }
-    below = [SHORT[key] for key, gap in gaps.items() if round(gap, 1) <= 0]
-    ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in ("soup", VETTED)}
+    below = [SHORT[key] for key in CAREFUL if round(gaps[key], 1) <= 0]
+    ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in CAREFUL}
     diverse = ratio[VETTED] > ratio["soup"]
     erm = results["soup"].best_single.test_accuracy
-    won = [key for key in AVERAGED if results[key].averages["uniform"].test_accuracy > erm]
-    listed = ", ".join(f"{SHORT[key]} {gap:+.1f}" for key, gap in gaps.items())
-    if len(below) == len(gaps):
-        above = "none above"
+    won = [key for key in CAREFUL if results[key].averages["uniform"].test_accuracy > erm]
+    listed = ", ".join(f"{SHORT[key]} {gaps[key]:+.1f}" for key in CAREFUL)
+    if len(below) == len(CAREFUL):
+        above = "neither above"
     elif below:
-        above = f"{', '.join(below)}: not above"
+        above = f"{below[0]}: not above"
     else:
-        above = "every average above"
+        above = "both above"
+    careless = gaps["ratatouille"]
     lines = [
         "Why, from the criteria on training-domain validation (the table below):",
         f"- each uniform average against its runs' mean: {listed} points ({above})",
         f"- the recycled inits {'add' if diverse else 'add no'} diversity: median ratio-error {ratio[VETTED]:.2f} "
         f"between the careful Ratatouille's runs, {ratio['soup']:.2f} between the soup's",
+        f"- with the careless fine-tune, the one vetting flags: {careless:+.1f} points "
+        f"({'above' if round(careless, 1) > 0 else 'not above'} its runs' mean)",
     ]
     if below or not diverse:
         lines.append(
             "So the criteria fail on validation already: this world does not meet the method's conditions, and "
             "averaging is not expected to pay on the held-out domain either."
         )
-    elif len(won) == len(AVERAGED):
+    elif len(won) == len(CAREFUL):
         lines.append("So the criteria hold on validation, and the held-out domain follows them.")
     else:
         lines.append(

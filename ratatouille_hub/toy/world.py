@@ -297,13 +297,23 @@ def target_dataset(
     return _dataset(columns, SHAPES, domain=Value("string"))
 
 
-def pretrain_dataset(n: int = 2000, size: int = 32, seed: int = 0) -> Dataset:
-    """A broad task for the base model: which digit is drawn (``n`` images, classes cycled)."""
+def pretrain_dataset(n: int = 2000, size: int = 32, seed: int = 0, photo_shapes: bool = False) -> Dataset:
+    """A broad task for the base model: which digit is drawn (``n`` images, classes cycled). With
+    ``photo_shapes`` the target's six shapes join it as photographs only, never in another style, as
+    ImageNet holds photographs of PACS's objects; the shapes come from their own random stream, so no image
+    is one of the target's."""
+    classes = DIGITS + (SHAPES if photo_shapes else ())
     rng = _rng(seed, "glyphs")
+    shapes_rng = _rng(seed, "glyphs/photo-shapes")
     big = size * _SS
     images, labels = [], []
     for i in range(n):
-        label = i % len(DIGITS)
+        label = i % len(classes)
+        labels.append(label)
+        if label >= len(DIGITS):
+            contours, r = _place(_SHAPE_CONTOURS[classes[label]], shapes_rng, size, radius=(0.26, 0.4))
+            images.append(_to_image(_photo(shapes_rng, contours, r, size)))
+            continue
         mask = Image.new("L", (big, big))
         font = ImageFont.load_default(size=round(big * rng.uniform(0.55, 0.85)))
         centre = big / 2 + rng.uniform(-0.15, 0.15, size=2) * big
@@ -314,8 +324,7 @@ def pretrain_dataset(n: int = 2000, size: int = 32, seed: int = 0) -> Dataset:
         colour = _hsv(bg_hue + rng.uniform(0.2, 0.8), rng.uniform(0, 0.9), _contrasting_value(rng, bg_val))
         image = _composite(bg, colour, _downsample(mask, size))
         images.append(_to_image(image + rng.normal(0, rng.uniform(0, 0.05), size=image.shape)))
-        labels.append(label)
-    return _dataset({"image": images, "label": labels}, DIGITS)
+    return _dataset({"image": images, "label": labels}, classes)
 
 
 def _stripes(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
