@@ -16,6 +16,9 @@ and prints, per recipe: the linear probe's and each run's validation accuracy (a
 barrier on the weight path (averageable) and ratio-error (diverse) from `diagnose` on all pairs, and each
 average's and the ensemble's validation accuracy. `--set` overrides a field of the demo's WorldDesign
 (`--set steps=500 --set lr_choices=1e-4,3e-4`), each variant in its own folder keyed by the design.
+`--probe-domain cartoon` leaves one training domain out as well (DomainBed's leave-one-domain-out check):
+the runs train on the other two, and the averages are measured on it against their runs' mean, the
+question the held-out domain asks, answered without drawing it.
 Results: benchmarks/results/demo_criteria.json (the default design) or the scratch folder (any other).
 """
 
@@ -94,8 +97,9 @@ def parse_design(settings: list[str]) -> WorldDesign:
     return replace(DESIGN, **changes)
 
 
-def training_domains_target(folder: Path, design: WorldDesign, seed: int) -> None:
-    """The demo's target without its held-out domain, plus one blank image per class as a placeholder."""
+def training_domains_target(folder: Path, design: WorldDesign, seed: int, placeholder: bool = True) -> None:
+    """The demo's target without its held-out domain, plus (`placeholder`) one blank image per class as a
+    stand-in for it."""
     from datasets import concatenate_datasets
 
     if (folder / "README.md").exists():
@@ -103,6 +107,9 @@ def training_domains_target(folder: Path, design: WorldDesign, seed: int) -> Non
     shapes = toyworld.target_dataset(
         design.target_per_class_per_domain, size=design.image_size, seed=seed, domains=TRAIN_DOMAINS
     )
+    if not placeholder:
+        _save_dataset(shapes, folder, TARGET_ID, "the demo's target, training domains only")
+        return
     blank = Image.new("RGB", (design.image_size,) * 2, (128, 128, 128))
     placeholder = shapes.select(range(len(toyworld.SHAPES))).map(
         lambda row: {"image": blank, "domain": PLACEHOLDER}, features=shapes.features
@@ -123,7 +130,8 @@ def recipes(paths: dict[str, Path]) -> dict[str, dict]:
 
 
 def measure(name: str, config, echo, names: dict[str, str]) -> dict:
-    """One recipe's runs, their pairs (diagnose on every pair) and its averages, on validation only."""
+    """One recipe's runs, their pairs (diagnose on every pair) and its averages, on validation (and on the
+    probe domain when there is one: `probe`; the placeholder's numbers are never kept)."""
     results = recycle(config, echo=echo)
     output = Path(config.output)
     runs = [
@@ -137,8 +145,12 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         }
         for r in results.runs
     ]
+    probed = config.test_domain != PLACEHOLDER
+    if probed:
+        for run, result in zip(runs, results.runs, strict=True):
+            run["probe"] = result.test_accuracy
     models = tuple(str(output / r.folder / "model") for r in results.runs)
-    options = DiagnoseOptions(models=models, target=config.target, test_domain=PLACEHOLDER, seed=config.seed)
+    options = DiagnoseOptions(models=models, target=config.target, test_domain=config.test_domain, seed=config.seed)
     diagnosis = diagnose(options)
     pairs = [
         {
@@ -151,7 +163,7 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         for p in diagnosis.pairs
     ]
     averages = {method: average.val_accuracy for method, average in results.averages.items()}
-    return {
+    measured = {
         "name": name,
         "runs": runs,
         "pairs": pairs,
@@ -159,6 +171,13 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         "greedy_members": results.averages["greedy"].members,
         "ensemble": results.ensemble.val_accuracy,
     }
+    if probed:
+        measured["probe"] = {
+            "domain": config.test_domain,
+            "averages": {method: average.test_accuracy for method, average in results.averages.items()},
+            "ensemble": results.ensemble.test_accuracy,
+        }
+    return measured
 
 
 def pair_kind(a_recycled: bool, b_recycled: bool) -> str:
@@ -191,6 +210,15 @@ def report(measured: dict) -> str:
         + ", ".join(f"{m} {100 * v:.1f}%" for m, v in averages.items())
         + f" (greedy kept {len(measured['greedy_members'])}); ensemble {100 * measured['ensemble']:.1f}%"
     )
+    if "probe" in measured:
+        probe, held = measured["probe"], [r["probe"] for r in runs]
+        best = max(runs, key=lambda r: r["val"])["probe"]
+        lines.append(
+            f"  on {probe['domain']} (left out): runs {100 * min(held):.1f}-{100 * max(held):.1f}% "
+            f"(mean {100 * statistics.mean(held):.1f}, best by validation {100 * best:.1f}); "
+            + ", ".join(f"{m} {100 * v:.1f}%" for m, v in probe["averages"].items())
+            + f"; ensemble {100 * probe['ensemble']:.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -213,9 +241,15 @@ def main() -> None:
     parser.add_argument(
         "--recipes", default="soup,ratatouille,ratatouille-vetted", help="which recipes (comma-separated)"
     )
+    parser.add_argument(
+        "--probe-domain",
+        choices=TRAIN_DOMAINS,
+        help="leave this training domain out too and measure the averages on it (the held-out domain stays undrawn)",
+    )
     args = parser.parse_args()
     design = parse_design(args.set)
-    folder = args.output / stable_hash({"design": dataclasses.asdict(design), "seed": args.seed}, length=12)
+    key = {"design": dataclasses.asdict(design), "seed": args.seed}
+    folder = args.output / stable_hash(key | ({"probe": args.probe_domain} if args.probe_domain else {}), length=12)
     world = {key: value for key, value in dataclasses.asdict(design).items() if key in WORLD_FIELDS}
     world_folder = args.output / f"world-{stable_hash({'world': world, 'seed': args.seed}, length=12)}"
     print(f"design {folder.name}: {design}", flush=True)
@@ -226,8 +260,8 @@ def main() -> None:
     start = time.perf_counter()
     with one_thread(), helpers(demo_processes() - 1, echo) as work:  # the demo's processes: its runs, bit for bit
         paths = build_checkpoints(world_folder, echo, args.seed, design, work)
-        target = world_folder / "datasets" / "shapes-training-domains"
-        training_domains_target(target, design, args.seed)
+        target = world_folder / "datasets" / ("shapes-training-domains" + ("-only" if args.probe_domain else ""))
+        training_domains_target(target, design, args.seed, placeholder=not args.probe_domain)
         names = {str(path): "base" if key == "base" else key for key, path in paths.items()}
         print(f"world built: {time.perf_counter() - start:.0f} s", flush=True)
         configs = {
@@ -235,7 +269,7 @@ def main() -> None:
                 demo_config(folder, recipe["strategy"], design),
                 base=str(paths["base"]),
                 target=str(target),
-                test_domain=PLACEHOLDER,
+                test_domain=args.probe_domain or PLACEHOLDER,
                 aux=recipe["aux"],
             )
             for name, recipe in recipes(paths).items()
@@ -252,6 +286,7 @@ def main() -> None:
     record = {
         "design": dataclasses.asdict(design),
         "seed": args.seed,
+        "probe_domain": args.probe_domain,
         "aux_tasks": list(AUX_TASKS),
         "recipes": measured,
         "seconds": seconds,
@@ -260,7 +295,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
     }
     complete = args.recipes == parser.get_default("recipes")
-    destination = RESULTS if design == DESIGN and args.seed == 0 and complete else folder / "demo_criteria.json"
+    default = design == DESIGN and args.seed == 0 and complete and not args.probe_domain
+    destination = RESULTS if default else folder / "demo_criteria.json"
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(json.dumps(finite(record), indent=1) + "\n")
     print(f"written: {destination}")
