@@ -97,9 +97,9 @@ def parse_design(settings: list[str]) -> WorldDesign:
     return replace(DESIGN, **changes)
 
 
-def training_domains_target(folder: Path, design: WorldDesign, seed: int, placeholder: bool = True) -> None:
-    """The demo's target without its held-out domain, plus (`placeholder`) one blank image per class as a
-    stand-in for it."""
+def training_domains_target(folder: Path, design: WorldDesign, seed: int, with_placeholder: bool = True) -> None:
+    """The demo's target without its held-out domain, plus (`with_placeholder`) one blank image per class as
+    a stand-in for it."""
     from datasets import concatenate_datasets
 
     if (folder / "README.md").exists():
@@ -107,7 +107,7 @@ def training_domains_target(folder: Path, design: WorldDesign, seed: int, placeh
     shapes = toyworld.target_dataset(
         design.target_per_class_per_domain, size=design.image_size, seed=seed, domains=TRAIN_DOMAINS
     )
-    if not placeholder:
+    if not with_placeholder:
         _save_dataset(shapes, folder, TARGET_ID, "the demo's target, training domains only")
         return
     blank = Image.new("RGB", (design.image_size,) * 2, (128, 128, 128))
@@ -163,8 +163,10 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         for p in diagnosis.pairs
     ]
     averages = {method: average.val_accuracy for method, average in results.averages.items()}
+    probes = sorted((output / "lp").glob("*/metrics.json"))  # the recipe's linear probe: one head for all runs
     measured = {
         "name": name,
+        "linear_probe": [json.loads(path.read_text())["val_accuracy"] for path in probes],
         "runs": runs,
         "pairs": pairs,
         "averages": averages,
@@ -186,7 +188,8 @@ def pair_kind(a_recycled: bool, b_recycled: bool) -> str:
 
 def report(measured: dict) -> str:
     runs = measured["runs"]
-    lines = [f"== {measured['name']}"]
+    probe_accuracies = ", ".join(f"{100 * accuracy:.1f}%" for accuracy in measured["linear_probe"])
+    lines = [f"== {measured['name']}", f"  linear probe: val {probe_accuracies}"]
     lines += [
         f"  run {r['index']} from {r['init']:<22} val {100 * r['val']:5.1f}%  step {r['best_step']:>4}  "
         f"lr {r['hparams']['lr']:g} wd {r['hparams']['weight_decay']:g} dropout {r['hparams']['dropout']:g}"
@@ -248,8 +251,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     design = parse_design(args.set)
-    key = {"design": dataclasses.asdict(design), "seed": args.seed}
-    folder = args.output / stable_hash(key | ({"probe": args.probe_domain} if args.probe_domain else {}), length=12)
+    variant = {"design": dataclasses.asdict(design), "seed": args.seed}
+    if args.probe_domain:
+        variant["probe"] = args.probe_domain
+    folder = args.output / stable_hash(variant, length=12)
     world = {key: value for key, value in dataclasses.asdict(design).items() if key in WORLD_FIELDS}
     world_folder = args.output / f"world-{stable_hash({'world': world, 'seed': args.seed}, length=12)}"
     print(f"design {folder.name}: {design}", flush=True)
@@ -260,8 +265,10 @@ def main() -> None:
     start = time.perf_counter()
     with one_thread(), helpers(demo_processes() - 1, echo) as work:  # the demo's processes: its runs, bit for bit
         paths = build_checkpoints(world_folder, echo, args.seed, design, work)
-        target = world_folder / "datasets" / ("shapes-training-domains" + ("-only" if args.probe_domain else ""))
-        training_domains_target(target, design, args.seed, placeholder=not args.probe_domain)
+        target = (
+            world_folder / "datasets" / ("shapes-training-domains" + ("-no-placeholder" if args.probe_domain else ""))
+        )
+        training_domains_target(target, design, args.seed, with_placeholder=not args.probe_domain)
         names = {str(path): "base" if key == "base" else key for key, path in paths.items()}
         print(f"world built: {time.perf_counter() - start:.0f} s", flush=True)
         configs = {

@@ -76,7 +76,7 @@ def test_the_reading_says_which_criteria_hold_on_validation_and_what_that_predic
     assert lines[3] == "- with the careless fine-tune, the one vetting flags: +1.0 points (above its runs' mean)"
     assert lines[4] == (
         "So the criteria hold on validation, and the held-out domain breaks them anyway: there an average lands at "
-        "or below its runs' mean, off the weight paths validation measured."
+        "or below its runs' mean, which validation did not foretell."
     )  # the careful Ratatouille's 83.0% on the held-out domain, 1.5 points under its runs' 84.5%
     held[VETTED].averages["uniform"].test_accuracy = 0.855
     assert criteria_reading(held).splitlines()[4] == (
@@ -102,3 +102,46 @@ def test_the_reading_says_which_criteria_hold_on_validation_and_what_that_predic
         .startswith("- the recycled inits add no diversity: median ratio-error 1.00")
     )
     assert criteria_reading(held).splitlines()[4].startswith("So the criteria fail on validation already")
+
+
+def test_the_soup_alone_below_or_off_on_the_held_out_domain_decides_the_verdict_too():
+    held = {
+        "soup": _results([0.90, 0.94], [0.01], [1.0], 0.91, 0.86, [0.83, 0.84]),  # -1.0 on validation
+        VETTED: _results([0.88, 0.96], [0.01], [1.5], 0.93, 0.86, [0.84, 0.85]),
+        "ratatouille": _results([0.85, 0.95], [0.02], [1.2], 0.91, 0.86, [0.80, 0.80]),
+    }
+    lines = criteria_reading(held).splitlines()
+    assert lines[1].endswith("soup -1.0, careful Ratatouille +1.0 points (soup: not above)")
+    assert lines[4].startswith("So the criteria fail on validation already")
+    held["soup"].averages["uniform"].val_accuracy = 0.93
+    held["soup"].averages["uniform"].test_accuracy = 0.835  # the runs' mean on the held-out domain, to the point
+    assert "breaks them anyway" in criteria_reading(held).splitlines()[4]
+
+
+def test_a_gap_that_rounds_to_zero_prints_as_plus_zero_and_is_not_above():
+    """-0.04 points would print "-0.0" with a plain format; it is level, so not above, whichever its sign."""
+    held = {
+        "soup": _results([0.90, 0.94], [0.01], [1.0], 0.93, 0.86, [0.83, 0.84]),
+        VETTED: _results([0.88, 0.96], [0.01], [1.5], 0.93, 0.86, [0.84, 0.85]),
+        "ratatouille": _results([0.85, 0.95], [0.02], [1.2], 0.8996, 0.86, [0.80, 0.80]),  # -0.04 points
+    }
+    assert criteria_reading(held).splitlines()[3] == (
+        "- with the careless fine-tune, the one vetting flags: +0.0 points (not above its runs' mean)"
+    )
+    held["soup"].averages["uniform"].test_accuracy = 0.8346  # -0.04 points against its runs' mean there
+    assert headline(held).splitlines()[1].endswith("; +0.0 against its runs' mean (runs 83.0-84.0%)")
+    assert "breaks them anyway" in criteria_reading(held).splitlines()[4]
+
+
+def test_diversity_is_judged_as_printed():
+    """Two medians that print alike (0.77 and 0.77) are not diversity added, whatever their third decimal."""
+    held = {
+        "soup": _results([0.90, 0.94], [0.01], [0.7701], 0.93, 0.86, [0.83, 0.84]),
+        VETTED: _results([0.88, 0.96], [0.01], [0.7704], 0.93, 0.86, [0.84, 0.85]),
+        "ratatouille": _results([0.85, 0.95], [0.02], [1.2], 0.91, 0.86, [0.80, 0.80]),
+    }
+    assert (
+        criteria_reading(held)
+        .splitlines()[2]
+        .startswith("- the recycled inits add no diversity: median ratio-error 0.77")
+    )

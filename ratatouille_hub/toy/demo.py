@@ -101,10 +101,12 @@ def build_checkpoints(
 
     paths = {"base": root / BASE_ID}
     if not (paths["base"] / "model.safetensors").exists():
-        shapes = design.pretrain_photo_shapes
-        echo(f"[world] pretraining the base on generated digits{' and photographs of the shapes' if shapes else ''}")
+        photo_shapes = design.pretrain_photo_shapes
+        echo(
+            f"[world] pretraining the base on generated digits{' and photographs of the shapes' if photo_shapes else ''}"
+        )
         glyphs = toyworld.pretrain_dataset(
-            design.pretrain_images, size=design.image_size, seed=seed, photo_shapes=shapes
+            design.pretrain_images, size=design.image_size, seed=seed, photo_shapes=photo_shapes
         )
         model = _tiny_resnet(glyphs, seed, design.widths)
         _train_with_live_batchnorm(
@@ -122,7 +124,7 @@ def build_checkpoints(
             paths["base"],
             design.image_size,
             dataset="toy-world/glyphs",
-            description=toyworld.describe()["glyphs"] + ("; the six shapes as photographs" if shapes else ""),
+            description=toyworld.describe()["glyphs"] + ("; the six shapes as photographs" if photo_shapes else ""),
         )
     aux_tasks = toyworld.aux_datasets(size=design.image_size, seed=seed)
     datasets = {task: root / "datasets" / "toy-world" / task for task in aux_tasks}
@@ -432,6 +434,11 @@ def _above_runs(result: Results, split: str) -> float:
     return 100 * (getattr(result.averages["uniform"], accuracy) - runs)
 
 
+def _points(gap: float) -> str:
+    """A gap in points as printed and as judged: one decimal, signed, never "-0.0"."""
+    return f"{round(gap, 1) + 0.0:+.1f}"
+
+
 def headline(results: dict[str, Results]) -> str:
     """The demo's answer, first: each uniform average against ERM on the held-out domain, as measured, and
     against the mean of its runs there: ERM is one run picked by validation, one draw from the runs' spread."""
@@ -447,7 +454,7 @@ def headline(results: dict[str, Results]) -> str:
         verdict = f"{abs(gap):.1f} points {'above' if gap > 0 else 'below'} ERM" if round(gap, 1) else "level with ERM"
         runs = [100 * run.test_accuracy for run in result.runs]
         lines.append(
-            f"- {label}, uniform average: {_pct(average)}, {verdict}; {_above_runs(result, 'test'):+.1f} against "
+            f"- {label}, uniform average: {_pct(average)}, {verdict}; {_points(_above_runs(result, 'test'))} against "
             f"its runs' mean (runs {min(runs):.1f}-{max(runs):.1f}%)"
         )
     return "\n".join(lines)
@@ -456,7 +463,7 @@ def headline(results: dict[str, Results]) -> str:
 SHORT = {"soup": "soup", VETTED: "careful Ratatouille", "ratatouille": "with the careless one"}
 
 
-CAREFUL = ("soup", VETTED)  # the method as vetting leaves it: the criteria's verdict reads these two
+VERDICT_RECIPES = ("soup", VETTED)  # the method as vetting leaves it: the criteria's verdict reads these two
 
 
 def criteria_reading(results: dict[str, Results]) -> str:
@@ -467,12 +474,12 @@ def criteria_reading(results: dict[str, Results]) -> str:
     vetting flags. Where they hold, whether the held-out domain follows: each average above its runs' mean
     there too. Read from the results, not written for one machine."""
     gaps = {key: _above_runs(results[key], "val") for key in AVERAGED}
-    below = [SHORT[key] for key in CAREFUL if round(gaps[key], 1) <= 0]
-    ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in CAREFUL}
-    diverse = ratio[VETTED] > ratio["soup"]
-    followed = [key for key in CAREFUL if round(_above_runs(results[key], "test"), 1) > 0]
-    listed = ", ".join(f"{SHORT[key]} {gaps[key]:+.1f}" for key in CAREFUL)
-    if len(below) == len(CAREFUL):
+    below = [SHORT[key] for key in VERDICT_RECIPES if float(_points(gaps[key])) <= 0]
+    ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in VERDICT_RECIPES}
+    diverse = round(ratio[VETTED], 2) > round(ratio["soup"], 2)  # as printed
+    followed = [key for key in VERDICT_RECIPES if float(_points(_above_runs(results[key], "test"))) > 0]
+    listed = ", ".join(f"{SHORT[key]} {_points(gaps[key])}" for key in VERDICT_RECIPES)
+    if len(below) == len(VERDICT_RECIPES):
         above = "neither above"
     elif below:
         above = f"{below[0]}: not above"
@@ -484,15 +491,15 @@ def criteria_reading(results: dict[str, Results]) -> str:
         f"- each uniform average against its runs' mean: {listed} points ({above})",
         f"- the recycled inits {'add' if diverse else 'add no'} diversity: median ratio-error {ratio[VETTED]:.2f} "
         f"between the careful Ratatouille's runs, {ratio['soup']:.2f} between the soup's",
-        f"- with the careless fine-tune, the one vetting flags: {careless:+.1f} points "
-        f"({'above' if round(careless, 1) > 0 else 'not above'} its runs' mean)",
+        f"- with the careless fine-tune, the one vetting flags: {_points(careless)} points "
+        f"({'above' if float(_points(careless)) > 0 else 'not above'} its runs' mean)",
     ]
     if below or not diverse:
         lines.append(
             "So the criteria fail on validation already: this world does not meet the method's conditions, and "
             "averaging is not expected to pay on the held-out domain either."
         )
-    elif len(followed) == len(CAREFUL):
+    elif len(followed) == len(VERDICT_RECIPES):
         lines.append(
             "So the criteria hold on validation, and the held-out domain follows them: there too each average lands "
             "above its runs' mean."
@@ -500,7 +507,7 @@ def criteria_reading(results: dict[str, Results]) -> str:
     else:
         lines.append(
             "So the criteria hold on validation, and the held-out domain breaks them anyway: there an average lands "
-            "at or below its runs' mean, off the weight paths validation measured."
+            "at or below its runs' mean, which validation did not foretell."
         )
     return "\n".join(lines)
 
