@@ -62,8 +62,8 @@ def test_the_reading_says_which_criteria_hold_on_validation_and_what_that_predic
         "- the recycled inits add diversity: median ratio-error 2.50 between the careful Ratatouille's runs, 2.00 "
         "between the soup's",
         "- with the careless fine-tune, the one vetting flags: -10.0 points (not above its runs' mean)",
-        "So the criteria fail on validation already: this world does not meet the method's conditions, and "
-        "averaging is not expected to pay on the held-out domain either.",
+        "So the criteria fail on validation already: this world does not meet the method's conditions, and its "
+        "held-out column, whichever way it falls, does not test the method.",
     ]
     held = {
         "soup": _results([0.90, 0.94], [0.01], [1.0], 0.93, 0.85, [0.83, 0.84]),
@@ -131,6 +131,15 @@ def test_a_gap_that_rounds_to_zero_prints_as_plus_zero_and_is_not_above():
     held["soup"].averages["uniform"].test_accuracy = 0.8346  # -0.04 points against its runs' mean there
     assert headline(held).splitlines()[1].endswith("; +0.0 against its runs' mean (runs 83.0-84.0%)")
     assert "breaks them anyway" in criteria_reading(held).splitlines()[4]
+    held["soup"].averages["uniform"].test_accuracy = 0.8354  # +0.04 points: "+0.0" too, so level, not followed
+    assert headline(held).splitlines()[1].endswith("; +0.0 against its runs' mean (runs 83.0-84.0%)")
+    assert "breaks them anyway" in criteria_reading(held).splitlines()[4]
+    held["soup"].averages["uniform"].test_accuracy = 0.86
+    held["soup"].averages["uniform"].val_accuracy = 0.9204  # +0.04 on validation: level, so not above
+    assert (
+        criteria_reading(held).splitlines()[1].endswith("soup +0.0, careful Ratatouille +1.0 points (soup: not above)")
+    )
+    assert criteria_reading(held).splitlines()[4].startswith("So the criteria fail on validation already")
 
 
 def test_diversity_is_judged_as_printed():
@@ -145,3 +154,4 @@ def test_diversity_is_judged_as_printed():
         .splitlines()[2]
         .startswith("- the recycled inits add no diversity: median ratio-error 0.77")
     )
+    assert criteria_reading(held).splitlines()[4].startswith("So the criteria fail on validation already")

@@ -496,8 +496,8 @@ def criteria_reading(results: dict[str, Results]) -> str:
     ]
     if below or not diverse:
         lines.append(
-            "So the criteria fail on validation already: this world does not meet the method's conditions, and "
-            "averaging is not expected to pay on the held-out domain either."
+            "So the criteria fail on validation already: this world does not meet the method's conditions, and its "
+            "held-out column, whichever way it falls, does not test the method."
         )
     elif len(followed) == len(VERDICT_RECIPES):
         lines.append(
