@@ -5,7 +5,8 @@ domain shift. These generators draw all of them from scratch with PIL and numpy,
 world runs with no downloads and no data outside the package:
 
 - ``shapes`` (target, like PACS): six shapes drawn in four styles (photo, sketch, cartoon, painting);
-- ``glyphs`` (pretraining): the digits 0-9 in PIL's built-in font on noisy backgrounds;
+- ``glyphs`` (pretraining): the digits 0-9 in PIL's built-in font on noisy backgrounds, and (the demo's)
+  the six shapes as photographs;
 - ``stripes``, ``dots``, ``polygons`` (auxiliary): stripe orientation, dot count, polygon vertices.
 
 Every generator is deterministic in its ``seed`` and never touches global random state. Images are
