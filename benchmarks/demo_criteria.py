@@ -163,10 +163,10 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         for p in diagnosis.pairs
     ]
     averages = {method: average.val_accuracy for method, average in results.averages.items()}
-    probes = sorted((output / "lp").glob("*/metrics.json"))  # the recipe's linear probe: one head for all runs
+    linear_probes = sorted((output / "lp").glob("*/metrics.json"))  # one head for all the recipe's runs
     measured = {
         "name": name,
-        "linear_probe": [json.loads(path.read_text())["val_accuracy"] for path in probes],
+        "linear_probe": [json.loads(path.read_text())["val_accuracy"] for path in linear_probes],
         "runs": runs,
         "pairs": pairs,
         "averages": averages,

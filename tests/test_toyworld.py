@@ -108,7 +108,8 @@ def test_pretrain_photo_shapes_adds_the_six_shapes_as_photographs_and_keeps_the_
     assert set(Counter(mixed["label"]).values()) == {4}
     # the digits are drawn from their own stream: every digit is the same image with or without shapes
     digit_rows = [i for i, label in enumerate(mixed["label"]) if label < len(toyworld.DIGITS)]
-    assert [_png_bytes(mixed)[i] for i in digit_rows] == _png_bytes(digits)
+    mixed_bytes = _png_bytes(mixed)
+    assert [mixed_bytes[i] for i in digit_rows] == _png_bytes(digits)
     shapes = mixed.filter(lambda row: row["label"] >= len(toyworld.DIGITS))
     photos = toyworld.target_dataset(per_class_per_domain=4, domains=("photo",))
     sketches = toyworld.target_dataset(per_class_per_domain=4, domains=("sketch",))

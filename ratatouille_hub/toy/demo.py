@@ -435,7 +435,8 @@ def _above_runs(result: Results, split: str) -> float:
 
 
 def _points(gap: float) -> str:
-    """A gap in points as printed and as judged: one decimal, signed, never "-0.0"."""
+    """A gap in points as printed: one decimal, signed, never "-0.0"; verdicts judge `round(gap, 1)`, the same
+    number."""
     return f"{round(gap, 1) + 0.0:+.1f}"
 
 
@@ -474,10 +475,10 @@ def criteria_reading(results: dict[str, Results]) -> str:
     vetting flags. Where they hold, whether the held-out domain follows: each average above its runs' mean
     there too. Read from the results, not written for one machine."""
     gaps = {key: _above_runs(results[key], "val") for key in AVERAGED}
-    below = [SHORT[key] for key in VERDICT_RECIPES if float(_points(gaps[key])) <= 0]
+    below = [SHORT[key] for key in VERDICT_RECIPES if round(gaps[key], 1) <= 0]
     ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in VERDICT_RECIPES}
     diverse = round(ratio[VETTED], 2) > round(ratio["soup"], 2)  # as printed
-    followed = [key for key in VERDICT_RECIPES if float(_points(_above_runs(results[key], "test"))) > 0]
+    followed = [key for key in VERDICT_RECIPES if round(_above_runs(results[key], "test"), 1) > 0]
     listed = ", ".join(f"{SHORT[key]} {_points(gaps[key])}" for key in VERDICT_RECIPES)
     if len(below) == len(VERDICT_RECIPES):
         above = "neither above"
@@ -492,7 +493,7 @@ def criteria_reading(results: dict[str, Results]) -> str:
         f"- the recycled inits {'add' if diverse else 'add no'} diversity: median ratio-error {ratio[VETTED]:.2f} "
         f"between the careful Ratatouille's runs, {ratio['soup']:.2f} between the soup's",
         f"- with the careless fine-tune, the one vetting flags: {_points(careless)} points "
-        f"({'above' if float(_points(careless)) > 0 else 'not above'} its runs' mean)",
+        f"({'above' if round(careless, 1) > 0 else 'not above'} its runs' mean)",
     ]
     if below or not diverse:
         lines.append(
