@@ -34,7 +34,11 @@ def ratio_error(predictions_a: torch.Tensor, predictions_b: torch.Tensor, labels
 
     Infinite when the models never err together on a sample both get wrong.
     """
-    wrong_a, wrong_b = predictions_a != labels, predictions_b != labels
+    return error_ratio(predictions_a != labels, predictions_b != labels)
+
+
+def error_ratio(wrong_a: torch.Tensor, wrong_b: torch.Tensor) -> float:
+    """`ratio_error` from which images each model gets wrong (bool masks)."""
     different = int((wrong_a ^ wrong_b).sum())
     simultaneous = int((wrong_a & wrong_b).sum())
     return different / simultaneous if simultaneous else float("inf")

@@ -25,7 +25,7 @@ import os
 import signal
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -41,6 +41,7 @@ from ..safe_text import say
 from ..train import DomainBatches, make_accelerator, optimize
 from ..vetting import Vetted
 from .design import DESIGN, WorldDesign
+from .evidence import BAND, RESAMPLES, Band, Evidence, correct_per_image, gather_evidence, signed
 
 log = logging.getLogger(__name__)
 BASE_ID = "toy-world/resnet-tiny"
@@ -241,9 +242,16 @@ def run_demo(output: Path, hub, echo: Callable[[str], None] = log.info, design: 
             what = STRATEGIES.get(name, f"recycling only what vetting did not flag: --aux {' '.join(unflagged)}")
             echo(f"\n== {'ratatouille again' if name == VETTED else name}: {what}")
             results[name] = recycle(config, echo=echo)
+        echo(
+            f"[demo] bands over the images: {RESAMPLES:,} paired resamplings of validation and of {results['soup'].test_domain}"
+        )
+        correct = {
+            name: correct_per_image(plans[name][0], Path(configs[name].output), results[name]) for name in configs
+        }
+        evidence = gather_evidence(correct, results, soup="soup", careful=VETTED)
     rows = comparison_rows(results)
-    say("\n" + headline(results))
-    say(criteria_reading(results))
+    say("\n" + headline(results, evidence))
+    say(criteria_reading(results, evidence))
     say("\n" + criteria_table(results))
     say("\n" + format_table(rows, results["ratatouille"].test_domain))
     say("\n" + careless_digest(results["ratatouille"], results[VETTED], vetted))
@@ -426,89 +434,123 @@ AVERAGED = {  # the recycles whose uniform averages the headline and the criteri
 }
 
 
-def _above_runs(result: Results, split: str) -> float:
-    """Points by which the uniform average beats the mean of the runs it averages, on `split` ("val" or
-    "test"): the criterion on validation, and its counterpart on the held-out domain."""
-    accuracy = f"{split}_accuracy"
-    runs = statistics.mean(getattr(run, accuracy) for run in result.runs)
-    return 100 * (getattr(result.averages["uniform"], accuracy) - runs)
-
-
-def _points(gap: float) -> str:
-    """A gap in points as printed: one decimal, signed, never "-0.0"; verdicts judge `round(gap, 1)`, the same
-    number."""
-    return f"{round(gap, 1) + 0.0:+.1f}"
-
-
-def headline(results: dict[str, Results]) -> str:
-    """The demo's answer, first: each uniform average against ERM on the held-out domain, as measured, and
-    against the mean of its runs there: ERM is one run picked by validation, one draw from the runs' spread."""
-    erm = results["soup"].best_single
-    domain = results["soup"].test_domain
-    lines = [
-        f"Held out ({domain}), never seen in training or selection: ERM (best run from the base) {_pct(erm.test_accuracy)}"
-    ]
-    for key, label in AVERAGED.items():
-        result = results[key]
-        average = result.averages["uniform"].test_accuracy
-        gap = 100 * (average - erm.test_accuracy)
-        verdict = f"{abs(gap):.1f} points {'above' if gap > 0 else 'below'} ERM" if round(gap, 1) else "level with ERM"
-        runs = [100 * run.test_accuracy for run in result.runs]
-        lines.append(
-            f"- {label}, uniform average: {_pct(average)}, {verdict}; {_points(_above_runs(result, 'test'))} against "
-            f"its runs' mean (runs {min(runs):.1f}-{max(runs):.1f}%)"
-        )
-    return "\n".join(lines)
-
-
 SHORT = {"soup": "soup", VETTED: "careful Ratatouille", "ratatouille": "with the careless one"}
 
 
-VERDICT_RECIPES = ("soup", VETTED)  # the method as vetting leaves it: the criteria's verdict reads these two
+VERDICT_RECIPES = ("soup", VETTED)  # the method as vetting leaves it: the verdicts read these two
 
 
-def criteria_reading(results: dict[str, Results]) -> str:
+def _names(keys: Sequence[str]) -> str:
+    return " and ".join(f"the {SHORT[key]}'s" for key in keys)
+
+
+def _land(keys: Sequence[str], where: str) -> str:
+    """ "the soup's average lands <where> its runs' mean", in the plural for two."""
+    if len(keys) > 1:
+        return f"{_names(keys)} averages land {where} their runs' mean"
+    return f"{_names(keys)} average lands {where} its runs' mean"
+
+
+def _neither(keys: Sequence[str]) -> str:
+    return "neither " + " nor ".join(f"the {SHORT[key]}'s" for key in keys) if len(keys) > 1 else f"not {_names(keys)}"
+
+
+def headline(results: dict[str, Results], evidence: Evidence) -> str:
+    """The demo's answer, first: whether averaging paid on the held-out domain, each uniform average against
+    the mean of its runs there (the gap, then its band over the images), and against ERM. ERM is one run
+    picked by validation, one draw from the runs' spread: which side of it an average lands moves with the
+    CPU's kernels, so the verdict reads the runs' mean."""
+    erm = results["soup"].best_single
+    domain = results["soup"].test_domain
+    gained = [key for key in VERDICT_RECIPES if evidence.gaps[key].test.side == "above"]
+    if len(gained) == len(VERDICT_RECIPES):
+        verdict = "Averaging pays here: the soup's and the careful Ratatouille's uniform averages land above"
+    elif gained:
+        verdict = f"Averaging pays for the {SHORT[gained[0]]} only: its uniform average lands above"
+    else:
+        verdict = f"Averaging does not pay here: {_neither(VERDICT_RECIPES)} uniform average lands above"
+    lines = [
+        f"Held out ({domain}), never seen in training or selection. {verdict} the mean of the runs it averages "
+        f"(each gap in points, then where it falls on {BAND:.0%} of {RESAMPLES:,} resamplings of the images):"
+    ]
+    for key, label in AVERAGED.items():
+        result = results[key]
+        runs = [100 * run.test_accuracy for run in result.runs]
+        lines.append(
+            f"- {label}, uniform average {_pct(result.averages['uniform'].test_accuracy)}: "
+            f"{evidence.gaps[key].test} against its runs' mean (runs {min(runs):.1f}-{max(runs):.1f}%)"
+        )
+    against = ", ".join(
+        f"{SHORT[key]} {signed(100 * (results[key].averages['uniform'].test_accuracy - erm.test_accuracy))}"
+        for key in AVERAGED
+    )
+    lines.append(
+        f"Against ERM (the best run from the base by validation, {_pct(erm.test_accuracy)}): {against} points. "
+        "ERM is one run: where it falls among the runs moves with the CPU's kernels, and these gaps with it."
+    )
+    return "\n".join(lines)
+
+
+def _relation(gap: Band) -> str:
+    return "level with" if gap.side == "level" else gap.side
+
+
+def _sides(gaps: dict[str, Band]) -> str:
+    """ "both above", "both level with", or each recycle's side where they differ."""
+    sides = [_relation(gaps[key]) for key in VERDICT_RECIPES]
+    if len(set(sides)) == 1:
+        return f"both {sides[0]} their runs' mean"
+    return "; ".join(f"{SHORT[key]} {side} its runs' mean" for key, side in zip(VERDICT_RECIPES, sides))
+
+
+def criteria_reading(results: dict[str, Results], evidence: Evidence) -> str:
     """Why, from docs/method.md's criteria on training-domain validation (the table under it): whether the
     uniform averages of the method as vetting leaves it (the soup, the careful Ratatouille) land above their
-    runs' mean (runs close enough to average) and whether the recycled inits add diversity (the careful
+    runs' mean beyond the images' noise, and whether the recycled inits add diversity beyond it (the careful
     Ratatouille's median ratio-error against the soup's); then the careless fine-tune's recipe, the case
-    vetting flags. Where they hold, whether the held-out domain follows: each average above its runs' mean
-    there too. Read from the results, not written for one machine."""
-    gaps = {key: _above_runs(results[key], "val") for key in AVERAGED}
-    below = [SHORT[key] for key in VERDICT_RECIPES if round(gaps[key], 1) <= 0]
+    vetting flags. Then whether the held-out domain bore that out. Read from the results and their bands, not
+    written for one machine: a gap reads "above" only where its band keeps clear of zero."""
+    gaps = {key: evidence.gaps[key].val for key in AVERAGED}
+    unclear = [key for key in VERDICT_RECIPES if gaps[key].side != "above"]
     ratio = {key: statistics.median(pair.ratio_error for pair in results[key].diagnostics) for key in VERDICT_RECIPES}
-    diverse = round(ratio[VETTED], 2) > round(ratio["soup"], 2)  # as printed
-    followed = [key for key in VERDICT_RECIPES if round(_above_runs(results[key], "test"), 1) > 0]
-    listed = ", ".join(f"{SHORT[key]} {_points(gaps[key])}" for key in VERDICT_RECIPES)
-    if len(below) == len(VERDICT_RECIPES):
-        above = "neither above"
-    elif below:
-        above = f"{below[0]}: not above"
-    else:
-        above = "both above"
-    careless = gaps["ratatouille"]
+    diverse = evidence.diversity.side == "above"
+    listed = ", ".join(f"{SHORT[key]} {gaps[key]}" for key in VERDICT_RECIPES)
+    shared = " (under 1: the runs make most of their errors together)" if max(ratio.values()) < 1 else ""
     lines = [
-        "Why, from the criteria on training-domain validation (the table below):",
-        f"- each uniform average against its runs' mean: {listed} points ({above})",
-        f"- the recycled inits {'add' if diverse else 'add no'} diversity: median ratio-error {ratio[VETTED]:.2f} "
-        f"between the careful Ratatouille's runs, {ratio['soup']:.2f} between the soup's",
-        f"- with the careless fine-tune, the one vetting flags: {_points(careless)} points "
-        f"({'above' if round(careless, 1) > 0 else 'not above'} its runs' mean)",
+        "Why, from the criteria on training-domain validation (the table below; bands as above):",
+        f"- each uniform average against its runs' mean: {listed} points: {_sides(gaps)}",
+        f"- median ratio-error {ratio[VETTED]:.2f} between the careful Ratatouille's runs, {ratio['soup']:.2f} between "
+        f"the soup's{shared}; the recycled inits add {evidence.diversity}: "
+        f"{'diversity' if diverse else 'no diversity beyond the noise'}",
+        f"- with the careless fine-tune, the one vetting flags: {gaps['ratatouille']} points: "
+        f"{_relation(gaps['ratatouille'])} its runs' mean",
     ]
-    if below or not diverse:
-        lines.append(
-            "So the criteria fail on validation already: this world does not meet the method's conditions, and its "
-            "held-out column, whichever way it falls, does not test the method."
-        )
-    elif len(followed) == len(VERDICT_RECIPES):
+    gained = [key for key in VERDICT_RECIPES if evidence.gaps[key].test.side == "above"]
+    missing = []
+    if unclear:
+        missing.append(f"{_neither(unclear)} average above its runs' mean")
+    if not diverse:
+        missing.append("no diversity added")
+    if not missing and len(gained) == len(VERDICT_RECIPES):
         lines.append(
             "So the criteria hold on validation, and the held-out domain follows them: there too each average lands "
             "above its runs' mean."
         )
+    elif not missing:
+        lines.append(
+            "So the criteria hold on validation, and the held-out domain breaks them anyway: there "
+            f"{_land([k for k in VERDICT_RECIPES if k not in gained], 'no higher than')}, which validation did not "
+            "foretell."
+        )
+    elif not gained:
+        lines.append(
+            f"So validation foretells no gain ({'; '.join(missing)}), and the held-out domain bears it out: "
+            f"{_neither(VERDICT_RECIPES)} average lands above its runs' mean there."
+        )
     else:
         lines.append(
-            "So the criteria hold on validation, and the held-out domain breaks them anyway: there an average lands "
-            "at or below its runs' mean, which validation did not foretell."
+            f"So validation foretells no gain ({'; '.join(missing)}), yet on the held-out domain "
+            f"{_land(gained, 'above')}: a gain the criteria did not foretell."
         )
     return "\n".join(lines)
 
