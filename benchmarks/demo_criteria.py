@@ -14,12 +14,16 @@ validation numbers are the demo's:
   ratatouille-vetted    runs 1-3 from the three careful fine-tunes
 and prints, per recipe: the linear probe's and each run's validation accuracy (accurate), every pair's
 barrier on the weight path (averageable) and ratio-error (diverse) from `diagnose` on all pairs, and each
-average's and the ensemble's validation accuracy. `--set` overrides a field of the demo's WorldDesign
-(`--set steps=500 --set lr_choices=1e-4,3e-4`), each variant in its own folder keyed by the design.
+average's and the ensemble's validation accuracy; the uniform average's gap over its runs' mean and the
+diversity the careful fine-tunes add over the soup's come with the demo's bands over the images
+(ratatouille_hub/toy/evidence.py), so a margin reads as the demo will read it. `--set` overrides a field of
+the demo's WorldDesign (`--set steps=500 --set lr_choices=1e-4,3e-4`), each variant in its own folder keyed
+by the design.
 `--probe-domain cartoon` leaves one training domain out as well (DomainBed's leave-one-domain-out check):
 the runs train on the other two, and the averages are measured on it against their runs' mean, the
 question the held-out domain asks, answered without drawing it.
-Results: benchmarks/results/demo_criteria.json (the default design) or the scratch folder (any other).
+Results: benchmarks/results/demo_criteria.json (the default design, world seed 0, the CPU's own kernels) or the
+scratch folder (any other).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -55,9 +60,12 @@ from ratatouille_hub.toy.demo import (
     one_thread,
 )
 from ratatouille_hub.toy.design import DESIGN, WorldDesign
+from ratatouille_hub.toy.evidence import correct_per_image, diversity_band, gap_band, signed
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "demo_criteria.json"
+# forcing other CPU kernels computes another world: such a run never replaces the default design's record
+KERNEL_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 HELD_OUT = "sketch"
 PLACEHOLDER = "placeholder"  # stands in for the held-out domain, which is never drawn here
 TRAIN_DOMAINS = tuple(d for d in toyworld.DOMAINS if d != HELD_OUT)
@@ -129,11 +137,15 @@ def recipes(paths: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-def measure(name: str, config, echo, names: dict[str, str]) -> dict:
+def measure(name: str, config, echo, names: dict[str, str]) -> tuple[dict, torch.Tensor]:
     """One recipe's runs, their pairs (diagnose on every pair) and its averages, on validation (and on the
-    probe domain when there is one: `probe`; the placeholder's numbers are never kept)."""
+    probe domain when there is one: `probe`; the placeholder's numbers are never kept); with the uniform
+    average's gap over its runs' mean and its band, as the demo reads it. Also which validation images each
+    run got right, for the diversity band across recipes."""
     results = recycle(config, echo=echo)
     output = Path(config.output)
+    (plan,) = plan_recipe(config, echo=lambda line: None)
+    correct = correct_per_image(plan, output, results)
     runs = [
         {
             "index": r.index,
@@ -172,14 +184,51 @@ def measure(name: str, config, echo, names: dict[str, str]) -> dict:
         "averages": averages,
         "greedy_members": results.averages["greedy"].members,
         "ensemble": results.ensemble.val_accuracy,
+        "uniform_gap_band": band_record(gap_band(correct["val"])),
     }
     if probed:
         measured["probe"] = {
             "domain": config.test_domain,
             "averages": {method: average.test_accuracy for method, average in results.averages.items()},
             "ensemble": results.ensemble.test_accuracy,
+            "uniform_gap_band": band_record(gap_band(correct["test"])),
         }
-    return measured
+    return measured, correct["val"].runs
+
+
+def band_text(band: dict, decimals: int = 1) -> str:
+    estimate, low, high = (signed(band[key], decimals) for key in ("estimate", "low", "high"))
+    return f"{estimate} ({low} to {high}): {band['side']}"
+
+
+def band_record(band) -> dict:
+    return {"estimate": band.estimate, "low": band.low, "high": band.high, "side": band.side}
+
+
+def diversity_bands(measured: list[dict], correct: dict[str, torch.Tensor]) -> dict:
+    """The careful Ratatouille's median ratio-error minus the soup's, on the same validation images resampled
+    together: over the pairs from the best run (the demo's reading) and over all pairs."""
+    by_name = {m["name"]: m for m in measured}
+    if not {"soup", "ratatouille-vetted"} <= by_name.keys():
+        return {}
+
+    def pairs(name: str, from_best: bool) -> list[tuple[int, int]]:
+        runs = by_name[name]["runs"]
+        best = max(range(len(runs)), key=lambda i: (runs[i]["val"], -i))
+        every = [tuple(p["runs"]) for p in by_name[name]["pairs"]]
+        return [p for p in every if best in p] if from_best else every
+
+    return {
+        scope: band_record(
+            diversity_band(
+                correct["ratatouille-vetted"],
+                pairs("ratatouille-vetted", from_best),
+                correct["soup"],
+                pairs("soup", from_best),
+            )
+        )
+        for scope, from_best in (("from_best_run", True), ("all_pairs", False))
+    }
 
 
 def pair_kind(a_recycled: bool, b_recycled: bool) -> str:
@@ -213,6 +262,7 @@ def report(measured: dict) -> str:
         + ", ".join(f"{m} {100 * v:.1f}%" for m, v in averages.items())
         + f" (greedy kept {len(measured['greedy_members'])}); ensemble {100 * measured['ensemble']:.1f}%"
     )
+    lines.append(f"  uniform against its runs' mean: {band_text(measured['uniform_gap_band'])}")
     if "probe" in measured:
         probe, held = measured["probe"], [r["probe"] for r in runs]
         best = max(runs, key=lambda r: r["val"])["probe"]
@@ -220,7 +270,8 @@ def report(measured: dict) -> str:
             f"  on {probe['domain']} (left out): runs {100 * min(held):.1f}-{100 * max(held):.1f}% "
             f"(mean {100 * statistics.mean(held):.1f}, best by validation {100 * best:.1f}); "
             + ", ".join(f"{m} {100 * v:.1f}%" for m, v in probe["averages"].items())
-            + f"; ensemble {100 * probe['ensemble']:.1f}%"
+            + f"; ensemble {100 * probe['ensemble']:.1f}%; uniform against its runs' mean there: "
+            + band_text(probe["uniform_gap_band"])
         )
     return "\n".join(lines)
 
@@ -283,10 +334,14 @@ def main() -> None:
             if name in args.recipes.split(",")
         }
         work.share([plan for config in configs.values() for plan in plan_recipe(config, echo=lambda line: None)], echo)
-        measured = []
+        measured, correct = [], {}
         for name, config in configs.items():
-            measured.append(measure(name, config, echo, names))
+            recipe, correct[name] = measure(name, config, echo, names)
+            measured.append(recipe)
             print(report(measured[-1]), f"\n  ({time.perf_counter() - start:.0f} s)", flush=True)
+        diversity = diversity_bands(measured, correct)
+        for scope, band in diversity.items():
+            print(f"diversity added by the careful fine-tunes ({scope.replace('_', ' ')}): {band_text(band, 2)}")
         threads = torch.get_num_threads()
     seconds = time.perf_counter() - start
     print(f"{seconds:.0f} s, {demo_processes()} processes of {threads} thread")
@@ -296,13 +351,16 @@ def main() -> None:
         "probe_domain": args.probe_domain,
         "aux_tasks": list(AUX_TASKS),
         "recipes": measured,
+        "diversity_band": diversity,
         "seconds": seconds,
         "threads": threads,
         "processes": demo_processes(),
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
     }
     complete = args.recipes == parser.get_default("recipes")
-    default = design == DESIGN and args.seed == 0 and complete and not args.probe_domain
+    kernels = {name: os.environ[name] for name in KERNEL_OVERRIDES if name in os.environ}
+    record["kernel_overrides"] = kernels
+    default = design == DESIGN and args.seed == 0 and complete and not args.probe_domain and not kernels
     destination = RESULTS if default else folder / "demo_criteria.json"
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(json.dumps(finite(record), indent=1) + "\n")

@@ -1,10 +1,12 @@
-"""benchmarks/demo_criteria.py's design overrides: each `--set` value parsed as its field's type."""
+"""benchmarks/demo_criteria.py: its design overrides, each `--set` value parsed as its field's type, and the
+pairs its diversity bands read."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ratatouille_hub.toy.design import DESIGN
 
@@ -33,3 +35,21 @@ def test_tuples_numbers_and_unknown_fields(criteria):
     assert design.widths == DESIGN.widths and design.pretrain_photo_shapes == DESIGN.pretrain_photo_shapes
     with pytest.raises(SystemExit, match="no such field"):
         criteria.parse_design(["depth=3"])
+
+
+def _recipe(name: str, vals: list[float]) -> dict:
+    pairs = [{"runs": [0, 1]}, {"runs": [0, 2]}, {"runs": [1, 2]}]
+    return {"name": name, "runs": [{"val": val} for val in vals], "pairs": pairs}
+
+
+def test_the_diversity_bands_read_the_pairs_from_each_recipes_best_run_and_all_pairs(criteria):
+    """Runs wrong on 1100, 1010 and 1111: ratio-errors 2 for runs 0 and 1, 1 for the two pairs with run 2. The
+    best run is the most accurate on validation, the lower index on a tie (the demo's rule)."""
+    wrong = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    correct = {"soup": ~wrong, "ratatouille-vetted": ~wrong}
+    vetted = _recipe("ratatouille-vetted", [0.97, 0.90, 0.90])  # best run 0: pairs 2 and 1, median 1.5
+    bands = criteria.diversity_bands([_recipe("soup", [0.90, 0.90, 0.95]), vetted], correct)  # soup's best: 2
+    assert bands["from_best_run"]["estimate"] == 0.5 and bands["all_pairs"]["estimate"] == 0.0
+    bands = criteria.diversity_bands([_recipe("soup", [0.90, 0.95, 0.95]), vetted], correct)  # tie: run 1
+    assert bands["from_best_run"]["estimate"] == 0.0
+    assert criteria.diversity_bands([vetted], correct) == {}  # the soup not measured: no band
