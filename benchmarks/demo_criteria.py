@@ -276,6 +276,19 @@ def report(measured: dict) -> str:
     return "\n".join(lines)
 
 
+def record_path(folder: Path, record: dict, complete: bool) -> Path:
+    """The committed record for the default design (world seed 0, every recipe, no probe domain, the CPU's own
+    kernels); the variant's folder for anything else."""
+    default = (
+        record["design"] == dataclasses.asdict(DESIGN)
+        and record["seed"] == 0
+        and complete
+        and not record["probe_domain"]
+        and not record["kernel_overrides"]
+    )
+    return RESULTS if default else folder / "demo_criteria.json"
+
+
 def finite(value):
     """JSON has no infinity: an infinite ratio-error (two models that never err together) is written as null."""
     if isinstance(value, float) and math.isinf(value):
@@ -358,10 +371,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
     }
     complete = args.recipes == parser.get_default("recipes")
-    kernels = {name: os.environ[name] for name in KERNEL_OVERRIDES if name in os.environ}
-    record["kernel_overrides"] = kernels
-    default = design == DESIGN and args.seed == 0 and complete and not args.probe_domain and not kernels
-    destination = RESULTS if default else folder / "demo_criteria.json"
+    record["kernel_overrides"] = {name: os.environ[name] for name in KERNEL_OVERRIDES if name in os.environ}
+    destination = record_path(folder, record, complete)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(json.dumps(finite(record), indent=1) + "\n")
     print(f"written: {destination}")

@@ -53,3 +53,16 @@ def test_the_diversity_bands_read_the_pairs_from_each_recipes_best_run_and_all_p
     bands = criteria.diversity_bands([_recipe("soup", [0.90, 0.95, 0.95]), vetted], correct)  # tie: run 1
     assert bands["from_best_run"]["estimate"] == 0.0
     assert criteria.diversity_bands([vetted], correct) == {}  # the soup not measured: no band
+
+
+def test_only_the_default_design_on_the_cpus_own_kernels_replaces_the_committed_record(criteria, tmp_path):
+    import dataclasses
+
+    record = {"design": dataclasses.asdict(DESIGN), "seed": 0, "probe_domain": None, "kernel_overrides": {}}
+    assert criteria.record_path(tmp_path, record, complete=True) == criteria.RESULTS
+    variant = tmp_path / "demo_criteria.json"
+    assert criteria.record_path(tmp_path, record, complete=False) == variant
+    for change in ({"kernel_overrides": {"ATEN_CPU_CAPABILITY": "avx2"}}, {"seed": 1}, {"probe_domain": "cartoon"}):
+        assert criteria.record_path(tmp_path, {**record, **change}, complete=True) == variant
+    design = dataclasses.asdict(criteria.parse_design(["steps=300"]))
+    assert criteria.record_path(tmp_path, {**record, "design": design}, complete=True) == variant

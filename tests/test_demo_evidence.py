@@ -4,6 +4,7 @@ the per-image record they resample, which must be the one recycle scored."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ratatouille_hub.toy.evidence import (
     correct_per_image,
     diversity_band,
     gap_band,
+    gather_evidence,
     median_error_ratio,
 )
 
@@ -68,6 +70,33 @@ def test_a_band_that_some_resamplings_leave_without_shared_errors_is_unbounded_a
     assert str(band) == "+0.00 (band unbounded: some resamplings share no error)"
 
 
+def test_recycles_scored_on_other_images_or_without_pairs_are_refused():
+    correct = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="scored on 5 and 4 images"):
+        diversity_band(correct, [(0, 1)], correct[:, :4], [(0, 1)])
+    with pytest.raises(ValueError, match="at least one pair"):
+        median_error_ratio(correct, [], torch.arange(5))
+
+
+def _diagnosed(pairs, ratios):
+    return SimpleNamespace(diagnostics=[SimpleNamespace(runs=list(p), ratio_error=r) for p, r in zip(pairs, ratios)])
+
+
+def test_the_evidence_reads_each_recycles_diagnosed_pairs_and_refuses_predictions_that_disagree_with_them():
+    """Runs wrong on 1100, 1010 and 1111 (ratio-errors 2 for runs 0 and 1, 1 with run 2). The soup's diagnose
+    measured pairs (2, 0) and (2, 1), the careful recycle's (0, 1) and (0, 2): medians 1.0 and 1.5."""
+    runs = ~torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    split = Correct(runs=runs, average=torch.ones(4, dtype=torch.bool))  # the average right on every image
+    correct = {name: {"val": split, "test": split} for name in ("soup", "careful")}
+    results = {"soup": _diagnosed([(2, 0), (2, 1)], [1.0, 1.0]), "careful": _diagnosed([(0, 1), (0, 2)], [2.0, 1.0])}
+    evidence = gather_evidence(correct, results, soup="soup", careful="careful")
+    assert evidence.diversity.estimate == 0.5
+    assert evidence.gaps["soup"].val.estimate == pytest.approx(100 * (1 - (2 + 2 + 0) / 12))
+    results["careful"].diagnostics[1].ratio_error = 2.0  # diagnose saw other predictions than the stored ones
+    with pytest.raises(RuntimeError, match="careful: the runs' stored predictions disagree"):
+        gather_evidence(correct, results, soup="soup", careful="careful")
+
+
 @pytest.mark.parametrize(
     ("band", "side", "printed"),
     [
@@ -108,9 +137,15 @@ def test_the_images_each_run_and_the_uniform_average_got_right_are_those_recycle
         )
 
 
-def test_a_record_that_is_not_the_average_rebuilt_is_refused(recycled):
+def test_a_record_that_is_not_what_the_reading_rebuilt_is_refused(recycled):
     plan, output, results = recycled
     uniform = results.averages["uniform"]
-    wrong = replace(results, averages={**results.averages, "uniform": replace(uniform, test_accuracy=1.5)})
-    with pytest.raises(RuntimeError, match=r"not the one recycle scored \(test\)"):
-        correct_per_image(plan, output, wrong)
+    for split in ("val", "test"):
+        scores = replace(uniform, **{f"{split}_accuracy": 1.5})
+        wrong = replace(results, averages={**results.averages, "uniform": scores})
+        with pytest.raises(RuntimeError, match=rf"the uniform average as the reading rebuilt it is not .* \({split}\)"):
+            correct_per_image(plan, output, wrong)
+    runs = [*results.runs]
+    runs[1] = replace(runs[1], val_accuracy=runs[1].val_accuracy + 0.5)
+    with pytest.raises(RuntimeError, match=r"run 1 as the reading rebuilt it is not the one recycle scored \(val\)"):
+        correct_per_image(plan, output, replace(results, runs=runs))

@@ -45,8 +45,8 @@ def test_headline_says_first_whether_averaging_paid_then_each_gap_with_its_band_
     evidence = _evidence(soup=(ABOVE, BELOW), careful=(ABOVE, Band(-0.04, -0.9, 0.04)), careless=(LEVEL, ABOVE))
     assert headline(world, evidence).splitlines() == [
         "Held out (sketch), never seen in training or selection. Averaging does not pay here: neither the soup's nor "
-        "the careful Ratatouille's uniform average lands above the mean of the runs it averages (each gap in points, "
-        "then where it falls on 90% of 2,000 resamplings of the images):",
+        "the careful Ratatouille's average lands clearly above its runs' mean (each gap in points, then where it "
+        "falls on 90% of 2,000 resamplings of the images):",
         "- Model soup (every run from the base), uniform average 85.0%: -2.0 (-2.9 to -1.1) against its runs' mean "
         "(runs 74.0-83.0%)",
         "- Ratatouille (the careful fine-tunes), uniform average 80.0%: +0.0 (-0.9 to +0.0) against its runs' mean "
@@ -57,11 +57,24 @@ def test_headline_says_first_whether_averaging_paid_then_each_gap_with_its_band_
         "careless one -0.5 points. ERM is one run: where it falls among the runs moves with the CPU's kernels, and "
         "these gaps with it.",
     ]  # the careless recipe's gain is its own line's, not the verdict's
+    first = "Held out (sketch), never seen in training or selection. "
     evidence = _evidence(soup=(ABOVE, ABOVE), careful=(ABOVE, LEVEL))
-    assert "Averaging pays for the soup only: its uniform average lands above" in headline(world, evidence)
+    assert (
+        headline(world, evidence)
+        .splitlines()[0]
+        .startswith(
+            first + "Averaging pays for the soup only: of the two uniform averages, only its lands clearly above its "
+            "runs' mean (each gap"
+        )
+    )
     evidence = _evidence(soup=(LEVEL, ABOVE), careful=(LEVEL, ABOVE))
-    assert "Averaging pays here: the soup's and the careful Ratatouille's uniform averages land above" in headline(
-        world, evidence
+    assert (
+        headline(world, evidence)
+        .splitlines()[0]
+        .startswith(
+            first + "Averaging pays here: the soup's and the careful Ratatouille's uniform averages each land clearly "
+            "above their runs' mean (each gap"
+        )
     )
 
 
@@ -76,30 +89,33 @@ def test_criteria_table_gives_each_recycle_its_runs_barriers_diversity_and_unifo
     assert lines[4].endswith("85.0-95.0 (90.0)              2.0, 2.0         inf       80.0%")
 
 
-def test_criteria_that_hold_on_validation_and_a_held_out_domain_that_follows_or_breaks_them():
+def test_criteria_that_hold_on_validation_and_a_held_out_domain_that_follows_or_not():
     world = _world()
     assert criteria_reading(world, _evidence()).splitlines() == [
         "Why, from the criteria on training-domain validation (the table below; bands as above):",
         "- each uniform average against its runs' mean: soup +1.0 (+0.4 to +1.6), careful Ratatouille +1.0 (+0.4 to "
         "+1.6) points: both above their runs' mean",
         "- median ratio-error 2.50 between the careful Ratatouille's runs, 2.00 between the soup's; the recycled "
-        "inits add +0.20 (+0.05 to +0.40): diversity",
+        "inits add +0.20 (+0.05 to +0.40): diversity beyond the noise",
         "- with the careless fine-tune, the one vetting flags: +0.5 (-0.2 to +1.2) points: level with its runs' mean",
         "So the criteria hold on validation, and the held-out domain follows them: there too each average lands "
-        "above its runs' mean.",
+        "clearly above its runs' mean.",
     ]
-    broken = criteria_reading(world, _evidence(careful=(ABOVE, LEVEL))).splitlines()[-1]
-    assert broken == (
-        "So the criteria hold on validation, and the held-out domain breaks them anyway: there the careful "
-        "Ratatouille's average lands no higher than its runs' mean, which validation did not foretell."
+    level = criteria_reading(world, _evidence(careful=(ABOVE, LEVEL))).splitlines()[-1]
+    assert level == (  # a level gap is a gain not shown, not a loss
+        "So the criteria hold on validation, but on the held-out domain the careful Ratatouille's average does not "
+        "land clearly above its runs' mean: validation did not foretell that."
     )
     both = criteria_reading(world, _evidence(soup=(ABOVE, BELOW), careful=(ABOVE, LEVEL))).splitlines()[-1]
-    assert "there the soup's and the careful Ratatouille's averages land no higher than their runs' mean, " in both
+    assert both.startswith(
+        "So the criteria hold on validation, but on the held-out domain neither the soup's nor the careful "
+        "Ratatouille's average lands clearly above its runs' mean: "
+    )
 
 
-def test_criteria_within_the_noise_foretell_no_gain_and_the_held_out_domain_bears_it_out_or_not():
+def test_criteria_within_the_noise_and_what_the_held_out_domain_did():
     """The reading of both CPU types measured (docs/demo-output.md): every validation gap level, the runs sharing
-    most of their errors, no diversity beyond the noise, no gain on the held-out domain."""
+    most of their errors, no diversity beyond the noise, no clear gain on the held-out domain."""
     world = _world()
     for result, ratios in zip(world.values(), ([0.72, 0.70], [0.77], [0.73]), strict=True):
         for pair, ratio in zip(result.diagnostics, ratios):
@@ -112,19 +128,25 @@ def test_criteria_within_the_noise_foretell_no_gain_and_the_held_out_domain_bear
         "make most of their errors together); the recycled inits add +0.05 (-0.15 to +0.23): no diversity beyond the "
         "noise",
         "- with the careless fine-tune, the one vetting flags: +0.5 (-0.2 to +1.2) points: level with its runs' mean",
-        "So validation foretells no gain (neither the soup's nor the careful Ratatouille's average above its runs' "
-        "mean; no diversity added), and the held-out domain bears it out: neither the soup's nor the careful "
-        "Ratatouille's average lands above its runs' mean there.",
+        "So the criteria are not all met beyond the noise on validation (neither the soup's nor the careful "
+        "Ratatouille's average clearly above its runs' mean; no diversity added beyond the noise), and on the "
+        "held-out domain neither the soup's nor the careful Ratatouille's average lands clearly above its runs' "
+        "mean.",
     ]
     evidence = _evidence(soup=(ABOVE, ABOVE), careful=(BELOW, BELOW), diversity=(0.3, 0.1, 0.5))
     lines = criteria_reading(world, evidence).splitlines()
     assert lines[1].endswith("points: soup above its runs' mean; careful Ratatouille below its runs' mean")
     assert lines[-1] == (
-        "So validation foretells no gain (not the careful Ratatouille's average above its runs' mean), yet on the "
-        "held-out domain the soup's average lands above its runs' mean: a gain the criteria did not foretell."
+        "So the criteria are not all met beyond the noise on validation (the careful Ratatouille's average not "
+        "clearly above its runs' mean); on the held-out domain the soup's average lands clearly above its runs' "
+        "mean all the same."
     )
-    evidence = _evidence(diversity=(0.05, -0.01, 0.1))  # gains on validation, diversity within the noise
-    assert criteria_reading(world, evidence).splitlines()[-1] == (
-        "So validation foretells no gain (no diversity added), yet on the held-out domain the soup's and the careful "
-        "Ratatouille's averages land above their runs' mean: a gain the criteria did not foretell."
+    evidence = _evidence(diversity=(-0.2, -0.4, -0.05))  # the recycled inits clearly less diverse
+    lines = criteria_reading(world, evidence).splitlines()
+    assert lines[2].endswith(
+        "the recycled inits add -0.20 (-0.40 to -0.05): less diversity than the base's inits, beyond the noise"
+    )
+    assert lines[-1] == (
+        "So the criteria are not all met beyond the noise on validation (less diversity); on the held-out domain the "
+        "soup's and the careful Ratatouille's averages land clearly above their runs' mean all the same."
     )

@@ -3,8 +3,8 @@ got right, and a paired bootstrap over those images for every gap the demo's rea
 
 A toy world's validation holds a few hundred images: a gap of half a point is two or three of them, and which
 side of zero it lands on changes with the CPU's kernels. The reading says "above" or "below" only where the
-band (where the gap falls on 90% of the resamplings of the images) keeps clear of zero, so its words hold
-wherever the digits move within their noise.
+band (where the gap falls on 90% of the resamplings of the images) keeps clear of zero, so its words do not
+turn on an image or two. The band is the images' noise only: the runs' own spread (seeds, kernels) is not in it.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def gap_band(correct: Correct) -> Band:
 
 def median_error_ratio(correct: torch.Tensor, pairs: Sequence[tuple[int, int]], indices: torch.Tensor) -> float:
     """docs/method.md's diversity on the images `indices`: the median ratio-error over `pairs` of runs."""
+    if not pairs:
+        raise ValueError("diversity needs at least one pair of runs")
     wrong = ~correct[:, indices]
     return statistics.median(error_ratio(wrong[a], wrong[b]) for a, b in pairs)
 
@@ -98,6 +100,10 @@ def diversity_band(
 ) -> Band:
     """The recycled runs' median ratio-error minus the base-initialised runs', on the same images resampled
     together: the diversity the recycled inits add, with its band."""
+    if recycled.shape[1] != base.shape[1]:
+        raise ValueError(
+            f"the two recycles were scored on {recycled.shape[1]} and {base.shape[1]} images: not the same"
+        )
     return bootstrap(
         lambda indices: (
             median_error_ratio(recycled, recycled_pairs, indices) - median_error_ratio(base, base_pairs, indices)
@@ -145,10 +151,12 @@ def correct_per_image(plan, output: Path, results) -> dict[str, Correct]:
     runs = [correct(record.predictions()) for record in records]
     averager = RunAverager([record.model_folder for record in records], target, plan.config.bn_policy)
     average = correct(predict_target(averager.model(Mixture(tuple(range(len(records))))), target))
-    recorded = results.averages["uniform"]
-    for split, accuracy in (("val", recorded.val_accuracy), ("test", recorded.test_accuracy)):
-        if round(accuracy * labels[split].numel()) != int(average[split].sum()):
-            raise RuntimeError(f"the uniform average rebuilt for the reading is not the one recycle scored ({split})")
+    scored = [("the uniform average", results.averages["uniform"], average)]
+    scored += [(f"run {i}", run, mask) for i, (run, mask) in enumerate(zip(results.runs, runs, strict=True))]
+    for name, recorded, mask in scored:
+        for split in labels:
+            if round(getattr(recorded, f"{split}_accuracy") * labels[split].numel()) != int(mask[split].sum()):
+                raise RuntimeError(f"{name} as the reading rebuilt it is not the one recycle scored ({split})")
     return {split: Correct(torch.stack([run[split] for run in runs]), average[split]) for split in labels}
 
 
@@ -159,6 +167,11 @@ def gather_evidence(correct: Mapping[str, Mapping[str, Correct]], results, soup:
     def pairs(name: str) -> list[tuple[int, int]]:
         return [(pair.runs[0], pair.runs[1]) for pair in results[name].diagnostics]
 
+    everything = torch.arange(correct[soup]["val"].runs.shape[1])
+    for name in (soup, careful):  # the runs' stored logits against the predictions diagnose made from their weights
+        recorded = statistics.median(pair.ratio_error for pair in results[name].diagnostics)
+        if median_error_ratio(correct[name]["val"].runs, pairs(name), everything) != recorded:
+            raise RuntimeError(f"{name}: the runs' stored predictions disagree with diagnose's ratio-errors")
     gaps = {name: Gaps(gap_band(splits["val"]), gap_band(splits["test"])) for name, splits in correct.items()}
     diversity = diversity_band(correct[careful]["val"].runs, pairs(careful), correct[soup]["val"].runs, pairs(soup))
     return Evidence(gaps, diversity)
