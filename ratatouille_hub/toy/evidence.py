@@ -118,7 +118,7 @@ class Gaps:
     """A recycle's uniform average against the mean of its runs, with bands."""
 
     val: Band  # training-domain validation: the criterion
-    test: Band  # the held-out domain: what the criterion foretells
+    test: Band  # the held-out domain: what the demo reports first
 
 
 @dataclass(frozen=True)
