@@ -48,6 +48,7 @@ from ratatouille_hub.api import diagnose
 from ratatouille_hub.config import DiagnoseOptions
 from ratatouille_hub.hashing import stable_hash
 from ratatouille_hub.recipe import plan_recipe
+from ratatouille_hub.recipe.assembly import rank_by_validation
 from ratatouille_hub.toy import world as toyworld
 from ratatouille_hub.toy.demo import (
     AUX_TASKS,
@@ -137,14 +138,13 @@ def recipes(paths: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-def measure(name: str, config, echo, names: dict[str, str]) -> tuple[dict, torch.Tensor]:
+def measure(name: str, config, plan, echo, names: dict[str, str]) -> tuple[dict, torch.Tensor]:
     """One recipe's runs, their pairs (diagnose on every pair) and its averages, on validation (and on the
     probe domain when there is one: `probe`; the placeholder's numbers are never kept); with the uniform
     average's gap over its runs' mean and its band, as the demo reads it. Also which validation images each
     run got right, for the diversity band across recipes."""
     results = recycle(config, echo=echo)
     output = Path(config.output)
-    (plan,) = plan_recipe(config, echo=lambda line: None)
     correct = correct_per_image(plan, output, results)
     runs = [
         {
@@ -213,8 +213,7 @@ def diversity_bands(measured: list[dict], correct: dict[str, torch.Tensor]) -> d
         return {}
 
     def pairs(name: str, from_best: bool) -> list[tuple[int, int]]:
-        runs = by_name[name]["runs"]
-        best = max(range(len(runs)), key=lambda i: (runs[i]["val"], -i))
+        best = rank_by_validation([run["val"] for run in by_name[name]["runs"]])[0]
         every = [tuple(p["runs"]) for p in by_name[name]["pairs"]]
         return [p for p in every if best in p] if from_best else every
 
@@ -265,7 +264,7 @@ def report(measured: dict) -> str:
     lines.append(f"  uniform against its runs' mean: {band_text(measured['uniform_gap_band'])}")
     if "probe" in measured:
         probe, held = measured["probe"], [r["probe"] for r in runs]
-        best = max(runs, key=lambda r: r["val"])["probe"]
+        best = runs[rank_by_validation([r["val"] for r in runs])[0]]["probe"]
         lines.append(
             f"  on {probe['domain']} (left out): runs {100 * min(held):.1f}-{100 * max(held):.1f}% "
             f"(mean {100 * statistics.mean(held):.1f}, best by validation {100 * best:.1f}); "
@@ -346,10 +345,11 @@ def main() -> None:
             for name, recipe in recipes(paths).items()
             if name in args.recipes.split(",")
         }
-        work.share([plan for config in configs.values() for plan in plan_recipe(config, echo=lambda line: None)], echo)
+        plans = {name: plan_recipe(config, echo=lambda line: None)[0] for name, config in configs.items()}
+        work.share(list(plans.values()), echo)
         measured, correct = [], {}
         for name, config in configs.items():
-            recipe, correct[name] = measure(name, config, echo, names)
+            recipe, correct[name] = measure(name, config, plans[name], echo, names)
             measured.append(recipe)
             print(report(measured[-1]), f"\n  ({time.perf_counter() - start:.0f} s)", flush=True)
         diversity = diversity_bands(measured, correct)
@@ -365,13 +365,13 @@ def main() -> None:
         "aux_tasks": list(AUX_TASKS),
         "recipes": measured,
         "diversity_band": diversity,
+        "kernel_overrides": {name: os.environ[name] for name in KERNEL_OVERRIDES if name in os.environ},
         "seconds": seconds,
         "threads": threads,
         "processes": demo_processes(),
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
     }
     complete = args.recipes == parser.get_default("recipes")
-    record["kernel_overrides"] = {name: os.environ[name] for name in KERNEL_OVERRIDES if name in os.environ}
     destination = record_path(folder, record, complete)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(json.dumps(finite(record), indent=1) + "\n")

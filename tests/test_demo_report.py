@@ -58,24 +58,19 @@ def test_headline_says_first_whether_averaging_paid_then_each_gap_with_its_band_
         "these gaps with it.",
     ]  # the careless recipe's gain is its own line's, not the verdict's
     first = "Held out (sketch), never seen in training or selection. "
-    evidence = _evidence(soup=(ABOVE, ABOVE), careful=(ABOVE, LEVEL))
-    assert (
-        headline(world, evidence)
-        .splitlines()[0]
-        .startswith(
-            first + "Averaging pays for the soup only: of the two uniform averages, only its lands clearly above its "
-            "runs' mean (each gap"
-        )
-    )
-    evidence = _evidence(soup=(LEVEL, ABOVE), careful=(LEVEL, ABOVE))
-    assert (
-        headline(world, evidence)
-        .splitlines()[0]
-        .startswith(
-            first + "Averaging pays here: the soup's and the careful Ratatouille's uniform averages each land clearly "
-            "above their runs' mean (each gap"
-        )
-    )
+    for evidence, verdict in [
+        (
+            _evidence(soup=(ABOVE, ABOVE), careful=(ABOVE, LEVEL)),
+            "Averaging pays for the soup only: of the two uniform averages, only its lands clearly above its runs' "
+            "mean (each gap",
+        ),
+        (
+            _evidence(soup=(LEVEL, ABOVE), careful=(LEVEL, ABOVE)),
+            "Averaging pays here: the soup's and the careful Ratatouille's uniform averages each land clearly above "
+            "their runs' mean (each gap",
+        ),
+    ]:
+        assert headline(world, evidence).splitlines()[0].startswith(first + verdict)
 
 
 def test_criteria_table_gives_each_recycle_its_runs_barriers_diversity_and_uniform_average_on_validation():
